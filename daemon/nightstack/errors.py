@@ -1,0 +1,21 @@
+"""Typed errors. Each carries a one-line, human-readable ``reason`` for the log and journal."""
+
+
+class NightstackError(Exception):
+    """Base class: ``str(err)`` and ``err.reason`` are one line, fit for a journal entry."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = " ".join(str(reason).split())  # one line, whatever the library said
+        super().__init__(self.reason)
+
+
+class DecodeError(NightstackError):
+    """A file could not be decoded: truncated, not an image, unsupported, or timed out."""
+
+
+class AlignmentError(NightstackError):
+    """A frame could not be registered to the reference (too few stars or matches, other field)."""
+
+
+class ConfigError(NightstackError):
+    """The configuration is invalid; the reason names the setting."""
