@@ -1,0 +1,240 @@
+"""The one configuration model: a TOML file, ``NIGHTSTACK_*`` environment variables, CLI flags.
+
+Precedence, lowest to highest: built-in defaults, the TOML file, the environment, CLI flags.
+Nothing else in nightstack reads ``os.environ`` for settings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
+
+SYSTEM_CONFIG = Path("/etc/nightstack/nightstack.toml")
+
+# The TOML file for the Settings being built; a ContextVar because pydantic-settings builds its
+# sources in a classmethod with no per-call arguments.
+_toml_data: ContextVar[dict[str, Any]] = ContextVar("_toml_data", default={})
+
+Demosaic = Literal["AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD"]
+StackMethod = Literal["sigma_clip", "mean", "median", "winsorized"]
+
+
+class Settings(BaseSettings):
+    """Every setting nightstack has. Field descriptions are the documentation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NIGHTSTACK_", extra="forbid", validate_default=True, frozen=True
+    )
+
+    # --- watching ---
+    watch_dir: Path | None = Field(None, description="Folder the camera writes frames into.")
+    output_dir: Path | None = Field(
+        None, description="Where session folders (journal, preview, stack) are written."
+    )
+    recursive: bool = Field(False, description="Also watch sub-folders (cameras write DCIM/...).")
+    polling: bool = Field(
+        False, description="Poll instead of inotify (network shares, FUSE, MTP mounts)."
+    )
+    poll_interval_s: float = Field(1.0, gt=0, description="Polling period in seconds.")
+    stable_s: float = Field(
+        2.0, ge=0, description="Polling: a file is complete when size+mtime are unchanged this long."
+    )
+    ignore_existing: bool = Field(False, description="Skip files already present at start.")
+    extensions: list[str] = Field(
+        default=[".cr3", ".cr2", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2", ".pef",
+                 ".fit", ".fits", ".fts", ".tif", ".tiff"],
+        description="File extensions to stack, case-insensitive.",
+    )
+    follow_symlinks: bool = Field(
+        False, description="Follow symlinks that point outside the watch folder."
+    )
+
+    # --- decoding ---
+    demosaic: Demosaic = Field("AHD", description="LibRaw demosaic algorithm for raw files.")
+    white_balance: str = Field(
+        "camera", description="'camera', 'daylight', 'auto' or four comma-separated multipliers."
+    )
+    decode_timeout_s: float = Field(
+        60.0, gt=0, description="A decode taking longer is abandoned and the frame rejected."
+    )
+    bin: int = Field(2, ge=1, le=8, description="Binning of the detection luminance (2 = CFA superpixel).")
+
+    # --- detection (the batch script's DAOStarFinder settings) ---
+    landscape_mask_ratio: float = Field(
+        0.9, gt=0, le=1, description="Top fraction of the frame that is sky; below is landscape."
+    )
+    sky_mask: Path | None = Field(
+        None, description="Optional mask image, white = sky, same size as the frames."
+    )
+    star_fwhm_px: float = Field(4.0, gt=0, description="DAOStarFinder FWHM, full-resolution px.")
+    star_threshold_sigma: float = Field(
+        6.0, gt=0, description="DAOStarFinder detection threshold in background sigma."
+    )
+    detection_sigma_clip: float = Field(
+        3.0, gt=0, description="Sigma of the clipped background statistics for detection."
+    )
+    max_stars: int = Field(500, ge=10, description="Brightest stars kept per frame.")
+
+    # --- alignment and quality gates ---
+    transform_model: Literal["similarity", "affine"] = Field(
+        "similarity", description="Registration model: similarity (rotation+shift+scale) or affine."
+    )
+    min_inliers: int = Field(8, ge=3, description="Matched stars needed to accept an alignment.")
+    min_stars: int = Field(15, ge=3, description="Reject frames with fewer stars (cloud, dawn).")
+    max_fwhm_ratio: float = Field(
+        1.5, gt=1, description="Reject frames whose FWHM exceeds this times the reference's."
+    )
+    max_elongation: float = Field(1.6, gt=1, description="Reject trailed frames (star a/b ratio).")
+    max_background_ratio: float = Field(
+        3.0, gt=1, description="Reject frames whose sky is this much brighter than the reference."
+    )
+    max_residual_px: float = Field(1.0, gt=0, description="Reject alignments with a larger RMS.")
+
+    # --- stacking ---
+    stack_method: StackMethod = Field("sigma_clip", description="Final combine method.")
+    stack_sigma: float = Field(3.0, gt=0, description="Sigma of the final sigma clip.")
+    stack_maxiters: int = Field(5, ge=1, description="Iterations of the final sigma clip.")
+    live_kappa: float = Field(3.0, gt=0, description="Live rejection threshold in running sigma.")
+    live_warmup: int = Field(5, ge=3, description="Frames clipped as a batch before live rejection.")
+    ram_cap_mb: int = Field(512, ge=16, description="RAM cap of the final tile-by-tile combine.")
+    weights: Literal["none", "fwhm"] = Field("none", description="Per-frame weights in the combine.")
+
+    # --- outputs and session ---
+    preview_every_frames: int = Field(1, ge=1, description="Rewrite the preview every K frames...")
+    preview_every_s: float = Field(30.0, ge=0, description="...or when this many seconds passed.")
+    preview_width: int = Field(1600, ge=64, description="Preview width in pixels.")
+    write_fits: bool = Field(True, description="Also write stack.fits at session close.")
+    checkpoint_every_frames: int = Field(
+        3, ge=1, description="Checkpoint the live stack every K accepted frames."
+    )
+    idle_timeout_s: float = Field(
+        1800.0, gt=0, description="Close the session after this long without a new frame."
+    )
+    keep_frame_store: bool = Field(
+        False, description="Keep the aligned-frame store after the final stack is written."
+    )
+    decode_fn: str = Field(
+        "nightstack.loaders:load",
+        description="Advanced/testing: 'module:function' the isolated decoder process runs.",
+    )
+    debug_stall_s: float = Field(
+        0.0, ge=0, description="Testing only: the worker sleeps this long before each frame."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: list[str]) -> list[str]:
+        return sorted({("." + e.lower().lstrip(".")) for e in value if e.strip()})
+
+    @field_validator("white_balance")
+    @classmethod
+    def _check_white_balance(cls, value: str) -> str:
+        if value in ("camera", "daylight", "auto"):
+            return value
+        parts = value.split(",")
+        try:
+            ok = len(parts) == 4 and all(float(p) > 0 for p in parts)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("expected 'camera', 'daylight', 'auto' or four positive numbers")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The TOML file's values (flat keys; ``[section]`` tables are flattened)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _toml_data.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_toml_data.get())
+
+
+def default_config_path() -> Path | None:
+    """/etc/nightstack/nightstack.toml, else $XDG_CONFIG_HOME/nightstack/nightstack.toml."""
+    if SYSTEM_CONFIG.is_file():
+        return SYSTEM_CONFIG
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    user = xdg / "nightstack" / "nightstack.toml"
+    return user if user.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    flat: dict[str, Any] = {}
+    for key, value in data.items():  # sections only group settings for the reader
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_settings(
+    config: Path | None = None, overrides: dict[str, Any] | None = None, *, use_default: bool = True
+) -> Settings:
+    """Build the effective Settings.
+
+    ``config``: a TOML file (None: the default path, if ``use_default`` and it exists).
+    ``overrides``: CLI flags; ``None`` values are ignored (flag not given).
+    Raises ConfigError whose reason names the offending setting.
+    """
+    path = config if config is not None else (default_config_path() if use_default else None)
+    token = _toml_data.set(_read_toml(path) if path is not None else {})
+    try:
+        flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+        return Settings(**flags)
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]) or "settings"
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"invalid setting '{name}'{where}: {first['msg']}") from err
+    finally:
+        _toml_data.reset(token)
+
+
+def describe(settings: Settings) -> str:
+    """The effective configuration as commented TOML (``nightstack config show``)."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        lines.append(f"# {field.description}")
+        lines.append(f"{name} = {_toml_value(value)}" if value is not None else f"# {name} =")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
