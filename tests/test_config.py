@@ -1,0 +1,73 @@
+"""Configuration: precedence TOML < environment < flags, validation naming the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nightstack.cli import main
+from nightstack.config import Settings, describe, load_settings
+from nightstack.errors import ConfigError
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "nightstack.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_keep_the_batch_scripts_parameters() -> None:
+    s = load_settings(use_default=False)
+    assert (s.landscape_mask_ratio, s.star_fwhm_px, s.star_threshold_sigma) == (0.9, 4.0, 6.0)
+    assert (s.detection_sigma_clip, s.stack_sigma, s.stack_maxiters) == (3.0, 3.0, 5)
+
+
+def test_precedence_toml_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _toml(
+        tmp_path,
+        "[detection]\nstar_fwhm_px = 5.0\nlandscape_mask_ratio = 0.8\n"
+        "[stacking]\nstack_sigma = 2.5\nlive_kappa = 4.0\n",
+    )
+    monkeypatch.setenv("NIGHTSTACK_STACK_SIGMA", "2.0")
+    monkeypatch.setenv("NIGHTSTACK_LIVE_KAPPA", "3.5")
+    s = load_settings(config, {"live_kappa": 2.8, "star_threshold_sigma": None})
+    assert s.star_fwhm_px == 5.0  # TOML over default
+    assert s.stack_sigma == 2.0  # environment over TOML
+    assert s.live_kappa == 2.8  # flag over environment
+    assert s.star_threshold_sigma == 6.0  # a flag not given changes nothing
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("stack_sigma = -1\n", "stack_sigma"),
+        ("landscape_mask_ratio = 1.5\n", "landscape_mask_ratio"),
+        ("white_balance = 'purple'\n", "white_balance"),
+        ("no_such_setting = 1\n", "no_such_setting"),
+    ],
+)
+def test_invalid_values_name_the_setting(tmp_path: Path, text: str, name: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{name}'"):
+        load_settings(_toml(tmp_path, text))
+
+
+def test_broken_toml_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(_toml(tmp_path, "stack_sigma = = 3\n"))
+
+
+def test_describe_round_trips_through_toml(tmp_path: Path) -> None:
+    s = load_settings(use_default=False, overrides={"output_dir": tmp_path, "stack_sigma": 2.25})
+    again = load_settings(_toml(tmp_path, describe(s)))
+    assert again == s
+    assert all(f.description for f in Settings.model_fields.values())
+
+
+def test_config_show_prints_effective_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _toml(tmp_path, "star_fwhm_px = 3.25\n")
+    assert main(["config", "show", "--config", str(config), "--sigma", "2.75"]) == 0
+    out = capsys.readouterr().out
+    assert "star_fwhm_px = 3.25" in out and "stack_sigma = 2.75" in out
