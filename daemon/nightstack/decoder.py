@@ -1,0 +1,414 @@
+"""Decode frames in a child process, so a LibRaw hang or crash cannot take the daemon down.
+
+A :class:`Decoder` owns one persistent child process (multiprocessing "spawn" context: the parent
+has threads, and fork would copy their locks). The child imports the decode function once and
+then serves requests one at a time:
+
+- parent -> child over a pipe: the file path and the names of two shared-memory files;
+- the child decodes, writes ``image`` and ``luminance`` into those files (in ``/dev/shm``, i.e.
+  RAM) with one ``write`` each, and replies with the small rest (shapes, dtypes, path, meta);
+- the parent maps the files, unlinks them at once and wraps the mappings as numpy arrays. That
+  is the only copy of the pixels after decoding; the pages are freed when the arrays are.
+
+A child that does not answer within ``timeout_s`` is killed (SIGKILL) and restarted; one that
+dies (SIGSEGV, SIGABRT, OOM kill, ...) is restarted. Either way the caller gets a
+:class:`~nightstack.errors.DecodeError` and the next ``decode`` works normally. Shared-memory files
+are named after the parent's pid and unlinked on every path; files left by a parent that was
+itself killed are swept when the next :class:`Decoder` starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import mmap
+import multiprocessing
+import multiprocessing.connection
+import os
+import re
+import signal
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from itertools import count
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from .errors import DecodeError
+from .frames import Frame, FrameMeta
+
+DEFAULT_DECODE_FN = "nightstack.loaders:load"
+SHM_PREFIX = "nightstack-decode-"
+"""Shared-memory file names: ``nightstack-decode-<parent pid>-<n>-<array>``."""
+
+STARTUP_TIMEOUT_S = 120.0
+"""Time a new child gets to import numpy, astropy, OpenCV and rawpy (a Pi with a cold SD card
+can take tens of seconds); not counted in ``timeout_s``."""
+STOP_GRACE_S = 5.0
+"""close(): time the child gets to leave its loop on its own before it is killed."""
+_ORPHAN_POLL_S = 1.0  # the child checks this often whether its parent is still alive
+_ARRAYS = ("image", "luminance")
+_DECODE_FN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass
+class _Child:
+    """The current child process and the parent's end of its pipe (None when not running)."""
+
+    process: BaseProcess | None = None
+    conn: Connection | None = None
+    ready: bool = False
+    names: list[Path] = field(default_factory=list)  # shm files of the request in flight
+
+
+class Decoder:
+    """Decode frames in one persistent, restartable child process.
+
+    Parameters
+    ----------
+    timeout_s
+        A decode that takes longer is abandoned: the child is killed and restarted, and
+        ``decode`` raises ``DecodeError("decode timed out after 60 s")``.
+    load_kwargs
+        Keyword arguments for the decode function (e.g. ``demosaic``, ``white_balance``,
+        ``bin``); they must be picklable.
+    decode_fn
+        ``"module:function"`` importable in the child, called as ``fn(path, **load_kwargs)`` and
+        returning a :class:`~nightstack.frames.Frame`.
+    shm_dir
+        Where the shared-memory files go; default ``/dev/shm`` (RAM), else the temp directory.
+
+    Use as a context manager or call :meth:`close`; one ``decode`` runs at a time (a lock
+    serialises callers).
+    """
+
+    def __init__(
+        self,
+        timeout_s: float = 60.0,
+        load_kwargs: Mapping[str, Any] | None = None,
+        decode_fn: str = DEFAULT_DECODE_FN,
+        *,
+        shm_dir: str | Path | None = None,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, not {timeout_s!r}")
+        if not _DECODE_FN_RE.match(decode_fn):
+            raise ValueError(f"decode_fn must be 'module:function', not {decode_fn!r}")
+        module = decode_fn.partition(":")[0]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"decode_fn module {module!r} cannot be found")
+        self.timeout_s = float(timeout_s)
+        self.decode_fn = decode_fn
+        self.load_kwargs = dict(load_kwargs or {})
+        self.shm_dir = Path(shm_dir) if shm_dir is not None else _default_shm_dir()
+        self._context = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()
+        self._child = _Child()
+        self._closed = False
+        self._requests = count()
+        _sweep_stale_segments(self.shm_dir)
+        # Stops the child if the Decoder is dropped or the interpreter exits without close().
+        self._finalizer = weakref.finalize(self, _stop_child, self._child, 0.0)
+        self._start()
+
+    # --- public ------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id, None while no child is running."""
+        process = self._child.process
+        return process.pid if process is not None and process.is_alive() else None
+
+    def decode(self, path: str | Path) -> Frame:
+        """Decode ``path`` in the child and return the frame (arrays backed by shared memory).
+
+        Raises
+        ------
+        DecodeError
+            The file cannot be decoded (same reason as in-process), the decode timed out, or the
+            child crashed; in the last two cases the child has already been restarted.
+        RuntimeError
+            The decoder is closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("Decoder is closed")
+            if self._child.process is None:
+                self._start()
+            self._wait_ready()
+            request = next(self._requests)
+            names = [
+                self.shm_dir / f"{SHM_PREFIX}{os.getpid()}-{request}-{array}" for array in _ARRAYS
+            ]
+            self._child.names = names
+            try:
+                return self._request(str(path), names)
+            finally:
+                # On success the files are already unlinked; after a timeout or crash the child
+                # is dead by now, so nothing can recreate them.
+                for name in names:
+                    name.unlink(missing_ok=True)
+                self._child.names = []
+
+    def close(self) -> None:
+        """Stop the child (politely, then SIGKILL after ``STOP_GRACE_S``); idempotent."""
+        with self._lock:
+            self._closed = True
+            self._finalizer.detach()
+            _stop_child(self._child, STOP_GRACE_S)
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- parent side -------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        parent_conn, child_conn = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=_child_main,
+            args=(child_conn, self.decode_fn, self.load_kwargs, os.getpid()),
+            name="nightstack-decoder",
+            daemon=True,  # never outlives an interpreter that forgot close()
+        )
+        process.start()
+        child_conn.close()  # only the child holds its end: its death shows up as EOF here
+        self._child.process, self._child.conn, self._child.ready = process, parent_conn, False
+
+    def _restart(self) -> None:
+        _stop_child(self._child, 0.0)
+        self._start()
+
+    def _wait_ready(self) -> None:
+        if self._child.ready:
+            return
+        reply = self._receive(STARTUP_TIMEOUT_S)
+        if reply is None:
+            _stop_child(self._child, 0.0)  # started again lazily by the next decode
+            raise DecodeError(f"decoder did not start within {STARTUP_TIMEOUT_S:g} s")
+        if isinstance(reply, DecodeError):
+            _stop_child(self._child, 0.0)
+            raise DecodeError(f"decoder failed to start: {reply.reason}")
+        if reply[0] != "ready":
+            _stop_child(self._child, 0.0)
+            raise DecodeError(f"decoder failed to start: {reply[1]}")
+        self._child.ready = True
+
+    def _request(self, path: str, names: list[Path]) -> Frame:
+        assert self._child.conn is not None
+        with contextlib.suppress(OSError, EOFError):  # a dead child: _receive says how it died
+            self._child.conn.send((path, [str(n) for n in names]))
+        reply = self._receive(self.timeout_s)
+        if reply is None:
+            self._restart()
+            raise DecodeError(f"decode timed out after {self.timeout_s:g} s")
+        if isinstance(reply, DecodeError):
+            self._restart()
+            raise reply
+        kind, payload = reply
+        if kind == "error":
+            raise DecodeError(payload)
+        try:
+            arrays = [
+                _map_segment(name, *spec)
+                for name, spec in zip(names, payload["arrays"], strict=True)
+            ]
+        except OSError as err:
+            raise DecodeError(f"cannot map decoded frame ({type(err).__name__}: {err})") from err
+        return Frame(
+            path=Path(payload["path"]),
+            image=arrays[0],
+            luminance=arrays[1],
+            bin=payload["bin"],
+            meta=payload["meta"],
+        )
+
+    def _receive(self, timeout_s: float) -> Any:
+        """The child's next message; None on timeout; a DecodeError if the child died."""
+        process, conn = self._child.process, self._child.conn
+        assert process is not None and conn is not None
+        ready = multiprocessing.connection.wait([conn, process.sentinel], timeout_s)
+        if conn in ready:
+            try:
+                return conn.recv()
+            except (EOFError, OSError):
+                pass  # died: the pipe closed with it
+        elif not ready:
+            return None
+        process.join(STOP_GRACE_S)
+        return DecodeError(_death_reason(process.exitcode))
+
+
+# --- child side ----------------------------------------------------------------------------------
+
+
+def _child_main(
+    conn: Connection, decode_fn: str, load_kwargs: dict[str, Any], parent_pid: int
+) -> None:
+    """The child's loop: import ``decode_fn``, then decode requests until told to stop."""
+    # The parent decides when the child ends: a Ctrl-C or systemd's SIGTERM to the whole group
+    # must not kill a decode the parent still waits for (e.g. while finalising a session).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no 500 MB core files on an SD card
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    try:
+        fn = _resolve(decode_fn)
+    except Exception as err:
+        conn.send(("failed", f"cannot import {decode_fn} ({type(err).__name__}: {err})"))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return  # parent gone
+        if request is None:
+            return
+        path, names = request
+        conn.send(_serve(fn, path, [Path(n) for n in names], load_kwargs))
+
+
+def _serve(
+    fn: Callable[..., Frame], path: str, names: list[Path], load_kwargs: dict[str, Any]
+) -> tuple[str, Any]:
+    """Decode one file and export its arrays; ("ok", header) or ("error", reason)."""
+    try:
+        frame = fn(path, **load_kwargs)
+        specs = [
+            _write_segment(name, getattr(frame, a)) for name, a in zip(names, _ARRAYS, strict=True)
+        ]
+        meta: FrameMeta = frame.meta
+        return "ok", {"arrays": specs, "path": str(frame.path), "bin": frame.bin, "meta": meta}
+    except Exception as err:
+        for name in names:
+            name.unlink(missing_ok=True)
+        if isinstance(err, DecodeError):
+            return "error", err.reason
+        if isinstance(err, OSError) and err.errno == 28:  # ENOSPC
+            return "error", f"no room for the decoded frame in {names[0].parent} ({err})"
+        return "error", f"decoder error ({type(err).__name__}: {err})"
+
+
+def _write_segment(name: Path, array: np.ndarray) -> tuple[str, tuple[int, ...]]:
+    """Write ``array``'s bytes to a new file ``name``; return (dtype string, shape)."""
+    data = np.ascontiguousarray(array)
+    with name.open("xb") as f:
+        if data.size:
+            f.write(data.data.cast("B"))
+    return data.dtype.str, tuple(data.shape)
+
+
+def _resolve(decode_fn: str) -> Callable[..., Frame]:
+    module_name, _, function = decode_fn.partition(":")
+    fn = getattr(importlib.import_module(module_name), function)
+    if not callable(fn):
+        raise TypeError(f"{decode_fn} is not callable")
+    return fn
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Runs in a child thread: leave if the parent dies, even in the middle of a hung decode."""
+    while True:
+        time.sleep(_ORPHAN_POLL_S)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+
+def _map_segment(name: Path, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Map a file the child wrote, unlink it, and view it as an array (no copy).
+
+    The mapping is shared and writable; it lives as long as the array (and its views) do, and
+    since the file is already unlinked the memory is returned when the array is freed.
+    """
+    fd = os.open(name, os.O_RDWR)
+    try:
+        os.unlink(name)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if nbytes == 0:
+            return np.empty(shape, dtype)
+        size = os.fstat(fd).st_size
+        if size < nbytes:
+            raise OSError(f"shared memory file holds {size} bytes, expected {nbytes}")
+        buffer = mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+    return np.frombuffer(buffer, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+def _stop_child(child: _Child, grace_s: float) -> None:
+    """Stop the child: ask it to leave if ``grace_s`` > 0, then SIGKILL; reap; clean up."""
+    process, conn = child.process, child.conn
+    child.process, child.conn, child.ready = None, None, False
+    if process is not None:
+        if grace_s > 0 and conn is not None and process.is_alive():
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(None)
+            process.join(grace_s)
+        if process.is_alive():
+            process.kill()
+        process.join()
+        process.close()
+    if conn is not None:
+        conn.close()
+    for name in child.names:  # a request in flight when the child was stopped
+        name.unlink(missing_ok=True)
+
+
+def _death_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = str(-exitcode)
+        return f"decoder crashed (signal {name})"
+    return f"decoder exited unexpectedly (exit code {exitcode})"
+
+
+def _default_shm_dir() -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return Path(tempfile.gettempdir())
+
+
+def _sweep_stale_segments(directory: Path) -> None:
+    """Remove shared-memory files left by decoders whose parent process no longer exists."""
+    pattern = re.compile(rf"^{re.escape(SHM_PREFIX)}(\d+)-")
+    with contextlib.suppress(OSError):
+        for entry in directory.iterdir():
+            match = pattern.match(entry.name)
+            if match and not _pid_alive(int(match.group(1))):
+                entry.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

@@ -1,0 +1,651 @@
+"""Decode a light frame from disk into a linear float32 :class:`~nightstack.frames.Frame`.
+
+This is the one module that imports rawpy. :func:`load` reads
+
+- camera raws through LibRaw (rawpy): CR3, CR2, NEF, ARW, DNG, RAF, ORF, RW2, PEF, ...;
+- FITS through astropy: mono, Bayer CFA (``BAYERPAT``) or 3-plane colour;
+- TIFF through tifffile (assumed linear), JPEG and PNG through OpenCV (sRGB, linearised).
+
+Every frame comes back as ``image`` (rows, cols, 3 or 1) float32 in [0, 1] (linear) and a binned
+``luminance`` (rows // bin, cols // bin) float32 for star detection. Luminance pixel (u, v) is
+centred on full-resolution pixel (bin * u + (bin - 1) / 2, bin * v + (bin - 1) / 2); trailing rows
+and columns that do not fill a bin are dropped.
+
+Orientation: raws are decoded with ``user_flip=0``, i.e. in sensor orientation, ignoring the
+camera's orientation flag. The CFA luminance and the demosaiced image then share pixel coordinates
+(checked: ``raw_image_visible.shape == rgb.shape[:2]``), and frames from one session share one
+orientation even if the camera's tilt sensor flips its opinion mid-night. FITS frames are returned
+with row 0 at the top (``ROWORDER = 'BOTTOM-UP'`` is flipped), JPEG/PNG ignore EXIF orientation.
+
+Any failure to decode a file raises :class:`~nightstack.errors.DecodeError` with a one-line
+reason; no other exception type escapes :func:`load` for a bad file. Invalid *arguments* (an
+unknown demosaic name, ``bin < 1``) are a caller's bug and raise ``ValueError`` before the file is
+touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import rawpy
+import tifffile
+from astropy.io import fits
+
+from .errors import DecodeError
+from .frames import Frame, FrameMeta
+
+log = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+
+RAW_EXTENSIONS = frozenset(
+    {
+        ".3fr", ".arw", ".cr2", ".cr3", ".crw", ".dcr", ".dng", ".erf", ".fff", ".iiq", ".k25",
+        ".kdc", ".mef", ".mos", ".mrw", ".nef", ".nrw", ".orf", ".pef", ".raf", ".raw", ".rw2",
+        ".rwl", ".sr2", ".srf", ".srw", ".x3f",
+    }
+)  # fmt: skip
+"""Camera raw extensions handed to LibRaw (it identifies the format from the content)."""
+FITS_EXTENSIONS = frozenset({".fits", ".fit", ".fts"})
+TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
+SRGB_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png"})
+SUPPORTED_EXTENSIONS = RAW_EXTENSIONS | FITS_EXTENSIONS | TIFF_EXTENSIONS | SRGB_EXTENSIONS
+"""Every extension :func:`load` accepts, lowercase with the dot; compare ``path.suffix.lower()``."""
+
+DEMOSAIC_ALGORITHMS = ("AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD")
+"""LibRaw demosaic algorithms available in every rawpy wheel (the GPL demosaic packs are not)."""
+WHITE_BALANCE_MODES = ("camera", "daylight", "auto")
+
+FLOAT_UNIT_LIMIT = 1.5
+"""Float data whose maximum is at most this is taken as already in [0, 1] (with some overshoot
+from calibration); above it, float data is assumed to be in 16-bit ADU and divided by 65535."""
+ADU_16BIT = 65535.0
+
+_MAX_REASON_CHARS = 300  # keep a library's chatter to one journal-sized line
+
+# (offset, magic bytes, what the content is); the first match wins, so CR3 precedes generic ftyp.
+_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\xff\xd8\xff", "a JPEG image"),
+    (0, b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (0, b"SIMPLE  =", "a FITS file"),
+    (0, b"II*\x00", "a TIFF file"),
+    (0, b"MM\x00*", "a TIFF file"),
+    (0, b"II+\x00", "a BigTIFF file"),
+    (0, b"MM\x00+", "a BigTIFF file"),
+    (0, b"IIRO", "an Olympus raw"),
+    (0, b"IIRS", "an Olympus raw"),
+    (0, b"MMOR", "an Olympus raw"),
+    (0, b"IIU\x00", "a Panasonic raw"),
+    (0, b"FUJIFILMCCD-RAW", "a Fujifilm raw"),
+    (4, b"ftypcrx ", "a Canon CR3 raw"),
+    (4, b"ftyp", "an ISO media file (HEIF/MP4/MOV)"),
+    (0, b"GIF8", "a GIF image"),
+    (0, b"%PDF", "a PDF document"),
+    (0, b"PK\x03\x04", "a ZIP archive"),
+    (0, b"\x1f\x8b", "a gzip archive"),
+    (0, b"RIFF", "a RIFF file (WebP/AVI/WAV)"),
+)
+_NOT_RAW = frozenset(
+    {
+        "a JPEG image", "a PNG image", "a FITS file", "an ISO media file (HEIF/MP4/MOV)",
+        "a GIF image", "a PDF document", "a ZIP archive", "a gzip archive",
+        "a RIFF file (WebP/AVI/WAV)",
+    }
+)  # fmt: skip
+"""Contents LibRaw can never decode: reject them by name instead of a vague LibRaw error."""
+_EXPECTED_CONTENT: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(FITS_EXTENSIONS, ("a FITS file",)),
+    **dict.fromkeys(TIFF_EXTENSIONS, ("a TIFF file", "a BigTIFF file")),
+    ".jpg": ("a JPEG image",),
+    ".jpeg": ("a JPEG image",),
+    ".png": ("a PNG image",),
+}
+
+_LIBRAW_REASONS = {
+    "LibRawIOError": "truncated or corrupt raw data",
+    "LibRawFileUnsupportedError": "unsupported raw format",
+    "LibRawDataError": "corrupt raw data",
+    "LibRawUnsufficientMemoryError": "not enough memory to decode the raw",
+    "LibRawMemPoolOverflowError": "not enough memory to decode the raw",
+    "LibRawTooBigError": "raw image too big for LibRaw",
+    "LibRawBadCropError": "bad crop in the raw",
+    "LibRawRequestForNonexistentImageError": "the raw holds no image",
+    "LibRawCancelledByCallbackError": "raw decode cancelled",
+    "NotSupportedError": "LibRaw lacks a feature this file needs",
+}
+
+# OpenCV names a Bayer code after the 2x2 block starting at the second row and column, so the
+# codes look shifted by one site; tests/test_loaders.py pins each with a CFA where only red is lit.
+_CV_BAYER_CODES = {
+    "RGGB": cv2.COLOR_BayerBG2RGB,
+    "BGGR": cv2.COLOR_BayerRG2RGB,
+    "GRBG": cv2.COLOR_BayerGB2RGB,
+    "GBRG": cv2.COLOR_BayerGR2RGB,
+}
+_BILINEAR_RB = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 4
+_BILINEAR_G = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], np.float32) / 4
+
+
+def load(
+    path: str | Path,
+    *,
+    demosaic: str = "AHD",
+    white_balance: str | Sequence[float] = "camera",
+    bin: int = 2,
+) -> Frame:
+    """Decode one light frame.
+
+    Parameters
+    ----------
+    path
+        A raw, FITS, TIFF, JPEG or PNG file (see ``SUPPORTED_EXTENSIONS``).
+    demosaic
+        LibRaw demosaic algorithm for raws, one of ``DEMOSAIC_ALGORITHMS``.
+    white_balance
+        Raws only: ``"camera"`` (as shot), ``"daylight"`` (the camera's daylight multipliers),
+        ``"auto"`` (LibRaw's grey-world estimate), or four multipliers (R, G, B, G2), as a
+        sequence or a comma-separated string.
+    bin
+        Luminance binning factor >= 1. With an even ``bin`` and a 2x2 Bayer sensor the luminance
+        is the undemosaiced CFA averaged over bin x bin blocks (``bin=2``: the superpixel), black
+        level subtracted; otherwise it is the block mean of the image's channel mean.
+
+    Returns
+    -------
+    Frame
+        ``image`` (rows, cols, 3 | 1) float32, linear, integer inputs scaled by their full scale
+        (raws: LibRaw's 16-bit output / 65535); ``luminance`` (rows // bin, cols // bin) float32
+        in the same units (raw CFA: (value - black) / (white - black)); ``meta`` from the file.
+
+    Raises
+    ------
+    DecodeError
+        The file cannot be decoded; ``reason`` says why in one line.
+    ValueError
+        An argument is invalid (checked before the file is read).
+    """
+    options = _check_options(demosaic, white_balance, bin)
+    path = Path(path)
+    try:
+        return _load(path, options)
+    except DecodeError:
+        raise
+    except MemoryError as err:
+        raise DecodeError("out of memory while decoding") from err
+    except Exception as err:  # the contract: a bad file never escapes as anything else
+        raise DecodeError(f"cannot decode ({_describe(err)})") from err
+
+
+def check_options(
+    demosaic: str = "AHD", white_balance: str | Sequence[float] = "camera", bin: int = 2
+) -> None:
+    """Validate :func:`load`'s options without decoding anything; raise ``ValueError`` if bad."""
+    _check_options(demosaic, white_balance, bin)
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Options:
+    """Validated :func:`load` options."""
+
+    demosaic: str
+    white_balance: str | list[float]
+    bin: int
+
+
+def _check_options(demosaic: str, white_balance: str | Sequence[float], bin: int) -> _Options:
+    algorithm = str(demosaic).upper()
+    if algorithm not in DEMOSAIC_ALGORITHMS:
+        raise ValueError(f"demosaic must be one of {DEMOSAIC_ALGORITHMS}, not {demosaic!r}")
+    if isinstance(bin, bool) or not isinstance(bin, int | np.integer) or bin < 1:
+        raise ValueError(f"bin must be an integer >= 1, not {bin!r}")
+    wb: str | list[float]
+    if isinstance(white_balance, str) and white_balance.strip().lower() in WHITE_BALANCE_MODES:
+        wb = white_balance.strip().lower()
+    else:
+        parts = white_balance.split(",") if isinstance(white_balance, str) else white_balance
+        try:
+            wb = [float(p) for p in parts]
+        except (TypeError, ValueError):
+            wb = []
+        if len(wb) != 4 or not all(math.isfinite(m) and m > 0 for m in wb):
+            raise ValueError(
+                f"white_balance must be one of {WHITE_BALANCE_MODES} or four positive "
+                f"multipliers, not {white_balance!r}"
+            )
+    return _Options(algorithm, wb, int(bin))
+
+
+# --- dispatch --------------------------------------------------------------------------------
+
+
+def _load(path: Path, options: _Options) -> Frame:
+    head = _read_head(path)
+    ext = path.suffix.lower()
+    if ext not in SUPPORTED_EXTENSIONS:
+        shown = f"'{path.suffix}'" if path.suffix else "(none)"
+        raise DecodeError(f"unsupported file extension {shown}")
+    content = _sniff(head)
+    if ext in RAW_EXTENSIONS:
+        if content in _NOT_RAW:
+            raise DecodeError(
+                f"file content is {content}, not a {ext[1:].upper()} raw (wrong extension?)"
+            )
+        return _load_raw(path, content, options)
+    expected = _EXPECTED_CONTENT[ext]
+    if content not in expected:
+        found = content or "not recognised as any image format"
+        raise DecodeError(f"not {expected[0]}: content is {found}")
+    if ext in FITS_EXTENSIONS:
+        return _load_fits(path, options.bin)
+    if ext in TIFF_EXTENSIONS:
+        return _load_tiff(path, options.bin)
+    return _load_srgb(path, options.bin)
+
+
+def _read_head(path: Path) -> bytes:
+    """The first bytes of the file; DecodeError for missing, unreadable or empty files."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+    except FileNotFoundError as err:
+        raise DecodeError("file not found") from err
+    except PermissionError as err:
+        raise DecodeError("cannot read file: permission denied") from err
+    except IsADirectoryError as err:
+        raise DecodeError("not a file but a directory") from err
+    except OSError as err:
+        raise DecodeError(f"cannot read file ({_describe(err)})") from err
+    if not head:
+        raise DecodeError("empty file (0 bytes)")
+    return head
+
+
+def _sniff(head: bytes) -> str | None:
+    """What the leading bytes say the file is, e.g. ``"a JPEG image"``; None if unknown."""
+    for offset, magic, what in _MAGIC:
+        if head[offset : offset + len(magic)] == magic:
+            return what
+    return None
+
+
+# --- camera raws (LibRaw) --------------------------------------------------------------------
+
+
+def _load_raw(path: Path, content: str | None, options: _Options) -> Frame:
+    params: dict[str, Any] = {
+        "gamma": (1, 1),
+        "no_auto_bright": True,
+        "output_bps": 16,
+        "user_flip": 0,  # sensor orientation: CFA luminance and RGB share coordinates
+        "demosaic_algorithm": rawpy.DemosaicAlgorithm[options.demosaic],
+    }
+    if options.white_balance == "camera":
+        params["use_camera_wb"] = True
+    elif options.white_balance == "auto":
+        params["use_auto_wb"] = True
+    elif isinstance(options.white_balance, list):
+        params["user_wb"] = options.white_balance
+    luminance: F32 | None = None
+    try:
+        with rawpy.imread(str(path)) as raw:
+            cfa = raw.raw_image_visible  # a view into LibRaw's buffer: use before close
+            pattern = raw.raw_pattern
+            cfa_shape = None if cfa is None else tuple(cfa.shape[:2])
+            if (
+                cfa is not None
+                and cfa.ndim == 2
+                and pattern is not None
+                and pattern.shape == (2, 2)
+                and options.bin % 2 == 0
+            ):
+                black_per_colour = np.asarray(raw.black_level_per_channel, np.float64)
+                black = float(black_per_colour[pattern.ravel()].mean())
+                span = max(float(raw.white_level) - black, 1.0)
+                luminance = _block_mean(cfa, options.bin)
+                luminance -= np.float32(black)
+                luminance *= np.float32(1.0 / span)
+            rgb16 = raw.postprocess(**params)
+            meta = _raw_meta(raw.other, path, content)
+    except (rawpy.LibRawError, rawpy.NotSupportedError) as err:
+        what = _LIBRAW_REASONS.get(type(err).__name__, "LibRaw could not decode the file")
+        hint = "" if content else "; content not recognised as any image format"
+        raise DecodeError(f"{what} ({_describe(err)}){hint}") from err
+    if cfa_shape is not None and cfa_shape != tuple(rgb16.shape[:2]):
+        raise DecodeError(
+            f"raw shape mismatch: sensor {cfa_shape} but LibRaw output {rgb16.shape[:2]} "
+            "(rotated or non-square-pixel sensors are not supported)"
+        )
+    image = np.divide(rgb16, np.float32(ADU_16BIT), dtype=np.float32)
+    del rgb16
+    if luminance is None:
+        luminance = _channel_mean_binned(image, options.bin)
+    return Frame(path=path, image=image, luminance=luminance, bin=options.bin, meta=meta)
+
+
+def _raw_meta(other: Any, path: Path, content: str | None) -> FrameMeta:
+    """Exposure, ISO and time from LibRaw; camera make/model from TIFF tags where cheap."""
+    exposure = float(other.shutter_speed) if other.shutter_speed > 0 else None
+    iso = float(other.iso_speed) if other.iso_speed > 0 else None
+    # LibRaw reads the EXIF wall-clock time (which has no zone) as this machine's local time and
+    # rawpy hands it back as a naive local datetime; .timestamp() recovers LibRaw's epoch seconds.
+    # 0 means the file has no time. Returned as an aware UTC datetime, comparable with FITS times.
+    capture_time = None
+    try:
+        epoch = other.timestamp.timestamp()
+        if epoch > 0:
+            capture_time = datetime.fromtimestamp(epoch, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        capture_time = None
+    camera = _tiff_camera(path) if content in ("a TIFF file", "a BigTIFF file") else None
+    return FrameMeta(exposure_s=exposure, iso=iso, capture_time=capture_time, camera=camera)
+
+
+def _tiff_camera(path: Path) -> str | None:
+    """The camera ("Make Model") from IFD0 of a TIFF-based raw (DNG, CR2, NEF, ARW); else None."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages.first.tags
+            make = _tag_text(tags.get("Make"))
+            model = _tag_text(tags.get("Model")) or _tag_text(tags.get("UniqueCameraModel"))
+    except Exception:  # metadata is a nicety: never fail a decodable raw over it
+        return None
+    if make and model and not model.lower().startswith(make.lower().split()[0]):
+        return f"{make} {model}"
+    return model or make or None
+
+
+def _tag_text(tag: Any) -> str:
+    if tag is None:
+        return ""
+    value = tag.value
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return " ".join(str(value).replace("\x00", " ").split())
+
+
+# --- FITS ------------------------------------------------------------------------------------
+
+
+def _load_fits(path: Path, bin: int) -> Frame:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+                hdu = next(
+                    (h for h in hdul if h.is_image and h.data is not None and h.data.ndim >= 2),
+                    None,
+                )
+                if hdu is None:
+                    raise DecodeError("FITS file holds no image data")
+                data = np.asarray(hdu.data)
+                data = data.astype(data.dtype.newbyteorder("="), copy=False)  # OpenCV: native
+                header = hdu.header.copy()
+        except DecodeError:
+            raise
+        except Exception as err:
+            notes = [_warning_text(w.message) for w in caught]
+            what = "truncated" if any("truncated" in n for n in notes) else "corrupt"
+            reason = "; ".join([f"{what} FITS file ({_describe(err)})", *notes])
+            raise DecodeError(reason[:_MAX_REASON_CHARS]) from err
+    for w in caught:
+        if "truncated" in str(w.message):
+            raise DecodeError(f"truncated FITS file; {_warning_text(w.message)}")
+        log.debug("%s: astropy: %s", path, _warning_text(w.message))
+
+    bottom_up = str(header.get("ROWORDER", "")).strip().upper() == "BOTTOM-UP"
+    bayer = str(header.get("BAYERPAT", "")).strip().upper()
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim == 2 and bayer:
+        if bayer not in _CV_BAYER_CODES:
+            raise DecodeError(f"unsupported FITS Bayer pattern BAYERPAT='{bayer}'")
+        pattern = _shift_pattern(
+            bayer, _int_card(header, "XBAYROFF"), _int_card(header, "YBAYROFF")
+        )
+        image, luminance = _debayer_fits(data, pattern, bin, bottom_up)
+    elif data.ndim == 2 or (data.ndim == 3 and data.shape[0] == 3):
+        planes = data[:, :, np.newaxis] if data.ndim == 2 else np.moveaxis(data, 0, -1)
+        image = _unit_image(planes[::-1] if bottom_up else planes)
+        luminance = _channel_mean_binned(image, bin)
+    else:
+        raise DecodeError(f"unsupported FITS image shape {data.shape} (want 2-D or 3 planes)")
+    return Frame(path=path, image=image, luminance=luminance, bin=bin, meta=_fits_meta(header))
+
+
+def _shift_pattern(pattern: str, x_offset: int, y_offset: int) -> str:
+    """The Bayer pattern seen from pixel (0, 0) when the CFA starts at (x_offset, y_offset)."""
+    grid = [pattern[0:2], pattern[2:4]]
+    return "".join(grid[(r + y_offset) % 2][(c + x_offset) % 2] for r in (0, 1) for c in (0, 1))
+
+
+def _debayer_fits(cfa: np.ndarray, pattern: str, bin: int, bottom_up: bool) -> tuple[F32, F32]:
+    """Demosaic a 2-D CFA (stored orientation), then flip rows if the file is bottom-up.
+
+    8/16-bit unsigned data goes through OpenCV's bilinear Bayer demosaic; other types (float,
+    32-bit) through the same bilinear interpolation done as normalised convolution in float32.
+    """
+    full_scale = np.float32(_full_scale(cfa))
+    if cfa.dtype in (np.uint8, np.uint16):
+        rgb = cv2.cvtColor(np.ascontiguousarray(cfa), _CV_BAYER_CODES[pattern])
+    else:
+        rgb = _bilinear_demosaic(np.nan_to_num(cfa.astype(np.float32)), pattern)
+    rows = slice(None, None, -1) if bottom_up else slice(None)
+    image = np.divide(rgb[rows], full_scale, dtype=np.float32, order="C")
+    del rgb
+    if bin % 2 == 0:
+        plane = cfa[rows] if cfa.dtype.kind in "ui" else np.nan_to_num(cfa[rows])
+        luminance = _block_mean(plane, bin)
+        luminance /= full_scale
+    else:
+        luminance = _channel_mean_binned(image, bin)
+    return image, luminance
+
+
+def _bilinear_demosaic(cfa: F32, pattern: str) -> F32:
+    """Bilinear demosaic of a float32 CFA: each colour's samples, normalised-convolved."""
+    rows, cols = cfa.shape
+    rgb = np.empty((rows, cols, 3), np.float32)
+    for channel, colour in enumerate("RGB"):
+        mask = np.zeros((rows, cols), np.float32)
+        for i, site in enumerate(pattern):
+            if site == colour:
+                mask[i // 2 :: 2, i % 2 :: 2] = 1.0
+        kernel = _BILINEAR_G if colour == "G" else _BILINEAR_RB
+        weight = cv2.filter2D(mask, -1, kernel, borderType=cv2.BORDER_REFLECT)
+        total = cv2.filter2D(cfa * mask, -1, kernel, borderType=cv2.BORDER_REFLECT)
+        rgb[:, :, channel] = total / np.maximum(weight, np.float32(1e-6))
+    return rgb
+
+
+def _fits_meta(header: Any) -> FrameMeta:
+    exposure = _float_card(header, "EXPTIME", "EXPOSURE")
+    iso = _float_card(header, "GAIN", "ISOSPEED")
+    camera = None
+    for key in ("INSTRUME", "CAMERA"):
+        value = header.get(key)
+        if isinstance(value, str) and value.strip():
+            camera = value.strip()
+            break
+    return FrameMeta(
+        exposure_s=exposure, iso=iso, capture_time=_fits_time(header.get("DATE-OBS")), camera=camera
+    )
+
+
+def _fits_time(value: Any) -> datetime | None:
+    """DATE-OBS (ISO 8601, UTC by the FITS standard unless it states a zone) -> aware datetime."""
+    if not isinstance(value, str):
+        return None
+    try:
+        stamp = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+
+
+def _float_card(header: Any, *keys: str) -> float | None:
+    for key in keys:
+        try:
+            value = float(header[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            return value
+    return None
+
+
+def _int_card(header: Any, key: str) -> int:
+    value = _float_card(header, key)
+    return 0 if value is None else round(value)
+
+
+def _warning_text(message: Warning | str) -> str:
+    """The informative lines of an astropy warning (drop its 'Error validating header' preface)."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith("Error validating header")]
+    return " ".join(useful or lines)
+
+
+# --- TIFF, JPEG, PNG -------------------------------------------------------------------------
+
+
+def _load_tiff(path: Path, bin: int) -> Frame:
+    """A linear TIFF (8/16/32-bit integer or float, mono or RGB); first page only."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            photometric = int(page.photometric)
+            separate = int(page.planarconfig) == int(tifffile.PLANARCONFIG.SEPARATE)
+            data = page.asarray()
+    except Exception as err:
+        raise DecodeError(f"corrupt TIFF file ({_describe(err)})") from err
+    if photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
+        try:
+            name = tifffile.PHOTOMETRIC(photometric).name
+        except ValueError:
+            name = str(photometric)
+        raise DecodeError(f"unsupported TIFF photometric {name} (want grey or RGB)")
+    if data.ndim == 3 and separate:
+        data = np.moveaxis(data, 0, -1)
+    if data.ndim == 2:
+        data = data[:, :, np.newaxis]
+    if data.ndim != 3:
+        raise DecodeError(f"unsupported TIFF shape {data.shape}")
+    channels = 3 if photometric == tifffile.PHOTOMETRIC.RGB else 1
+    if data.shape[2] < channels:
+        raise DecodeError(f"TIFF has {data.shape[2]} samples per pixel, RGB needs 3")
+    image = _unit_image(data[:, :, :channels])  # extra samples (alpha) dropped
+    return Frame(path=path, image=image, luminance=_channel_mean_binned(image, bin), bin=bin)
+
+
+def _load_srgb(path: Path, bin: int) -> Frame:
+    """JPEG or PNG, 8 or 16 bit: decoded by OpenCV and linearised with the sRGB transfer curve.
+
+    These files are display-referred, so the sRGB curve is the best available guess at linear
+    light; a camera's own tone curve on top of it is not undone.
+    """
+    try:
+        encoded = np.fromfile(path, dtype=np.uint8)
+        bgr = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+    except Exception as err:
+        raise DecodeError(f"cannot decode image ({_describe(err)})") from err
+    if bgr is None:
+        raise DecodeError("OpenCV could not decode the image (corrupt or truncated?)")
+    if bgr.dtype not in (np.uint8, np.uint16):
+        raise DecodeError(f"unsupported image sample type {bgr.dtype}")
+    if bgr.ndim == 2:
+        codes = bgr[:, :, np.newaxis]
+    elif bgr.shape[2] == 2:  # grey + alpha
+        codes = bgr[:, :, :1]
+    else:  # BGR or BGRA -> RGB
+        codes = bgr[:, :, 2::-1]
+    image = _srgb_to_linear_lut(bgr.dtype)[codes]
+    return Frame(path=path, image=image, luminance=_channel_mean_binned(image, bin), bin=bin)
+
+
+@lru_cache(maxsize=2)
+def _srgb_to_linear_lut(dtype: np.dtype[Any]) -> F32:
+    """Lookup table code -> linear value for the sRGB transfer function (IEC 61966-2-1)."""
+    codes = np.arange(int(np.iinfo(dtype).max) + 1, dtype=np.float64)
+    encoded = codes / codes[-1]
+    linear = np.where(encoded <= 0.04045, encoded / 12.92, ((encoded + 0.055) / 1.055) ** 2.4)
+    return linear.astype(np.float32)
+
+
+# --- shared array helpers --------------------------------------------------------------------
+
+
+def _full_scale(data: np.ndarray) -> float:
+    """The value that ``data`` is divided by to reach the [0, 1] convention.
+
+    Integers: the full scale of their width (8-bit 255, 16-bit 65535, 32-bit 2**32 - 1, whether
+    signed or not). Floats: 1 if the finite maximum is <= ``FLOAT_UNIT_LIMIT``, else 65535.
+    """
+    if data.dtype.kind in "ui":
+        return float(2 ** (8 * data.dtype.itemsize) - 1)
+    if data.dtype.kind == "f":
+        finite_max = float(np.nanmax(data, initial=0.0)) if data.size else 0.0
+        if not math.isfinite(finite_max):
+            finite_max = float(np.max(data[np.isfinite(data)], initial=0.0))
+        return 1.0 if finite_max <= FLOAT_UNIT_LIMIT else ADU_16BIT
+    raise DecodeError(f"unsupported sample type {data.dtype}")
+
+
+def _unit_image(data: np.ndarray) -> F32:
+    """(rows, cols, channels) of any numeric type -> C-contiguous float32 scaled to [0, 1];
+    non-finite samples become 0."""
+    # A true division (not a multiply by the reciprocal): k / 65535 exactly rounded.
+    image = np.divide(data, np.float32(_full_scale(data)), dtype=np.float32, order="C")
+    if data.dtype.kind == "f":
+        np.nan_to_num(image, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return image
+
+
+def _block_mean(plane: np.ndarray, bin: int) -> F32:
+    """Mean over bin x bin blocks of a 2-D array -> (rows // bin, cols // bin) float32.
+
+    The trailing rows/cols that do not fill a block are dropped, so block (u, v) covers
+    full-resolution rows bin*u .. bin*u + bin - 1 and is centred on bin*u + (bin - 1) / 2.
+    """
+    rows, cols = plane.shape[0] // bin, plane.shape[1] // bin
+    cropped = plane[: rows * bin, : cols * bin].astype(np.float32)
+    if bin == 1 or cropped.size == 0:  # OpenCV refuses empty input
+        return cropped.reshape(rows, cols)
+    # INTER_AREA with an integer factor is the exact block mean, and several times faster
+    # than a numpy reshape-mean.
+    return np.asarray(cv2.resize(cropped, (cols, rows), interpolation=cv2.INTER_AREA), np.float32)
+
+
+def _channel_mean_binned(image: F32, bin: int) -> F32:
+    """Block mean of the channel mean of a (rows, cols, channels) float32 image."""
+    channels = image.shape[2]
+    total = image[:, :, 0].copy() if channels > 1 else image[:, :, 0]
+    for c in range(1, channels):
+        total += image[:, :, c]
+    luminance = _block_mean(total, bin)
+    if channels > 1:
+        luminance *= np.float32(1.0 / channels)
+    return luminance
+
+
+def _describe(err: BaseException) -> str:
+    """``ClassName: message`` on one line; LibRaw's byte-string messages decoded."""
+    detail = err.args[0] if len(err.args) == 1 else (str(err) if err.args else "")
+    if isinstance(detail, bytes):
+        detail = detail.decode("utf-8", "replace")
+    text = " ".join(str(detail).split())
+    out = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return out[:_MAX_REASON_CHARS]

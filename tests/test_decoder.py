@@ -1,0 +1,219 @@
+"""nightstack.decoder: decoding in a child process, with real hangs, real SIGSEGVs and real
+process/shared-memory bookkeeping (the faults come from tests/_faulty_decode.py, run in the child).
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from nightstack.decoder import SHM_PREFIX, Decoder
+from nightstack.errors import DecodeError
+from nightstack.frames import Frame
+from nightstack.loaders import load
+
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+M27 = REALDATA / "seq_als_m27_asi224mc" / "Light_1069.fits"
+DNG = REALDATA / "raw_camera" / "Blackmagic.dng"
+TRUNCATED_CR3 = REALDATA / "negative_truncated_cr3" / "nomexif_canon-r6_truncated.cr3"
+FAULTY = "_faulty_decode:load"  # tests/ is on sys.path in the parent, and so in the child
+SHORT_TIMEOUT_S = 2.0
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` no longer runs (absent, or a zombie nobody has reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _our_shm_files() -> list[str]:
+    prefix = f"{SHM_PREFIX}{os.getpid()}-"
+    return [p.name for p in Path("/dev/shm").glob(prefix + "*")]
+
+
+def _mapped_segments() -> list[str]:
+    return [ln for ln in Path("/proc/self/maps").read_text().splitlines() if SHM_PREFIX in ln]
+
+
+def _assert_same_frame(a: Frame, b: Frame) -> None:
+    assert a.path == b.path and a.bin == b.bin and a.meta == b.meta
+    assert a.image.dtype == b.image.dtype and a.luminance.dtype == b.luminance.dtype
+    assert_array_equal(a.image, b.image)
+    assert_array_equal(a.luminance, b.luminance)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    """Every test must leave no child process and no shared-memory file behind."""
+    yield
+    gc.collect()
+    assert multiprocessing.active_children() == []
+    assert _our_shm_files() == []
+
+
+@pytest.fixture
+def fits_frame(tmp_path: Path) -> Path:
+    """A small real FITS written here, so the decoder tests run without the real data too."""
+    from astropy.io import fits
+
+    path = tmp_path / "light.fits"
+    data = np.random.default_rng(11).integers(0, 65536, (64, 96), dtype=np.uint16)
+    hdu = fits.PrimaryHDU(data)
+    hdu.header["BAYERPAT"] = "RGGB"
+    hdu.header["EXPTIME"] = 30.0
+    hdu.writeto(path)
+    return path
+
+
+def test_decode_equals_in_process_load(fits_frame: Path) -> None:
+    with Decoder(timeout_s=30, load_kwargs={"bin": 4}) as decoder:
+        frame = decoder.decode(fits_frame)
+        _assert_same_frame(frame, load(fits_frame, bin=4))
+        assert frame.image.flags.c_contiguous and frame.image.flags.writeable
+        assert frame.luminance.shape == (16, 24)
+
+
+@pytest.mark.skipif(not DNG.is_file(), reason="real data absent")
+def test_decode_real_dng_equals_in_process_load() -> None:
+    with Decoder(timeout_s=60) as decoder:
+        frame = decoder.decode(DNG)
+        assert frame.image.shape == (2176, 4128, 3)
+        _assert_same_frame(frame, load(DNG))
+
+
+def test_hang_times_out_and_next_file_decodes(fits_frame: Path, tmp_path: Path) -> None:
+    with Decoder(timeout_s=SHORT_TIMEOUT_S, decode_fn=FAULTY) as decoder:
+        decoder.decode(fits_frame)  # child up and warm: the timeout measures the decode only
+        hung_pid = decoder.pid
+        assert hung_pid is not None
+        start = time.monotonic()
+        with pytest.raises(DecodeError, match=r"^decode timed out after 2 s$"):
+            decoder.decode(tmp_path / "frame_hang.fits")
+        elapsed = time.monotonic() - start
+        assert SHORT_TIMEOUT_S <= elapsed < SHORT_TIMEOUT_S + 3.0
+        assert _gone(hung_pid)  # killed, not left spinning
+        _assert_same_frame(decoder.decode(fits_frame), load(fits_frame))
+        assert decoder.pid not in (None, hung_pid)
+
+
+def test_sigsegv_is_reported_and_next_file_decodes(fits_frame: Path, tmp_path: Path) -> None:
+    with Decoder(timeout_s=30, decode_fn=FAULTY) as decoder:
+        with pytest.raises(DecodeError, match=r"^decoder crashed \(signal SIGSEGV\)$"):
+            decoder.decode(tmp_path / "frame_crash.fits")
+        _assert_same_frame(decoder.decode(fits_frame), load(fits_frame))
+        with pytest.raises(DecodeError, match="SIGSEGV"):  # and again: restarts are repeatable
+            decoder.decode(tmp_path / "again_crash.fits")
+        _assert_same_frame(decoder.decode(fits_frame), load(fits_frame))
+
+
+def test_decode_error_in_child_keeps_its_reason(tmp_path: Path, fits_frame: Path) -> None:
+    bad = [tmp_path / "missing.CR3", tmp_path / "frame.xyz"]
+    bad[1].write_bytes(b"data")
+    if TRUNCATED_CR3.is_file():
+        bad.append(TRUNCATED_CR3)
+    with Decoder(timeout_s=30) as decoder:
+        pid = decoder.pid
+        for path in bad:
+            with pytest.raises(DecodeError) as in_child:
+                decoder.decode(path)
+            with pytest.raises(DecodeError) as in_process:
+                load(path)
+            assert in_child.value.reason == in_process.value.reason
+        assert decoder.pid == pid  # an ordinary bad file does not cost a restart
+        decoder.decode(fits_frame)
+
+
+def test_close_leaves_no_process_and_no_mapping(fits_frame: Path) -> None:
+    decoder = Decoder(timeout_s=30)
+    frame = decoder.decode(fits_frame)
+    pid = decoder.pid
+    assert pid is not None
+    assert _our_shm_files() == []  # unlinked as soon as mapped
+    assert len(_mapped_segments()) == 2  # image and luminance, alive with the frame
+    decoder.close()
+    decoder.close()  # idempotent
+    assert _gone(pid)
+    assert decoder.pid is None
+    assert float(frame.image.sum()) > 0  # the frame outlives the decoder
+    del frame
+    gc.collect()
+    assert _mapped_segments() == []  # memory returned with the arrays
+    with pytest.raises(RuntimeError, match="closed"):
+        decoder.decode(fits_frame)
+
+
+def test_stale_segments_of_dead_parents_are_swept(tmp_path: Path) -> None:
+    dead_pid = 4_194_304 + 17  # above Linux's largest pid_max: never a live process
+    stale = tmp_path / f"{SHM_PREFIX}{dead_pid}-3-image"
+    ours = tmp_path / f"{SHM_PREFIX}{os.getpid()}-99-image"
+    stale.write_bytes(b"x" * 10)
+    ours.write_bytes(b"x" * 10)
+    with Decoder(shm_dir=tmp_path):
+        assert not stale.exists()
+        assert ours.exists()  # a live parent's files are left alone
+    ours.unlink()
+
+
+def test_child_exits_when_parent_is_killed_mid_hang(tmp_path: Path) -> None:
+    script = (
+        "import contextlib\n"
+        "from nightstack.decoder import Decoder\n"
+        "from nightstack.errors import DecodeError\n"
+        "if __name__ == '__main__':\n"
+        f"    d = Decoder(timeout_s=600, decode_fn={FAULTY!r})\n"
+        "    with contextlib.suppress(DecodeError):\n"
+        "        d.decode('missing.fits')  # returns once the child is up\n"
+        "    print(d.pid, flush=True)\n"
+        "    d.decode('frame_hang.fits')\n"
+    )
+    (tmp_path / "parent.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    parent = subprocess.Popen(
+        [sys.executable, str(tmp_path / "parent.py")], stdout=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        child_pid = int(parent.stdout.readline())
+        time.sleep(0.5)  # let the request reach the child and the hang begin
+        assert not _gone(child_pid)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        parent.stdout.close()  # type: ignore[union-attr]
+    deadline = time.monotonic() + 5.0
+    while not _gone(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(child_pid)
+    for leftover in Path("/dev/shm").glob(f"{SHM_PREFIX}{parent.pid}-*"):
+        leftover.unlink()  # a file the killed parent could not clean: the next Decoder's sweep
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="module:function"):
+        Decoder(decode_fn="nightstack.loaders.load")
+    with pytest.raises(ValueError, match="cannot be found"):
+        Decoder(decode_fn="no_such_module_here:load")
+    with pytest.raises(ValueError, match="timeout_s"):
+        Decoder(timeout_s=0)
+
+
+def test_unimportable_function_fails_decode_with_reason(fits_frame: Path) -> None:
+    with (
+        Decoder(decode_fn="nightstack.loaders:no_such_function") as decoder,
+        pytest.raises(DecodeError, match=r"^decoder failed to start: cannot import"),
+    ):
+        decoder.decode(fits_frame)
