@@ -1,0 +1,1143 @@
+"""Seeded synthetic night: a sky rendered to Bayer (RGGB) frames and written as real DNG raws.
+
+Every later test and the demo use this module, so it states its truth exactly:
+
+- Frame 0 is the reference. ``SkyModel.transform(i)`` is the 2x3 matrix mapping a pixel (x, y) of
+  frame ``i`` to frame 0's pixel (x, y) (full-resolution decoded coordinates, pixel centres at
+  integers), the same convention as ``nightstack.frames.Alignment.matrix``.
+- Stars live in reference coordinates. Frame ``i`` sees them through the inverse transform: the
+  field drifts by ``drift_px`` per frame and turns by ``rotation_deg`` per frame about ``pivot``
+  (an untracked or alt-az mount).
+- Things on the ground do not move with the sky: hot pixels, the landscape silhouette with its lit
+  windows, and the light-pollution gradient are fixed in frame coordinates.
+- Signal is in electrons; a pixel records ``electrons / gain + black_level`` ADU, 14-bit, after
+  Poisson shot noise and Gaussian read noise. A star's ``flux_e`` is the electrons it puts into the
+  green channel (summed over a fully green-sampled plane); red and blue sites see ``flux_e`` times
+  the star's colour weights. The DNG's colour matrix makes camera RGB equal linear sRGB and its
+  ``AsShotNeutral`` is (1, 1, 1), so LibRaw decodes a pixel of ``v`` ADU to
+  ``(v - black) / (white - black)`` of full scale in its own colour channel.
+
+Rendering is pure in (model, frame index): ``render(i)`` always returns the same array.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from fractions import Fraction
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy.special import erf
+
+from nightstack.frames import FloatArray
+
+UInt16Array = npt.NDArray[np.uint16]
+IntArray = npt.NDArray[np.intp]
+
+# --------------------------------------------------------------------------------------------
+# DNG writer
+# --------------------------------------------------------------------------------------------
+
+_BYTE, _ASCII, _SHORT, _LONG, _RATIONAL, _UNDEFINED, _SRATIONAL = 1, 2, 3, 4, 5, 7, 10
+_TIFF_FORMAT = {
+    _BYTE: "B",
+    _ASCII: "B",
+    _SHORT: "H",
+    _LONG: "I",
+    _RATIONAL: "I",
+    _UNDEFINED: "B",
+    _SRATIONAL: "i",
+}
+_CFA_PHOTOMETRIC = 32803  # PhotometricInterpretation "Color Filter Array" (TIFF/EP, DNG)
+_D65 = 21  # EXIF LightSource code for D65, the illuminant of ColorMatrix1
+_MATRIX_DENOMINATOR = 10_000  # SRATIONAL denominator: 4 decimals are plenty for a colour matrix
+_RATIONAL_MAX_DENOMINATOR = 1_000_000  # exposure times down to 1 microsecond stay exact
+_PIXEL_DATA_ALIGN = 16  # start the strip on a 16-byte boundary (cheap, friendly to readers)
+
+# XYZ (D65) -> linear sRGB: as DNG ColorMatrix1 (XYZ -> camera) it makes the simulated camera's
+# RGB equal linear sRGB, so LibRaw's camera -> sRGB matrix is the identity and grey stays grey.
+_XYZ_TO_SRGB = (
+    (3.2404542, -1.5371385, -0.4985314),
+    (-0.9692660, 1.8760108, 0.0415560),
+    (0.0556434, -0.2040259, 1.0572252),
+)
+
+
+@dataclass(frozen=True)
+class _Tag:
+    """One TIFF directory entry; rationals are flattened (num, den, num, den, ...)."""
+
+    code: int
+    kind: int
+    values: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        rational = self.kind in (_RATIONAL, _SRATIONAL)
+        return len(self.values) // 2 if rational else len(self.values)
+
+    def payload(self) -> bytes:
+        return struct.pack(f"<{len(self.values)}{_TIFF_FORMAT[self.kind]}", *self.values)
+
+
+def _ascii(code: int, text: str) -> _Tag:
+    return _Tag(code, _ASCII, tuple(text.encode("ascii", "replace") + b"\0"))
+
+
+def _rationals(code: int, values: Iterable[float], *, signed: bool = False) -> _Tag:
+    flat: list[int] = []
+    for value in values:
+        if signed:
+            flat += [round(value * _MATRIX_DENOMINATOR), _MATRIX_DENOMINATOR]
+        else:
+            fraction = Fraction(value).limit_denominator(_RATIONAL_MAX_DENOMINATOR)
+            flat += [fraction.numerator, fraction.denominator]
+    return _Tag(code, _SRATIONAL if signed else _RATIONAL, tuple(flat))
+
+
+def _even(n: int) -> int:
+    return n + (n & 1)
+
+
+def _ifd_size(tags: list[_Tag]) -> int:
+    """Bytes of a directory plus its out-of-line values (each padded to an even length)."""
+    data = sum(_even(len(t.payload())) for t in tags if len(t.payload()) > 4)
+    return 2 + 12 * len(tags) + 4 + data
+
+
+def _pack_ifd(tags: list[_Tag], offset: int) -> bytes:
+    """A little-endian IFD at file ``offset``, values that do not fit inline right after it."""
+    tags = sorted(tags, key=lambda t: t.code)
+    data_offset = offset + 2 + 12 * len(tags) + 4
+    entries = [struct.pack("<H", len(tags))]
+    data: list[bytes] = []
+    for tag in tags:
+        payload = tag.payload()
+        if len(payload) <= 4:
+            value = payload.ljust(4, b"\0")
+        else:
+            value = struct.pack("<I", data_offset)
+            padded = payload.ljust(_even(len(payload)), b"\0")
+            data.append(padded)
+            data_offset += len(padded)
+        entries.append(struct.pack("<HHI", tag.code, tag.kind, tag.count) + value)
+    entries.append(struct.pack("<I", 0))  # no next IFD
+    return b"".join(entries + data)
+
+
+def _dng_tags(
+    rows: int,
+    cols: int,
+    *,
+    black_level: int,
+    white_level: int,
+    make: str,
+    model: str,
+    capture_time: datetime | None,
+    as_shot_neutral: tuple[float, float, float],
+    strip_offset: int,
+    exif_offset: int,
+) -> list[_Tag]:
+    tags = [
+        _Tag(254, _LONG, (0,)),  # NewSubfileType: the main (full-resolution) image
+        _Tag(256, _LONG, (cols,)),
+        _Tag(257, _LONG, (rows,)),
+        _Tag(258, _SHORT, (16,)),  # BitsPerSample
+        _Tag(259, _SHORT, (1,)),  # Compression: none
+        _Tag(262, _SHORT, (_CFA_PHOTOMETRIC,)),
+        _ascii(271, make),
+        _ascii(272, model),
+        _Tag(273, _LONG, (strip_offset,)),  # StripOffsets: one strip
+        _Tag(274, _SHORT, (1,)),  # Orientation: row 0 at the top, column 0 on the left
+        _Tag(277, _SHORT, (1,)),  # SamplesPerPixel
+        _Tag(278, _LONG, (rows,)),  # RowsPerStrip
+        _Tag(279, _LONG, (rows * cols * 2,)),  # StripByteCounts
+        _Tag(284, _SHORT, (1,)),  # PlanarConfiguration: chunky
+        _ascii(305, "nightstack simulate"),
+        _Tag(33421, _SHORT, (2, 2)),  # CFARepeatPatternDim
+        _Tag(33422, _BYTE, (0, 1, 1, 2)),  # CFAPattern: R G / G B
+        _Tag(34665, _LONG, (exif_offset,)),  # ExifIFD
+        _Tag(50706, _BYTE, (1, 4, 0, 0)),  # DNGVersion
+        _Tag(50707, _BYTE, (1, 4, 0, 0)),  # DNGBackwardVersion
+        _ascii(50708, f"{make} {model}"),  # UniqueCameraModel
+        _Tag(50710, _BYTE, (0, 1, 2)),  # CFAPlaneColor: R G B
+        _Tag(50711, _SHORT, (1,)),  # CFALayout: rectangular
+        _Tag(50713, _SHORT, (1, 1)),  # BlackLevelRepeatDim: one level for every site
+        _Tag(50714, _LONG, (black_level,)),
+        _Tag(50717, _LONG, (white_level,)),
+        _rationals(50721, [v for row in _XYZ_TO_SRGB for v in row], signed=True),  # ColorMatrix1
+        _rationals(50728, as_shot_neutral),  # AsShotNeutral: defines the camera white balance
+        _Tag(50778, _SHORT, (_D65,)),  # CalibrationIlluminant1
+    ]
+    if capture_time is not None:
+        tags.append(_ascii(306, capture_time.strftime("%Y:%m:%d %H:%M:%S")))  # DateTime
+    return tags
+
+
+def _exif_tags(
+    exposure_s: float | None, iso: float | None, capture_time: datetime | None
+) -> list[_Tag]:
+    tags = [_Tag(36864, _UNDEFINED, tuple(b"0231"))]  # ExifVersion
+    if exposure_s is not None:
+        tags.append(_rationals(33434, [exposure_s]))  # ExposureTime
+    if iso is not None:
+        tags.append(_Tag(34855, _SHORT, (min(max(round(iso), 1), 65535),)))  # ISOSpeedRatings
+    if capture_time is not None:
+        tags.append(_ascii(36867, capture_time.strftime("%Y:%m:%d %H:%M:%S")))  # DateTimeOriginal
+    return tags
+
+
+def write_dng(
+    path: str | os.PathLike[str],
+    cfa: npt.ArrayLike,
+    *,
+    black_level: int = 512,
+    white_level: int = 16383,
+    exposure_s: float | None = None,
+    iso: float | None = None,
+    capture_time: datetime | None = None,
+    make: str = "nightstack",
+    model: str = "Simulated Camera",
+    as_shot_neutral: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> Path:
+    """Write a Bayer mosaic as an uncompressed little-endian DNG that LibRaw (rawpy) decodes.
+
+    Parameters
+    ----------
+    path
+        Destination. The file is opened once, written and closed: it is complete when the
+        handle closes (no temporary name, so a folder watcher sees one close-after-write).
+    cfa
+        (rows, cols) uint16 raw values, RGGB: (row 0, col 0) is red, (0, 1) and (1, 0) green,
+        (1, 1) blue.
+    black_level, white_level
+        Raw ADU of zero light and of saturation, written as DNG BlackLevel and WhiteLevel.
+    exposure_s, iso, capture_time
+        EXIF ExposureTime, ISOSpeedRatings and DateTimeOriginal (+ TIFF DateTime), read back by
+        LibRaw as ``raw.other.shutter_speed``, ``iso_speed`` and ``timestamp``. ``capture_time``
+        is written as its wall-clock fields (EXIF carries no time zone); ``None`` omits a tag.
+    make, model
+        TIFF Make and Model; UniqueCameraModel is ``f"{make} {model}"``.
+    as_shot_neutral
+        DNG AsShotNeutral (camera R, G, B of a neutral object); the default makes the camera
+        white balance the identity.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    mosaic = np.asarray(cfa)
+    if mosaic.ndim != 2 or mosaic.dtype != np.uint16:
+        raise ValueError(f"cfa must be a 2-D uint16 array, got {mosaic.dtype} {mosaic.shape}")
+    if not 0 <= black_level < white_level <= 65535:
+        raise ValueError(
+            f"need 0 <= black_level < white_level <= 65535, got {black_level}, {white_level}"
+        )
+    if min(as_shot_neutral) <= 0:
+        raise ValueError(f"as_shot_neutral must be positive, got {as_shot_neutral}")
+    rows, cols = mosaic.shape
+
+    def ifd0(strip_offset: int, exif_offset: int) -> list[_Tag]:
+        return _dng_tags(
+            rows,
+            cols,
+            black_level=black_level,
+            white_level=white_level,
+            make=make,
+            model=model,
+            capture_time=capture_time,
+            as_shot_neutral=as_shot_neutral,
+            strip_offset=strip_offset,
+            exif_offset=exif_offset,
+        )
+
+    exif = _exif_tags(exposure_s, iso, capture_time)
+    exif_offset = 8 + _ifd_size(ifd0(0, 0))  # offsets are inline LONGs: sizes do not change
+    end = exif_offset + _ifd_size(exif)
+    strip_offset = -(-end // _PIXEL_DATA_ALIGN) * _PIXEL_DATA_ALIGN
+    header = struct.pack("<2sHI", b"II", 42, 8)
+    head = (
+        header + _pack_ifd(ifd0(strip_offset, exif_offset), 8) + _pack_ifd(exif, exif_offset)
+    ).ljust(strip_offset, b"\0")
+    pixels = np.ascontiguousarray(mosaic, dtype="<u2")
+    destination = Path(path)
+    with open(destination, "wb") as fh:
+        fh.write(head)
+        fh.write(pixels.tobytes())
+    return destination
+
+
+# --------------------------------------------------------------------------------------------
+# Sky model
+# --------------------------------------------------------------------------------------------
+
+_CFA_CHANNEL = np.array([[0, 1], [1, 2]])  # RGGB: colour index (r, g, b) by (row % 2, col % 2)
+_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # Gaussian FWHM / sigma
+_STAR_CELL_PX = 256  # stars are drawn per sky cell, so a patch of sky keeps its stars whatever
+# the frame count or motion (only the covered region grows)
+_CELL_OFFSET = 1 << 20  # keeps cell indices non-negative for SeedSequence
+_FLUX_SLOPE = 0.6  # N(>F) ∝ F^-0.6: many faint stars, few bright ones
+_FAINTEST_PEAK_SNR = 2.0  # the faintest stars sit below detection, as on a real sky
+_BRIGHTEST_PEAK_SNR = 20_000.0  # the brightest ones saturate hard
+_STAR_COLOUR_SPREAD = 0.35  # colour weights (1 + s c, 1, 1 - s c) with c in [-1, 1]
+_PSF_RADIUS_SIGMA = 6.0  # stamp half-size: the Gaussian beyond holds < 1e-8 of the flux
+_STAMP_BATCH = 1024  # stars per vectorised stamp batch (bounds temporary memory)
+_TRAIL_STEP_PX = 0.5  # trailed stars are summed from PSFs this far apart: a smooth line
+_APERTURE_FWHM = 1.0  # aperture radius (in FWHM) of the flux-to-noise ratio in the truth
+_SKY_RGB = (1.1, 1.0, 0.8)  # light-polluted sky: a little warm
+_NEBULA_RGB = (1.5, 0.7, 0.9)  # emission nebula: H-alpha red with some OIII
+_NEBULA_PEAK = 0.25  # nebula peak as a fraction of the sky level: faint, needs a stretch
+_NEBULA_RADIUS_SIGMA = 3.5  # nebula drawn within this many major-axis sigmas
+_GROUND_LEVEL = 0.02  # the landscape's own glow as a fraction of the sky: a dark silhouette
+_WINDOW_E = 6000.0  # electrons per pixel of a lit window (bright, below saturation)
+_WINDOW_RGB = (1.3, 1.0, 0.5)  # warm tungsten light
+_HOT_PIXEL_DENSITY = 1 / 30_000  # one hot pixel per 30,000 pixels (a warm DSLR sensor)
+_HOT_PIXEL_ADU = (1500, 12_000)  # excess ADU of a hot pixel, uniform in this range
+_CLOUD_STAR_FACTOR = 0.05  # cloud dims stars (and nebula, satellites) 20x
+_CLOUD_SKY_FACTOR = 1.8  # and brightens the sky (scattered light pollution)
+_CLOUD_LUMP = 0.8  # peak of the lumpy cloud glow as a fraction of the sky level
+_CLOUD_BLOBS = 7  # Gaussian lumps making up the cloud glow
+_SATELLITE_LINEAR_E = 8000.0  # electrons per pixel of trail length: a bright trail
+_SATELLITE_SIGMA_PX = 1.0  # trail cross-section sigma: FWHM 2.35 px
+_BAND_ROWS = 256  # rows of noise (or nebula) computed at a time (bounds temporary memory)
+_FRAME_GAP_S = 2.0  # camera dead time between exposures, for the capture times
+_STREAM_STARS, _STREAM_LANDSCAPE, _STREAM_HOT, _STREAM_NOISE = 1, 2, 3, 4  # independent
+_STREAM_SATELLITE, _STREAM_CLOUD, _STREAM_TRAIL, _STREAM_NEBULA = 5, 6, 7, 8  # random streams
+
+
+def _indices(value: int | Iterable[int] | None) -> tuple[int, ...]:
+    """Frame indices from None, one int or an iterable of ints, sorted and unique."""
+    if value is None:
+        return ()
+    if isinstance(value, int | np.integer):
+        return (int(value),)
+    return tuple(sorted({int(v) for v in value}))
+
+
+def _channel_weights(rows: npt.ArrayLike, cols: npt.ArrayLike, rgb: FloatArray) -> FloatArray:
+    """Colour weight of each CFA site: ``rgb[..., channel(row, col)]`` broadcast over the rows
+    and cols index arrays; ``rgb`` has shape (..., 3)."""
+    channel = _CFA_CHANNEL[np.asarray(rows) % 2, np.asarray(cols) % 2]
+    return np.take_along_axis(rgb, channel, axis=-1) if rgb.ndim > 1 else rgb[channel]
+
+
+def _mosaic_inplace(image: FloatArray, rgb: tuple[float, float, float]) -> None:
+    """Multiply an even-sized, even-origin (rows, cols) block by the RGGB colour weights."""
+    rows, cols = image.shape
+    tile = np.array([[rgb[0], rgb[1]], [rgb[1], rgb[2]]], dtype=image.dtype)
+    image.reshape(rows // 2, 2, cols // 2, 2)[...] *= tile[None, :, None, :]
+
+
+def _pixel_profile(edges: FloatArray, centre: FloatArray, sigma: float) -> FloatArray:
+    """Gaussian integrated over pixels: ``edges`` (..., S + 1) pixel edges, ``centre``
+    broadcastable to (..., 1); returns (..., S) fractions of a unit flux."""
+    cdf = erf((edges - centre) / (math.sqrt(2.0) * sigma))
+    return 0.5 * np.diff(cdf, axis=-1)
+
+
+def _clip_line(
+    point: tuple[float, float], angle: float, width: int, height: int
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Where the line through ``point`` at ``angle`` (radians) enters and leaves the frame box
+    [-0.5, width - 0.5] x [-0.5, height - 0.5] (Liang-Barsky)."""
+    direction = (math.cos(angle), math.sin(angle))
+    t_min, t_max = -math.inf, math.inf
+    for p0, d, lo, hi in (
+        (point[0], direction[0], -0.5, width - 0.5),
+        (point[1], direction[1], -0.5, height - 0.5),
+    ):
+        if abs(d) < 1e-12:
+            continue
+        t0, t1 = sorted(((lo - p0) / d, (hi - p0) / d))
+        t_min, t_max = max(t_min, t0), min(t_max, t1)
+    start = (point[0] + t_min * direction[0], point[1] + t_min * direction[1])
+    end = (point[0] + t_max * direction[0], point[1] + t_max * direction[1])
+    return start, end
+
+
+@dataclass(frozen=True, eq=False)
+class _Catalogue:
+    """Stars in reference coordinates, brightest first: xy (n, 2), flux_e (n,), rgb (n, 3)."""
+
+    xy: FloatArray
+    flux_e: FloatArray
+    rgb: FloatArray
+
+
+@dataclass(frozen=True, eq=False)
+class _Landscape:
+    """Ground fixed in frame coordinates.
+
+    ``skyline``: (cols,) float, the row coordinate of the ground's top edge in each column (a
+    pixel is ground below it); ``top_row``: first row holding any ground; ``sky_cover``:
+    (rows - top_row, cols) float32, the fraction of each pixel that shows sky; ``windows``:
+    (n, 4) int, lit windows as [x0, y0, x1, y1) pixel boxes.
+    """
+
+    skyline: FloatArray
+    top_row: int
+    sky_cover: FloatArray
+    windows: npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class SkyModel:
+    """A seeded synthetic night: what the sky, the ground and the camera do in every frame.
+
+    Every quantity is in full-resolution frame pixels, electrons or ADU as named. All random
+    choices are drawn from independent streams of ``seed``, so a model is fully determined by
+    its fields and ``render(i)`` is a pure function of (model, i).
+
+    Attributes
+    ----------
+    width, height
+        Frame size in pixels (both even: the CFA tiles in 2x2).
+    frames
+        Night length; the star field is generated to cover frames 0 .. frames - 1 fully.
+    seed
+        Non-negative seed of every random choice.
+    stars
+        Expected number of stars inside the reference frame (more are drawn around it).
+    fwhm_px
+        FWHM of the Gaussian PSF, full-resolution pixels.
+    drift_px, drift_angle_deg
+        Field translation per frame and its direction (degrees from +x towards +y).
+    rotation_deg
+        Field rotation per frame, degrees, turning +x towards +y, about ``pivot``.
+    pivot
+        Rotation centre (x, y) in frame pixels; ``None``: the pole sits one frame height above
+        the top edge, at (width / 2, -height).
+    sky_e, gradient, gradient_angle_deg
+        Sky level at the frame centre (electrons per green pixel), its linear change from one
+        side of the frame to the other (fraction of ``sky_e``) and that side's direction.
+    read_noise_e, gain_e_per_adu, black_level, white_level
+        Camera: read noise (electrons RMS), gain, 14-bit raw levels.
+    hot_pixels
+        Number of hot pixels; ``None``: one per 30,000 pixels.
+    landscape_fraction, windows
+        Mean fraction of the frame height covered by the landscape (0 disables it) and the
+        number of lit windows in it.
+    nebula
+        Add a faint, soft emission nebula (moves with the stars).
+    exposure_s, iso, start_time
+        Exposure metadata; frame i starts at ``start_time + i * (exposure_s + 2 s)``.
+    satellite, cloudy, trailed
+        Frame indices with a satellite trail, cloud, or wind-trailed stars.
+    trail_px
+        Length of a wind-trailed star's smear, pixels.
+    """
+
+    width: int = 1200
+    height: int = 800
+    frames: int = 10
+    seed: int = 1
+    stars: int = 400
+    fwhm_px: float = 3.5
+    drift_px: float = 3.0
+    drift_angle_deg: float = 195.0
+    rotation_deg: float = 0.05
+    pivot: tuple[float, float] | None = None
+    sky_e: float = 600.0
+    gradient: float = 0.3
+    gradient_angle_deg: float = 60.0
+    read_noise_e: float = 3.0
+    gain_e_per_adu: float = 1.0
+    black_level: int = 512
+    white_level: int = 16383
+    hot_pixels: int | None = None
+    landscape_fraction: float = 0.08
+    windows: int = 4
+    nebula: bool = True
+    exposure_s: float = 30.0
+    iso: int = 1600
+    start_time: datetime = datetime(2024, 8, 10, 22, 0, 0)
+    satellite: tuple[int, ...] = ()
+    cloudy: tuple[int, ...] = ()
+    trailed: tuple[int, ...] = ()
+    trail_px: float = 15.0
+
+    def __post_init__(self) -> None:
+        for name in ("satellite", "cloudy", "trailed"):
+            object.__setattr__(self, name, _indices(getattr(self, name)))
+        if self.pivot is not None:
+            object.__setattr__(self, "pivot", (float(self.pivot[0]), float(self.pivot[1])))
+        if isinstance(self.start_time, str):
+            object.__setattr__(self, "start_time", datetime.fromisoformat(self.start_time))
+        problems = []
+        if self.width < 64 or self.height < 64 or self.width % 2 or self.height % 2:
+            problems.append(
+                f"width and height must be even and >= 64, got {self.width}x{self.height}"
+            )
+        if self.frames < 1:
+            problems.append(f"frames must be >= 1, got {self.frames}")
+        if self.seed < 0:
+            problems.append(f"seed must be >= 0, got {self.seed}")
+        if self.stars < 0:
+            problems.append(f"stars must be >= 0, got {self.stars}")
+        if not self.fwhm_px > 0.5:
+            problems.append(f"fwhm_px must be > 0.5, got {self.fwhm_px}")
+        if not self.sky_e > 0 or self.read_noise_e < 0 or not self.gain_e_per_adu > 0:
+            problems.append("sky_e and gain_e_per_adu must be > 0 and read_noise_e >= 0")
+        if not 0 <= abs(self.gradient) < 2:
+            problems.append(f"gradient must be in (-2, 2), got {self.gradient}")
+        if not 0 <= self.black_level < self.white_level <= 65535:
+            problems.append("need 0 <= black_level < white_level <= 65535")
+        if not 0 <= self.landscape_fraction <= 0.5:
+            problems.append(
+                f"landscape_fraction must be in [0, 0.5], got {self.landscape_fraction}"
+            )
+        if self.trail_px < 0 or self.windows < 0 or (self.hot_pixels or 0) < 0:
+            problems.append("trail_px, windows and hot_pixels must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    # ---- construction helpers ---------------------------------------------------------------
+
+    @classmethod
+    def from_truth(cls, truth: dict[str, Any] | str | os.PathLike[str]) -> SkyModel:
+        """The model a ``truth.json`` (path or loaded dict) was written from."""
+        data = truth if isinstance(truth, dict) else json.loads(Path(truth).read_text())
+        return cls(**data["parameters"])
+
+    def parameters(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (``SkyModel(**model.parameters())`` == model)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, datetime):
+                value = value.isoformat()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *key])
+
+    # ---- geometry --------------------------------------------------------------------------
+
+    @property
+    def pivot_xy(self) -> tuple[float, float]:
+        """The rotation centre (x, y) in frame pixels."""
+        return self.pivot if self.pivot is not None else (self.width / 2.0, -float(self.height))
+
+    @property
+    def psf_sigma_px(self) -> float:
+        """Gaussian sigma of the PSF, pixels."""
+        return self.fwhm_px / _FWHM_PER_SIGMA
+
+    def _forward(self, i: int) -> FloatArray:
+        """(3, 3) homogeneous matrix mapping reference (x, y) to frame ``i`` (x, y)."""
+        phi = math.radians(self.rotation_deg * i)
+        c, s = math.cos(phi), math.sin(phi)
+        drift = math.radians(self.drift_angle_deg)
+        px, py = self.pivot_xy
+        rot = np.array([[c, -s], [s, c]])
+        shift = np.array([px, py]) - rot @ np.array([px, py])
+        shift += i * self.drift_px * np.array([math.cos(drift), math.sin(drift)])
+        forward = np.eye(3)
+        forward[:2, :2] = rot
+        forward[:2, 2] = shift
+        return forward
+
+    def transform(self, i: int) -> FloatArray:
+        """(2, 3) float64 matrix mapping frame ``i`` pixel (x, y) to reference pixel (x, y)."""
+        return np.linalg.inv(self._forward(i))[:2].copy()
+
+    def to_frame(self, i: int, xy: npt.ArrayLike) -> FloatArray:
+        """Reference (x, y) points, shape (n, 2), as seen in frame ``i``; returns (n, 2)."""
+        points = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        forward = self._forward(i)
+        return points @ forward[:2, :2].T + forward[:2, 2]
+
+    def _star_margin(self) -> float:
+        """How far outside the frame a star can still put light into it, pixels."""
+        return _PSF_RADIUS_SIGMA * self.psf_sigma_px + self.trail_px / 2.0 + 2.0
+
+    @cached_property
+    def sky_region(self) -> tuple[float, float, float, float]:
+        """Reference-coordinate box (x0, y0, x1, y1) holding every star that can light any of
+        frames 0 .. frames - 1."""
+        w, h, m = self.width, self.height, self._star_margin()
+        corners = np.array([[-m, -m], [w - 1 + m, -m], [-m, h - 1 + m], [w - 1 + m, h - 1 + m]])
+        ref = np.concatenate(
+            [corners @ t[:, :2].T + t[:, 2] for t in map(self.transform, range(self.frames))]
+        )
+        x0, y0 = ref.min(axis=0)
+        x1, y1 = ref.max(axis=0)
+        return float(x0), float(y0), float(x1), float(y1)
+
+    # ---- noise-free levels -----------------------------------------------------------------
+
+    @property
+    def pixel_noise_e(self) -> float:
+        """Noise of one sky pixel at the frame centre, electrons (shot + read)."""
+        return math.sqrt(self.sky_e + self.read_noise_e**2)
+
+    @property
+    def _peak_fraction(self) -> float:
+        """Fraction of a star's flux in its brightest pixel when centred on it."""
+        return float(erf(0.5 / (math.sqrt(2.0) * self.psf_sigma_px)) ** 2)
+
+    # ---- the star catalogue ----------------------------------------------------------------
+
+    @cached_property
+    def _catalogue(self) -> _Catalogue:
+        x0, y0, x1, y1 = self.sky_region
+        cell = _STAR_CELL_PX
+        per_cell = self.stars * cell * cell / (self.width * self.height)
+        f_min = _FAINTEST_PEAK_SNR * self.pixel_noise_e / self._peak_fraction
+        f_max = _BRIGHTEST_PEAK_SNR * self.pixel_noise_e / self._peak_fraction
+        tail = 1.0 - (f_min / f_max) ** _FLUX_SLOPE
+        xy, flux, colour = [], [], []
+        for cy in range(math.floor(y0 / cell), math.floor(y1 / cell) + 1):
+            for cx in range(math.floor(x0 / cell), math.floor(x1 / cell) + 1):
+                rng = self._rng(_STREAM_STARS, cx + _CELL_OFFSET, cy + _CELL_OFFSET)
+                n = int(rng.poisson(per_cell))
+                xy.append((np.array([cx, cy]) + rng.random((n, 2))) * cell - 0.5)
+                u = rng.random(n)
+                flux.append(f_min * (1.0 - u * tail) ** (-1.0 / _FLUX_SLOPE))
+                colour.append(np.clip(rng.normal(0.0, 0.4, n), -1.0, 1.0))
+        all_xy = np.concatenate(xy) if xy else np.zeros((0, 2))
+        all_flux = np.concatenate(flux) if flux else np.zeros(0)
+        c = np.concatenate(colour) if colour else np.zeros(0)
+        keep = (
+            (all_xy[:, 0] >= x0)
+            & (all_xy[:, 0] <= x1)
+            & (all_xy[:, 1] >= y0)
+            & (all_xy[:, 1] <= y1)
+        )
+        order = np.argsort(-all_flux[keep], kind="stable")
+        rgb = np.stack(
+            [1 + _STAR_COLOUR_SPREAD * c, np.ones_like(c), 1 - _STAR_COLOUR_SPREAD * c], 1
+        )
+        return _Catalogue(all_xy[keep][order], all_flux[keep][order], rgb[keep][order])
+
+    @property
+    def star_xy(self) -> FloatArray:
+        """(n, 2) float64 reference (x, y) of every star in the sky region, brightest first."""
+        return self._catalogue.xy
+
+    @property
+    def star_flux_e(self) -> FloatArray:
+        """(n,) float64 star fluxes, electrons in the green channel, brightest first."""
+        return self._catalogue.flux_e
+
+    @property
+    def star_rgb(self) -> FloatArray:
+        """(n, 3) float64 colour weights of each star's red, green, blue CFA sites (green 1)."""
+        return self._catalogue.rgb
+
+    @property
+    def star_peak_snr(self) -> FloatArray:
+        """(n,) peak-pixel signal of a centred star over the sky pixel noise at frame centre."""
+        return self.star_flux_e * self._peak_fraction / self.pixel_noise_e
+
+    @property
+    def star_snr(self) -> FloatArray:
+        """(n,) flux-to-noise ratio in an aperture of radius FWHM on a clear sky."""
+        radius = _APERTURE_FWHM * self.fwhm_px
+        inside = self.star_flux_e * (1.0 - math.exp(-(radius**2) / (2 * self.psf_sigma_px**2)))
+        return inside / np.sqrt(inside + math.pi * radius**2 * self.pixel_noise_e**2)
+
+    @property
+    def star_saturated(self) -> npt.NDArray[np.bool_]:
+        """(n,) whether a centred star's brightest CFA site would clip at the white level."""
+        full_e = (self.white_level - self.black_level) * self.gain_e_per_adu
+        peak = self.star_flux_e * self._peak_fraction * self.star_rgb.max(axis=1)
+        sky = self.sky_e * max(_SKY_RGB) * (1.0 + abs(self.gradient) / 2.0)
+        return np.asarray(peak + sky > full_e)
+
+    def star_factor(self, i: int) -> float:
+        """Transmission of frame ``i`` for sky light (stars, nebula, satellites): 1 or cloud."""
+        return _CLOUD_STAR_FACTOR if i in self.cloudy else 1.0
+
+    def visible_stars(self, i: int, *, margin: float = 0.0, min_peak_snr: float = 0.0) -> IntArray:
+        """Catalogue indices of stars whose centre is inside frame ``i`` at least ``margin``
+        pixels from the edge and one FWHM above the landscape, brightest first; ``min_peak_snr``
+        filters on ``star_peak_snr`` (a clear-sky property: cloud is not taken into account)."""
+        xy = self.to_frame(i, self.star_xy)
+        x, y = xy[:, 0], xy[:, 1]
+        inside = (x >= margin) & (x <= self.width - 1 - margin)
+        inside &= (y >= margin) & (y <= self.height - 1 - margin)
+        column = np.clip(np.rint(x), 0, self.width - 1).astype(np.intp)
+        inside &= y + self.fwhm_px < self._landscape.skyline[column]
+        inside &= self.star_peak_snr >= min_peak_snr
+        return np.flatnonzero(inside)
+
+    def stars_in_frame(
+        self, i: int, *, margin: float = 0.0, min_peak_snr: float = 0.0
+    ) -> tuple[FloatArray, FloatArray]:
+        """Expected stars of frame ``i``: (xy (n, 2) frame pixels, flux (n,) electrons in green,
+        cloud attenuation included), brightest first; selection as in ``visible_stars``."""
+        index = self.visible_stars(i, margin=margin, min_peak_snr=min_peak_snr)
+        xy = self.to_frame(i, self.star_xy[index])
+        return xy, self.star_flux_e[index] * self.star_factor(i)
+
+    # ---- things fixed on the ground --------------------------------------------------------
+
+    @cached_property
+    def _landscape(self) -> _Landscape:
+        w, h = self.width, self.height
+        x = np.arange(w, dtype=np.float64)
+        if self.landscape_fraction <= 0:
+            return _Landscape(
+                np.full(w, h + 1.0), h, np.ones((0, w), np.float32), np.zeros((0, 4), np.int64)
+            )
+        rng = self._rng(_STREAM_LANDSCAPE)
+        depth = self.landscape_fraction * h
+        hills = np.zeros(w)
+        for k in range(4):  # rolling hills: a few long waves
+            period = w / rng.uniform(0.6 + k, 1.5 + 2 * k)
+            hills += (
+                rng.uniform(0.15, 0.35)
+                / (k + 1)
+                * np.sin(2 * np.pi * x / period + rng.uniform(0, 2 * np.pi))
+            )
+        walk = np.cumsum(rng.normal(0.0, 1.0, w))  # trees and roofs: short-scale roughness
+        kernel = np.hanning(9)
+        rough = np.convolve(
+            walk - np.convolve(walk, np.ones(101) / 101, "same"), kernel / kernel.sum(), "same"
+        )
+        rough *= 0.08 / max(float(np.std(rough)), 1e-9)
+        skyline = h - depth * (1.0 + hills + rough)
+        skyline = np.clip(skyline, h - 2.0 * depth, h - 1.0)
+        top_row = int(np.floor(skyline.min() + 0.5))  # first row whose pixel reaches below it
+        rows = np.arange(top_row, h, dtype=np.float64)[:, None]
+        cover = np.clip(skyline[None, :] - (rows - 0.5), 0.0, 1.0).astype(np.float32)
+        boxes = []
+        for _ in range(self.windows):
+            for _attempt in range(50):
+                wx, wy = int(rng.integers(2, 4)), int(rng.integers(2, 4))
+                x0 = int(rng.integers(4, w - 4 - wx))
+                ground_top = int(np.ceil(skyline[x0 : x0 + wx].max())) + 3
+                if ground_top + wy + 2 < h:
+                    y0 = int(rng.integers(ground_top, h - wy - 1))
+                    boxes.append((x0, y0, x0 + wx, y0 + wy))
+                    break
+        windows = np.array(boxes, dtype=np.int64).reshape(-1, 4)
+        return _Landscape(skyline, top_row, cover, windows)
+
+    @property
+    def landscape_top_row(self) -> int:
+        """First (topmost) row holding any ground; ``height`` when there is no landscape."""
+        return self._landscape.top_row
+
+    @property
+    def skyline(self) -> FloatArray:
+        """(width,) row coordinate of the ground's top edge per column (ground below it)."""
+        return self._landscape.skyline
+
+    @property
+    def windows_xyxy(self) -> npt.NDArray[np.int64]:
+        """(n, 4) lit windows as [x0, y0, x1, y1) pixel boxes, fixed in frame coordinates."""
+        return self._landscape.windows
+
+    @cached_property
+    def _hot(self) -> tuple[IntArray, IntArray, IntArray]:
+        rng = self._rng(_STREAM_HOT)
+        count = self.hot_pixels
+        if count is None:
+            count = max(4, round(self.width * self.height * _HOT_PIXEL_DENSITY))
+        flat = np.sort(rng.choice(self.width * self.height, size=count, replace=False))
+        adu = rng.integers(*_HOT_PIXEL_ADU, size=count)
+        return (flat % self.width).astype(np.intp), (flat // self.width).astype(np.intp), adu
+
+    @property
+    def hot_pixel_xy(self) -> IntArray:
+        """(n, 2) integer (x, y) of the hot pixels, fixed in frame coordinates."""
+        x, y, _ = self._hot
+        return np.stack([x, y], axis=1)
+
+    @property
+    def hot_pixel_adu(self) -> IntArray:
+        """(n,) ADU each hot pixel adds to its reading in every frame (clipped at white)."""
+        return self._hot[2]
+
+    # ---- per-frame defects -----------------------------------------------------------------
+
+    @cached_property
+    def _nebula(self) -> dict[str, Any] | None:
+        if not self.nebula:
+            return None
+        rng = self._rng(_STREAM_NEBULA)
+        return {
+            "centre": [self.width * rng.uniform(0.3, 0.6), self.height * rng.uniform(0.3, 0.5)],
+            "sigma_px": [0.09 * self.width, 0.05 * self.width],
+            "angle_deg": float(rng.uniform(0.0, 180.0)),
+            "peak_e": _NEBULA_PEAK * self.sky_e,
+            "rgb": list(_NEBULA_RGB),
+        }
+
+    def defects(self, i: int) -> dict[str, dict[str, Any]]:
+        """Defects of frame ``i`` and their parameters (frame coordinates); empty when clean.
+
+        ``satellite``: the trail passes through ``point`` at ``angle_deg``, entering the frame at
+        ``start`` and leaving at ``end``, Gaussian cross-section ``fwhm_px``, ``peak_e`` electrons
+        (before cloud). ``cloudy``: star and sky factors. ``trailed``: every star smeared into a
+        line of ``length_px`` at ``angle_deg`` centred on its position.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        if i in self.satellite:
+            rng = self._rng(_STREAM_SATELLITE, i)
+            point = (self.width * rng.uniform(0.15, 0.85), self.height * rng.uniform(0.15, 0.6))
+            angle = rng.uniform(0.0, math.pi)
+            start, end = _clip_line(point, angle, self.width, self.height)
+            out["satellite"] = {
+                "point": list(point),
+                "angle_deg": math.degrees(angle),
+                "start": list(start),
+                "end": list(end),
+                "fwhm_px": _SATELLITE_SIGMA_PX * _FWHM_PER_SIGMA,
+                "peak_e": _SATELLITE_LINEAR_E / (math.sqrt(2 * math.pi) * _SATELLITE_SIGMA_PX),
+            }
+        if i in self.cloudy:
+            out["cloudy"] = {
+                "star_factor": _CLOUD_STAR_FACTOR,
+                "sky_factor": _CLOUD_SKY_FACTOR,
+                "lump_peak_e": _CLOUD_LUMP * self.sky_e,
+            }
+        if i in self.trailed:
+            rng = self._rng(_STREAM_TRAIL, i)
+            out["trailed"] = {
+                "length_px": self.trail_px,
+                "angle_deg": float(rng.uniform(0.0, 180.0)),
+            }
+        return out
+
+    def capture_time(self, i: int) -> datetime:
+        """Start of frame ``i``'s exposure (camera wall-clock time)."""
+        return self.start_time + timedelta(seconds=i * (self.exposure_s + _FRAME_GAP_S))
+
+    # ---- rendering -------------------------------------------------------------------------
+
+    def electrons(self, i: int) -> FloatArray:
+        """Noise-free expected signal of frame ``i``, (height, width) float32 electrons per CFA
+        site (RGGB), hot pixels not included."""
+        h, w = self.height, self.width
+        defects = self.defects(i)
+        # light-pollution gradient, fixed to the ground
+        angle = math.radians(self.gradient_angle_deg)
+        c, s = math.cos(angle), math.sin(angle)
+        extent = abs(w * c) + abs(h * s)
+        ax = (np.arange(w, dtype=np.float32) - (w - 1) / 2) * np.float32(c / extent)
+        ay = (np.arange(h, dtype=np.float32) - (h - 1) / 2) * np.float32(s / extent)
+        image = np.empty((h, w), dtype=np.float32)
+        np.add(ay[:, None], ax, out=image)
+        image *= np.float32(self.gradient)
+        image += np.float32(1.0)
+        image *= np.float32(self.sky_e)
+        if "cloudy" in defects:
+            image *= np.float32(_CLOUD_SKY_FACTOR)
+            image += self._cloud_glow(i)
+        _mosaic_inplace(image, _SKY_RGB)
+        factor = self.star_factor(i)
+        if self._nebula is not None:
+            self._add_nebula(image, i, factor)
+        self._add_stars(image, i, factor, defects.get("trailed"))
+        if "satellite" in defects:
+            self._add_satellite(image, defects["satellite"], factor)
+        self._add_ground(image)
+        return image
+
+    def render(self, i: int, *, noise: bool = True) -> UInt16Array:
+        """Raw CFA of frame ``i``: (height, width) uint16 ADU, RGGB, black level included,
+        clipped at the white level; hot pixels added. ``noise=False`` gives the rounded
+        expectation (no shot or read noise)."""
+        expected = self.electrons(i)
+        raw = np.empty(expected.shape, dtype=np.uint16)
+        rng = self._rng(_STREAM_NOISE, i)
+        for r0 in range(0, self.height, _BAND_ROWS):
+            block = expected[r0 : r0 + _BAND_ROWS]
+            if noise:
+                signal = rng.poisson(block).astype(np.float32)
+                signal += rng.normal(0.0, self.read_noise_e, block.shape).astype(np.float32)
+            else:
+                signal = block
+            adu = np.rint(signal / np.float32(self.gain_e_per_adu) + np.float32(self.black_level))
+            raw[r0 : r0 + _BAND_ROWS] = np.clip(adu, 0, self.white_level)
+        x, y, hot = self._hot
+        raw[y, x] = np.minimum(raw[y, x].astype(np.int64) + hot, self.white_level)
+        return raw
+
+    def _cloud_glow(self, i: int) -> FloatArray:
+        """Lumpy cloud glow: (height, width) float32 electrons, a sum of Gaussian blobs."""
+        rng = self._rng(_STREAM_CLOUD, i)
+        h, w = self.height, self.width
+        centre = rng.uniform([0.0, 0.0], [w, h], (_CLOUD_BLOBS, 2))
+        sigma = rng.uniform(0.08, 0.25, (_CLOUD_BLOBS, 1)) * max(w, h)
+        amplitude = rng.uniform(0.3, 1.0, _CLOUD_BLOBS) * _CLOUD_LUMP * self.sky_e
+        gx = np.exp(-0.5 * ((np.arange(w) - centre[:, :1]) / sigma) ** 2)  # (blobs, w)
+        gy = np.exp(-0.5 * ((np.arange(h) - centre[:, 1:]) / sigma) ** 2)  # (blobs, h)
+        glow = (gy.T * amplitude).astype(np.float32) @ gx.astype(np.float32)
+        return glow
+
+    def _add_nebula(self, image: FloatArray, i: int, factor: float) -> None:
+        neb = self._nebula
+        assert neb is not None
+        centre = np.asarray(neb["centre"], dtype=np.float64)
+        sx, sy = neb["sigma_px"]
+        theta = math.radians(neb["angle_deg"])
+        rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+        inv_cov = rot @ np.diag([1 / sx**2, 1 / sy**2]) @ rot.T  # reference coordinates
+        cx, cy = self.to_frame(i, centre)[0]
+        r = _NEBULA_RADIUS_SIGMA * max(sx, sy)
+        x0, x1 = max(0, int(cx - r) & ~1), min(self.width, (int(cx + r) + 2) & ~1)
+        y0, y1 = max(0, int(cy - r) & ~1), min(self.height, (int(cy + r) + 2) & ~1)
+        if x1 <= x0 or y1 <= y0:
+            return
+        m = self.transform(i).astype(np.float32)
+        k = inv_cov.astype(np.float32)
+        px = np.arange(x0, x1, dtype=np.float32)
+        peak = np.float32(neb["peak_e"] * factor)
+        for r0 in range(y0, y1, _BAND_ROWS):  # row bands bound the temporaries
+            py = np.arange(r0, min(r0 + _BAND_ROWS, y1), dtype=np.float32)
+            qx = (m[0, 0] * px)[None, :] + (m[0, 1] * py + m[0, 2] - centre[0])[:, None]
+            qy = (m[1, 0] * px)[None, :] + (m[1, 1] * py + m[1, 2] - centre[1])[:, None]
+            q = k[0, 0] * qx * qx
+            q += 2 * k[0, 1] * qx * qy
+            q += k[1, 1] * qy * qy
+            glow = np.exp(np.float32(-0.5) * q)
+            glow *= peak
+            _mosaic_inplace(glow, tuple(neb["rgb"]))
+            image[r0 : r0 + len(py), x0:x1] += glow
+
+    def _add_stars(
+        self, image: FloatArray, i: int, factor: float, trail: dict[str, Any] | None
+    ) -> None:
+        """Add every star of frame ``i`` on local stamps, pixel-integrated Gaussian PSF."""
+        h, w = self.height, self.width
+        sigma = self.psf_sigma_px
+        half = trail["length_px"] / 2.0 if trail else 0.0
+        radius = math.ceil(_PSF_RADIUS_SIGMA * sigma + half)
+        size = 2 * radius + 1
+        if trail:
+            steps = max(2, math.ceil(2 * half / _TRAIL_STEP_PX) + 1)
+            along = np.linspace(-half, half, steps)
+            phi = math.radians(trail["angle_deg"])
+            offsets = np.stack([along * math.cos(phi), along * math.sin(phi)], axis=1)
+        else:
+            offsets = np.zeros((1, 2))
+        xy = self.to_frame(i, self.star_xy)
+        reach = radius + 1
+        on = (xy[:, 0] > -reach) & (xy[:, 0] < w - 1 + reach)
+        on &= (xy[:, 1] > -reach) & (xy[:, 1] < h - 1 + reach)
+        index = np.flatnonzero(on)
+        flat_image = image.reshape(-1)  # a view: electrons() makes ``image`` C-contiguous
+        for b0 in range(0, len(index), _STAMP_BATCH):
+            sel = index[b0 : b0 + _STAMP_BATCH]
+            pos = xy[sel]
+            origin = np.rint(pos).astype(np.intp) - radius  # (n, 2) stamp corner (x, y)
+            edge = np.arange(size + 1) - 0.5  # pixel edges relative to the stamp corner
+            sub = pos[:, None, :] + offsets[None, :, :]  # (n, k, 2) PSF centres
+            ex = _pixel_profile(origin[:, None, 0:1] + edge, sub[:, :, 0:1], sigma)  # (n,k,S)
+            ey = _pixel_profile(origin[:, None, 1:2] + edge, sub[:, :, 1:2], sigma)
+            stamp = np.einsum("nki,nkj->nij", ey, ex) / len(offsets)  # (n, S rows, S cols)
+            cols = origin[:, 0:1] + np.arange(size)  # (n, S)
+            rows = origin[:, 1:2] + np.arange(size)
+            weight = _channel_weights(
+                rows[:, :, None], cols[:, None, :], self.star_rgb[sel][:, None, :]
+            )
+            stamp *= weight * (self.star_flux_e[sel] * factor)[:, None, None]
+            valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+            flat = rows[:, :, None] * w + cols[:, None, :]
+            np.add.at(flat_image, flat[valid], stamp[valid].astype(np.float32))
+
+    def _add_satellite(self, image: FloatArray, sat: dict[str, Any], factor: float) -> None:
+        """A straight trail with a Gaussian cross-section, sampled at pixel centres."""
+        h, w = self.height, self.width
+        px, py = sat["point"]
+        angle = math.radians(sat["angle_deg"])
+        c, s = math.cos(angle), math.sin(angle)
+        sigma = _SATELLITE_SIGMA_PX
+        norm = _SATELLITE_LINEAR_E * factor / (math.sqrt(2 * math.pi) * sigma)
+        horizontal = abs(c) >= abs(s)
+        reach = math.ceil(5 * sigma / max(abs(c), abs(s))) + 1
+        span = np.arange(-reach, reach + 1)
+        if horizontal:
+            xs = np.arange(w)
+            centre = py + (xs - px) * s / c
+            ys = np.floor(centre).astype(np.intp)[:, None] + span  # (w, 2 reach + 1)
+            xs2 = np.broadcast_to(xs[:, None], ys.shape)
+        else:
+            ys0 = np.arange(h)
+            centre = px + (ys0 - py) * c / s
+            xs2 = np.floor(centre).astype(np.intp)[:, None] + span
+            ys = np.broadcast_to(ys0[:, None], xs2.shape)
+        distance = (ys - py) * c - (xs2 - px) * s  # signed distance from the line
+        value = norm * np.exp(-0.5 * (distance / sigma) ** 2)
+        ok = (xs2 >= 0) & (xs2 < w) & (ys >= 0) & (ys < h)
+        # a sunlit satellite is neutral: every CFA site gets the same electrons
+        np.add.at(image.reshape(-1), ys[ok] * w + xs2[ok], value[ok].astype(np.float32))
+
+    def _add_ground(self, image: FloatArray) -> None:
+        """Hide the sky behind the landscape; add its faint glow and the lit windows."""
+        land = self._landscape
+        if land.top_row >= self.height:
+            return
+        band = image[land.top_row :]
+        ground = np.full(band.shape, _GROUND_LEVEL * self.sky_e, dtype=np.float32)
+        band *= land.sky_cover
+        band += (1 - land.sky_cover) * ground
+        rgb = np.array(_WINDOW_RGB)
+        for x0, y0, x1, y1 in land.windows:
+            ys, xs = np.mgrid[y0:y1, x0:x1]
+            image[y0:y1, x0:x1] = _WINDOW_E * _channel_weights(ys, xs, rgb)
+
+    # ---- truth -----------------------------------------------------------------------------
+
+    def truth(self, name_pattern: str = "IMG_{:04d}.DNG") -> dict[str, Any]:
+        """Everything known about the night, JSON-ready (see ``simulate_night``)."""
+        hot_xy = self.hot_pixel_xy
+        frames = []
+        for i in range(self.frames):
+            defects = self.defects(i)
+            frames.append(
+                {
+                    "index": i,
+                    "file": name_pattern.format(i),
+                    "matrix": [[float(v) for v in row] for row in self.transform(i)],
+                    "defects": sorted(defects),
+                    **defects,
+                    "exposure_s": self.exposure_s,
+                    "iso": self.iso,
+                    "capture_time": self.capture_time(i).isoformat(),
+                }
+            )
+        return {
+            "schema": 1,
+            "generator": "nightstack.simulate",
+            "seed": self.seed,
+            "parameters": self.parameters(),
+            "width": self.width,
+            "height": self.height,
+            "cfa_pattern": "RGGB",
+            "black_level": self.black_level,
+            "white_level": self.white_level,
+            "gain_e_per_adu": self.gain_e_per_adu,
+            "read_noise_e": self.read_noise_e,
+            "sky_e": self.sky_e,
+            "pixel_noise_e": self.pixel_noise_e,
+            "psf": {"model": "gaussian", "fwhm_px": self.fwhm_px, "sigma_px": self.psf_sigma_px},
+            "pivot": list(self.pivot_xy),
+            "sky_region": list(self.sky_region),
+            "landscape": {
+                "top_row": self.landscape_top_row,
+                "skyline": [round(float(v), 3) for v in self.skyline],
+                "windows": self.windows_xyxy.tolist(),
+            },
+            "hot_pixels": {
+                "x": hot_xy[:, 0].tolist(),
+                "y": hot_xy[:, 1].tolist(),
+                "adu": self.hot_pixel_adu.tolist(),
+            },
+            "nebula": self._nebula,
+            "stars": {
+                "x": self.star_xy[:, 0].tolist(),
+                "y": self.star_xy[:, 1].tolist(),
+                "flux_e": self.star_flux_e.tolist(),
+                "peak_snr": self.star_peak_snr.tolist(),
+                "snr": self.star_snr.tolist(),
+                "saturated": self.star_saturated.tolist(),
+                "rgb": self.star_rgb.round(6).tolist(),
+            },
+            "frames": frames,
+        }
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(temporary, path)
+
+
+def simulate_night(
+    outdir: str | os.PathLike[str],
+    *,
+    frames: int = 10,
+    width: int = 1200,
+    height: int = 800,
+    seed: int = 1,
+    interval_s: float = 0.0,
+    satellite: int | Iterable[int] | None = None,
+    cloudy: int | Iterable[int] | None = None,
+    trailed: int | Iterable[int] | None = None,
+    stars: int = 400,
+    drift_px: float = 3.0,
+    rotation_deg: float = 0.05,
+    fwhm_px: float = 3.5,
+    nebula: bool = True,
+    name_pattern: str = "IMG_{:04d}.DNG",
+    progress: Callable[[int, Path], None] | None = None,
+) -> Path:
+    """Write a synthetic night as DNG raws plus ``truth.json``, like a camera would.
+
+    ``truth.json`` is written first (atomically: temporary file + rename), since every frame's
+    truth is known in advance; then frames ``name_pattern.format(i)`` for i = 0 .. frames - 1 are
+    written one by one, each complete when its file closes, ``interval_s`` seconds apart.
+    ``progress(i, path)`` is called after each frame.
+
+    truth.json (schema 1)
+    ---------------------
+    ``seed``, ``parameters`` (the ``SkyModel`` fields; ``SkyModel.from_truth`` rebuilds it),
+    ``width``, ``height``, ``cfa_pattern``, ``black_level``, ``white_level``,
+    ``gain_e_per_adu``, ``read_noise_e``, ``sky_e`` (electrons per pixel at frame centre),
+    ``pixel_noise_e``, ``psf`` {model, fwhm_px, sigma_px}, ``pivot``, ``sky_region``;
+    ``landscape`` {top_row, skyline (per column, ground below), windows [[x0, y0, x1, y1)]};
+    ``hot_pixels`` {x, y, adu}; ``nebula`` (or null); ``stars`` {x, y (reference pixels), flux_e,
+    peak_snr, snr, saturated, rgb}, brightest first; ``frames``: per frame {index, file, matrix
+    (2x3, frame -> reference), defects (names), one entry per defect with its parameters,
+    exposure_s, iso, capture_time}.
+
+    Returns
+    -------
+    Path
+        The ``truth.json`` path.
+    """
+    model = SkyModel(
+        width=width,
+        height=height,
+        frames=frames,
+        seed=seed,
+        stars=stars,
+        fwhm_px=fwhm_px,
+        drift_px=drift_px,
+        rotation_deg=rotation_deg,
+        nebula=nebula,
+        satellite=_indices(satellite),
+        cloudy=_indices(cloudy),
+        trailed=_indices(trailed),
+    )
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    truth_path = out / "truth.json"
+    _write_json_atomic(truth_path, model.truth(name_pattern))
+    for i in range(frames):
+        if i and interval_s > 0:
+            time.sleep(interval_s)
+        path = write_dng(
+            out / name_pattern.format(i),
+            model.render(i),
+            black_level=model.black_level,
+            white_level=model.white_level,
+            exposure_s=model.exposure_s,
+            iso=model.iso,
+            capture_time=model.capture_time(i),
+        )
+        if progress is not None:
+            progress(i, path)
+    return truth_path

@@ -1,0 +1,436 @@
+"""The synthetic night: real DNGs that LibRaw decodes, and a truth that the pixels obey."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rawpy
+from scipy import ndimage
+
+from nightstack.simulate import SkyModel, simulate_night, write_dng
+
+BLACK, WHITE = 512, 16383
+_CFA_CHANNEL = np.array([[0, 1], [1, 2]])  # RGGB: (r, g, b) index by (row % 2, col % 2)
+POSTPROCESS = {
+    "gamma": (1, 1),
+    "no_auto_bright": True,
+    "output_bps": 16,
+    "use_camera_wb": True,
+    "user_flip": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def model() -> SkyModel:
+    """A small night: frame 1 has a satellite, 2 is cloudy, 3 is wind-trailed."""
+    return SkyModel(
+        width=480,
+        height=320,
+        frames=4,
+        seed=3,
+        stars=150,
+        satellite=(1,),
+        cloudy=(2,),
+        trailed=(3,),
+    )
+
+
+@pytest.fixture(scope="module")
+def raws(model: SkyModel) -> list[np.ndarray]:
+    return [model.render(i) for i in range(model.frames)]
+
+
+def _isolated(
+    model: SkyModel, i: int, index: np.ndarray, distance: float, *, ratio: float = 0.02
+) -> np.ndarray:
+    """Unsaturated stars of ``index`` with no neighbour brighter than ``ratio`` times their
+    flux within ``distance`` px in frame i."""
+    everywhere = model.to_frame(i, model.star_xy)
+    keep = []
+    for k in index:
+        d = np.hypot(*(everywhere - everywhere[k]).T)
+        d[k] = np.inf
+        bright = model.star_flux_e > ratio * model.star_flux_e[k]
+        if not (bright & (d < distance)).any() and not model.star_saturated[k]:
+            keep.append(k)
+    return np.array(keep, dtype=int)
+
+
+# ---- DNG writer -----------------------------------------------------------------------------
+
+
+def test_dng_round_trip_through_rawpy(tmp_path: Path) -> None:
+    rows, cols = 64, 96
+    cfa = np.random.default_rng(0).integers(BLACK, WHITE + 1, (rows, cols), dtype=np.uint16)
+    taken = datetime(2024, 8, 10, 23, 15, 42)
+    path = write_dng(tmp_path / "a.dng", cfa, exposure_s=1 / 250, iso=3200, capture_time=taken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.dng"]  # no temporary left over
+    with rawpy.imread(str(path)) as raw:
+        assert np.array_equal(raw.raw_image_visible, cfa)
+        assert raw.color_desc == b"RGBG"
+        assert raw.raw_pattern.tolist() == [[0, 1], [3, 2]]  # R G / G B
+        assert list(raw.black_level_per_channel) == [BLACK] * 4
+        assert raw.white_level == WHITE
+        assert raw.other.iso_speed == 3200
+        assert raw.other.shutter_speed == pytest.approx(1 / 250, rel=1e-6)
+        assert raw.other.timestamp == taken
+        rgb = raw.postprocess(**POSTPROCESS)
+    assert rgb.shape == (rows, cols, 3)
+    assert rgb.dtype == np.uint16
+
+
+def test_dng_grey_decodes_neutral_with_camera_white_balance(tmp_path: Path) -> None:
+    level = 4000
+    cfa = np.full((64, 64), level, dtype=np.uint16)
+    write_dng(tmp_path / "grey.dng", cfa, black_level=BLACK, white_level=WHITE)
+    with rawpy.imread(str(tmp_path / "grey.dng")) as raw:
+        rgb = raw.postprocess(**POSTPROCESS).astype(np.float64)
+    expected = (level - BLACK) / (WHITE - BLACK) * 65535
+    means = rgb[8:-8, 8:-8].reshape(-1, 3).mean(axis=0)
+    np.testing.assert_allclose(means, expected, rtol=0.005)
+
+
+def test_dng_other_levels_and_bad_input(tmp_path: Path) -> None:
+    cfa = np.random.default_rng(1).integers(256, 4096, (32, 48), dtype=np.uint16)
+    write_dng(tmp_path / "b.dng", cfa, black_level=256, white_level=4095)
+    with rawpy.imread(str(tmp_path / "b.dng")) as raw:
+        assert list(raw.black_level_per_channel) == [256] * 4
+        assert raw.white_level == 4095
+        assert np.array_equal(raw.raw_image_visible, cfa)
+        assert raw.other.iso_speed == 0  # not written: LibRaw reports 0
+    with pytest.raises(ValueError, match="uint16"):
+        write_dng(tmp_path / "c.dng", cfa.astype(np.float32))
+    with pytest.raises(ValueError, match="black_level"):
+        write_dng(tmp_path / "c.dng", cfa, black_level=5000, white_level=4095)
+
+
+# ---- model: determinism, geometry, catalogue --------------------------------------------------
+
+
+def test_render_is_deterministic_in_seed_and_frame(model: SkyModel) -> None:
+    again = SkyModel(**model.parameters())
+    assert again == model
+    assert np.array_equal(again.render(1), model.render(1))
+    assert not np.array_equal(model.render(0), model.render(1))
+    other_seed = SkyModel(**{**model.parameters(), "seed": 4})
+    assert not np.array_equal(other_seed.render(0), model.render(0))
+
+
+def test_same_sky_whatever_the_night_length() -> None:
+    short, long = SkyModel(frames=2, seed=9), SkyModel(frames=30, seed=9)
+    a, b = short.visible_stars(0), long.visible_stars(0)
+    assert len(a) > 300
+    np.testing.assert_array_equal(short.star_xy[a], long.star_xy[b])
+    np.testing.assert_array_equal(short.star_flux_e[a], long.star_flux_e[b])
+
+
+def test_transforms_map_frame_stars_back_to_reference(model: SkyModel) -> None:
+    np.testing.assert_allclose(model.transform(0), [[1, 0, 0], [0, 1, 0]], atol=1e-12)
+    for i in range(model.frames):
+        xy, flux = model.stars_in_frame(i)
+        index = model.visible_stars(i)
+        m = model.transform(i)
+        back = xy @ m[:, :2].T + m[:, 2]
+        np.testing.assert_allclose(back, model.star_xy[index], rtol=0, atol=1e-9)
+        assert np.all((xy >= 0) & (xy <= [model.width - 1, model.height - 1]))
+        np.testing.assert_allclose(flux, model.star_flux_e[index] * model.star_factor(i))
+        # a rigid motion: the field turned by i * rotation_deg (frame -> reference undoes it)
+        angle = np.degrees(np.arctan2(m[1, 0], m[0, 0]))
+        assert angle == pytest.approx(-i * model.rotation_deg, abs=1e-9)
+        assert np.linalg.det(m[:, :2]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_default_night_moves_meaningfully() -> None:
+    night = SkyModel(frames=20)
+    centre = np.array([[599.5, 399.5]])
+    shift = np.hypot(*(night.to_frame(19, centre) - centre)[0])
+    assert 40 < shift < 150  # pixels over 20 frames: must be aligned, yet mostly overlapping
+    # stars cover the whole of the last frame too (generated over a larger sky region)
+    xy, _ = night.stars_in_frame(19)
+    counts, _, _ = np.histogram2d(xy[:, 0], xy[:, 1], bins=(4, 3), range=((0, 1200), (0, 700)))
+    assert counts.min() > 10
+
+
+def test_star_catalogue_has_many_faint_few_bright() -> None:
+    night = SkyModel(seed=2)
+    index = night.visible_stars(0)
+    assert 300 < len(index) < 450  # 400 expected in the frame, less the landscape
+    snr = night.star_peak_snr[index]
+    assert 0.2 < np.mean(snr > 10) < 0.6
+    assert np.mean(snr < 5) > 0.3
+    assert 1 <= night.star_saturated[index].sum() <= 40
+    assert np.all(np.diff(night.star_flux_e) <= 0)  # brightest first
+
+
+def test_invalid_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="even"):
+        SkyModel(width=101)
+    with pytest.raises(ValueError, match="seed"):
+        SkyModel(seed=-1)
+
+
+# ---- pixels obey the truth -------------------------------------------------------------------
+
+
+def test_noise_model_matches_sky_level_and_noise() -> None:
+    flat = SkyModel(
+        width=256, height=256, stars=0, nebula=False, gradient=0.0, landscape_fraction=0.0,
+        hot_pixels=0,
+    )  # fmt: skip
+    raw = flat.render(0).astype(np.float64)
+    green = np.concatenate([raw[0::2, 1::2].ravel(), raw[1::2, 0::2].ravel()])
+    assert green.mean() == pytest.approx(BLACK + flat.sky_e, abs=1.0)
+    assert green.std() == pytest.approx(flat.pixel_noise_e, rel=0.03)
+    red = raw[0::2, 0::2]
+    assert red.mean() == pytest.approx(BLACK + 1.1 * flat.sky_e, abs=2.0)  # warm sky
+
+
+def _oracle_stars(model: SkyModel, i: int, r0: int, c0: int, size: int) -> np.ndarray:
+    """Slow, obvious star image of a (size, size) window at (row r0, col c0) of frame i: every
+    catalogue star's Gaussian PSF sampled at 9x9 points inside each pixel, times its colour."""
+    sub = (np.arange(9) - 4) / 9.0  # sub-pixel sample offsets
+    rows = (np.arange(r0, r0 + size)[:, None] + sub).reshape(-1)  # (size * 9,)
+    cols = (np.arange(c0, c0 + size)[:, None] + sub).reshape(-1)
+    sigma = model.psf_sigma_px
+    xy = model.to_frame(i, model.star_xy)
+    near = np.flatnonzero(
+        (np.abs(xy[:, 0] - (c0 + size / 2)) < size / 2 + 10 * sigma)
+        & (np.abs(xy[:, 1] - (r0 + size / 2)) < size / 2 + 10 * sigma)
+    )
+    channel = _CFA_CHANNEL[(np.arange(r0, r0 + size) % 2)[:, None], np.arange(c0, c0 + size) % 2]
+    image = np.zeros((size, size))
+    for k in near:
+        gy = np.exp(-0.5 * ((rows - xy[k, 1]) / sigma) ** 2) / (np.sqrt(2 * np.pi) * sigma)
+        gx = np.exp(-0.5 * ((cols - xy[k, 0]) / sigma) ** 2) / (np.sqrt(2 * np.pi) * sigma)
+        pixel = np.outer(gy, gx).reshape(size, 9, size, 9).mean(axis=(1, 3))
+        image += model.star_flux_e[k] * model.star_rgb[k][channel] * pixel
+    return image
+
+
+def test_stars_match_an_independent_psf_oracle() -> None:
+    """Positions (sub-pixel), fluxes, colours and the pixel-integrated PSF, in a drifted and
+    rotated frame too: rendered star light equals a brute-force sum over the catalogue."""
+    night = SkyModel(width=480, height=320, frames=6, seed=11, stars=300, landscape_fraction=0.0)
+    starless = SkyModel(**{**night.parameters(), "stars": 0})
+    for i in (0, 5):
+        rendered = night.electrons(i).astype(np.float64) - starless.electrons(i)
+        bright = night.visible_stars(i, margin=40, min_peak_snr=20)
+        assert len(bright) >= 4
+        for x, y in night.to_frame(i, night.star_xy[bright[[1, 3]]]):  # windows on real stars
+            r0, c0 = round(y) - 32, round(x) - 32
+            window = rendered[r0 : r0 + 64, c0 : c0 + 64]
+            oracle = _oracle_stars(night, i, r0, c0, 64)
+            np.testing.assert_allclose(window, oracle, rtol=0, atol=1e-3 * oracle.max() + 0.05)
+
+
+def test_bright_stars_centroid_within_a_tenth_pixel_in_noisy_raws() -> None:
+    # no nebula: its gradient would bias this plain flux-weighted centroid, not the rendering
+    model = SkyModel(width=640, height=480, frames=3, seed=21, stars=500, nebula=False)
+    raw = model.render(2).astype(np.float64) - BLACK
+    index = model.visible_stars(2, margin=15, min_peak_snr=150)
+    xy = model.to_frame(2, model.star_xy[index])
+    hot = model.hot_pixel_xy
+    clear = [np.abs(hot - p).max(axis=1).min() > 13 for p in xy]  # no hot pixel in the box
+    sky_only = index[clear & (xy[:, 1] < model.landscape_top_row - 15)]
+    index = _isolated(model, 2, sky_only, 12, ratio=0.0)  # no neighbour light in the core
+    assert len(index) >= 3
+    rows, cols = np.mgrid[-6:7, -6:7]
+    for k, (x, y) in zip(index, model.to_frame(2, model.star_xy[index]), strict=True):
+        r0, c0 = round(y), round(x)
+        box = raw[r0 - 12 : r0 + 13, c0 - 12 : c0 + 13]
+        # per-channel sky from the box border, then undo sky and star colour per CFA site
+        channel = _CFA_CHANNEL[
+            (np.arange(r0 - 12, r0 + 13) % 2)[:, None], (np.arange(c0 - 12, c0 + 13) % 2)
+        ]
+        border = np.ones(box.shape, bool)
+        border[4:-4, 4:-4] = False
+        plane = np.empty_like(box)
+        for c in range(3):
+            on = channel == c
+            plane[on] = (box[on] - np.median(box[on & border])) / model.star_rgb[k][c]
+        core = plane[6:19, 6:19]
+        cx = c0 + (core * cols).sum() / core.sum()
+        cy = r0 + (core * rows).sum() / core.sum()
+        assert np.hypot(cx - x, cy - y) < 0.1
+
+
+def test_satellite_trail_is_where_the_truth_says(model: SkyModel, raws: list[np.ndarray]) -> None:
+    sat = model.defects(1)["satellite"]
+    (x0, y0), (x1, y1) = sat["start"], sat["end"]
+    t = np.linspace(0, 1, 400)
+    x, y = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
+    normal = np.array([-(y1 - y0), x1 - x0]) / np.hypot(x1 - x0, y1 - y0)
+
+    def pixels(offset: float) -> tuple[np.ndarray, np.ndarray]:
+        r = np.rint(y + offset * normal[1]).astype(int)
+        c = np.rint(x + offset * normal[0]).astype(int)
+        ok = (c >= 0) & (c < model.width) & (r >= 0) & (r < model.landscape_top_row - 4)
+        return r[ok], c[ok]
+
+    on = pixels(0.0)
+    off = pixels(8.0)
+    assert len(on[0]) > 100
+    trail = raws[1].astype(np.float64) - raws[0]  # the other frame has no trail
+    assert np.median(trail[on]) > 1500  # ADU: peak about 3200 e-, pixels up to 0.7 px off
+    assert abs(np.median(trail[off])) < 60  # 8 px to the side: just sky noise
+    assert sat["fwhm_px"] == pytest.approx(2.35, abs=0.01)
+
+
+def test_cloud_dims_stars_and_brightens_a_lumpy_sky(
+    model: SkyModel, raws: list[np.ndarray]
+) -> None:
+    both = np.intersect1d(model.visible_stars(0, margin=12), model.visible_stars(2, margin=12))
+    index = _isolated(model, 0, both[model.star_peak_snr[both] > 60], 14)
+    assert len(index) >= 3
+    rows, cols = np.mgrid[-10:11, -10:11]
+    aperture = np.hypot(rows, cols) <= 5
+    annulus = np.hypot(rows, cols) >= 8
+
+    def flux(i: int) -> np.ndarray:
+        out = []
+        for x, y in model.to_frame(i, model.star_xy[index]):
+            r0, c0 = round(y), round(x)
+            box = raws[i][r0 - 10 : r0 + 11, c0 - 10 : c0 + 11].astype(np.float64)
+            channel = _CFA_CHANNEL[(rows + r0) % 2, (cols + c0) % 2]
+            for c in range(3):  # the sky has a colour: subtract it per CFA channel
+                box[channel == c] -= np.median(box[(channel == c) & annulus])
+            out.append(box[aperture].sum())
+        return np.array(out)
+
+    ratio = np.median(flux(2) / flux(0))
+    assert 0.02 < ratio < 0.1  # truth: 20x dimmer
+    sky = slice(0, model.landscape_top_row)
+    clear, cloudy = raws[0][sky] - float(BLACK), raws[2][sky] - float(BLACK)
+    assert np.median(cloudy) > 1.5 * np.median(clear)
+    rows, cols = cloudy.shape[0] // 64, cloudy.shape[1] // 64
+    blocks = cloudy[: rows * 64, : cols * 64].reshape(rows, 64, cols, 64)
+    means = np.median(blocks, axis=(1, 3))
+    assert means.max() - means.min() > 0.2 * np.median(cloudy)  # lumpy, not flat
+
+
+def test_wind_trailed_frame_has_elongated_stars(model: SkyModel, raws: list[np.ndarray]) -> None:
+    angle = np.radians(model.defects(3)["trailed"]["angle_deg"])
+
+    def elongation(i: int) -> tuple[float, float]:
+        """Axis ratio and major-axis angle of the brightest isolated star's 5-sigma blob."""
+        candidates = model.visible_stars(i, margin=22, min_peak_snr=60)
+        index = _isolated(model, i, candidates, 24, ratio=0.2)
+        assert len(index) > 0
+        x, y = model.to_frame(i, model.star_xy[index[:1]])[0]
+        r0, c0 = round(y), round(x)
+        rows, cols = np.mgrid[-20:21, -20:21]
+        box = raws[i][r0 - 20 : r0 + 21, c0 - 20 : c0 + 21].astype(np.float64)
+        channel = _CFA_CHANNEL[(rows + r0) % 2, (cols + c0) % 2]
+        for c in range(3):  # the sky has a colour: subtract it per CFA channel
+            box[channel == c] -= np.median(box[channel == c])
+        blobs, _ = ndimage.label(box > 5 * model.pixel_noise_e, np.ones((3, 3)))
+        w = np.where(blobs == blobs[20, 20], box, 0.0)  # only the star's own blob
+        mx, my = (w * cols).sum() / w.sum(), (w * rows).sum() / w.sum()
+        cov = np.cov(np.stack([cols.ravel() - mx, rows.ravel() - my]), aweights=w.ravel())
+        values, vectors = np.linalg.eigh(cov)
+        major = vectors[:, 1]
+        return float(np.sqrt(values[1] / values[0])), float(np.arctan2(major[1], major[0]))
+
+    clean, _ = elongation(0)
+    trailed, direction = elongation(3)
+    assert clean < 1.3
+    assert trailed > 2.0
+    assert abs(np.sin(direction - angle)) < 0.1  # smeared along the recorded direction
+
+
+def test_hot_pixels_are_fixed_and_exactly_where_recorded(
+    model: SkyModel, raws: list[np.ndarray]
+) -> None:
+    cold = SkyModel(**{**model.parameters(), "hot_pixels": 0})
+    x, y = model.hot_pixel_xy.T
+    for i in (0, 2):
+        difference = model.render(i, noise=False).astype(int) - cold.render(i, noise=False)
+        hot = np.zeros(difference.shape, bool)
+        hot[y, x] = True
+        assert np.all(difference[~hot] == 0)
+        unclipped = raws[i][y, x] < WHITE
+        expected = np.minimum(model.hot_pixel_adu, WHITE - cold.render(i, noise=False)[y, x])
+        assert np.array_equal(difference[y, x], expected)
+        assert np.all(raws[i][y, x][unclipped] > BLACK + model.hot_pixel_adu[unclipped] - 30)
+    assert len(x) == max(4, round(480 * 320 / 30_000))
+
+
+def test_landscape_is_dark_static_and_has_lit_windows(
+    model: SkyModel, raws: list[np.ndarray]
+) -> None:
+    top = model.landscape_top_row
+    assert 0.8 * model.height < top < 0.95 * model.height
+    covered = np.mean(model.height - model.skyline) / model.height
+    assert 0.05 < covered < 0.11  # roughly the bottom 8 %
+    rows = np.arange(model.height)[:, None]
+    ground = rows > model.skyline[None, :] + 1.0
+    for x0, y0, x1, y1 in model.windows_xyxy:
+        ground[y0 - 1 : y1 + 1, x0 - 1 : x1 + 1] = False
+    ground[model.hot_pixel_xy[:, 1], model.hot_pixel_xy[:, 0]] = False
+    for raw in raws:
+        sky = np.median(raw[:top]) - BLACK
+        assert np.median(raw[ground]) - BLACK < 0.05 * sky
+        assert np.median(raw[-3:]) - BLACK < 0.05 * sky  # bottom rows: all ground
+        for x0, y0, x1, y1 in model.windows_xyxy:
+            assert raw[y0:y1, x0:x1].min() > BLACK + 2000
+    assert len(model.windows_xyxy) == model.windows
+    # the ground is the same in every frame while the stars move
+    assert np.array_equal(raws[0][ground] > BLACK + 100, raws[1][ground] > BLACK + 100)
+
+
+# ---- the whole night on disk -----------------------------------------------------------------
+
+
+def test_simulate_night_writes_truth_first_then_decodable_frames(tmp_path: Path) -> None:
+    outdir = tmp_path / "night"
+    seen: list[tuple[int, Path, bool]] = []
+
+    def progress(i: int, path: Path) -> None:
+        seen.append((i, path, (outdir / "truth.json").is_file()))
+
+    start = time.monotonic()
+    truth_path = simulate_night(
+        outdir, frames=3, width=256, height=192, seed=5, interval_s=0.2, satellite=1,
+        cloudy=[2], stars=80, progress=progress,
+    )  # fmt: skip
+    assert time.monotonic() - start >= 0.4  # slept between frames like a camera
+    assert truth_path == outdir / "truth.json"
+    assert [s[0] for s in seen] == [0, 1, 2] and all(s[2] for s in seen)
+    assert sorted(p.name for p in outdir.iterdir()) == [
+        "IMG_0000.DNG", "IMG_0001.DNG", "IMG_0002.DNG", "truth.json",
+    ]  # fmt: skip
+    truth = json.loads(truth_path.read_text())
+    model = SkyModel.from_truth(truth_path)
+    assert model.seed == truth["seed"] == 5 and model.satellite == (1,) and model.cloudy == (2,)
+    assert truth["landscape"]["top_row"] == model.landscape_top_row
+    assert truth["psf"]["fwhm_px"] == 3.5
+    assert len(truth["stars"]["x"]) == len(model.star_xy)
+    assert set(truth["stars"]) >= {"x", "y", "flux_e", "peak_snr", "snr", "saturated"}
+    assert [f["defects"] for f in truth["frames"]] == [[], ["satellite"], ["cloudy"]]
+    assert truth["frames"][1]["satellite"]["start"] == model.defects(1)["satellite"]["start"]
+    times = []
+    for i, frame in enumerate(truth["frames"]):
+        assert frame["file"] == f"IMG_{i:04d}.DNG"
+        np.testing.assert_allclose(frame["matrix"], model.transform(i), rtol=0, atol=1e-12)
+        with rawpy.imread(str(outdir / frame["file"])) as raw:
+            assert np.array_equal(raw.raw_image_visible, model.render(i))
+            assert raw.other.shutter_speed == frame["exposure_s"] == 30.0
+            assert raw.other.iso_speed == frame["iso"] == 1600
+            assert raw.other.timestamp == datetime.fromisoformat(frame["capture_time"])
+            times.append(raw.other.timestamp)
+    assert (times[1] - times[0]).total_seconds() == 32.0
+
+
+@pytest.mark.slow
+def test_full_size_frame_renders_in_seconds() -> None:
+    big = SkyModel(width=6000, height=4000, stars=3000, frames=10, trailed=1)
+    start = time.perf_counter()
+    raw = big.render(1)
+    elapsed = time.perf_counter() - start
+    assert raw.shape == (4000, 6000) and raw.dtype == np.uint16
+    assert elapsed < 15.0, f"6000x4000 render took {elapsed:.1f} s"
