@@ -21,7 +21,7 @@ SYSTEM_CONFIG = Path("/etc/nightstack/nightstack.toml")
 
 # The TOML file for the Settings being built; a ContextVar because pydantic-settings builds its
 # sources in a classmethod with no per-call arguments.
-_toml_data: ContextVar[dict[str, Any]] = ContextVar("_toml_data", default={})
+_toml_data: ContextVar[dict[str, Any] | None] = ContextVar("_toml_data", default=None)
 
 Demosaic = Literal["AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD"]
 StackMethod = Literal["sigma_clip", "mean", "median", "winsorized"]
@@ -45,12 +45,28 @@ class Settings(BaseSettings):
     )
     poll_interval_s: float = Field(1.0, gt=0, description="Polling period in seconds.")
     stable_s: float = Field(
-        2.0, ge=0, description="Polling: a file is complete when size+mtime are unchanged this long."
+        2.0,
+        ge=0,
+        description="Polling: a file is complete when size+mtime are unchanged this long.",
     )
     ignore_existing: bool = Field(False, description="Skip files already present at start.")
     extensions: list[str] = Field(
-        default=[".cr3", ".cr2", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2", ".pef",
-                 ".fit", ".fits", ".fts", ".tif", ".tiff"],
+        default=[
+            ".cr3",
+            ".cr2",
+            ".nef",
+            ".arw",
+            ".dng",
+            ".raf",
+            ".orf",
+            ".rw2",
+            ".pef",
+            ".fit",
+            ".fits",
+            ".fts",
+            ".tif",
+            ".tiff",
+        ],
         description="File extensions to stack, case-insensitive.",
     )
     follow_symlinks: bool = Field(
@@ -65,7 +81,9 @@ class Settings(BaseSettings):
     decode_timeout_s: float = Field(
         60.0, gt=0, description="A decode taking longer is abandoned and the frame rejected."
     )
-    bin: int = Field(2, ge=1, le=8, description="Binning of the detection luminance (2 = CFA superpixel).")
+    bin: int = Field(
+        2, ge=1, le=8, description="Binning of the detection luminance (2 = CFA superpixel)."
+    )
 
     # --- detection (the batch script's DAOStarFinder settings) ---
     landscape_mask_ratio: float = Field(
@@ -103,9 +121,13 @@ class Settings(BaseSettings):
     stack_sigma: float = Field(3.0, gt=0, description="Sigma of the final sigma clip.")
     stack_maxiters: int = Field(5, ge=1, description="Iterations of the final sigma clip.")
     live_kappa: float = Field(3.0, gt=0, description="Live rejection threshold in running sigma.")
-    live_warmup: int = Field(5, ge=3, description="Frames clipped as a batch before live rejection.")
+    live_warmup: int = Field(
+        5, ge=3, description="Frames clipped as a batch before live rejection."
+    )
     ram_cap_mb: int = Field(512, ge=16, description="RAM cap of the final tile-by-tile combine.")
-    weights: Literal["none", "fwhm"] = Field("none", description="Per-frame weights in the combine.")
+    weights: Literal["none", "fwhm"] = Field(
+        "none", description="Per-frame weights in the combine."
+    )
 
     # --- outputs and session ---
     preview_every_frames: int = Field(1, ge=1, description="Rewrite the preview every K frames...")
@@ -128,7 +150,9 @@ class Settings(BaseSettings):
     debug_stall_s: float = Field(
         0.0, ge=0, description="Testing only: the worker sleeps this long before each frame."
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level."
+    )
 
     @field_validator("extensions")
     @classmethod
@@ -165,10 +189,10 @@ class _TomlSource(PydanticBaseSettingsSource):
     """The TOML file's values (flat keys; ``[section]`` tables are flattened)."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return _toml_data.get().get(field_name), field_name, False
+        return (_toml_data.get() or {}).get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_toml_data.get())
+        return dict(_toml_data.get() or {})
 
 
 def default_config_path() -> Path | None:

@@ -1,0 +1,326 @@
+"""The ``nightstack`` command: simulate, stack, watch, demo, close, config."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Settings, describe, load_settings
+from .errors import ConfigError, NightstackError
+
+log = logging.getLogger("nightstack")
+
+# CLI flags that map one-to-one onto settings (flag -> setting name); given flags win.
+_SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--landscape-mask-ratio": ("landscape_mask_ratio", float, "top fraction of frame that is sky"),
+    "--sky-mask": ("sky_mask", Path, "mask image, white = sky"),
+    "--fwhm": ("star_fwhm_px", float, "DAOStarFinder FWHM in px"),
+    "--threshold": ("star_threshold_sigma", float, "detection threshold in sigma"),
+    "--sigma": ("stack_sigma", float, "sigma of the final sigma clip"),
+    "--method": ("stack_method", str, "sigma_clip, mean, median or winsorized"),
+    "--transform": ("transform_model", str, "similarity or affine"),
+    "--demosaic": ("demosaic", str, "LibRaw demosaic algorithm (AHD, LINEAR, DHT, ...)"),
+    "--white-balance": ("white_balance", str, "camera, daylight, auto or 4 multipliers"),
+    "--decode-timeout": ("decode_timeout_s", float, "abandon a decode after this many seconds"),
+    "--ram-cap-mb": ("ram_cap_mb", int, "RAM cap of the final combine"),
+    "--preview-width": ("preview_width", int, "preview width in px"),
+}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file")
+    for flag in names:
+        dest, kind, text = _SETTING_FLAGS[flag]
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+
+
+def _overrides(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    values = {dest: getattr(args, dest, None) for dest, _, _ in _SETTING_FLAGS.values()}
+    values.update(extra or {})
+    return values
+
+
+def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:
+    return load_settings(args.config, _overrides(args, extra))
+
+
+def natural_key(path: Path) -> list[Any]:
+    """Sort key that orders IMG_2 before IMG_10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
+
+
+def expand_inputs(inputs: Sequence[str], extensions: Sequence[str]) -> list[Path]:
+    """Files, directories (their frames) and globs, naturally ordered, without duplicates."""
+    found: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found.update(
+                p for p in path.iterdir() if p.suffix.lower() in extensions and p.is_file()
+            )
+        elif path.exists():
+            found.add(path)
+        else:
+            found.update(Path(p) for p in glob.glob(item) if Path(p).is_file())
+    return sorted(found, key=natural_key)
+
+
+# --- simulate ------------------------------------------------------------------------------
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import simulate_night
+
+    truth = simulate_night(
+        args.outdir,
+        frames=args.frames,
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+        interval_s=args.interval,
+        satellite=args.satellite,
+        cloudy=args.cloudy,
+        trailed=args.trailed,
+        stars=args.stars,
+    )
+    print(f"wrote {args.frames} frames and {truth}")
+    return 0
+
+
+# --- stack ---------------------------------------------------------------------------------
+class _Progress:
+    """A one-line progress bar on stderr (only when it is a terminal)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.tty = total, label, sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int | None = None, note: str = "") -> None:
+        if not self.tty:
+            return
+        self.total = total or self.total
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{self.total} {note[:40]:<40}")
+        if done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _cmd_stack(args: argparse.Namespace) -> int:
+    from .decoder import Decoder
+    from .pipeline import Stacker, write_output
+    from .service import load_kwargs
+
+    settings = _settings(args)
+    files = expand_inputs(args.inputs, settings.extensions)
+    if args.reference is not None:
+        ref = Path(args.reference)
+        files = [ref] + [f for f in files if f.resolve() != ref.resolve()]
+    if len(files) < 2:
+        print(f"nightstack stack: need at least two frames, found {len(files)}", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix=".nightstack-", dir=args.work_dir or output.parent))
+    report = args.report.open("w", encoding="utf-8") if args.report else None
+    try:
+        with Decoder(
+            timeout_s=settings.decode_timeout_s,
+            load_kwargs=load_kwargs(settings),
+            decode_fn=settings.decode_fn,
+        ) as dec:
+            stacker = Stacker(settings, workdir, dec)
+            progress = _Progress(len(files), "stacking")
+            for n, path in enumerate(files, 1):
+                record = stacker.process(path)
+                if args.reference is not None and n == 1 and not record.reference:
+                    print(
+                        f"nightstack stack: reference {path} unusable: {record.reason}",
+                        file=sys.stderr,
+                    )
+                    return 1
+                if report is not None:
+                    report.write(record.to_json() + "\n")
+                    report.flush()
+                note = record.status if record.reason is None else record.reason
+                log.info("%s: %s", path.name, note)
+                progress(n, note=f"{path.name}: {note}")
+        if stacker.accepted < 2:
+            print(
+                f"nightstack stack: only {stacker.accepted} frame(s) could be stacked; "
+                f"rejected: {_reasons(stacker.rejected)}",
+                file=sys.stderr,
+            )
+            return 1
+        assert stacker.store is not None
+        disk = stacker.store.disk_bytes()
+        image = stacker.final(_Progress(1, "combining") if sys.stderr.isatty() else None)
+        write_output(output, image, stacker.header(), settings)
+    finally:
+        if report is not None:
+            report.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    took = time.monotonic() - start
+    print(
+        f"stacked {stacker.accepted} of {len(files)} frames into {output}; "
+        f"rejected {sum(stacker.rejected.values())} ({_reasons(stacker.rejected)}); "
+        f"total exposure {stacker.exposure_s:.0f} s; frame store {disk / 2**20:.0f} MiB; "
+        f"{took:.1f} s"
+    )
+    return 0
+
+
+def _reasons(rejected: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(rejected.items())) or "none"
+
+
+# --- watch / close / demo ----------------------------------------------------------------
+_WATCH_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--recursive": ("recursive", "store_true", "also watch sub-folders (DCIM/100CANON/...)"),
+    "--polling": ("polling", "store_true", "poll (network shares, FUSE, MTP) instead of inotify"),
+    "--ignore-existing": ("ignore_existing", "store_true", "skip files already present"),
+    "--idle-timeout": ("idle_timeout_s", float, "close the session after this many idle seconds"),
+    "--stable": ("stable_s", float, "polling: seconds a file must be unchanged"),
+}
+
+
+def _watch_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {"watch_dir": args.watch_dir, "output_dir": args.output_dir}
+    for dest, kind, _ in _WATCH_FLAGS.values():
+        value = getattr(args, dest)
+        values[dest] = (value or None) if kind == "store_true" else value
+    return values
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from .notify import setup_logging
+    from .service import Daemon
+
+    extra = _watch_overrides(args)
+    settings = _settings(args, extra)
+    setup_logging("DEBUG" if args.verbose else settings.log_level)
+    return Daemon(settings, config=args.config, overrides=_overrides(args, extra)).run()
+
+
+def _cmd_close(args: argparse.Namespace) -> int:
+    from .service import request_close
+
+    output = args.output_dir or _settings(args).output_dir
+    if output is None:
+        raise ConfigError("no output folder: give --output-dir or set 'output_dir'")
+    request_close(Path(output))
+    print(f"asked the daemon writing into {output} to close its session")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    from .notify import setup_logging
+
+    setup_logging("DEBUG" if args.verbose else "INFO")
+    return run_demo(
+        args.output_dir,
+        frames=args.frames,
+        interval_s=args.interval,
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+    )
+
+
+# --- config --------------------------------------------------------------------------------
+def _cmd_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(describe(_settings(args)))
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nightstack", description="Live stacking of astrophotography frames."
+    )
+    parser.add_argument("--version", action="version", version=f"nightstack {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="write a synthetic night of DNG raws + truth.json")
+    p.add_argument("outdir", type=Path)
+    p.add_argument("--frames", type=int, default=10)
+    p.add_argument("--width", type=int, default=1200)
+    p.add_argument("--height", type=int, default=800)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--interval", type=float, default=0.0, help="seconds between frames")
+    p.add_argument("--satellite", type=int, default=None, help="frame index with a satellite")
+    p.add_argument("--cloudy", type=int, default=None, help="frame index that is cloudy")
+    p.add_argument("--trailed", type=int, default=None, help="frame index trailed by wind")
+    p.add_argument("--stars", type=int, default=400)
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("stack", help="stack files, folders or globs into one image")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("-o", "--output", required=True, help=".tif/.tiff, .fits/.fit, .jpg/.png")
+    p.add_argument("--report", type=Path, help="write one JSON line per input here")
+    p.add_argument("--reference", help="use this frame as the reference")
+    p.add_argument("--work-dir", type=Path, help="where the aligned-frame store goes")
+    _add_setting_flags(p, list(_SETTING_FLAGS))
+    p.set_defaults(func=_cmd_stack)
+
+    p = sub.add_parser("watch", help="watch a folder and stack new frames live (the daemon)")
+    p.add_argument("watch_dir", type=Path, nargs="?", default=None)
+    p.add_argument("--output-dir", type=Path, default=None, help="where sessions are written")
+    for flag, (dest, kind, text) in _WATCH_FLAGS.items():
+        if kind == "store_true":
+            p.add_argument(flag, dest=dest, action="store_true", help=text)
+        else:
+            p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    _add_setting_flags(p, list(_SETTING_FLAGS))
+    p.set_defaults(func=_cmd_watch)
+
+    p = sub.add_parser("close", help="ask the running daemon to close (finalize) its session")
+    p.add_argument("--output-dir", type=Path, default=None)
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.set_defaults(func=_cmd_close)
+
+    p = sub.add_parser("demo", help="simulate a night and stack it live (the embedded demo)")
+    p.add_argument("--output-dir", type=Path, default=Path("nightstack-demo"))
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    p.add_argument("--width", type=int, default=1600)
+    p.add_argument("--height", type=int, default=1066)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("config", help="configuration")
+    p.add_argument("action", choices=["show"])
+    _add_setting_flags(p, list(_SETTING_FLAGS))
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except NightstackError as err:
+        print(f"nightstack: {err.reason}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
