@@ -59,7 +59,8 @@ class Stars:
     Per-frame summaries: ``fwhm_px`` median FWHM in full-resolution pixels, ``roundness`` median
     DAOFind roundness (0 = round), ``elongation`` median major/minor axis ratio (1 = round),
     ``background`` and ``noise``: sky level and sigma-clipped sky standard deviation of the
-    luminance. Summaries are NaN when there are no stars.
+    luminance. Star summaries (FWHM, roundness, elongation) are NaN when there are no stars;
+    background and noise are still measured (a cloudy frame shows there).
     """
 
     xy: FloatArray

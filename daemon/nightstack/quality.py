@@ -1,0 +1,129 @@
+"""Per-frame quality measures and the accept / reject gate.
+
+``Quality.of(stars, alignment)`` gathers what detection and alignment measured; ``gate`` compares
+it with ``QualityLimits`` (absolute, or relative to the reference frame's ``Quality``) and returns
+a one-line reason to reject the frame, or None to accept it. A measure that could not be taken
+(NaN, or no alignment) does not reject a frame by itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from nightstack.frames import Alignment, Stars
+
+
+@dataclass(frozen=True)
+class Quality:
+    """What one frame measured.
+
+    ``stars``: stars detected; ``fwhm_px``: median FWHM, full-resolution pixels;
+    ``elongation``: median major/minor axis ratio (1 = round); ``roundness``: median |DAOFind
+    roundness2| (0 = round); ``background``, ``noise``: sky level and sky standard deviation,
+    luminance units; ``residual_px``: RMS residual of the alignment, full-resolution pixels, None
+    when the frame was not aligned (e.g. the reference itself).
+    """
+
+    stars: int
+    fwhm_px: float
+    elongation: float
+    roundness: float
+    background: float
+    noise: float
+    residual_px: float | None = None
+
+    @classmethod
+    def of(cls, stars: Stars, alignment: Alignment | None = None) -> Quality:
+        """Quality of a frame from its stars and, when aligned, its alignment."""
+        return cls(
+            stars=len(stars),
+            fwhm_px=float(stars.fwhm_px),
+            elongation=float(stars.elongation),
+            roundness=float(stars.roundness),
+            background=float(stars.background),
+            noise=float(stars.noise),
+            residual_px=None if alignment is None else float(alignment.residual_px),
+        )
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        """The measures for a JSON journal line (NaN becomes None)."""
+        out: dict[str, float | int | None] = {}
+        for key, value in asdict(self).items():
+            out[key] = None if isinstance(value, float) and math.isnan(value) else value
+        return out
+
+
+@dataclass(frozen=True)
+class QualityLimits:
+    """Limits of an acceptable frame; None disables a limit.
+
+    ``min_stars``: fewer stars is a cloud, dew or a lost target. ``max_fwhm_px``: absolute
+    FWHM limit, full-res px. ``max_fwhm_ratio``: FWHM limit relative to the reference frame's
+    (bad seeing, focus drift). ``max_elongation``: trailed stars (wind, guiding, a bumped mount).
+    ``max_background_ratio``: sky level limit relative to the reference (thin cloud lit by a
+    town, twilight, the Moon rising). ``max_residual_px``: alignment RMS residual, full-res px.
+    """
+
+    min_stars: int = 15
+    max_fwhm_px: float | None = None
+    max_fwhm_ratio: float | None = 1.5
+    max_elongation: float | None = 1.6
+    max_background_ratio: float | None = None
+    max_residual_px: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.min_stars < 0:
+            raise ValueError(f"min_stars must be >= 0, got {self.min_stars}")
+        positive = {
+            "max_fwhm_px": self.max_fwhm_px,
+            "max_fwhm_ratio": self.max_fwhm_ratio,
+            "max_residual_px": self.max_residual_px,
+            "max_background_ratio": self.max_background_ratio,
+        }
+        for name, value in positive.items():
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value}")
+        if self.max_elongation is not None and not self.max_elongation >= 1:
+            raise ValueError(f"max_elongation must be >= 1 or None, got {self.max_elongation}")
+
+
+def gate(quality: Quality, limits: QualityLimits, reference: Quality | None = None) -> str | None:
+    """Return a one-line reason to reject the frame, or None to accept it.
+
+    Parameters
+    ----------
+    quality : Quality
+        The frame's measures.
+    limits : QualityLimits
+        What is acceptable.
+    reference : Quality or None
+        The reference frame's measures, for the relative limits (skipped when None).
+    """
+    if quality.stars < limits.min_stars:
+        return f"too few stars ({quality.stars} < {limits.min_stars})"
+    if _above(quality.elongation, limits.max_elongation):
+        return f"trailed: elongation {quality.elongation:.2f} > {limits.max_elongation:.2f}"
+    if _above(quality.fwhm_px, limits.max_fwhm_px):
+        return f"FWHM {quality.fwhm_px:.1f} px > {limits.max_fwhm_px:.1f} px"
+    if reference is not None:
+        ratio = limits.max_fwhm_ratio
+        if ratio is not None and _above(quality.fwhm_px, ratio * reference.fwhm_px):
+            return (
+                f"FWHM {quality.fwhm_px:.1f} px > {ratio:g} x reference {reference.fwhm_px:.1f} px"
+            )
+        ratio = limits.max_background_ratio
+        if ratio is not None and _above(quality.background, ratio * reference.background):
+            return (
+                f"bright sky: background {quality.background:.4g} > {ratio:g} x reference "
+                f"{reference.background:.4g}"
+            )
+    residual, limit = quality.residual_px, limits.max_residual_px
+    if residual is not None and _above(residual, limit):
+        return f"poor alignment: residual {residual:.2f} px > {limit:.2f} px"
+    return None
+
+
+def _above(value: float, limit: float | None) -> bool:
+    """Whether a measured value exceeds a limit; an unmeasured (NaN) value or limit never does."""
+    return limit is not None and not math.isnan(value) and not math.isnan(limit) and value > limit
