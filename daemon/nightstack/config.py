@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     )
     min_inliers: int = Field(8, ge=3, description="Matched stars needed to accept an alignment.")
     min_stars: int = Field(15, ge=3, description="Reject frames with fewer stars (cloud, dawn).")
+    min_star_fraction: float = Field(
+        0.3, gt=0, le=1, description="Reject frames with fewer stars than this x the reference's."
+    )
     max_fwhm_ratio: float = Field(
         1.5, gt=1, description="Reject frames whose FWHM exceeds this times the reference's."
     )

@@ -62,10 +62,12 @@ class QualityLimits:
     FWHM limit, full-res px. ``max_fwhm_ratio``: FWHM limit relative to the reference frame's
     (bad seeing, focus drift). ``max_elongation``: trailed stars (wind, guiding, a bumped mount).
     ``max_background_ratio``: sky level limit relative to the reference (thin cloud lit by a
-    town, twilight, the Moon rising). ``max_residual_px``: alignment RMS residual, full-res px.
+    town, twilight, the Moon rising). ``min_star_fraction``: star count limit relative to the
+    reference's (thin cloud, dew, haze dim the faint stars first). ``max_residual_px``: alignment RMS residual, full-res px.
     """
 
     min_stars: int = 15
+    min_star_fraction: float | None = 0.3
     max_fwhm_px: float | None = None
     max_fwhm_ratio: float | None = 1.5
     max_elongation: float | None = 1.6
@@ -80,6 +82,7 @@ class QualityLimits:
             "max_fwhm_ratio": self.max_fwhm_ratio,
             "max_residual_px": self.max_residual_px,
             "max_background_ratio": self.max_background_ratio,
+            "min_star_fraction": self.min_star_fraction,
         }
         for name, value in positive.items():
             if value is not None and not value > 0:
@@ -107,6 +110,12 @@ def gate(quality: Quality, limits: QualityLimits, reference: Quality | None = No
     if _above(quality.fwhm_px, limits.max_fwhm_px):
         return f"FWHM {quality.fwhm_px:.1f} px > {limits.max_fwhm_px:.1f} px"
     if reference is not None:
+        fraction = limits.min_star_fraction
+        if fraction is not None and quality.stars < fraction * reference.stars:
+            return (
+                f"too few stars ({quality.stars} < {fraction:g} x reference {reference.stars}; "
+                "cloud or haze?)"
+            )
         ratio = limits.max_fwhm_ratio
         if ratio is not None and _above(quality.fwhm_px, ratio * reference.fwhm_px):
             return (

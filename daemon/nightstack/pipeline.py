@@ -1,0 +1,352 @@
+"""One frame through the pipeline: decode -> detect -> measure -> align -> gate -> warp -> stack.
+
+``Stacker`` is shared by ``nightstack stack`` and the live daemon, so a daemon session and a batch
+stack of the same files give the same result by construction. It is split in two halves so the
+daemon can decode frame N+1 while frame N is being stacked:
+
+- ``prepare(path)``: hash, decode (in the isolated decoder process), detect stars, measure;
+- ``stack(prepared)``: choose or use the reference, align, gate, warp, add to the live stack and
+  the frame store. Returns the ``FrameRecord`` that becomes one journal / report line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .align import align
+from .config import Settings
+from .decoder import Decoder
+from .detect import StarFinder
+from .errors import AlignmentError, DecodeError
+from .frames import IDENTITY, Alignment, FloatArray, Frame, Stars
+from .quality import Quality, QualityLimits, gate
+from .stack import FrameStore, LiveStack, combine
+from .warp import warp
+
+_HASH_CHUNK = 1 << 20  # read files in 1 MiB pieces while hashing
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of a file (the journal's identity of a frame)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class FrameRecord:
+    """One journal / ``--report`` line. ``transform`` is the 2x3 frame->reference matrix."""
+
+    file: str
+    status: str  # "accepted" or "rejected"
+    reason: str | None = None
+    reference: bool = False
+    transform: list[list[float]] | None = None
+    stars: int | None = None
+    fwhm: float | None = None
+    residual_px: float | None = None
+    elongation: float | None = None
+    background: float | None = None
+    sha256: str | None = None
+    exposure_s: float | None = None
+    capture_time: str | None = None
+    ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = {k: _finite(v) for k, v in asdict(self).items()}
+        return json.dumps(data, ensure_ascii=False)
+
+
+def _finite(value: Any) -> Any:
+    """NaN is not JSON: report it as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclass(eq=False)
+class Prepared:
+    """A decoded frame with its stars: the output of ``Stacker.prepare``."""
+
+    path: Path
+    sha256: str | None
+    frame: Frame | None
+    stars: Stars | None
+    quality: Quality | None
+    error: str | None
+    ms: dict[str, float]
+
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """The session's reference frame: every transform maps onto its pixel grid."""
+
+    file: str
+    stars: Stars
+    quality: Quality
+    shape: tuple[int, int]
+    channels: int
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    def stage(self, name: str) -> _Stage:
+        return _Stage(self.ms, name)
+
+
+class _Stage:
+    def __init__(self, sink: dict[str, float], name: str) -> None:
+        self.sink, self.name = sink, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.sink[self.name] = round((time.perf_counter() - self.start) * 1000.0, 1)
+
+
+def quality_limits(settings: Settings) -> QualityLimits:
+    return QualityLimits(
+        min_stars=settings.min_stars,
+        min_star_fraction=settings.min_star_fraction,
+        max_fwhm_ratio=settings.max_fwhm_ratio,
+        max_elongation=settings.max_elongation,
+        max_background_ratio=settings.max_background_ratio,
+        max_residual_px=settings.max_residual_px,
+    )
+
+
+def load_sky_mask(settings: Settings) -> np.ndarray | None:
+    """The optional sky-mask image as a bool (rows, cols) array, True = sky."""
+    if settings.sky_mask is None:
+        return None
+    from .loaders import load
+
+    frame = load(settings.sky_mask, bin=1)
+    return np.asarray(frame.image.mean(axis=2) > 0.5)
+
+
+class Stacker:
+    """Frames in, a stack out. Owns the reference, the live stack and the frame store."""
+
+    def __init__(self, settings: Settings, workdir: Path, decoder: Decoder) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        self.decoder = decoder
+        self.finder = StarFinder(
+            fwhm_px=settings.star_fwhm_px,
+            threshold_sigma=settings.star_threshold_sigma,
+            sigma_clip=settings.detection_sigma_clip,
+            landscape_mask_ratio=settings.landscape_mask_ratio,
+            sky_mask=load_sky_mask(settings),
+            max_stars=settings.max_stars,
+        )
+        self.limits = quality_limits(settings)
+        self.reference: Reference | None = None
+        self.store: FrameStore | None = None
+        self.live: LiveStack | None = None
+        self.accepted = 0
+        self.rejected: dict[str, int] = {}
+        self.exposure_s = 0.0
+        self.first_time: str | None = None  # ISO capture times of the first and last frame
+        self.last_time: str | None = None
+
+    # --- the two halves -------------------------------------------------------------------
+    def prepare(self, path: Path, digest: str | None = None) -> Prepared:
+        """Hash (unless ``digest`` is given), decode and detect; never raises for a bad file."""
+        watch = _Stopwatch()
+        if digest is None:
+            try:
+                with watch.stage("hash"):
+                    digest = file_sha256(path)
+            except OSError as err:
+                reason = f"cannot read file: {err.strerror}"
+                return Prepared(path, None, None, None, None, reason, watch.ms)
+        try:
+            with watch.stage("decode"):
+                frame = self.decoder.decode(path)
+        except DecodeError as err:
+            return Prepared(path, digest, None, None, None, err.reason, watch.ms)
+        with watch.stage("detect"):
+            stars = self.finder(frame.luminance, frame.bin)
+        return Prepared(path, digest, frame, stars, Quality.of(stars), None, watch.ms)
+
+    def stack(self, prepared: Prepared) -> FrameRecord:
+        """Align, gate, warp and add one prepared frame; returns its record."""
+        record = FrameRecord(file=str(prepared.path), status="rejected", sha256=prepared.sha256)
+        record.ms.update(prepared.ms)
+        if prepared.error is not None or prepared.frame is None or prepared.stars is None:
+            return self._reject(record, prepared.error or "not decoded")
+        frame, stars, quality = prepared.frame, prepared.stars, prepared.quality
+        assert quality is not None
+        record.stars, record.fwhm = len(stars), _finite(round(stars.fwhm_px, 3))
+        record.elongation = _finite(round(stars.elongation, 3))
+        record.background = _finite(float(stars.background))
+        record.exposure_s = frame.meta.exposure_s
+        if frame.meta.capture_time is not None:
+            record.capture_time = frame.meta.capture_time.isoformat()
+
+        watch = _Stopwatch()
+        if self.reference is None:
+            reason = gate(quality, self.limits)
+            if reason is not None:
+                return self._reject(record, reason)
+            self._start(prepared)
+            alignment = Alignment(IDENTITY.copy(), np.zeros((0, 2, 2)), len(stars), 0.0)
+            record.reference = True
+        else:
+            if frame.shape != self.reference.shape:
+                rows, cols = frame.shape
+                ref_rows, ref_cols = self.reference.shape
+                return self._reject(
+                    record, f"frame size {cols}x{rows} differs from reference {ref_cols}x{ref_rows}"
+                )
+            reason = gate(quality, self.limits, self.reference.quality)
+            if reason is not None:
+                return self._reject(record, reason)
+            try:
+                with watch.stage("align"):
+                    alignment = align(
+                        stars,
+                        self.reference.stars,
+                        model=self.settings.transform_model,
+                        min_inliers=self.settings.min_inliers,
+                    )
+            except AlignmentError as err:
+                record.ms.update(watch.ms)
+                return self._reject(record, err.reason)
+            record.residual_px = round(alignment.residual_px, 4)
+            record.transform = alignment.as_list()
+            if alignment.residual_px > self.settings.max_residual_px:
+                record.ms.update(watch.ms)
+                return self._reject(
+                    record,
+                    f"alignment residual {alignment.residual_px:.2f} px > "
+                    f"{self.settings.max_residual_px:g} px",
+                )
+        record.transform = alignment.as_list()
+        record.residual_px = round(alignment.residual_px, 4)
+        self._add(frame, alignment.matrix, stars, watch)
+        record.ms.update(watch.ms)
+        record.status = "accepted"
+        self.accepted += 1
+        self.exposure_s += frame.meta.exposure_s or 0.0
+        if record.capture_time is not None:
+            self.first_time = min(self.first_time or record.capture_time, record.capture_time)
+            self.last_time = max(self.last_time or record.capture_time, record.capture_time)
+        return record
+
+    def process(self, path: Path) -> FrameRecord:
+        """Both halves in a row (batch use)."""
+        return self.stack(self.prepare(path))
+
+    # --- helpers --------------------------------------------------------------------------
+    def _reject(self, record: FrameRecord, reason: str) -> FrameRecord:
+        record.status, record.reason = "rejected", reason
+        key = reason.split(":")[0].split("(")[0].strip()
+        self.rejected[key] = self.rejected.get(key, 0) + 1
+        return record
+
+    def _start(self, prepared: Prepared) -> None:
+        frame = prepared.frame
+        assert frame is not None and prepared.stars is not None and prepared.quality is not None
+        channels = int(frame.image.shape[2])
+        self.reference = Reference(
+            str(prepared.path), prepared.stars, prepared.quality, frame.shape, channels
+        )
+        self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
+        self.live = LiveStack(
+            frame.shape,
+            channels,
+            kappa=self.settings.live_kappa,
+            warmup=self.settings.live_warmup,
+            store=self.store,
+        )
+
+    def _add(self, frame: Frame, matrix: FloatArray, stars: Stars, watch: _Stopwatch) -> None:
+        assert self.reference is not None and self.store is not None and self.live is not None
+        with watch.stage("warp"):
+            warped, footprint = warp(frame.image, matrix, self.reference.shape)
+        with watch.stage("store"):
+            self.store.add(
+                warped,
+                matrix,
+                frame.shape,
+                weight=_weight(self.settings, stars),
+                name=frame.path.name,
+            )
+        with watch.stage("accumulate"):
+            self.live.add(warped, footprint)
+
+    def header(self) -> dict[str, Any]:
+        """FITS header cards describing the stack (NCOMBINE, EXPTIME, dates, settings)."""
+        assert self.reference is not None
+        s = self.settings
+        cards: dict[str, Any] = {
+            "NCOMBINE": self.accepted,
+            "EXPTIME": round(self.exposure_s, 3),
+            "SWCREATE": f"nightstack {__version__}",
+            "REFFRAME": Path(self.reference.file).name[:68],
+            "STACKMTH": s.stack_method,
+            "STACKSIG": s.stack_sigma,
+            "STACKITR": s.stack_maxiters,
+            "XFMODEL": s.transform_model,
+            "DEMOSAIC": s.demosaic,
+        }
+        if self.first_time is not None:
+            cards["DATE-OBS"] = self.first_time
+        if self.last_time is not None:
+            cards["DATE-END"] = self.last_time
+        return cards
+
+    def final(self, progress: Callable[[int, int], None] | None = None) -> FloatArray:
+        """The exact combine over every accepted frame (bounded RAM)."""
+        assert self.store is not None
+        weights = None
+        if self.settings.weights != "none":
+            weights = self.store.weights()
+        return combine(
+            self.store,
+            method=self.settings.stack_method,
+            sigma=self.settings.stack_sigma,
+            maxiters=self.settings.stack_maxiters,
+            weights=weights,
+            ram_cap_bytes=self.settings.ram_cap_mb * 2**20,
+            progress=progress,
+        )
+
+
+def _weight(settings: Settings, stars: Stars) -> float:
+    """Per-frame weight: 1, or 1 / FWHM^2 (sharper frames count more)."""
+    if settings.weights == "fwhm" and math.isfinite(stars.fwhm_px) and stars.fwhm_px > 0:
+        return 1.0 / stars.fwhm_px**2
+    return 1.0
+
+
+def write_output(path: Path, image: FloatArray, header: dict[str, Any], settings: Settings) -> None:
+    """Write a stack in the format its extension names (.tif/.tiff, .fits/.fit/.fts, .jpg/.png)."""
+    from .writers import write_fits, write_preview, write_tiff
+
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        write_tiff(path, image)
+    elif suffix in (".fits", ".fit", ".fts"):
+        write_fits(path, image, header)
+    elif suffix in (".jpg", ".jpeg", ".png"):
+        write_preview(path, image, width=settings.preview_width)
+    else:
+        raise ValueError(f"unknown output format {suffix!r}: use .tif, .fits, .jpg or .png")

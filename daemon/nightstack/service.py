@@ -1,0 +1,300 @@
+"""The live daemon: watcher -> ingest queue -> prepare thread -> worker loop -> session.
+
+Threads and what they own:
+- the watcher's threads only enqueue paths of complete files (``watcher.py``);
+- the prepare thread hashes, decodes (in the isolated decoder process) and detects the next
+  frame, so decoding frame N+1 overlaps stacking frame N; it hands over through a queue of one;
+- the worker loop (the main thread) stacks, journals, checkpoints, writes previews, closes
+  sessions, turns signals into state changes and pings the systemd watchdog.
+Signal handlers only set events. Previews are skipped while frames wait, never frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .config import Settings, load_settings
+from .decoder import Decoder
+from .errors import ConfigError
+from .notify import Notifier
+from .pipeline import Prepared, Stacker, file_sha256
+from .session import Session, find_open, known_hashes
+from .watcher import FrameWatcher
+
+log = logging.getLogger("nightstack")
+
+CLOSE_REQUEST = "close-request"  # `nightstack close` creates this file in the output dir
+_TICK_S = 0.5  # worker loop period when idle: signals, close requests, watchdog, previews
+
+
+def load_kwargs(settings: Settings) -> dict[str, Any]:
+    """The decoder options of a Settings."""
+    wb = settings.white_balance
+    balance: str | list[float] = (
+        wb if wb in ("camera", "daylight", "auto") else [float(v) for v in wb.split(",")]
+    )
+    return {"demosaic": settings.demosaic, "white_balance": balance, "bin": settings.bin}
+
+
+def check_startup(settings: Settings) -> tuple[Path, Path]:
+    """The checks that must pass before READY=1; raises ConfigError naming the problem."""
+    if settings.watch_dir is None:
+        raise ConfigError("no watch folder: give WATCH_DIR or set 'watch_dir'")
+    if settings.output_dir is None:
+        raise ConfigError("no output folder: give --output-dir or set 'output_dir'")
+    watch, output = settings.watch_dir, settings.output_dir
+    if not watch.is_dir() or not os.access(watch, os.R_OK | os.X_OK):
+        raise ConfigError(f"watch folder {watch} is not a readable directory")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output folder {output} is not writable: {err.strerror}") from err
+    return watch, output
+
+
+@dataclass
+class _Duplicate:
+    path: Path
+
+
+class Daemon:
+    """``nightstack watch``. ``run()`` returns the process exit code."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config: Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        exit_when_closed: bool = False,
+        on_close: Callable[[Session, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config, self.overrides = config, overrides
+        self.exit_when_closed = exit_when_closed
+        self.on_close = on_close
+        self.notifier = Notifier()
+        self.paths: queue.Queue[Path] = queue.Queue()
+        self.prepared: queue.Queue[Prepared | _Duplicate] = queue.Queue(maxsize=1)
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.session: Session | None = None
+        self.hashes: set[str] = set()
+        self._hash_lock = threading.Lock()
+        self._busy = threading.Event()  # the prepare thread holds a frame
+        self.stats = {"stacked": 0, "rejected": 0}
+        self._last_keepalive = 0.0
+
+    # --- signals ------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            self.stop.set()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            self.reload.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    # --- main ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        watch, output = check_startup(self.settings)
+        if threading.current_thread() is threading.main_thread():
+            self._install_signals()
+        self.hashes = known_hashes(output)
+        with Decoder(
+            timeout_s=self.settings.decode_timeout_s,
+            load_kwargs=load_kwargs(self.settings),
+            decode_fn=self.settings.decode_fn,
+        ) as decoder:
+            self.decoder = decoder
+            open_dir = find_open(output)
+            if open_dir is not None:
+                self.session = Session.resume(open_dir, self.settings, decoder)
+                if self.session.state == "closing":  # killed while finalizing: finish it
+                    self._close("resumed while closing")
+            stacker = Stacker(self.settings, output, decoder)  # detection only (prepare)
+            preparer = threading.Thread(
+                target=self._prepare_loop, args=(stacker,), name="nightstack-prepare", daemon=True
+            )
+            preparer.start()
+            watcher = FrameWatcher(
+                watch,
+                self.paths.put,
+                extensions=self.settings.extensions,
+                recursive=self.settings.recursive,
+                polling=self.settings.polling,
+                poll_interval_s=self.settings.poll_interval_s,
+                stable_s=self.settings.stable_s,
+                follow_symlinks=self.settings.follow_symlinks,
+                ignore_existing=self.settings.ignore_existing,
+                on_problem=lambda text: log.warning("%s", text),
+            )
+            watcher.start()
+            self.notifier.ready(status="waiting for frames")
+            log.info("watching %s, sessions in %s", watch, output)
+            try:
+                self._loop(output)
+            finally:
+                watcher.stop()
+                self.notifier.stopping()
+                if self.session is not None and self.session.state != "closed":
+                    self._close("stopping")
+                self.stop.set()
+                preparer.join(timeout=self.settings.decode_timeout_s + 5)
+        return 0
+
+    def _loop(self, output: Path) -> None:
+        interval = self.notifier.watchdog_interval_s
+        tick = min(_TICK_S, interval) if interval else _TICK_S
+        while not self.stop.is_set():
+            self.notifier.watchdog()
+            if self.reload.is_set():
+                self._reload()
+            request = output / CLOSE_REQUEST
+            if request.exists():
+                request.unlink(missing_ok=True)
+                self._close("close requested")
+            try:
+                item = self.prepared.get(timeout=tick)
+            except queue.Empty:
+                self._idle()
+                if self.exit_when_closed and self.session is None and self.stats["stacked"]:
+                    return
+                continue
+            if self.settings.debug_stall_s:
+                time.sleep(self.settings.debug_stall_s)  # testing only: a stuck worker
+            self._ingest(item, output)
+
+    def _prepare_loop(self, stacker: Stacker) -> None:
+        """Hash, skip known frames, decode and detect; hand over one frame at a time."""
+        while not self.stop.is_set():
+            try:
+                path = self.paths.get(timeout=_TICK_S)
+            except queue.Empty:
+                continue
+            self._busy.set()
+            try:
+                item: Prepared | _Duplicate
+                try:
+                    digest = file_sha256(path)
+                except OSError:
+                    digest = None  # unreadable: prepare() records the reason
+                with self._hash_lock:
+                    duplicate = digest is not None and digest in self.hashes
+                    if digest is not None:
+                        self.hashes.add(digest)
+                item = _Duplicate(path) if duplicate else stacker.prepare(path, digest)
+                while not self.stop.is_set():
+                    try:
+                        self.prepared.put(item, timeout=_TICK_S)
+                        break
+                    except queue.Full:
+                        continue
+            finally:
+                self._busy.clear()
+
+    def _ingest(self, item: Prepared | _Duplicate, output: Path) -> None:
+        if isinstance(item, _Duplicate):
+            log.info("%s: already processed (same content), skipped", item.path.name)
+            return
+        if self.session is None:
+            self.session = Session.create(output, self.settings, self.decoder)
+        session = self.session
+        record = session.ingest(item)
+        if record.status == "accepted":
+            self.stats["stacked"] += 1
+        else:
+            self.stats["rejected"] += 1
+        depth = self.paths.qsize() + self.prepared.qsize()
+        timings = " ".join(f"{k}={v:.0f}ms" for k, v in record.ms.items())
+        log.info(
+            "%s %s%s stars=%s fwhm=%s residual=%s %s queue=%d",
+            Path(record.file).name,
+            record.status,
+            f" ({record.reason})" if record.reason else "",
+            record.stars,
+            record.fwhm,
+            record.residual_px,
+            timings,
+            depth,
+            extra={"SESSION": session.id, "FRAME": record.file, "STATUS": record.status},
+        )
+        fwhm = session.stacker.reference.stars.fwhm_px if session.stacker.reference else None
+        self.notifier.status(
+            f"{session.stacker.accepted} stacked, {sum(session.stacker.rejected.values())} "
+            f"rejected, FWHM {record.fwhm if record.fwhm is not None else fwhm or 0:.2f} px, "
+            f"queue {depth}"
+        )
+        if session.preview_due() and depth == 0:
+            self._preview(session)
+
+    def _behind(self) -> bool:
+        return bool(self.paths.qsize() or self.prepared.qsize() or self._busy.is_set())
+
+    def _idle(self) -> None:
+        session = self.session
+        if session is None or self._behind():
+            return
+        if session.preview_due():
+            self._preview(session)
+        if time.monotonic() - session.last_frame >= self.settings.idle_timeout_s:
+            self._close(f"idle for {self.settings.idle_timeout_s:g} s")
+
+    def _preview(self, session: Session) -> None:
+        try:
+            session.write_preview()
+        except OSError as err:
+            log.error("preview not written: %s (the previous preview stays)", err.strerror)
+
+    def _close(self, why: str) -> None:
+        session = self.session
+        if session is None:
+            return
+        log.info("closing session %s: %s", session.id, why)
+        self.notifier.status(f"finalizing session {session.id} ({session.stacker.accepted} frames)")
+        outputs = session.close(self._keepalive)
+        self.session = None
+        if self.on_close is not None:
+            self.on_close(session, outputs)
+
+    def _keepalive(self, done: int = 0, total: int = 0) -> None:
+        """Long work in the worker loop (the final combine): keep systemd's timers happy."""
+        now = time.monotonic()
+        if now - self._last_keepalive >= (self.notifier.watchdog_interval_s or 30.0):
+            self.notifier.watchdog()
+            self.notifier.extend_timeout(90)  # only heeded while starting or stopping
+            self._last_keepalive = now
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the configuration; it applies from the next session."""
+        self.reload.clear()
+        self.notifier.reloading()
+        try:
+            fresh = load_settings(self.config, self.overrides)
+        except ConfigError as err:
+            log.error("reload failed, keeping the current settings: %s", err.reason)
+        else:
+            self.settings = fresh
+            logging.getLogger().setLevel(fresh.log_level)
+            log.info("configuration reloaded; it applies from the next session")
+        self.notifier.ready()
+
+
+def request_close(output_dir: Path) -> None:
+    """``nightstack close``: ask the daemon watching into ``output_dir`` to close its session."""
+    (output_dir / CLOSE_REQUEST).write_bytes(b"")

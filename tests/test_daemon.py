@@ -1,0 +1,262 @@
+"""The live daemon as a real process on real folders: readiness, backlog, crash-resume, systemd.
+
+Every test starts ``nightstack watch`` as a subprocess (real inotify through watchdog, real
+decoder child process, real signals) and judges it by what it leaves on disk and sends to a
+real ``NOTIFY_SOCKET``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from nightstack.cli import main
+from nightstack.simulate import simulate_night
+
+pytestmark = pytest.mark.slow
+
+N_FRAMES = 7
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    outdir = tmp_path_factory.mktemp("camera")
+    simulate_night(outdir, frames=N_FRAMES, width=900, height=600, seed=5)
+    return sorted(outdir.glob("*.DNG"))
+
+
+class Daemon:
+    """``nightstack watch`` in a subprocess, its log in a file."""
+
+    def __init__(self, watch: Path, out: Path, *args: str, env: dict[str, str] | None = None):
+        self.log = out.parent / f"daemon-{time.monotonic_ns()}.log"
+        environment = dict(os.environ)
+        environment.update(env or {})
+        cmd = [
+            sys.executable,
+            "-m",
+            "nightstack.cli",
+            "watch",
+            str(watch),
+            "--output-dir",
+            str(out),
+            "--idle-timeout",
+            "600",
+            *args,
+        ]
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=environment)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(timeout=10)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, daemon: Daemon) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if daemon.proc.poll() is not None:
+            raise AssertionError(
+                f"daemon exited ({daemon.proc.returncode}) waiting for {what}:\n"
+                + daemon.text()[-3000:]
+            )
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}:\n" + daemon.text()[-3000:])
+
+
+def journal(out: Path) -> list[dict[str, Any]]:
+    lines: list[dict[str, Any]] = []
+    for path in sorted(out.glob("*/journal.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            record["session"] = path.parent.name
+            lines.append(record)
+    return lines
+
+
+def test_chunked_write_is_not_decoded_early_and_rename_works(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    d = Daemon(watch, out)
+    daemons.append(d)
+    wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
+
+    # a slow writer: ~3 s of chunks; the daemon must wait for the close
+    data = frames[0].read_bytes()
+    target = watch / "IMG_0100.DNG"
+    chunks = np.array_split(np.frombuffer(data, dtype=np.uint8), 12)
+    with target.open("wb") as fh:
+        for chunk in chunks:
+            fh.write(chunk.tobytes())
+            fh.flush()
+            time.sleep(0.25)
+        closed_at = time.time()
+    lines = wait_for(lambda: journal(out), 60, "first journal line", d)
+    assert len(lines) == 1 and lines[0]["status"] == "accepted", lines
+    assert Path(lines[0]["file"]).name == "IMG_0100.DNG"
+    assert (out / lines[0]["session"] / "journal.jsonl").stat().st_mtime >= closed_at
+
+    # tmp-then-rename writer (tether tools): reported once, under its final name
+    part = watch / "IMG_0101.DNG.part"
+    part.write_bytes(frames[1].read_bytes())
+    part.rename(watch / "IMG_0101.DNG")
+    lines = wait_for(lambda: len(journal(out)) >= 2 and journal(out), 60, "renamed frame", d)
+    assert Path(lines[1]["file"]).name == "IMG_0101.DNG" and lines[1]["status"] == "accepted"
+
+    # the same content under another name is processed exactly once (content hash)
+    shutil.copy(frames[1], watch / "copy_of_IMG_0101.DNG")
+    wait_for(lambda: "already processed" in d.text(), 60, "duplicate skipped", d)
+    assert len(journal(out)) == 2
+    assert d.stop() == 0
+    # SIGTERM finalized the session
+    meta = json.loads((out / lines[0]["session"] / "session.json").read_text())
+    assert meta["state"] == "closed" and meta["accepted"] == 2
+    assert (out / lines[0]["session"] / "stack.tif").exists()
+
+
+def test_kill_9_then_restart_resumes_exactly(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in frames:  # the backlog: processed first, in name order
+        shutil.copy(f, watch / f.name)
+    env = {"NIGHTSTACK_CHECKPOINT_EVERY_FRAMES": "2", "NIGHTSTACK_KEEP_FRAME_STORE": "true"}
+    first = Daemon(watch, out, env=env)
+    daemons.append(first)
+    wait_for(lambda: len(journal(out)) >= 4, 120, "four frames", first)
+    first.stop(signal.SIGKILL)
+    before = journal(out)
+    assert [Path(r["file"]).name for r in before] == [f.name for f in frames[: len(before)]]
+
+    second = Daemon(watch, out, env=env)
+    daemons.append(second)
+    wait_for(lambda: len(journal(out)) >= N_FRAMES, 120, "all frames", second)
+    wait_for(lambda: "resumed" in second.text(), 10, "resume log line", second)
+    assert second.stop() == 0
+    lines = journal(out)
+    assert len({r["session"] for r in lines}) == 1  # the same session, resumed
+    assert sorted(Path(r["file"]).name for r in lines) == [f.name for f in frames]
+    assert all(r["status"] == "accepted" for r in lines)
+    session = out / lines[0]["session"]
+    meta = json.loads((session / "session.json").read_text())
+    assert meta["state"] == "closed" and meta["accepted"] == N_FRAMES
+    with fits.open(session / "stack.fits") as hdul:
+        daemon_stack = np.asarray(hdul[0].data, dtype=np.float32)
+        assert hdul[0].header["NCOMBINE"] == N_FRAMES
+
+    # the daemon's final stack equals `nightstack stack` on the same files
+    batch = tmp_path / "batch.fits"
+    assert main(["stack", *map(str, frames), "-o", str(batch)]) == 0
+    with fits.open(batch) as hdul:
+        batch_stack = np.asarray(hdul[0].data, dtype=np.float32)
+    np.testing.assert_array_equal(np.isnan(daemon_stack), np.isnan(batch_stack))
+    np.testing.assert_allclose(daemon_stack, batch_stack, rtol=0, atol=1e-6, equal_nan=True)
+
+
+def _notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    return sock, path
+
+
+def _collect(sock: socket.socket, into: list[tuple[float, str]], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            continue
+        for line in data.decode().splitlines():
+            into.append((time.monotonic(), line))
+
+
+def _wait_message(
+    sock: socket.socket, into: list[tuple[float, str]], prefix: str, timeout: float, daemon: Daemon
+) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for _, line in into:
+            if line.startswith(prefix):
+                return line
+        _collect(sock, into, 0.3)
+        if daemon.proc.poll() is not None and not any(m.startswith(prefix) for _, m in into):
+            raise AssertionError(f"daemon exited before {prefix}: {daemon.text()[-2000:]}")
+    raise AssertionError(f"no {prefix} in {into}\n{daemon.text()[-2000:]}")
+
+
+def test_systemd_notifications_from_a_real_daemon(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    sock, path = _notify_socket(tmp_path)
+    messages: list[tuple[float, str]] = []
+    d = Daemon(watch, out, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
+    daemons.append(d)
+    _wait_message(sock, messages, "READY=1", 60, d)
+    _wait_message(sock, messages, "WATCHDOG=1", 5, d)
+    shutil.copy(frames[0], watch / frames[0].name)
+    status = _wait_message(sock, messages, "STATUS=1 stacked", 60, d)
+    assert "0 rejected" in status and "queue" in status and "FWHM" in status
+    d.proc.send_signal(signal.SIGTERM)
+    _wait_message(sock, messages, "STOPPING=1", 30, d)
+    assert d.proc.wait(timeout=60) == 0
+    sock.close()
+
+
+def test_a_stalled_worker_stops_the_watchdog_pings(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    sock, path = _notify_socket(tmp_path)
+    messages: list[tuple[float, str]] = []
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "NIGHTSTACK_DEBUG_STALL_S": "60"}
+    d = Daemon(watch, out, env=env)
+    daemons.append(d)
+    _wait_message(sock, messages, "READY=1", 60, d)
+    _collect(sock, messages, 2.0)
+    pings = [t for t, m in messages if m == "WATCHDOG=1"]
+    assert len(pings) >= 3  # healthy: every 0.5 s
+    shutil.copy(frames[0], watch / frames[0].name)
+    _collect(sock, messages, 8.0)
+    last_ping = max(t for t, m in messages if m == "WATCHDOG=1")
+    assert time.monotonic() - last_ping >= 4.0, "pings went on while the worker was stuck"
+    d.proc.kill()
+    d.proc.wait(timeout=10)
+    sock.close()
