@@ -63,7 +63,8 @@ class QualityLimits:
     (bad seeing, focus drift). ``max_elongation``: trailed stars (wind, guiding, a bumped mount).
     ``max_background_ratio``: sky level limit relative to the reference (thin cloud lit by a
     town, twilight, the Moon rising). ``min_star_fraction``: star count limit relative to the
-    reference's (thin cloud, dew, haze dim the faint stars first). ``max_residual_px``: alignment RMS residual, full-res px.
+    reference's (thin cloud, dew, haze dim the faint stars first). ``max_residual_px``:
+    alignment RMS residual, full-res px.
     """
 
     min_stars: int = 15
