@@ -1,0 +1,402 @@
+"""The one module that writes files: stacks (TIFF, FITS), previews, and atomic replacement.
+
+Every file is written atomically: the data go to a hidden temporary file in the destination
+directory, which is fsync'd, renamed over the destination with :func:`os.replace`, and the
+directory is fsync'd. A reader (or a crash) therefore sees either the old file or the new one,
+never a half-written file, and no temporary file is left behind when writing fails.
+
+Images are (rows, cols, channels) float32 linear, channels 1 (mono) or 3 (RGB), row 0 at the top;
+NaN marks pixels that no frame covered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import tifffile
+from astropy.io import fits
+
+from nightstack import __version__
+
+FloatArray = npt.NDArray[np.floating]
+
+_TIFF_MAX = 65535
+"""Full scale of a 16-bit TIFF sample."""
+
+_BAND_ROWS = 256
+"""Rows converted at a time when scaling to 16 bits: bounds temporaries to a few MB."""
+
+STF_SHADOWS_SIGMA = 2.8
+"""Auto-STF shadows clipping point, in normalised MADs below the background (PixInsight's)."""
+
+STF_TARGET_BACKGROUND = 0.25
+"""Auto-STF: where the background lands after the midtones transfer (PixInsight's default)."""
+
+_MAD_TO_SIGMA = 1.4826
+"""Normalised MAD: 1.4826 * MAD estimates the standard deviation of Gaussian noise."""
+
+_STATS_SAMPLES = 250_000
+"""Pixels per channel used for the stretch statistics: medians to ~0.3 % of the noise, fast."""
+
+_PREVIEW_FORMATS = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png"}
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success move it over ``path`` atomically.
+
+    The temporary file is created empty (mode 0666 minus the umask, like an ordinary file) in
+    the same directory, so the final :func:`os.replace` never crosses a file system. Write the
+    content to the yielded path inside the ``with`` block. On normal exit the file is fsync'd,
+    renamed to ``path`` and the directory fsync'd; if the block raises, the temporary file is
+    removed and the exception propagates, leaving any existing ``path`` untouched.
+
+    Parameters
+    ----------
+    path : path-like
+        The destination file. Its directory must exist.
+
+    Yields
+    ------
+    pathlib.Path
+        Hidden temporary path ``.<name>.<random>.tmp`` in the destination directory.
+    """
+    final = Path(path)
+    directory = final.parent
+    tmp = directory / f".{final.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    os.close(fd)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented UTF-8 JSON to ``path`` atomically."""
+    write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable. Some file systems (and Windows) cannot open a directory: skip."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- TIFF
+
+
+def write_tiff(path: str | os.PathLike[str], image: FloatArray, *, stretched: bool = False) -> None:
+    """Write a 16-bit TIFF, linear by default, atomically.
+
+    Linear: the finite values are mapped from their range ``[data_min, data_max]`` onto
+    ``[0, 65535]`` (no clipping, so the brightest pixel is 65535 and the faintest 0), rounded to
+    the nearest integer; the ImageDescription holds a JSON record with ``data_min``, ``data_max``
+    and ``scale`` so that ``value = data_min + pixel / scale``. NaN (no coverage) is written as 0.
+    With ``stretched=True`` the image first goes through :func:`stretch` (display-ready, not
+    linear) and ``[0, 1]`` is mapped onto ``[0, 65535]``.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination ``.tif`` file.
+    image : ndarray
+        (rows, cols, C) or (rows, cols) float, C = 1 or 3. Mono is written as a 2-D image,
+        colour as interleaved RGB.
+    stretched : bool
+        Apply the preview stretch instead of the linear scaling.
+    """
+    data = _as_image(image)
+    description: dict[str, Any] = {"software": f"nightstack {__version__}"}
+    if stretched:
+        data = stretch(data)
+        lo, hi = 0.0, 1.0
+        description["stretched"] = True
+    else:
+        lo, hi = _finite_range(data)
+        description["stretched"] = False
+    scale = _TIFF_MAX / (hi - lo) if hi > lo else 0.0
+    description.update(
+        data_min=lo,
+        data_max=hi,
+        scale=scale,
+        formula="value = data_min + pixel / scale",
+        no_coverage="pixels no frame covered are 0",
+    )
+    out: npt.NDArray[np.uint16] = np.empty(data.shape, dtype=np.uint16)
+    for start in range(0, data.shape[0], _BAND_ROWS):
+        band = np.subtract(data[start : start + _BAND_ROWS], lo, dtype=np.float64)
+        band *= scale
+        np.rint(band, out=band)
+        np.nan_to_num(band, copy=False, nan=0.0)
+        np.clip(band, 0, _TIFF_MAX, out=band)  # only guards the float rounding at the ends
+        out[start : start + _BAND_ROWS] = band
+    if out.shape[2] == 1:
+        pixels: npt.NDArray[np.uint16] = out[:, :, 0]
+        photometric = "minisblack"
+    else:
+        pixels = out
+        photometric = "rgb"
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(
+            tmp,
+            pixels,
+            photometric=photometric,
+            description=json.dumps(description),
+            metadata=None,
+            software=f"nightstack {__version__}",
+        )
+
+
+def _finite_range(image: FloatArray) -> tuple[float, float]:
+    """(min, max) of the finite values, (0, 0) when there are none."""
+    lo = math.inf
+    hi = -math.inf
+    for start in range(0, image.shape[0], _BAND_ROWS):
+        band = image[start : start + _BAND_ROWS]
+        finite = np.isfinite(band)
+        if finite.any():
+            lo = min(lo, float(np.min(band, where=finite, initial=np.inf)))
+            hi = max(hi, float(np.max(band, where=finite, initial=-np.inf)))
+    if lo > hi:
+        return 0.0, 0.0
+    return lo, hi
+
+
+# --------------------------------------------------------------------------- FITS
+
+
+def write_fits(path: str | os.PathLike[str], image: FloatArray, header: Mapping[str, Any]) -> None:
+    """Write a 32-bit float FITS file atomically, row 0 at the top, NaN where no coverage.
+
+    The data are written in the array's own row order (row 0 first) and the header says
+    ``ROWORDER = 'TOP-DOWN'``, so Siril and other ROWORDER-aware readers show the image upright.
+    Colour is written as a (3, rows, cols) cube (NAXIS1 = cols, NAXIS2 = rows, NAXIS3 = 3, planes
+    R, G, B); mono as (rows, cols).
+
+    Parameters
+    ----------
+    path : path-like
+        Destination ``.fits`` file.
+    image : ndarray
+        (rows, cols, C) or (rows, cols) float, C = 1 or 3.
+    header : mapping
+        Cards to add, e.g. ``NCOMBINE``, ``EXPTIME``, ``DATE-OBS``, ``DATE-END``, software name and
+        version, settings. Values may be str, int, float, bool, datetime/date (written as ISO
+        8601), or a ``(value, comment)`` tuple; ``None`` values are skipped. Keys longer than 8
+        characters become HIERARCH cards; long strings use CONTINUE cards.
+    """
+    data = _as_image(image).astype(np.float32, copy=False)
+    # (3, rows, cols): NAXIS1 = cols, NAXIS2 = rows, NAXIS3 = 3
+    cube = data[:, :, 0] if data.shape[2] == 1 else np.ascontiguousarray(np.moveaxis(data, 2, 0))
+    hdr = fits.Header()
+    for key, raw in header.items():
+        value, comment = raw if isinstance(raw, tuple) else (raw, None)
+        if value is None:
+            continue
+        if isinstance(value, date):
+            value = value.isoformat()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        name = str(key).upper()
+        card_key = name if len(name) <= 8 and " " not in name else f"HIERARCH {name}"
+        hdr[card_key] = (value, comment) if comment else value
+    hdr["ROWORDER"] = ("TOP-DOWN", "row 0 of the data is the top of the image")
+    hdu = fits.PrimaryHDU(data=cube, header=hdr)
+    with atomic_path(path) as tmp:
+        hdu.writeto(tmp, overwrite=True, output_verify="exception")
+
+
+# --------------------------------------------------------------------------- stretch, preview
+
+
+def stretch(image: FloatArray) -> npt.NDArray[np.float32]:
+    """Auto screen-transfer stretch (like PixInsight's / Siril's auto-STF) to [0, 1].
+
+    Definition, for a (rows, cols, C) linear image:
+
+    1. Statistics come from a regular subsample (about 250 000 pixels per channel) of the finite
+       values: per channel the background median ``m_c`` and normalised MAD
+       ``s_c = 1.4826 * median(|v - m_c|)``.
+    2. Background neutralisation: ``y_c = v_c - m_c``, so every channel's sky sits at 0 (neutral).
+    3. Linked shadows/highlights: shadows ``c0 = -2.8 * mean_c(s_c)`` (the background median
+       minus 2.8 normalised MADs), highlights ``h`` = the largest finite ``y``;
+       ``x = (y - c0) / (h - c0)`` clipped to [0, 1].
+    4. Midtones transfer ``MTF(m, x) = (m - 1) x / ((2 m - 1) x - m)`` with the balance
+       ``m = MTF(0.25, x_bg)``, ``x_bg = -c0 / (h - c0)``: the background maps to exactly 0.25.
+
+    NaN (no coverage) maps to 0. A flat image (no spread) is returned normalised but unstretched.
+
+    Parameters
+    ----------
+    image : ndarray
+        (rows, cols, C) or (rows, cols) float, linear.
+
+    Returns
+    -------
+    ndarray
+        float32 with the shape of ``image`` (2-D stays 2-D), values in [0, 1].
+    """
+    data = np.asarray(image)
+    squeeze = data.ndim == 2
+    data3 = _as_image(data)
+    medians, sigmas, high = _stretch_stats(data3)
+    out = np.empty(data3.shape, dtype=np.float32)
+    if medians is None:
+        out.fill(0.0)
+        return out[:, :, 0] if squeeze else out
+    shadows = -STF_SHADOWS_SIGMA * float(np.mean(sigmas))
+    span = high - shadows
+    background = -shadows / span if span > 0 else 0.0
+    balance = _mtf(STF_TARGET_BACKGROUND, background) if 0.0 < background < 1.0 else None
+    offsets = (medians + shadows).astype(np.float32)
+    for start in range(0, data3.shape[0], _BAND_ROWS):
+        band = out[start : start + _BAND_ROWS]
+        np.subtract(data3[start : start + _BAND_ROWS], offsets, out=band, dtype=np.float32)
+        if span > 0:
+            band /= np.float32(span)
+        np.clip(band, 0.0, 1.0, out=band)
+        if balance is not None:
+            _mtf_inplace(balance, band)
+        np.nan_to_num(band, copy=False, nan=0.0)
+    return out[:, :, 0] if squeeze else out
+
+
+def _stretch_stats(
+    image: FloatArray,
+) -> tuple[npt.NDArray[np.float64] | None, npt.NDArray[np.float64], float]:
+    """Per-channel background median, normalised MAD (from a subsample) and the highlight point.
+
+    Returns ``(None, ..., ...)`` when the image has no finite value.
+    """
+    rows, cols, channels = image.shape
+    step = max(1, int(math.sqrt(rows * cols / _STATS_SAMPLES)))
+    sample = image[::step, ::step].reshape(-1, channels)
+    medians = np.zeros(channels)
+    sigmas = np.zeros(channels)
+    for c in range(channels):
+        values = sample[:, c]
+        values = values[np.isfinite(values)].astype(np.float64)
+        if values.size == 0:
+            return None, sigmas, 0.0
+        medians[c] = np.median(values)
+        sigmas[c] = _MAD_TO_SIGMA * np.median(np.abs(values - medians[c]))
+    high = -math.inf
+    for c in range(channels):
+        plane = image[:, :, c]
+        finite = np.isfinite(plane)
+        if finite.any():
+            high = max(high, float(np.max(plane, where=finite, initial=-np.inf)) - medians[c])
+    return medians, sigmas, high
+
+
+def _mtf(balance: float, x: float) -> float:
+    """Midtones transfer function of one value: 0 -> 0, balance -> 0.5, 1 -> 1."""
+    return (balance - 1.0) * x / ((2.0 * balance - 1.0) * x - balance)
+
+
+def _mtf_inplace(balance: float, x: npt.NDArray[np.float32]) -> None:
+    """Apply :func:`_mtf` in place to values in [0, 1]; the denominator is < 0 for 0 < m < 1."""
+    den = np.multiply(x, np.float32(2.0 * balance - 1.0))
+    den -= np.float32(balance)
+    x *= np.float32(balance - 1.0)
+    x /= den
+
+
+def write_preview(
+    path: str | os.PathLike[str], image: FloatArray, *, width: int = 1600, quality: int = 90
+) -> None:
+    """Write a stretched 8-bit preview (JPEG or PNG, by the extension of ``path``) atomically.
+
+    The image is first shrunk to ``width`` pixels wide with area averaging (never enlarged), then
+    stretched with :func:`stretch` on the small image, so the cost is dominated by one pass over
+    the full-size data.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination ``.jpg``, ``.jpeg`` or ``.png`` file.
+    image : ndarray
+        (rows, cols, C) or (rows, cols) float linear, C = 1 or 3; NaN shows as black.
+    width : int
+        Preview width in pixels; the height keeps the aspect ratio.
+    quality : int
+        JPEG quality 1-100 (ignored for PNG).
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in _PREVIEW_FORMATS:
+        raise ValueError(f"preview must be .jpg, .jpeg or .png, not {suffix or 'no extension'!r}")
+    if width < 1:
+        raise ValueError(f"preview width must be >= 1, not {width}")
+    data = _as_image(image)
+    rows, cols, channels = data.shape
+    small: FloatArray = data
+    if cols > width:
+        height = max(1, round(rows * width / cols))
+        src = np.ascontiguousarray(data, dtype=np.float32)
+        resized = cv2.resize(src, (width, height), interpolation=cv2.INTER_AREA)
+        small = np.asarray(resized, dtype=np.float32).reshape(height, width, channels)
+    shown = stretch(small)
+    shown *= 255.0
+    np.rint(shown, out=shown)
+    pixels = shown.astype(np.uint8)
+    # OpenCV encodes BGR
+    pixels = np.ascontiguousarray(pixels[:, :, ::-1]) if channels == 3 else pixels[:, :, 0]
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if _PREVIEW_FORMATS[suffix] == ".jpg" else []
+    ok, encoded = cv2.imencode(_PREVIEW_FORMATS[suffix], pixels, params)
+    if not ok:
+        raise OSError(f"OpenCV could not encode the preview as {suffix}")
+    write_bytes(path, encoded.tobytes())
+
+
+def _as_image(image: FloatArray) -> FloatArray:
+    """View a (rows, cols) or (rows, cols, C) array as (rows, cols, C), C = 1 or 3."""
+    data = np.asarray(image)
+    if data.ndim == 2:
+        data = data[:, :, np.newaxis]
+    if data.ndim != 3 or data.shape[2] not in (1, 3):
+        raise ValueError(f"image must be (rows, cols) or (rows, cols, 1|3), not {data.shape}")
+    if data.dtype.kind != "f":
+        raise ValueError(f"image must be floating point, not {data.dtype}")
+    return data
