@@ -31,7 +31,6 @@ from .errors import AlignmentError, DecodeError
 from .frames import IDENTITY, Alignment, FloatArray, Frame, Stars
 from .quality import Quality, QualityLimits, gate
 from .stack import FrameStore, LiveStack, combine
-from .warp import warp
 
 _HASH_CHUNK = 1 << 20  # read files in 1 MiB pieces while hashing
 
@@ -278,19 +277,22 @@ class Stacker:
         )
 
     def _add(self, frame: Frame, matrix: FloatArray, stars: Stars, watch: _Stopwatch) -> None:
+        """Warp band by band straight into the frame store, then add the stored frame live.
+
+        Streaming never holds a full warped copy beside the frame and the live state (about
+        300 MB less at 24 MP), and the live stack sees exactly the stored (16-bit) frame, so a
+        resume that re-adds frames from the store reproduces it bit for bit.
+        """
         assert self.reference is not None and self.store is not None and self.live is not None
-        with watch.stage("warp"):
-            warped, footprint = warp(frame.image, matrix, self.reference.shape)
-        with watch.stage("store"):
-            self.store.add(
-                warped,
+        with watch.stage("warp+store"):
+            self.store.add_warped(
+                frame.image,
                 matrix,
-                frame.shape,
                 weight=_weight(self.settings, stars),
                 name=frame.path.name,
             )
         with watch.stage("accumulate"):
-            self.live.add(warped, footprint)
+            self.live.catch_up()
 
     def header(self) -> dict[str, Any]:
         """FITS header cards describing the stack (NCOMBINE, EXPTIME, dates, settings)."""

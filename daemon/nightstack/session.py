@@ -154,9 +154,7 @@ class Session:
                 )
                 counted = 0
             stacker.reference, stacker.store, stacker.live = reference, store, live
-            replayed = len(accepted) - live.frames
-            for index in range(live.frames, len(accepted)):  # accepted after the checkpoint
-                session._add_from_store(index)
+            replayed = live.catch_up()  # the accepted frames journaled after the checkpoint
             session.counted_at_checkpoint = counted
             log.info(
                 "session %s resumed: %d journal lines, %d frames from checkpoint, %d replayed",
@@ -168,12 +166,6 @@ class Session:
         for record in records:
             session._count(record)
         return session
-
-    def _add_from_store(self, index: int) -> None:
-        store, live = self.stacker.store, self.stacker.live
-        assert store is not None and live is not None
-        rows = store.shape[0]
-        live.add(store.read_band(index, 0, rows), store.footprint_band(index, 0, rows))
 
     def _count(self, record: dict[str, Any]) -> None:
         stacker = self.stacker
