@@ -260,3 +260,50 @@ def test_a_stalled_worker_stops_the_watchdog_pings(
     d.proc.kill()
     d.proc.wait(timeout=10)
     sock.close()
+
+
+def test_sighup_reloads_for_the_next_session_and_close_starts_a_new_one(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    config = tmp_path / "nightstack.toml"
+    config.write_text("star_threshold_sigma = 6.0\n")
+    sock, path = _notify_socket(tmp_path)
+    messages: list[tuple[float, str]] = []
+    d = Daemon(watch, out, "--config", str(config), env={"NOTIFY_SOCKET": path})
+    daemons.append(d)
+    _wait_message(sock, messages, "READY=1", 60, d)
+    shutil.copy(frames[0], watch / frames[0].name)
+    wait_for(lambda: len(journal(out)) == 1, 60, "first frame", d)
+
+    config.write_text("star_threshold_sigma = = broken\n")  # a bad edit is refused...
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload failed" in d.text(), 30, "refused reload", d)
+    assert "star_threshold_sigma" in d.text() or "not valid TOML" in d.text()
+    config.write_text("star_threshold_sigma = 8.0\n")  # ...a good one is taken
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "configuration reloaded" in d.text(), 30, "reload", d)
+    _wait_message(sock, messages, "RELOADING=1", 10, d)
+
+    assert main(["close", "--output-dir", str(out)]) == 0
+    first = out / journal(out)[0]["session"]
+    wait_for(
+        lambda: json.loads((first / "session.json").read_text())["state"] == "closed",
+        60,
+        "close",
+        d,
+    )
+    meta = json.loads((first / "session.json").read_text())
+    assert meta["settings"]["star_threshold_sigma"] == 6.0  # the session kept its settings
+    assert (first / "stack.tif").exists()
+
+    shutil.copy(frames[1], watch / frames[1].name)  # a frame after the close: a new session
+    wait_for(lambda: len(journal(out)) == 2, 60, "second frame", d)
+    lines = journal(out)
+    assert lines[1]["session"] != lines[0]["session"]
+    second = out / lines[1]["session"]
+    meta = json.loads((second / "session.json").read_text())
+    assert meta["state"] == "open" and meta["settings"]["star_threshold_sigma"] == 8.0
+    assert d.stop() == 0
+    sock.close()
