@@ -243,6 +243,10 @@ def test_tiff_and_png_outputs(night: tuple[Path, dict[str, Any]], tmp_path: Path
     data = tifffile.imread(tmp_path / "s.tif")
     assert data.dtype == np.uint16 and data.shape == (truth["height"], truth["width"], 3)
     assert data.max() == 65535  # scaled to the data range, not clipped
+    assert np.median(data) < 0.1 * 65535  # linear: the sky is dark
+    assert main(["stack", *files, "-o", str(tmp_path / "v.tif"), "--stretched"]) == 0
+    stretched = tifffile.imread(tmp_path / "v.tif")
+    assert 0.15 * 65535 < np.median(stretched) < 0.35 * 65535  # auto-stretch: sky near 0.25
     assert main(["stack", *files, "-o", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
 

@@ -165,7 +165,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         assert stacker.store is not None
         disk = stacker.store.disk_bytes()
         image = stacker.final(_Progress(1, "combining") if sys.stderr.isatty() else None)
-        write_output(output, image, stacker.header(), settings)
+        write_output(output, image, stacker.header(), settings, stretched=args.stretched)
     finally:
         if report is not None:
             report.close()
@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="write one JSON line per input here")
     p.add_argument("--reference", help="use this frame as the reference")
     p.add_argument("--work-dir", type=Path, help="where the aligned-frame store goes")
+    p.add_argument("--stretched", action="store_true", help="TIFF: auto-stretched, not linear")
     _add_setting_flags(p, list(_SETTING_FLAGS))
     p.set_defaults(func=_cmd_stack)
 

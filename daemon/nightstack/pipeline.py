@@ -339,13 +339,23 @@ def _weight(settings: Settings, stars: Stars) -> float:
     return 1.0
 
 
-def write_output(path: Path, image: FloatArray, header: dict[str, Any], settings: Settings) -> None:
-    """Write a stack in the format its extension names (.tif/.tiff, .fits/.fit/.fts, .jpg/.png)."""
+def write_output(
+    path: Path,
+    image: FloatArray,
+    header: dict[str, Any],
+    settings: Settings,
+    *,
+    stretched: bool = False,
+) -> None:
+    """Write a stack in the format its extension names (.tif/.tiff, .fits/.fit/.fts, .jpg/.png).
+
+    ``stretched``: a TIFF gets the preview's auto-stretch instead of linear data.
+    """
     from .writers import write_fits, write_preview, write_tiff
 
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        write_tiff(path, image)
+        write_tiff(path, image, stretched=stretched)
     elif suffix in (".fits", ".fit", ".fts"):
         write_fits(path, image, header)
     elif suffix in (".jpg", ".jpeg", ".png"):
