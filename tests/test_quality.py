@@ -50,7 +50,15 @@ def test_a_good_frame_is_accepted() -> None:
 
 def test_too_few_stars() -> None:
     assert gate(Quality.of(_stars(n=4)), LIMITS, REFERENCE) == "too few stars (4 < 15)"
-    assert gate(Quality.of(_stars(n=15)), LIMITS, REFERENCE) is None
+    assert gate(Quality.of(_stars(n=15)), LIMITS) is None
+
+
+def test_too_few_stars_relative_to_the_reference() -> None:
+    reason = gate(Quality.of(_stars(n=35)), LIMITS, REFERENCE)
+    assert reason == "too few stars (35 < 0.3 x reference 120; cloud or haze?)"
+    assert gate(Quality.of(_stars(n=36)), LIMITS, REFERENCE) is None
+    relaxed = dataclasses.replace(LIMITS, min_star_fraction=None)
+    assert gate(Quality.of(_stars(n=15)), relaxed, REFERENCE) is None
 
 
 def test_trailed() -> None:
