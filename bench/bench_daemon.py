@@ -1,0 +1,244 @@
+"""Issue 4: how long after a frame is complete it is in the journal and in the preview.
+
+``nightstack watch`` runs as a child process on an empty temporary watch folder. Frames of the
+24 MP benchmark night are written into it the way a careful tether tool does: copied to
+``NAME.part``, then renamed to ``NAME`` (the rename is the "file complete" time). The bench
+polls (every 10 ms) the session's ``journal.jsonl`` for the frame's line and ``preview.jpg``'s
+modification time.
+
+- Paced: one frame at a time, the next only after the previous one's preview (a camera slower
+  than the pipeline): latency file complete -> journal line, and -> preview updated.
+- Burst: frames dropped back to back (a camera faster than the pipeline, or a card dumped into
+  the folder): sustained throughput from the first to the last journal line.
+
+Each figure is also given as a ratio to the decode time of the same file: the median
+in-process ``loaders.load`` of the night's frames measured just before, and the frame's own
+``decode`` time in the journal (through the daemon's decoder, contended by the rest of the
+pipeline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    BENCH,
+    OUT,
+    MemoryWatch,
+    decode_seconds,
+    ensure_night,
+    fmt_s,
+    log,
+    median,
+    table,
+)
+
+POLL_S = 0.01
+FRAME_TIMEOUT_S = 120.0
+WARMUP = 5  # the live stack's default warm-up: frames after it are steady state
+
+
+def _child_env() -> dict[str, str]:
+    """This environment without systemd's variables: the daemon logs to its stderr file."""
+    drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "INVOCATION_ID")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def _drop(src: Path, watch: Path) -> float:
+    """Copy ``src`` into ``watch`` as .part, rename it into place; return the rename time."""
+    part = watch / (src.name + ".part")
+    shutil.copyfile(src, part)
+    os.rename(part, watch / src.name)
+    return time.time()
+
+
+class _Session:
+    """Polls the daemon's output folder: journal lines and preview updates, with the time seen."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.lines: list[tuple[float, dict[str, Any]]] = []
+        self.previews: list[float] = []
+        self._mtime = 0.0
+        self._journal: Path | None = None
+
+    def poll(self) -> None:
+        now = time.time()
+        if self._journal is None:
+            found = sorted(self.out.glob("*/journal.jsonl"))
+            if not found:
+                return
+            self._journal = found[0]
+        text = self._journal.read_text()
+        complete = text.splitlines()[: text.count("\n")]
+        for line in complete[len(self.lines) :]:
+            self.lines.append((now, json.loads(line)))
+        try:
+            mtime = (self._journal.parent / "preview.jpg").stat().st_mtime
+        except FileNotFoundError:
+            return
+        if mtime != self._mtime:
+            self._mtime = mtime
+            self.previews.append(now)
+
+    def wait(self, lines: int, previews: int, timeout_s: float = FRAME_TIMEOUT_S) -> None:
+        end = time.time() + timeout_s
+        while len(self.lines) < lines or len(self.previews) < previews:
+            if time.time() > end:
+                raise TimeoutError(f"waited {timeout_s} s for journal line {lines}")
+            time.sleep(POLL_S)
+            self.poll()
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    paced_n, burst_n = (7, 4) if quick else (10, 10)
+    paths = ensure_night(paced_n + burst_n)
+    log("decode time of the night's frames, in process")
+    decode = decode_seconds(paths[0], 3)
+    root = OUT / "daemon_bench"
+    shutil.rmtree(root, ignore_errors=True)
+    watch, out = root / "watch", root / "out"
+    watch.mkdir(parents=True)
+    out.mkdir()
+    stderr = (root / "daemon.log").open("w")
+    cmd = [
+        str(BENCH.parent / ".venv/bin/nightstack"),
+        "watch",
+        str(watch),
+        "--output-dir",
+        str(out),
+        "--idle-timeout",
+        "3600",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=_child_env())
+    memory = MemoryWatch(proc.pid)
+    try:
+        deadline = time.time() + 60
+        while "watching" not in (root / "daemon.log").read_text():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(
+                    "nightstack watch did not start: see " + str(root / "daemon.log")
+                )
+            time.sleep(0.1)
+        time.sleep(2.0)  # let the decoder child finish importing
+        session = _Session(out)
+        paced = []
+        for i in range(paced_n):
+            log(f"paced frame {i}")
+            done = _drop(paths[i], watch)
+            session.wait(i + 1, i + 1)
+            seen, record = session.lines[i]
+            paced.append(
+                {
+                    "journal_s": seen - done,
+                    "preview_s": session.previews[i] - done,
+                    "decode_s": record["ms"].get("decode", float("nan")) / 1000,
+                    "status": record["status"],
+                    "ms": record["ms"],
+                }
+            )
+            time.sleep(1.0)
+        log(f"burst of {burst_n} frames")
+        completes = [_drop(p, watch) for p in paths[paced_n : paced_n + burst_n]]
+        session.wait(paced_n + burst_n, 0, timeout_s=FRAME_TIMEOUT_S * burst_n)
+        burst = session.lines[paced_n:]
+        log("closing the session (SIGTERM: final combine)")
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=1800)
+        close_s = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        memory.stop()
+        stderr.close()
+    result = {
+        "decode_s": decode,
+        "paced": paced,
+        "burst_completes": completes,
+        "burst_seen": [seen for seen, _ in burst],
+        "burst_ms": [r["ms"] for _, r in burst],
+        "burst_status": [r["status"] for _, r in burst],
+        "close_s": close_s,
+        "main_mb": memory.main_mb(),
+        "decoder_mb": memory.decoder_mb(),
+        "pss_peak_mb": memory.pss_peak_mb,
+        "frames": paced_n + burst_n,
+    }
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def report(data: dict[str, Any]) -> str:
+    decode = data["decode_s"]
+    paced = data["paced"]
+    groups = (
+        ("frame 1 (reference; opens the session)", paced[:1]),
+        (f"frames 2-{WARMUP} (live warm-up; frame {WARMUP} clips the batch)", paced[1:WARMUP]),
+        (f"frames {WARMUP + 1}-{len(paced)} (steady state)", paced[WARMUP:]),
+    )
+    rows = []
+    for label, group in groups:
+        if not group:
+            continue
+        j = median([f["journal_s"] for f in group])
+        p = median([f["preview_s"] for f in group])
+        own = median([f["journal_s"] / f["decode_s"] for f in group])
+        rows.append(
+            (
+                label,
+                len(group),
+                f"{fmt_s(j)} = {j / decode:.2f}x",
+                f"{own:.2f}x",
+                f"{fmt_s(p)} = {p / decode:.2f}x",
+                f"{fmt_s(max(f['preview_s'] for f in group))}",
+            )
+        )
+    steady = paced[WARMUP:] or paced[1:]
+    latency = median([f["journal_s"] for f in steady]) / decode
+    seen = data["burst_seen"]
+    per_frame = (seen[-1] - seen[0]) / (len(seen) - 1)
+    burst_ms = data["burst_ms"][1:]
+    stages = {k: median([m[k] for m in burst_ms if k in m]) / 1000 for k in burst_ms[0]}
+    header = (
+        "paced frames",
+        "n",
+        "complete -> journal line (x decode)",
+        "(x the frame's own journaled decode)",
+        "complete -> preview updated (x decode)",
+        "worst preview",
+    )
+    body = [
+        f"`nightstack watch WATCH --output-dir OUT --idle-timeout 3600` on a fresh folder; "
+        f"{data['frames']} frames of the simulated 24 MP night dropped as `.part` + rename. "
+        f"Decode time of these files in this run (in process, median of 3): {fmt_s(decode)}. "
+        "Latencies are medians over the frames of each group.",
+        "",
+        table(header, rows),
+        "",
+        f"Burst of {len(seen)} frames dropped back to back "
+        f"({data['burst_completes'][-1] - data['burst_completes'][0]:.1f} s to drop them all): "
+        f"sustained {60 / per_frame:.1f} frames/min = one frame every {fmt_s(per_frame)} = "
+        f"{per_frame / decode:.2f}x decode; last frame's latency "
+        f"{fmt_s(seen[-1] - data['burst_completes'][-1])}. Median stage times in the burst "
+        "(journal `ms`): "
+        + ", ".join(f"{k} {fmt_s(v)}" for k, v in stages.items())
+        + ". Previews are skipped while frames wait (by design), so the burst has none.",
+        "",
+        f"Daemon peak memory over the whole run: main VmHWM {data['main_mb']:.0f} MB, decoder "
+        f"child {data['decoder_mb']:.0f} MB, tree PSS peak {data['pss_peak_mb']:.0f} MB. "
+        f"Closing the session (SIGTERM -> exact final combine of {data['frames']} frames, "
+        f"TIFF + FITS + preview) took {fmt_s(data['close_s'])}.",
+        "",
+        f"Goal: latency <= 1.5x decode: {'met' if latency <= 1.5 else '**missed**'} "
+        f"(steady-state file complete -> journal line = {latency:.2f}x decode).",
+    ]
+    return "\n".join(body)

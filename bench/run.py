@@ -1,0 +1,61 @@
+"""Run the benchmarks and rewrite their sections of bench/RESULTS.md.
+
+    .venv/bin/python bench/run.py [--quick] [--only NAME ...]
+
+NAME is one of: frame (issue 2, per-frame stages), stack (issue 3, `nightstack stack` memory
+and time vs an in-RAM sigma clip), daemon (issue 4, `nightstack watch` latency and
+throughput), peers (issue 6, alignment vs astroalign; Siril if installed). ``--quick`` runs
+fewer frames and repeats (a smoke run; its figures are marked as such). Simulated frames are
+cached in bench/out/ (gitignored); a full run needs ~25 GB of free disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from _common import OUT, log, write_section
+
+BENCHMARKS = {
+    "frame": ("Per-frame pipeline stages, 24 MP (issue 2)", "bench_frame"),
+    "stack": ("Stacking: peak memory and time vs N, 24 MP (issue 3)", "bench_stack"),
+    "daemon": ("Daemon latency and throughput, 24 MP (issue 4)", "bench_daemon"),
+    "peers": ("Alignment and stacking vs peers (issue 6)", "bench_peers"),
+}
+"""Name -> (RESULTS.md section title, module with ``measure(quick)`` and ``report(data)``)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer frames and repeats")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these")
+    args = parser.parse_args(argv)
+    names = args.only or list(BENCHMARKS)
+    command = ".venv/bin/python bench/run.py" + (" --quick" if args.quick else "")
+    if args.only:
+        command += " --only " + " ".join(names)
+    for name in names:
+        title, module_name = BENCHMARKS[name]
+        module = importlib.import_module(module_name)
+        log(f"=== {name}: {title}")
+        t0 = time.monotonic()
+        measure: Callable[[bool], dict[str, Any]] = module.measure
+        data = measure(args.quick)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
+        body = module.report(data)
+        if args.quick:
+            body = "**Quick run (`--quick`): fewer frames and repeats.**\n\n" + body
+        write_section(name, title, body, command)
+        log(f"=== {name} done in {time.monotonic() - t0:.0f} s")
+        print(body, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
