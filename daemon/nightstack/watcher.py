@@ -19,8 +19,10 @@ When is a file READY (complete)?
   been stable for ``stable_s``, whichever comes first.
 
 Each ``(path, size, mtime_ns)`` is reported at most once per watcher; a file rewritten with other
-content (size or mtime) is reported again. Empty files are never reported (some writers create
-the file, close it, and open it again to write). The watch folder may disappear (card pulled) and
+content (size or mtime) is reported again. An empty file is reported only once it has stayed empty
+(size and mtime unchanged) for ``stable_s``: some writers create the file, close it, and open it
+again to write, but a file that stays empty is a fault the user should hear of (the daemon rejects
+it with a reason). The watch folder may disappear (card pulled) and
 come back: the watcher says so through ``on_problem``, polls for the folder about once a second,
 re-arms the observer and scans it for frames not yet reported.
 
@@ -422,7 +424,7 @@ class FrameWatcher:
         if ready:
             with self._lock:
                 for path in sorted(ready, key=self._relative_key):
-                    self._offer_locked(path)
+                    self._offer_locked(path, settled=True)
 
     # ------------------------------------------------------------------ scanning
 
@@ -548,11 +550,11 @@ class FrameWatcher:
         self._root_lost.set()
         self._wake.set()
 
-    def _offer_locked(self, path: Path) -> None:
+    def _offer_locked(self, path: Path, *, settled: bool = False) -> None:
         if self._buffering:
             self._buffer.append(path)
         else:
-            self._deliver_locked(path)
+            self._deliver_locked(path, settled=settled)
 
     def _inspect(self, path: Path) -> os.stat_result | None:
         """The stat of a regular file we may report; None (with a one-time warning for a link
@@ -579,11 +581,19 @@ class FrameWatcher:
         if st is not None:
             self._reported.add((str(path), st.st_size, st.st_mtime_ns))
 
-    def _deliver_locked(self, path: Path) -> None:
-        """Call on_ready(path) unless this (path, size, mtime_ns) was reported already."""
+    def _deliver_locked(self, path: Path, *, settled: bool = False) -> None:
+        """Call on_ready(path) unless this (path, size, mtime_ns) was reported already.
+
+        An empty file is only reported ``settled`` (unchanged for ``stable_s``); before that it
+        waits in ``_pending``, since its writer may open it again to write the frame.
+        """
         self._pending.pop(path, None)
         st = self._inspect(path)
-        if st is None or st.st_size == 0:
+        if st is None:
+            return
+        if st.st_size == 0 and not settled:
+            self._pending[path] = _Pending()
+            self._wake.set()
             return
         key = (str(path), st.st_size, st.st_mtime_ns)
         if key in self._reported:
