@@ -25,10 +25,12 @@ touched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -301,7 +303,7 @@ def _load_raw(path: Path, content: str | None, options: _Options) -> Frame:
         params["user_wb"] = options.white_balance
     luminance: F32 | None = None
     try:
-        with rawpy.imread(str(path)) as raw:
+        with _libraw_name(path) as name, rawpy.imread(name) as raw:
             cfa = raw.raw_image_visible  # a view into LibRaw's buffer: use before close
             pattern = raw.raw_pattern
             cfa_shape = None if cfa is None else tuple(cfa.shape[:2])
@@ -334,6 +336,26 @@ def _load_raw(path: Path, content: str | None, options: _Options) -> Frame:
     if luminance is None:
         luminance = _channel_mean_binned(image, options.bin)
     return Frame(path=path, image=image, luminance=luminance, bin=options.bin, meta=meta)
+
+
+@contextlib.contextmanager
+def _libraw_name(path: Path) -> Iterator[str]:
+    """A name LibRaw can open for ``path``. rawpy encodes names as strict UTF-8, so a name that
+    is not (bytes from a card written by another system) is opened here and handed over as
+    ``/proc/self/fd/N``."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        yield name
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def _raw_meta(other: Any, path: Path, content: str | None) -> FrameMeta:
