@@ -34,6 +34,12 @@ from .stack import FrameStore, LiveStack, combine
 
 _HASH_CHUNK = 1 << 20  # read files in 1 MiB pieces while hashing
 
+REFERENCE_PROBATION = 5
+"""While fewer frames than this are accepted, a new frame the reference would be rejected against
+(it has > 1 / min_star_fraction times its stars, sharper stars or a much darker sky) replaces the
+reference: see :meth:`Stacker.better_reference`. Afterwards the reference is fixed, since the
+frames stacked on it would all have to be redone."""
+
 
 def file_sha256(path: Path) -> str:
     """Content hash of a file (the journal's identity of a frame)."""
@@ -64,8 +70,12 @@ class FrameRecord:
     ms: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
+        """One line of JSON. A file name that is not valid UTF-8 (a card written elsewhere)
+        keeps its undecodable bytes as ``\\udcXX`` escapes, so the line is always valid UTF-8
+        and reads back to the same ``str`` (``os.fsencode`` of it gives the original bytes)."""
         data = {k: _finite(v) for k, v in asdict(self).items()}
-        return json.dumps(data, ensure_ascii=False)
+        text = json.dumps(data, ensure_ascii=False)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _finite(value: Any) -> Any:
@@ -201,7 +211,7 @@ class Stacker:
 
         watch = _Stopwatch()
         if self.reference is None:
-            reason = gate(quality, self.limits)
+            reason = reference_flaw(quality, self.limits)
             if reason is not None:
                 return self._reject(record, reason)
             self._start(prepared)
@@ -252,6 +262,28 @@ class Stacker:
     def process(self, path: Path) -> FrameRecord:
         """Both halves in a row (batch use)."""
         return self.stack(self.prepare(path))
+
+    def better_reference(self, prepared: Prepared) -> str | None:
+        """Why ``prepared`` should replace the reference, or None (the usual answer).
+
+        Only while the reference is young (fewer than ``REFERENCE_PROBATION`` frames accepted):
+        when ``prepared`` would itself be a valid reference and the reference would be rejected
+        against it by the relative gates, the first frame was a poor choice (thin cloud, haze,
+        dew, twilight: enough stars to pass on its own, far fewer than a clear frame). The
+        caller then starts the session over with ``prepared`` first.
+        """
+        ref = self.reference
+        quality = prepared.quality
+        if ref is None or quality is None or prepared.frame is None or prepared.error is not None:
+            return None
+        if self.accepted >= REFERENCE_PROBATION or prepared.frame.shape != ref.shape:
+            return None
+        if reference_flaw(quality, self.limits) is not None:
+            return None
+        flaw = gate(ref.quality, self.limits, quality)
+        if flaw is None:
+            return None
+        return f"reference {Path(ref.file).name} is worse than {prepared.path.name}: {flaw}"
 
     # --- helpers --------------------------------------------------------------------------
     def _reject(self, record: FrameRecord, reason: str) -> FrameRecord:
@@ -330,6 +362,17 @@ class Stacker:
             ram_cap_bytes=self.settings.ram_cap_mb * 2**20,
             progress=progress,
         )
+
+
+def reference_flaw(quality: Quality, limits: QualityLimits) -> str | None:
+    """Why a frame cannot be a reference (the absolute gates, and star shapes that could be
+    measured: a badly trailed frame can show enough detections with no measurable FWHM or
+    elongation), or None."""
+    reason = gate(quality, limits)
+    measured = math.isfinite(quality.fwhm_px) and math.isfinite(quality.elongation)
+    if reason is None and not measured:
+        reason = "no measurable star shapes for a reference (trailed or out of focus?)"
+    return reason
 
 
 def _weight(settings: Settings, stars: Stars) -> float:

@@ -7,10 +7,20 @@ Threads and what they own:
 - the worker loop (the main thread) stacks, journals, checkpoints, writes previews, closes
   sessions, turns signals into state changes and pings the systemd watchdog.
 Signal handlers only set events. Previews are skipped while frames wait, never frames.
+
+Faults the daemon survives (see bench/RELIABILITY.md): a file that cannot be decoded is journaled
+as rejected with its reason; a decoder hang or crash costs that one frame (``decoder.py``). A
+write that fails (disk full, I/O error) loses nothing: the frame is not journaled, the daemon
+drops its in-memory session, says so once, pauses decoding and checks every ``RETRY_S`` seconds
+for free space; then it reloads the session from disk exactly as after a kill -9 and re-queues
+every frame that was handed over but never journaled ("outstanding"). Items prepared before such a
+recovery carry an older ``epoch`` and are dropped, so each frame is stacked exactly once.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
 import queue
@@ -34,7 +44,17 @@ from .watcher import FrameWatcher
 log = logging.getLogger("nightstack")
 
 CLOSE_REQUEST = "close-request"  # `nightstack close` creates this file in the output dir
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # every empty file: rejected each, not deduped
 _TICK_S = 0.5  # worker loop period when idle: signals, close requests, watchdog, previews
+RETRY_S = 5.0  # while the output cannot be written: how often to look for free space again
+_SPACE_MARGIN = 16 * 2**20  # free bytes wanted besides two frame-store entries before a retry
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _shown(text: str) -> str:
+    """``text`` fit for one log line: control characters (a newline in a file name) and bytes
+    that were not UTF-8 are written as escapes."""
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))
 
 
 def load_kwargs(settings: Settings) -> dict[str, Any]:
@@ -88,7 +108,7 @@ class Daemon:
         self.on_close = on_close
         self.notifier = Notifier()
         self.paths: queue.Queue[Path] = queue.Queue()
-        self.prepared: queue.Queue[Prepared | _Duplicate] = queue.Queue(maxsize=1)
+        self.prepared: queue.Queue[tuple[int, Prepared | _Duplicate]] = queue.Queue(maxsize=1)
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.session: Session | None = None
@@ -97,6 +117,14 @@ class Daemon:
         self._busy = threading.Event()  # the prepare thread holds a frame
         self.stats = {"stacked": 0, "rejected": 0}
         self._last_keepalive = 0.0
+        # paths handed over by the watcher and not yet journaled or skipped, in arrival order,
+        # with how many times each is queued; guarded by _hash_lock like hashes and _epoch
+        self._outstanding: dict[Path, int] = {}
+        self._epoch = 0  # bumped when the queues are rebuilt: older prepared items are dropped
+        self._degraded = threading.Event()  # the output cannot be written: wait for space
+        self._retry_at = 0.0
+        self._reopen: Path | None = None  # a session to reload from disk before going on
+        self._frame_bytes = 0  # one frame-store entry of the last session, for the space check
 
     # --- signals ------------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -122,11 +150,11 @@ class Daemon:
             decode_fn=self.settings.decode_fn,
         ) as decoder:
             self.decoder = decoder
+            self.output = output
             open_dir = find_open(output)
             if open_dir is not None:
-                self.session = Session.resume(open_dir, self.settings, decoder)
-                if self.session.state == "closing":  # killed while finalizing: finish it
-                    self._close("resumed while closing")
+                self._reopen = open_dir
+                self._open_again()
             stacker = Stacker(self.settings, output, decoder)  # detection only (prepare)
             preparer = threading.Thread(
                 target=self._prepare_loop, args=(stacker,), name="nightstack-prepare", daemon=True
@@ -134,7 +162,7 @@ class Daemon:
             preparer.start()
             watcher = FrameWatcher(
                 watch,
-                self.paths.put,
+                self._enqueue,
                 extensions=self.settings.extensions,
                 recursive=self.settings.recursive,
                 polling=self.settings.polling,
@@ -142,7 +170,7 @@ class Daemon:
                 stable_s=self.settings.stable_s,
                 follow_symlinks=self.settings.follow_symlinks,
                 ignore_existing=self.settings.ignore_existing,
-                on_problem=lambda text: log.warning("%s", text),
+                on_problem=lambda text: log.warning("%s", _shown(text)),
             )
             watcher.start()
             self.notifier.ready(status="waiting for frames")
@@ -152,6 +180,8 @@ class Daemon:
             finally:
                 watcher.stop()
                 self.notifier.stopping()
+                if self.session is None and self._reopen is not None:
+                    self._open_again()  # a session a failed write left on disk: finish it too
                 if self.session is not None and self.session.state != "closed":
                     self._close("stopping")
                 self.stop.set()
@@ -165,24 +195,72 @@ class Daemon:
             self.notifier.watchdog()
             if self.reload.is_set():
                 self._reload()
+            if self._degraded.is_set() and time.monotonic() >= self._retry_at:
+                self._recover(output)
             request = output / CLOSE_REQUEST
             if request.exists():
                 request.unlink(missing_ok=True)
                 self._close("close requested")
             try:
-                item = self.prepared.get(timeout=tick)
+                epoch, item = self.prepared.get(timeout=tick)
             except queue.Empty:
                 self._idle()
                 if self.exit_when_closed and self.session is None and self.stats["stacked"]:
                     return
                 continue
+            if epoch != self._epoch or self._degraded.is_set():
+                continue  # still outstanding: queued again by the recovery
             if self.settings.debug_stall_s:
                 time.sleep(self.settings.debug_stall_s)  # testing only: a stuck worker
             self._ingest(item, output)
 
+    def _enqueue(self, path: Path) -> None:
+        """The watcher's on_ready: remember the path as outstanding, queue it."""
+        with self._hash_lock:
+            self._outstanding[path] = self._outstanding.get(path, 0) + 1
+        self.paths.put(path)
+
+    def _done(self, path: Path) -> None:
+        """``path`` was journaled (or skipped as a duplicate): no longer outstanding."""
+        with self._hash_lock:
+            left = self._outstanding.pop(path, 0) - 1
+            if left > 0:
+                self._outstanding[path] = left
+
+    def _requeue(
+        self, output: Path, first: list[Path] | None = None, current: Prepared | None = None
+    ) -> int:
+        """Rebuild the queues from the disk: hashes from the journals, then every outstanding
+        path (after ``first``) queued once, in arrival order; prepared items of the old epoch
+        are dropped. ``current``, the frame the worker is about to stack, is not queued again.
+        Returns the number of paths queued."""
+        with self._hash_lock:
+            self.hashes = known_hashes(output)
+            self._epoch += 1
+            while True:
+                try:
+                    self.paths.get_nowait()
+                except queue.Empty:
+                    break
+            order = dict.fromkeys([*(first or []), *self._outstanding], 1)
+            if current is not None:
+                order.pop(current.path, None)
+            for path in order:
+                self.paths.put(path)
+            queued = len(order)
+            if current is not None:
+                order[current.path] = 1
+                if current.sha256 is not None:
+                    self.hashes.add(current.sha256)
+            self._outstanding = order
+        return queued
+
     def _prepare_loop(self, stacker: Stacker) -> None:
         """Hash, skip known frames, decode and detect; hand over one frame at a time."""
         while not self.stop.is_set():
+            if self._degraded.is_set():  # nothing can be stored: do not decode in vain
+                self.stop.wait(_TICK_S)
+                continue
             try:
                 path = self.paths.get(timeout=_TICK_S)
             except queue.Empty:
@@ -195,13 +273,14 @@ class Daemon:
                 except OSError:
                     digest = None  # unreadable: prepare() records the reason
                 with self._hash_lock:
-                    duplicate = digest is not None and digest in self.hashes
+                    epoch = self._epoch
+                    duplicate = digest in self.hashes and digest != EMPTY_SHA256
                     if digest is not None:
                         self.hashes.add(digest)
                 item = _Duplicate(path) if duplicate else stacker.prepare(path, digest)
                 while not self.stop.is_set():
                     try:
-                        self.prepared.put(item, timeout=_TICK_S)
+                        self.prepared.put((epoch, item), timeout=_TICK_S)
                         break
                     except queue.Full:
                         continue
@@ -210,12 +289,28 @@ class Daemon:
 
     def _ingest(self, item: Prepared | _Duplicate, output: Path) -> None:
         if isinstance(item, _Duplicate):
-            log.info("%s: already processed (same content), skipped", item.path.name)
+            log.info("%s: already processed (same content), skipped", _shown(item.path.name))
+            self._done(item.path)
             return
         if self.session is None:
-            self.session = Session.create(output, self.settings, self.decoder)
+            try:
+                self.session = Session.create(output, self.settings, self.decoder)
+            except OSError as err:
+                self._failed(err, f"cannot open a session for {_shown(item.path.name)}")
+                return
         session = self.session
-        record = session.ingest(item)
+        better = session.stacker.better_reference(item)
+        if better is not None:
+            self._start_over(session, better, item, output)
+            return
+        try:
+            record = session.ingest(item)
+        except OSError as err:
+            self._failed(err, f"{_shown(item.path.name)} not stacked", session)
+            return
+        self._done(item.path)
+        if session.stacker.store is not None:
+            self._frame_bytes = session.stacker.store.frame_bytes
         if record.status == "accepted":
             self.stats["stacked"] += 1
         else:
@@ -224,7 +319,7 @@ class Daemon:
         timings = " ".join(f"{k}={v:.0f}ms" for k, v in record.ms.items())
         log.info(
             "%s %s%s stars=%s fwhm=%s residual=%s %s queue=%d",
-            Path(record.file).name,
+            _shown(Path(record.file).name),
             record.status,
             f" ({record.reason})" if record.reason else "",
             record.stars,
@@ -242,6 +337,78 @@ class Daemon:
         )
         if session.preview_due() and depth == 0:
             self._preview(session)
+
+    def _start_over(self, session: Session, why: str, item: Prepared, output: Path) -> None:
+        """A much better reference arrived early: supersede the session and stack its frames
+        again in a new one, ``item`` first (it becomes the reference)."""
+        log.warning("%s; starting the session over with it as the reference", _shown(why))
+        try:
+            files = session.supersede(why)
+        except OSError as err:
+            self._failed(err, f"session {session.id} not superseded", session)
+            return
+        self.session = None
+        queued = self._requeue(output, [Path(f) for f in files], current=item)
+        log.info("%d frame(s) queued again for the new session", queued)
+        self._ingest(item, output)
+
+    def _failed(self, err: OSError, what: str, session: Session | None = None) -> None:
+        """A write failed. Nothing is journaled for the frame; ``session`` (whose in-memory state
+        may be ahead of its journal) is dropped and reloaded from disk when space returns."""
+        if session is not None:
+            session.abandon()
+            self._reopen = session.dir
+            if self.session is session:
+                self.session = None
+        kind = "disk full" if err.errno in _FULL or self._free() < _SPACE_MARGIN else "write failed"
+        if not self._degraded.is_set():
+            log.error(
+                "%s: %s (%s); decoding paused, frames wait and are stacked when %s can be "
+                "written again (checked every %g s); nothing is lost",
+                kind,
+                what,
+                err.strerror or err,
+                self.output,
+                RETRY_S,
+            )
+            self.notifier.status(f"{kind}: waiting for space in {self.output}")
+        self._degraded.set()
+        self._retry_at = time.monotonic() + RETRY_S
+
+    def _recover(self, output: Path) -> None:
+        """Degraded: when there is room again, reload the session and queue the waiting frames."""
+        self._retry_at = time.monotonic() + RETRY_S
+        if self._free() < _SPACE_MARGIN + 2 * self._frame_bytes:
+            return
+        if self._reopen is not None and not self._open_again():
+            return
+        queued = self._requeue(output)
+        self._degraded.clear()
+        log.info("%s can be written again: %d waiting frame(s) queued", output, queued)
+
+    def _free(self) -> int:
+        """Bytes free for us in the output folder (0 if that cannot be told)."""
+        try:
+            st = os.statvfs(self.output)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
+    def _open_again(self) -> bool:
+        """Reload the session at ``_reopen`` from disk (finishing it if it was closing)."""
+        assert self._reopen is not None
+        try:
+            session = Session.resume(self._reopen, self.settings, self.decoder)
+        except OSError as err:
+            self._failed(err, f"session {self._reopen.name} cannot be reloaded")
+            return False
+        self._reopen = None
+        self.session = session
+        if session.stacker.store is not None:
+            self._frame_bytes = session.stacker.store.frame_bytes
+        if session.state == "closing":  # stopped while finalizing: finish it
+            self._close("resumed while closing")
+        return self._reopen is None
 
     def _behind(self) -> bool:
         return bool(self.paths.qsize() or self.prepared.qsize() or self._busy.is_set())
@@ -267,7 +434,15 @@ class Daemon:
             return
         log.info("closing session %s: %s", session.id, why)
         self.notifier.status(f"finalizing session {session.id} ({session.stacker.accepted} frames)")
-        outputs = session.close(self._keepalive)
+        try:
+            outputs = session.close(self._keepalive)
+        except OSError as err:
+            self._failed(err, f"session {session.id} not finalized", session)
+            log.error(
+                "session %s stays 'closing': finished when space returns or at the next start",
+                session.id,
+            )
+            return
         self.session = None
         if self.on_close is not None:
             self.on_close(session, outputs)

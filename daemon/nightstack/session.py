@@ -2,7 +2,9 @@
 
 Layout of ``OUTPUT_DIR/<session-id>/``::
 
-    session.json    settings used, reference, counts, state ("open", "closing", "closed")
+    session.json    settings used, reference, counts, state ("open", "closing", "closed",
+                    "superseded": started over with a better reference, its frames re-stacked in
+                    a new session; ignored by resume and by the exactly-once bookkeeping)
     journal.jsonl   one fsync'd JSON line per frame (the ``nightstack stack --report`` fields)
     reference.npz   the reference frame's stars (written once, when the reference is chosen)
     frames/         the aligned-frame store (uint16) the exact final combine reads back
@@ -15,13 +17,21 @@ Order of work per accepted frame: frame store (atomic file) -> live stack -> jou
 checkpoint, drops store entries the journal never confirmed and re-adds from the store the
 accepted frames journaled after the checkpoint: no frame lost, none counted twice. Frames the
 journal never saw are re-reported by the watcher's start-up scan and processed normally.
+
+A failed write (disk full, I/O error) raises ``OSError`` out of :meth:`Session.ingest` or
+:meth:`Session.close` and leaves the disk as a crash at that point would: a journal line is
+written whole or not at all (a partial append is cut off again), every other file is replaced
+atomically. The daemon then drops the Session object and later reloads it with
+:meth:`Session.resume`, exactly as after a kill -9; temporary files a crash left are removed there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -44,22 +54,39 @@ log = logging.getLogger("nightstack.session")
 
 JOURNAL = "journal.jsonl"
 SESSION = "session.json"
+_TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # writers.atomic_path's temporary names
 
 
 def read_journal(path: Path) -> list[dict[str, Any]]:
     """The journal's complete lines; a torn last line (crash mid-write) is ignored."""
-    if not path.exists():
-        return []
-    records = []
-    with path.open("r", encoding="utf-8") as fh:
-        for line in fh:
-            if not line.endswith("\n"):
-                break  # torn tail: the frame was not confirmed
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return records
+    return _read_journal(path)[0]
+
+
+def _read_journal(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """(complete records, byte length of the journal up to the end of the last of them).
+
+    Reading stops at the first line that is not newline-terminated, valid UTF-8 and JSON: a torn
+    tail, or anything after it, was never confirmed.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    records: list[dict[str, Any]] = []
+    good = 0
+    while True:
+        end = data.find(b"\n", good)
+        if end < 0:
+            break
+        try:
+            record = json.loads(data[good:end].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            break
+        if not isinstance(record, dict):
+            break
+        records.append(record)
+        good = end + 1
+    return records, good
 
 
 def known_hashes(output_dir: Path) -> set[str]:
@@ -70,20 +97,27 @@ def known_hashes(output_dir: Path) -> set[str]:
     """
     hashes: set[str] = set()
     for journal in sorted(output_dir.glob(f"*/{JOURNAL}")):
+        if _state(journal.parent) == "superseded":
+            continue  # its frames were handed to the session that replaced it
         hashes.update(r["sha256"] for r in read_journal(journal) if r.get("sha256"))
     return hashes
 
 
+def _state(directory: Path) -> str | None:
+    try:
+        state = json.loads((directory / SESSION).read_text(encoding="utf-8")).get("state")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return str(state) if state is not None else None
+
+
 def find_open(output_dir: Path) -> Path | None:
     """The newest session directory that was not closed, if any."""
-    candidates = []
-    for meta in output_dir.glob(f"*/{SESSION}"):
-        try:
-            state = json.loads(meta.read_text(encoding="utf-8")).get("state")
-        except (OSError, json.JSONDecodeError):
-            continue
-        if state in ("open", "closing"):
-            candidates.append(meta.parent)
+    candidates = [
+        meta.parent
+        for meta in output_dir.glob(f"*/{SESSION}")
+        if _state(meta.parent) in ("open", "closing")
+    ]
     return max(candidates, default=None)
 
 
@@ -101,7 +135,7 @@ class Session:
         self.since_preview = 0
         self.last_preview = 0.0
         self.last_frame = time.monotonic()
-        self._journal = (directory / JOURNAL).open("a", encoding="utf-8")
+        self._journal = os.open(directory / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     @property
     def id(self) -> str:
@@ -117,8 +151,12 @@ class Session:
             n += 1
             directory = output_dir / f"{stamp}-{n}"
         directory.mkdir(parents=True)
-        session = cls(directory, settings, decoder)
-        session._write_meta()
+        try:
+            session = cls(directory, settings, decoder)
+            session._write_meta()
+        except OSError:
+            shutil.rmtree(directory, ignore_errors=True)  # no half-made session left behind
+            raise
         log.info("session %s opened", session.id)
         return session
 
@@ -126,15 +164,39 @@ class Session:
     def resume(cls, directory: Path, settings: Settings, decoder: Decoder) -> Session:
         """Reopen a session after a crash or restart (see the module docstring)."""
         meta = json.loads((directory / SESSION).read_text(encoding="utf-8"))
+        removed = _remove_temporary_files(directory)
+        records, good = _read_journal(directory / JOURNAL)
+        journal = directory / JOURNAL
+        if journal.exists() and journal.stat().st_size != good:
+            os.truncate(journal, good)  # drop a torn tail before appending (needs no space)
         session = cls(directory, settings, decoder)
-        session.started = meta.get("started", session.started)
-        session.state = meta.get("state", "open")
-        records = read_journal(directory / JOURNAL)
-        session._rewrite_journal(records)  # drop a torn tail before appending
-        session.records = len(records)
-        stacker = session.stacker
+        try:
+            session._restore(meta, records, removed)
+        except BaseException:
+            session.abandon()
+            raise
+        return session
+
+    def _restore(self, meta: dict[str, Any], records: list[dict[str, Any]], removed: int) -> None:
+        """Resume's second half: state, reference, frame store, live stack and counters."""
+        directory, settings, stacker = self.dir, self.settings, self.stacker
+        self.started = meta.get("started", self.started)
+        self.state = meta.get("state", "open")
+        self.records = len(records)
+        if removed:
+            log.info(
+                "session %s: removed %d temporary file(s) of an interrupted write", self.id, removed
+            )
         ref_file = directory / "reference.npz"
-        if ref_file.exists():
+        if not ref_file.exists():
+            # stopped before the reference was saved: whatever the store holds was never
+            # journaled (the frames are re-reported and stacked again)
+            shutil.rmtree(directory / "frames", ignore_errors=True)
+            shutil.rmtree(directory / "checkpoint", ignore_errors=True)
+            log.info(
+                "session %s resumed: %d journal lines, no reference yet", self.id, len(records)
+            )
+        else:
             reference = _load_reference(ref_file)
             store = FrameStore(directory / "frames", reference.shape, reference.channels)
             accepted = [r for r in records if r["status"] == "accepted"]
@@ -143,7 +205,6 @@ class Session:
             state = _read_checkpoint(checkpoint)
             if state is not None:
                 live = LiveStack.load(checkpoint / "live", store=store)
-                counted = int(state["records"])
             else:
                 live = LiveStack(
                     reference.shape,
@@ -152,20 +213,18 @@ class Session:
                     warmup=settings.live_warmup,
                     store=store,
                 )
-                counted = 0
             stacker.reference, stacker.store, stacker.live = reference, store, live
+            self.counted_at_checkpoint = live.frames
             replayed = live.catch_up()  # the accepted frames journaled after the checkpoint
-            session.counted_at_checkpoint = counted
             log.info(
                 "session %s resumed: %d journal lines, %d frames from checkpoint, %d replayed",
-                session.id,
+                self.id,
                 len(records),
                 live.frames - replayed,
                 replayed,
             )
         for record in records:
-            session._count(record)
-        return session
+            self._count(record)
 
     def _count(self, record: dict[str, Any]) -> None:
         stacker = self.stacker
@@ -195,22 +254,32 @@ class Session:
             live = self.stacker.live
             assert live is not None
             if live.frames - self.counted_at_checkpoint >= self.settings.checkpoint_every_frames:
-                self.checkpoint()
+                try:
+                    self.checkpoint()
+                except OSError as err:  # the frame is journaled: only the checkpoint waits
+                    log.error(
+                        "session %s: checkpoint not written (%s); the previous one stays valid "
+                        "and the next frame tries again",
+                        self.id,
+                        err.strerror or err,
+                    )
         return record
 
     def _append(self, record: FrameRecord) -> None:
-        self._journal.write(record.to_json() + "\n")
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+        """Append one journal line and fsync it: the frame's commit point. All or nothing: a
+        write cut short (disk full) is truncated away again before the error propagates."""
+        data = (record.to_json() + "\n").encode("utf-8")
+        before = os.fstat(self._journal).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._journal, view) :]
+            os.fsync(self._journal)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._journal, before)
+            raise
         self.records += 1
-
-    def _rewrite_journal(self, records: list[dict[str, Any]]) -> None:
-        self._journal.close()
-        with atomic_path(self.dir / JOURNAL) as tmp:
-            tmp.write_text(
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
-            )
-        self._journal = (self.dir / JOURNAL).open("a", encoding="utf-8")
 
     def checkpoint(self) -> None:
         """Save the live accumulator atomically (old checkpoint stays valid until the swap)."""
@@ -263,7 +332,7 @@ class Session:
             outputs["frame_store_bytes"] = stacker.store.disk_bytes()
         self.state = "closed"
         self._write_meta(outputs)
-        self._journal.close()
+        self._close_journal()
         if not self.settings.keep_frame_store:
             shutil.rmtree(self.dir / "frames", ignore_errors=True)
             shutil.rmtree(self.dir / "checkpoint", ignore_errors=True)
@@ -272,9 +341,30 @@ class Session:
 
     def abandon(self) -> None:
         """Release files without finalizing (the session stays open for a later resume)."""
-        self._journal.close()
+        self._close_journal()
 
-    def _write_meta(self, outputs: dict[str, Any] | None = None) -> None:
+    def supersede(self, reason: str) -> list[str]:
+        """Give up this session for a new one with a better reference (see
+        :meth:`Stacker.better_reference`); return the files it journaled, in journal order, to
+        be stacked again there. Its journal and session.json stay as a record; the frame store
+        and checkpoint are deleted. Once session.json says "superseded" (the commit point) its
+        frames no longer count as processed."""
+        files = [str(r["file"]) for r in read_journal(self.dir / JOURNAL)]
+        self.state = "superseded"
+        self._write_meta(note=f"superseded: {reason}")
+        self._close_journal()
+        shutil.rmtree(self.dir / "frames", ignore_errors=True)
+        shutil.rmtree(self.dir / "checkpoint", ignore_errors=True)
+        (self.dir / "reference.npz").unlink(missing_ok=True)
+        log.info("session %s superseded: %s", self.id, reason)
+        return files
+
+    def _close_journal(self) -> None:
+        if self._journal >= 0:
+            os.close(self._journal)
+            self._journal = -1
+
+    def _write_meta(self, outputs: dict[str, Any] | None = None, note: str | None = None) -> None:
         stacker = self.stacker
         meta = {
             "session": self.id,
@@ -292,7 +382,20 @@ class Session:
             "outputs": outputs or {},
             "settings": json.loads(self.settings.model_dump_json()),
         }
+        if note is not None:
+            meta["note"] = note
         write_json(self.dir / SESSION, meta)
+
+
+def _remove_temporary_files(directory: Path) -> int:
+    """Delete the temporary files of atomic writes a crash interrupted; return how many."""
+    removed = 0
+    for path in directory.rglob(".*.tmp"):
+        if _TEMP_FILE.match(path.name) and path.is_file():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def _reason_key(reason: str) -> str:

@@ -1,0 +1,807 @@
+"""Reliability of the live daemon under real faults: bad files, decoder hangs and crashes, wrong
+frames, a burst of files, a full disk, a pulled card, kill -9, permissions, odd paths.
+
+Every test runs ``nightstack watch`` as a real subprocess on real folders (real inotify, real
+decoder child, real signals, real file systems) and judges it by what it leaves on disk: the
+journal, ``session.json``, the outputs, the log, and the files it was given (which it must never
+change). The outcome is recorded in ``bench/RELIABILITY.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from astropy.io import fits
+
+from nightstack.simulate import simulate_night, write_dng
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parent
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+TRUNCATED_CR3 = REALDATA / "negative_truncated_cr3"
+WIDTH, HEIGHT = 600, 400  # small frames: ~0.1 s each through the whole pipeline
+FAULTY = "_faulty_decode:load"  # tests/_faulty_decode.py, importable in the decoder child
+
+
+# --------------------------------------------------------------------------- the daemon process
+
+
+class Daemon:
+    """``nightstack watch`` in a subprocess, its log in a file next to the output folder."""
+
+    def __init__(
+        self,
+        watch: Path,
+        out: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.log = (log_dir or out.parent) / f"daemon-{time.monotonic_ns()}.log"
+        environment = dict(os.environ)
+        environment.update(
+            {
+                "NIGHTSTACK_STABLE_S": "0.5",  # backlog files count as complete sooner
+                "NIGHTSTACK_IDLE_TIMEOUT_S": "600",
+                "PYTHONPATH": os.pathsep.join(
+                    [str(TESTS), *filter(None, [environment.get("PYTHONPATH")])]
+                ),
+            }
+        )
+        environment.update(env or {})
+        cmd = [
+            sys.executable,
+            "-m",
+            "nightstack.cli",
+            "watch",
+            str(watch),
+            "--output-dir",
+            str(out),
+        ]
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                [*(wrap or []), *cmd, *args], stdout=log, stderr=subprocess.STDOUT, env=environment
+            )
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(timeout=10)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, daemon: Daemon) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if daemon.proc.poll() is not None:
+            raise AssertionError(
+                f"daemon exited ({daemon.proc.returncode}) waiting for {what}:\n"
+                + daemon.text()[-4000:]
+            )
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}:\n" + daemon.text()[-4000:])
+
+
+def journal(out: Path) -> list[dict[str, Any]]:
+    """Every journal line of every session; a line that is not JSON fails the test."""
+    lines: list[dict[str, Any]] = []
+    for path in sorted(out.glob("*/journal.jsonl")):
+        raw = path.read_bytes()
+        assert not raw or raw.endswith(b"\n"), f"{path} ends in a torn line"
+        for line in raw.decode("utf-8").splitlines():
+            record = json.loads(line)
+            record["session"] = path.parent.name
+            lines.append(record)
+    return lines
+
+
+def by_name(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {Path(r["file"]).name: r for r in lines}
+
+
+def sessions(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*/session.json"))]
+
+
+def fingerprint(path: Path) -> tuple[str, int, int]:
+    """(sha256, size, mtime_ns) of a file without following a symlink's target's mtime."""
+    data = path.read_bytes()
+    st = path.stat()
+    return hashlib.sha256(data).hexdigest(), st.st_size, st.st_mtime_ns
+
+
+def leftovers(out: Path) -> list[Path]:
+    """Temporary or partial files anywhere under ``out``."""
+    return [
+        p
+        for p in out.rglob("*")
+        if p.is_file() and (p.name.endswith((".tmp", ".part")) or p.name.startswith(".write-test"))
+    ]
+
+
+def assert_outputs_readable(session_dir: Path) -> None:
+    """Every output file of a closed session opens and holds what it should."""
+    meta = json.loads((session_dir / "session.json").read_text())
+    assert meta["state"] == "closed", meta
+    image = tifffile.imread(session_dir / "stack.tif")
+    assert image.shape[:2] == (HEIGHT, WIDTH) and image.dtype == np.uint16 and image.max() > 0
+    with fits.open(session_dir / "stack.fits") as hdul:
+        data = np.asarray(hdul[0].data)
+        assert data.shape[-2:] == (HEIGHT, WIDTH)
+        assert hdul[0].header["NCOMBINE"] == meta["accepted"]
+    preview = cv2.imread(str(session_dir / "preview.jpg"))
+    assert preview is not None and preview.shape[:2] == (HEIGHT, WIDTH)
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in KiB, from /proc/PID/status."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+# --------------------------------------------------------------------------- frames
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Eight clear frames of one night, 600 x 400."""
+    outdir = tmp_path_factory.mktemp("night")
+    simulate_night(outdir, frames=8, width=WIDTH, height=HEIGHT, seed=41)
+    return sorted(outdir.glob("*.DNG"))
+
+
+@pytest.fixture(scope="module")
+def wrong(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Frames that must not be stacked (and must not become the reference)."""
+    outdir = tmp_path_factory.mktemp("wrong")
+    simulate_night(
+        outdir / "n", frames=8, width=WIDTH, height=HEIGHT, seed=42, cloudy=(0, 5), trailed=(1, 6)
+    )
+    n = sorted((outdir / "n").glob("*.DNG"))
+    simulate_night(outdir / "p", frames=1, width=HEIGHT, height=WIDTH, seed=43)
+    simulate_night(outdir / "w", frames=1, width=WIDTH + 40, height=HEIGHT, seed=44)
+    return {
+        "cloudy_first": n[0],
+        "trailed_second": n[1],
+        "good_a": n[2],
+        "good_b": n[3],
+        "good_c": n[4],
+        "cloudy": n[5],
+        "trailed": n[6],
+        "good_d": n[7],
+        "portrait": next((outdir / "p").glob("*.DNG")),
+        "wider": next((outdir / "w").glob("*.DNG")),
+        "daylight_first": _daylight(outdir / "day1.DNG", seed=1),
+        "daylight": _daylight(outdir / "day2.DNG", seed=2),
+    }
+
+
+def _daylight(path: Path, seed: int) -> Path:
+    """An overexposed daytime frame: a bright sky gradient, a third of it clipped."""
+    rng = np.random.default_rng(seed)
+    black, white = 512, 16383
+    ramp = np.linspace(0.6, 1.3, WIDTH)[np.newaxis, :] * np.ones((HEIGHT, 1))
+    level = black + np.clip(ramp, 0, 1) * (white - black)
+    cfa = np.clip(level + rng.normal(0, 40, (HEIGHT, WIDTH)), 0, white).astype(np.uint16)
+    capture = datetime(2025, 6, 1, 12, 0, seed, tzinfo=UTC)
+    return write_dng(
+        path, cfa, black_level=black, white_level=white, exposure_s=30.0, iso=800,
+        capture_time=capture,
+    )  # fmt: skip
+
+
+def copy_and_wait(src: Path, dst: Path, out: Path, count: int, daemon: Daemon) -> dict[str, Any]:
+    """Copy a frame into the watch folder and wait for its journal line."""
+    shutil.copy(src, dst)
+    lines = wait_for(lambda: len(journal(out)) >= count and journal(out), 60, dst.name, daemon)
+    assert len(lines) == count, lines
+    assert Path(lines[-1]["file"]).name == dst.name, lines[-1]
+    return dict(lines[-1])
+
+
+def log_line(text: str, name: str) -> str:
+    """The one log line about frame ``name`` that says accepted or rejected."""
+    hits = [
+        ln for ln in text.splitlines() if f" {name} accepted" in ln or f" {name} rejected" in ln
+    ]
+    assert len(hits) == 1, (name, hits, text[-3000:])
+    return hits[0]
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def _bad_files(source: Path, into: Path, seed: int, real: bool) -> dict[str, str]:
+    """Write the bad inputs into ``into`` (cut from the DNG ``source``, other contents from
+    ``seed``; with ``real``, the real truncated CR3s too); return {name: a word their reason
+    must contain}."""
+    expected: dict[str, str] = {}
+    dng = source.read_bytes()
+    # the first few KiB of the simulated DNGs are alike: cut the live set after them
+    cuts = (64, 4096, len(dng) // 2, len(dng) - 100) if real else (len(dng) // 3, len(dng) - 9)
+    for n in cuts:
+        (into / f"cut_{n}.DNG").write_bytes(dng[:n])
+        expected[f"cut_{n}.DNG"] = "truncated"
+    rng = np.random.default_rng(seed)
+    (into / "noise.CR3").write_bytes(rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes())
+    expected["noise.CR3"] = "unsupported raw format"
+    (into / "empty.CR3").write_bytes(b"")
+    expected["empty.CR3"] = "empty file"
+    ok, jpeg = cv2.imencode(".jpg", rng.integers(0, 255, (200, 300, 3), dtype=np.uint8))
+    assert ok
+    (into / "holiday.NEF").write_bytes(jpeg.tobytes())
+    expected["holiday.NEF"] = "JPEG"
+    good = fits.PrimaryHDU(np.full((40, 60), seed, np.uint16))
+    good.header["BAYERPAT"] = "RGGB"
+    fits_path = into / "broken.fits"
+    good.writeto(fits_path)
+    raw = bytearray(fits_path.read_bytes())
+    card = raw.find(b"NAXIS1")
+    raw[card : card + 80] = b"NAXIS1  = 'sixty'  / a broken header".ljust(80)
+    fits_path.write_bytes(bytes(raw))
+    expected["broken.fits"] = "FITS"
+    for cr3 in sorted(TRUNCATED_CR3.glob("*.cr3")) if real and TRUNCATED_CR3.is_dir() else []:
+        shutil.copy(cr3, into / cr3.name)
+        expected[cr3.name] = "truncated or corrupt raw data"
+    return expected
+
+
+def test_bad_files_are_rejected_untouched_and_the_daemon_goes_on(
+    night: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    shutil.copy(night[0], watch / "IMG_0000.DNG")  # a good frame first: the reference
+    expected = _bad_files(night[0], watch, seed=7, real=True)  # the backlog: bad files at start
+    before = {p.name: fingerprint(p) for p in watch.iterdir()}
+    d = Daemon(watch, out)
+    daemons.append(d)
+    wait_for(lambda: len(journal(out)) >= len(before), 90, "the backlog", d)
+    # more bad files while it runs, then a good frame: still stacked
+    live = tmp_path / "live"
+    live.mkdir()
+    bad_live = _bad_files(night[2], live, seed=8, real=False)
+    expected_live = {f"live_{k}": v for k, v in bad_live.items()}
+    for p in sorted(live.iterdir()):
+        shutil.copy(p, watch / f"live_{p.name}")
+    before.update({f"live_{p.name}": fingerprint(watch / f"live_{p.name}") for p in live.iterdir()})
+    expected.update(expected_live)
+    wait_for(lambda: len(journal(out)) >= len(before), 90, "the live bad files", d)
+    copy_and_wait(night[1], watch / "IMG_0001.DNG", out, len(before) + 1, d)
+
+    lines = by_name(journal(out))
+    assert lines["IMG_0000.DNG"]["status"] == "accepted" and lines["IMG_0000.DNG"]["reference"]
+    assert lines["IMG_0001.DNG"]["status"] == "accepted"
+    for name, word in expected.items():
+        record = lines[name]
+        assert record["status"] == "rejected" and word in record["reason"], record
+        assert "\n" not in record["reason"]
+        assert f"rejected ({record['reason']})" in log_line(d.text(), name)
+    assert len(journal(out)) == len(before) + 1  # each file exactly once
+    for name, print_before in before.items():
+        assert fingerprint(watch / name) == print_before, f"{name} was changed"
+    assert d.alive()
+    assert d.stop() == 0
+    (meta,) = sessions(out)
+    assert meta["accepted"] == 2 and meta["rejected"] == len(expected)
+    assert_outputs_readable(out / meta["session"])
+    assert leftovers(out) == []
+
+
+# --------------------------------------------------------------------------- decoder faults
+
+
+def test_a_hanging_or_crashing_decoder_costs_one_frame(
+    night: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    env = {"NIGHTSTACK_DECODE_FN": FAULTY, "NIGHTSTACK_DECODE_TIMEOUT_S": "3"}
+    d = Daemon(watch, out, env=env)
+    daemons.append(d)
+    wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
+    assert copy_and_wait(night[0], watch / "IMG_0000.DNG", out, 1, d)["status"] == "accepted"
+    started = time.monotonic()
+    hung = copy_and_wait(night[1], watch / "IMG_0001_hang.DNG", out, 2, d)
+    assert hung["status"] == "rejected" and hung["reason"] == "decode timed out after 3 s"
+    assert time.monotonic() - started < 30
+    after_hang = copy_and_wait(night[2], watch / "IMG_0002.DNG", out, 3, d)
+    assert after_hang["status"] == "accepted"
+    crashed = copy_and_wait(night[3], watch / "IMG_0003_crash.DNG", out, 4, d)
+    assert crashed["status"] == "rejected"
+    assert crashed["reason"] == "decoder crashed (signal SIGSEGV)"
+    assert copy_and_wait(night[4], watch / "IMG_0004.DNG", out, 5, d)["status"] == "accepted"
+    assert d.alive() and d.pid == d.proc.pid
+    log = d.text()
+    assert "IMG_0001_hang.DNG rejected (decode timed out after 3 s)" in log
+    assert "IMG_0003_crash.DNG rejected (decoder crashed (signal SIGSEGV))" in log
+    assert d.stop() == 0
+    (meta,) = sessions(out)
+    assert meta["accepted"] == 3 and meta["rejected"] == 2
+
+
+# --------------------------------------------------------------------------- wrong frames
+
+
+def test_wrong_frames_are_rejected_and_never_become_the_reference(
+    wrong: dict[str, Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    d = Daemon(watch, out)
+    daemons.append(d)
+    wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
+    order = [
+        "daylight_first",
+        "cloudy_first",
+        "trailed_second",
+        "good_a",
+        "good_b",
+        "portrait",
+        "wider",
+        "daylight",
+        "cloudy",
+        "trailed",
+        "good_c",
+        "good_d",
+    ]
+    records = {}
+    for i, key in enumerate(order):
+        records[key] = copy_and_wait(wrong[key], watch / f"F{i:02d}_{key}.DNG", out, i + 1, d)
+    status = {k: (r["status"], r["reason"]) for k, r in records.items()}
+    assert [k for k, r in records.items() if r["reference"]] == ["good_a"], status
+    assert {k for k, r in records.items() if r["status"] == "accepted"} == {
+        "good_a",
+        "good_b",
+        "good_c",
+        "good_d",
+    }, status
+    reasons = {k: r["reason"] or "" for k, r in records.items()}
+    assert reasons["daylight_first"].startswith("too few stars"), status
+    assert reasons["cloudy_first"].startswith("too few stars"), status
+    assert reasons["trailed_second"].startswith("trailed"), status
+    assert reasons["portrait"] == "frame size 400x600 differs from reference 600x400"
+    assert reasons["wider"] == "frame size 640x400 differs from reference 600x400"
+    assert reasons["daylight"].startswith(("too few stars", "bright sky")), status
+    assert reasons["cloudy"].startswith("too few stars"), status
+    assert reasons["trailed"].startswith(("trailed", "too few stars")), status
+    assert d.stop() == 0
+    (meta,) = sessions(out)
+    assert meta["accepted"] == 4 and Path(meta["reference"]).name == "F03_good_a.DNG"
+    assert_outputs_readable(out / meta["session"])
+
+
+# --------------------------------------------------------------------------- a burst of files
+
+
+def test_a_burst_of_200_files_each_once_with_flat_memory(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    frames = 200
+    camera = tmp_path / "camera"
+    simulate_night(camera, frames=frames, width=360, height=240, seed=45, stars=300)
+    watch, out, staging = tmp_path / "watch", tmp_path / "out", tmp_path / "staging"
+    watch.mkdir()
+    staging.mkdir()
+    for p in camera.glob("*.DNG"):
+        shutil.copy(p, staging / p.name)
+    d = Daemon(watch, out, env={"NIGHTSTACK_CHECKPOINT_EVERY_FRAMES": "10"})
+    daemons.append(d)
+    wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
+    for p in sorted(staging.iterdir()):  # all at once: renamed into place (atomic arrival)
+        os.rename(p, watch / p.name)
+    samples: list[tuple[int, int, int]] = []  # (journal lines, VmRSS KiB, VmHWM KiB)
+    deadline = time.monotonic() + 240
+    done = 0
+    while done < frames and time.monotonic() < deadline and d.alive():
+        done = sum(1 for p in out.glob("*/journal.jsonl") for _ in p.open("rb"))
+        samples.append((done, *rss_kib(d.pid)))
+        time.sleep(0.25)
+    assert done == frames, d.text()[-3000:]
+    lines = journal(out)
+    names = [Path(r["file"]).name for r in lines]
+    assert sorted(names) == sorted(p.name for p in camera.glob("*.DNG"))  # each exactly once
+    assert all(r["status"] == "accepted" for r in lines), [r["reason"] for r in lines]
+    # memory: after the first 20 frames (imports, arrays, caches warmed), RSS stays flat
+    warm = [rss for n, rss, _ in samples if 20 <= n < 60]
+    late = [rss for n, rss, _ in samples if n >= 140]
+    assert warm and late
+    growth_mib = (max(late) - max(warm)) / 1024
+    print(
+        f"burst: RSS warm max {max(warm) / 1024:.0f} MiB, late max {max(late) / 1024:.0f} MiB, "
+        f"growth {growth_mib:.1f} MiB, peak (VmHWM) {samples[-1][2] / 1024:.0f} MiB"
+    )
+    assert growth_mib < 8, samples
+    assert d.stop() == 0
+    (meta,) = sessions(out)
+    assert meta["accepted"] == frames
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MiB tmpfs the test can fill (skips where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m,mode=0755", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Fill ``disk`` with one file, to the last byte or leaving about ``leave`` bytes free;
+    return it (delete it to free the space)."""
+    filler = disk / "filler.bin"
+    chunk = b"\0" * (1 << 20)
+    if leave:
+        st = os.statvfs(disk)
+        with filler.open("wb") as fh:
+            fh.truncate(0)
+            os.posix_fallocate(fh.fileno(), 0, st.f_bavail * st.f_frsize - leave)
+        return filler
+    with filler.open("ab", buffering=0) as fh:
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(chunk)
+        with contextlib.suppress(OSError):
+            while True:  # the last partial MiB
+                fh.write(b"\0" * 4096)
+    return filler
+
+
+def test_disk_full_loses_nothing_and_recovers(
+    night: list[Path], small_disk: Path, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out = tmp_path / "watch", small_disk / "out"
+    watch.mkdir()
+    d = Daemon(watch, out, log_dir=tmp_path)
+    daemons.append(d)
+    wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
+    for i in range(3):
+        copy_and_wait(night[i], watch / night[i].name, out, i + 1, d)
+    (session,) = [p.parent for p in out.glob("*/session.json")]
+    wait_for(lambda: (session / "preview.jpg").exists(), 30, "a preview", d)
+    preview = fingerprint(session / "preview.jpg")
+    journal_before = (session / "journal.jsonl").read_bytes()
+
+    filler = fill(small_disk)
+    for i in range(3, 6):  # frames arriving on a full disk
+        shutil.copy(night[i], watch / night[i].name)
+    wait_for(lambda: "disk full" in d.text(), 60, "the disk-full log line", d)
+    time.sleep(3)  # it keeps running, retrying
+    assert d.alive()
+    assert (session / "journal.jsonl").read_bytes() == journal_before  # nothing half-written
+    assert fingerprint(session / "preview.jpg") == preview  # the last good preview stays
+    full_lines = [ln for ln in d.text().splitlines() if "disk full" in ln]
+    assert 1 <= len(full_lines) <= 3, full_lines  # said clearly, not once per retry
+
+    filler.unlink()  # space returns
+    wait_for(lambda: len(journal(out)) >= 6, 90, "the deferred frames", d)
+    lines = journal(out)
+    assert sorted(Path(r["file"]).name for r in lines) == [p.name for p in night[:6]]
+    assert all(r["status"] == "accepted" for r in lines)
+
+    # full again at the final write (room for session.json, not for the 1.4 MB TIFF): the
+    # session stays "closing" and is finished on restart
+    filler = fill(small_disk, leave=256 * 1024)
+    assert d.stop() == 0
+    assert "not finalized" in d.text() or "could not" in d.text(), d.text()[-2000:]
+    meta = json.loads((session / "session.json").read_text())
+    assert meta["state"] == "closing", meta
+    assert leftovers(out) == []
+    filler.unlink()
+    again = Daemon(watch, out, log_dir=tmp_path)
+    daemons.append(again)
+    wait_for(lambda: sessions(out)[0]["state"] == "closed", 90, "the resumed close", again)
+    assert again.stop() == 0
+    (meta,) = sessions(out)
+    assert meta["accepted"] == 6
+    assert_outputs_readable(session)
+    assert leftovers(out) == []
+    assert len(journal(out)) == 6
+
+
+# --------------------------------------------------------------------------- the card is pulled
+
+
+def test_watch_folder_removed_and_recreated(
+    night: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out = tmp_path / "card", tmp_path / "out"
+    watch.mkdir()
+    d = Daemon(watch, out)
+    daemons.append(d)
+    wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
+    copy_and_wait(night[0], watch / "IMG_0000.DNG", out, 1, d)
+    shutil.rmtree(watch)  # the card is pulled
+    wait_for(lambda: "disappeared" in d.text(), 30, "the missing folder reported", d)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    shutil.copy(night[0], staging / "IMG_0000.DNG")  # the card comes back with the old frame
+    shutil.copy(night[1], staging / "IMG_0001.DNG")  # and a new one
+    staging.rename(watch)
+    wait_for(lambda: len(journal(out)) >= 2, 60, "the new frame", d)
+    copy_and_wait(night[2], watch / "IMG_0002.DNG", out, 3, d)  # and it keeps watching
+    lines = journal(out)
+    assert [Path(r["file"]).name for r in lines] == ["IMG_0000.DNG", "IMG_0001.DNG", "IMG_0002.DNG"]
+    assert all(r["status"] == "accepted" for r in lines)
+    assert "IMG_0000.DNG: already processed" in d.text()
+    assert d.stop() == 0
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+class _Killer:
+    """Kill -9 the daemon the moment a temporary file whose path contains ``marker`` appears
+    under the output folder (inotify in this process), i.e. in the middle of that write."""
+
+    def __init__(self, out: Path, daemon: Daemon, marker: str) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers.inotify import InotifyObserver
+
+        self.hit = ""
+        killer = self
+
+        class Handler(FileSystemEventHandler):
+            def on_created(self, event: FileSystemEvent) -> None:
+                path = os.fsdecode(event.src_path)
+                if path.endswith(".tmp") and marker in path and not killer.hit:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(daemon.pid, signal.SIGKILL)
+                    killer.hit = path
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.observer = InotifyObserver()
+        self.observer.schedule(Handler(), str(out), recursive=True)
+        self.observer.start()
+
+    def stop(self) -> None:
+        self.observer.stop()
+        self.observer.join(10)
+
+
+def _decoder_children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_kill_9_at_random_points_loses_nothing_and_counts_nothing_twice(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    frames = 12
+    camera = tmp_path / "camera"
+    simulate_night(camera, frames=frames, width=WIDTH, height=HEIGHT, seed=46)
+    files = sorted(camera.glob("*.DNG"))
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in files:
+        shutil.copy(f, watch / f.name)
+    env = {
+        "NIGHTSTACK_DECODE_FN": "_slow_decode:load",
+        "NIGHTSTACK_CHECKPOINT_EVERY_FRAMES": "2",
+        "NIGHTSTACK_KEEP_FRAME_STORE": "true",
+    }
+    rng = random.Random(46)
+    # where each run is killed: a random moment (often mid-decode: decodes take 0.4 s here),
+    # or the moment a checkpoint / frame-store / journal-side / final-output write begins
+    plan = ["random", "checkpoint", "random", "frames", "random", "checkpoint", "random", "random"]
+    hits: list[str] = []
+    for where in plan:
+        d = Daemon(watch, out, env=env, log_dir=tmp_path)
+        daemons.append(d)
+        wait_for(lambda d=d: "watching" in d.text(), 60, "start-up", d)
+        if len(journal(out)) >= frames:
+            d.stop()
+            break
+        child = _decoder_children(d.pid)
+        if where == "random":
+            time.sleep(rng.uniform(0.05, 1.5))
+            d.proc.kill()
+            hits.append("random")
+        else:
+            killer = _Killer(out, d, f"/{where}/")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                d.proc.wait(timeout=20)
+            killer.stop()
+            if d.alive():
+                d.proc.kill()
+            hits.append(f"{where}: {Path(killer.hit).name or 'missed'}")
+        d.proc.wait(timeout=10)
+        deadline = time.monotonic() + 5  # the orphaned decoder child leaves on its own
+        while child and not all(_gone(c) for c in child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(c) for c in child), "decoder child outlived its parent"
+
+    # finish the frames, then kill during the final TIFF and FITS writes
+    for target in ("stack.tif", "stack.fits"):
+        d = Daemon(watch, out, env=env, log_dir=tmp_path)
+        daemons.append(d)
+        wait_for(lambda: len(journal(out)) >= frames, 120, "every frame", d)
+        killer = _Killer(out, d, f"/.{target}.")
+        d.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            d.proc.wait(timeout=30)
+        killer.stop()
+        hits.append(f"final: {Path(killer.hit).name or 'missed'}")
+        if d.alive():
+            d.proc.kill()
+        d.proc.wait(timeout=10)
+    last = Daemon(watch, out, env=env, log_dir=tmp_path)
+    daemons.append(last)
+    wait_for(lambda: all(m["state"] == "closed" for m in sessions(out)), 120, "closed", last)
+    assert last.stop() == 0
+    print("kill -9 points:", hits)
+
+    lines = journal(out)
+    assert sorted(Path(r["file"]).name for r in lines) == [f.name for f in files]  # once each
+    assert all(r["status"] == "accepted" for r in lines)
+    (meta,) = sessions(out)
+    assert meta["accepted"] == frames
+    session = out / meta["session"]
+    index = json.loads((session / "frames" / "index.json").read_text())
+    assert len(index["frames"]) == frames  # the store holds each frame once
+    assert sorted(f["name"] for f in index["frames"]) == [f.name for f in files]
+    assert_outputs_readable(session)
+    assert leftovers(out) == []
+    assert sum("missed" not in h and h != "random" for h in hits) >= 3, hits
+    # the daemon's stack equals a batch stack of the same files: nothing lost or doubled
+    batch = tmp_path / "batch.fits"
+    from nightstack.cli import main
+
+    assert main(["stack", *map(str, files), "-o", str(batch)]) == 0
+    with fits.open(batch) as a, fits.open(session / "stack.fits") as b:
+        np.testing.assert_allclose(
+            np.asarray(b[0].data, np.float32), np.asarray(a[0].data, np.float32),
+            rtol=0, atol=1e-6, equal_nan=True,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- permissions
+
+
+NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+"""Root without the capabilities that bypass file permissions: mode bits apply to it as to anyone
+(a plain setuid to ``nobody`` is not possible here: the interpreter lives under /root)."""
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
+
+
+def test_read_only_watch_folder_and_an_unreadable_file(
+    night: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.skip("needs root and util-linux setpriv to run the daemon without DAC override")
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for i in range(3):
+        shutil.copy(night[i], watch / night[i].name)
+    secret = watch / "IMG_0001b_secret.DNG"
+    shutil.copy(night[3], secret)
+    secret.chmod(0o000)
+    watch.chmod(0o555)  # read-only, and the daemon cannot override it
+    try:
+        d = Daemon(watch, out, wrap=NO_DAC)
+        daemons.append(d)
+        wait_for(lambda: len(journal(out)) >= 4, 60, "the frames", d)
+        caps = Path(f"/proc/{d.pid}/status").read_text().split("CapEff:")[1].split()[0]
+        assert not int(caps, 16) & (1 << _CAP_DAC_OVERRIDE | 1 << _CAP_DAC_READ_SEARCH)
+        lines = by_name(journal(out))
+        assert lines["IMG_0001b_secret.DNG"]["status"] == "rejected"
+        assert lines["IMG_0001b_secret.DNG"]["reason"] == "cannot read file: Permission denied"
+        assert [lines[f.name]["status"] for f in night[:3]] == ["accepted"] * 3
+        assert "IMG_0001b_secret.DNG rejected (cannot read file: Permission denied)" in d.text()
+        assert d.alive()
+        assert d.stop() == 0
+        assert sessions(out)[0]["state"] == "closed"
+        assert sorted(p.name for p in watch.iterdir()) == sorted(
+            [secret.name, *(f.name for f in night[:3])]
+        )  # nothing written into the watch folder
+    finally:
+        watch.chmod(0o755)
+        secret.chmod(0o644)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def test_symlinks_outside_are_not_followed_and_odd_names_work(
+    night: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out, outside = tmp_path / "watch", tmp_path / "out", tmp_path / "outside"
+    watch.mkdir()
+    outside.mkdir()
+    shutil.copy(night[7], outside / "elsewhere.DNG")
+    d = Daemon(watch, out)
+    daemons.append(d)
+    wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
+    odd = [
+        "IMG 0000 with spaces.DNG",
+        "Étoile-ü-星雲.DNG",
+        "two\nlines.DNG",
+        os.fsdecode(b"IMG_\xff\xfe latin1.DNG"),  # not UTF-8: a FAT card written elsewhere
+        "-rf; $(echo pwned) 'quoted'.DNG",
+    ]
+    for i, name in enumerate(odd):
+        copy_and_wait(night[i], watch / name, out, i + 1, d)
+    (watch / "link_outside.DNG").symlink_to(outside / "elsewhere.DNG")
+    (watch / "link_inside.DNG").symlink_to(watch / odd[0])
+    wait_for(lambda: "points outside the watch folder" in d.text(), 30, "the symlink warning", d)
+    wait_for(lambda: "link_inside.DNG: already processed" in d.text(), 30, "inside link", d)
+    copy_and_wait(night[6], watch / "IMG_0006.DNG", out, len(odd) + 1, d)
+    lines = journal(out)
+    assert [r["file"] for r in lines] == [str(watch / n) for n in [*odd, "IMG_0006.DNG"]]
+    assert all(r["status"] == "accepted" for r in lines)
+    log = d.text()
+    assert "\nlines.DNG" not in log  # a newline in a name does not split a log line
+    assert d.stop() == 0
+    assert_outputs_readable(out / lines[0]["session"])
+
+    # configured to follow symlinks: the outside frame is stacked
+    again = Daemon(watch, out, env={"NIGHTSTACK_FOLLOW_SYMLINKS": "true"})
+    daemons.append(again)
+    wait_for(lambda: len(journal(out)) >= len(odd) + 2, 60, "the followed symlink", again)
+    assert Path(journal(out)[-1]["file"]).name == "link_outside.DNG"
+    assert again.stop() == 0
