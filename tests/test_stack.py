@@ -195,6 +195,30 @@ def test_add_warped_streams_the_same_frame(tmp_path: Path) -> None:
         assert np.array_equal(a.footprint_band(i, 0, 70), b.footprint_band(i, 0, 70))
 
 
+def test_footprint_spans_are_the_footprint_rows(tmp_path: Path) -> None:
+    frames, matrices, _ = _frames(3, (40, 30), 1, max_angle=20.0, max_shift=8.0)
+    store, _, _ = _fill_store(tmp_path / "s", frames, matrices)
+    cols = np.arange(30)
+    for i in range(3):
+        for r0, r1 in [(0, 40), (7, 19), (39, 40), (12, 12)]:
+            first, stop = store.footprint_spans(i, r0, r1)
+            mask = (cols >= first[:, np.newaxis]) & (cols < stop[:, np.newaxis])
+            assert np.array_equal(mask, store.footprint_band(i, r0, r1))
+
+
+def test_read_band_into_float64_holds_the_float32_values(tmp_path: Path) -> None:
+    frames, matrices, _ = _frames(1, (30, 20), 3)
+    store, _, _ = _fill_store(tmp_path / "s", frames, matrices)
+    out = np.full((13, 20, 3), np.nan)
+    store.read_band(0, 4, 17, out=out)
+    assert np.array_equal(out, store.read_band(0, 4, 17).astype(np.float64))
+    # a frame file cut short after the store was opened is an error, not zeros
+    path = tmp_path / "s" / store.frame(0).file
+    path.write_bytes(path.read_bytes()[: 10 * 20 * 3 * 2])
+    with pytest.raises(ValueError, match="truncated"):
+        store.read_band(0, 4, 17)
+
+
 # --------------------------------------------------------------------------- combine
 
 
@@ -411,6 +435,65 @@ def test_nan_exactly_where_no_frame_covers(tmp_path: Path) -> None:
     assert result.shape == (30, 40, 1) and result.dtype == np.float32
     assert np.array_equal(np.isnan(result[..., 0]), ~fp)
     assert np.array_equal(np.isnan(combine(store)[..., 0]), ~fp)
+
+
+def _reference_update(
+    state: tuple[np.ndarray, np.ndarray, np.ndarray],
+    x: np.ndarray,
+    fp: np.ndarray,
+    floor: np.ndarray,
+    kappa: float,
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int]:
+    """LiveStack's documented running test and Welford update, written plainly: every sample
+    judged with the full float32 formula, then only the accepted samples updated."""
+    mean, m2, count = state
+    accept = np.repeat(fp[..., np.newaxis], x.shape[2], axis=2)
+    n = np.maximum(count, 2).astype(np.float32)
+    var = np.maximum(m2 / (n - np.float32(1)), np.square(floor))
+    threshold = ((np.float32(1) / n + np.float32(1)) * var) * np.float32(kappa**2)
+    reject = (np.square(x - mean) > threshold) & (count >= 3) & accept
+    accept &= ~reject
+    new_count = (count + accept).astype(np.uint16)
+    delta = x - mean
+    new_mean = np.where(accept, mean + delta / np.maximum(new_count, 1).astype(np.float32), mean)
+    new_m2 = np.where(accept, m2 + (x - new_mean) * delta, m2)
+    return (new_mean, new_m2, new_count), int(np.count_nonzero(reject))
+
+
+@pytest.mark.parametrize("path", ["catch_up", "add"])
+def test_running_update_is_bitwise_the_documented_rule(tmp_path: Path, path: str) -> None:
+    # ragged footprints (rotation, offset), pixels with fewer than 3 samples at the edges, a
+    # satellite (few rejections: the per-candidate path) and a frame with a bright half (more
+    # than 5 % of the samples far out: the whole-band path)
+    frames, matrices, _ = _frames(12, (48, 64), 3, max_shift=3.0, max_angle=3.0, offset=2.0)
+    frames[7][20:22] += 0.5
+    frames[5][:, :40] += 0.3
+    shape = (48, 64)
+    store = FrameStore(tmp_path / "s", shape, 3)
+    live = LiveStack(shape, 3, warmup=4, store=store)
+    warped = []
+    for frame, matrix in zip(frames, matrices, strict=True):
+        store.add_warped(frame, matrix)
+        i = len(store) - 1
+        x, fp = store.read_band(i, 0, 48), store.footprint_band(i, 0, 48)
+        warped.append((x, fp))
+        if path == "catch_up":
+            live.catch_up()
+        else:
+            live.add(np.where(fp[..., np.newaxis], x, np.nan), fp)  # NaN outside: ignored
+        if live.frames == live.warmup:
+            state = (live._mean.copy(), live._m2.copy(), live._count.copy())
+            rejected = live.rejected
+        elif live.frames > live.warmup:
+            state, r = _reference_update(state, x, fp, live.floor, live.kappa)
+            rejected += r
+            assert _bits(live._mean) == _bits(state[0])
+            assert _bits(live._m2) == _bits(state[1])
+            assert _bits(live._count) == _bits(state[2])
+            assert live.rejected == rejected
+    assert np.count_nonzero(live.count < 3) > 0  # the edges were exercised
+    assert live.rejected > 2 * 64 * 3  # the satellite and the bright half were rejected
+    assert np.all(np.isfinite(live._mean)) and np.all(np.isfinite(live._m2))
 
 
 def test_store_must_hold_each_frame_before_the_live_stack(tmp_path: Path) -> None:

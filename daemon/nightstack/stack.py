@@ -14,6 +14,7 @@ footprint (:mod:`nightstack.warp`) says which reference pixels it covers; outsid
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -26,7 +27,14 @@ import numpy as np
 import numpy.typing as npt
 from astropy.stats import sigma_clip
 
-from nightstack.warp import Interpolation, footprint, warp_rows
+from nightstack.warp import (
+    INTERPOLATIONS,
+    Interpolation,
+    _inverse,  # private: the footprint as row runs, see FrameStore.footprint_spans
+    _spans,
+    footprint,
+    warp_rows,
+)
 from nightstack.writers import atomic_path, write_json
 
 FloatArray = npt.NDArray[np.floating]
@@ -45,8 +53,15 @@ _STORE_VERSION = 1
 _WRITE_BAND_SAMPLES = 1 << 20
 """Samples quantised at a time when storing a frame: 4 MB float32 temporaries."""
 
+_READ_CHUNK_SAMPLES = 1 << 18
+"""Samples read from a frame file at a time: a 512 KB uint16 buffer, converted while in cache."""
+
 _ADD_BAND_SAMPLES = 1 << 18
 """Samples per band in LiveStack.add: the five scratch buffers (3 MB) stay in cache."""
+
+_DENSE_FRACTION = 0.05
+"""Above this fraction of candidate samples in a band, its threshold is computed for every
+sample (a few whole-band passes) rather than gathered per candidate (measured break-even)."""
 
 _WARMUP_CAP_BYTES = 32 * 2**20
 """RAM for the warm-up batch (the W frames of one band and their working copies)."""
@@ -341,7 +356,6 @@ class FrameStore:
         ndarray
             (band_rows, cols, C), float32 unless ``out`` is given.
         """
-        record = self._frames[i]
         start, stop, _ = slice(row_start, row_stop).indices(self.shape[0])
         stop = max(stop, start)
         cols, channels = self.shape[1], self.channels
@@ -352,17 +366,8 @@ class FrameStore:
             raise ValueError(f"out has shape {out.shape}, expected {expected}")
         if stop == start:
             return out
-        raw = np.memmap(
-            self.directory / record.file,
-            dtype=np.uint16,
-            mode="r",
-            offset=start * cols * channels * 2,
-            shape=(stop - start, cols, channels),
-        )
-        try:
-            np.multiply(raw, _DEQUANT, out=out, dtype=np.float32)
-        finally:
-            del raw
+        with _FrameReader(self, i) as reader:
+            reader.read(start, stop, out)
         return out
 
     def footprint_band(self, i: int, row_start: int, row_stop: int) -> BoolArray:
@@ -376,6 +381,21 @@ class FrameStore:
             row_stop,
             interpolation=record.interpolation,
         )
+
+    def footprint_spans(
+        self, i: int, row_start: int, row_stop: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Frame ``i``'s coverage of reference rows row_start:row_stop as one run per row.
+
+        Returns ``(first, stop)``, each (band_rows,) int64: row ``r`` is covered on columns
+        ``first[r]:stop[r]`` (empty when equal), exactly :meth:`footprint_band`'s True pixels,
+        in O(rows) without the (band_rows, cols) mask.
+        """
+        record = self._frames[i]
+        start, stop, _ = slice(row_start, row_stop).indices(self.shape[0])
+        margin = INTERPOLATIONS[record.interpolation][1]
+        inverse = _inverse(np.array(record.matrix))
+        return _spans(inverse, record.src_shape, self.shape[1], start, max(stop, start), margin)
 
     def disk_bytes(self) -> int:
         """Bytes used by every file in the store directory."""
@@ -410,6 +430,48 @@ class FrameStore:
             if not path.is_file() or path.stat().st_size != self.frame_bytes:
                 raise ValueError(f"store {self.directory}: {record.file} is missing or truncated")
         self._frames = frames
+
+
+class _FrameReader:
+    """An open stored frame, read in row chunks through one small reused uint16 buffer."""
+
+    def __init__(self, store: FrameStore, i: int) -> None:
+        self._cols, self._channels = store.shape[1], store.channels
+        self._chunk = min(
+            store.shape[0], max(1, _READ_CHUNK_SAMPLES // (self._cols * self._channels))
+        )
+        self._raw = np.empty((self._chunk, self._cols, self._channels), dtype=np.uint16)
+        self._fh = open(store.directory / store.frame(i).file, "rb", buffering=0)  # noqa: SIM115
+
+    def __enter__(self) -> _FrameReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+    def read(self, start: int, stop: int, out: FloatArray) -> None:
+        """Rows start:stop (valid, start < stop) into ``out``, (stop - start, cols, C) float."""
+        self._fh.seek(start * self._cols * self._channels * 2)
+        for a in range(0, stop - start, self._chunk):
+            b = min(a + self._chunk, stop - start)
+            part = self._raw[: b - a]
+            _read_exactly(self._fh, part)
+            if out.dtype == np.float32:
+                np.copyto(out[a:b], part)  # exact, then one float32 multiply in place
+                np.multiply(out[a:b], _DEQUANT, out=out[a:b])
+            else:
+                np.multiply(part, _DEQUANT, out=out[a:b], dtype=np.float32)
+
+
+def _read_exactly(fh: io.FileIO, buffer: npt.NDArray[np.uint16]) -> None:
+    """Fill ``buffer`` (C-contiguous) from ``fh``; a short file is an error, not zeros."""
+    view = buffer.data.cast("B")
+    done = 0
+    while done < len(view):
+        got = fh.readinto(view[done:])
+        if not got:
+            raise ValueError(f"{fh.name}: frame file is truncated")
+        done += got
 
 
 def _quantise(values: FloatArray) -> npt.NDArray[np.uint16]:
@@ -555,7 +617,7 @@ class LiveStack:
             )
         if self.store is None and not self.warmed_up:
             self._pending.append((data.astype(np.float32, copy=True), fp.copy()))
-        return self._add(lambda r0, r1: (data[r0:r1], fp[r0:r1]))
+        return self._add(_ArraySource(data, fp))
 
     def catch_up(self) -> int:
         """Add the store's frames this stack has not seen yet (after resuming from a checkpoint).
@@ -567,7 +629,8 @@ class LiveStack:
         store = self.store
         added = 0
         while self.frames < len(store):
-            self._add(_StoreSource(store, self.frames))
+            with _StoreSource(store, self.frames) as source:
+                self._add(source)
             added += 1
         return added
 
@@ -683,8 +746,11 @@ class LiveStack:
     def _band_rows(self) -> int:
         return max(1, _ADD_BAND_SAMPLES // (self.shape[1] * self.channels))
 
-    def _add(self, source: Callable[[int, int], tuple[FloatArray, BoolArray]]) -> int:
-        """Add the next frame, delivered band by band by ``source(row_start, row_stop)``."""
+    def _add(self, source: Callable[[int, int, _Scratch], tuple[FloatArray, _Cover]]) -> int:
+        """Add the next frame, delivered band by band by ``source(row_start, row_stop, scratch)``.
+
+        The source returns the band's (band_rows, cols * C) float32 samples and its coverage.
+        """
         if self.frames >= _MAX_FRAMES:
             raise ValueError(f"a live stack holds at most {_MAX_FRAMES} frames")
         number = self.frames + 1
@@ -694,12 +760,14 @@ class LiveStack:
         else:
             testing = self.warmed_up
             rows = self._band_rows()
-            scratch = _Scratch((rows, self.shape[1], self.channels))
+            scratch = _Scratch(rows, self.shape[1] * self.channels)
+            if testing:
+                scratch.sure = self._sure_row(self.frames)
             rejected = 0
             for r0 in range(0, self.shape[0], rows):
                 r1 = min(r0 + rows, self.shape[0])
-                x, fp = source(r0, r1)
-                rejected += self._update_band(r0, r1, x, fp, testing, scratch)
+                x, cover = source(r0, r1, scratch)
+                rejected += self._update_band(r0, r1, x, cover, testing, scratch)
             self.frames = number
         self.rejected += rejected
         return rejected
@@ -708,54 +776,107 @@ class LiveStack:
         self,
         r0: int,
         r1: int,
-        x: FloatArray,
-        fp: BoolArray,
+        x: npt.NDArray[np.float32],
+        cover: _Cover,
         testing: bool,
         scratch: _Scratch,
     ) -> int:
-        """Welford update of rows r0:r1 with rejection; all work in the band's scratch buffers."""
-        mean = self._mean[r0:r1]
-        m2 = self._m2[r0:r1]
-        count = self._count[r0:r1]
+        """Welford update of rows r0:r1 with rejection; all work in the band's scratch buffers.
+
+        ``x`` is the band's (band_rows, cols * C) float32 samples, finite everywhere. Every
+        sample goes through the same few whole-band operations (no masked ufunc: those are
+        several times slower); absent and rejected samples get a zero deviation, so their mean
+        and ``M2`` change by +-0, i.e. not at all, and their count is taken back. The divisor
+        is ``n + 1`` everywhere (>= 1, no 0/0), which is the new count wherever the sample is
+        accepted: bit for bit the same as updating the accepted samples alone.
+        """
         rows = r1 - r0
-        t1, t2, accept, flag, judged = scratch.views(rows)
-        # Broadcasting along the short channel axis makes numpy loop 3 elements at a time: fill
-        # channel by channel, and compare against a (cols * C) row pattern instead.
-        for c in range(self.channels):
-            accept[:, :, c] = fp
-        rejected = 0
+        width = self.shape[1] * self.channels
+        mean = self._mean[r0:r1].reshape(rows, width)
+        m2 = self._m2[r0:r1].reshape(rows, width)
+        count = self._count[r0:r1].reshape(rows, width)
+        delta, t = scratch.delta[:rows], scratch.t[:rows]
+        np.subtract(x, mean, out=delta)
+        cover.zero_outside(delta)
+        rejects = _NO_INDEX
         if testing:
-            # t1 = kappa^2 (1 + 1/n) max(M2 / (n - 1), floor^2); n >= 2 where it matters
-            np.copyto(t1, count)
-            np.maximum(t1, 2, out=t1)
-            np.subtract(t1, 1, out=t2)
-            np.divide(m2, t2, out=t2)
-            flat = t2.reshape(rows, -1)
-            np.maximum(flat, self._floor_sq_row, out=flat)
-            np.reciprocal(t1, out=t1)
-            t1 += 1
-            t1 *= t2
-            t1 *= np.float32(self.kappa**2)
-            # t2 = (x - mean)^2
-            np.subtract(x, mean, out=t2)
-            np.square(t2, out=t2)
-            np.greater(t2, t1, out=flag)
+            np.square(delta, out=t)
+            rejects = self._judge(t, count, m2, scratch)
+        np.add(count, 1, out=count)
+        np.copyto(t, count)  # n + 1: the new count of every accepted sample, >= 1 everywhere
+        cover.uncount(count)
+        if rejects.size:
+            count.reshape(-1)[rejects] -= 1
+            delta.reshape(-1)[rejects] = 0.0
+        np.divide(delta, t, out=t)
+        np.add(mean, t, out=mean)
+        np.subtract(x, mean, out=t)  # x - new mean
+        t *= delta  # +-0 where delta is 0: x is finite everywhere
+        np.add(m2, t, out=m2)
+        return int(rejects.size)
+
+    def _sure_row(self, frames: int) -> npt.NDArray[np.float32]:
+        """(cols * C,) float32 bound at or below which no sample's (x - mean)^2 is rejected.
+
+        The threshold ``kappa^2 (1 + 1/n) max(M2 / (n - 1), floor^2)``, computed in float32 as
+        ``((1/n + 1) * max(...)) * kappa^2``, is never below ``((1/N + 1) * floor^2) * kappa^2``
+        for ``n <= N`` (every operand is positive and float rounding is monotonic), and no count
+        exceeds ``N`` = the frames added so far.
+        """
+        inverse = np.reciprocal(np.float32(max(frames, 1)))
+        factor = np.float32(inverse + np.float32(1))
+        sure = np.multiply(self._floor_sq_row, factor)
+        sure *= np.float32(self.kappa**2)
+        return sure
+
+    def _judge(
+        self,
+        d2: npt.NDArray[np.float32],
+        count: npt.NDArray[np.uint16],
+        m2: npt.NDArray[np.float32],
+        scratch: _Scratch,
+    ) -> npt.NDArray[np.intp]:
+        """Flat indices of the band's samples the rejection test rejects (ascending).
+
+        ``d2`` is (x - mean)^2, 0 for absent samples. Only the samples above
+        :meth:`_sure_row` can be rejected; the exact threshold is computed for them alone (for
+        the whole band when they are many), with the same float32 operations in the same order
+        as for every sample, so the decisions are those of the documented test, bit for bit.
+        """
+        flag = scratch.flag[: d2.shape[0]]
+        np.greater(d2, scratch.sure, out=flag)
+        candidates = np.flatnonzero(flag)
+        if candidates.size == 0:
+            return _NO_INDEX
+        kappa_sq = np.float32(self.kappa**2)
+        if candidates.size > _DENSE_FRACTION * d2.size:
+            u, v = scratch.u[: d2.shape[0]], scratch.v[: d2.shape[0]]
+            np.copyto(u, count)
+            np.maximum(u, 2, out=u)  # pixels with fewer than 3 others are not judged
+            np.subtract(u, 1, out=v)
+            np.divide(m2, v, out=v)
+            np.maximum(v, self._floor_sq_row, out=v)
+            np.reciprocal(u, out=u)
+            u += 1
+            u *= v
+            u *= kappa_sq
+            np.greater(d2, u, out=flag)
+            judged = scratch.judged[: d2.shape[0]]
             np.greater_equal(count, _MIN_TEST_COUNT, out=judged)
             flag &= judged
-            flag &= accept
-            rejected = int(np.count_nonzero(flag))
-            if rejected:
-                accept ^= flag
-        np.add(count, accept, out=count)
-        np.subtract(x, mean, out=t2)  # delta = x - old mean
-        np.copyto(t1, count)
-        np.maximum(t1, 1, out=t1)
-        np.divide(t2, t1, out=t1)
-        np.add(mean, t1, out=mean, where=accept)
-        np.subtract(x, mean, out=t1)  # x - new mean
-        t1 *= t2
-        np.add(m2, t1, out=m2, where=accept)
-        return rejected
+            return np.flatnonzero(flag)
+        n_old = count.reshape(-1)[candidates]
+        n = np.maximum(n_old, 2).astype(np.float32)
+        var = m2.reshape(-1)[candidates] / (n - 1)
+        np.maximum(var, self._floor_sq_row[candidates % d2.shape[1]], out=var)
+        threshold = np.reciprocal(n)
+        threshold += 1
+        threshold *= var
+        threshold *= kappa_sq
+        outside = d2.reshape(-1)[candidates] > threshold
+        outside &= n_old >= _MIN_TEST_COUNT
+        rejects: npt.NDArray[np.intp] = candidates[outside]
+        return rejects
 
     def _rebuild_from_warmup(self) -> int:
         """Judge the warm-up frames as a batch, rebuild mean, M2 and count from the survivors."""
@@ -893,37 +1014,124 @@ def _masked_stats(
     return mean, m2, count
 
 
+class _SpanCover:
+    """A band's coverage as one run of columns per row (a stored frame's footprint)."""
+
+    def __init__(
+        self, first: npt.NDArray[np.int64], stop: npt.NDArray[np.int64], cols: int, channels: int
+    ) -> None:
+        width = cols * channels
+        lo = first * channels
+        hi = stop * channels
+        self._left = int(lo.max(initial=0))
+        self._right = int(hi.min(initial=width))
+        # absent samples: columns before the run (left strip) or from its end (right strip);
+        # the two conditions are disjoint since stop >= first
+        self._left_mask = np.arange(self._left) < lo[:, np.newaxis]
+        self._right_mask = np.arange(self._right, width) >= hi[:, np.newaxis]
+
+    def zero_outside(self, a: npt.NDArray[np.float32]) -> None:
+        """Set the absent samples of the (band_rows, cols * C) array ``a`` to 0."""
+        if self._left:
+            a[:, : self._left][self._left_mask] = 0.0
+        if self._right < a.shape[1]:
+            a[:, self._right :][self._right_mask] = 0.0
+
+    def uncount(self, count: npt.NDArray[np.uint16]) -> None:
+        """Subtract 1 from the absent samples of the (band_rows, cols * C) ``count``."""
+        if self._left:
+            left = count[:, : self._left]
+            np.subtract(left, self._left_mask, out=left)
+        if self._right < count.shape[1]:
+            right = count[:, self._right :]
+            np.subtract(right, self._right_mask, out=right)
+
+
+class _MaskCover:
+    """A band's coverage as a (band_rows, cols) bool footprint (any shape)."""
+
+    def __init__(self, fp: BoolArray, channels: int) -> None:
+        rows, cols = fp.shape
+        self._absent: BoolArray | None = None
+        if not fp.all():
+            absent = np.empty((rows, cols, channels), dtype=bool)
+            for c in range(channels):  # broadcasting along the 3-long channel axis is slow
+                np.logical_not(fp, out=absent[:, :, c])
+            self._absent = absent.reshape(rows, cols * channels)
+
+    def zero_outside(self, a: npt.NDArray[np.float32]) -> None:
+        if self._absent is not None:
+            np.copyto(a, 0.0, where=self._absent)
+
+    def uncount(self, count: npt.NDArray[np.uint16]) -> None:
+        if self._absent is not None:
+            np.subtract(count, self._absent, out=count)
+
+
+_Cover = _SpanCover | _MaskCover
+
+_NO_INDEX: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
+
+
 class _StoreSource:
-    """Band source for ``LiveStack._add`` reading frame ``i`` back from a store."""
+    """Band source for ``LiveStack._add`` reading frame ``i`` back from a store.
+
+    A context manager: the frame's file stays open for the bands of one add.
+    """
 
     def __init__(self, store: FrameStore, i: int) -> None:
-        self.store = store
-        self.i = i
+        self._cols, self._channels = store.shape[1], store.channels
+        self._first, self._stop = store.footprint_spans(i, 0, store.shape[0])
+        self._reader = _FrameReader(store, i)
 
-    def __call__(self, r0: int, r1: int) -> tuple[FloatArray, BoolArray]:
-        return self.store.read_band(self.i, r0, r1), self.store.footprint_band(self.i, r0, r1)
+    def __enter__(self) -> _StoreSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._reader.__exit__()
+
+    def __call__(self, r0: int, r1: int, scratch: _Scratch) -> tuple[FloatArray, _Cover]:
+        x = scratch.x[: r1 - r0]
+        self._reader.read(r0, r1, x.reshape(r1 - r0, self._cols, self._channels))
+        cover = _SpanCover(self._first[r0:r1], self._stop[r0:r1], self._cols, self._channels)
+        return x, cover
+
+
+class _ArraySource:
+    """Band source for ``LiveStack._add`` from an in-memory frame and its footprint mask.
+
+    The band is copied (as float32) so that it can be zeroed outside the footprint.
+    """
+
+    def __init__(self, data: FloatArray, fp: BoolArray) -> None:
+        self.data = data
+        self.fp = fp
+
+    def __call__(self, r0: int, r1: int, scratch: _Scratch) -> tuple[FloatArray, _Cover]:
+        x = scratch.x[: r1 - r0]
+        np.copyto(x.reshape(self.data[r0:r1].shape), self.data[r0:r1], casting="same_kind")
+        cover = _MaskCover(self.fp[r0:r1], self.data.shape[2])
+        cover.zero_outside(x)  # the caller's values there may be anything, even NaN
+        return x, cover
 
 
 class _Scratch:
-    """Band-sized working buffers reused across the bands of one ``add``."""
+    """Band-sized (band_rows, cols * C) working buffers reused across the bands of one add.
 
-    def __init__(self, shape: tuple[int, int, int]) -> None:
-        self.t1 = np.empty(shape, dtype=np.float32)
-        self.t2 = np.empty(shape, dtype=np.float32)
-        self.accept = np.empty(shape, dtype=bool)
+    ``u`` and ``v`` are touched only by bands judged densely, so usually never paged in.
+    """
+
+    def __init__(self, rows: int, width: int) -> None:
+        shape = (rows, width)
+        self.x = np.empty(shape, dtype=np.float32)
+        self.delta = np.empty(shape, dtype=np.float32)
+        self.t = np.empty(shape, dtype=np.float32)
+        self.u = np.empty(shape, dtype=np.float32)
+        self.v = np.empty(shape, dtype=np.float32)
         self.flag = np.empty(shape, dtype=bool)
         self.judged = np.empty(shape, dtype=bool)
-
-    def views(
-        self, rows: int
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], BoolArray, BoolArray, BoolArray]:
-        return (
-            self.t1[:rows],
-            self.t2[:rows],
-            self.accept[:rows],
-            self.flag[:rows],
-            self.judged[:rows],
-        )
+        self.sure = np.zeros(width, dtype=np.float32)
+        """:meth:`LiveStack._sure_row` of this add."""
 
 
 # --------------------------------------------------------------------------- final combine
