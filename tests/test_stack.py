@@ -8,6 +8,7 @@ import tracemalloc
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from astropy.stats import sigma_clip
@@ -15,6 +16,7 @@ from numpy.testing import assert_allclose
 
 from nightstack.stack import QUANT_MAX, FrameStore, LiveStack, Method, combine
 from nightstack.warp import warp
+from nightstack.writers import write_preview
 
 SKY_NOISE = 0.01
 
@@ -494,6 +496,66 @@ def test_running_update_is_bitwise_the_documented_rule(tmp_path: Path, path: str
     assert np.count_nonzero(live.count < 3) > 0  # the edges were exercised
     assert live.rejected > 2 * 64 * 3  # the satellite and the bright half were rejected
     assert np.all(np.isfinite(live._mean)) and np.all(np.isfinite(live._m2))
+
+
+def _stack_with_holes(shape: tuple[int, int], channels: int, seed: int = 3) -> LiveStack:
+    """A live stack whose state is random, with uncovered (count 0) blocks and single pixels."""
+    rng = np.random.default_rng(seed)
+    live = LiveStack(shape, channels, warmup=1)
+    live._mean[:] = 0.05 + 0.2 * rng.random((*shape, channels), dtype=np.float32)
+    live._count[:] = 4
+    live._count[: shape[0] // 3, : shape[1] // 5] = 0
+    live._count[rng.random(shape) < 0.001] = 0
+    return live
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels", "width"),
+    [
+        ((400, 600), 3, 160),  # 3.75x, the 24 MP -> 1600 px ratio
+        ((401, 599), 1, 160),  # odd sizes, mono
+        ((300, 400), 3, 100),  # integer factor
+        ((300, 400), 3, 200),  # integer factor 2 (OpenCV's shortcut: float rounding differs)
+        ((97, 131), 3, 7),
+        ((50, 60), 3, 59),  # barely smaller
+    ],
+)
+def test_preview_image_is_the_resized_result(
+    shape: tuple[int, int], channels: int, width: int
+) -> None:
+    live = _stack_with_holes(shape, channels)
+    height = max(1, round(shape[0] * width / shape[1]))
+    full = live.result()
+    expected = cv2.resize(full, (width, height), interpolation=cv2.INTER_AREA)
+    expected = expected.reshape(height, width, channels)
+    got = live.preview_image(width)
+    assert got.shape == (height, width, channels) and got.dtype == np.float32
+    assert np.array_equal(np.isnan(got), np.isnan(expected))  # NaN spreads as in OpenCV
+    assert np.isnan(got).any() and not np.isnan(got).all()
+    # measured: bit-identical except with OpenCV's integer-factor shortcut (2e-7 relative)
+    assert_allclose(got, expected, rtol=1e-6, atol=0)
+
+
+def test_preview_image_never_enlarges_and_never_forms_the_full_image(tmp_path: Path) -> None:
+    live = _stack_with_holes((30, 40), 3)
+    assert _bits(live.preview_image(40)) == _bits(live.result())
+    assert _bits(live.preview_image(1600)) == _bits(live.result())
+    with pytest.raises(ValueError, match="width"):
+        live.preview_image(0)
+    big = _stack_with_holes((1200, 1800), 3)
+    tracemalloc.start()
+    small = big.preview_image(320)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    full_bytes = 1200 * 1800 * 3 * 4  # 26 MB
+    assert peak < small.nbytes + full_bytes / 3  # measured ~7 MB: one 4 MB band and its copies
+    # the preview written from it is the one written from the full image (float rounding
+    # could move a value across an 8-bit step; measured identical)
+    write_preview(tmp_path / "full.png", big.result(), width=320)
+    write_preview(tmp_path / "small.png", small, width=320)
+    a = cv2.imread(str(tmp_path / "full.png"), cv2.IMREAD_UNCHANGED).astype(int)
+    b = cv2.imread(str(tmp_path / "small.png"), cv2.IMREAD_UNCHANGED).astype(int)
+    assert a.shape == (213, 320, 3) and np.abs(a - b).max() <= 1
 
 
 def test_store_must_hold_each_frame_before_the_live_stack(tmp_path: Path) -> None:

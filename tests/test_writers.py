@@ -218,6 +218,14 @@ def test_preview_never_enlarges_and_refuses_unknown_formats(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.jpg"]
 
 
+def test_an_already_reduced_image_is_written_without_resampling(tmp_path: Path) -> None:
+    image = _image(30, 50)
+    for width in (50, 80):  # exactly the width, or narrower
+        write_preview(tmp_path / "p.png", image, width=width)
+        shown = cv2.imread(str(tmp_path / "p.png"), cv2.IMREAD_UNCHANGED)[:, :, ::-1]
+        assert np.array_equal(shown, np.rint(stretch(image) * 255).astype(np.uint8))
+
+
 @pytest.mark.slow
 def test_preview_of_a_24_mp_stack_takes_under_half_a_second(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
