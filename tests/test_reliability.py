@@ -413,6 +413,54 @@ def test_wrong_frames_are_rejected_and_never_become_the_reference(
     assert_outputs_readable(out / meta["session"])
 
 
+def test_a_hazy_first_frame_that_passes_alone_is_replaced_as_reference(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    # a rich field: the cloudy first frame keeps ~60 stars (enough on its own), a clear one ~300
+    camera = tmp_path / "camera"
+    simulate_night(camera, frames=5, width=WIDTH, height=HEIGHT, seed=47, cloudy=0, stars=1500)
+    files = sorted(camera.glob("*.DNG"))
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    d = Daemon(watch, out)
+    daemons.append(d)
+    wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
+    first = copy_and_wait(files[0], watch / files[0].name, out, 1, d)
+    assert first["status"] == "accepted" and first["reference"]  # nothing better known yet
+    for f in files[1:]:
+        shutil.copy(f, watch / f.name)
+    wait_for(lambda: len(sessions(out)) == 2 and len(journal(out)) >= 1 + 5, 60, "restart", d)
+    assert "starting the session over" in d.text()
+    assert d.stop() == 0
+    old, new = sessions(out)
+    assert old["state"] == "superseded" and "IMG_0000.DNG is worse than IMG_0001" in old["note"]
+    assert not (out / old["session"] / "frames").exists()
+    lines = [r for r in journal(out) if r["session"] == new["session"]]
+    records = by_name(lines)
+    assert len(lines) == 5 and Path(new["reference"]).name == "IMG_0001.DNG"
+    assert records["IMG_0001.DNG"]["reference"]
+    assert records["IMG_0000.DNG"]["status"] == "rejected"
+    assert "cloud or haze" in records["IMG_0000.DNG"]["reason"]
+    assert new["state"] == "closed" and new["accepted"] == 4
+    assert_outputs_readable(out / new["session"])
+
+
+def test_a_reference_needs_measurable_star_shapes() -> None:
+    from nightstack.pipeline import reference_flaw
+    from nightstack.quality import Quality, QualityLimits
+
+    limits = QualityLimits()
+    # a wind-trailed 2400 x 1600 frame: 31 detections, no FWHM or elongation could be measured
+    trailed = Quality(stars=31, fwhm_px=np.nan, elongation=np.nan, roundness=np.nan,
+                      background=0.037, noise=0.002)  # fmt: skip
+    assert reference_flaw(trailed, limits) == (
+        "no measurable star shapes for a reference (trailed or out of focus?)"
+    )
+    clear = Quality(stars=500, fwhm_px=3.5, elongation=1.02, roundness=0.05,
+                    background=0.037, noise=0.002)  # fmt: skip
+    assert reference_flaw(clear, limits) is None
+
+
 # --------------------------------------------------------------------------- a burst of files
 
 
@@ -421,7 +469,10 @@ def test_a_burst_of_200_files_each_once_with_flat_memory(
 ) -> None:
     frames = 200
     camera = tmp_path / "camera"
-    simulate_night(camera, frames=frames, width=360, height=240, seed=45, stars=300)
+    simulate_night(
+        camera, frames=frames, width=360, height=240, seed=45, stars=300, drift_px=0.2,
+        rotation_deg=0.004,
+    )  # fmt: skip
     watch, out, staging = tmp_path / "watch", tmp_path / "out", tmp_path / "staging"
     watch.mkdir()
     staging.mkdir()
@@ -436,7 +487,7 @@ def test_a_burst_of_200_files_each_once_with_flat_memory(
     deadline = time.monotonic() + 240
     done = 0
     while done < frames and time.monotonic() < deadline and d.alive():
-        done = sum(1 for p in out.glob("*/journal.jsonl") for _ in p.open("rb"))
+        done = sum(p.read_bytes().count(b"\n") for p in out.glob("*/journal.jsonl"))
         samples.append((done, *rss_kib(d.pid)))
         time.sleep(0.25)
     assert done == frames, d.text()[-3000:]
@@ -453,6 +504,8 @@ def test_a_burst_of_200_files_each_once_with_flat_memory(
         f"burst: RSS warm max {max(warm) / 1024:.0f} MiB, late max {max(late) / 1024:.0f} MiB, "
         f"growth {growth_mib:.1f} MiB, peak (VmHWM) {samples[-1][2] / 1024:.0f} MiB"
     )
+    curve = {n // 20 * 20: rss // 1024 for n, rss, _ in samples}
+    print("burst: RSS MiB by frames done:", curve)
     assert growth_mib < 8, samples
     assert d.stop() == 0
     (meta,) = sessions(out)
@@ -632,9 +685,11 @@ def _gone(pid: int) -> bool:
 def test_kill_9_at_random_points_loses_nothing_and_counts_nothing_twice(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    frames = 12
+    frames = int(os.environ.get("NIGHTSTACK_TEST_KILL_FRAMES", 12))
     camera = tmp_path / "camera"
-    simulate_night(camera, frames=frames, width=WIDTH, height=HEIGHT, seed=46)
+    simulate_night(
+        camera, frames=frames, width=WIDTH, height=HEIGHT, seed=46, drift_px=0.5, rotation_deg=0.01
+    )
     files = sorted(camera.glob("*.DNG"))
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
@@ -648,7 +703,9 @@ def test_kill_9_at_random_points_loses_nothing_and_counts_nothing_twice(
     rng = random.Random(46)
     # where each run is killed: a random moment (often mid-decode: decodes take 0.4 s here),
     # or the moment a checkpoint / frame-store / journal-side / final-output write begins
-    plan = ["random", "checkpoint", "random", "frames", "random", "checkpoint", "random", "random"]
+    base = ["random", "checkpoint", "random", "frames", "random", "checkpoint", "random", "random"]
+    runs = int(os.environ.get("NIGHTSTACK_TEST_KILL_RUNS", len(base)))  # more: a longer soak
+    plan = [base[i % len(base)] for i in range(runs)]
     hits: list[str] = []
     for where in plan:
         d = Daemon(watch, out, env=env, log_dir=tmp_path)
@@ -661,7 +718,7 @@ def test_kill_9_at_random_points_loses_nothing_and_counts_nothing_twice(
         if where == "random":
             time.sleep(rng.uniform(0.05, 1.5))
             d.proc.kill()
-            hits.append("random")
+            hits.append(f"random, after {len(journal(out))} journal lines")
         else:
             killer = _Killer(out, d, f"/{where}/")
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -671,18 +728,24 @@ def test_kill_9_at_random_points_loses_nothing_and_counts_nothing_twice(
                 d.proc.kill()
             hits.append(f"{where}: {Path(killer.hit).name or 'missed'}")
         d.proc.wait(timeout=10)
+        hits[-1] += f" ({len(leftovers(out))} temporary file(s) left for the restart)"
         deadline = time.monotonic() + 5  # the orphaned decoder child leaves on its own
         while child and not all(_gone(c) for c in child) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert all(_gone(c) for c in child), "decoder child outlived its parent"
 
-    # finish the frames, then kill during the final TIFF and FITS writes
+    # finish the frames, then kill during the final TIFF write, then (the restart finishes
+    # the close at once) during the FITS write
     for target in ("stack.tif", "stack.fits"):
         d = Daemon(watch, out, env=env, log_dir=tmp_path)
         daemons.append(d)
-        wait_for(lambda: len(journal(out)) >= frames, 120, "every frame", d)
         killer = _Killer(out, d, f"/.{target}.")
-        d.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 120
+        while d.alive() and time.monotonic() < deadline:
+            if len(journal(out)) >= frames and "watching" in d.text():
+                d.proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.1)
         with contextlib.suppress(subprocess.TimeoutExpired):
             d.proc.wait(timeout=30)
         killer.stop()
@@ -690,6 +753,7 @@ def test_kill_9_at_random_points_loses_nothing_and_counts_nothing_twice(
         if d.alive():
             d.proc.kill()
         d.proc.wait(timeout=10)
+        hits[-1] += f" ({len(leftovers(out))} temporary file(s) left for the restart)"
     last = Daemon(watch, out, env=env, log_dir=tmp_path)
     daemons.append(last)
     wait_for(lambda: all(m["state"] == "closed" for m in sessions(out)), 120, "closed", last)
@@ -707,7 +771,7 @@ def test_kill_9_at_random_points_loses_nothing_and_counts_nothing_twice(
     assert sorted(f["name"] for f in index["frames"]) == [f.name for f in files]
     assert_outputs_readable(session)
     assert leftovers(out) == []
-    assert sum("missed" not in h and h != "random" for h in hits) >= 3, hits
+    assert sum("tmp (" in h for h in hits) >= 3, hits  # killed mid-write at least 3 times
     # the daemon's stack equals a batch stack of the same files: nothing lost or doubled
     batch = tmp_path / "batch.fits"
     from nightstack.cli import main
