@@ -62,8 +62,22 @@ def machine_line() -> str:
     m = machine()
     return (
         f"nproc={m['nproc']}, CPU {m['cpu']}, RAM {m['ram_gb']} GB, Python {m['python']}, "
-        f"load {m['load_1min']} at start"
+        f"1-min load average {m['load_1min']} when written"
     )
+
+
+def code_version() -> str:
+    """The commit benchmarked, and whether the package source had uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "daemon/"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head}" + (" + uncommitted changes in daemon/" if dirty else "")
 
 
 def meminfo() -> dict[str, int]:
@@ -154,14 +168,20 @@ class MemoryWatch:
     - ``pss_peak_mb``: the largest sum over the tree of PSS (proportional set size: a page
       shared by two processes, like the decoder's shared-memory frame, counts half in each)
       seen at any one poll (every 50 ms): the tree's real simultaneous footprint, sampled, so
-      a peak shorter than the interval can be missed.
+      a peak shorter than the interval can be missed;
+    - with ``phase`` (a callable naming the current phase of the job, e.g. "ingest" or
+      "combine"): ``phase_rss_mb[phase]``, the main process's largest sampled VmRSS in each
+      phase, and ``phase_pss_mb[phase]``, the tree's largest sampled PSS in each phase.
     """
 
     pid: int
     interval_s: float = 0.05
+    phase: Callable[[], str] | None = None
     hwm_mb: dict[int, float] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)
     pss_peak_mb: float = 0.0
+    phase_rss_mb: dict[str, float] = field(default_factory=dict)
+    phase_pss_mb: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -170,15 +190,20 @@ class MemoryWatch:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            phase = self.phase() if self.phase is not None else "run"
             pids = [self.pid, *_children(self.pid)]
             for p in pids:
                 hwm = _status_kb(p, "VmHWM")
                 if hwm is not None:
                     self.hwm_mb[p] = max(self.hwm_mb.get(p, 0.0), hwm / 1024)
-                    if p not in self.names:
-                        self.names[p] = _cmdline(p)
-            total = sum(v for p in pids if (v := _pss_kb(p)) is not None)
-            self.pss_peak_mb = max(self.pss_peak_mb, total / 1024)
+                    if "spawn_main" not in self.names.get(p, ""):  # a fresh child may not
+                        self.names[p] = _cmdline(p)  # have exec'd yet: read it until it has
+            rss = _status_kb(self.pid, "VmRSS")
+            if rss is not None:
+                self.phase_rss_mb[phase] = max(self.phase_rss_mb.get(phase, 0.0), rss / 1024)
+            total = sum(v for p in pids if (v := _pss_kb(p)) is not None) / 1024
+            self.pss_peak_mb = max(self.pss_peak_mb, total)
+            self.phase_pss_mb[phase] = max(self.phase_pss_mb.get(phase, 0.0), total)
             self._stop.wait(self.interval_s)
 
     def stop(self) -> None:
@@ -214,13 +239,19 @@ class RunResult:
     memory: MemoryWatch
 
 
-def run_watched(cmd: Sequence[str], *, timeout_s: float = 3600, **kwargs: Any) -> RunResult:
-    """Run a command, polling its tree's memory; wall time from spawn to exit."""
+def run_watched(
+    cmd: Sequence[str],
+    *,
+    timeout_s: float = 3600,
+    phase: Callable[[], str] | None = None,
+    **kwargs: Any,
+) -> RunResult:
+    """Run a command, polling its tree's memory (see ``MemoryWatch``); wall time spawn -> exit."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
     )
-    watch = MemoryWatch(proc.pid)
+    watch = MemoryWatch(proc.pid, phase=phase)
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -303,7 +334,7 @@ cores are shared with other work while the benchmarks run; the absolute seconds 
 beside them for orientation only.
 """
 
-SECTIONS = ("frame", "stack", "daemon", "peers")
+SECTIONS = ("summary", "frame", "stack", "daemon", "peers")
 """RESULTS.md sections, in order; a benchmark rewrites only its own."""
 
 
@@ -312,7 +343,8 @@ def write_section(name: str, title: str, body: str, command: str) -> None:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     block = (
         f"<!-- bench:{name} start -->\n## {title}\n\n"
-        f"Command: `{command}`  \nMachine: {machine_line()}  \nDate: {stamp}\n\n"
+        f"Command: `{command}`  \nMachine: {machine_line()}  \n"
+        f"Code: {code_version()}  \nDate: {stamp}\n\n"
         f"{body.strip()}\n<!-- bench:{name} end -->"
     )
     if RESULTS.exists():
@@ -325,8 +357,13 @@ def write_section(name: str, title: str, body: str, command: str) -> None:
     pattern = re.compile(
         rf"<!-- bench:{re.escape(name)} start -->.*?<!-- bench:{re.escape(name)} end -->", re.S
     )
+    later = SECTIONS[SECTIONS.index(name) + 1 :] if name in SECTIONS else ()
+    following = [f"<!-- bench:{n} start -->" for n in later if f"<!-- bench:{n} start -->" in text]
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
+    elif following:  # keep the sections in SECTIONS order
+        at = text.index(following[0])
+        text = text[:at] + block + "\n\n" + text[at:]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text if text.endswith("\n") else text + "\n")

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _common import OUT, log, write_section
+from _common import OUT, log, table, write_section
 
 BENCHMARKS = {
     "frame": ("Per-frame pipeline stages, 24 MP (issue 2)", "bench_frame"),
@@ -54,7 +54,26 @@ def main(argv: list[str] | None = None) -> int:
         write_section(name, title, body, command)
         log(f"=== {name} done in {time.monotonic() - t0:.0f} s")
         print(body, flush=True)
+    _write_summary(command)
     return 0
+
+
+def _write_summary(command: str) -> None:
+    """The goals table, from the last recorded run of each benchmark (bench/out/NAME.json)."""
+    rows = []
+    for name, (title, module_name) in BENCHMARKS.items():
+        module = importlib.import_module(module_name)
+        path = OUT / f"{name}.json"
+        if not hasattr(module, "goals") or not path.exists():
+            continue
+        for goal, measured, met in module.goals(json.loads(path.read_text())):
+            rows.append((goal, measured, "met" if met else "**missed**", title))
+    if rows:
+        body = (
+            "Each goal's verdict from the latest run of its benchmark (details and the reasons "
+            "in the sections below).\n\n" + table(("goal", "measured", "verdict", "section"), rows)
+        )
+        write_section("summary", "Summary: goals", body, command)
 
 
 if __name__ == "__main__":
