@@ -498,6 +498,70 @@ def test_running_update_is_bitwise_the_documented_rule(tmp_path: Path, path: str
     assert np.all(np.isfinite(live._mean)) and np.all(np.isfinite(live._m2))
 
 
+def _reference_batch(
+    cube: np.ndarray, fp: np.ndarray, kappa: float, floor: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The documented warm-up batch clip, written plainly on the whole (n, rows, cols, C)
+    float32 cube: each sample judged against the others of its pixel, then the survivors'
+    mean, M2 and count (float32 throughout, sums in frame order)."""
+    valid = np.repeat(fp[..., np.newaxis], cube.shape[3], axis=3)
+    x = cube * valid
+    count = valid.sum(axis=0).astype(np.float32)
+    mean = x.sum(axis=0) / np.maximum(count, 1)
+    dev = (x - mean) * valid
+    q = np.zeros_like(mean)
+    for j in range(len(x)):
+        q += np.square(dev[j])
+    others = np.maximum(count - 1, 2)
+    ratio = count / others
+    factor = np.float32(kappa**2) * (others + 1) / others
+    others_m2 = q - np.square(dev) * ratio
+    threshold = np.maximum(others_m2 / (others - 1), np.square(floor)) * factor
+    outside = np.square(dev) * np.square(ratio) > threshold
+    keep = valid & ~(outside & (count - 1 >= 3))
+    survivors = keep.sum(axis=0)
+    total = np.sum(x, axis=0, where=keep)
+    survivors_mean = np.where(survivors > 0, total / np.maximum(survivors, 1), 0)
+    survivors_mean = survivors_mean.astype(np.float32)  # divided in float64, rounded once
+    m2 = np.zeros_like(mean)
+    for j in range(len(x)):
+        m2 += np.where(keep[j], np.square(x[j] - survivors_mean), 0)
+    rejected = int(np.count_nonzero(valid)) - int(np.count_nonzero(keep))
+    return survivors_mean, m2, survivors.astype(np.uint16), rejected
+
+
+@pytest.mark.parametrize("path", ["catch_up", "add"])
+def test_warmup_batch_is_bitwise_the_documented_clip(tmp_path: Path, path: str) -> None:
+    frames, matrices, _ = _frames(6, (40, 52), 3, max_shift=3.0, max_angle=3.0, offset=2.0)
+    frames[0] += 0.02 * np.random.default_rng(9).standard_normal(frames[0].shape).astype(
+        np.float32
+    )  # a noisier frame: many tail samples near the threshold
+    frames[2][18:20] += 0.5  # satellite
+    for frame in frames:  # a flat patch (a saturated star core): the floor decides there
+        frame[10:30, 14:42] = 0.7
+    frames[3][10:30, 14:42] += 0.001  # below 3 floors: kept only thanks to the floor
+    shape = (40, 52)
+    store = FrameStore(tmp_path / "s", shape, 3)
+    live = LiveStack(shape, 3, warmup=6, store=store if path == "catch_up" else None)
+    for frame, matrix in zip(frames, matrices, strict=True):
+        store.add_warped(frame, matrix)
+        i = len(store) - 1
+        if live.frames == 5:
+            floor = live._typical_std_floor()  # from the first warmup - 1 frames
+        if path == "catch_up":
+            live.catch_up()
+        else:
+            live.add(store.read_band(i, 0, 40), store.footprint_band(i, 0, 40))
+    cube = np.stack([store.read_band(i, 0, 40) for i in range(6)])
+    fps = np.stack([store.footprint_band(i, 0, 40) for i in range(6)])
+    mean, m2, count, rejected = _reference_batch(cube, fps, live.kappa, floor)
+    assert _bits(live._mean) == _bits(mean)
+    assert _bits(live._m2) == _bits(m2)
+    assert _bits(live._count) == _bits(count)
+    assert live.rejected == rejected > 2 * 52 * 3  # the satellite and some tail samples
+    assert np.count_nonzero(count < 4) > 0  # pixels with too few others were not judged
+
+
 def _stack_with_holes(shape: tuple[int, int], channels: int, seed: int = 3) -> LiveStack:
     """A live stack whose state is random, with uncovered (count 0) blocks and single pixels."""
     rng = np.random.default_rng(seed)

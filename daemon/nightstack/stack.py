@@ -70,8 +70,11 @@ sample (a few whole-band passes) rather than gathered per candidate (measured br
 _WARMUP_CAP_BYTES = 32 * 2**20
 """RAM for the warm-up batch (the W frames of one band and their working copies)."""
 
-_WARMUP_BYTES_PER_SAMPLE = 12
+_WARMUP_BYTES_PER_SAMPLE = 10
 """Warm-up batch bytes per (frame, pixel, channel): float32 cube and deviations, two masks."""
+
+_WARMUP_BAND_SAMPLES = 1 << 16
+"""Samples per frame in one warm-up band: its working set stays in the CPU cache."""
 
 _MIN_TEST_COUNT = 3
 """A sample is judged only against at least this many other samples of its pixel: with fewer,
@@ -968,33 +971,46 @@ class LiveStack:
         width = cols * channels
         # the floor comes from the first warmup - 1 frames, accumulated plainly
         floor_sq_row = np.tile(np.square(self._typical_std_floor()), cols)
-        band = max(1, _WARMUP_CAP_BYTES // (n * width * _WARMUP_BYTES_PER_SAMPLE))
+        per_plane = min(_WARMUP_BAND_SAMPLES, _WARMUP_CAP_BYTES // (n * _WARMUP_BYTES_PER_SAMPLE))
+        band = max(1, per_plane // width)
+        work = _BatchScratch(n, band, width)
+        spans = None
+        readers: list[_FrameReader] = []
+        if self.store is not None:
+            spans = [self.store.footprint_spans(i, 0, rows) for i in range(n)]
+            readers = [_FrameReader(self.store, i) for i in range(n)]
         rejected = 0
         for r0 in range(0, rows, band):
             r1 = min(r0 + band, rows)
-            cube = np.zeros((n, r1 - r0, cols, channels), dtype=np.float32)
-            valid = np.zeros(cube.shape, dtype=bool)
+            cube, valid = work.cube[:, : r1 - r0], work.valid[:, : r1 - r0]
             for i in range(n):
-                if self.store is not None:
-                    fp = self.store.footprint_band(i, r0, r1)
-                    if fp.any():
-                        self.store.read_band(i, r0, r1, out=cube[i])
-                else:
-                    frame, frame_fp = self._pending[i]
-                    cube[i] = frame[r0:r1]
-                    fp = frame_fp[r0:r1]
-                for c in range(channels):
-                    valid[i, :, :, c] = fp
-            flat = cube.reshape(n, r1 - r0, width)
-            flat_valid = valid.reshape(n, r1 - r0, width)
-            flat *= flat_valid  # absent samples are exactly 0 in every sum below
-            keep = _leave_one_out_keep(flat, flat_valid, self.kappa, floor_sq_row)
-            rejected += int(np.count_nonzero(flat_valid)) - int(np.count_nonzero(keep))
-            del valid, flat_valid
-            mean, m2, count = _masked_stats(flat, keep)
-            self._mean[r0:r1] = mean.reshape(r1 - r0, cols, channels)
-            self._m2[r0:r1] = m2.reshape(r1 - r0, cols, channels)
-            self._count[r0:r1] = count.reshape(r1 - r0, cols, channels)
+                if spans is not None:
+                    first, stop = spans[i][0][r0:r1], spans[i][1][r0:r1]
+                    if np.any(stop > first):
+                        readers[i].read(r0, r1, cube[i].reshape(-1, cols, channels))
+                    cover = _SpanCover(first, stop, cols, channels)
+                    valid[i].fill(True)
+                    cover.zero_outside(valid[i])
+                    cover.zero_outside(cube[i])  # absent samples are exactly 0 in every sum
+                    continue
+                frame, frame_fp = self._pending[i]
+                np.copyto(cube[i].reshape(-1, cols, channels), frame[r0:r1])
+                plane = valid[i].reshape(-1, cols, channels)
+                for c in range(channels):  # broadcasting along the 3-long channel axis is slow
+                    plane[:, :, c] = frame_fp[r0:r1]
+                cube[i] *= valid[i]  # absent samples are exactly 0 in every sum below
+            rejected += _batch_clip(
+                cube,
+                valid,
+                self.kappa,
+                floor_sq_row,
+                work,
+                self._mean[r0:r1].reshape(r1 - r0, width),
+                self._m2[r0:r1].reshape(r1 - r0, width),
+                self._count[r0:r1].reshape(r1 - r0, width),
+            )
+        for reader in readers:
+            reader.__exit__()
         self._pending.clear()
         self._set_floor(self._typical_std_floor())
         return rejected
@@ -1018,19 +1034,49 @@ class LiveStack:
         return floor
 
 
-def _leave_one_out_keep(
+class _BatchScratch:
+    """Buffers for :func:`_batch_clip` on bands of up to ``rows`` rows of ``n`` frames."""
+
+    def __init__(self, n: int, rows: int, width: int) -> None:
+        self.cube = np.empty((n, rows, width), dtype=np.float32)
+        self.d2 = np.empty((n, rows, width), dtype=np.float32)
+        self.valid = np.empty((n, rows, width), dtype=bool)
+        self.keep = np.empty((n, rows, width), dtype=bool)
+        plane = (rows, width)
+        self.flag = np.empty(plane, dtype=bool)
+        self.tally = np.empty(plane, dtype=np.uint16)
+        self.count, self.mean, self.q = (np.empty(plane, dtype=np.float32) for _ in range(3))
+        self.others, self.others_m1 = (np.empty(plane, dtype=np.float32) for _ in range(2))
+        self.ratio, self.ratio_sq = (np.empty(plane, dtype=np.float32) for _ in range(2))
+        self.factor, self.sure, self.t = (np.empty(plane, dtype=np.float32) for _ in range(3))
+
+
+def _batch_clip(
     cube: npt.NDArray[np.float32],
     valid: BoolArray,
     kappa: float,
     floor_sq: npt.NDArray[np.float32],
-) -> BoolArray:
-    """The live rejection test applied to every sample against the other samples of its pixel.
+    work: _BatchScratch,
+    mean_out: npt.NDArray[np.float32],
+    m2_out: npt.NDArray[np.float32],
+    count_out: npt.NDArray[np.uint16],
+) -> int:
+    """The warm-up batch clip of one band; writes the survivors' statistics, returns rejections.
 
+    Each sample is judged with the live rejection test against the other samples of its pixel.
     With ``d`` a sample's deviation from the mean of all ``c`` samples of its pixel, ``Q`` the
     sum of squared deviations and ``k = c - 1`` the others: the others' mean is ``-d / k`` (the
     deviations sum to 0), so ``x - mean_others = d c / k`` and the others' ``M2 = Q - d^2 c / k``.
     A sample is rejected when ``k >= 3`` (:data:`_MIN_TEST_COUNT`) and
-    ``(d c / k)^2 > kappa^2 (1 + 1/k) max(M2 / (k - 1), floor^2)``, the running test.
+    ``(d c / k)^2 > kappa^2 (1 + 1/k) max(M2 / (k - 1), floor^2)``, the running test. Then the
+    mean, sum of squared deviations and count of the survivors (0, 0, 0 if none).
+
+    In float32, in this order: ``mean = sum(x) / max(c, 1)``; ``Q = sum(d^2)``; threshold
+    ``((Q - d^2 (c / k)) / (k - 1)`` at least ``floor^2``, times ``fl(kappa^2 (k + 1)) / k``,
+    against ``d^2 (c / k)^2``; survivors' ``mean = sum(x) / max(n, 1)``,
+    ``M2 = sum((x - mean)^2)``. The threshold is never below ``floor^2`` times its factor
+    (rounding is monotonic), so it is computed only for the few samples above that; a pixel
+    without rejections keeps the first mean and ``Q`` (the same sums).
 
     Parameters
     ----------
@@ -1041,59 +1087,92 @@ def _leave_one_out_keep(
     kappa : float
         Threshold in standard deviations.
     floor_sq : ndarray
-        (K,) float32 squared std floor per column.
-
-    Returns
-    -------
-    ndarray
-        (n, rows, K) bool survivors.
+        (K,) float32 squared std floor per column (> 0).
+    work : _BatchScratch
+        Buffers of at least these sizes.
+    mean_out, m2_out, count_out : ndarray
+        (rows, K) float32, float32, uint16: the band's statistics, overwritten.
     """
-    count = np.count_nonzero(valid, axis=0).astype(np.float32)
-    mean = cube.sum(axis=0)
-    mean /= np.maximum(count, 1)
-    dev = cube - mean
-    dev *= valid
-    q = np.zeros(count.shape, dtype=np.float32)
-    d2 = np.empty(count.shape, dtype=np.float32)
-    for j in range(cube.shape[0]):
-        np.square(dev[j], out=d2)
-        q += d2
-    others = np.maximum(count - 1, 2)  # pixels with fewer than 3 others are not judged
-    judged = count - 1 >= _MIN_TEST_COUNT
-    ratio = count / others
-    ratio_sq = np.square(ratio)
-    factor = (kappa**2 * (others + 1) / others).astype(np.float32)
-    keep = valid.copy()
-    threshold = np.empty(count.shape, dtype=np.float32)
-    for j in range(cube.shape[0]):
-        np.square(dev[j], out=d2)
-        np.multiply(d2, ratio, out=threshold)
-        np.subtract(q, threshold, out=threshold)  # the others' M2
-        threshold /= others - 1
-        np.maximum(threshold, floor_sq, out=threshold)
-        threshold *= factor
-        d2 *= ratio_sq  # (x - mean_others)^2
-        outside = d2 > threshold
-        outside &= judged
-        keep[j] &= ~outside
-    return keep
-
-
-def _masked_stats(
-    cube: npt.NDArray[np.float32], keep: BoolArray
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.intp]]:
-    """Mean, sum of squared deviations and count of the kept samples along axis 0 (0 if none)."""
-    count = np.count_nonzero(keep, axis=0)
-    mean = np.sum(cube, axis=0, where=keep)
-    np.divide(mean, count, out=mean, where=count > 0)
-    mean[count == 0] = 0.0
-    m2 = np.zeros(count.shape, dtype=np.float32)
-    dev = np.empty(count.shape, dtype=np.float32)
-    for j in range(cube.shape[0]):
-        np.subtract(cube[j], mean, out=dev)
-        np.square(dev, out=dev)
-        np.add(m2, dev, out=m2, where=keep[j])
-    return mean, m2, count
+    n, rows = cube.shape[0], cube.shape[1]
+    d2, keep = work.d2[:, :rows], work.keep[:, :rows]
+    flag, tally = work.flag[:rows], work.tally[:rows]
+    count, mean, q = work.count[:rows], work.mean[:rows], work.q[:rows]
+    others, others_m1 = work.others[:rows], work.others_m1[:rows]
+    ratio, ratio_sq = work.ratio[:rows], work.ratio_sq[:rows]
+    factor, sure, t = work.factor[:rows], work.sure[:rows], work.t[:rows]
+    # sums run over the frames in order, as numpy's sum along axis 0 does
+    tally.fill(0)
+    for j in range(n):
+        np.add(tally, valid[j], out=tally)
+    np.copyto(mean, cube[0])
+    for j in range(1, n):
+        mean += cube[j]
+    np.copyto(count, tally)
+    np.maximum(count, 1, out=t)
+    mean /= t
+    q.fill(0.0)
+    for j in range(n):
+        np.subtract(cube[j], mean, out=d2[j])
+        d2[j] *= valid[j]
+        np.square(d2[j], out=d2[j])
+        q += d2[j]
+    np.subtract(count, 1, out=others)
+    np.maximum(others, 2, out=others)  # pixels with fewer than 3 others are not judged
+    np.subtract(others, 1, out=others_m1)
+    np.divide(count, others, out=ratio)
+    np.square(ratio, out=ratio_sq)
+    np.add(others, 1, out=factor)
+    factor *= np.float32(kappa**2)
+    factor /= others
+    np.multiply(factor, floor_sq, out=sure)
+    np.copyto(sure, np.inf, where=others < _MIN_TEST_COUNT)  # not judged: never a candidate
+    np.copyto(keep, valid)
+    flat_q, flat_ratio, flat_ratio_sq = q.reshape(-1), ratio.reshape(-1), ratio_sq.reshape(-1)
+    flat_om1, flat_factor = others_m1.reshape(-1), factor.reshape(-1)
+    touched: list[npt.NDArray[np.intp]] = []
+    for j in range(n):
+        np.multiply(d2[j], ratio_sq, out=t)  # (x - mean_others)^2
+        np.greater(t, sure, out=flag)  # 0 for an absent sample: never
+        candidates = np.flatnonzero(flag)
+        if candidates.size == 0:
+            continue
+        dd = d2[j].reshape(-1)[candidates]
+        threshold = dd * flat_ratio[candidates]
+        threshold = flat_q[candidates] - threshold  # the others' M2
+        threshold /= flat_om1[candidates]
+        # no max(., floor^2) needed here: where it would apply, the threshold is `sure`,
+        # which every candidate exceeds, and without it the threshold is only lower
+        threshold *= flat_factor[candidates]
+        dd *= flat_ratio_sq[candidates]
+        rejects = candidates[dd > threshold]
+        keep[j].reshape(-1)[rejects] = False
+        touched.append(rejects)
+    np.copyto(mean_out, mean)
+    np.copyto(m2_out, q)
+    np.copyto(count_out, tally)
+    if not touched:
+        return 0
+    flag.fill(False)
+    for rejects in touched:
+        flag.reshape(-1)[rejects] = True
+    pixels = np.flatnonzero(flag)
+    # the survivors' statistics where some sample was rejected (a masked sum starts from 0)
+    x = cube.reshape(n, -1)[:, pixels]
+    kept = keep.reshape(n, -1)[:, pixels]
+    survivors = np.count_nonzero(kept, axis=0)
+    total = np.zeros(pixels.size, dtype=np.float32)
+    for j in range(n):
+        total += x[j] * kept[j]
+    total /= np.maximum(survivors, 1).astype(np.float32)  # 0 where no survivor: the sum is 0
+    m2 = np.zeros(pixels.size, dtype=np.float32)
+    for j in range(n):
+        dev = x[j] - total
+        dev *= kept[j]
+        m2 += np.square(dev)
+    mean_out.reshape(-1)[pixels] = total
+    m2_out.reshape(-1)[pixels] = m2
+    count_out.reshape(-1)[pixels] = survivors
+    return int(sum(r.size for r in touched))
 
 
 class _SpanCover:
@@ -1112,8 +1191,8 @@ class _SpanCover:
         self._left_mask = np.arange(self._left) < lo[:, np.newaxis]
         self._right_mask = np.arange(self._right, width) >= hi[:, np.newaxis]
 
-    def zero_outside(self, a: npt.NDArray[np.float32]) -> None:
-        """Set the absent samples of the (band_rows, cols * C) array ``a`` to 0."""
+    def zero_outside(self, a: npt.NDArray[Any]) -> None:
+        """Set the absent samples of the (band_rows, cols * C) array ``a`` to 0 (False)."""
         if self._left:
             a[:, : self._left][self._left_mask] = 0.0
         if self._right < a.shape[1]:
