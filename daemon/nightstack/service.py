@@ -124,6 +124,7 @@ class Daemon:
         self._degraded = threading.Event()  # the output cannot be written: wait for space
         self._retry_at = 0.0
         self._reopen: Path | None = None  # a session to reload from disk before going on
+        self._close_wanted = ""  # why to close the session at _reopen once it is reloaded
         self._frame_bytes = 0  # one frame-store entry of the last session, for the space check
 
     # --- signals ------------------------------------------------------------------------------
@@ -408,6 +409,8 @@ class Daemon:
             self._frame_bytes = session.stacker.store.frame_bytes
         if session.state == "closing":  # stopped while finalizing: finish it
             self._close("resumed while closing")
+        elif self._close_wanted:
+            self._close(self._close_wanted)
         return self._reopen is None
 
     def _behind(self) -> bool:
@@ -431,7 +434,11 @@ class Daemon:
     def _close(self, why: str) -> None:
         session = self.session
         if session is None:
+            if self._reopen is not None and not self._close_wanted:
+                self._close_wanted = why  # a session waiting for space: close it once reloaded
+                log.info("session %s will be closed when it can be reloaded", self._reopen.name)
             return
+        self._close_wanted = ""
         log.info("closing session %s: %s", session.id, why)
         self.notifier.status(f"finalizing session {session.id} ({session.stacker.accepted} frames)")
         try:
