@@ -305,5 +305,7 @@ def test_sighup_reloads_for_the_next_session_and_close_starts_a_new_one(
     second = out / lines[1]["session"]
     meta = json.loads((second / "session.json").read_text())
     assert meta["state"] == "open" and meta["settings"]["star_threshold_sigma"] == 8.0
+    # and its frames are detected with the new threshold: fewer faint stars pass
+    assert lines[1]["stars"] < 0.95 * lines[0]["stars"], (lines[0]["stars"], lines[1]["stars"])
     assert d.stop() == 0
     sock.close()

@@ -38,6 +38,7 @@ from .decoder import Decoder
 from .errors import ConfigError
 from .notify import Notifier
 from .pipeline import Prepared, Stacker, file_sha256
+from .quality import Quality
 from .session import Session, find_open, known_hashes
 from .watcher import FrameWatcher
 
@@ -156,9 +157,9 @@ class Daemon:
             if open_dir is not None:
                 self._reopen = open_dir
                 self._open_again()
-            stacker = Stacker(self.settings, output, decoder)  # detection only (prepare)
+            self._detector = Stacker(self.settings, output, decoder)  # prepare() only
             preparer = threading.Thread(
-                target=self._prepare_loop, args=(stacker,), name="nightstack-prepare", daemon=True
+                target=self._prepare_loop, name="nightstack-prepare", daemon=True
             )
             preparer.start()
             watcher = FrameWatcher(
@@ -256,7 +257,7 @@ class Daemon:
             self._outstanding = order
         return queued
 
-    def _prepare_loop(self, stacker: Stacker) -> None:
+    def _prepare_loop(self) -> None:
         """Hash, skip known frames, decode and detect; hand over one frame at a time."""
         while not self.stop.is_set():
             if self._degraded.is_set():  # nothing can be stored: do not decode in vain
@@ -278,7 +279,8 @@ class Daemon:
                     duplicate = digest in self.hashes and digest != EMPTY_SHA256
                     if digest is not None:
                         self.hashes.add(digest)
-                item = _Duplicate(path) if duplicate else stacker.prepare(path, digest)
+                detector = self._detector  # replaced by the worker when a session starts
+                item = _Duplicate(path) if duplicate else detector.prepare(path, digest)
                 while not self.stop.is_set():
                     try:
                         self.prepared.put((epoch, item), timeout=_TICK_S)
@@ -294,6 +296,11 @@ class Daemon:
             self._done(item.path)
             return
         if self.session is None:
+            if self._detector.settings is not self.settings:  # reloaded (SIGHUP) since
+                self._detector = Stacker(self.settings, output, self.decoder)
+                if item.frame is not None:  # detected with the old settings: detect again
+                    item.stars = self._detector.finder(item.frame.luminance, item.frame.bin)
+                    item.quality = Quality.of(item.stars)
             try:
                 self.session = Session.create(output, self.settings, self.decoder)
             except OSError as err:

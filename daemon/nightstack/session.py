@@ -304,7 +304,8 @@ class Session:
     def write_preview(self) -> None:
         live = self.stacker.live
         assert live is not None
-        write_preview(self.dir / "preview.jpg", live.result(), width=self.settings.preview_width)
+        width = self.settings.preview_width
+        write_preview(self.dir / "preview.jpg", live.preview_image(width), width=width)
         self.since_preview = 0
         self.last_preview = time.monotonic()
 
