@@ -8,21 +8,17 @@ real ``NOTIFY_SOCKET``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from astropy.io import fits
 
+from _daemon import Daemon, journal, wait_for
 from nightstack.cli import main
 from nightstack.simulate import simulate_night
 
@@ -36,72 +32,6 @@ def frames(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     outdir = tmp_path_factory.mktemp("camera")
     simulate_night(outdir, frames=N_FRAMES, width=900, height=600, seed=5)
     return sorted(outdir.glob("*.DNG"))
-
-
-class Daemon:
-    """``nightstack watch`` in a subprocess, its log in a file."""
-
-    def __init__(self, watch: Path, out: Path, *args: str, env: dict[str, str] | None = None):
-        self.log = out.parent / f"daemon-{time.monotonic_ns()}.log"
-        environment = dict(os.environ)
-        environment.update(env or {})
-        cmd = [
-            sys.executable,
-            "-m",
-            "nightstack.cli",
-            "watch",
-            str(watch),
-            "--output-dir",
-            str(out),
-            "--idle-timeout",
-            "600",
-            *args,
-        ]
-        with self.log.open("w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=environment)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(timeout=10)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, daemon: Daemon) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if daemon.proc.poll() is not None:
-            raise AssertionError(
-                f"daemon exited ({daemon.proc.returncode}) waiting for {what}:\n"
-                + daemon.text()[-3000:]
-            )
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}:\n" + daemon.text()[-3000:])
-
-
-def journal(out: Path) -> list[dict[str, Any]]:
-    lines: list[dict[str, Any]] = []
-    for path in sorted(out.glob("*/journal.jsonl")):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            record["session"] = path.parent.name
-            lines.append(record)
-    return lines
 
 
 def test_chunked_write_is_not_decoded_early_and_rename_works(

@@ -17,9 +17,8 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,107 +29,15 @@ import pytest
 import tifffile
 from astropy.io import fits
 
+from _daemon import Daemon, journal, wait_for
 from nightstack.simulate import simulate_night, write_dng
 
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parent
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 TRUNCATED_CR3 = REALDATA / "negative_truncated_cr3"
 WIDTH, HEIGHT = 600, 400  # small frames: ~0.1 s each through the whole pipeline
 FAULTY = "_faulty_decode:load"  # tests/_faulty_decode.py, importable in the decoder child
-
-
-# --------------------------------------------------------------------------- the daemon process
-
-
-class Daemon:
-    """``nightstack watch`` in a subprocess, its log in a file next to the output folder."""
-
-    def __init__(
-        self,
-        watch: Path,
-        out: Path,
-        *args: str,
-        env: dict[str, str] | None = None,
-        wrap: list[str] | None = None,
-        log_dir: Path | None = None,
-    ) -> None:
-        self.log = (log_dir or out.parent) / f"daemon-{time.monotonic_ns()}.log"
-        environment = dict(os.environ)
-        environment.update(
-            {
-                "NIGHTSTACK_STABLE_S": "0.5",  # backlog files count as complete sooner
-                "NIGHTSTACK_IDLE_TIMEOUT_S": "600",
-                "PYTHONPATH": os.pathsep.join(
-                    [str(TESTS), *filter(None, [environment.get("PYTHONPATH")])]
-                ),
-            }
-        )
-        environment.update(env or {})
-        cmd = [
-            sys.executable,
-            "-m",
-            "nightstack.cli",
-            "watch",
-            str(watch),
-            "--output-dir",
-            str(out),
-        ]
-        with self.log.open("w") as log:
-            self.proc = subprocess.Popen(
-                [*(wrap or []), *cmd, *args], stdout=log, stderr=subprocess.STDOUT, env=environment
-            )
-        self.pid = self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(timeout=10)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, daemon: Daemon) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if daemon.proc.poll() is not None:
-            raise AssertionError(
-                f"daemon exited ({daemon.proc.returncode}) waiting for {what}:\n"
-                + daemon.text()[-4000:]
-            )
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}:\n" + daemon.text()[-4000:])
-
-
-def journal(out: Path) -> list[dict[str, Any]]:
-    """Every journal line of every session; a line that is not JSON fails the test."""
-    lines: list[dict[str, Any]] = []
-    for path in sorted(out.glob("*/journal.jsonl")):
-        raw = path.read_bytes()
-        assert not raw or raw.endswith(b"\n"), f"{path} ends in a torn line"
-        for line in raw.decode("utf-8").splitlines():
-            record = json.loads(line)
-            record["session"] = path.parent.name
-            lines.append(record)
-    return lines
 
 
 def by_name(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,94 @@
+"""Shared harness for tests that run ``nightstack watch`` as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TESTS = Path(__file__).resolve().parent
+
+
+class Daemon:
+    """``nightstack watch`` in a subprocess, its log in a file next to the output folder."""
+
+    def __init__(
+        self,
+        watch: Path,
+        out: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.log = (log_dir or out.parent) / f"daemon-{time.monotonic_ns()}.log"
+        environment = dict(os.environ)
+        environment.update(
+            {
+                "NIGHTSTACK_STABLE_S": "0.5",  # backlog files count as complete sooner
+                "NIGHTSTACK_IDLE_TIMEOUT_S": "600",
+                "PYTHONPATH": os.pathsep.join(
+                    [str(TESTS), *filter(None, [environment.get("PYTHONPATH")])]
+                ),
+            }
+        )
+        environment.update(env or {})
+        cmd = [
+            sys.executable,
+            "-m",
+            "nightstack.cli",
+            "watch",
+            str(watch),
+            "--output-dir",
+            str(out),
+        ]
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                [*(wrap or []), *cmd, *args], stdout=log, stderr=subprocess.STDOUT, env=environment
+            )
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, daemon: Daemon) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if daemon.proc.poll() is not None:
+            raise AssertionError(
+                f"daemon exited ({daemon.proc.returncode}) waiting for {what}:\n"
+                + daemon.text()[-4000:]
+            )
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}:\n" + daemon.text()[-4000:])
+
+
+def journal(out: Path) -> list[dict[str, Any]]:
+    """Every journal line of every session; a line that is not JSON fails the test."""
+    lines: list[dict[str, Any]] = []
+    for path in sorted(out.glob("*/journal.jsonl")):
+        raw = path.read_bytes()
+        assert not raw or raw.endswith(b"\n"), f"{path} ends in a torn line"
+        for line in raw.decode("utf-8").splitlines():
+            record = json.loads(line)
+            record["session"] = path.parent.name
+            lines.append(record)
+    return lines
