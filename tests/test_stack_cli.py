@@ -311,3 +311,19 @@ def test_real_als_sequence_stack_beats_every_single_frame(tmp_path: Path) -> Non
     stacked_noise = noise(stack)
     singles = [noise(load(p).image) for p in sorted(ALS.glob("*.fits"))]
     assert stacked_noise < min(singles), (stacked_noise, singles)
+
+
+def test_a_mono_frame_in_a_colour_session_is_rejected_with_its_reason(
+    night: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    outdir, truth = night
+    files = [outdir / f["file"] for f in truth["frames"][:3]]
+    mono = tmp_path / "mono.fits"  # the same sky, as a mono camera would see it
+    image = load(files[1]).image.mean(axis=-1)
+    fits.PrimaryHDU(np.round(image * 65535).astype(np.uint16)).writeto(mono)
+    report = tmp_path / "r.jsonl"
+    args = [*map(str, files), str(mono), "-o", str(tmp_path / "s.tif"), "--report", str(report)]
+    assert main(["stack", *args]) == 0
+    lines = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [r["status"] for r in lines] == ["accepted"] * 3 + ["rejected"]
+    assert "channels" in lines[3]["reason"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
-import re
 import shutil
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from typing import Any
 from . import __version__
 from .config import Settings, describe, load_settings
 from .errors import ConfigError, NightstackError
+from .watcher import natural_key
 
 log = logging.getLogger("nightstack")
 
@@ -52,11 +52,6 @@ def _overrides(args: argparse.Namespace, extra: dict[str, Any] | None = None) ->
 
 def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:
     return load_settings(args.config, _overrides(args, extra))
-
-
-def natural_key(path: Path) -> list[Any]:
-    """Sort key that orders IMG_2 before IMG_10."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
 
 
 def expand_inputs(inputs: Sequence[str], extensions: Sequence[str]) -> list[Path]:

@@ -138,7 +138,10 @@ class Settings(BaseSettings):
     preview_width: int = Field(1600, ge=64, description="Preview width in pixels.")
     write_fits: bool = Field(True, description="Also write stack.fits at session close.")
     checkpoint_every_frames: int = Field(
-        3, ge=1, description="Checkpoint the live stack every K accepted frames."
+        10,
+        ge=1,
+        description="Checkpoint the live stack every K accepted frames (a resume re-adds at most "
+        "K-1 frames from the frame store; a checkpoint writes 10 bytes per pixel and channel).",
     )
     idle_timeout_s: float = Field(
         1800.0, gt=0, description="Close the session after this long without a new frame."

@@ -1,8 +1,8 @@
 """One frame through the pipeline: decode -> detect -> measure -> align -> gate -> warp -> stack.
 
 ``Stacker`` is shared by ``nightstack stack`` and the live daemon, so a daemon session and a batch
-stack of the same files give the same result by construction. It is split in two halves so the
-daemon can decode frame N+1 while frame N is being stacked:
+stack of the same files in the same order with the same reference give the same result. It is
+split in two halves so the daemon can decode frame N+1 while frame N is being stacked:
 
 - ``prepare(path)``: hash, decode (in the isolated decoder process), detect stars, measure;
 - ``stack(prepared)``: choose or use the reference, align, gate, warp, add to the live stack and
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -76,6 +77,16 @@ class FrameRecord:
         data = {k: _finite(v) for k, v in asdict(self).items()}
         text = json.dumps(data, ensure_ascii=False)
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a rejection, for tallies: its words before any number, ':' or '('.
+
+    "too few stars (4 < 15)" -> "too few stars"; "FWHM 5.1 px > ..." -> "FWHM";
+    "trailed: elongation 2.3 > 1.6" -> "trailed".
+    """
+    kind = re.split(r"[:(\d]", reason, maxsplit=1)[0].strip(" ,;")
+    return kind or reason
 
 
 def _finite(value: Any) -> Any:
@@ -190,8 +201,12 @@ class Stacker:
                 frame = self.decoder.decode(path)
         except DecodeError as err:
             return Prepared(path, digest, None, None, None, err.reason, watch.ms)
-        with watch.stage("detect"):
-            stars = self.finder(frame.luminance, frame.bin)
+        try:
+            with watch.stage("detect"):
+                stars = self.finder(frame.luminance, frame.bin)
+        except Exception as err:  # e.g. a sky mask of another size: reject, never stall
+            reason = f"star detection failed ({type(err).__name__}: {err})"
+            return Prepared(path, digest, None, None, None, reason, watch.ms)
         return Prepared(path, digest, frame, stars, Quality.of(stars), None, watch.ms)
 
     def stack(self, prepared: Prepared) -> FrameRecord:
@@ -224,6 +239,13 @@ class Stacker:
                 return self._reject(
                     record, f"frame size {cols}x{rows} differs from reference {ref_cols}x{ref_rows}"
                 )
+            channels = int(frame.image.shape[2])
+            if channels != self.reference.channels:
+                return self._reject(
+                    record,
+                    f"frame channels: {channels} differ from the reference's "
+                    f"{self.reference.channels} (mono and colour frames do not mix)",
+                )
             reason = gate(quality, self.limits, self.reference.quality)
             if reason is not None:
                 return self._reject(record, reason)
@@ -238,25 +260,18 @@ class Stacker:
             except AlignmentError as err:
                 record.ms.update(watch.ms)
                 return self._reject(record, err.reason)
+            record.ms.update(watch.ms)
             record.residual_px = round(alignment.residual_px, 4)
             record.transform = alignment.as_list()
-            if alignment.residual_px > self.settings.max_residual_px:
-                record.ms.update(watch.ms)
-                return self._reject(
-                    record,
-                    f"alignment residual {alignment.residual_px:.2f} px > "
-                    f"{self.settings.max_residual_px:g} px",
-                )
+            reason = gate(Quality.of(stars, alignment), self.limits, self.reference.quality)
+            if reason is not None:  # the residual limit
+                return self._reject(record, reason)
         record.transform = alignment.as_list()
         record.residual_px = round(alignment.residual_px, 4)
         self._add(frame, alignment.matrix, stars, watch)
         record.ms.update(watch.ms)
         record.status = "accepted"
-        self.accepted += 1
-        self.exposure_s += frame.meta.exposure_s or 0.0
-        if record.capture_time is not None:
-            self.first_time = min(self.first_time or record.capture_time, record.capture_time)
-            self.last_time = max(self.last_time or record.capture_time, record.capture_time)
+        self.count(record)
         return record
 
     def process(self, path: Path) -> FrameRecord:
@@ -267,10 +282,12 @@ class Stacker:
         """Why ``prepared`` should replace the reference, or None (the usual answer).
 
         Only while the reference is young (fewer than ``REFERENCE_PROBATION`` frames accepted):
-        when ``prepared`` would itself be a valid reference and the reference would be rejected
-        against it by the relative gates, the first frame was a poor choice (thin cloud, haze,
-        dew, twilight: enough stars to pass on its own, far fewer than a clear frame). The
-        caller then starts the session over with ``prepared`` first.
+        when ``prepared`` would itself be a valid reference, passes the gates against the
+        reference, and the reference would be rejected against it by the relative gates, the
+        first frame was a poor choice (thin cloud, haze, dew, twilight: enough stars to pass on
+        its own, far fewer than a clear frame). The caller then starts the session over with
+        ``prepared`` first. Requiring both directions means two frames that are each better in
+        one way (more stars, but softer) never displace each other back and forth.
         """
         ref = self.reference
         quality = prepared.quality
@@ -280,6 +297,8 @@ class Stacker:
             return None
         if reference_flaw(quality, self.limits) is not None:
             return None
+        if gate(quality, self.limits, ref.quality) is not None:
+            return None  # the two are not comparable (e.g. more stars but softer): keep it
         flaw = gate(ref.quality, self.limits, quality)
         if flaw is None:
             return None
@@ -288,9 +307,21 @@ class Stacker:
     # --- helpers --------------------------------------------------------------------------
     def _reject(self, record: FrameRecord, reason: str) -> FrameRecord:
         record.status, record.reason = "rejected", reason
-        key = reason.split(":")[0].split("(")[0].strip()
-        self.rejected[key] = self.rejected.get(key, 0) + 1
+        self.count(record)
         return record
+
+    def count(self, record: FrameRecord) -> None:
+        """Add a finished record to the session's tallies (also used when resuming)."""
+        if record.status == "accepted":
+            self.accepted += 1
+            self.exposure_s += record.exposure_s or 0.0
+            if record.capture_time is not None:
+                when = record.capture_time
+                self.first_time = min(self.first_time or when, when)
+                self.last_time = max(self.last_time or when, when)
+        else:
+            key = reason_kind(record.reason or "rejected")
+            self.rejected[key] = self.rejected.get(key, 0) + 1
 
     def _start(self, prepared: Prepared) -> None:
         frame = prepared.frame

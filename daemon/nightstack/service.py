@@ -37,7 +37,7 @@ from .config import Settings, load_settings
 from .decoder import Decoder
 from .errors import ConfigError
 from .notify import Notifier
-from .pipeline import Prepared, Stacker, file_sha256
+from .pipeline import FrameRecord, Prepared, Stacker, file_sha256
 from .quality import Quality
 from .session import Session, find_open, known_hashes
 from .watcher import FrameWatcher
@@ -162,6 +162,7 @@ class Daemon:
                 target=self._prepare_loop, name="nightstack-prepare", daemon=True
             )
             preparer.start()
+            self._preparer = preparer
             watcher = FrameWatcher(
                 watch,
                 self._enqueue,
@@ -171,7 +172,8 @@ class Daemon:
                 poll_interval_s=self.settings.poll_interval_s,
                 stable_s=self.settings.stable_s,
                 follow_symlinks=self.settings.follow_symlinks,
-                ignore_existing=self.settings.ignore_existing,
+                # after a crash, frames in flight must be found again: scan the backlog
+                ignore_existing=self.settings.ignore_existing and open_dir is None,
                 on_problem=lambda text: log.warning("%s", _shown(text)),
             )
             watcher.start()
@@ -194,6 +196,8 @@ class Daemon:
         interval = self.notifier.watchdog_interval_s
         tick = min(_TICK_S, interval) if interval else _TICK_S
         while not self.stop.is_set():
+            if not self._preparer.is_alive():  # never ping the watchdog for a dead pipeline
+                raise RuntimeError("the prepare thread died; see the log above")
             self.notifier.watchdog()
             if self.reload.is_set():
                 self._reload()
@@ -263,6 +267,9 @@ class Daemon:
             if self._degraded.is_set():  # nothing can be stored: do not decode in vain
                 self.stop.wait(_TICK_S)
                 continue
+            if not self.prepared.empty():  # one frame waits already: at most two in memory
+                self.stop.wait(0.02)
+                continue
             try:
                 path = self.paths.get(timeout=_TICK_S)
             except queue.Empty:
@@ -316,6 +323,9 @@ class Daemon:
         except OSError as err:
             self._failed(err, f"{_shown(item.path.name)} not stacked", session)
             return
+        except Exception as err:  # a bug must not end the night, nor loop on restart
+            log.exception("internal error while stacking %s", _shown(item.path.name))
+            record = self._reject_after_error(session, item, err)
         self._done(item.path)
         if session.stacker.store is not None:
             self._frame_bytes = session.stacker.store.frame_bytes
@@ -345,6 +355,20 @@ class Daemon:
         )
         if session.preview_due() and depth == 0:
             self._preview(session)
+
+    def _reject_after_error(self, session: Session, item: Prepared, err: Exception) -> FrameRecord:
+        """Reload ``session`` from disk (its memory may be half-updated) and journal ``item`` as
+        rejected, so the frame is not retried after a restart."""
+        session.abandon()
+        self.session = session = Session.resume(session.dir, self.settings, self.decoder)
+        record = FrameRecord(
+            file=str(item.path),
+            status="rejected",
+            reason=f"internal error ({type(err).__name__}: {err})",
+            sha256=item.sha256,
+        )
+        session.reject(record)
+        return record
 
     def _start_over(self, session: Session, why: str, item: Prepared, output: Path) -> None:
         """A much better reference arrived early: supersede the session and stack its frames

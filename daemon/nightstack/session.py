@@ -227,17 +227,16 @@ class Session:
             self._count(record)
 
     def _count(self, record: dict[str, Any]) -> None:
-        stacker = self.stacker
-        if record["status"] == "accepted":
-            stacker.accepted += 1
-            stacker.exposure_s += record.get("exposure_s") or 0.0
-            when = record.get("capture_time")
-            if when:
-                stacker.first_time = min(stacker.first_time or when, when)
-                stacker.last_time = max(stacker.last_time or when, when)
-        else:
-            key = _reason_key(record.get("reason") or "rejected")
-            stacker.rejected[key] = stacker.rejected.get(key, 0) + 1
+        """Count a journaled frame into the session's tallies."""
+        self.stacker.count(
+            FrameRecord(
+                file=record["file"],
+                status=record["status"],
+                reason=record.get("reason"),
+                exposure_s=record.get("exposure_s"),
+                capture_time=record.get("capture_time"),
+            )
+        )
 
     # --- per frame --------------------------------------------------------------------------
     def ingest(self, prepared: Prepared) -> FrameRecord:
@@ -264,6 +263,11 @@ class Session:
                         err.strerror or err,
                     )
         return record
+
+    def reject(self, record: FrameRecord) -> None:
+        """Journal a frame rejected outside the pipeline (and count it)."""
+        self.stacker.count(record)
+        self._append(record)
 
     def _append(self, record: FrameRecord) -> None:
         """Append one journal line and fsync it: the frame's commit point. All or nothing: a
@@ -400,10 +404,6 @@ def _remove_temporary_files(directory: Path) -> int:
                 path.unlink()
                 removed += 1
     return removed
-
-
-def _reason_key(reason: str) -> str:
-    return reason.split(":")[0].split("(")[0].strip()
 
 
 def _read_checkpoint(checkpoint: Path) -> dict[str, Any] | None:

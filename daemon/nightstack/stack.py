@@ -333,7 +333,7 @@ class FrameStore:
                 if band.shape[1:] != (self.shape[1], self.channels):
                     raise ValueError(f"band shape {band.shape} does not fit the store")
                 # fh.write, not ndarray.tofile: a full disk then raises OSError(ENOSPC)
-                fh.write(memoryview(_quantise(band)).cast("B"))
+                fh.write(_quantise(band).data)
                 written += band.shape[0]
             if written != self.shape[0]:
                 raise ValueError(f"frame has {written} rows, the store {self.shape[0]}")
