@@ -31,7 +31,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -48,13 +47,12 @@ from .frames import Stars
 from .pipeline import FrameRecord, Prepared, Reference, Stacker, write_output
 from .quality import Quality
 from .stack import FrameStore, LiveStack
-from .writers import atomic_path, write_json, write_preview
+from .writers import atomic_path, remove_temporaries, write_json, write_preview
 
 log = logging.getLogger("nightstack.session")
 
 JOURNAL = "journal.jsonl"
 SESSION = "session.json"
-_TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # writers.atomic_path's temporary names
 
 
 def read_journal(path: Path) -> list[dict[str, Any]]:
@@ -164,7 +162,7 @@ class Session:
     def resume(cls, directory: Path, settings: Settings, decoder: Decoder) -> Session:
         """Reopen a session after a crash or restart (see the module docstring)."""
         meta = json.loads((directory / SESSION).read_text(encoding="utf-8"))
-        removed = _remove_temporary_files(directory)
+        removed = remove_temporaries(directory)
         records, good = _read_journal(directory / JOURNAL)
         journal = directory / JOURNAL
         if journal.exists() and journal.stat().st_size != good:
@@ -393,17 +391,6 @@ class Session:
         if note is not None:
             meta["note"] = note
         write_json(self.dir / SESSION, meta)
-
-
-def _remove_temporary_files(directory: Path) -> int:
-    """Delete the temporary files of atomic writes a crash interrupted; return how many."""
-    removed = 0
-    for path in directory.rglob(".*.tmp"):
-        if _TEMP_FILE.match(path.name) and path.is_file():
-            with contextlib.suppress(OSError):
-                path.unlink()
-                removed += 1
-    return removed
 
 
 def _read_checkpoint(checkpoint: Path) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ import numpy.typing as npt
 from scipy.special import erf
 
 from nightstack.frames import FloatArray
+from nightstack.writers import write_json
 
 UInt16Array = npt.NDArray[np.uint16]
 IntArray = npt.NDArray[np.intp]
@@ -1056,15 +1057,6 @@ class SkyModel:
         }
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(temporary, path)
-
-
 def simulate_night(
     outdir: str | os.PathLike[str],
     *,
@@ -1125,7 +1117,7 @@ def simulate_night(
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     truth_path = out / "truth.json"
-    _write_json_atomic(truth_path, model.truth(name_pattern))
+    write_json(truth_path, model.truth(name_pattern))
     for i in range(frames):
         if i and interval_s > 0:
             time.sleep(interval_s)

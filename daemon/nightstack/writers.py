@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 from collections.abc import Iterator, Mapping
 from datetime import date
@@ -89,6 +90,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # the names atomic_path gives
+
+
+def remove_temporaries(directory: str | os.PathLike[str]) -> int:
+    """Delete the temporary files of atomic writes a crash interrupted, below ``directory``;
+    return how many."""
+    removed = 0
+    for path in Path(directory).rglob(".*.tmp"):
+        if _TEMPORARY.match(path.name) and path.is_file():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
