@@ -30,7 +30,8 @@ import tifffile
 from astropy.io import fits
 
 from _daemon import Daemon, journal, wait_for
-from nightstack.simulate import simulate_night, write_dng
+from nightstack.dng import write_dng
+from nightstack.simulate import simulate_night
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,8 @@ import pytest
 import rawpy
 from scipy import ndimage
 
-from nightstack.simulate import SkyModel, simulate_night, write_dng
+from nightstack.dng import write_dng
+from nightstack.simulate import SkyModel, simulate_night
 
 BLACK, WHITE = 512, 16383
 _CFA_CHANNEL = np.array([[0, 1], [1, 2]])  # RGGB: (r, g, b) index by (row % 2, col % 2)
