@@ -379,8 +379,14 @@ class Stacker:
         return cards
 
     def final(self, progress: Callable[[int, int], None] | None = None) -> FloatArray:
-        """The exact combine over every accepted frame (bounded RAM)."""
+        """The exact combine over every accepted frame (bounded RAM).
+
+        Releases the live stack first: the combine reads only the frame store, and the live
+        state (10 bytes per pixel and channel, 720 MB at 24 MP) would sit idle beside it. A
+        daemon that resumes rebuilds it from the checkpoint and the store.
+        """
         assert self.store is not None
+        self.live = None
         weights = None
         if self.settings.weights != "none":
             weights = self.store.weights()

@@ -323,10 +323,7 @@ class Session:
         stacker = self.stacker
         outputs: dict[str, Any] = {}
         if stacker.accepted >= 1 and stacker.store is not None:
-            # the final combine reads the store; the live state (720 MB at 24 MP) is not needed
-            # and a resume rebuilds it from the checkpoint and the store
-            stacker.live = None
-            image = stacker.final(progress)
+            image = stacker.final(progress)  # releases the live stack
             header = stacker.header()
             write_output(self.dir / "stack.tif", image, header, self.settings)
             outputs["tiff"] = str(self.dir / "stack.tif")
