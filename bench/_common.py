@@ -62,22 +62,41 @@ def machine_line() -> str:
     m = machine()
     return (
         f"nproc={m['nproc']}, CPU {m['cpu']}, RAM {m['ram_gb']} GB, Python {m['python']}, "
-        f"1-min load average {m['load_1min']} when written"
+        f"1-min load average {m['load_1min']} at the start"
     )
 
 
 def code_version() -> str:
-    """The commit benchmarked, and whether the package source had uncommitted changes."""
+    """The nightstack source benchmarked: the commit of the imported package's repository and
+    whether it had uncommitted changes, or the ``COMMIT`` file of an exported snapshot (run
+    with ``PYTHONPATH=SNAPSHOT/daemon`` to benchmark a fixed commit while the tree changes)."""
+    import nightstack
+
+    root = Path(nightstack.__file__).resolve().parents[2]
+    if (root / "COMMIT").exists():
+        return f"snapshot of {(root / 'COMMIT').read_text().strip()}"
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "daemon/"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD") or "unknown"
+        dirty = git("status", "--porcelain", "daemon/")
     except OSError:
         return "unknown"
-    return f"{head}" + (" + uncommitted changes in daemon/" if dirty else "")
+    return head + (" + uncommitted changes in daemon/" if dirty else "")
+
+
+def run_meta(command: str) -> dict[str, str]:
+    """What a section states about the run that produced it (taken when the run starts)."""
+    return {
+        "command": command,
+        "machine": machine_line(),
+        "code": code_version(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def meminfo() -> dict[str, int]:
@@ -275,7 +294,8 @@ def ensure_night(n: int, width: int = FULL_W, height: int = FULL_H) -> list[Path
     The model always has ``NIGHT_FRAMES`` frames (100 unless more are asked), so frame i is the
     same file whichever benchmark asks first.
     """
-    from nightstack.simulate import SkyModel, write_dng
+    from nightstack.dng import write_dng
+    from nightstack.simulate import SkyModel
 
     total = max(NIGHT_FRAMES, n)
     directory = night_dir(width, height)
@@ -338,13 +358,18 @@ SECTIONS = ("summary", "frame", "stack", "daemon", "peers")
 """RESULTS.md sections, in order; a benchmark rewrites only its own."""
 
 
-def write_section(name: str, title: str, body: str, command: str) -> None:
-    """Replace (or append) the section ``name`` of RESULTS.md, leaving the others as they are."""
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+def write_section(name: str, title: str, body: str, meta: dict[str, str]) -> None:
+    """Replace (or insert) the section ``name`` of RESULTS.md, leaving the others as they are.
+
+    ``meta`` (see :func:`run_meta`) names the command, machine, code and date of the run.
+    """
+    code = meta["code"]
+    if meta.get("code_after", code) != code:
+        code += f" (**changed during the run**, to {meta['code_after']})"
     block = (
         f"<!-- bench:{name} start -->\n## {title}\n\n"
-        f"Command: `{command}`  \nMachine: {machine_line()}  \n"
-        f"Code: {code_version()}  \nDate: {stamp}\n\n"
+        f"Command: `{meta['command']}`  \nMachine: {meta['machine']}  \n"
+        f"Code: {code}  \nDate: {meta['date']}\n\n"
         f"{body.strip()}\n<!-- bench:{name} end -->"
     )
     if RESULTS.exists():

@@ -173,7 +173,10 @@ def measure(quick: bool) -> dict[str, Any]:
             proc.wait()
         memory.stop()
         stderr.close()
+    from nightstack.config import Settings
+
     result = {
+        "checkpoint_every": Settings.model_fields["checkpoint_every_frames"].default,
         "decode_s": median([f["decode_here_s"] for f in paced]),
         "paced": paced,
         "burst_completes": completes,
@@ -254,8 +257,9 @@ def report(data: dict[str, Any]) -> str:
         f"child, detect, align, warp+store, accumulate) sum to {fmt_s(stage_sum)}, of a "
         f"{fmt_s(median([f['journal_s'] for f in steady]))} latency; the rest is the watcher, "
         "the content hash and the queue hand-off before the decode, and the journal fsync. "
-        "After the journal line the worker writes a checkpoint of the live stack every 3 "
-        "accepted frames (`checkpoint_every_frames`), then the preview: complete -> preview "
+        "After the journal line the worker writes a checkpoint of the live stack every "
+        f"{data.get('checkpoint_every', '?')} accepted frames (`checkpoint_every_frames`), then "
+        "the preview: complete -> preview "
         + (
             f"was {fmt_s(median([f['preview_s'] for f in with_cp]))} for frames with a "
             f"checkpoint and {fmt_s(median([f['preview_s'] for f in without_cp]))} without."

@@ -166,7 +166,7 @@ _ROWS = (
     ("result", "live stack image (`LiveStack.result`)"),
     ("preview", "preview 1600 px (`write_preview` of that image)"),
     ("result+preview", "preview from the full-size stack (`result` + `write_preview`)"),
-    ("checkpoint", "checkpoint the live stack (`LiveStack.save`, 720 MB; daemon: every 3 frames)"),
+    ("checkpoint", "checkpoint the live stack (`LiveStack.save`, 720 MB, atomic)"),
     ("preview_image", "preview from `LiveStack.preview_image(1600)` + `write_preview`"),
     ("batch_detect", "batch script detection: photutils `DAOStarFinder` + stats, full res"),
 )

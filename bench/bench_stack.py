@@ -130,7 +130,6 @@ def _agreement(fits_path: str, npy_path: str) -> dict[str, float]:
     naive = np.load(npy_path)
     both = np.isfinite(ours) & np.isfinite(naive)
     diff = np.abs(ours[both] - naive[both])
-    bright = ours[both] > np.quantile(ours[both], 0.999)  # star cores and the brightest sky
     differing = diff > 1e-4
     # the sky noise of the stack, for scale: robust std of a central sky patch's green channel
     rows, cols = ours.shape[:2]
@@ -141,7 +140,6 @@ def _agreement(fits_path: str, npy_path: str) -> dict[str, float]:
         "rms": float(np.sqrt(np.mean(diff.astype(np.float64) ** 2))),
         "p9999": float(np.quantile(diff, 0.9999)),
         "frac_gt_1e-4": float(np.mean(differing)),
-        "differing_in_brightest": float(np.mean(bright[differing])) if differing.any() else 0.0,
         "coverage_mismatch": float(np.mean(np.isfinite(ours) != np.isfinite(naive))),
         "sky_noise": mad,
     }
@@ -314,9 +312,7 @@ def _naive_report(data: dict[str, Any], runs: dict[int, list[dict[str, Any]]]) -
                 f"({_med(ours, 'main_mb') + _med(ours, 'decoder_mb'):.0f} MB sum), "
                 f"{_med(ours, 'seconds'):.0f} s",
                 f"{a['max_abs']:.2e} / {a['rms']:.2e} / {a['p9999']:.2e}",
-                f"{a['frac_gt_1e-4'] * 100:.4f} %, "
-                f"{a.get('differing_in_brightest', float('nan')) * 100:.0f} % of them in the "
-                "brightest 0.1 %",
+                f"{a['frac_gt_1e-4'] * 100:.4f} %",
             )
         )
     lines += [
@@ -336,9 +332,13 @@ def _naive_report(data: dict[str, Any], runs: dict[int, list[dict[str, Any]]]) -
         "(1.0 = saturation; the stack's sky noise is ~5e-4). nightstack stores the aligned "
         "frames as uint16 (step 1.5e-5) where the baseline keeps float32, so the two agree to "
         "that quantisation except where it moves a sample across a 3-sigma boundary and flips a "
-        "clip decision, which changes that pixel's mean by a whole sample's deviation / N: "
-        "mostly in star cores, where one frame's sample differs from the others by far more "
-        "than the sky noise.",
+        "clip decision; with 5 iterations a flip can cascade, changing that pixel's mean by a "
+        "whole outlier's weight. Checked by hand for the four largest differences at N=10 "
+        "(2026-11-29): pixels at the landscape's skyline, whose 10 samples are bimodal (ground "
+        "~0.0007, sky ~0.03: the fixed landscape moves against the aligned stars); astropy's "
+        "`sigma_clip` of the float32 samples keeps all 10, of the same samples quantised to "
+        "uint16 it drops the 2-3 sky ones, and each tool's value is exactly that clip's mean. "
+        "Neither is wrong; the clip is ill-conditioned there.",
         "",
     ]
     if len(done) >= 2:

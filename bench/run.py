@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _common import OUT, log, table, write_section
+from _common import OUT, code_version, log, run_meta, table, write_section
 
 BENCHMARKS = {
     "frame": ("Per-frame pipeline stages, 24 MP (issue 2)", "bench_frame"),
@@ -34,31 +34,44 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer frames and repeats")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite RESULTS.md from the last runs recorded in bench/out/NAME.json",
+    )
     args = parser.parse_args(argv)
     names = args.only or list(BENCHMARKS)
     command = ".venv/bin/python bench/run.py" + (" --quick" if args.quick else "")
     if args.only:
         command += " --only " + " ".join(names)
+    OUT.mkdir(parents=True, exist_ok=True)
     for name in names:
         title, module_name = BENCHMARKS[name]
         module = importlib.import_module(module_name)
-        log(f"=== {name}: {title}")
-        t0 = time.monotonic()
-        measure: Callable[[bool], dict[str, Any]] = module.measure
-        data = measure(args.quick)
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
+        path = OUT / f"{name}.json"
+        if args.report_only:
+            if not path.exists():
+                continue
+            data = json.loads(path.read_text())
+        else:
+            log(f"=== {name}: {title}")
+            t0 = time.monotonic()
+            meta = run_meta(command)
+            measure: Callable[[bool], dict[str, Any]] = module.measure
+            data = measure(args.quick)
+            data["_meta"] = {**meta, "code_after": code_version(), "quick": args.quick}
+            path.write_text(json.dumps(data, indent=1, default=str))
+            log(f"=== {name} done in {time.monotonic() - t0:.0f} s")
         body = module.report(data)
-        if args.quick:
+        if data["_meta"].get("quick"):
             body = "**Quick run (`--quick`): fewer frames and repeats.**\n\n" + body
-        write_section(name, title, body, command)
-        log(f"=== {name} done in {time.monotonic() - t0:.0f} s")
+        write_section(name, title, body, data["_meta"])
         print(body, flush=True)
-    _write_summary(command)
+    _write_summary()
     return 0
 
 
-def _write_summary(command: str) -> None:
+def _write_summary() -> None:
     """The goals table, from the last recorded run of each benchmark (bench/out/NAME.json)."""
     rows = []
     for name, (title, module_name) in BENCHMARKS.items():
@@ -66,14 +79,19 @@ def _write_summary(command: str) -> None:
         path = OUT / f"{name}.json"
         if not hasattr(module, "goals") or not path.exists():
             continue
-        for goal, measured, met in module.goals(json.loads(path.read_text())):
-            rows.append((goal, measured, "met" if met else "**missed**", title))
+        data = json.loads(path.read_text())
+        for goal, measured, met in module.goals(data):
+            when = f"{title.split(',')[0]}, {data['_meta']['date']}"
+            rows.append((goal, measured, "met" if met else "**missed**", when))
     if rows:
         body = (
-            "Each goal's verdict from the latest run of its benchmark (details and the reasons "
-            "in the sections below).\n\n" + table(("goal", "measured", "verdict", "section"), rows)
+            "Each goal's verdict from the latest run of its benchmark (command, machine, code "
+            "and the reasons in the sections below).\n\n"
+            + table(("goal", "measured", "verdict", "section, run"), rows)
         )
-        write_section("summary", "Summary: goals", body, command)
+        meta = run_meta("any bench/run.py, from the latest bench/out/NAME.json of each")
+        meta["machine"] = meta["code"] = "see each section"
+        write_section("summary", "Summary: goals", body, meta)
 
 
 if __name__ == "__main__":
