@@ -226,7 +226,6 @@ def report(data: dict[str, Any]) -> str:
             )
         )
     steady = paced[WARMUP:] or paced[1:]
-    latency = _ratios(steady, "journal_s")
     stage_sum = median([sum(f["ms"].get(k, 0.0) for k in _STAGES) / 1000 for f in steady])
     with_cp = [f for f in steady if f.get("checkpoint")]
     without_cp = [f for f in steady if not f.get("checkpoint")]
@@ -281,8 +280,12 @@ def report(data: dict[str, Any]) -> str:
         f"Closing the session (SIGTERM -> exact final combine of {data['frames']} frames, "
         f"TIFF + FITS + preview) took {fmt_s(data['close_s'])}.",
         "",
-        f"Goal: latency <= 1.5x decode: {'met' if latency <= 1.5 else '**missed**'} "
-        f"(steady-state file complete -> journal line = {latency:.2f}x decode).",
+        "Goals: "
+        + "; ".join(
+            f"{goal}: {'met' if met else '**missed**'} ({measured})"
+            for goal, measured, met in goals(data)
+        )
+        + ".",
     ]
     return "\n".join(body)
 
@@ -292,7 +295,13 @@ def goals(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
     steady = data["paced"][WARMUP:] or data["paced"][1:]
     latency = _ratios(steady, "journal_s")
     preview = _ratios(steady, "preview_s")
+    own = median([f["journal_s"] / f["decode_s"] for f in steady])
     return [
         ("daemon: file complete -> journal line <= 1.5x decode", f"{latency:.2f}x", latency <= 1.5),
+        (
+            "(same, x the daemon's own journaled decode of the frame)",
+            f"{own:.2f}x",
+            own <= 1.5,
+        ),
         ("(stricter) file complete -> preview <= 1.5x decode", f"{preview:.2f}x", preview <= 1.5),
     ]

@@ -175,7 +175,7 @@ _ROWS = (
 def report(data: dict[str, Any]) -> str:
     t = data["t"]
     decode = median(t["decode"])
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     for key, label in _ROWS:
         values = t[key]
         if not values:
