@@ -74,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
 def _write_summary() -> None:
     """The goals table, from the last recorded run of each benchmark (bench/out/NAME.json)."""
     rows = []
+    dates = []
     for name, (title, module_name) in BENCHMARKS.items():
         module = importlib.import_module(module_name)
         path = OUT / f"{name}.json"
         if not hasattr(module, "goals") or not path.exists():
             continue
         data = json.loads(path.read_text())
+        dates.append(data["_meta"]["date"])
         for goal, measured, met in module.goals(data):
             when = f"{title.split(',')[0]}, {data['_meta']['date']}"
             rows.append((goal, measured, "met" if met else "**missed**", when))
@@ -91,6 +93,7 @@ def _write_summary() -> None:
         )
         meta = run_meta("any bench/run.py, from the latest bench/out/NAME.json of each")
         meta["machine"] = meta["code"] = "see each section"
+        meta["date"] = f"latest run {max(dates)}"
         write_section("summary", "Summary: goals", body, meta)
 
 
