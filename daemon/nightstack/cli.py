@@ -134,7 +134,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             load_kwargs=load_kwargs(settings),
             decode_fn=settings.decode_fn,
         ) as dec:
-            stacker = Stacker(settings, workdir, dec)
+            stacker = Stacker(settings, workdir, dec, live=False)  # batch: the final only
             progress = _Progress(len(files), "stacking")
             for n, path in enumerate(files, 1):
                 record = stacker.process(path)

@@ -163,10 +163,15 @@ def load_sky_mask(settings: Settings) -> np.ndarray | None:
 class Stacker:
     """Frames in, a stack out. Owns the reference, the live stack and the frame store."""
 
-    def __init__(self, settings: Settings, workdir: Path, decoder: Decoder) -> None:
+    def __init__(
+        self, settings: Settings, workdir: Path, decoder: Decoder, *, live: bool = True
+    ) -> None:
+        """``live=False`` (``nightstack stack``): no live stack, only the store for the final
+        combine (saves its 10 bytes per pixel and channel and its per-frame time)."""
         self.settings = settings
         self.workdir = workdir
         self.decoder = decoder
+        self.with_live = live
         self.finder = StarFinder(
             fwhm_px=settings.star_fwhm_px,
             threshold_sigma=settings.star_threshold_sigma,
@@ -331,6 +336,8 @@ class Stacker:
             str(prepared.path), prepared.stars, prepared.quality, frame.shape, channels
         )
         self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
+        if not self.with_live:
+            return
         self.live = LiveStack(
             frame.shape,
             channels,
@@ -346,7 +353,7 @@ class Stacker:
         300 MB less at 24 MP), and the live stack sees exactly the stored (16-bit) frame, so a
         resume that re-adds frames from the store reproduces it bit for bit.
         """
-        assert self.reference is not None and self.store is not None and self.live is not None
+        assert self.reference is not None and self.store is not None
         with watch.stage("warp+store"):
             self.store.add_warped(
                 frame.image,
@@ -354,8 +361,9 @@ class Stacker:
                 weight=_weight(self.settings, stars),
                 name=frame.path.name,
             )
-        with watch.stage("accumulate"):
-            self.live.catch_up()
+        if self.live is not None:
+            with watch.stage("accumulate"):
+                self.live.catch_up()
 
     def header(self) -> dict[str, Any]:
         """FITS header cards describing the stack (NCOMBINE, EXPTIME, dates, settings)."""
