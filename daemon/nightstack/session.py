@@ -199,6 +199,12 @@ class Session:
             store = FrameStore(directory / "frames", reference.shape, reference.channels)
             accepted = [r for r in records if r["status"] == "accepted"]
             store.truncate(len(accepted))  # entries stored but never journaled
+            stacker.reference, stacker.store = reference, store
+            if self.state == "closing":  # only the final combine is left: it reads the store
+                log.info("session %s resumed to finish closing", self.id)
+                for record in records:
+                    self._count(record)
+                return
             checkpoint = directory / "checkpoint"
             state = _read_checkpoint(checkpoint)
             if state is not None:
@@ -211,7 +217,7 @@ class Session:
                     warmup=settings.live_warmup,
                     store=store,
                 )
-            stacker.reference, stacker.store, stacker.live = reference, store, live
+            stacker.live = live
             self.counted_at_checkpoint = live.frames
             replayed = live.catch_up()  # the accepted frames journaled after the checkpoint
             log.info(
