@@ -34,6 +34,9 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--decode-timeout": ("decode_timeout_s", float, "abandon a decode after this many seconds"),
     "--ram-cap-mb": ("ram_cap_mb", int, "RAM cap of the final combine"),
     "--preview-width": ("preview_width", int, "preview width in px"),
+    "--normalize": ("normalize", str, "sky normalization: add, addscale, gradient or none"),
+    "--min-transparency": ("min_transparency", float, "reject hazier frames (0 = off)"),
+    "--tiff-scale": ("tiff_scale", str, "linear TIFF scale: fixed (65535 = full scale) or range"),
 }
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -44,10 +45,17 @@ from . import __version__
 from .config import Settings
 from .decoder import Decoder
 from .frames import Stars
+from .normalize import SkySamples
 from .pipeline import FrameRecord, Prepared, Reference, Stacker, write_output
 from .quality import Quality
 from .stack import FrameStore, LiveStack
-from .writers import atomic_path, remove_temporaries, write_json, write_preview
+from .writers import (
+    atomic_path,
+    remove_temporaries,
+    write_fits_bands,
+    write_json,
+    write_preview,
+)
 
 log = logging.getLogger("nightstack.session")
 
@@ -132,6 +140,7 @@ class Session:
         self.counted_at_checkpoint = 0
         self.since_preview = 0
         self.last_preview = 0.0
+        self.last_live_fits = -math.inf
         self.last_frame = time.monotonic()
         self._journal = os.open(directory / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
@@ -256,6 +265,9 @@ class Session:
             self.since_preview += 1
             live = self.stacker.live
             assert live is not None
+            every = self.settings.snapshot_every_frames
+            if every and live.frames % every == 0:
+                self._snapshot(live.frames)
             if live.frames - self.counted_at_checkpoint >= self.settings.checkpoint_every_frames:
                 try:
                     self.checkpoint()
@@ -267,6 +279,13 @@ class Session:
                         err.strerror or err,
                     )
         return record
+
+    def _snapshot(self, frames: int) -> None:
+        """snapshots/live-NNNN.fits: the live stack after its NNNN-th frame, kept."""
+        try:
+            self.write_live_fits(self.dir / "snapshots" / f"live-{frames:04d}.fits")
+        except OSError as err:  # the frame is journaled: a missing snapshot loses nothing
+            log.error("session %s: snapshot not written (%s)", self.id, err.strerror or err)
 
     def reject(self, record: FrameRecord) -> None:
         """Journal a frame rejected outside the pipeline (and count it)."""
@@ -310,12 +329,26 @@ class Session:
         )
 
     def write_preview(self) -> None:
+        """preview.jpg, and live.fits when ``live_fits_every_s`` has passed since the last."""
         live = self.stacker.live
         assert live is not None
         width = self.settings.preview_width
         write_preview(self.dir / "preview.jpg", live.preview_image(width), width=width)
         self.since_preview = 0
         self.last_preview = time.monotonic()
+        if self.last_preview - self.last_live_fits >= self.settings.live_fits_every_s:
+            self.write_live_fits(self.dir / "live.fits")
+            self.last_live_fits = self.last_preview
+
+    def write_live_fits(self, path: Path) -> None:
+        """The live stack as linear float32 FITS (stack.fits' grid and header conventions, with
+        NCOMBINE and EXPTIME of the frames in it and STACKMTH = 'live'), band by band."""
+        live = self.stacker.live
+        assert live is not None
+        path.parent.mkdir(exist_ok=True)
+        header = {**self.stacker.header(), "NCOMBINE": live.frames, "STACKMTH": "live"}
+        shape = (*live.shape, live.channels)
+        write_fits_bands(path, shape, live.result_band, header)
 
     # --- close ------------------------------------------------------------------------------
     def close(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -408,21 +441,46 @@ def _save_reference(path: Path, stacker: Stacker) -> None:
     ref = stacker.reference
     assert ref is not None
     s = ref.stars
+    aperture = s.aperture_flux if s.aperture_flux is not None else np.full(len(s), np.nan)
+    arrays: dict[str, Any] = {
+        "xy": s.xy,
+        "flux": s.flux,
+        "aperture_flux": aperture,
+        "summary": np.array([s.fwhm_px, s.roundness, s.elongation, s.background, s.noise]),
+        "detected": np.array(s.detected),
+        "exposure_s": np.array(np.nan if ref.exposure_s is None else ref.exposure_s),
+        "shape": np.array([*ref.shape, ref.channels]),
+        "reference_file": np.array(ref.file),
+        **ref.sky.arrays(),
+    }
     with atomic_path(path) as tmp, tmp.open("wb") as fh:
-        np.savez(
-            fh,
-            xy=s.xy,
-            flux=s.flux,
-            summary=np.array([s.fwhm_px, s.roundness, s.elongation, s.background, s.noise]),
-            shape=np.array([*ref.shape, ref.channels]),
-            reference_file=np.array(ref.file),
-        )
+        np.savez(fh, **arrays)
 
 
 def _load_reference(path: Path) -> Reference:
     with np.load(path) as data:
         fwhm, roundness, elongation, background, noise = (float(v) for v in data["summary"])
-        stars = Stars(data["xy"], data["flux"], fwhm, roundness, elongation, background, noise)
+        stars = Stars(
+            data["xy"],
+            data["flux"],
+            fwhm,
+            roundness,
+            elongation,
+            background,
+            noise,
+            detected=int(data["detected"]),
+            aperture_flux=data["aperture_flux"],
+        )
         rows, cols, channels = (int(v) for v in data["shape"])
         file = str(data["reference_file"])
-    return Reference(file, stars, Quality.of(stars), (rows, cols), channels)
+        exposure = float(data["exposure_s"])
+        sky = SkySamples.from_arrays(data)
+    return Reference(
+        file,
+        stars,
+        Quality.of(stars),
+        (rows, cols),
+        channels,
+        sky,
+        exposure if np.isfinite(exposure) else None,
+    )

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from astropy.stats import sigma_clip
 
+from nightstack.normalize import Normalization
 from nightstack.warp import (
     INTERPOLATIONS,
     Interpolation,
@@ -123,7 +124,8 @@ class StoredFrame:
 
     ``matrix``: (2, 3) frame -> reference transform; ``src_shape``: (rows, cols) of the frame
     before warping; ``weight``: its weight in a weighted combine; ``interpolation``: kernel used
-    to warp it (sets the footprint margin).
+    to warp it (sets the footprint margin); ``normalization``: the background normalization
+    applied before it was stored (:meth:`Normalization.as_json`), None for none.
     """
 
     file: str
@@ -132,6 +134,7 @@ class StoredFrame:
     weight: float
     name: str
     interpolation: Interpolation
+    normalization: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -141,6 +144,7 @@ class StoredFrame:
             "weight": self.weight,
             "name": self.name,
             "interpolation": self.interpolation,
+            "normalization": self.normalization,
         }
 
     @classmethod
@@ -156,6 +160,7 @@ class StoredFrame:
             weight=float(obj["weight"]),
             name=str(obj["name"]),
             interpolation=obj.get("interpolation", "bilinear"),
+            normalization=obj.get("normalization"),
         )
 
 
@@ -275,6 +280,7 @@ class FrameStore:
         name: str = "",
         *,
         interpolation: Interpolation = "bilinear",
+        normalization: Normalization | None = None,
     ) -> int:
         """Warp a frame onto the reference grid band by band straight into the store.
 
@@ -289,15 +295,26 @@ class FrameStore:
             (rows, cols, C) float32 frame before warping.
         matrix, weight, name, interpolation
             As for :meth:`add`.
+        normalization : Normalization, optional
+            Applied to the warped samples (inside the footprint) before they are stored, so the
+            live stack and the final combine, which both read the store, see the same values.
         """
         src = np.asarray(image)
         src_shape = (int(src.shape[0]), int(src.shape[1]))
         band = max(1, _WRITE_BAND_SAMPLES // (self.shape[1] * self.channels))
-        bands = (
-            warp_rows(src, matrix, self.shape, r0, r0 + band, interpolation=interpolation)[0]
-            for r0 in range(0, self.shape[0], band)
-        )
-        return self._append(bands, matrix, src_shape, weight, name, interpolation)
+
+        def bands() -> Iterator[FloatArray]:
+            for r0 in range(0, self.shape[0], band):
+                warped, fp = warp_rows(
+                    src, matrix, self.shape, r0, r0 + band, interpolation=interpolation
+                )
+                if normalization is not None and not normalization.is_identity:
+                    normalization.apply(warped, r0, self.shape)
+                    np.copyto(warped, 0.0, where=~fp[:, :, np.newaxis])
+                yield warped
+
+        record = None if normalization is None else normalization.as_json()
+        return self._append(bands(), matrix, src_shape, weight, name, interpolation, record)
 
     def _append(
         self,
@@ -307,6 +324,7 @@ class FrameStore:
         weight: float,
         name: str,
         interpolation: Interpolation,
+        normalization: dict[str, Any] | None = None,
     ) -> int:
         """Write a frame delivered as consecutive row bands, then index it."""
         if not (math.isfinite(weight) and weight > 0):
@@ -326,6 +344,7 @@ class FrameStore:
             weight=float(weight),
             name=str(name),
             interpolation=interpolation,
+            normalization=normalization,
         )
         written = 0
         with atomic_path(self.directory / record.file) as tmp, open(tmp, "wb") as fh:
@@ -649,6 +668,12 @@ class LiveStack:
         band = self._band_rows()
         for r0 in range(0, self.shape[0], band):
             np.copyto(out[r0 : r0 + band], np.nan, where=self._count[r0 : r0 + band] == 0)
+        return out
+
+    def result_band(self, row_start: int, row_stop: int) -> npt.NDArray[np.float32]:
+        """Rows ``row_start:row_stop`` of :meth:`result` (a copy; for streaming writers)."""
+        out = self._mean[row_start:row_stop].copy()
+        np.copyto(out, np.nan, where=self._count[row_start:row_stop] == 0)
         return out
 
     def preview_image(self, width: int) -> npt.NDArray[np.float32]:
