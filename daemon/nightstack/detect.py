@@ -239,22 +239,20 @@ class StarFinder:
     def in_sky(self, x: FloatArray, y: FloatArray, rows: int) -> BoolArray:
         """Whether full-resolution positions (x, y) of a frame of ``rows`` rows are sky: above
         the landscape line and inside the sky-mask image (if any)."""
-        ok: BoolArray = np.asarray(y, dtype=np.float64) < self.landscape_mask_ratio * rows - 0.5
-        if self.sky_mask is not None:
-            full = self.sky_mask
-            col = np.clip(np.rint(x).astype(np.intp), 0, full.shape[1] - 1)
-            row = np.clip(np.rint(y).astype(np.intp), 0, full.shape[0] - 1)
-            ok &= full[row, col]
-        return ok
+        above = np.asarray(y, dtype=np.float64) < self.landscape_mask_ratio * rows - 0.5
+        return self._in_mask(x, y, above)
 
     def _in_sky(self, x: FloatArray, y: FloatArray, shape: tuple[int, ...], bin: int) -> BoolArray:
         """Whether full-resolution positions (x, y) are in the sky."""
-        ok: BoolArray = y < bin * self._sky_rows(int(shape[0])) - 0.5
+        return self._in_mask(x, y, y < bin * self._sky_rows(int(shape[0])) - 0.5)
+
+    def _in_mask(self, x: FloatArray, y: FloatArray, ok: BoolArray) -> BoolArray:
+        """``ok`` and, with a sky-mask image, the mask at the nearest pixel of (x, y)."""
         if self.sky_mask is not None:
             full = self.sky_mask
             col = np.clip(np.rint(x).astype(np.intp), 0, full.shape[1] - 1)
             row = np.clip(np.rint(y).astype(np.intp), 0, full.shape[0] - 1)
-            ok &= full[row, col]
+            ok = ok & full[row, col]
         return ok
 
     def _sky_stats(
