@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +14,7 @@ import rawpy
 from scipy import ndimage
 
 from nightstack.dng import write_dng
-from nightstack.simulate import SkyModel, simulate_night
+from nightstack.simulate import SKY_RGB, SkyModel, simulate_night, sky_ramp, sky_step
 
 BLACK, WHITE = 512, 16383
 _CFA_CHANNEL = np.array([[0, 1], [1, 2]])  # RGGB: (r, g, b) index by (row % 2, col % 2)
@@ -435,3 +436,150 @@ def test_full_size_frame_renders_in_seconds() -> None:
     elapsed = time.perf_counter() - start
     assert raw.shape == (4000, 6000) and raw.dtype == np.uint16
     assert elapsed < 15.0, f"6000x4000 render took {elapsed:.1f} s"
+
+
+# ---- a changing night: sky level, moon glow, transparency -------------------------------------
+
+
+def _decoded(truth_path: Path, i: int) -> np.ndarray:
+    """Frame i of a simulated night decoded by LibRaw like ``nightstack.loaders.load`` does
+    (linear AHD, camera white balance), but with LibRaw's ``adjust_maximum_thr`` off, then
+    converted to electrons above black: (rows, cols, 3) float64.
+
+    LibRaw by default rescales a frame whose brightest pixel lies between 0.75 and 1 of the
+    white level as if that pixel were white, which changes a frame's scale with its content
+    (a hazy frame with no saturated star comes out up to 1.33x brighter); the truth is
+    checked without that rescaling.
+    """
+    truth = json.loads(truth_path.read_text())
+    with rawpy.imread(str(truth_path.parent / truth["frames"][i]["file"])) as raw:
+        rgb = raw.postprocess(**POSTPROCESS, adjust_maximum_thr=0.0)
+    span = (truth["white_level"] - truth["black_level"]) * truth["gain_e_per_adu"]
+    return rgb.astype(np.float64) * (span / 65535.0)
+
+
+def test_sky_step_and_ramp_helpers() -> None:
+    assert sky_step(5, 2, 1.4) == [1.0, 1.0, 1.4, 1.4, 1.4]
+    assert sky_ramp(5, 2.0) == pytest.approx([1.0, 1.25, 1.5, 1.75, 2.0])
+    assert sky_ramp(1, 3.0) == [1.0]
+    with pytest.raises(ValueError, match="sky_levels needs 4 values"):
+        SkyModel(frames=4, sky_levels=(1.0, 2.0))
+    with pytest.raises(ValueError, match="transparency values must be in"):
+        SkyModel(frames=2, transparency=(1.0, 1.2))
+
+
+def test_decoded_sky_level_follows_the_schedule(tmp_path: Path) -> None:
+    levels = [1.0, 1.0, 1.4, 2.0]
+    truth_path = simulate_night(
+        tmp_path, frames=4, width=320, height=214, seed=8, stars=40, nebula=False,
+        sky_levels=levels,
+    )  # fmt: skip
+    truth = json.loads(truth_path.read_text())
+    model = SkyModel.from_truth(truth)
+    assert truth["schema"] == 2
+    assert [f["sky_level"] for f in truth["frames"]] == levels
+    sky = (slice(8, model.landscape_top_row - 8), slice(8, -8))
+    medians = []
+    for i in range(4):
+        image = _decoded(truth_path, i)
+        surface = model.sky_surface(i)
+        for c in range(3):
+            measured = np.median(image[sky][..., c])
+            expected = np.median(surface[sky]) * SKY_RGB[c]
+            assert measured == pytest.approx(expected, rel=0.01)  # faint stars: < 1 % bias
+        medians.append(np.median(image[sky][..., 1]))
+    assert np.array(medians) / medians[0] == pytest.approx(levels, rel=0.01)
+
+
+def test_moon_glow_is_the_recorded_smooth_surface(tmp_path: Path) -> None:
+    glow = [0.0, 0.3, 0.6]
+    truth_path = simulate_night(
+        tmp_path, frames=3, width=320, height=214, seed=9, stars=30, nebula=False, glow=glow,
+        sky_levels=[1.0, 1.2, 1.2],
+    )  # fmt: skip
+    truth = json.loads(truth_path.read_text())
+    model = SkyModel.from_truth(truth)
+    records = [f["glow"] for f in truth["frames"]]
+    assert [g["amplitude"] for g in records] == glow
+    assert records[0]["centre"] != records[2]["centre"]  # the moon moves over the night
+    top = model.landscape_top_row - 8
+    ys, xs = np.mgrid[0:214, 0:320]
+    for i, g in enumerate(records):
+        # rebuild the surface from truth.json alone
+        d2 = (xs - g["centre"][0]) ** 2 + (ys - g["centre"][1]) ** 2
+        shape = np.exp(-(d2 - g["near_px"] ** 2) / (2 * g["scale_px"] ** 2))
+        glow_e = g["amplitude"] * truth["sky_e"] * truth["frames"][i]["sky_level"] * shape
+        without = SkyModel(**{**model.parameters(), "glow": ()}).sky_at(i, xs, ys)
+        np.testing.assert_allclose(model.sky_at(i, xs, ys) - glow_e, without, rtol=1e-9)
+        assert shape.max() == pytest.approx(1.0, abs=1e-3)  # 1 at the brightest point
+        # the decoded frame carries that surface: 16x16 block medians of green
+        image = _decoded(truth_path, i)[:top, :, 1]
+        expected = model.sky_surface(i)[:top]
+        rows, cols = top // 16, 320 // 16
+        block = (slice(0, rows * 16), slice(0, cols * 16))
+        measured = np.median(image[block].reshape(rows, 16, cols, 16), axis=(1, 3))
+        want = expected[block].reshape(rows, 16, cols, 16).mean(axis=(1, 3))
+        residual = measured - want
+        assert np.median(np.abs(residual)) < 3.0  # electrons: block noise ~ 25 / 16 * 1.25
+    # the reference grid: frame i's sky seen through its transform
+    on_reference = model.sky_surface(2, grid="reference")
+    q = np.array([[100.0, 50.0], [250.0, 150.0]])
+    p = model.to_frame(2, q)
+    for (qx, qy), (px, py) in zip(q.astype(int), p, strict=True):
+        assert on_reference[qy, qx] == pytest.approx(float(model.sky_at(2, px, py)), rel=1e-12)
+    ys, xs = np.mgrid[0:214, 0:320]
+    np.testing.assert_allclose(model.sky_surface(2), model.sky_at(2, xs, ys), rtol=1e-5)
+
+
+def test_glow_is_well_fitted_by_a_low_order_surface() -> None:
+    """What a 'gradient' normalization must represent: a quadratic leaves < 2 % of the glow."""
+    model = SkyModel(width=480, height=320, frames=2, gradient=0.0, glow=(0.5, 0.5))
+    glow = model.sky_surface(1) - model.sky_e
+    ys, xs = np.mgrid[0:320, 0:480] / 480.0
+    terms = np.stack([(xs**p * ys**q).ravel() for p in range(3) for q in range(3 - p)], 1)
+    coef, *_ = np.linalg.lstsq(terms, glow.ravel(), rcond=None)
+    residual = glow.ravel() - terms @ coef
+    assert glow.max() - glow.min() > 0.3 * 0.5 * model.sky_e  # a real gradient
+    assert np.abs(residual).max() < 0.02 * 0.5 * model.sky_e
+
+
+def _aperture_fluxes(image: np.ndarray, xy: np.ndarray, radius: float) -> np.ndarray:
+    """Background-subtracted sums of (rows, cols) ``image`` in a circle of ``radius`` px around
+    each (x, y), background the median of an annulus 2 to 3 radii out."""
+    reach = math.ceil(3 * radius)
+    rows, cols = np.mgrid[-reach : reach + 1, -reach : reach + 1]
+    out = []
+    for x, y in xy:
+        r0, c0 = round(y), round(x)
+        box = image[r0 - reach : r0 + reach + 1, c0 - reach : c0 + reach + 1]
+        d = np.hypot(cols + c0 - x, rows + r0 - y)
+        sky = np.median(box[(d >= 2 * radius) & (d <= 3 * radius)])
+        out.append((box[d <= radius] - sky).sum())
+    return np.array(out)
+
+
+def test_transparency_scales_star_fluxes_not_the_sky(tmp_path: Path) -> None:
+    transparency = [1.0, 0.85, 0.3]
+    truth_path = simulate_night(
+        tmp_path, frames=3, width=480, height=320, seed=12, stars=150, nebula=False,
+        transparency=transparency,
+    )  # fmt: skip
+    truth = json.loads(truth_path.read_text())
+    model = SkyModel.from_truth(truth)
+    assert [f["transparency"] for f in truth["frames"]] == transparency
+    both = np.intersect1d(model.visible_stars(0, margin=20), model.visible_stars(2, margin=20))
+    index = _isolated(model, 0, both[model.star_peak_snr[both] > 40], 20)
+    assert len(index) >= 5
+    green = [_decoded(truth_path, i)[..., 1] for i in range(3)]
+    flux = [
+        _aperture_fluxes(green[i], model.to_frame(i, model.star_xy[index]), 6) for i in range(3)
+    ]
+    for i in (1, 2):
+        ratio = np.median(flux[i] / flux[0])
+        assert ratio == pytest.approx(transparency[i], rel=0.03)
+        _, expected = model.stars_in_frame(i)
+        np.testing.assert_allclose(
+            expected, model.star_flux_e[model.visible_stars(i)] * transparency[i], rtol=1e-12
+        )
+    sky = (slice(8, model.landscape_top_row - 8), slice(8, -8))
+    assert np.median(green[2][sky]) == pytest.approx(np.median(green[0][sky]), rel=0.01)

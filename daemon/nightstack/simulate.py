@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -61,7 +61,7 @@ _PSF_RADIUS_SIGMA = 6.0  # stamp half-size: the Gaussian beyond holds < 1e-8 of 
 _STAMP_BATCH = 1024  # stars per vectorised stamp batch (bounds temporary memory)
 _TRAIL_STEP_PX = 0.5  # trailed stars are summed from PSFs this far apart: a smooth line
 _APERTURE_FWHM = 1.0  # aperture radius (in FWHM) of the flux-to-noise ratio in the truth
-_SKY_RGB = (1.1, 1.0, 0.8)  # light-polluted sky: a little warm
+SKY_RGB = (1.1, 1.0, 0.8)  # light-polluted sky: a little warm (sky colour weights r, g, b)
 _NEBULA_RGB = (1.5, 0.7, 0.9)  # emission nebula: H-alpha red with some OIII
 _NEBULA_PEAK = 0.25  # nebula peak as a fraction of the sky level: faint, needs a stretch
 _NEBULA_RADIUS_SIGMA = 3.5  # nebula drawn within this many major-axis sigmas
@@ -80,6 +80,16 @@ _BAND_ROWS = 256  # rows of noise (or nebula) computed at a time (bounds tempora
 _FRAME_GAP_S = 2.0  # camera dead time between exposures, for the capture times
 _STREAM_STARS, _STREAM_LANDSCAPE, _STREAM_HOT, _STREAM_NOISE = 1, 2, 3, 4  # independent
 _STREAM_SATELLITE, _STREAM_CLOUD, _STREAM_TRAIL, _STREAM_NEBULA = 5, 6, 7, 8  # random streams
+# per-frame schedules (SkyModel fields): which values are allowed
+_SCHEDULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "sky_levels": (lambda v: v > 0, "> 0"),
+    "glow": (lambda v: v >= 0, ">= 0"),
+    "transparency": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+_STREAM_GLOW = 9  # the moon's path (drawn even when no glow is rendered: truth is stable)
+_GLOW_DISTANCE = 1.0  # the moon sits this many frame diagonals from the frame centre
+_GLOW_SCALE = 1.0  # glow falls off as a Gaussian of this many diagonals: smooth, low-order
+_GLOW_SWEEP_DEG = (30.0, 70.0)  # the moon's bearing turns by this much over the session
 
 
 def _indices(value: int | Iterable[int] | None) -> tuple[int, ...]:
@@ -202,6 +212,16 @@ class SkyModel:
         Frame indices with a satellite trail, cloud, or wind-trailed stars.
     trail_px
         Length of a wind-trailed star's smear, pixels.
+    sky_levels
+        Per-frame multiplier of the whole sky background (light pollution, moon, twilight):
+        ``frames`` values > 0, or empty for 1 throughout (see ``sky_step``, ``sky_ramp``).
+    glow
+        Per-frame amplitude of a moon glow, a smooth gradient whose direction turns over the
+        session, as a fraction of the frame's sky level at its brightest point in the frame
+        (see ``moon_glow``): ``frames`` values >= 0, or empty for none.
+    transparency
+        Per-frame multiplier of all light from beyond the atmosphere (stars, nebula,
+        satellites), in [0, 1]: 0.3 is a thin haze, 0.85 a 15 % dip; empty for 1 throughout.
     """
 
     width: int = 1200
@@ -232,10 +252,15 @@ class SkyModel:
     cloudy: tuple[int, ...] = ()
     trailed: tuple[int, ...] = ()
     trail_px: float = 15.0
+    sky_levels: tuple[float, ...] = ()
+    glow: tuple[float, ...] = ()
+    transparency: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("satellite", "cloudy", "trailed"):
             object.__setattr__(self, name, _indices(getattr(self, name)))
+        for name in _SCHEDULES:
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name) or ()))
         if self.pivot is not None:
             object.__setattr__(self, "pivot", (float(self.pivot[0]), float(self.pivot[1])))
         if isinstance(self.start_time, str):
@@ -265,6 +290,14 @@ class SkyModel:
             )
         if self.trail_px < 0 or self.windows < 0 or (self.hot_pixels or 0) < 0:
             problems.append("trail_px, windows and hot_pixels must be >= 0")
+        for name, (allowed, text) in _SCHEDULES.items():
+            values = getattr(self, name)
+            if values and len(values) != self.frames:
+                problems.append(
+                    f"{name} needs {self.frames} values (one a frame), got {len(values)}"
+                )
+            elif not all(math.isfinite(v) and allowed(v) for v in values):
+                problems.append(f"{name} values must be {text}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -422,12 +455,52 @@ class SkyModel:
         """(n,) whether a centred star's brightest CFA site would clip at the white level."""
         full_e = (self.white_level - self.black_level) * self.gain_e_per_adu
         peak = self.star_flux_e * self._peak_fraction * self.star_rgb.max(axis=1)
-        sky = self.sky_e * max(_SKY_RGB) * (1.0 + abs(self.gradient) / 2.0)
+        sky = self.sky_e * max(SKY_RGB) * (1.0 + abs(self.gradient) / 2.0)
         return np.asarray(peak + sky > full_e)
 
     def star_factor(self, i: int) -> float:
-        """Transmission of frame ``i`` for sky light (stars, nebula, satellites): 1 or cloud."""
-        return _CLOUD_STAR_FACTOR if i in self.cloudy else 1.0
+        """Transmission of frame ``i`` for light from beyond the atmosphere (stars, nebula,
+        satellites): ``transparency_of(i)`` times the cloud factor in a cloudy frame."""
+        cloud = _CLOUD_STAR_FACTOR if i in self.cloudy else 1.0
+        return cloud * self.transparency_of(i)
+
+    # ---- the changing night ----------------------------------------------------------------
+
+    def sky_level(self, i: int) -> float:
+        """Multiplier of frame ``i``'s whole sky background (``sky_levels``; 1 by default)."""
+        return self.sky_levels[i] if self.sky_levels else 1.0
+
+    def transparency_of(self, i: int) -> float:
+        """Frame ``i``'s atmospheric transparency (``transparency``; 1 by default)."""
+        return self.transparency[i] if self.transparency else 1.0
+
+    def moon_glow(self, i: int) -> dict[str, Any]:
+        """Geometry of frame ``i``'s moon glow, in frame pixels (fixed to the ground).
+
+        The glow adds ``amplitude * sky_e * sky_level(i) * g(x, y)`` electrons per green pixel
+        (times the sky colour at red and blue sites), with
+        ``g = exp(-(|p - centre|**2 - near_px**2) / (2 scale_px**2))``: 1 at the frame point
+        nearest the moon (``near_px`` from ``centre``), smoothly lower across the frame.
+        ``centre`` is the moon, outside the frame, ``_GLOW_DISTANCE`` diagonals from the
+        frame centre on a bearing that turns over the session. ``amplitude`` is ``glow[i]``
+        (0 by default: the geometry is still drawn, nothing is rendered).
+        """
+        w, h = self.width, self.height
+        rng = self._rng(_STREAM_GLOW)
+        start = rng.uniform(0.0, 2.0 * math.pi)
+        sweep = math.radians(rng.uniform(*_GLOW_SWEEP_DEG)) * (1 if rng.random() < 0.5 else -1)
+        bearing = start + sweep * i / max(self.frames - 1, 1)
+        diagonal = math.hypot(w, h)
+        cx = (w - 1) / 2 + _GLOW_DISTANCE * diagonal * math.cos(bearing)
+        cy = (h - 1) / 2 + _GLOW_DISTANCE * diagonal * math.sin(bearing)
+        nx, ny = min(max(cx, 0.0), w - 1.0), min(max(cy, 0.0), h - 1.0)
+        return {
+            "amplitude": self.glow[i] if self.glow else 0.0,
+            "centre": [cx, cy],
+            "scale_px": _GLOW_SCALE * diagonal,
+            "near_px": math.hypot(cx - nx, cy - ny),
+            "bearing_deg": math.degrees(bearing) % 360.0,
+        }
 
     def visible_stars(self, i: int, *, margin: float = 0.0, min_peak_snr: float = 0.0) -> IntArray:
         """Catalogue indices of stars whose centre is inside frame ``i`` at least ``margin``
@@ -590,9 +663,23 @@ class SkyModel:
 
     def electrons(self, i: int) -> FloatArray:
         """Noise-free expected signal of frame ``i``, (height, width) float32 electrons per CFA
-        site (RGGB), hot pixels not included."""
-        h, w = self.height, self.width
+        site (``cfa_pattern``), hot pixels not included."""
         defects = self.defects(i)
+        image = self._sky_background(i)
+        _mosaic_inplace(image, SKY_RGB)
+        factor = self.star_factor(i)
+        if self._nebula is not None:
+            self._add_nebula(image, i, factor)
+        self._add_stars(image, i, factor, defects.get("trailed"))
+        if "satellite" in defects:
+            self._add_satellite(image, defects["satellite"], factor)
+        self._add_ground(image, i)
+        return image
+
+    def _sky_background(self, i: int) -> FloatArray:
+        """The sky of frame ``i`` before its colour: (height, width) float32 electrons per
+        green pixel, the landscape not applied (see ``sky_surface``)."""
+        h, w = self.height, self.width
         # light-pollution gradient, fixed to the ground
         angle = math.radians(self.gradient_angle_deg)
         c, s = math.cos(angle), math.sin(angle)
@@ -604,18 +691,79 @@ class SkyModel:
         image *= np.float32(self.gradient)
         image += np.float32(1.0)
         image *= np.float32(self.sky_e)
-        if "cloudy" in defects:
+        level = self.sky_level(i)
+        if level != 1.0:
+            image *= np.float32(level)
+        moon = self.moon_glow(i)
+        if moon["amplitude"] > 0:
+            gx, gy = self._glow_profiles(moon, np.arange(w), np.arange(h))
+            scale = moon["amplitude"] * self.sky_e * level
+            image += np.outer(gy * scale, gx).astype(np.float32)
+        if i in self.cloudy:
             image *= np.float32(_CLOUD_SKY_FACTOR)
             image += self._cloud_glow(i)
-        _mosaic_inplace(image, _SKY_RGB)
-        factor = self.star_factor(i)
-        if self._nebula is not None:
-            self._add_nebula(image, i, factor)
-        self._add_stars(image, i, factor, defects.get("trailed"))
-        if "satellite" in defects:
-            self._add_satellite(image, defects["satellite"], factor)
-        self._add_ground(image)
         return image
+
+    @staticmethod
+    def _glow_profiles(
+        moon: dict[str, Any], x: FloatArray | IntArray, y: FloatArray | IntArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """The moon glow's separable factors: ``g(x, y) = gx(x) * gy(y)`` (float64)."""
+        cx, cy = moon["centre"]
+        two_s2 = 2.0 * moon["scale_px"] ** 2
+        gx = np.exp(-((np.asarray(x) - cx) ** 2 - moon["near_px"] ** 2) / two_s2)
+        gy = np.exp(-((np.asarray(y) - cy) ** 2) / two_s2)
+        return gx, gy
+
+    def sky_surface(self, i: int, *, grid: str = "frame") -> FloatArray:
+        """The true additive sky of frame ``i``: electrons per green pixel, float64.
+
+        Multiply by the sky colour (``SKY_RGB``, also in truth as ``sky_rgb``) for the red
+        and blue channels, divide by ``gain_e_per_adu`` for ADU above black, and further by
+        ``white_level - black_level`` for ``nightstack.loaders.load``'s units. It holds the
+        light-pollution gradient, the sky level, the moon glow and a cloudy frame's glow; not
+        stars, nebula, satellites, hot pixels, or the landscape that hides the sky.
+
+        Parameters
+        ----------
+        i
+            Frame index.
+        grid
+            ``"frame"``: (height, width) over frame ``i``'s own pixels, exactly the sky that
+            ``render(i)`` used. ``"reference"``: (height, width) over the reference frame's
+            pixel grid, i.e. the value at reference pixel q is the sky of frame ``i`` at the
+            frame pixel that maps onto q (``transform(i)``), evaluated analytically there
+            (also where it falls outside frame ``i``).
+        """
+        if grid == "frame":
+            return self._sky_background(i).astype(np.float64)
+        if grid != "reference":
+            raise ValueError(f"grid must be 'frame' or 'reference', got {grid!r}")
+        ys, xs = np.mgrid[0 : self.height, 0 : self.width].astype(np.float64)
+        frame_xy = self.to_frame(i, np.stack([xs.ravel(), ys.ravel()], axis=1))
+        return self.sky_at(i, frame_xy[:, 0], frame_xy[:, 1]).reshape(self.height, self.width)
+
+    def sky_at(self, i: int, x: npt.ArrayLike, y: npt.ArrayLike) -> FloatArray:
+        """Frame ``i``'s sky (as ``sky_surface``) at frame pixel coordinates ``x``, ``y``
+        (broadcast arrays), evaluated analytically in float64."""
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        w, h = self.width, self.height
+        angle = math.radians(self.gradient_angle_deg)
+        c, s = math.cos(angle), math.sin(angle)
+        extent = abs(w * c) + abs(h * s)
+        plane = ((x - (w - 1) / 2) * c + (y - (h - 1) / 2) * s) / extent
+        level = self.sky_level(i)
+        sky = (1.0 + self.gradient * plane) * self.sky_e * level
+        moon = self.moon_glow(i)
+        if moon["amplitude"] > 0:
+            gx, gy = self._glow_profiles(moon, x, y)
+            sky = sky + moon["amplitude"] * self.sky_e * level * gx * gy
+        if i in self.cloudy:
+            centre, sigma, amplitude = self._cloud_blobs(i)
+            sky = sky * _CLOUD_SKY_FACTOR
+            for (bx, by), sb, ab in zip(centre, sigma[:, 0], amplitude, strict=True):
+                sky = sky + ab * np.exp(-0.5 * (((x - bx) / sb) ** 2 + ((y - by) / sb) ** 2))
+        return np.asarray(sky, dtype=np.float64)
 
     def render(self, i: int, *, noise: bool = True) -> UInt16Array:
         """Raw CFA of frame ``i``: (height, width) uint16 ADU, RGGB, black level included,
@@ -637,13 +785,20 @@ class SkyModel:
         raw[y, x] = np.minimum(raw[y, x].astype(np.int64) + hot, self.white_level)
         return raw
 
-    def _cloud_glow(self, i: int) -> FloatArray:
-        """Lumpy cloud glow: (height, width) float32 electrons, a sum of Gaussian blobs."""
+    def _cloud_blobs(self, i: int) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """Cloud lumps of frame ``i``: centres (blobs, 2) frame (x, y), sigmas (blobs, 1) px
+        and peak electrons (blobs,), the sky level included."""
         rng = self._rng(_STREAM_CLOUD, i)
         h, w = self.height, self.width
         centre = rng.uniform([0.0, 0.0], [w, h], (_CLOUD_BLOBS, 2))
         sigma = rng.uniform(0.08, 0.25, (_CLOUD_BLOBS, 1)) * max(w, h)
         amplitude = rng.uniform(0.3, 1.0, _CLOUD_BLOBS) * _CLOUD_LUMP * self.sky_e
+        return centre, sigma, amplitude * self.sky_level(i)
+
+    def _cloud_glow(self, i: int) -> FloatArray:
+        """Lumpy cloud glow: (height, width) float32 electrons, a sum of Gaussian blobs."""
+        h, w = self.height, self.width
+        centre, sigma, amplitude = self._cloud_blobs(i)
         gx = np.exp(-0.5 * ((np.arange(w) - centre[:, :1]) / sigma) ** 2)  # (blobs, w)
         gy = np.exp(-0.5 * ((np.arange(h) - centre[:, 1:]) / sigma) ** 2)  # (blobs, h)
         glow = (gy.T * amplitude).astype(np.float32) @ gx.astype(np.float32)
@@ -747,13 +902,14 @@ class SkyModel:
         # a sunlit satellite is neutral: every CFA site gets the same electrons
         np.add.at(image.reshape(-1), ys[ok] * w + xs2[ok], value[ok].astype(np.float32))
 
-    def _add_ground(self, image: FloatArray) -> None:
+    def _add_ground(self, image: FloatArray, i: int) -> None:
         """Hide the sky behind the landscape; add its faint glow and the lit windows."""
         land = self._landscape
         if land.top_row >= self.height:
             return
         band = image[land.top_row :]
-        ground = np.full(band.shape, _GROUND_LEVEL * self.sky_e, dtype=np.float32)
+        glow_e = _GROUND_LEVEL * self.sky_e * self.sky_level(i)  # lit by the sky above it
+        ground = np.full(band.shape, glow_e, dtype=np.float32)
         band *= land.sky_cover
         band += (1 - land.sky_cover) * ground
         rgb = np.array(_WINDOW_RGB)
@@ -779,10 +935,13 @@ class SkyModel:
                     "exposure_s": self.exposure_s,
                     "iso": self.iso,
                     "capture_time": self.capture_time(i).isoformat(),
+                    "sky_level": self.sky_level(i),
+                    "glow": self.moon_glow(i),
+                    "transparency": self.transparency_of(i),
                 }
             )
         return {
-            "schema": 1,
+            "schema": 2,
             "generator": "nightstack.simulate",
             "seed": self.seed,
             "parameters": self.parameters(),
@@ -794,6 +953,8 @@ class SkyModel:
             "gain_e_per_adu": self.gain_e_per_adu,
             "read_noise_e": self.read_noise_e,
             "sky_e": self.sky_e,
+            "sky_rgb": list(SKY_RGB),
+            "gradient": {"amplitude": self.gradient, "angle_deg": self.gradient_angle_deg},
             "pixel_noise_e": self.pixel_noise_e,
             "psf": {"model": "gaussian", "fwhm_px": self.fwhm_px, "sigma_px": self.psf_sigma_px},
             "pivot": list(self.pivot_xy),
@@ -822,6 +983,20 @@ class SkyModel:
         }
 
 
+def sky_step(frames: int, at: int, factor: float) -> list[float]:
+    """Sky levels for ``frames`` frames: 1 before frame ``at``, ``factor`` from it on (a
+    neighbour's light going on, the Moon rising over a ridge)."""
+    return [1.0 if i < at else float(factor) for i in range(frames)]
+
+
+def sky_ramp(frames: int, end: float) -> list[float]:
+    """Sky levels for ``frames`` frames rising (or falling) linearly from 1 at the first frame
+    to ``end`` at the last (twilight, a rising Moon)."""
+    if frames == 1:
+        return [1.0]
+    return [1.0 + (float(end) - 1.0) * i / (frames - 1) for i in range(frames)]
+
+
 def simulate_night(
     outdir: str | os.PathLike[str],
     *,
@@ -838,6 +1013,9 @@ def simulate_night(
     rotation_deg: float = 0.05,
     fwhm_px: float = 3.5,
     nebula: bool = True,
+    sky_levels: Sequence[float] | None = None,
+    glow: Sequence[float] | None = None,
+    transparency: Sequence[float] | None = None,
     name_pattern: str = "IMG_{:04d}.DNG",
     progress: Callable[[int, Path], None] | None = None,
 ) -> Path:
@@ -848,17 +1026,31 @@ def simulate_night(
     written one by one, each complete when its file closes, ``interval_s`` seconds apart.
     ``progress(i, path)`` is called after each frame.
 
-    truth.json (schema 1)
+    ``sky_levels``, ``glow`` and ``transparency`` are per-frame schedules (one value a frame,
+    ``None`` for 1, 0 and 1 throughout), as the ``SkyModel`` fields of the same names:
+    the sky background's multiplier (``sky_step``, ``sky_ramp`` build common ones), the moon
+    glow's amplitude, and the transmission of light from beyond the atmosphere.
+
+    truth.json (schema 2)
     ---------------------
     ``seed``, ``parameters`` (the ``SkyModel`` fields; ``SkyModel.from_truth`` rebuilds it),
     ``width``, ``height``, ``cfa_pattern``, ``black_level``, ``white_level``,
-    ``gain_e_per_adu``, ``read_noise_e``, ``sky_e`` (electrons per pixel at frame centre),
-    ``pixel_noise_e``, ``psf`` {model, fwhm_px, sigma_px}, ``pivot``, ``sky_region``;
-    ``landscape`` {top_row, skyline (per column, ground below), windows [[x0, y0, x1, y1)]};
-    ``hot_pixels`` {x, y, adu}; ``nebula`` (or null); ``stars`` {x, y (reference pixels), flux_e,
-    peak_snr, snr, saturated, rgb}, brightest first; ``frames``: per frame {index, file, matrix
-    (2x3, frame -> reference), defects (names), one entry per defect with its parameters,
-    exposure_s, iso, capture_time}.
+    ``gain_e_per_adu``, ``read_noise_e``, ``sky_e`` (electrons per green pixel at the frame
+    centre at sky level 1), ``sky_rgb`` (the sky's colour weights r, g, b), ``gradient``
+    {amplitude, angle_deg} (the light-pollution plane, fixed to the ground),
+    ``pixel_noise_e`` (at sky level 1), ``psf`` {model, fwhm_px, sigma_px}, ``pivot``,
+    ``sky_region``; ``landscape`` {top_row, skyline (per column, ground below), windows
+    [[x0, y0, x1, y1)]}; ``hot_pixels`` {x, y, adu}; ``nebula`` (or null); ``stars`` {x, y
+    (reference pixels), flux_e, peak_snr, snr, saturated, rgb}, brightest first; ``frames``:
+    per frame {index, file, matrix (2x3, frame -> reference), defects (names), one entry per
+    defect with its parameters, exposure_s, iso, capture_time, ``sky_level`` (multiplier of
+    the whole sky background), ``glow`` {amplitude (fraction of the frame's sky level at the
+    glow's brightest point in the frame), centre (the moon, frame pixels), scale_px, near_px,
+    bearing_deg} (``SkyModel.moon_glow``), ``transparency`` (multiplier of star, nebula and
+    satellite light; a cloudy frame's ``star_factor`` multiplies on top)}.
+    ``SkyModel.sky_surface(i)`` rebuilds frame i's additive sky in electrons on the frame or
+    the reference grid. Schema 2 added ``sky_rgb``, ``gradient`` and the per-frame
+    ``sky_level``, ``glow`` and ``transparency``; schema 1 fields keep their meaning.
 
     Returns
     -------
@@ -875,6 +1067,9 @@ def simulate_night(
         drift_px=drift_px,
         rotation_deg=rotation_deg,
         nebula=nebula,
+        sky_levels=tuple(sky_levels or ()),
+        glow=tuple(glow or ()),
+        transparency=tuple(transparency or ()),
         satellite=_indices(satellite),
         cloudy=_indices(cloudy),
         trailed=_indices(trailed),
