@@ -14,6 +14,7 @@ import rawpy
 from scipy import ndimage
 
 from nightstack.dng import write_dng
+from nightstack.loaders import load
 from nightstack.simulate import SKY_RGB, SkyModel, simulate_night, sky_ramp, sky_step
 
 BLACK, WHITE = 512, 16383
@@ -583,3 +584,123 @@ def test_transparency_scales_star_fluxes_not_the_sky(tmp_path: Path) -> None:
         )
     sky = (slice(8, model.landscape_top_row - 8), slice(8, -8))
     assert np.median(green[2][sky]) == pytest.approx(np.median(green[0][sky]), rel=0.01)
+
+
+# ---- CFA patterns ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_dng_cfa_pattern_tag_decodes_as_written(tmp_path: Path, pattern: str) -> None:
+    cfa = np.full((64, 64), 600, dtype=np.uint16)
+    r, c = divmod(pattern.index("R"), 2)
+    cfa[r::2, c::2] = 8000  # light on the red sites only
+    write_dng(tmp_path / "p.dng", cfa, cfa_pattern=pattern)
+    with rawpy.imread(str(tmp_path / "p.dng")) as raw:
+        desc = raw.color_desc.decode()
+        assert "".join(desc[k] for k in raw.raw_pattern.ravel()) == pattern
+        rgb = raw.postprocess(**POSTPROCESS).astype(np.float64)
+    mean = rgb[16:48, 16:48].reshape(-1, 3).mean(axis=0)
+    assert mean[0] > 50 * max(mean[1], mean[2])  # decoded red, nothing else
+    with pytest.raises(ValueError, match="cfa_pattern"):
+        write_dng(tmp_path / "q.dng", cfa, cfa_pattern="RGBG")
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_each_colour_is_rendered_on_its_own_sites(pattern: str) -> None:
+    flat = SkyModel(
+        width=128, height=128, stars=0, nebula=False, gradient=0.0, landscape_fraction=0.0,
+        hot_pixels=0, cfa_pattern=pattern,
+    )  # fmt: skip
+    expected = flat.render(0, noise=False).astype(np.float64) - BLACK
+    for k, colour in enumerate(pattern):
+        r, c = divmod(k, 2)
+        weight = SKY_RGB["RGB".index(colour)]
+        assert np.all(expected[r::2, c::2] == round(weight * flat.sky_e))
+
+
+def _star_colour(image: np.ndarray, x: float, y: float, radius: int = 5) -> np.ndarray:
+    """Background-subtracted (r, g, b) sums of a decoded (rows, cols, 3) image in a circle of
+    ``radius`` px at (x, y); background the median beyond 1.5 radii in a (4 radius + 1) box."""
+    r0, c0 = round(y), round(x)
+    box = image[r0 - 2 * radius : r0 + 2 * radius + 1, c0 - 2 * radius : c0 + 2 * radius + 1]
+    rows, cols = np.mgrid[-2 * radius : 2 * radius + 1, -2 * radius : 2 * radius + 1]
+    d = np.hypot(rows, cols)
+    sky = np.median(box[d > 1.5 * radius], axis=0)
+    return (box[d <= radius].astype(np.float64) - sky).sum(axis=0)
+
+
+def _mosaic_colour(
+    mosaic: np.ndarray, channel: np.ndarray, x: float, y: float, radius: int
+) -> np.ndarray:
+    """A star's (r, g, b) light in a raw (rows, cols) mosaic whose sites have colour index
+    ``channel``: per colour, the sum over its sites in a circle of ``radius`` px less their
+    sky (median of its sites beyond 1.5 radii), scaled to a full plane (x4 red and blue, x2
+    green)."""
+    r0, c0 = round(y), round(x)
+    window = (
+        slice(r0 - 2 * radius, r0 + 2 * radius + 1),
+        slice(c0 - 2 * radius, c0 + 2 * radius + 1),
+    )
+    rows, cols = np.mgrid[-2 * radius : 2 * radius + 1, -2 * radius : 2 * radius + 1]
+    d = np.hypot(rows, cols)
+    out = []
+    for c, sites in enumerate((4, 2, 4)):
+        on = channel[window] == c
+        sky = np.median(mosaic[window][on & (d > 1.5 * radius)])
+        out.append((mosaic[window][on & (d <= radius)] - sky).sum() * sites)
+    return np.array(out)
+
+
+RED, BLUE = (1.4, 1.0, 0.6), (0.6, 1.0, 1.4)  # colour weights of two planted stars
+PLANTED = ((100.3, 80.6, 80_000.0, *RED), (220.7, 120.2, 80_000.0, *BLUE))  # peak SNR ~ 230
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_red_star_decodes_red_and_blue_star_blue_for_every_pattern(
+    tmp_path: Path, pattern: str
+) -> None:
+    night = SkyModel(
+        width=320, height=214, frames=1, seed=4, stars=60, nebula=False, cfa_pattern=pattern,
+        planted_stars=PLANTED,
+    )  # fmt: skip
+    path = write_dng(tmp_path / "IMG.DNG", night.render(0), cfa_pattern=night.cfa_pattern)
+    truth = night.truth()
+    assert truth["cfa_pattern"] == pattern
+    stars = np.array([truth["stars"]["x"], truth["stars"]["y"]]).T
+    with rawpy.imread(str(path)) as raw:  # LibRaw's own reading of the CFAPattern tag
+        desc = raw.color_desc.decode()
+        channel = np.array(["RGB".index(desc[k]) for k in range(4)])[raw.raw_colors_visible]
+        mosaic = raw.raw_image_visible.astype(np.float64) - BLACK
+    image = load(path).image
+    for (x, y, _, *colour), order in zip(PLANTED, ([0, 1, 2], [2, 1, 0]), strict=True):
+        k = int(np.argmin(np.hypot(*(stars - (x, y)).T)))
+        assert truth["stars"]["rgb"][k] == pytest.approx(colour)  # in the truth like any star
+        # in the mosaic: each colour's light on the sites LibRaw takes for that colour
+        light = _mosaic_colour(mosaic, channel, x, y, radius=7)
+        np.testing.assert_allclose(light / light[1], colour, rtol=0.05)  # noise: ~2 %
+        # decoded by nightstack's loader (LibRaw AHD): the colour order, ratios within 15 %
+        rgb = _star_colour(image, x, y)
+        assert rgb[order[0]] > rgb[order[1]] > rgb[order[2]], (pattern, rgb)
+        np.testing.assert_allclose(rgb / rgb[1], colour, rtol=0.15)  # AHD errs ~10 % on stars
+        pixel = image[round(y), round(x)]
+        assert pixel[order[0]] > pixel[order[1]] > pixel[order[2]]  # the sky left in too
+    # the same pixels under another pattern's tag decode to other colours: the test can fail
+    other = "GBRG" if pattern == "RGGB" else "RGGB"
+    write_dng(tmp_path / "wrong.dng", night.render(0), cfa_pattern=other)
+    rgb = _star_colour(load(tmp_path / "wrong.dng").image, *PLANTED[0][:2])
+    assert not rgb[0] > rgb[1] > rgb[2]
+
+
+def test_simulate_night_writes_the_pattern_it_rendered(tmp_path: Path) -> None:
+    truth_path = simulate_night(
+        tmp_path, frames=1, width=128, height=96, stars=10, cfa_pattern="GRBG"
+    )
+    truth = json.loads(truth_path.read_text())
+    assert truth["cfa_pattern"] == "GRBG"
+    model = SkyModel.from_truth(truth)
+    with rawpy.imread(str(tmp_path / truth["frames"][0]["file"])) as raw:
+        desc = raw.color_desc.decode()
+        assert "".join(desc[k] for k in raw.raw_pattern.ravel()) == "GRBG"
+        assert np.array_equal(raw.raw_image_visible, model.render(0))
+    with pytest.raises(ValueError, match="cfa_pattern"):
+        SkyModel(cfa_pattern="RGBW")

@@ -1,4 +1,4 @@
-"""Seeded synthetic night: a sky rendered to Bayer (RGGB) frames and written as real DNG raws.
+"""Seeded synthetic night: a sky rendered to Bayer frames and written as real DNG raws.
 
 Every later test and the demo use this module, so it states its truth exactly:
 
@@ -13,9 +13,13 @@ Every later test and the demo use this module, so it states its truth exactly:
 - Signal is in electrons; a pixel records ``electrons / gain + black_level`` ADU, 14-bit, after
   Poisson shot noise and Gaussian read noise. A star's ``flux_e`` is the electrons it puts into the
   green channel (summed over a fully green-sampled plane); red and blue sites see ``flux_e`` times
-  the star's colour weights. The DNG's colour matrix makes camera RGB equal linear sRGB and its
-  ``AsShotNeutral`` is (1, 1, 1), so LibRaw decodes a pixel of ``v`` ADU to
-  ``(v - black) / (white - black)`` of full scale in its own colour channel.
+  the star's colour weights. The sensor's Bayer tile is ``cfa_pattern`` (RGGB, BGGR, GRBG or
+  GBRG), written as the DNG's CFAPattern. The DNG's colour matrix makes camera RGB equal linear
+  sRGB and its ``AsShotNeutral`` is (1, 1, 1), so LibRaw decodes a pixel of ``v`` ADU to
+  ``(v - black) / (white - black)`` of full scale in its own colour channel, provided LibRaw's
+  ``adjust_maximum_thr`` is 0: by default (0.75) LibRaw takes a frame's brightest pixel as white
+  when it lies between 0.75 and 1 of the white level, so a frame with no saturated star (haze,
+  few stars) decodes up to 1.33x brighter.
 
 Rendering is pure in (model, frame index): ``render(i)`` always returns the same array.
 """
@@ -37,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.special import erf
 
-from nightstack.dng import write_dng
+from nightstack.dng import CFA_PATTERNS, write_dng
 from nightstack.frames import FloatArray
 from nightstack.writers import write_json
 
@@ -48,7 +52,6 @@ IntArray = npt.NDArray[np.intp]
 # Sky model
 # --------------------------------------------------------------------------------------------
 
-_CFA_CHANNEL = np.array([[0, 1], [1, 2]])  # RGGB: colour index (r, g, b) by (row % 2, col % 2)
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # Gaussian FWHM / sigma
 _STAR_CELL_PX = 256  # stars are drawn per sky cell, so a patch of sky keeps its stars whatever
 # the frame count or motion (only the covered region grows)
@@ -101,17 +104,28 @@ def _indices(value: int | Iterable[int] | None) -> tuple[int, ...]:
     return tuple(sorted({int(v) for v in value}))
 
 
-def _channel_weights(rows: npt.ArrayLike, cols: npt.ArrayLike, rgb: FloatArray) -> FloatArray:
+def cfa_channels(pattern: str) -> IntArray:
+    """(2, 2) colour index (0 red, 1 green, 2 blue) of each site of a Bayer ``pattern`` such as
+    ``"RGGB"``, by (row % 2, col % 2)."""
+    if pattern not in CFA_PATTERNS:
+        raise ValueError(f"cfa_pattern must be one of {', '.join(CFA_PATTERNS)}, got {pattern!r}")
+    return np.array(["RGB".index(c) for c in pattern], dtype=np.intp).reshape(2, 2)
+
+
+def _channel_weights(
+    rows: npt.ArrayLike, cols: npt.ArrayLike, rgb: FloatArray, cfa: IntArray
+) -> FloatArray:
     """Colour weight of each CFA site: ``rgb[..., channel(row, col)]`` broadcast over the rows
-    and cols index arrays; ``rgb`` has shape (..., 3)."""
-    channel = _CFA_CHANNEL[np.asarray(rows) % 2, np.asarray(cols) % 2]
+    and cols index arrays; ``rgb`` has shape (..., 3), ``cfa`` is ``cfa_channels(pattern)``."""
+    channel = cfa[np.asarray(rows) % 2, np.asarray(cols) % 2]
     return np.take_along_axis(rgb, channel, axis=-1) if rgb.ndim > 1 else rgb[channel]
 
 
-def _mosaic_inplace(image: FloatArray, rgb: tuple[float, float, float]) -> None:
-    """Multiply an even-sized, even-origin (rows, cols) block by the RGGB colour weights."""
+def _mosaic_inplace(image: FloatArray, rgb: tuple[float, float, float], cfa: IntArray) -> None:
+    """Multiply an even-sized, even-origin (rows, cols) block by the colour weights of its CFA
+    sites (``cfa`` is ``cfa_channels(pattern)``)."""
     rows, cols = image.shape
-    tile = np.array([[rgb[0], rgb[1]], [rgb[1], rgb[2]]], dtype=image.dtype)
+    tile = np.asarray(rgb, dtype=image.dtype)[cfa]
     image.reshape(rows // 2, 2, cols // 2, 2)[...] *= tile[None, :, None, :]
 
 
@@ -222,6 +236,14 @@ class SkyModel:
     transparency
         Per-frame multiplier of all light from beyond the atmosphere (stars, nebula,
         satellites), in [0, 1]: 0.3 is a thin haze, 0.85 a 15 % dip; empty for 1 throughout.
+    cfa_pattern
+        The sensor's Bayer tile from pixel (0, 0), one of ``CFA_PATTERNS``: each colour is
+        rendered on its own sites and the DNG's CFAPattern tag says the same.
+    planted_stars
+        Extra stars of known colour, each (x, y, flux_e, r, g, b): reference pixels, electrons
+        in a green-weight-1 channel, and the colour weights of the red, green and blue sites
+        (a catalogue star has (1 + 0.35 c, 1, 1 - 0.35 c), c in [-1, 1]). They join the
+        catalogue (``star_xy`` etc., sorted by flux) like any other star.
     """
 
     width: int = 1200
@@ -255,12 +277,16 @@ class SkyModel:
     sky_levels: tuple[float, ...] = ()
     glow: tuple[float, ...] = ()
     transparency: tuple[float, ...] = ()
+    cfa_pattern: str = "RGGB"
+    planted_stars: tuple[tuple[float, ...], ...] = ()  # each (x, y, flux_e, r, g, b)
 
     def __post_init__(self) -> None:
         for name in ("satellite", "cloudy", "trailed"):
             object.__setattr__(self, name, _indices(getattr(self, name)))
         for name in _SCHEDULES:
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name) or ()))
+        planted = tuple(tuple(float(v) for v in star) for star in self.planted_stars)
+        object.__setattr__(self, "planted_stars", planted)
         if self.pivot is not None:
             object.__setattr__(self, "pivot", (float(self.pivot[0]), float(self.pivot[1])))
         if isinstance(self.start_time, str):
@@ -298,6 +324,12 @@ class SkyModel:
                 )
             elif not all(math.isfinite(v) and allowed(v) for v in values):
                 problems.append(f"{name} values must be {text}")
+        if any(len(star) != 6 or min(star[2:]) < 0 for star in self.planted_stars):
+            problems.append("planted_stars are (x, y, flux_e, r, g, b) with flux and colour >= 0")
+        if self.cfa_pattern not in CFA_PATTERNS:
+            problems.append(
+                f"cfa_pattern must be one of {', '.join(CFA_PATTERNS)}, got {self.cfa_pattern!r}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -320,6 +352,11 @@ class SkyModel:
                 value = list(value)
             out[f.name] = value
         return out
+
+    @cached_property
+    def cfa(self) -> IntArray:
+        """(2, 2) colour index (0 red, 1 green, 2 blue) by (row % 2, col % 2)."""
+        return cfa_channels(self.cfa_pattern)
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *key])
@@ -417,11 +454,17 @@ class SkyModel:
             & (all_xy[:, 1] >= y0)
             & (all_xy[:, 1] <= y1)
         )
-        order = np.argsort(-all_flux[keep], kind="stable")
         rgb = np.stack(
             [1 + _STAR_COLOUR_SPREAD * c, np.ones_like(c), 1 - _STAR_COLOUR_SPREAD * c], 1
         )
-        return _Catalogue(all_xy[keep][order], all_flux[keep][order], rgb[keep][order])
+        all_xy, all_flux, rgb = all_xy[keep], all_flux[keep], rgb[keep]
+        if self.planted_stars:
+            planted = np.array(self.planted_stars, dtype=np.float64).reshape(-1, 6)
+            all_xy = np.concatenate([all_xy, planted[:, :2]])
+            all_flux = np.concatenate([all_flux, planted[:, 2]])
+            rgb = np.concatenate([rgb, planted[:, 3:]])
+        order = np.argsort(-all_flux, kind="stable")
+        return _Catalogue(all_xy[order], all_flux[order], rgb[order])
 
     @property
     def star_xy(self) -> FloatArray:
@@ -666,7 +709,7 @@ class SkyModel:
         site (``cfa_pattern``), hot pixels not included."""
         defects = self.defects(i)
         image = self._sky_background(i)
-        _mosaic_inplace(image, SKY_RGB)
+        _mosaic_inplace(image, SKY_RGB, self.cfa)
         factor = self.star_factor(i)
         if self._nebula is not None:
             self._add_nebula(image, i, factor)
@@ -831,7 +874,7 @@ class SkyModel:
             q += k[1, 1] * qy * qy
             glow = np.exp(np.float32(-0.5) * q)
             glow *= peak
-            _mosaic_inplace(glow, tuple(neb["rgb"]))
+            _mosaic_inplace(glow, tuple(neb["rgb"]), self.cfa)
             image[r0 : r0 + len(py), x0:x1] += glow
 
     def _add_stars(
@@ -868,7 +911,7 @@ class SkyModel:
             cols = origin[:, 0:1] + np.arange(size)  # (n, S)
             rows = origin[:, 1:2] + np.arange(size)
             weight = _channel_weights(
-                rows[:, :, None], cols[:, None, :], self.star_rgb[sel][:, None, :]
+                rows[:, :, None], cols[:, None, :], self.star_rgb[sel][:, None, :], self.cfa
             )
             stamp *= weight * (self.star_flux_e[sel] * factor)[:, None, None]
             valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
@@ -915,7 +958,7 @@ class SkyModel:
         rgb = np.array(_WINDOW_RGB)
         for x0, y0, x1, y1 in land.windows:
             ys, xs = np.mgrid[y0:y1, x0:x1]
-            image[y0:y1, x0:x1] = _WINDOW_E * _channel_weights(ys, xs, rgb)
+            image[y0:y1, x0:x1] = _WINDOW_E * _channel_weights(ys, xs, rgb, self.cfa)
 
     # ---- truth -----------------------------------------------------------------------------
 
@@ -947,7 +990,7 @@ class SkyModel:
             "parameters": self.parameters(),
             "width": self.width,
             "height": self.height,
-            "cfa_pattern": "RGGB",
+            "cfa_pattern": self.cfa_pattern,
             "black_level": self.black_level,
             "white_level": self.white_level,
             "gain_e_per_adu": self.gain_e_per_adu,
@@ -1016,6 +1059,8 @@ def simulate_night(
     sky_levels: Sequence[float] | None = None,
     glow: Sequence[float] | None = None,
     transparency: Sequence[float] | None = None,
+    cfa_pattern: str = "RGGB",
+    planted_stars: Sequence[Sequence[float]] = (),
     name_pattern: str = "IMG_{:04d}.DNG",
     progress: Callable[[int, Path], None] | None = None,
 ) -> Path:
@@ -1030,6 +1075,8 @@ def simulate_night(
     ``None`` for 1, 0 and 1 throughout), as the ``SkyModel`` fields of the same names:
     the sky background's multiplier (``sky_step``, ``sky_ramp`` build common ones), the moon
     glow's amplitude, and the transmission of light from beyond the atmosphere.
+    ``cfa_pattern`` is the sensor's Bayer tile (``CFA_PATTERNS``); ``planted_stars`` adds stars
+    of known colour, each (x, y, flux_e, r, g, b) as ``SkyModel.planted_stars``.
 
     truth.json (schema 2)
     ---------------------
@@ -1070,6 +1117,8 @@ def simulate_night(
         sky_levels=tuple(sky_levels or ()),
         glow=tuple(glow or ()),
         transparency=tuple(transparency or ()),
+        cfa_pattern=cfa_pattern,
+        planted_stars=tuple(tuple(star) for star in planted_stars),
         satellite=_indices(satellite),
         cloudy=_indices(cloudy),
         trailed=_indices(trailed),
@@ -1089,6 +1138,7 @@ def simulate_night(
             exposure_s=model.exposure_s,
             iso=model.iso,
             capture_time=model.capture_time(i),
+            cfa_pattern=model.cfa_pattern,
         )
         if progress is not None:
             progress(i, path)
