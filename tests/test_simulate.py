@@ -11,11 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rawpy
-from scipy import ndimage
+from scipy import ndimage, optimize
 
 from nightstack.dng import write_dng
 from nightstack.loaders import load
-from nightstack.simulate import SKY_RGB, SkyModel, simulate_night, sky_ramp, sky_step
+from nightstack.simulate import (
+    SKY_RGB,
+    SkyModel,
+    seeing_jitter,
+    simulate_night,
+    sky_ramp,
+    sky_step,
+)
 
 BLACK, WHITE = 512, 16383
 _CFA_CHANNEL = np.array([[0, 1], [1, 2]])  # RGGB: (r, g, b) index by (row % 2, col % 2)
@@ -704,3 +711,53 @@ def test_simulate_night_writes_the_pattern_it_rendered(tmp_path: Path) -> None:
         assert np.array_equal(raw.raw_image_visible, model.render(0))
     with pytest.raises(ValueError, match="cfa_pattern"):
         SkyModel(cfa_pattern="RGBW")
+
+
+# ---- seeing ---------------------------------------------------------------------------------
+
+
+def _fitted_fwhm(image: np.ndarray, x: float, y: float, half: int = 9) -> float:
+    """FWHM (px) of a circular Gaussian + constant fitted to a (2 half + 1) box of a
+    (rows, cols) image at (x, y), corrected for the pixel's own width (variance 1/12)."""
+    r0, c0 = round(y), round(x)
+    box = image[r0 - half : r0 + half + 1, c0 - half : c0 + half + 1].astype(np.float64)
+    rows, cols = np.mgrid[r0 - half : r0 + half + 1, c0 - half : c0 + half + 1]
+
+    def residual(p: np.ndarray) -> np.ndarray:
+        amplitude, cx, cy, sigma, sky = p
+        model = amplitude * np.exp(-((cols - cx) ** 2 + (rows - cy) ** 2) / (2 * sigma**2))
+        return (model + sky - box).ravel()
+
+    start = [box.max() - np.median(box), x, y, 1.5, np.median(box)]
+    fit = optimize.least_squares(residual, start)
+    sigma2 = fit.x[3] ** 2 - 1 / 12
+    return float(np.sqrt(sigma2) * 2 * np.sqrt(2 * np.log(2)))
+
+
+def test_seeing_schedule_is_the_fwhm_measured_on_decoded_frames(tmp_path: Path) -> None:
+    schedule = [3.0, 4.5, 6.0]
+    truth_path = simulate_night(
+        tmp_path, frames=3, width=480, height=320, seed=14, stars=150, nebula=False,
+        fwhm_schedule=schedule,
+    )  # fmt: skip
+    truth = json.loads(truth_path.read_text())
+    assert [f["fwhm_px"] for f in truth["frames"]] == schedule
+    model = SkyModel.from_truth(truth)
+    for i, fwhm in enumerate(schedule):
+        candidates = model.visible_stars(i, margin=14, min_peak_snr=30)
+        index = _isolated(model, i, candidates, 16)
+        assert len(index) >= 4
+        green = _decoded(truth_path, i)[..., 1]
+        measured = [_fitted_fwhm(green, *xy) for xy in model.to_frame(i, model.star_xy[index])]
+        assert np.median(measured) == pytest.approx(fwhm, rel=0.04)
+
+
+def test_seeing_jitter_is_seeded_and_wanders_around_the_fwhm() -> None:
+    a = seeing_jitter(400, 3.5, 0.15, seed=2)
+    assert a == seeing_jitter(400, 3.5, 0.15, seed=2)
+    assert a != seeing_jitter(400, 3.5, 0.15, seed=3)
+    log = np.log(np.array(a) / 3.5)
+    assert np.std(log) == pytest.approx(0.15, rel=0.2)
+    assert abs(np.mean(log)) < 0.05
+    assert 0.4 < np.corrcoef(log[:-1], log[1:])[0, 1] < 0.8  # drifts, not white noise
+    assert SkyModel(frames=3, fwhm_schedule=a[:3]).fwhm(2) == a[2]

@@ -88,7 +88,10 @@ _SCHEDULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "sky_levels": (lambda v: v > 0, "> 0"),
     "glow": (lambda v: v >= 0, ">= 0"),
     "transparency": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "fwhm_schedule": (lambda v: v > 0.5, "> 0.5"),
 }
+_STREAM_SEEING = 10  # seeing_jitter's schedule
+_SEEING_CORRELATION = 0.6  # frame-to-frame correlation of log FWHM: seeing drifts
 _STREAM_GLOW = 9  # the moon's path (drawn even when no glow is rendered: truth is stable)
 _GLOW_DISTANCE = 1.0  # the moon sits this many frame diagonals from the frame centre
 _GLOW_SCALE = 1.0  # glow falls off as a Gaussian of this many diagonals: smooth, low-order
@@ -236,6 +239,10 @@ class SkyModel:
     transparency
         Per-frame multiplier of all light from beyond the atmosphere (stars, nebula,
         satellites), in [0, 1]: 0.3 is a thin haze, 0.85 a 15 % dip; empty for 1 throughout.
+    fwhm_schedule
+        Per-frame star FWHM, pixels (seeing that varies, see ``seeing_jitter``); empty for
+        ``fwhm_px`` throughout. Catalogue properties (``star_peak_snr``, ``star_snr``,
+        ``star_saturated``) stay those of ``fwhm_px``.
     cfa_pattern
         The sensor's Bayer tile from pixel (0, 0), one of ``CFA_PATTERNS``: each colour is
         rendered on its own sites and the DNG's CFAPattern tag says the same.
@@ -277,6 +284,7 @@ class SkyModel:
     sky_levels: tuple[float, ...] = ()
     glow: tuple[float, ...] = ()
     transparency: tuple[float, ...] = ()
+    fwhm_schedule: tuple[float, ...] = ()
     cfa_pattern: str = "RGGB"
     planted_stars: tuple[tuple[float, ...], ...] = ()  # each (x, y, flux_e, r, g, b)
 
@@ -397,9 +405,18 @@ class SkyModel:
         forward = self._forward(i)
         return points @ forward[:2, :2].T + forward[:2, 2]
 
+    def fwhm(self, i: int) -> float:
+        """Star FWHM of frame ``i``, pixels (``fwhm_schedule``, else ``fwhm_px``)."""
+        return self.fwhm_schedule[i] if self.fwhm_schedule else self.fwhm_px
+
+    def psf_sigma(self, i: int) -> float:
+        """Gaussian sigma of frame ``i``'s PSF, pixels."""
+        return self.fwhm(i) / _FWHM_PER_SIGMA
+
     def _star_margin(self) -> float:
         """How far outside the frame a star can still put light into it, pixels."""
-        return _PSF_RADIUS_SIGMA * self.psf_sigma_px + self.trail_px / 2.0 + 2.0
+        sigma = max((self.fwhm_px, *self.fwhm_schedule)) / _FWHM_PER_SIGMA
+        return _PSF_RADIUS_SIGMA * sigma + self.trail_px / 2.0 + 2.0
 
     @cached_property
     def sky_region(self) -> tuple[float, float, float, float]:
@@ -554,7 +571,7 @@ class SkyModel:
         inside = (x >= margin) & (x <= self.width - 1 - margin)
         inside &= (y >= margin) & (y <= self.height - 1 - margin)
         column = np.clip(np.rint(x), 0, self.width - 1).astype(np.intp)
-        inside &= y + self.fwhm_px < self._landscape.skyline[column]
+        inside &= y + self.fwhm(i) < self._landscape.skyline[column]
         inside &= self.star_peak_snr >= min_peak_snr
         return np.flatnonzero(inside)
 
@@ -882,7 +899,7 @@ class SkyModel:
     ) -> None:
         """Add every star of frame ``i`` on local stamps, pixel-integrated Gaussian PSF."""
         h, w = self.height, self.width
-        sigma = self.psf_sigma_px
+        sigma = self.psf_sigma(i)
         half = trail["length_px"] / 2.0 if trail else 0.0
         radius = math.ceil(_PSF_RADIUS_SIGMA * sigma + half)
         size = 2 * radius + 1
@@ -981,6 +998,7 @@ class SkyModel:
                     "sky_level": self.sky_level(i),
                     "glow": self.moon_glow(i),
                     "transparency": self.transparency_of(i),
+                    "fwhm_px": self.fwhm(i),
                 }
             )
         return {
@@ -1040,6 +1058,21 @@ def sky_ramp(frames: int, end: float) -> list[float]:
     return [1.0 + (float(end) - 1.0) * i / (frames - 1) for i in range(frames)]
 
 
+def seeing_jitter(frames: int, fwhm_px: float, spread: float, seed: int = 0) -> list[float]:
+    """A seeded FWHM schedule of ``frames`` values that wanders around ``fwhm_px``.
+
+    log(FWHM / fwhm_px) is a stationary AR(1) series with standard deviation ``spread`` and
+    frame-to-frame correlation 0.6 (seeing drifts rather than jumps), clipped at 0.6 px.
+    """
+    rng = np.random.default_rng([seed, _STREAM_SEEING])
+    rho = _SEEING_CORRELATION
+    values, state = [], 0.0
+    for i, shock in enumerate(rng.normal(0.0, spread, frames)):
+        state = shock if i == 0 else rho * state + math.sqrt(1 - rho * rho) * shock
+        values.append(max(0.6, float(fwhm_px * math.exp(state))))
+    return values
+
+
 def simulate_night(
     outdir: str | os.PathLike[str],
     *,
@@ -1059,6 +1092,7 @@ def simulate_night(
     sky_levels: Sequence[float] | None = None,
     glow: Sequence[float] | None = None,
     transparency: Sequence[float] | None = None,
+    fwhm_schedule: Sequence[float] | None = None,
     cfa_pattern: str = "RGGB",
     planted_stars: Sequence[Sequence[float]] = (),
     name_pattern: str = "IMG_{:04d}.DNG",
@@ -1117,6 +1151,7 @@ def simulate_night(
         sky_levels=tuple(sky_levels or ()),
         glow=tuple(glow or ()),
         transparency=tuple(transparency or ()),
+        fwhm_schedule=tuple(fwhm_schedule or ()),
         cfa_pattern=cfa_pattern,
         planted_stars=tuple(tuple(star) for star in planted_stars),
         satellite=_indices(satellite),
