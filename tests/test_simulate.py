@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rawpy
-from scipy import ndimage, optimize
+from scipy import ndimage, optimize, special
 
 from nightstack.dng import write_dng
 from nightstack.loaders import load
@@ -761,3 +761,63 @@ def test_seeing_jitter_is_seeded_and_wanders_around_the_fwhm() -> None:
     assert abs(np.mean(log)) < 0.05
     assert 0.4 < np.corrcoef(log[:-1], log[1:])[0, 1] < 0.8  # drifts, not white noise
     assert SkyModel(frames=3, fwhm_schedule=a[:3]).fwhm(2) == a[2]
+
+
+# ---- dense fields ---------------------------------------------------------------------------
+
+
+def test_dense_field_has_the_requested_stars_and_conserves_their_light() -> None:
+    dense = SkyModel(
+        width=1600, height=1066, frames=2, seed=6, stars=5000, landscape_fraction=0.0,
+        nebula=False,
+    )  # fmt: skip
+    truth = dense.truth()
+    x, y = np.array(truth["stars"]["x"]), np.array(truth["stars"]["y"])
+    inside = (x >= -0.5) & (x < 1599.5) & (y >= -0.5) & (y < 1065.5)
+    assert abs(inside.sum() - 5000) < 4 * np.sqrt(5000)  # Poisson
+    start = time.perf_counter()
+    stars = dense.electrons(1).astype(np.float64)
+    elapsed = time.perf_counter() - start
+    stars -= SkyModel(**{**dense.parameters(), "stars": 0}).electrons(1)
+    # oracle: each star's flux x its mean site weight x the part of its PSF inside the frame
+    fx, fy = dense.to_frame(1, dense.star_xy).T
+    s = np.sqrt(2) * dense.psf_sigma(1)
+
+    def inside_1d(c: np.ndarray, n: int) -> np.ndarray:
+        return 0.5 * (special.erf((n - 0.5 - c) / s) - special.erf((-0.5 - c) / s))
+
+    weight = dense.star_rgb @ np.array([0.25, 0.5, 0.25])  # R, G, G, B sites
+    expected = dense.star_flux_e * weight * inside_1d(fx, 1600) * inside_1d(fy, 1066)
+    assert stars.sum() == pytest.approx(expected.sum(), rel=1e-4)
+    assert elapsed < 5.0, f"1600x1066 with 5000 stars took {elapsed:.1f} s"
+
+
+def test_milky_way_band_concentrates_stars() -> None:
+    sky = SkyModel(width=1600, height=1066, frames=1, seed=6, stars=500, milky_way=10.0)
+    band = sky.truth()["milky_way"]
+    assert band["contrast"] == 10.0
+    angle = np.radians(band["angle_deg"])
+
+    def distance(xy: np.ndarray) -> np.ndarray:  # from the band's centre line, px
+        dx, dy = xy[:, 0] - band["point"][0], xy[:, 1] - band["point"][1]
+        return np.abs(dy * np.cos(angle) - dx * np.sin(angle)) / band["sigma_px"]
+
+    x0, y0, x1, y1 = sky.sky_region
+    area = np.random.default_rng(0).uniform((x0, y0), (x1, y1), (400_000, 2))  # Monte Carlo
+    d_star, d_area = distance(sky.star_xy), distance(area)
+    on, off = (d_star < 0.3, d_area < 0.3), (d_star > 3, d_area > 3)
+    density_on = on[0].sum() / on[1].mean()
+    density_off = off[0].sum() / off[1].mean()
+    assert 9 < density_on / density_off < 13  # 1 + 10 x 0.99 on the centre line
+    plain = SkyModel(width=1600, height=1066, frames=1, seed=6, stars=500)
+    assert len(plain.star_xy) < 0.5 * len(sky.star_xy)
+
+
+@pytest.mark.slow
+def test_dense_full_size_frame_renders_in_seconds() -> None:
+    big = SkyModel(width=6000, height=4000, stars=5000, frames=10, milky_way=5.0)
+    start = time.perf_counter()
+    raw = big.render(1)
+    elapsed = time.perf_counter() - start
+    assert raw.shape == (4000, 6000) and len(big.visible_stars(1)) > 10_000
+    assert elapsed < 15.0, f"6000x4000 dense render took {elapsed:.1f} s"

@@ -91,6 +91,8 @@ _SCHEDULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "fwhm_schedule": (lambda v: v > 0.5, "> 0.5"),
 }
 _STREAM_SEEING = 10  # seeing_jitter's schedule
+_STREAM_MILKY_WAY = 11  # where the Milky Way band crosses the field
+_MILKY_WAY_SIGMA = 0.12  # band profile sigma, frame diagonals: a band a third of the frame wide
 _SEEING_CORRELATION = 0.6  # frame-to-frame correlation of log FWHM: seeing drifts
 _STREAM_GLOW = 9  # the moon's path (drawn even when no glow is rendered: truth is stable)
 _GLOW_DISTANCE = 1.0  # the moon sits this many frame diagonals from the frame centre
@@ -137,6 +139,14 @@ def _pixel_profile(edges: FloatArray, centre: FloatArray, sigma: float) -> Float
     broadcastable to (..., 1); returns (..., S) fractions of a unit flux."""
     cdf = erf((edges - centre) / (math.sqrt(2.0) * sigma))
     return 0.5 * np.diff(cdf, axis=-1)
+
+
+def _band_profile(band: dict[str, Any], xy: FloatArray) -> FloatArray:
+    """The Milky Way band's density profile (1 on its centre line) at (n, 2) reference xy."""
+    angle = math.radians(band["angle_deg"])
+    px, py = band["point"]
+    distance = (xy[:, 1] - py) * math.cos(angle) - (xy[:, 0] - px) * math.sin(angle)
+    return np.exp(-0.5 * (distance / band["sigma_px"]) ** 2)
 
 
 def _clip_line(
@@ -243,6 +253,9 @@ class SkyModel:
         Per-frame star FWHM, pixels (seeing that varies, see ``seeing_jitter``); empty for
         ``fwhm_px`` throughout. Catalogue properties (``star_peak_snr``, ``star_snr``,
         ``star_saturated``) stay those of ``fwhm_px``.
+    milky_way
+        Star density contrast of a Milky Way band across the field (``milky_way_band``): 0
+        for none; 10 puts 11x the ``stars`` density on the band's centre line.
     cfa_pattern
         The sensor's Bayer tile from pixel (0, 0), one of ``CFA_PATTERNS``: each colour is
         rendered on its own sites and the DNG's CFAPattern tag says the same.
@@ -285,6 +298,7 @@ class SkyModel:
     glow: tuple[float, ...] = ()
     transparency: tuple[float, ...] = ()
     fwhm_schedule: tuple[float, ...] = ()
+    milky_way: float = 0.0
     cfa_pattern: str = "RGGB"
     planted_stars: tuple[tuple[float, ...], ...] = ()  # each (x, y, flux_e, r, g, b)
 
@@ -334,6 +348,8 @@ class SkyModel:
                 problems.append(f"{name} values must be {text}")
         if any(len(star) != 6 or min(star[2:]) < 0 for star in self.planted_stars):
             problems.append("planted_stars are (x, y, flux_e, r, g, b) with flux and colour >= 0")
+        if not 0 <= self.milky_way <= 1000:
+            problems.append(f"milky_way must be in [0, 1000], got {self.milky_way}")
         if self.cfa_pattern not in CFA_PATTERNS:
             problems.append(
                 f"cfa_pattern must be one of {', '.join(CFA_PATTERNS)}, got {self.cfa_pattern!r}"
@@ -450,6 +466,10 @@ class SkyModel:
         x0, y0, x1, y1 = self.sky_region
         cell = _STAR_CELL_PX
         per_cell = self.stars * cell * cell / (self.width * self.height)
+        band = self.milky_way_band
+        contrast = self.milky_way
+        if contrast > 0:  # draw the band centre's density, then thin towards the edges
+            per_cell *= 1.0 + contrast
         f_min = _FAINTEST_PEAK_SNR * self.pixel_noise_e / self._peak_fraction
         f_max = _BRIGHTEST_PEAK_SNR * self.pixel_noise_e / self._peak_fraction
         tail = 1.0 - (f_min / f_max) ** _FLUX_SLOPE
@@ -462,6 +482,10 @@ class SkyModel:
                 u = rng.random(n)
                 flux.append(f_min * (1.0 - u * tail) ** (-1.0 / _FLUX_SLOPE))
                 colour.append(np.clip(rng.normal(0.0, 0.4, n), -1.0, 1.0))
+                if contrast > 0:
+                    accept = (1.0 + contrast * _band_profile(band, xy[-1])) / (1.0 + contrast)
+                    kept = rng.random(n) < accept
+                    xy[-1], flux[-1], colour[-1] = xy[-1][kept], flux[-1][kept], colour[-1][kept]
         all_xy = np.concatenate(xy) if xy else np.zeros((0, 2))
         all_flux = np.concatenate(flux) if flux else np.zeros(0)
         c = np.concatenate(colour) if colour else np.zeros(0)
@@ -482,6 +506,21 @@ class SkyModel:
             rgb = np.concatenate([rgb, planted[:, 3:]])
         order = np.argsort(-all_flux, kind="stable")
         return _Catalogue(all_xy[order], all_flux[order], rgb[order])
+
+    @cached_property
+    def milky_way_band(self) -> dict[str, Any]:
+        """Where the Milky Way crosses the sky, reference pixels: the band's centre line passes
+        through ``point`` at ``angle_deg``; star density is ``1 + milky_way * exp(-d**2 / (2
+        sigma_px**2))`` times the background's at distance d from it (drawn even when
+        ``milky_way`` is 0, so the truth is stable)."""
+        rng = self._rng(_STREAM_MILKY_WAY)
+        w, h = self.width, self.height
+        return {
+            "contrast": self.milky_way,
+            "point": [w * rng.uniform(0.3, 0.7), h * rng.uniform(0.3, 0.7)],
+            "angle_deg": float(rng.uniform(0.0, 180.0)),
+            "sigma_px": _MILKY_WAY_SIGMA * math.hypot(w, h),
+        }
 
     @property
     def star_xy(self) -> FloatArray:
@@ -1031,6 +1070,7 @@ class SkyModel:
                 "adu": self.hot_pixel_adu.tolist(),
             },
             "nebula": self._nebula,
+            "milky_way": self.milky_way_band,
             "stars": {
                 "x": self.star_xy[:, 0].tolist(),
                 "y": self.star_xy[:, 1].tolist(),
@@ -1093,6 +1133,7 @@ def simulate_night(
     glow: Sequence[float] | None = None,
     transparency: Sequence[float] | None = None,
     fwhm_schedule: Sequence[float] | None = None,
+    milky_way: float = 0.0,
     cfa_pattern: str = "RGGB",
     planted_stars: Sequence[Sequence[float]] = (),
     name_pattern: str = "IMG_{:04d}.DNG",
@@ -1152,6 +1193,7 @@ def simulate_night(
         glow=tuple(glow or ()),
         transparency=tuple(transparency or ()),
         fwhm_schedule=tuple(fwhm_schedule or ()),
+        milky_way=milky_way,
         cfa_pattern=cfa_pattern,
         planted_stars=tuple(tuple(star) for star in planted_stars),
         satellite=_indices(satellite),
