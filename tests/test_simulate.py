@@ -13,6 +13,7 @@ import pytest
 import rawpy
 from scipy import ndimage, optimize, special
 
+from nightstack.cli import main
 from nightstack.dng import write_dng
 from nightstack.loaders import load
 from nightstack.simulate import (
@@ -821,3 +822,61 @@ def test_dense_full_size_frame_renders_in_seconds() -> None:
     elapsed = time.perf_counter() - start
     assert raw.shape == (4000, 6000) and len(big.visible_stars(1)) > 10_000
     assert elapsed < 15.0, f"6000x4000 dense render took {elapsed:.1f} s"
+
+
+# ---- the command line -----------------------------------------------------------------------
+
+
+def test_simulate_command_builds_the_changing_night(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "simulate", str(tmp_path), "--frames", "6", "--width", "128", "--height", "96",
+        "--stars", "20", "--seed", "3", "--sky-ramp", "1.5", "--sky-step", "3:1.4",
+        "--glow", "0.1:0.3", "--haze", "2:0.3,4:0.85", "--haze", "5:0.9",
+        "--seeing-jitter", "0.1", "--cfa", "BGGR", "--satellite", "1,4", "--milky-way", "2",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "wrote 6 frames" in capsys.readouterr().out
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    frames = truth["frames"]
+    ramp = sky_ramp(6, 1.5)
+    expected_levels = [r * (1.4 if i >= 3 else 1.0) for i, r in enumerate(ramp)]
+    assert [f["sky_level"] for f in frames] == pytest.approx(expected_levels)
+    assert [f["glow"]["amplitude"] for f in frames] == pytest.approx(
+        [0.1, 0.14, 0.18, 0.22, 0.26, 0.3]
+    )
+    assert [f["transparency"] for f in frames] == [1.0, 1.0, 0.3, 1.0, 0.85, 0.9]
+    assert [f["fwhm_px"] for f in frames] == seeing_jitter(6, 3.5, 0.1, seed=3)
+    assert [f["defects"] for f in frames][1] == ["satellite"] and "satellite" in frames[4]
+    assert truth["cfa_pattern"] == "BGGR" and truth["milky_way"]["contrast"] == 2.0
+    with rawpy.imread(str(tmp_path / frames[5]["file"])) as raw:
+        desc = raw.color_desc.decode()
+        assert "".join(desc[k] for k in raw.raw_pattern.ravel()) == "BGGR"
+        assert np.array_equal(raw.raw_image_visible, SkyModel.from_truth(truth).render(5))
+
+
+def test_simulate_command_defaults_are_the_plain_night(tmp_path: Path) -> None:
+    assert main(["simulate", str(tmp_path / "a"), "--frames", "2", "--width", "128",
+                 "--height", "96", "--satellite", "1"]) == 0  # fmt: skip
+    simulate_night(tmp_path / "b", frames=2, width=128, height=96, satellite=1)
+    for name in ("truth.json", "IMG_0000.DNG", "IMG_0001.DNG"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_simulate_command_refuses_bad_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["simulate", str(tmp_path), "--frames", "4", "--width", "128", "--height", "96"]
+    assert main([*base, "--haze", "7:0.3"]) == 2
+    assert "--haze frame 7 is outside 0..3" in capsys.readouterr().err
+    assert main([*base, "--seeing", "3,4"]) == 2
+    assert "fwhm_schedule needs 4 values" in capsys.readouterr().err
+    assert main([*base, "--haze", "1:1.5"]) == 2
+    assert "transparency values must be in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--sky-step", "8"])  # argparse: not FRAME:VALUE
+    assert "expected FRAME:VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--cfa", "RGBW"])
+    assert not (tmp_path / "truth.json").exists()

@@ -1,7 +1,7 @@
 """A minimal DNG writer: one uncompressed CFA image that LibRaw (rawpy) decodes exactly.
 
 Hand-built rather than through tifffile because LibRaw reads ISO only from a real EXIF
-sub-IFD, which tifffile's extra tags cannot create. Used by the simulator (``simulate.py``).
+sub-IFD, which tifffile's extra tags cannot create. Used by the simulator (``nightstack.simulate``).
 """
 
 from __future__ import annotations

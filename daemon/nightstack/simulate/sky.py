@@ -1,6 +1,6 @@
-"""Seeded synthetic night: a sky rendered to Bayer frames and written as real DNG raws.
+"""The sky model of a seeded synthetic night: what is where, how bright, in every frame.
 
-Every later test and the demo use this module, so it states its truth exactly:
+Every later test and the demo rely on it, so it states its truth exactly:
 
 - Frame 0 is the reference. ``SkyModel.transform(i)`` is the 2x3 matrix mapping a pixel (x, y) of
   frame ``i`` to frame 0's pixel (x, y) (full-resolution decoded coordinates, pixel centres at
@@ -9,7 +9,11 @@ Every later test and the demo use this module, so it states its truth exactly:
   field drifts by ``drift_px`` per frame and turns by ``rotation_deg`` per frame about ``pivot``
   (an untracked or alt-az mount).
 - Things on the ground do not move with the sky: hot pixels, the landscape silhouette with its lit
-  windows, and the light-pollution gradient are fixed in frame coordinates.
+  windows, the light-pollution gradient and the moon glow (whose direction turns over the
+  night) are fixed in frame coordinates.
+- The night changes: a per-frame sky level scales the whole sky background, transparency scales
+  all light from beyond the atmosphere (stars, nebula, satellites), and the seeing (FWHM) may
+  change from frame to frame.
 - Signal is in electrons; a pixel records ``electrons / gain + black_level`` ADU, 14-bit, after
   Poisson shot noise and Gaussian read noise. A star's ``flux_e`` is the electrons it puts into the
   green channel (summed over a fully green-sampled plane); red and blue sites see ``flux_e`` times
@@ -21,7 +25,8 @@ Every later test and the demo use this module, so it states its truth exactly:
   when it lies between 0.75 and 1 of the white level, so a frame with no saturated star (haze,
   few stars) decodes up to 1.33x brighter.
 
-Rendering is pure in (model, frame index): ``render(i)`` always returns the same array.
+Rendering (``nightstack.simulate.render``) is pure in (model, frame index): ``render(i)``
+always returns the same array.
 """
 
 from __future__ import annotations
@@ -29,8 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -41,16 +45,11 @@ import numpy as np
 import numpy.typing as npt
 from scipy.special import erf
 
-from nightstack.dng import CFA_PATTERNS, write_dng
+from nightstack.dng import CFA_PATTERNS
 from nightstack.frames import FloatArray
-from nightstack.writers import write_json
 
 UInt16Array = npt.NDArray[np.uint16]
 IntArray = npt.NDArray[np.intp]
-
-# --------------------------------------------------------------------------------------------
-# Sky model
-# --------------------------------------------------------------------------------------------
 
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # Gaussian FWHM / sigma
 _STAR_CELL_PX = 256  # stars are drawn per sky cell, so a patch of sky keeps its stars whatever
@@ -60,17 +59,12 @@ _FLUX_SLOPE = 0.6  # N(>F) ∝ F^-0.6: many faint stars, few bright ones
 _FAINTEST_PEAK_SNR = 2.0  # the faintest stars sit below detection, as on a real sky
 _BRIGHTEST_PEAK_SNR = 20_000.0  # the brightest ones saturate hard
 _STAR_COLOUR_SPREAD = 0.35  # colour weights (1 + s c, 1, 1 - s c) with c in [-1, 1]
-_PSF_RADIUS_SIGMA = 6.0  # stamp half-size: the Gaussian beyond holds < 1e-8 of the flux
-_STAMP_BATCH = 1024  # stars per vectorised stamp batch (bounds temporary memory)
-_TRAIL_STEP_PX = 0.5  # trailed stars are summed from PSFs this far apart: a smooth line
+PSF_RADIUS_SIGMA = 6.0  # star stamp half-size, sigmas: the Gaussian beyond holds < 1e-8 of the flux
 _APERTURE_FWHM = 1.0  # aperture radius (in FWHM) of the flux-to-noise ratio in the truth
 SKY_RGB = (1.1, 1.0, 0.8)  # light-polluted sky: a little warm (sky colour weights r, g, b)
 _NEBULA_RGB = (1.5, 0.7, 0.9)  # emission nebula: H-alpha red with some OIII
 _NEBULA_PEAK = 0.25  # nebula peak as a fraction of the sky level: faint, needs a stretch
-_NEBULA_RADIUS_SIGMA = 3.5  # nebula drawn within this many major-axis sigmas
 _GROUND_LEVEL = 0.02  # the landscape's own glow as a fraction of the sky: a dark silhouette
-_WINDOW_E = 6000.0  # electrons per pixel of a lit window (bright, below saturation)
-_WINDOW_RGB = (1.3, 1.0, 0.5)  # warm tungsten light
 _HOT_PIXEL_DENSITY = 1 / 30_000  # one hot pixel per 30,000 pixels (a warm DSLR sensor)
 _HOT_PIXEL_ADU = (1500, 12_000)  # excess ADU of a hot pixel, uniform in this range
 _CLOUD_STAR_FACTOR = 0.05  # cloud dims stars (and nebula, satellites) 20x
@@ -79,28 +73,24 @@ _CLOUD_LUMP = 0.8  # peak of the lumpy cloud glow as a fraction of the sky level
 _CLOUD_BLOBS = 7  # Gaussian lumps making up the cloud glow
 _SATELLITE_LINEAR_E = 8000.0  # electrons per pixel of trail length: a bright trail
 _SATELLITE_SIGMA_PX = 1.0  # trail cross-section sigma: FWHM 2.35 px
-_BAND_ROWS = 256  # rows of noise (or nebula) computed at a time (bounds temporary memory)
 _FRAME_GAP_S = 2.0  # camera dead time between exposures, for the capture times
+_MILKY_WAY_SIGMA = 0.12  # band profile sigma, frame diagonals: a band a third of the frame wide
+_GLOW_DISTANCE = 1.0  # the moon sits this many frame diagonals from the frame centre
+_GLOW_SCALE = 1.0  # glow falls off as a Gaussian of this many diagonals: smooth, low-order
+_GLOW_SWEEP_DEG = (30.0, 70.0)  # the moon's bearing turns by this much over the session
 _STREAM_STARS, _STREAM_LANDSCAPE, _STREAM_HOT, _STREAM_NOISE = 1, 2, 3, 4  # independent
 _STREAM_SATELLITE, _STREAM_CLOUD, _STREAM_TRAIL, _STREAM_NEBULA = 5, 6, 7, 8  # random streams
-# per-frame schedules (SkyModel fields): which values are allowed
+_STREAM_GLOW, _STREAM_MILKY_WAY = 9, 11  # the moon's path, the band (10: seeing_jitter)
+# per-frame schedules (SkyModel fields) and the values each allows
 _SCHEDULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "sky_levels": (lambda v: v > 0, "> 0"),
     "glow": (lambda v: v >= 0, ">= 0"),
     "transparency": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "fwhm_schedule": (lambda v: v > 0.5, "> 0.5"),
 }
-_STREAM_SEEING = 10  # seeing_jitter's schedule
-_STREAM_MILKY_WAY = 11  # where the Milky Way band crosses the field
-_MILKY_WAY_SIGMA = 0.12  # band profile sigma, frame diagonals: a band a third of the frame wide
-_SEEING_CORRELATION = 0.6  # frame-to-frame correlation of log FWHM: seeing drifts
-_STREAM_GLOW = 9  # the moon's path (drawn even when no glow is rendered: truth is stable)
-_GLOW_DISTANCE = 1.0  # the moon sits this many frame diagonals from the frame centre
-_GLOW_SCALE = 1.0  # glow falls off as a Gaussian of this many diagonals: smooth, low-order
-_GLOW_SWEEP_DEG = (30.0, 70.0)  # the moon's bearing turns by this much over the session
 
 
-def _indices(value: int | Iterable[int] | None) -> tuple[int, ...]:
+def frame_indices(value: int | Iterable[int] | None) -> tuple[int, ...]:
     """Frame indices from None, one int or an iterable of ints, sorted and unique."""
     if value is None:
         return ()
@@ -115,30 +105,6 @@ def cfa_channels(pattern: str) -> IntArray:
     if pattern not in CFA_PATTERNS:
         raise ValueError(f"cfa_pattern must be one of {', '.join(CFA_PATTERNS)}, got {pattern!r}")
     return np.array(["RGB".index(c) for c in pattern], dtype=np.intp).reshape(2, 2)
-
-
-def _channel_weights(
-    rows: npt.ArrayLike, cols: npt.ArrayLike, rgb: FloatArray, cfa: IntArray
-) -> FloatArray:
-    """Colour weight of each CFA site: ``rgb[..., channel(row, col)]`` broadcast over the rows
-    and cols index arrays; ``rgb`` has shape (..., 3), ``cfa`` is ``cfa_channels(pattern)``."""
-    channel = cfa[np.asarray(rows) % 2, np.asarray(cols) % 2]
-    return np.take_along_axis(rgb, channel, axis=-1) if rgb.ndim > 1 else rgb[channel]
-
-
-def _mosaic_inplace(image: FloatArray, rgb: tuple[float, float, float], cfa: IntArray) -> None:
-    """Multiply an even-sized, even-origin (rows, cols) block by the colour weights of its CFA
-    sites (``cfa`` is ``cfa_channels(pattern)``)."""
-    rows, cols = image.shape
-    tile = np.asarray(rgb, dtype=image.dtype)[cfa]
-    image.reshape(rows // 2, 2, cols // 2, 2)[...] *= tile[None, :, None, :]
-
-
-def _pixel_profile(edges: FloatArray, centre: FloatArray, sigma: float) -> FloatArray:
-    """Gaussian integrated over pixels: ``edges`` (..., S + 1) pixel edges, ``centre``
-    broadcastable to (..., 1); returns (..., S) fractions of a unit flux."""
-    cdf = erf((edges - centre) / (math.sqrt(2.0) * sigma))
-    return 0.5 * np.diff(cdf, axis=-1)
 
 
 def _band_profile(band: dict[str, Any], xy: FloatArray) -> FloatArray:
@@ -179,7 +145,7 @@ class _Catalogue:
 
 
 @dataclass(frozen=True, eq=False)
-class _Landscape:
+class Landscape:
     """Ground fixed in frame coordinates.
 
     ``skyline``: (cols,) float, the row coordinate of the ground's top edge in each column (a
@@ -304,7 +270,7 @@ class SkyModel:
 
     def __post_init__(self) -> None:
         for name in ("satellite", "cloudy", "trailed"):
-            object.__setattr__(self, name, _indices(getattr(self, name)))
+            object.__setattr__(self, name, frame_indices(getattr(self, name)))
         for name in _SCHEDULES:
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name) or ()))
         planted = tuple(tuple(float(v) for v in star) for star in self.planted_stars)
@@ -432,7 +398,7 @@ class SkyModel:
     def _star_margin(self) -> float:
         """How far outside the frame a star can still put light into it, pixels."""
         sigma = max((self.fwhm_px, *self.fwhm_schedule)) / _FWHM_PER_SIGMA
-        return _PSF_RADIUS_SIGMA * sigma + self.trail_px / 2.0 + 2.0
+        return PSF_RADIUS_SIGMA * sigma + self.trail_px / 2.0 + 2.0
 
     @cached_property
     def sky_region(self) -> tuple[float, float, float, float]:
@@ -610,7 +576,7 @@ class SkyModel:
         inside = (x >= margin) & (x <= self.width - 1 - margin)
         inside &= (y >= margin) & (y <= self.height - 1 - margin)
         column = np.clip(np.rint(x), 0, self.width - 1).astype(np.intp)
-        inside &= y + self.fwhm(i) < self._landscape.skyline[column]
+        inside &= y + self.fwhm(i) < self.landscape.skyline[column]
         inside &= self.star_peak_snr >= min_peak_snr
         return np.flatnonzero(inside)
 
@@ -626,11 +592,11 @@ class SkyModel:
     # ---- things fixed on the ground --------------------------------------------------------
 
     @cached_property
-    def _landscape(self) -> _Landscape:
+    def landscape(self) -> Landscape:
         w, h = self.width, self.height
         x = np.arange(w, dtype=np.float64)
         if self.landscape_fraction <= 0:
-            return _Landscape(
+            return Landscape(
                 np.full(w, h + 1.0), h, np.ones((0, w), np.float32), np.zeros((0, 4), np.int64)
             )
         rng = self._rng(_STREAM_LANDSCAPE)
@@ -665,22 +631,22 @@ class SkyModel:
                     boxes.append((x0, y0, x0 + wx, y0 + wy))
                     break
         windows = np.array(boxes, dtype=np.int64).reshape(-1, 4)
-        return _Landscape(skyline, top_row, cover, windows)
+        return Landscape(skyline, top_row, cover, windows)
 
     @property
     def landscape_top_row(self) -> int:
         """First (topmost) row holding any ground; ``height`` when there is no landscape."""
-        return self._landscape.top_row
+        return self.landscape.top_row
 
     @property
     def skyline(self) -> FloatArray:
         """(width,) row coordinate of the ground's top edge per column (ground below it)."""
-        return self._landscape.skyline
+        return self.landscape.skyline
 
     @property
     def windows_xyxy(self) -> npt.NDArray[np.int64]:
         """(n, 4) lit windows as [x0, y0, x1, y1) pixel boxes, fixed in frame coordinates."""
-        return self._landscape.windows
+        return self.landscape.windows
 
     @cached_property
     def _hot(self) -> tuple[IntArray, IntArray, IntArray]:
@@ -706,7 +672,10 @@ class SkyModel:
     # ---- per-frame defects -----------------------------------------------------------------
 
     @cached_property
-    def _nebula(self) -> dict[str, Any] | None:
+    def nebula_shape(self) -> dict[str, Any] | None:
+        """The nebula (moves with the stars; ``None`` without one): a Gaussian in reference
+        coordinates, ``centre`` (x, y), ``sigma_px`` (major, minor), ``angle_deg`` of the major
+        axis, ``peak_e`` electrons per green pixel at the centre, ``rgb`` colour weights."""
         if not self.nebula:
             return None
         rng = self._rng(_STREAM_NEBULA)
@@ -722,8 +691,9 @@ class SkyModel:
         """Defects of frame ``i`` and their parameters (frame coordinates); empty when clean.
 
         ``satellite``: the trail passes through ``point`` at ``angle_deg``, entering the frame at
-        ``start`` and leaving at ``end``, Gaussian cross-section ``fwhm_px``, ``peak_e`` electrons
-        (before cloud). ``cloudy``: star and sky factors. ``trailed``: every star smeared into a
+        ``start`` and leaving at ``end``, Gaussian cross-section ``fwhm_px`` (``sigma_px``),
+        ``peak_e`` electrons (before cloud and transparency), ``linear_e`` electrons per pixel of
+        trail length. ``cloudy``: star and sky factors. ``trailed``: every star smeared into a
         line of ``length_px`` at ``angle_deg`` centred on its position.
         """
         out: dict[str, dict[str, Any]] = {}
@@ -739,6 +709,8 @@ class SkyModel:
                 "end": list(end),
                 "fwhm_px": _SATELLITE_SIGMA_PX * _FWHM_PER_SIGMA,
                 "peak_e": _SATELLITE_LINEAR_E / (math.sqrt(2 * math.pi) * _SATELLITE_SIGMA_PX),
+                "sigma_px": _SATELLITE_SIGMA_PX,
+                "linear_e": _SATELLITE_LINEAR_E,
             }
         if i in self.cloudy:
             out["cloudy"] = {
@@ -758,24 +730,35 @@ class SkyModel:
         """Start of frame ``i``'s exposure (camera wall-clock time)."""
         return self.start_time + timedelta(seconds=i * (self.exposure_s + _FRAME_GAP_S))
 
-    # ---- rendering -------------------------------------------------------------------------
+    def ground_glow_e(self, i: int) -> float:
+        """Electrons per green pixel of the landscape's own faint glow in frame ``i`` (it is
+        lit by the sky above it, so it follows the sky level)."""
+        return _GROUND_LEVEL * self.sky_e * self.sky_level(i)
+
+    def noise_rng(self, i: int) -> np.random.Generator:
+        """The random stream of frame ``i``'s shot and read noise."""
+        return self._rng(_STREAM_NOISE, i)
+
+    # ---- pixels (rendering lives in ``nightstack.simulate.render``) ------------------------
 
     def electrons(self, i: int) -> FloatArray:
         """Noise-free expected signal of frame ``i``, (height, width) float32 electrons per CFA
         site (``cfa_pattern``), hot pixels not included."""
-        defects = self.defects(i)
-        image = self._sky_background(i)
-        _mosaic_inplace(image, SKY_RGB, self.cfa)
-        factor = self.star_factor(i)
-        if self._nebula is not None:
-            self._add_nebula(image, i, factor)
-        self._add_stars(image, i, factor, defects.get("trailed"))
-        if "satellite" in defects:
-            self._add_satellite(image, defects["satellite"], factor)
-        self._add_ground(image, i)
-        return image
+        from nightstack.simulate.render import expected_electrons  # render imports this module
 
-    def _sky_background(self, i: int) -> FloatArray:
+        return expected_electrons(self, i)
+
+    def render(self, i: int, *, noise: bool = True) -> UInt16Array:
+        """Raw CFA of frame ``i``: (height, width) uint16 ADU laid out as ``cfa_pattern``,
+        black level included, clipped at the white level; hot pixels added. ``noise=False``
+        gives the rounded expectation (no shot or read noise)."""
+        from nightstack.simulate.render import raw_frame  # render imports this module
+
+        return raw_frame(self, i, noise=noise)
+
+    # ---- the sky background ----------------------------------------------------------------
+
+    def sky_background(self, i: int) -> FloatArray:
         """The sky of frame ``i`` before its colour: (height, width) float32 electrons per
         green pixel, the landscape not applied (see ``sky_surface``)."""
         h, w = self.height, self.width
@@ -835,7 +818,7 @@ class SkyModel:
             (also where it falls outside frame ``i``).
         """
         if grid == "frame":
-            return self._sky_background(i).astype(np.float64)
+            return self.sky_background(i).astype(np.float64)
         if grid != "reference":
             raise ValueError(f"grid must be 'frame' or 'reference', got {grid!r}")
         ys, xs = np.mgrid[0 : self.height, 0 : self.width].astype(np.float64)
@@ -864,26 +847,6 @@ class SkyModel:
                 sky = sky + ab * np.exp(-0.5 * (((x - bx) / sb) ** 2 + ((y - by) / sb) ** 2))
         return np.asarray(sky, dtype=np.float64)
 
-    def render(self, i: int, *, noise: bool = True) -> UInt16Array:
-        """Raw CFA of frame ``i``: (height, width) uint16 ADU, RGGB, black level included,
-        clipped at the white level; hot pixels added. ``noise=False`` gives the rounded
-        expectation (no shot or read noise)."""
-        expected = self.electrons(i)
-        raw = np.empty(expected.shape, dtype=np.uint16)
-        rng = self._rng(_STREAM_NOISE, i)
-        for r0 in range(0, self.height, _BAND_ROWS):
-            block = expected[r0 : r0 + _BAND_ROWS]
-            if noise:
-                signal = rng.poisson(block).astype(np.float32)
-                signal += rng.normal(0.0, self.read_noise_e, block.shape).astype(np.float32)
-            else:
-                signal = block
-            adu = np.rint(signal / np.float32(self.gain_e_per_adu) + np.float32(self.black_level))
-            raw[r0 : r0 + _BAND_ROWS] = np.clip(adu, 0, self.white_level)
-        x, y, hot = self._hot
-        raw[y, x] = np.minimum(raw[y, x].astype(np.int64) + hot, self.white_level)
-        return raw
-
     def _cloud_blobs(self, i: int) -> tuple[FloatArray, FloatArray, FloatArray]:
         """Cloud lumps of frame ``i``: centres (blobs, 2) frame (x, y), sigmas (blobs, 1) px
         and peak electrons (blobs,), the sky level included."""
@@ -902,119 +865,6 @@ class SkyModel:
         gy = np.exp(-0.5 * ((np.arange(h) - centre[:, 1:]) / sigma) ** 2)  # (blobs, h)
         glow = (gy.T * amplitude).astype(np.float32) @ gx.astype(np.float32)
         return glow
-
-    def _add_nebula(self, image: FloatArray, i: int, factor: float) -> None:
-        neb = self._nebula
-        assert neb is not None
-        centre = np.asarray(neb["centre"], dtype=np.float64)
-        sx, sy = neb["sigma_px"]
-        theta = math.radians(neb["angle_deg"])
-        rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-        inv_cov = rot @ np.diag([1 / sx**2, 1 / sy**2]) @ rot.T  # reference coordinates
-        cx, cy = self.to_frame(i, centre)[0]
-        r = _NEBULA_RADIUS_SIGMA * max(sx, sy)
-        x0, x1 = max(0, int(cx - r) & ~1), min(self.width, (int(cx + r) + 2) & ~1)
-        y0, y1 = max(0, int(cy - r) & ~1), min(self.height, (int(cy + r) + 2) & ~1)
-        if x1 <= x0 or y1 <= y0:
-            return
-        m = self.transform(i).astype(np.float32)
-        k = inv_cov.astype(np.float32)
-        px = np.arange(x0, x1, dtype=np.float32)
-        peak = np.float32(neb["peak_e"] * factor)
-        for r0 in range(y0, y1, _BAND_ROWS):  # row bands bound the temporaries
-            py = np.arange(r0, min(r0 + _BAND_ROWS, y1), dtype=np.float32)
-            qx = (m[0, 0] * px)[None, :] + (m[0, 1] * py + m[0, 2] - centre[0])[:, None]
-            qy = (m[1, 0] * px)[None, :] + (m[1, 1] * py + m[1, 2] - centre[1])[:, None]
-            q = k[0, 0] * qx * qx
-            q += 2 * k[0, 1] * qx * qy
-            q += k[1, 1] * qy * qy
-            glow = np.exp(np.float32(-0.5) * q)
-            glow *= peak
-            _mosaic_inplace(glow, tuple(neb["rgb"]), self.cfa)
-            image[r0 : r0 + len(py), x0:x1] += glow
-
-    def _add_stars(
-        self, image: FloatArray, i: int, factor: float, trail: dict[str, Any] | None
-    ) -> None:
-        """Add every star of frame ``i`` on local stamps, pixel-integrated Gaussian PSF."""
-        h, w = self.height, self.width
-        sigma = self.psf_sigma(i)
-        half = trail["length_px"] / 2.0 if trail else 0.0
-        radius = math.ceil(_PSF_RADIUS_SIGMA * sigma + half)
-        size = 2 * radius + 1
-        if trail:
-            steps = max(2, math.ceil(2 * half / _TRAIL_STEP_PX) + 1)
-            along = np.linspace(-half, half, steps)
-            phi = math.radians(trail["angle_deg"])
-            offsets = np.stack([along * math.cos(phi), along * math.sin(phi)], axis=1)
-        else:
-            offsets = np.zeros((1, 2))
-        xy = self.to_frame(i, self.star_xy)
-        reach = radius + 1
-        on = (xy[:, 0] > -reach) & (xy[:, 0] < w - 1 + reach)
-        on &= (xy[:, 1] > -reach) & (xy[:, 1] < h - 1 + reach)
-        index = np.flatnonzero(on)
-        flat_image = image.reshape(-1)  # a view: electrons() makes ``image`` C-contiguous
-        for b0 in range(0, len(index), _STAMP_BATCH):
-            sel = index[b0 : b0 + _STAMP_BATCH]
-            pos = xy[sel]
-            origin = np.rint(pos).astype(np.intp) - radius  # (n, 2) stamp corner (x, y)
-            edge = np.arange(size + 1) - 0.5  # pixel edges relative to the stamp corner
-            sub = pos[:, None, :] + offsets[None, :, :]  # (n, k, 2) PSF centres
-            ex = _pixel_profile(origin[:, None, 0:1] + edge, sub[:, :, 0:1], sigma)  # (n,k,S)
-            ey = _pixel_profile(origin[:, None, 1:2] + edge, sub[:, :, 1:2], sigma)
-            stamp = np.einsum("nki,nkj->nij", ey, ex) / len(offsets)  # (n, S rows, S cols)
-            cols = origin[:, 0:1] + np.arange(size)  # (n, S)
-            rows = origin[:, 1:2] + np.arange(size)
-            weight = _channel_weights(
-                rows[:, :, None], cols[:, None, :], self.star_rgb[sel][:, None, :], self.cfa
-            )
-            stamp *= weight * (self.star_flux_e[sel] * factor)[:, None, None]
-            valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-            flat = rows[:, :, None] * w + cols[:, None, :]
-            np.add.at(flat_image, flat[valid], stamp[valid].astype(np.float32))
-
-    def _add_satellite(self, image: FloatArray, sat: dict[str, Any], factor: float) -> None:
-        """A straight trail with a Gaussian cross-section, sampled at pixel centres."""
-        h, w = self.height, self.width
-        px, py = sat["point"]
-        angle = math.radians(sat["angle_deg"])
-        c, s = math.cos(angle), math.sin(angle)
-        sigma = _SATELLITE_SIGMA_PX
-        norm = _SATELLITE_LINEAR_E * factor / (math.sqrt(2 * math.pi) * sigma)
-        horizontal = abs(c) >= abs(s)
-        reach = math.ceil(5 * sigma / max(abs(c), abs(s))) + 1
-        span = np.arange(-reach, reach + 1)
-        if horizontal:
-            xs = np.arange(w)
-            centre = py + (xs - px) * s / c
-            ys = np.floor(centre).astype(np.intp)[:, None] + span  # (w, 2 reach + 1)
-            xs2 = np.broadcast_to(xs[:, None], ys.shape)
-        else:
-            ys0 = np.arange(h)
-            centre = px + (ys0 - py) * c / s
-            xs2 = np.floor(centre).astype(np.intp)[:, None] + span
-            ys = np.broadcast_to(ys0[:, None], xs2.shape)
-        distance = (ys - py) * c - (xs2 - px) * s  # signed distance from the line
-        value = norm * np.exp(-0.5 * (distance / sigma) ** 2)
-        ok = (xs2 >= 0) & (xs2 < w) & (ys >= 0) & (ys < h)
-        # a sunlit satellite is neutral: every CFA site gets the same electrons
-        np.add.at(image.reshape(-1), ys[ok] * w + xs2[ok], value[ok].astype(np.float32))
-
-    def _add_ground(self, image: FloatArray, i: int) -> None:
-        """Hide the sky behind the landscape; add its faint glow and the lit windows."""
-        land = self._landscape
-        if land.top_row >= self.height:
-            return
-        band = image[land.top_row :]
-        glow_e = _GROUND_LEVEL * self.sky_e * self.sky_level(i)  # lit by the sky above it
-        ground = np.full(band.shape, glow_e, dtype=np.float32)
-        band *= land.sky_cover
-        band += (1 - land.sky_cover) * ground
-        rgb = np.array(_WINDOW_RGB)
-        for x0, y0, x1, y1 in land.windows:
-            ys, xs = np.mgrid[y0:y1, x0:x1]
-            image[y0:y1, x0:x1] = _WINDOW_E * _channel_weights(ys, xs, rgb, self.cfa)
 
     # ---- truth -----------------------------------------------------------------------------
 
@@ -1069,7 +919,7 @@ class SkyModel:
                 "y": hot_xy[:, 1].tolist(),
                 "adu": self.hot_pixel_adu.tolist(),
             },
-            "nebula": self._nebula,
+            "nebula": self.nebula_shape,
             "milky_way": self.milky_way_band,
             "stars": {
                 "x": self.star_xy[:, 0].tolist(),
@@ -1082,141 +932,3 @@ class SkyModel:
             },
             "frames": frames,
         }
-
-
-def sky_step(frames: int, at: int, factor: float) -> list[float]:
-    """Sky levels for ``frames`` frames: 1 before frame ``at``, ``factor`` from it on (a
-    neighbour's light going on, the Moon rising over a ridge)."""
-    return [1.0 if i < at else float(factor) for i in range(frames)]
-
-
-def sky_ramp(frames: int, end: float) -> list[float]:
-    """Sky levels for ``frames`` frames rising (or falling) linearly from 1 at the first frame
-    to ``end`` at the last (twilight, a rising Moon)."""
-    if frames == 1:
-        return [1.0]
-    return [1.0 + (float(end) - 1.0) * i / (frames - 1) for i in range(frames)]
-
-
-def seeing_jitter(frames: int, fwhm_px: float, spread: float, seed: int = 0) -> list[float]:
-    """A seeded FWHM schedule of ``frames`` values that wanders around ``fwhm_px``.
-
-    log(FWHM / fwhm_px) is a stationary AR(1) series with standard deviation ``spread`` and
-    frame-to-frame correlation 0.6 (seeing drifts rather than jumps), clipped at 0.6 px.
-    """
-    rng = np.random.default_rng([seed, _STREAM_SEEING])
-    rho = _SEEING_CORRELATION
-    values, state = [], 0.0
-    for i, shock in enumerate(rng.normal(0.0, spread, frames)):
-        state = shock if i == 0 else rho * state + math.sqrt(1 - rho * rho) * shock
-        values.append(max(0.6, float(fwhm_px * math.exp(state))))
-    return values
-
-
-def simulate_night(
-    outdir: str | os.PathLike[str],
-    *,
-    frames: int = 10,
-    width: int = 1200,
-    height: int = 800,
-    seed: int = 1,
-    interval_s: float = 0.0,
-    satellite: int | Iterable[int] | None = None,
-    cloudy: int | Iterable[int] | None = None,
-    trailed: int | Iterable[int] | None = None,
-    stars: int = 400,
-    drift_px: float = 3.0,
-    rotation_deg: float = 0.05,
-    fwhm_px: float = 3.5,
-    nebula: bool = True,
-    sky_levels: Sequence[float] | None = None,
-    glow: Sequence[float] | None = None,
-    transparency: Sequence[float] | None = None,
-    fwhm_schedule: Sequence[float] | None = None,
-    milky_way: float = 0.0,
-    cfa_pattern: str = "RGGB",
-    planted_stars: Sequence[Sequence[float]] = (),
-    name_pattern: str = "IMG_{:04d}.DNG",
-    progress: Callable[[int, Path], None] | None = None,
-) -> Path:
-    """Write a synthetic night as DNG raws plus ``truth.json``, like a camera would.
-
-    ``truth.json`` is written first (atomically: temporary file + rename), since every frame's
-    truth is known in advance; then frames ``name_pattern.format(i)`` for i = 0 .. frames - 1 are
-    written one by one, each complete when its file closes, ``interval_s`` seconds apart.
-    ``progress(i, path)`` is called after each frame.
-
-    ``sky_levels``, ``glow`` and ``transparency`` are per-frame schedules (one value a frame,
-    ``None`` for 1, 0 and 1 throughout), as the ``SkyModel`` fields of the same names:
-    the sky background's multiplier (``sky_step``, ``sky_ramp`` build common ones), the moon
-    glow's amplitude, and the transmission of light from beyond the atmosphere.
-    ``cfa_pattern`` is the sensor's Bayer tile (``CFA_PATTERNS``); ``planted_stars`` adds stars
-    of known colour, each (x, y, flux_e, r, g, b) as ``SkyModel.planted_stars``.
-
-    truth.json (schema 2)
-    ---------------------
-    ``seed``, ``parameters`` (the ``SkyModel`` fields; ``SkyModel.from_truth`` rebuilds it),
-    ``width``, ``height``, ``cfa_pattern``, ``black_level``, ``white_level``,
-    ``gain_e_per_adu``, ``read_noise_e``, ``sky_e`` (electrons per green pixel at the frame
-    centre at sky level 1), ``sky_rgb`` (the sky's colour weights r, g, b), ``gradient``
-    {amplitude, angle_deg} (the light-pollution plane, fixed to the ground),
-    ``pixel_noise_e`` (at sky level 1), ``psf`` {model, fwhm_px, sigma_px}, ``pivot``,
-    ``sky_region``; ``landscape`` {top_row, skyline (per column, ground below), windows
-    [[x0, y0, x1, y1)]}; ``hot_pixels`` {x, y, adu}; ``nebula`` (or null); ``stars`` {x, y
-    (reference pixels), flux_e, peak_snr, snr, saturated, rgb}, brightest first; ``frames``:
-    per frame {index, file, matrix (2x3, frame -> reference), defects (names), one entry per
-    defect with its parameters, exposure_s, iso, capture_time, ``sky_level`` (multiplier of
-    the whole sky background), ``glow`` {amplitude (fraction of the frame's sky level at the
-    glow's brightest point in the frame), centre (the moon, frame pixels), scale_px, near_px,
-    bearing_deg} (``SkyModel.moon_glow``), ``transparency`` (multiplier of star, nebula and
-    satellite light; a cloudy frame's ``star_factor`` multiplies on top)}.
-    ``SkyModel.sky_surface(i)`` rebuilds frame i's additive sky in electrons on the frame or
-    the reference grid. Schema 2 added ``sky_rgb``, ``gradient`` and the per-frame
-    ``sky_level``, ``glow`` and ``transparency``; schema 1 fields keep their meaning.
-
-    Returns
-    -------
-    Path
-        The ``truth.json`` path.
-    """
-    model = SkyModel(
-        width=width,
-        height=height,
-        frames=frames,
-        seed=seed,
-        stars=stars,
-        fwhm_px=fwhm_px,
-        drift_px=drift_px,
-        rotation_deg=rotation_deg,
-        nebula=nebula,
-        sky_levels=tuple(sky_levels or ()),
-        glow=tuple(glow or ()),
-        transparency=tuple(transparency or ()),
-        fwhm_schedule=tuple(fwhm_schedule or ()),
-        milky_way=milky_way,
-        cfa_pattern=cfa_pattern,
-        planted_stars=tuple(tuple(star) for star in planted_stars),
-        satellite=_indices(satellite),
-        cloudy=_indices(cloudy),
-        trailed=_indices(trailed),
-    )
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    truth_path = out / "truth.json"
-    write_json(truth_path, model.truth(name_pattern))
-    for i in range(frames):
-        if i and interval_s > 0:
-            time.sleep(interval_s)
-        path = write_dng(
-            out / name_pattern.format(i),
-            model.render(i),
-            black_level=model.black_level,
-            white_level=model.white_level,
-            exposure_s=model.exposure_s,
-            iso=model.iso,
-            capture_time=model.capture_time(i),
-            cfa_pattern=model.cfa_pattern,
-        )
-        if progress is not None:
-            progress(i, path)
-    return truth_path
