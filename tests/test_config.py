@@ -71,3 +71,18 @@ def test_config_show_prints_effective_values(
     assert main(["config", "show", "--config", str(config), "--sigma", "2.75"]) == 0
     out = capsys.readouterr().out
     assert "star_fwhm_px = 3.25" in out and "stack_sigma = 2.75" in out
+
+
+@pytest.mark.parametrize("name", ["decode_fn", "debug_stall_s"])
+def test_test_hooks_are_not_settings(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the decoder child's function and a stalled worker are test hooks (service.Hooks): a user
+    # cannot set them in the TOML file, the environment, or see them in `config show`
+    assert name not in Settings.model_fields
+    with pytest.raises(ConfigError, match=f"'{name}'"):
+        load_settings(_toml(tmp_path, f"{name} = 1\n"))
+    monkeypatch.setenv(f"NIGHTSTACK_{name.upper()}", "_faulty_decode:load")
+    assert not hasattr(load_settings(use_default=False), name)  # the variable means nothing
+    assert main(["config", "show"]) == 0
+    assert name not in capsys.readouterr().out

@@ -176,8 +176,8 @@ def test_a_stalled_worker_stops_the_watchdog_pings(
     watch.mkdir()
     sock, path = _notify_socket(tmp_path)
     messages: list[tuple[float, str]] = []
-    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "NIGHTSTACK_DEBUG_STALL_S": "60"}
-    d = Daemon(watch, out, env=env)
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}
+    d = Daemon(watch, out, env=env, stall_s=60)
     daemons.append(d)
     _wait_message(sock, messages, "READY=1", 60, d)
     _collect(sock, messages, 2.0)

@@ -34,7 +34,7 @@ from types import FrameType
 from typing import Any
 
 from .config import Settings, load_settings
-from .decoder import Decoder
+from .decoder import DEFAULT_DECODE_FN, Decoder
 from .errors import ConfigError
 from .notify import Notifier
 from .pipeline import FrameRecord, Prepared, Stacker, file_sha256
@@ -86,6 +86,16 @@ def check_startup(settings: Settings) -> tuple[Path, Path]:
     return watch, output
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """Faults a test injects into a :class:`Daemon`. Not settings: no user can set them (not in
+    the TOML file, the environment or ``nightstack config show``); tests pass them to the
+    constructor, or run the CLI's code path through ``tests/_launch.py``."""
+
+    decode_fn: str = DEFAULT_DECODE_FN  # 'module:function' the decoder child runs
+    stall_s: float = 0.0  # the worker sleeps this long before each frame (a stuck worker)
+
+
 @dataclass
 class _Duplicate:
     path: Path
@@ -102,8 +112,10 @@ class Daemon:
         overrides: dict[str, Any] | None = None,
         exit_when_closed: bool = False,
         on_close: Callable[[Session, dict[str, Any]], None] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.settings = settings
+        self.hooks = hooks or Hooks()
         self.config, self.overrides = config, overrides
         self.exit_when_closed = exit_when_closed
         self.on_close = on_close
@@ -149,7 +161,7 @@ class Daemon:
         with Decoder(
             timeout_s=self.settings.decode_timeout_s,
             load_kwargs=load_kwargs(self.settings),
-            decode_fn=self.settings.decode_fn,
+            decode_fn=self.hooks.decode_fn,
         ) as decoder:
             self.decoder = decoder
             self.output = output
@@ -216,8 +228,8 @@ class Daemon:
                 continue
             if epoch != self._epoch or self._degraded.is_set():
                 continue  # still outstanding: queued again by the recovery
-            if self.settings.debug_stall_s:
-                time.sleep(self.settings.debug_stall_s)  # testing only: a stuck worker
+            if self.hooks.stall_s:
+                time.sleep(self.hooks.stall_s)  # a test's stuck worker
             self._ingest(item, output)
 
     def _enqueue(self, path: Path) -> None:
