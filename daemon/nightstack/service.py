@@ -76,6 +76,7 @@ def check_startup(settings: Settings) -> tuple[Path, Path]:
     watch, output = settings.watch_dir, settings.output_dir
     if not watch.is_dir() or not os.access(watch, os.R_OK | os.X_OK):
         raise ConfigError(f"watch folder {watch} is not a readable directory")
+    _check_apart(watch, output, recursive=settings.recursive)
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe = output / f".write-test-{os.getpid()}"
@@ -84,6 +85,29 @@ def check_startup(settings: Settings) -> tuple[Path, Path]:
     except OSError as err:
         raise ConfigError(f"output folder {output} is not writable: {err.strerror}") from err
     return watch, output
+
+
+def _check_apart(watch: Path, output: Path, *, recursive: bool) -> None:
+    """Refuse folders that overlap: the daemon would stack its own outputs (``stack.tif``,
+    ``live.fits`` are frames to the watcher), or write sessions among the camera's files.
+    Symlinks are resolved; ``output`` need not exist yet (it is not created when refused)."""
+    real_watch, real_output = Path(os.path.realpath(watch)), Path(os.path.realpath(output))
+    if real_output == real_watch:
+        raise ConfigError(
+            f"output folder {output} is the watch folder {watch}: the daemon would stack its "
+            "own outputs; choose an output folder outside the watch folder"
+        )
+    if recursive and real_output.is_relative_to(real_watch):
+        raise ConfigError(
+            f"output folder {output} is inside the watch folder {watch}, which is watched "
+            "recursively: the daemon would stack its own outputs; choose an output folder "
+            "outside the watch folder"
+        )
+    if real_watch.is_relative_to(real_output):
+        raise ConfigError(
+            f"watch folder {watch} is inside the output folder {output}: keep the camera's "
+            "frames and the sessions apart; choose a watch folder outside the output folder"
+        )
 
 
 @dataclass(frozen=True)
