@@ -6,7 +6,8 @@ Threads and what they own:
   frame, so decoding frame N+1 overlaps stacking frame N; it hands over through a queue of one;
 - the worker loop (the main thread) stacks, journals, checkpoints, writes previews, closes
   sessions, turns signals into state changes and pings the systemd watchdog.
-Signal handlers only set events. Previews are skipped while frames wait, never frames.
+Signal handlers only set events. While frames wait, previews follow only the clock (at least one
+every ``preview_every_s``), not every ``preview_every_frames``: frames are never held back for one.
 
 Faults the daemon survives (see bench/RELIABILITY.md): a file that cannot be decoded is journaled
 as rejected with its reason; a decoder hang or crash costs that one frame (``decoder.py``). A
@@ -389,7 +390,7 @@ class Daemon:
             f"rejected, FWHM {record.fwhm if record.fwhm is not None else fwhm or 0:.2f} px, "
             f"queue {depth}"
         )
-        if session.preview_due() and depth == 0:
+        if _preview_wanted(session, behind=depth > 0):
             self._preview(session)
 
     def _reject_after_error(self, session: Session, item: Prepared, err: Exception) -> FrameRecord:
@@ -485,10 +486,13 @@ class Daemon:
 
     def _idle(self) -> None:
         session = self.session
-        if session is None or self._behind():
+        if session is None:
             return
-        if session.preview_due():
+        behind = self._behind()  # frames wait, but the worker waits for the next decode
+        if _preview_wanted(session, behind=behind):
             self._preview(session)
+        if behind:
+            return
         if time.monotonic() - session.last_frame >= self.settings.idle_timeout_s:
             self._close(f"idle for {self.settings.idle_timeout_s:g} s")
 
@@ -542,6 +546,15 @@ class Daemon:
             logging.getLogger().setLevel(fresh.log_level)
             log.info("configuration reloaded; it applies from the next session")
         self.notifier.ready()
+
+
+def _preview_wanted(session: Session, *, behind: bool) -> bool:
+    """Whether to rewrite the preview now: when due (``preview_every_frames`` frames or
+    ``preview_every_s`` seconds since the last one), but while frames wait only by the clock,
+    so a backlog gets a preview at least every ``preview_every_s`` (plus one frame) and no more."""
+    if not session.preview_due():
+        return False
+    return not behind or time.monotonic() - session.last_preview >= session.settings.preview_every_s
 
 
 def request_close(output_dir: Path) -> None:
