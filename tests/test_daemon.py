@@ -7,7 +7,10 @@ real ``NOTIFY_SOCKET``.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import re
 import shutil
 import signal
 import socket
@@ -176,8 +179,8 @@ def test_a_stalled_worker_stops_the_watchdog_pings(
     watch.mkdir()
     sock, path = _notify_socket(tmp_path)
     messages: list[tuple[float, str]] = []
-    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "NIGHTSTACK_DEBUG_STALL_S": "60"}
-    d = Daemon(watch, out, env=env)
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}
+    d = Daemon(watch, out, env=env, stall_s=60)
     daemons.append(d)
     _wait_message(sock, messages, "READY=1", 60, d)
     _collect(sock, messages, 2.0)
@@ -239,3 +242,53 @@ def test_sighup_reloads_for_the_next_session_and_close_starts_a_new_one(
     assert lines[1]["stars"] < 0.95 * lines[0]["stars"], (lines[0]["stars"], lines[1]["stars"])
     assert d.stop() == 0
     sock.close()
+
+
+BACKLOG = 40
+PREVIEW_EVERY_S = 0.5  # several previews in a backlog that takes seconds here
+
+
+def test_a_backlog_refreshes_the_preview_every_preview_every_s(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    camera, watch, out = tmp_path / "camera", tmp_path / "watch", tmp_path / "out"
+    simulate_night(camera, frames=BACKLOG, width=480, height=320, seed=9, stars=300)
+    watch.mkdir()
+    for f in sorted(camera.glob("*.DNG")):  # the backlog: all waiting at start
+        shutil.copy(f, watch / f.name)
+    env = {"NIGHTSTACK_PREVIEW_EVERY_S": str(PREVIEW_EVERY_S)}  # preview_every_frames stays 1
+    d = Daemon(watch, out, env=env)
+    daemons.append(d)
+    line_times: list[float] = []  # when each journal line was first seen (wall clock)
+    previews: list[float] = []  # mtime of each preview.jpg the daemon wrote (wall clock)
+    deadline = time.monotonic() + 240
+    while len(line_times) < BACKLOG and time.monotonic() < deadline and d.alive():
+        now = time.time()
+        found = sorted(out.glob("*/journal.jsonl"))
+        if found:
+            count = found[0].read_bytes().count(b"\n")
+            line_times += [now] * (count - len(line_times))
+            with contextlib.suppress(FileNotFoundError):
+                mtime = (found[0].parent / "preview.jpg").stat().st_mtime_ns / 1e9
+                if not previews or mtime != previews[-1]:
+                    previews.append(mtime)
+        time.sleep(0.005)
+    assert len(line_times) == BACKLOG, d.text()[-3000:]
+    lines = journal(out)
+    assert all(r["status"] == "accepted" for r in lines)
+    first, last = line_times[0], line_times[-1]
+    during = [t for t in previews if t <= last]
+    assert last - first >= 3 * PREVIEW_EVERY_S, "backlog too quick to judge the cadence"
+    frame_s = max(b - a for a, b in itertools.pairwise(line_times))  # the slowest frame
+    slack_s = 0.25  # the preview's own write and this loop's polling
+    gaps = [b - a for a, b in itertools.pairwise([first, *during, last])]
+    assert max(gaps) <= PREVIEW_EVERY_S + frame_s + slack_s, (gaps, frame_s)
+    # ... and no more often than the clock says (not every frame): cheap while behind
+    assert len(during) <= (last - first) / PREVIEW_EVERY_S + 2, (len(during), last - first)
+    print(
+        f"backlog of {BACKLOG}: {last - first:.1f} s, {len(during)} previews, gaps "
+        f"{min(gaps):.2f}-{max(gaps):.2f} s (bound {PREVIEW_EVERY_S + frame_s + slack_s:.2f} s)"
+    )
+    assert d.stop() == 0
+    waited = [int(m) for m in re.findall(r" queue=(\d+)", d.text())]
+    assert len(waited) == BACKLOG and sum(q > 0 for q in waited) >= BACKLOG - 3  # it was behind

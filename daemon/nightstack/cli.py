@@ -11,13 +11,16 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import Settings, describe, load_settings
 from .errors import ConfigError, NightstackError
 from .simulate import cli as simulate_cli
 from .watcher import natural_key
+
+if TYPE_CHECKING:
+    from .service import Hooks
 
 log = logging.getLogger("nightstack")
 
@@ -118,11 +121,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix=".nightstack-", dir=args.work_dir or output.parent))
     report = args.report.open("w", encoding="utf-8") if args.report else None
     try:
-        with Decoder(
-            timeout_s=settings.decode_timeout_s,
-            load_kwargs=load_kwargs(settings),
-            decode_fn=settings.decode_fn,
-        ) as dec:
+        with Decoder(timeout_s=settings.decode_timeout_s, load_kwargs=load_kwargs(settings)) as dec:
             stacker = Stacker(settings, workdir, dec, live=False)  # batch: the final only
             progress = _Progress(len(files), "stacking")
             for n, path in enumerate(files, 1):
@@ -193,7 +192,10 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     extra = _watch_overrides(args)
     settings = _settings(args, extra)
     setup_logging("DEBUG" if args.verbose else settings.log_level)
-    return Daemon(settings, config=args.config, overrides=_overrides(args, extra)).run()
+    daemon = Daemon(
+        settings, config=args.config, overrides=_overrides(args, extra), hooks=args.hooks
+    )
+    return daemon.run()
 
 
 def _cmd_close(args: argparse.Namespace) -> int:
@@ -283,8 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, hooks: Hooks | None = None) -> int:
+    """Run ``nightstack ARGV``; return the exit code. ``hooks``: faults a test injects into the
+    daemon of ``nightstack watch`` (see ``service.Hooks``); never settings."""
     args = build_parser().parse_args(argv)
+    args.hooks = hooks
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",

@@ -1,7 +1,9 @@
 """The one configuration model: a TOML file, ``NIGHTSTACK_*`` environment variables, CLI flags.
 
 Precedence, lowest to highest: built-in defaults, the TOML file, the environment, CLI flags.
-Nothing else in nightstack reads ``os.environ`` for settings.
+Nothing else in nightstack reads ``os.environ`` for settings. Test hooks (the decoder child's
+decode function, a stalled worker) are not settings: tests pass them to ``Daemon`` / ``Decoder``
+(``service.Hooks``).
 """
 
 from __future__ import annotations
@@ -179,13 +181,6 @@ class Settings(BaseSettings):
     )
     keep_frame_store: bool = Field(
         False, description="Keep the aligned-frame store after the final stack is written."
-    )
-    decode_fn: str = Field(
-        "nightstack.loaders:load",
-        description="Advanced/testing: 'module:function' the isolated decoder process runs.",
-    )
-    debug_stall_s: float = Field(
-        0.0, ge=0, description="Testing only: the worker sleeps this long before each frame."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level."

@@ -6,7 +6,8 @@ Threads and what they own:
   frame, so decoding frame N+1 overlaps stacking frame N; it hands over through a queue of one;
 - the worker loop (the main thread) stacks, journals, checkpoints, writes previews, closes
   sessions, turns signals into state changes and pings the systemd watchdog.
-Signal handlers only set events. Previews are skipped while frames wait, never frames.
+Signal handlers only set events. While frames wait, previews follow only the clock (at least one
+every ``preview_every_s``), not every ``preview_every_frames``: frames are never held back for one.
 
 Faults the daemon survives (see bench/RELIABILITY.md): a file that cannot be decoded is journaled
 as rejected with its reason; a decoder hang or crash costs that one frame (``decoder.py``). A
@@ -34,7 +35,7 @@ from types import FrameType
 from typing import Any
 
 from .config import Settings, load_settings
-from .decoder import Decoder
+from .decoder import DEFAULT_DECODE_FN, Decoder
 from .errors import ConfigError
 from .notify import Notifier
 from .pipeline import FrameRecord, Prepared, Stacker, file_sha256
@@ -76,6 +77,7 @@ def check_startup(settings: Settings) -> tuple[Path, Path]:
     watch, output = settings.watch_dir, settings.output_dir
     if not watch.is_dir() or not os.access(watch, os.R_OK | os.X_OK):
         raise ConfigError(f"watch folder {watch} is not a readable directory")
+    _check_apart(watch, output, recursive=settings.recursive)
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe = output / f".write-test-{os.getpid()}"
@@ -84,6 +86,39 @@ def check_startup(settings: Settings) -> tuple[Path, Path]:
     except OSError as err:
         raise ConfigError(f"output folder {output} is not writable: {err.strerror}") from err
     return watch, output
+
+
+def _check_apart(watch: Path, output: Path, *, recursive: bool) -> None:
+    """Refuse folders that overlap: the daemon would stack its own outputs (``stack.tif``,
+    ``live.fits`` are frames to the watcher), or write sessions among the camera's files.
+    Symlinks are resolved; ``output`` need not exist yet (it is not created when refused)."""
+    real_watch, real_output = Path(os.path.realpath(watch)), Path(os.path.realpath(output))
+    if real_output == real_watch:
+        raise ConfigError(
+            f"output folder {output} is the watch folder {watch}: the daemon would stack its "
+            "own outputs; choose an output folder outside the watch folder"
+        )
+    if recursive and real_output.is_relative_to(real_watch):
+        raise ConfigError(
+            f"output folder {output} is inside the watch folder {watch}, which is watched "
+            "recursively: the daemon would stack its own outputs; choose an output folder "
+            "outside the watch folder"
+        )
+    if real_watch.is_relative_to(real_output):
+        raise ConfigError(
+            f"watch folder {watch} is inside the output folder {output}: keep the camera's "
+            "frames and the sessions apart; choose a watch folder outside the output folder"
+        )
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Faults a test injects into a :class:`Daemon`. Not settings: no user can set them (not in
+    the TOML file, the environment or ``nightstack config show``); tests pass them to the
+    constructor, or run the CLI's code path through ``tests/_launch.py``."""
+
+    decode_fn: str = DEFAULT_DECODE_FN  # 'module:function' the decoder child runs
+    stall_s: float = 0.0  # the worker sleeps this long before each frame (a stuck worker)
 
 
 @dataclass
@@ -102,8 +137,10 @@ class Daemon:
         overrides: dict[str, Any] | None = None,
         exit_when_closed: bool = False,
         on_close: Callable[[Session, dict[str, Any]], None] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.settings = settings
+        self.hooks = hooks or Hooks()
         self.config, self.overrides = config, overrides
         self.exit_when_closed = exit_when_closed
         self.on_close = on_close
@@ -149,7 +186,7 @@ class Daemon:
         with Decoder(
             timeout_s=self.settings.decode_timeout_s,
             load_kwargs=load_kwargs(self.settings),
-            decode_fn=self.settings.decode_fn,
+            decode_fn=self.hooks.decode_fn,
         ) as decoder:
             self.decoder = decoder
             self.output = output
@@ -216,8 +253,8 @@ class Daemon:
                 continue
             if epoch != self._epoch or self._degraded.is_set():
                 continue  # still outstanding: queued again by the recovery
-            if self.settings.debug_stall_s:
-                time.sleep(self.settings.debug_stall_s)  # testing only: a stuck worker
+            if self.hooks.stall_s:
+                time.sleep(self.hooks.stall_s)  # a test's stuck worker
             self._ingest(item, output)
 
     def _enqueue(self, path: Path) -> None:
@@ -353,7 +390,7 @@ class Daemon:
             f"rejected, FWHM {record.fwhm if record.fwhm is not None else fwhm or 0:.2f} px, "
             f"queue {depth}"
         )
-        if session.preview_due() and depth == 0:
+        if _preview_wanted(session, behind=depth > 0):
             self._preview(session)
 
     def _reject_after_error(self, session: Session, item: Prepared, err: Exception) -> FrameRecord:
@@ -449,10 +486,13 @@ class Daemon:
 
     def _idle(self) -> None:
         session = self.session
-        if session is None or self._behind():
+        if session is None:
             return
-        if session.preview_due():
+        behind = self._behind()  # frames wait, but the worker waits for the next decode
+        if _preview_wanted(session, behind=behind):
             self._preview(session)
+        if behind:
+            return
         if time.monotonic() - session.last_frame >= self.settings.idle_timeout_s:
             self._close(f"idle for {self.settings.idle_timeout_s:g} s")
 
@@ -506,6 +546,15 @@ class Daemon:
             logging.getLogger().setLevel(fresh.log_level)
             log.info("configuration reloaded; it applies from the next session")
         self.notifier.ready()
+
+
+def _preview_wanted(session: Session, *, behind: bool) -> bool:
+    """Whether to rewrite the preview now: when due (``preview_every_frames`` frames or
+    ``preview_every_s`` seconds since the last one), but while frames wait only by the clock,
+    so a backlog gets a preview at least every ``preview_every_s`` (plus one frame) and no more."""
+    if not session.preview_due():
+        return False
+    return not behind or time.monotonic() - session.last_preview >= session.settings.preview_every_s
 
 
 def request_close(output_dir: Path) -> None:
