@@ -193,6 +193,9 @@ class Stacker:
         self.live: LiveStack | None = None
         self.accepted = 0
         self.rejected: dict[str, int] = {}
+        self.lost: dict[str, dict[str, str]] = {}
+        """Frames whose stored data a damaged session lost, by content hash: {file, reason};
+        one stacked again later (its raw still in the watch folder) leaves this."""
         self.exposure_s = 0.0
         self.first_time: str | None = None  # ISO capture times of the first and last frame
         self.last_time: str | None = None
@@ -360,8 +363,20 @@ class Stacker:
         return record
 
     def count(self, record: FrameRecord) -> None:
-        """Add a finished record to the session's tallies (also used when resuming)."""
+        """Add a finished record to the session's tallies (also used when resuming).
+
+        A ``"lost"`` record (written by a salvage) takes back an earlier accepted frame whose
+        stored data was lost."""
+        if record.status == "lost":
+            self.accepted -= 1
+            self.exposure_s -= record.exposure_s or 0.0
+            self.lost[record.sha256 or record.file] = {
+                "file": record.file,
+                "reason": record.reason or "lost",
+            }
+            return
         if record.status == "accepted":
+            self.lost.pop(record.sha256 or record.file, None)
             self.accepted += 1
             self.exposure_s += record.exposure_s or 0.0
             if record.capture_time is not None:

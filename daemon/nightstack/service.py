@@ -40,7 +40,7 @@ from .errors import ConfigError
 from .notify import Notifier
 from .pipeline import FrameRecord, Prepared, Stacker, file_sha256
 from .quality import Quality
-from .session import Session, find_open, known_hashes
+from .session import Session, find_open, known_hashes, quarantine
 from .watcher import FrameWatcher
 
 log = logging.getLogger("nightstack")
@@ -471,8 +471,15 @@ class Daemon:
         except OSError as err:
             self._failed(err, f"session {self._reopen.name} cannot be reloaded")
             return False
+        except Exception as err:  # damaged beyond salvage: never a crash loop
+            quarantine(self._reopen, f"cannot be resumed ({type(err).__name__}: {err})")
+            self._reopen, self._close_wanted = None, ""
+            self._requeue(self.output)  # its frames are not processed any more
+            return True
         self._reopen = None
         self.session = session
+        if session.stacker.lost:  # frames to stack again when their raw files come back
+            self._requeue(self.output)
         if session.stacker.store is not None:
             self._frame_bytes = session.stacker.store.frame_bytes
         if session.state == "closing":  # stopped while finalizing: finish it

@@ -52,6 +52,7 @@ from .stack import FrameStore, LiveStack
 from .writers import (
     atomic_path,
     remove_temporaries,
+    write_bytes,
     write_fits_bands,
     write_json,
     write_preview,
@@ -64,22 +65,24 @@ SESSION = "session.json"
 
 
 def read_journal(path: Path) -> list[dict[str, Any]]:
-    """The journal's complete lines; a torn last line (crash mid-write) is ignored."""
+    """The journal's complete records; a torn last line (crash mid-write) and garbage lines (a
+    damaged card) are skipped."""
     return _read_journal(path)[0]
 
 
-def _read_journal(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """(complete records, byte length of the journal up to the end of the last of them).
+def _read_journal(path: Path) -> tuple[list[dict[str, Any]], int, int]:
+    """(records, byte length up to the end of the last newline-terminated line, garbage lines).
 
-    Reading stops at the first line that is not newline-terminated, valid UTF-8 and JSON: a torn
-    tail, or anything after it, was never confirmed.
+    A line that is not valid UTF-8 JSON of a frame record (an object with ``file`` and
+    ``status``) is garbage, skipped and counted; the records after it still count. Bytes after
+    the last newline are a torn tail that was never confirmed.
     """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return [], 0
+        return [], 0, 0
     records: list[dict[str, Any]] = []
-    good = 0
+    good = garbage = 0
     while True:
         end = data.find(b"\n", good)
         if end < 0:
@@ -87,12 +90,13 @@ def _read_journal(path: Path) -> tuple[list[dict[str, Any]], int]:
         try:
             record = json.loads(data[good:end].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            break
-        if not isinstance(record, dict):
-            break
-        records.append(record)
+            record = None
+        if isinstance(record, dict) and "file" in record and "status" in record:
+            records.append(record)
+        else:
+            garbage += 1
         good = end + 1
-    return records, good
+    return records, good, garbage
 
 
 def known_hashes(output_dir: Path) -> set[str]:
@@ -103,9 +107,16 @@ def known_hashes(output_dir: Path) -> set[str]:
     """
     hashes: set[str] = set()
     for journal in sorted(output_dir.glob(f"*/{JOURNAL}")):
-        if _state(journal.parent) == "superseded":
-            continue  # its frames were handed to the session that replaced it
-        hashes.update(r["sha256"] for r in read_journal(journal) if r.get("sha256"))
+        if _state(journal.parent) in ("superseded", "quarantined"):
+            continue  # its frames were handed to another session (or are to be stacked again)
+        for record in read_journal(journal):
+            digest = record.get("sha256")
+            if not digest:
+                continue
+            if record.get("status") == "lost":
+                hashes.discard(digest)  # its stored data was lost: stack it again if it comes
+            else:
+                hashes.add(digest)
     return hashes
 
 
@@ -118,13 +129,35 @@ def _state(directory: Path) -> str | None:
 
 
 def find_open(output_dir: Path) -> Path | None:
-    """The newest session directory that was not closed, if any."""
+    """The newest session directory that was not closed, if any: state "open" or "closing", or a
+    journal beside a missing or unreadable session.json (salvaged by :meth:`Session.resume`)."""
     candidates = [
-        meta.parent
-        for meta in output_dir.glob(f"*/{SESSION}")
-        if _state(meta.parent) in ("open", "closing")
+        journal.parent
+        for journal in output_dir.glob(f"*/{JOURNAL}")
+        if _state(journal.parent) in ("open", "closing", None)
     ]
     return max(candidates, default=None)
+
+
+def quarantine(directory: Path, reason: str) -> None:
+    """Mark a session that cannot be salvaged: session.json state "quarantined" with the reason
+    (its files stay as they are, for a human to look at). Its frames no longer count as
+    processed, so those still in the watch folder are stacked in a new session."""
+    try:
+        meta = json.loads((directory / SESSION).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            meta = {}
+    except (OSError, ValueError):
+        meta = {}
+    meta.update(
+        session=directory.name,
+        state="quarantined",
+        note=f"quarantined: {reason}",
+        updated=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    write_json(directory / SESSION, meta)
+    log.error("session %s quarantined: %s; a new session takes the next frames", directory.name,
+              reason)  # fmt: skip
 
 
 class Session:
@@ -169,22 +202,52 @@ class Session:
 
     @classmethod
     def resume(cls, directory: Path, settings: Settings, decoder: Decoder) -> Session:
-        """Reopen a session after a crash or restart (see the module docstring)."""
-        meta = json.loads((directory / SESSION).read_text(encoding="utf-8"))
+        """Reopen a session after a crash or restart (see the module docstring).
+
+        A damaged session is salvaged: an unreadable session.json is rebuilt from the journal,
+        garbage journal lines are dropped, frames whose stored data is missing or truncated are
+        journaled as ``lost`` (and stacked again if their raw file comes back: the watcher's
+        start-up scan), and the live stack is rebuilt from the intact frames when its
+        checkpoint is unreadable or no longer matches the store. What cannot be salvaged
+        raises (the daemon then quarantines the session); OSError means the disk (full, I/O).
+        """
+        notes: list[str] = []
+        try:
+            meta = json.loads((directory / SESSION).read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            meta = {"state": "open"}
+            notes.append(
+                f"session.json unreadable ({type(err).__name__}): rebuilt from the journal"
+            )
         removed = remove_temporaries(directory)
-        records, good = _read_journal(directory / JOURNAL)
         journal = directory / JOURNAL
-        if journal.exists() and journal.stat().st_size != good:
+        records, good, garbage = _read_journal(journal)
+        if garbage:
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            write_bytes(journal, text.encode("utf-8", "surrogateescape"))
+            notes.append(f"{garbage} garbage journal line(s) dropped")
+        elif journal.exists() and journal.stat().st_size != good:
             os.truncate(journal, good)  # drop a torn tail before appending (needs no space)
         session = cls(directory, settings, decoder)
         try:
-            session._restore(meta, records, removed)
+            session._restore(meta, records, removed, notes)
         except BaseException:
             session.abandon()
             raise
+        if notes:
+            log.warning("session %s salvaged: %s", session.id, "; ".join(notes))
+            session._write_meta(note="salvaged: " + "; ".join(notes))
         return session
 
-    def _restore(self, meta: dict[str, Any], records: list[dict[str, Any]], removed: int) -> None:
+    def _restore(
+        self,
+        meta: dict[str, Any],
+        records: list[dict[str, Any]],
+        removed: int,
+        notes: list[str],
+    ) -> None:
         """Resume's second half: state, reference, frame store, live stack and counters."""
         directory, settings, stacker = self.dir, self.settings, self.stacker
         self.started = meta.get("started", self.started)
@@ -205,10 +268,33 @@ class Session:
             )
         else:
             reference = _load_reference(ref_file)
-            store = FrameStore(directory / "frames", reference.shape, reference.channels)
-            accepted = [r for r in records if r["status"] == "accepted"]
-            store.truncate(len(accepted))  # entries stored but never journaled
+            store = FrameStore(
+                directory / "frames", reference.shape, reference.channels, salvage=True
+            )
+            stored = _stored_records(records)  # store position i holds stored[i]
+            held = len(store)
+            damaged = [i for i in store.damaged if i < len(stored)]
+            damaged += [
+                i for i in range(min(len(store), len(stored)))
+                if store.frame(i).name != Path(stored[i]["file"]).name and i not in damaged
+            ]  # fmt: skip
+            # entries stored but never journaled, and the damaged ones, go
+            store.drop([*damaged, *range(len(stored), len(store))])
+            damaged += range(held, len(stored))  # journaled, never indexed: lost as well
             stacker.reference, stacker.store = reference, store
+            for i in damaged:  # journal their loss: the final counts each frame once
+                lost = stored[i]
+                loss = FrameRecord(
+                    file=lost["file"],
+                    status="lost",
+                    reason="stored data lost (frame store file missing or truncated)",
+                    sha256=lost.get("sha256"),
+                    exposure_s=lost.get("exposure_s"),
+                )
+                self._append(loss)
+                records.append(json.loads(loss.to_json()))
+            if damaged:
+                notes.append(f"{len(damaged)} frame(s) with damaged stored data journaled as lost")
             if self.state == "closing":  # only the final combine is left: it reads the store
                 log.info("session %s resumed to finish closing", self.id)
                 for record in records:
@@ -216,9 +302,18 @@ class Session:
                 return
             checkpoint = directory / "checkpoint"
             state = _read_checkpoint(checkpoint)
-            if state is not None:
-                live = LiveStack.load(checkpoint / "live", store=store)
-            else:
+            live: LiveStack | None = None
+            if state is not None and not damaged:
+                try:
+                    live = LiveStack.load(checkpoint / "live", store=store)
+                except (OSError, ValueError, KeyError, EOFError) as err:
+                    notes.append(
+                        f"checkpoint unreadable ({err}): live stack rebuilt from the store"
+                    )
+                if live is not None and live.frames > len(store):
+                    notes.append("checkpoint ahead of the store: live stack rebuilt from the store")
+                    live = None
+            if live is None:
                 live = LiveStack(
                     reference.shape,
                     reference.channels,
@@ -246,6 +341,7 @@ class Session:
                 file=record["file"],
                 status=record["status"],
                 reason=record.get("reason"),
+                sha256=record.get("sha256"),
                 exposure_s=record.get("exposure_s"),
                 capture_time=record.get("capture_time"),
             )
@@ -418,6 +514,7 @@ class Session:
             "accepted": stacker.accepted,
             "rejected": sum(stacker.rejected.values()),
             "rejected_by_reason": dict(stacker.rejected),
+            "lost": list(stacker.lost.values()),
             "total_exposure_s": round(stacker.exposure_s, 3),
             "first_frame_time": stacker.first_time,
             "last_frame_time": stacker.last_time,
@@ -427,6 +524,21 @@ class Session:
         if note is not None:
             meta["note"] = note
         write_json(self.dir / SESSION, meta)
+
+
+def _stored_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The accepted records whose frames the store holds, in store order: every accepted
+    record, less those a later ``lost`` record (same content hash) took back."""
+    stored: list[dict[str, Any]] = []
+    for record in records:
+        if record["status"] == "accepted":
+            stored.append(record)
+        elif record["status"] == "lost":
+            for i in range(len(stored) - 1, -1, -1):
+                if stored[i].get("sha256") == record.get("sha256"):
+                    del stored[i]
+                    break
+    return stored
 
 
 def _read_checkpoint(checkpoint: Path) -> dict[str, Any] | None:

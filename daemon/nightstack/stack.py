@@ -18,7 +18,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -185,17 +185,22 @@ class FrameStore:
         1 or 3.
     """
 
-    def __init__(self, directory: str | Path, shape: tuple[int, int], channels: int) -> None:
+    def __init__(
+        self, directory: str | Path, shape: tuple[int, int], channels: int, *, salvage: bool = False
+    ) -> None:
         self.directory = Path(directory)
         self.shape = (int(shape[0]), int(shape[1]))
         self.channels = int(channels)
         if self.shape[0] < 1 or self.shape[1] < 1 or self.channels not in (1, 3):
             raise ValueError(f"bad store geometry {self.shape} x {self.channels}")
         self._frames: list[StoredFrame] = []
+        self.damaged: list[int] = []
+        """With ``salvage``: positions of indexed frames whose file is missing or truncated (a
+        power cut); they stay indexed until :meth:`drop` removes them. Without it they raise."""
         self.directory.mkdir(parents=True, exist_ok=True)
         index = self.directory / "index.json"
         if index.exists():
-            self._load_index(index)
+            self._load_index(index, salvage)
         else:
             self._write_index()
 
@@ -231,8 +236,17 @@ class FrameStore:
             raise ValueError(f"cannot truncate to {n} frames")
         if n >= len(self._frames):
             return
-        dropped = self._frames[n:]
-        self._frames = self._frames[:n]
+        self.drop(range(n, len(self._frames)))
+
+    def drop(self, positions: Iterable[int]) -> None:
+        """Remove the frames at ``positions`` (damaged, or stored but never journaled): the
+        index is rewritten atomically first, then their files are deleted."""
+        gone = set(positions)
+        if not gone:
+            return
+        dropped = [f for i, f in enumerate(self._frames) if i in gone]
+        self._frames = [f for i, f in enumerate(self._frames) if i not in gone]
+        self.damaged = []
         self._write_index()
         for record in dropped:
             (self.directory / record.file).unlink(missing_ok=True)
@@ -334,8 +348,11 @@ class FrameStore:
             raise ValueError(f"matrix must be (2, 3), not {m.shape}")
         footprint(m, src_shape, self.shape, 0, 0, interpolation=interpolation)  # validates
         index = len(self._frames)
+        # numbered after the highest file indexed: after a salvage dropped a frame, numbers and
+        # positions differ, and a new frame must never overwrite a kept one
+        number = 1 + max((_file_number(f.file) for f in self._frames), default=-1)
         record = StoredFrame(
-            file=f"frame_{index:06d}.u16",
+            file=f"frame_{number:06d}.u16",
             matrix=(
                 (float(m[0, 0]), float(m[0, 1]), float(m[0, 2])),
                 (float(m[1, 0]), float(m[1, 1]), float(m[1, 2])),
@@ -442,7 +459,7 @@ class FrameStore:
             },
         )
 
-    def _load_index(self, index: Path) -> None:
+    def _load_index(self, index: Path, salvage: bool) -> None:
         obj = json.loads(index.read_text())
         if obj.get("format") != _STORE_FORMAT or obj.get("version") != _STORE_VERSION:
             raise ValueError(f"{index} is not a nightstack frame store (version {_STORE_VERSION})")
@@ -453,11 +470,21 @@ class FrameStore:
                 f"not {self.shape} x {self.channels}"
             )
         frames = [StoredFrame.from_json(f) for f in obj["frames"]]
-        for record in frames:
+        for i, record in enumerate(frames):
             path = self.directory / record.file
             if not path.is_file() or path.stat().st_size != self.frame_bytes:
-                raise ValueError(f"store {self.directory}: {record.file} is missing or truncated")
+                if not salvage:
+                    raise ValueError(
+                        f"store {self.directory}: {record.file} is missing or truncated"
+                    )
+                self.damaged.append(i)
         self._frames = frames
+
+
+def _file_number(name: str) -> int:
+    """The number of a stored frame's file, ``frame_000012.u16`` -> 12 (-1 if not one)."""
+    match = re.fullmatch(r"frame_(\d+)\.u16", name)
+    return int(match.group(1)) if match else -1
 
 
 class _FrameReader:
