@@ -247,7 +247,7 @@ def test_tiff_and_png_outputs(night: tuple[Path, dict[str, Any]], tmp_path: Path
     assert main(["stack", *files, "-o", str(tmp_path / "s.fits")]) == 0
     linear = np.moveaxis(fits.getdata(tmp_path / "s.fits"), 0, 2)
     covered = np.isfinite(linear)
-    expected = np.clip(np.rint(np.nan_to_num(linear) * 65535.0), 1, 65535)
+    expected = np.clip(np.rint(np.nan_to_num(linear).astype(np.float64) * 65535.0), 1, 65535)
     assert np.array_equal(data[covered], expected[covered]) and np.all(data[~covered] == 0)
     assert main(["stack", *files, "-o", str(tmp_path / "r.tif"), "--tiff-scale", "range"]) == 0
     assert tifffile.imread(tmp_path / "r.tif").max() == 65535  # scaled to the data range

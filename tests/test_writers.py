@@ -95,7 +95,7 @@ def test_linear_tiff_fixed_scale_maps_full_scale_to_65535_and_keeps_0_for_no_cov
         info = json.loads(tif.pages[0].description)  # type: ignore[union-attr]
     assert info["data_min"] == 0.0 and info["data_max"] == 1.0 and info["scale"] == 65535
     finite = np.isfinite(image)
-    expected = np.clip(np.rint(np.nan_to_num(image) * 65535), 1, 65535)
+    expected = np.clip(np.rint(np.nan_to_num(image).astype(np.float64) * 65535), 1, 65535)
     assert np.array_equal(pixels[finite], expected[finite].astype(np.uint16))
     assert np.all(pixels[~finite] == 0) and pixels[finite].min() >= 1
     assert np.all(pixels[0, 1] == 65535) and np.all(pixels[0, 0] == 1)
