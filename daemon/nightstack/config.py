@@ -176,6 +176,12 @@ class Settings(BaseSettings):
         description="Checkpoint the live stack every K accepted frames (a resume re-adds at most "
         "K-1 frames from the frame store; a checkpoint writes 10 bytes per pixel and channel).",
     )
+    checkpoint_min_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="...and at most once this often (a backlog does not rewrite the checkpoint "
+        "every few seconds; a resume replays the frames since from the frame store).",
+    )
     idle_timeout_s: float = Field(
         1800.0, gt=0, description="Close the session after this long without a new frame."
     )

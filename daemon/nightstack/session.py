@@ -174,6 +174,7 @@ class Session:
         self.since_preview = 0
         self.last_preview = 0.0
         self.last_live_fits = -math.inf
+        self.last_checkpoint = -math.inf
         self.last_frame = time.monotonic()
         self._journal = os.open(directory / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
@@ -221,6 +222,7 @@ class Session:
             notes.append(
                 f"session.json unreadable ({type(err).__name__}): rebuilt from the journal"
             )
+        settings = _own_settings(directory.name, meta.get("settings"), settings)
         removed = remove_temporaries(directory)
         journal = directory / JOURNAL
         records, good, garbage = _read_journal(journal)
@@ -364,7 +366,7 @@ class Session:
             every = self.settings.snapshot_every_frames
             if every and live.frames % every == 0:
                 self._snapshot(live.frames)
-            if live.frames - self.counted_at_checkpoint >= self.settings.checkpoint_every_frames:
+            if self._checkpoint_due(live.frames):
                 try:
                     self.checkpoint()
                 except OSError as err:  # the frame is journaled: only the checkpoint waits
@@ -404,6 +406,15 @@ class Session:
             raise
         self.records += 1
 
+    def _checkpoint_due(self, frames: int) -> bool:
+        """Every ``checkpoint_every_frames`` frames, but at most once every
+        ``checkpoint_min_interval_s``: a backlog or a fast camera does not rewrite the 10 bytes
+        per pixel and channel (720 MB at 24 MP) every few seconds; a resume replays the frames
+        since from the store."""
+        if frames - self.counted_at_checkpoint < self.settings.checkpoint_every_frames:
+            return False
+        return time.monotonic() - self.last_checkpoint >= self.settings.checkpoint_min_interval_s
+
     def checkpoint(self) -> None:
         """Save the live accumulator atomically (old checkpoint stays valid until the swap)."""
         live = self.stacker.live
@@ -414,6 +425,7 @@ class Session:
         live.save(checkpoint / "live")
         write_json(checkpoint / "state.json", {"records": self.records, "frames": live.frames})
         self.counted_at_checkpoint = live.frames
+        self.last_checkpoint = time.monotonic()
 
     def preview_due(self) -> bool:
         if self.stacker.live is None or self.since_preview == 0:
@@ -524,6 +536,34 @@ class Session:
         if note is not None:
             meta["note"] = note
         write_json(self.dir / SESSION, meta)
+
+
+_SESSION_ONLY_FIELDS = frozenset({"watch_dir", "output_dir", "log_level", "idle_timeout_s"})
+"""Settings of the daemon, not of a session's stack: a resumed session takes today's."""
+
+
+def _own_settings(session: str, saved: Any, current: Settings) -> Settings:
+    """The settings a session started with (its session.json), so that a resumed session
+    stacks its last frame as it stacked its first; ``current`` (the config as edited since)
+    applies from the next session. Settings that no longer exist are ignored, and a saved set
+    that is no longer valid falls back to ``current`` (one log line either way)."""
+    if not isinstance(saved, dict):
+        return current
+    known = {k: v for k, v in saved.items() if k in Settings.model_fields}
+    known.update({k: getattr(current, k) for k in _SESSION_ONLY_FIELDS})
+    try:
+        own = Settings(**known)
+    except ValueError as err:
+        log.warning("session %s: its saved settings are not valid any more (%s); resumed with "
+                    "the current ones", session, str(err).splitlines()[0])  # fmt: skip
+        return current
+    edited = sorted(k for k in Settings.model_fields if getattr(own, k) != getattr(current, k))
+    if edited:
+        log.info(
+            "session %s resumed with its own settings; the config's edits (%s) apply from the "
+            "next session", session, ", ".join(edited),
+        )  # fmt: skip
+    return own
 
 
 def _stored_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
