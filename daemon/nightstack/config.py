@@ -143,6 +143,16 @@ class Settings(BaseSettings):
         "moving moon glow), 'none'.",
     )
     ram_cap_mb: int = Field(512, ge=16, description="RAM cap of the final tile-by-tile combine.")
+    final: Literal["exact", "live"] = Field(
+        "exact",
+        description="The final stack: 'exact' (sigma clip of the stored frames; needs the frame "
+        "store's disk) or 'live' (the live stack; no frame store, for a small box).",
+    )
+    min_free_frames: int = Field(
+        20,
+        ge=0,
+        description="Warn (log, journal, status) when the free disk holds fewer frames than this.",
+    )
     weights: Literal["none", "fwhm"] = Field(
         "none", description="Per-frame weights in the combine."
     )

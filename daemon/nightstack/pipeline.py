@@ -11,6 +11,7 @@ split in two halves so the daemon can decode frame N+1 while frame N is being st
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -33,6 +34,7 @@ from .frames import IDENTITY, Alignment, FloatArray, Frame, Stars
 from .normalize import Normalization, SkySamples, estimate
 from .quality import Quality, QualityLimits, gate, transparency
 from .stack import FrameStore, LiveStack, combine
+from .warp import warp
 
 _HASH_CHUNK = 1 << 20  # read files in 1 MiB pieces while hashing
 
@@ -68,6 +70,8 @@ class FrameRecord:
     background: float | None = None
     transparency: float | None = None
     normalization: dict[str, Any] | None = None
+    stored: bool | None = None
+    warning: str | None = None
     sha256: str | None = None
     exposure_s: float | None = None
     capture_time: str | None = None
@@ -191,6 +195,11 @@ class Stacker:
         self.reference: Reference | None = None
         self.store: FrameStore | None = None
         self.live: LiveStack | None = None
+        self.live_only: str | None = None
+        """Why frames are no longer stored (the final is then the live stack), or None."""
+        self.space_check: Callable[[int], str | None] | None = None
+        """Set by a session: called with a frame's store bytes before storing it; a reason not to
+        store it (the disk's reserve for the final outputs would be touched) or None."""
         self.accepted = 0
         self.rejected: dict[str, int] = {}
         self.lost: dict[str, dict[str, str]] = {}
@@ -300,7 +309,7 @@ class Stacker:
         record.transform = alignment.as_list()
         record.residual_px = round(alignment.residual_px, 4)
         record.normalization = norm.as_json()
-        self._add(frame, alignment.matrix, stars, norm, watch)
+        record.stored = self._add(frame, alignment.matrix, stars, norm, watch)
         record.ms.update(watch.ms)
         record.status = "accepted"
         self.count(record)
@@ -400,7 +409,10 @@ class Stacker:
             SkySamples.of(frame.image, self._sky_test(frame.shape[0])),
             frame.meta.exposure_s,
         )
-        self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
+        if self.settings.final == "live" and self.with_live:
+            self.live_only = "final = 'live': no frame store"
+        else:
+            self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
         if not self.with_live:
             return
         self.live = LiveStack(
@@ -411,6 +423,15 @@ class Stacker:
             store=self.store,
         )
 
+    def go_live_only(self, reason: str) -> None:
+        """Stop storing frames (the disk cannot hold more): the live stack goes on alone and
+        becomes the final, so the result still holds every accepted frame."""
+        if self.live_only is not None:
+            return
+        self.live_only = reason
+        if self.live is not None:
+            self.live.detach_store()
+
     def _add(
         self,
         frame: Frame,
@@ -418,25 +439,46 @@ class Stacker:
         stars: Stars,
         norm: Normalization,
         watch: _Stopwatch,
-    ) -> None:
-        """Warp band by band straight into the frame store, then add the stored frame live.
+    ) -> bool:
+        """Warp band by band straight into the frame store, then add the stored frame live;
+        returns whether it was stored. In live-only mode (``final = "live"``, or the disk could
+        not hold more frames: :attr:`live_only` says why) the frame goes to the live stack only.
 
         Streaming never holds a full warped copy beside the frame and the live state (about
         300 MB less at 24 MP), and the live stack sees exactly the stored (16-bit) frame, so a
         resume that re-adds frames from the store reproduces it bit for bit.
         """
-        assert self.reference is not None and self.store is not None
-        with watch.stage("warp+store"):
-            self.store.add_warped(
-                frame.image,
-                matrix,
-                weight=_weight(self.settings, stars),
-                name=frame.path.name,
-                normalization=norm,
-            )
-        if self.live is not None:
-            with watch.stage("accumulate"):
-                self.live.catch_up()
+        assert self.reference is not None
+        if self.live_only is None and self.store is not None:
+            why = self.space_check(self.store.frame_bytes) if self.space_check else None
+            if why is None:
+                try:
+                    with watch.stage("warp+store"):
+                        self.store.add_warped(
+                            frame.image,
+                            matrix,
+                            weight=_weight(self.settings, stars),
+                            name=frame.path.name,
+                            normalization=norm,
+                        )
+                except OSError as err:
+                    if err.errno not in (errno.ENOSPC, errno.EDQUOT) or self.live is None:
+                        raise
+                    why = f"disk full while storing {frame.path.name}"
+            if why is None:
+                if self.live is not None:
+                    with watch.stage("accumulate"):
+                        self.live.catch_up()
+                return True
+            self.go_live_only(why)
+        # live-only: warp the whole frame and add it to the live stack directly
+        assert self.live is not None
+        with watch.stage("warp"):
+            warped, fp = warp(frame.image, matrix, self.reference.shape)
+            norm.apply(warped, 0, self.reference.shape)
+        with watch.stage("accumulate"):
+            self.live.add(warped, fp)
+        return False
 
     def header(self) -> dict[str, Any]:
         """FITS header cards describing the stack (NCOMBINE, EXPTIME, dates, settings)."""
@@ -447,7 +489,7 @@ class Stacker:
             "EXPTIME": round(self.exposure_s, 3),
             "SWCREATE": f"nightstack {__version__}",
             "REFFRAME": Path(self.reference.file).name[:68],
-            "STACKMTH": s.stack_method,
+            "STACKMTH": "live" if self.live_only is not None else s.stack_method,
             "STACKSIG": s.stack_sigma,
             "STACKITR": s.stack_maxiters,
             "XFMODEL": s.transform_model,
@@ -467,7 +509,8 @@ class Stacker:
         state (10 bytes per pixel and channel, 720 MB at 24 MP) would sit idle beside it. A
         daemon that resumes rebuilds it from the checkpoint and the store.
         """
-        assert self.store is not None
+        if self.live_only is not None or self.store is None:
+            return self._live_final()
         self.live = None
         weights = None
         if self.settings.weights != "none":
@@ -481,6 +524,13 @@ class Stacker:
             ram_cap_bytes=self.settings.ram_cap_mb * 2**20,
             progress=progress,
         )
+
+    def _live_final(self) -> FloatArray:
+        """The live stack as the final (live-only sessions), released after."""
+        assert self.live is not None, "a live-only final needs its live stack"
+        image = self.live.result()
+        self.live = None
+        return image
 
 
 def reference_flaw(quality: Quality, limits: QualityLimits) -> str | None:

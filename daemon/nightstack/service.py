@@ -391,10 +391,11 @@ class Daemon:
             extra={"SESSION": session.id, "FRAME": record.file, "STATUS": record.status},
         )
         fwhm = session.stacker.reference.stars.fwhm_px if session.stacker.reference else None
+        notes = "".join(f"; {n}" for n in (session.low_space, session.stacker.live_only) if n)
         self.notifier.status(
             f"{session.stacker.accepted} stacked, {sum(session.stacker.rejected.values())} "
             f"rejected, FWHM {record.fwhm if record.fwhm is not None else fwhm or 0:.2f} px, "
-            f"queue {depth}"
+            f"queue {depth}{notes}"
         )
         if _preview_wanted(session, behind=depth > 0):
             self._preview(session)

@@ -689,6 +689,20 @@ class LiveStack:
             added += 1
         return added
 
+    def detach_store(self) -> None:
+        """Go on without the store (live-only: the disk cannot hold more frames): frames come
+        through :meth:`add` from now on. Warm-up frames the batch clip still needs are read back
+        into memory first (at most ``warmup`` - 1 frames)."""
+        store = self.store
+        if store is None:
+            return
+        if not self.warmed_up:
+            rows = self.shape[0]
+            for i in range(self.frames):
+                data, fp = store.read_band(i, 0, rows), store.footprint_band(i, 0, rows)
+                self._pending.append((data, fp))
+        self.store = None
+
     def result(self) -> npt.NDArray[np.float32]:
         """(rows, cols, C) float32 current stack; NaN where no sample was accepted."""
         out = self._mean.copy()
