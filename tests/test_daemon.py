@@ -386,3 +386,47 @@ def test_checkpoints_are_paced_by_time(
     state = json.loads((manifest.parent.parent / "state.json").read_text())
     d.stop(signal.SIGKILL)
     assert state["frames"] == 1  # one checkpoint, after the first frame; then none for an hour
+
+
+def _live_fits_after(out: Path, frames: int) -> np.ndarray | None:
+    """The session's live.fits once it holds ``frames`` frames, else None."""
+    for path in out.glob("*/live.fits"):
+        try:
+            with fits.open(path) as hdul:
+                if hdul[0].header["NCOMBINE"] == frames:
+                    return np.asarray(hdul[0].data, dtype=np.float32)
+        except (OSError, KeyError):
+            continue
+    return None
+
+
+def test_the_live_stack_resumed_after_kill_9_equals_an_uninterrupted_one(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    env = {"NIGHTSTACK_CHECKPOINT_EVERY_FRAMES": "2", "NIGHTSTACK_LIVE_FITS_EVERY_S": "0"}
+    stacks = []
+    for run, kill_after in (("plain", None), ("killed", 4)):
+        watch, out = tmp_path / run / "watch", tmp_path / run / "out"
+        watch.mkdir(parents=True)
+        for f in frames:
+            shutil.copy(f, watch / f.name)
+        d = Daemon(watch, out, env=env)
+        daemons.append(d)
+        if kill_after is not None:
+            wait_for(lambda out=out, n=kill_after: len(journal(out)) >= n, 120, "frames", d)
+            d.stop(signal.SIGKILL)
+            d = Daemon(watch, out, env=env)
+            daemons.append(d)
+        found: list[np.ndarray] = []
+
+        def complete(out: Path = out, found: list[np.ndarray] = found) -> bool:
+            stack = _live_fits_after(out, N_FRAMES)
+            if stack is not None:
+                found.append(stack)
+            return stack is not None
+
+        wait_for(complete, 120, "live.fits of every frame", d)
+        d.stop(signal.SIGKILL)
+        stacks.append(found[0])
+    plain, resumed = stacks
+    np.testing.assert_array_equal(resumed, plain)  # bit for bit, NaN where nothing covers
