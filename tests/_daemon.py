@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 TESTS = Path(__file__).resolve().parent
 
@@ -97,3 +100,24 @@ def journal(out: Path) -> list[dict[str, Any]]:
             record["session"] = path.parent.name
             lines.append(record)
     return lines
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size_mb: int) -> Iterator[Path]:
+    """A real small filesystem of ``size_mb`` MiB mounted at ``mount`` for a test, unmounted
+    after it; skips the test where mounting is not allowed (not root, no tmpfs)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -8,10 +8,8 @@ keeps accepting frames, and on SIGTERM writes a final that holds every accepted 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from _daemon import Daemon, journal, wait_for
+from _daemon import Daemon, journal, tmpfs, wait_for
 from nightstack.cli import main
 from nightstack.simulate import simulate_night
 
@@ -40,20 +38,8 @@ def frames(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 120 MB tmpfs, mounted for the test and unmounted after it."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(mount)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", 120) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _copy_all(frames: list[Path], watch: Path) -> None:

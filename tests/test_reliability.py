@@ -29,7 +29,7 @@ import pytest
 import tifffile
 from astropy.io import fits
 
-from _daemon import Daemon, journal, wait_for
+from _daemon import Daemon, journal, tmpfs, wait_for
 from nightstack.dng import write_dng
 from nightstack.simulate import simulate_night
 
@@ -425,19 +425,8 @@ def test_a_burst_of_200_files_each_once_with_flat_memory(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 48 MiB tmpfs the test can fill (skips where mounting is not allowed)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=48m,mode=0755", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", 48) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(disk: Path, leave: int = 0) -> Path:

@@ -415,12 +415,17 @@ class Stacker:
             self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
         if not self.with_live:
             return
-        self.live = LiveStack(
-            frame.shape,
-            channels,
+        self.live = self.new_live(self.store)
+
+    def new_live(self, store: FrameStore | None) -> LiveStack:
+        """An empty live stack on the reference grid with the session's rejection settings."""
+        assert self.reference is not None
+        return LiveStack(
+            self.reference.shape,
+            self.reference.channels,
             kappa=self.settings.live_kappa,
             warmup=self.settings.live_warmup,
-            store=self.store,
+            store=store,
         )
 
     def go_live_only(self, reason: str) -> None:

@@ -61,7 +61,7 @@ from .writers import (
 log = logging.getLogger("nightstack.session")
 
 _JOURNAL_LINE_BYTES = 2048  # a journal line, generously
-_RESERVE_MARGIN = 32 * 2**20  # preview, session.json, file system slack
+_RESERVE_MARGIN = 4 * 2**20  # preview, session.json, journal lines, file system slack
 JOURNAL = "journal.jsonl"
 SESSION = "session.json"
 
@@ -323,13 +323,7 @@ class Session:
                     notes.append("checkpoint ahead of the store: live stack rebuilt from the store")
                     live = None
             if live is None:
-                live = LiveStack(
-                    reference.shape,
-                    reference.channels,
-                    kappa=settings.live_kappa,
-                    warmup=settings.live_warmup,
-                    store=store,
-                )
+                live = stacker.new_live(store)
             stacker.live = live
             self.counted_at_checkpoint = live.frames
             replayed = live.catch_up()  # the accepted frames journaled after the checkpoint
@@ -369,7 +363,7 @@ class Session:
         comes from the checkpoint; accepted frames journaled after it are added again from the
         store when stored, and journaled as lost (stacked again from their raw file when it is
         still there) when not."""
-        stacker, settings = self.stacker, self.settings
+        stacker = self.stacker
         reference = stacker.reference
         assert reference is not None
         checkpoint = self.dir / "checkpoint"
@@ -382,12 +376,7 @@ class Session:
             except (OSError, ValueError, KeyError, EOFError):
                 live = None
         if live is None:
-            live = LiveStack(
-                reference.shape,
-                reference.channels,
-                kappa=settings.live_kappa,
-                warmup=settings.live_warmup,
-            )
+            live = stacker.new_live(None)
         position = {id(r): i for i, r in enumerate(stored)}
         rows = reference.shape[0]
         replayed = lost = 0
@@ -438,6 +427,7 @@ class Session:
                 self.id, Path(record.file).name, self.stacker.live_only,
             )  # fmt: skip
             self._write_meta()
+            self._checkpoint_now()  # from now on the checkpoint is the live stack's only copy
         if record.status == "accepted" and self.low_space:
             record.warning = self.low_space
         self._append(record)
@@ -522,6 +512,13 @@ class Session:
         samples = ref.shape[0] * ref.shape[1] * ref.channels
         return samples * (2 + 4 + 4 + 10) + _RESERVE_MARGIN
 
+    def _checkpoint_now(self) -> None:
+        """A checkpoint out of turn (the reserve holds one); a failure is logged, not raised."""
+        try:
+            self.checkpoint()
+        except OSError as err:
+            log.error("session %s: checkpoint not written (%s)", self.id, err.strerror or err)
+
     def _checkpoint_due(self, frames: int) -> bool:
         """Every ``checkpoint_every_frames`` frames, but at most once every
         ``checkpoint_min_interval_s``: a backlog or a fast camera does not rewrite the 10 bytes
@@ -584,6 +581,8 @@ class Session:
         self.state = "closing"
         self._write_meta()
         stacker = self.stacker
+        if stacker.live_only is not None and stacker.live is not None:
+            self._checkpoint_now()  # a close cut short (disk, kill) finishes from it
         outputs: dict[str, Any] = {}
         if stacker.accepted >= 1 and (stacker.store is not None or stacker.live is not None):
             method = "live" if stacker.live_only is not None else self.settings.stack_method
