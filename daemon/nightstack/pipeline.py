@@ -30,7 +30,8 @@ from .decoder import Decoder
 from .detect import StarFinder
 from .errors import AlignmentError, DecodeError
 from .frames import IDENTITY, Alignment, FloatArray, Frame, Stars
-from .quality import Quality, QualityLimits, gate
+from .normalize import Normalization, SkySamples, estimate
+from .quality import Quality, QualityLimits, gate, transparency
 from .stack import FrameStore, LiveStack, combine
 
 _HASH_CHUNK = 1 << 20  # read files in 1 MiB pieces while hashing
@@ -65,6 +66,8 @@ class FrameRecord:
     residual_px: float | None = None
     elongation: float | None = None
     background: float | None = None
+    transparency: float | None = None
+    normalization: dict[str, Any] | None = None
     sha256: str | None = None
     exposure_s: float | None = None
     capture_time: str | None = None
@@ -111,13 +114,16 @@ class Prepared:
 
 @dataclass(frozen=True, eq=False)
 class Reference:
-    """The session's reference frame: every transform maps onto its pixel grid."""
+    """The session's reference frame: every transform maps onto its pixel grid, every frame's
+    sky is matched to its ``sky`` samples, its stars' fluxes define transparency 1."""
 
     file: str
     stars: Stars
     quality: Quality
     shape: tuple[int, int]
     channels: int
+    sky: SkySamples
+    exposure_s: float | None = None
 
 
 class _Stopwatch:
@@ -147,6 +153,7 @@ def quality_limits(settings: Settings) -> QualityLimits:
         max_elongation=settings.max_elongation,
         max_background_ratio=settings.max_background_ratio,
         max_residual_px=settings.max_residual_px,
+        min_transparency=settings.min_transparency or None,
     )
 
 
@@ -186,6 +193,9 @@ class Stacker:
         self.live: LiveStack | None = None
         self.accepted = 0
         self.rejected: dict[str, int] = {}
+        self.lost: dict[str, dict[str, str]] = {}
+        """Frames whose stored data a damaged session lost, by content hash: {file, reason};
+        one stacked again later (its raw still in the watch folder) leaves this."""
         self.exposure_s = 0.0
         self.first_time: str | None = None  # ISO capture times of the first and last frame
         self.last_time: str | None = None
@@ -222,7 +232,7 @@ class Stacker:
             return self._reject(record, prepared.error or "not decoded")
         frame, stars, quality = prepared.frame, prepared.stars, prepared.quality
         assert quality is not None
-        record.stars, record.fwhm = len(stars), _finite(round(stars.fwhm_px, 3))
+        record.stars, record.fwhm = stars.detected, _finite(round(stars.fwhm_px, 3))
         record.elongation = _finite(round(stars.elongation, 3))
         record.background = _finite(float(stars.background))
         record.exposure_s = frame.meta.exposure_s
@@ -237,6 +247,8 @@ class Stacker:
             self._start(prepared)
             alignment = Alignment(IDENTITY.copy(), np.zeros((0, 2, 2)), len(stars), 0.0)
             record.reference = True
+            record.transparency = 1.0
+            norm = Normalization.identity(self.reference_channels, self.settings.normalize)
         else:
             if frame.shape != self.reference.shape:
                 rows, cols = frame.shape
@@ -265,15 +277,30 @@ class Stacker:
             except AlignmentError as err:
                 record.ms.update(watch.ms)
                 return self._reject(record, err.reason)
-            record.ms.update(watch.ms)
             record.residual_px = round(alignment.residual_px, 4)
             record.transform = alignment.as_list()
-            reason = gate(Quality.of(stars, alignment), self.limits, self.reference.quality)
-            if reason is not None:  # the residual limit
+            clarity = self._transparency(frame, stars, alignment)
+            record.transparency = None if clarity is None else round(clarity, 4)
+            reason = gate(
+                Quality.of(stars, alignment, clarity), self.limits, self.reference.quality
+            )
+            if reason is not None:  # the residual and transparency limits
+                record.ms.update(watch.ms)
                 return self._reject(record, reason)
+            with watch.stage("normalize"):
+                norm = estimate(
+                    self.settings.normalize,
+                    frame.image,
+                    alignment.matrix,
+                    self.reference.sky,
+                    self._sky_test(frame.shape[0]),
+                    clarity,
+                )
+            record.ms.update(watch.ms)
         record.transform = alignment.as_list()
         record.residual_px = round(alignment.residual_px, 4)
-        self._add(frame, alignment.matrix, stars, watch)
+        record.normalization = norm.as_json()
+        self._add(frame, alignment.matrix, stars, norm, watch)
         record.ms.update(watch.ms)
         record.status = "accepted"
         self.count(record)
@@ -310,14 +337,46 @@ class Stacker:
         return f"reference {Path(ref.file).name} is worse than {prepared.path.name}: {flaw}"
 
     # --- helpers --------------------------------------------------------------------------
+    @property
+    def reference_channels(self) -> int:
+        assert self.reference is not None
+        return self.reference.channels
+
+    def _sky_test(self, rows: int) -> Callable[[FloatArray, FloatArray], np.ndarray]:
+        """Sky (not ground) at full-resolution frame positions, for the normalization."""
+        finder = self.finder
+        return lambda x, y: finder.in_sky(x, y, rows)
+
+    def _transparency(self, frame: Frame, stars: Stars, alignment: Alignment) -> float | None:
+        """Starlight let through relative to the reference, exposure-corrected when both
+        exposures are known."""
+        assert self.reference is not None
+        ratio = 1.0
+        mine, theirs = frame.meta.exposure_s, self.reference.exposure_s
+        if mine and theirs and mine > 0 and theirs > 0:
+            ratio = mine / theirs
+        return transparency(stars, self.reference.stars, alignment, ratio)
+
     def _reject(self, record: FrameRecord, reason: str) -> FrameRecord:
         record.status, record.reason = "rejected", reason
         self.count(record)
         return record
 
     def count(self, record: FrameRecord) -> None:
-        """Add a finished record to the session's tallies (also used when resuming)."""
+        """Add a finished record to the session's tallies (also used when resuming).
+
+        A ``"lost"`` record (written by a salvage) takes back an earlier accepted frame whose
+        stored data was lost."""
+        if record.status == "lost":
+            self.accepted -= 1
+            self.exposure_s -= record.exposure_s or 0.0
+            self.lost[record.sha256 or record.file] = {
+                "file": record.file,
+                "reason": record.reason or "lost",
+            }
+            return
         if record.status == "accepted":
+            self.lost.pop(record.sha256 or record.file, None)
             self.accepted += 1
             self.exposure_s += record.exposure_s or 0.0
             if record.capture_time is not None:
@@ -333,7 +392,13 @@ class Stacker:
         assert frame is not None and prepared.stars is not None and prepared.quality is not None
         channels = int(frame.image.shape[2])
         self.reference = Reference(
-            str(prepared.path), prepared.stars, prepared.quality, frame.shape, channels
+            str(prepared.path),
+            prepared.stars,
+            prepared.quality,
+            frame.shape,
+            channels,
+            SkySamples.of(frame.image, self._sky_test(frame.shape[0])),
+            frame.meta.exposure_s,
         )
         self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
         if not self.with_live:
@@ -346,7 +411,14 @@ class Stacker:
             store=self.store,
         )
 
-    def _add(self, frame: Frame, matrix: FloatArray, stars: Stars, watch: _Stopwatch) -> None:
+    def _add(
+        self,
+        frame: Frame,
+        matrix: FloatArray,
+        stars: Stars,
+        norm: Normalization,
+        watch: _Stopwatch,
+    ) -> None:
         """Warp band by band straight into the frame store, then add the stored frame live.
 
         Streaming never holds a full warped copy beside the frame and the live state (about
@@ -360,6 +432,7 @@ class Stacker:
                 matrix,
                 weight=_weight(self.settings, stars),
                 name=frame.path.name,
+                normalization=norm,
             )
         if self.live is not None:
             with watch.stage("accumulate"):
@@ -379,6 +452,7 @@ class Stacker:
             "STACKITR": s.stack_maxiters,
             "XFMODEL": s.transform_model,
             "DEMOSAIC": s.demosaic,
+            "NORMALIZ": s.normalize,
         }
         if self.first_time is not None:
             cards["DATE-OBS"] = self.first_time
@@ -443,7 +517,7 @@ def write_output(
 
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        write_tiff(path, image, stretched=stretched)
+        write_tiff(path, image, stretched=stretched, scale=settings.tiff_scale)
     elif suffix in (".fits", ".fit", ".fts"):
         write_fits(path, image, header)
     elif suffix in (".jpg", ".jpeg", ".png"):

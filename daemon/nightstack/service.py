@@ -22,6 +22,7 @@ recovery carry an older ``epoch`` and are dropped, so each frame is stacked exac
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -30,7 +31,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -43,7 +44,7 @@ from .notify import Notifier
 from .pipeline import FrameRecord, Prepared, Stacker, file_sha256
 from .quality import Quality
 from .retries import Retries, first_attempts
-from .session import Session, find_open, known_hashes
+from .session import Session, find_open, known_hashes, quarantine
 from .watcher import FrameWatcher
 
 log = logging.getLogger("nightstack")
@@ -54,6 +55,10 @@ _TICK_S = 0.5  # worker loop period when idle: signals, close requests, watchdog
 RETRY_S = 5.0  # while the output cannot be written: how often to look for free space again
 _SPACE_MARGIN = 16 * 2**20  # free bytes wanted besides two frame-store entries before a retry
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+LONG_WRITE_MAX_S = 900.0
+"""The longest one write (a frame into the store, a checkpoint, a preview with live.fits, the
+final combine and its files) keeps the watchdog fed: a card that slow is failing, and a write
+that never ends is a hang the watchdog must see."""
 
 
 def _shown(text: str) -> str:
@@ -402,7 +407,8 @@ class Daemon:
             self._start_over(session, better, item, output)
             return
         try:
-            record = session.ingest(item)
+            with self._fed("stacking"):  # store write and checkpoint on a slow SD card
+                record = session.ingest(item)
         except OSError as err:
             self._failed(err, f"{_shown(item.path.name)} not stacked", session)
             return
@@ -540,8 +546,15 @@ class Daemon:
         except OSError as err:
             self._failed(err, f"session {self._reopen.name} cannot be reloaded")
             return False
+        except Exception as err:  # damaged beyond salvage: never a crash loop
+            quarantine(self._reopen, f"cannot be resumed ({type(err).__name__}: {err})")
+            self._reopen, self._close_wanted = None, ""
+            self._requeue(self.output)  # its frames are not processed any more
+            return True
         self._reopen = None
         self.session = session
+        if session.stacker.lost:  # frames to stack again when their raw files come back
+            self._requeue(self.output)
         if session.stacker.store is not None:
             self._frame_bytes = session.stacker.store.frame_bytes
         if session.state == "closing":  # stopped while finalizing: finish it
@@ -573,7 +586,8 @@ class Daemon:
 
     def _preview(self, session: Session) -> None:
         try:
-            session.write_preview()
+            with self._fed("preview"):  # live.fits: 288 MB at 24 MP
+                session.write_preview()
         except OSError as err:
             log.error("preview not written: %s (the previous preview stays)", err.strerror)
 
@@ -588,7 +602,8 @@ class Daemon:
         log.info("closing session %s: %s", session.id, why)
         self.notifier.status(f"finalizing session {session.id} ({session.stacker.accepted} frames)")
         try:
-            outputs = session.close(self._keepalive)
+            with self._fed("finalizing"):  # the combine, then the TIFF and FITS writes
+                outputs = session.close(self._keepalive)
         except OSError as err:
             self._failed(err, f"session {session.id} not finalized", session)
             log.error(
@@ -599,6 +614,30 @@ class Daemon:
         self.session = None
         if self.on_close is not None:
             self.on_close(session, outputs)
+
+    @contextlib.contextmanager
+    def _fed(self, what: str) -> Iterator[None]:
+        """Feed systemd's watchdog from a helper thread while the worker does one long write, at
+        most :data:`LONG_WRITE_MAX_S`: a slow card does not get the service killed, a write that
+        never ends still does. Nothing to do without a watchdog."""
+        interval = self.notifier.watchdog_interval_s
+        if not interval:
+            yield
+            return
+        done = threading.Event()
+
+        def feed() -> None:
+            deadline = time.monotonic() + LONG_WRITE_MAX_S
+            while not done.wait(interval) and time.monotonic() < deadline:
+                self.notifier.watchdog()
+
+        feeder = threading.Thread(target=feed, name=f"nightstack-watchdog-{what}", daemon=True)
+        feeder.start()
+        try:
+            yield
+        finally:
+            done.set()
+            feeder.join()
 
     def _keepalive(self, done: int = 0, total: int = 0) -> None:
         """Long work in the worker loop (the final combine): keep systemd's timers happy."""
