@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from nightstack.decoder import SHM_PREFIX, Decoder
+from nightstack.decoder import SHM_PREFIX, Decoder, TransientDecodeError
 from nightstack.errors import DecodeError
 from nightstack.frames import Frame
 from nightstack.loaders import load
@@ -101,8 +102,8 @@ def test_hang_times_out_and_next_file_decodes(fits_frame: Path, tmp_path: Path) 
         hung_pid = decoder.pid
         assert hung_pid is not None
         start = time.monotonic()
-        with pytest.raises(DecodeError, match=r"^decode timed out after 2 s$"):
-            decoder.decode(tmp_path / "frame_hang.fits")
+        with pytest.raises(TransientDecodeError, match=r"^decode timed out after 2 s$"):
+            decoder.decode(tmp_path / "frame_hang.fits")  # transient: worth one more try
         elapsed = time.monotonic() - start
         assert SHORT_TIMEOUT_S <= elapsed < SHORT_TIMEOUT_S + 3.0
         assert _gone(hung_pid)  # killed, not left spinning
@@ -112,8 +113,9 @@ def test_hang_times_out_and_next_file_decodes(fits_frame: Path, tmp_path: Path) 
 
 def test_sigsegv_is_reported_and_next_file_decodes(fits_frame: Path, tmp_path: Path) -> None:
     with Decoder(timeout_s=30, decode_fn=FAULTY) as decoder:
-        with pytest.raises(DecodeError, match=r"^decoder crashed \(signal SIGSEGV\)$"):
+        with pytest.raises(DecodeError, match=r"^decoder crashed \(signal SIGSEGV\)$") as err:
             decoder.decode(tmp_path / "frame_crash.fits")
+        assert not isinstance(err.value, TransientDecodeError)  # LibRaw would crash again
         _assert_same_frame(decoder.decode(fits_frame), load(fits_frame))
         with pytest.raises(DecodeError, match="SIGSEGV"):  # and again: restarts are repeatable
             decoder.decode(tmp_path / "again_crash.fits")
@@ -133,8 +135,62 @@ def test_decode_error_in_child_keeps_its_reason(tmp_path: Path, fits_frame: Path
             with pytest.raises(DecodeError) as in_process:
                 load(path)
             assert in_child.value.reason == in_process.value.reason
+            assert not isinstance(in_child.value, TransientDecodeError)  # the content is bad
+            assert decoder.last_error() is in_child.value
         assert decoder.pid == pid  # an ordinary bad file does not cost a restart
         decoder.decode(fits_frame)
+
+
+def test_a_child_killed_by_sigkill_is_transient_and_restarted(
+    fits_frame: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAULTY_DECODE_STATE", str(tmp_path))  # inherited by the child
+    with Decoder(timeout_s=30, decode_fn=FAULTY) as decoder:
+        decoder.decode(fits_frame)
+        pid = decoder.pid
+        assert pid is not None
+        raised: list[BaseException] = []
+
+        def decode_stalled() -> None:
+            try:
+                decoder.decode(tmp_path / "frame_stall.fits")
+            except DecodeError as err:
+                raised.append(err)
+
+        worker = threading.Thread(target=decode_stalled)
+        worker.start()
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "frame_stall.fits.decoding").exists():
+            assert time.monotonic() < deadline, "the stalled decode never began"
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer does, mid-decode
+        worker.join(20)
+        (err,) = raised
+        assert isinstance(err, TransientDecodeError)
+        assert err.reason == "decoder killed (signal SIGKILL: out of memory?)"
+        assert decoder.last_error() is None  # per thread: this one's last decode succeeded
+        _assert_same_frame(decoder.decode(fits_frame), load(fits_frame))
+        assert decoder.pid not in (None, pid)
+
+
+def test_a_read_error_in_the_child_is_transient(
+    fits_frame: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAULTY_DECODE_STATE", str(tmp_path))
+    with Decoder(timeout_s=30, decode_fn=FAULTY) as decoder:
+        pid = decoder.pid
+        with pytest.raises(
+            TransientDecodeError, match=r"^cannot read file \(OSError: .*Input/output"
+        ) as err:
+            decoder.decode(tmp_path / "frame_eio.fits")
+        assert decoder.last_error() is err.value
+        assert decoder.pid == pid  # the child survives a read error
+        once = tmp_path / "frame_eioonce.fits"
+        once.write_bytes(fits_frame.read_bytes())
+        with pytest.raises(TransientDecodeError):
+            decoder.decode(once)
+        _assert_same_frame(decoder.decode(once), load(once))  # the second attempt works
+        assert decoder.last_error() is None
 
 
 def test_close_leaves_no_process_and_no_mapping(fits_frame: Path) -> None:

@@ -10,7 +10,9 @@ Signal handlers only set events. While frames wait, previews follow only the clo
 every ``preview_every_s``), not every ``preview_every_frames``: frames are never held back for one.
 
 Faults the daemon survives (see bench/RELIABILITY.md): a file that cannot be decoded is journaled
-as rejected with its reason; a decoder hang or crash costs that one frame (``decoder.py``). A
+as rejected with its reason; a decoder hang or crash costs that one frame (``decoder.py``), and
+one that may pass (a timeout, a decoder killed by the OOM killer, a read error) is retried once
+when the queue is empty (``retries.py``). A
 write that fails (disk full, I/O error) loses nothing: the frame is not journaled, the daemon
 drops its in-memory session, says so once, pauses decoding and checks every ``RETRY_S`` seconds
 for free space; then it reloads the session from disk exactly as after a kill -9 and re-queues
@@ -36,11 +38,12 @@ from types import FrameType
 from typing import Any
 
 from .config import Settings, load_settings
-from .decoder import DEFAULT_DECODE_FN, Decoder
+from .decoder import DEFAULT_DECODE_FN, Decoder, TransientDecodeError, read_error
 from .errors import ConfigError
 from .notify import Notifier
 from .pipeline import FrameRecord, Prepared, Stacker, file_sha256
 from .quality import Quality
+from .retries import Retries, first_attempts
 from .session import Session, find_open, known_hashes, quarantine
 from .watcher import FrameWatcher
 
@@ -131,6 +134,16 @@ class _Duplicate:
     path: Path
 
 
+@dataclass
+class _Transient:
+    """A frame that failed for a reason that may pass (``decoder.TransientDecodeError``)."""
+
+    prepared: Prepared
+
+
+_Item = Prepared | _Duplicate | _Transient  # what the prepare thread hands the worker
+
+
 class Daemon:
     """``nightstack watch``. ``run()`` returns the process exit code."""
 
@@ -151,11 +164,12 @@ class Daemon:
         self.on_close = on_close
         self.notifier = Notifier()
         self.paths: queue.Queue[Path] = queue.Queue()
-        self.prepared: queue.Queue[tuple[int, Prepared | _Duplicate]] = queue.Queue(maxsize=1)
+        self.prepared: queue.Queue[tuple[int, _Item]] = queue.Queue(maxsize=1)
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.session: Session | None = None
         self.hashes: set[str] = set()
+        self.retries = Retries(set())  # transient failures: tried once, waiting for the retry
         self._hash_lock = threading.Lock()
         self._busy = threading.Event()  # the prepare thread holds a frame
         self.stats = {"stacked": 0, "rejected": 0}
@@ -188,6 +202,7 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             self._install_signals()
         self.hashes = known_hashes(output)
+        self.retries = Retries(first_attempts(output))
         with Decoder(
             timeout_s=self.settings.decode_timeout_s,
             load_kwargs=load_kwargs(self.settings),
@@ -226,6 +241,12 @@ class Daemon:
             finally:
                 watcher.stop()
                 self.notifier.stopping()
+                if self.retries.waiting:
+                    log.info(
+                        "%d frame(s) not retried before stopping: the next start retries them "
+                        "(its start-up scan finds them again)",
+                        len(self.retries.waiting),
+                    )
                 if self.session is None and self._reopen is not None:
                     self._open_again()  # a session a failed write left on disk: finish it too
                 if self.session is not None and self.session.state != "closed":
@@ -318,18 +339,26 @@ class Daemon:
                 continue
             self._busy.set()
             try:
-                item: Prepared | _Duplicate
+                item: _Item
+                unreadable: OSError | None = None
                 try:
                     digest = file_sha256(path)
-                except OSError:
+                except OSError as err:
                     digest = None  # unreadable: prepare() records the reason
+                    unreadable = read_error(err)  # EIO: the card, not the file, may be at fault
                 with self._hash_lock:
                     epoch = self._epoch
                     duplicate = digest in self.hashes and digest != EMPTY_SHA256
                     if digest is not None:
                         self.hashes.add(digest)
                 detector = self._detector  # replaced by the worker when a session starts
-                item = _Duplicate(path) if duplicate else detector.prepare(path, digest)
+                if duplicate:
+                    item = _Duplicate(path)
+                elif unreadable is not None:
+                    reason = f"cannot read file: {unreadable.strerror}"
+                    item = _Transient(Prepared(path, None, None, None, None, reason, {}))
+                else:
+                    item = self._transient_or_not(detector.prepare(path, digest))
                 while not self.stop.is_set():
                     try:
                         self.prepared.put((epoch, item), timeout=_TICK_S)
@@ -339,11 +368,26 @@ class Daemon:
             finally:
                 self._busy.clear()
 
-    def _ingest(self, item: Prepared | _Duplicate, output: Path) -> None:
+    def _transient_or_not(self, prepared: Prepared) -> Prepared | _Transient:
+        """``prepared`` as a _Transient if its decode failed for a reason that may pass."""
+        failure = self.decoder.last_error()  # the decode prepare() just ran in this thread
+        if (
+            prepared.error is not None
+            and "decode" in prepared.ms
+            and isinstance(failure, TransientDecodeError)
+            and failure.reason == prepared.error
+        ):
+            return _Transient(prepared)
+        return prepared
+
+    def _ingest(self, item: _Item, output: Path) -> None:
         if isinstance(item, _Duplicate):
             log.info("%s: already processed (same content), skipped", _shown(item.path.name))
             self._done(item.path)
             return
+        transient = isinstance(item, _Transient)
+        if isinstance(item, _Transient):
+            item = item.prepared
         if self.session is None:
             if self._detector.settings is not self.settings:  # reloaded (SIGHUP) since
                 self._detector = Stacker(self.settings, output, self.decoder)
@@ -356,6 +400,8 @@ class Daemon:
                 self._failed(err, f"cannot open a session for {_shown(item.path.name)}")
                 return
         session = self.session
+        if transient and self._retry_later(session, item):
+            return
         better = session.stacker.better_reference(item)
         if better is not None:
             self._start_over(session, better, item, output)
@@ -372,6 +418,29 @@ class Daemon:
         self._done(item.path)
         if session.stacker.store is not None:
             self._frame_bytes = session.stacker.store.frame_bytes
+        self._report(session, record)
+
+    def _retry_later(self, session: Session, item: Prepared) -> bool:
+        """A transient failure: journal its first attempt and keep it for a retry (True), or,
+        if this was the retry, let it be journaled as usual (False)."""
+        record = self.retries.first(item)
+        if record is None:
+            return False
+        try:
+            session.reject(record)
+        except OSError as err:
+            self._failed(err, f"{_shown(item.path.name)} not journaled", session)
+            return True
+        self.retries.wait(record)
+        if item.sha256 is not None:
+            with self._hash_lock:
+                self.hashes.discard(item.sha256)  # not processed for good: let the retry in
+        self._done(item.path)
+        self._report(session, record)
+        return True
+
+    def _report(self, session: Session, record: FrameRecord) -> None:
+        """The frame's log line, systemd status and, when wanted, a preview."""
         if record.status == "accepted":
             self.stats["stacked"] += 1
         else:
@@ -499,10 +568,16 @@ class Daemon:
         return bool(self.paths.qsize() or self.prepared.qsize() or self._busy.is_set())
 
     def _idle(self) -> None:
+        behind = self._behind()  # frames wait, but the worker waits for the next decode
+        if not behind and self.retries.waiting:  # the queue is empty: time for the retries
+            paths = self.retries.take()
+            log.info("retrying %d frame(s) that failed for a reason that may pass", len(paths))
+            for path in paths:
+                self._enqueue(path)
+            return
         session = self.session
         if session is None:
             return
-        behind = self._behind()  # frames wait, but the worker waits for the next decode
         if _preview_wanted(session, behind=behind):
             self._preview(session)
         if behind:
