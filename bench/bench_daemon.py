@@ -211,7 +211,7 @@ def _between(previews: list[float], seen: list[float]) -> int:
 
 def _tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) used so far by process ``pid`` and its child processes (the
-    decoder), from /proc: unlike wall time, hardly changed by other jobs on a shared machine."""
+    decoder), from /proc: on a shared machine, less changed by other jobs than wall time."""
     pids, ticks = [pid], 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         pids += [int(c) for c in (task / "children").read_text().split()]
@@ -258,6 +258,7 @@ def _backlog_run(paths: list[Path], root: Path, preview_every_s: float) -> dict[
 def measure_previews(paths: list[Path], order: str) -> dict[str, Any]:
     """Backlog throughput without (A) and with (B) timed previews, runs in ``order``."""
     runs = []
+    load_before = os.getloadavg()[0]
     for i, kind in enumerate(order):
         every = PREVIEW_EVERY_S if kind == "B" else NEVER_S
         log(f"backlog of {len(paths)} frames, preview_every_s={every:g} (run {i + 1}/{len(order)})")
@@ -270,6 +271,7 @@ def measure_previews(paths: list[Path], order: str) -> dict[str, Any]:
     cpu_off, cpu_on = med("cpu_per_frame_s", NEVER_S), med("cpu_per_frame_s", PREVIEW_EVERY_S)
     return {
         "frames": len(paths),
+        "load": (load_before, os.getloadavg()[0]),
         "runs": runs,
         "ratio": on / off,
         "on": on,
@@ -396,9 +398,11 @@ def _backlog_report(backlog: dict[str, Any] | None) -> list[str]:
         f"frames/min (medians): **B / A = {backlog['ratio']:.3f}** (runs: "
         + ", ".join(f"{60 * r['throughput']:.1f}" for r in runs)
         + " frames/min; wall time on a shared machine varies from run to run). CPU time of the "
-        f"daemon and its decoder per frame, which other jobs hardly change: A "
+        f"daemon and its decoder per frame, which other jobs change less than wall time: A "
         f"{fmt_s(backlog['cpu_off'])}, B {fmt_s(backlog['cpu_on'])}: B / A = "
-        f"{backlog['cpu_ratio']:.3f}.",
+        f"{backlog['cpu_ratio']:.3f}. 1-min load average "
+        + " -> ".join(f"{v:.1f}" for v in backlog.get("load", ()))
+        + " over these runs.",
         "",
     ]
 
