@@ -375,7 +375,10 @@ class Stacker:
         """Add a finished record to the session's tallies (also used when resuming).
 
         A ``"lost"`` record (written by a salvage) takes back an earlier accepted frame whose
-        stored data was lost."""
+        stored data was lost; a first attempt that waits for its retry (``retry`` true) is not a
+        rejection yet (the tallies count files, not attempts)."""
+        if getattr(record, "retry", False) is True:
+            return
         if record.status == "lost":
             self.accepted -= 1
             self.exposure_s -= record.exposure_s or 0.0

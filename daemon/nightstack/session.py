@@ -399,7 +399,10 @@ class Session:
         )  # fmt: skip
 
     def _count(self, record: dict[str, Any]) -> None:
-        """Count a journaled frame into the session's tallies."""
+        """Count a journaled frame into the session's tallies (a first attempt waiting for its
+        retry is not counted: see :meth:`Stacker.count`)."""
+        if record.get("retry") is True:
+            return
         self.stacker.count(
             FrameRecord(
                 file=record["file"],
