@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
 from .decoder import Decoder
@@ -41,6 +41,9 @@ from .pipeline import FrameRecord, Prepared, Stacker, file_sha256
 from .quality import Quality
 from .session import Session, find_open, known_hashes
 from .watcher import FrameWatcher
+
+if TYPE_CHECKING:
+    from .web.server import WebServer
 
 log = logging.getLogger("nightstack")
 
@@ -127,6 +130,17 @@ class Daemon:
         self._reopen: Path | None = None  # a session to reload from disk before going on
         self._close_wanted = ""  # why to close the session at _reopen once it is reloaded
         self._frame_bytes = 0  # one frame-store entry of the last session, for the space check
+        # --- web ---
+        self._started = time.monotonic()
+        self._status_lock = threading.Lock()  # guards _status: the worker swaps, the web reads
+        self._status: dict[str, Any] = {
+            "state": "starting",
+            "session": None,
+            "accepted": 0,
+            "rejected": 0,
+            "last_frame": None,
+        }
+        # --- end web ---
 
     # --- signals ------------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -143,6 +157,14 @@ class Daemon:
     # --- main ---------------------------------------------------------------------------------
     def run(self) -> int:
         watch, output = check_startup(self.settings)
+        web = self._start_web(output)  # --- web ---
+        try:
+            return self._run(watch, output)
+        finally:
+            if web is not None:
+                web.stop()
+
+    def _run(self, watch: Path, output: Path) -> int:
         if threading.current_thread() is threading.main_thread():
             self._install_signals()
         self.hashes = known_hashes(output)
@@ -179,11 +201,13 @@ class Daemon:
             watcher.start()
             self.notifier.ready(status="waiting for frames")
             log.info("watching %s, sessions in %s", watch, output)
+            self._publish()  # --- web ---
             try:
                 self._loop(output)
             finally:
                 watcher.stop()
                 self.notifier.stopping()
+                self._publish("stopping")  # --- web ---
                 if self.session is None and self._reopen is not None:
                     self._open_again()  # a session a failed write left on disk: finish it too
                 if self.session is not None and self.session.state != "closed":
@@ -353,6 +377,7 @@ class Daemon:
             f"rejected, FWHM {record.fwhm if record.fwhm is not None else fwhm or 0:.2f} px, "
             f"queue {depth}"
         )
+        self._publish(record=record)  # --- web ---
         if session.preview_due() and depth == 0:
             self._preview(session)
 
@@ -406,6 +431,7 @@ class Daemon:
             self.notifier.status(f"{kind}: waiting for space in {self.output}")
         self._degraded.set()
         self._retry_at = time.monotonic() + RETRY_S
+        self._publish()  # --- web ---
 
     def _recover(self, output: Path) -> None:
         """Degraded: when there is room again, reload the session and queue the waiting frames."""
@@ -416,6 +442,7 @@ class Daemon:
             return
         queued = self._requeue(output)
         self._degraded.clear()
+        self._publish()  # --- web ---
         log.info("%s can be written again: %d waiting frame(s) queued", output, queued)
 
     def _free(self) -> int:
@@ -436,6 +463,7 @@ class Daemon:
             return False
         self._reopen = None
         self.session = session
+        self._publish()  # --- web ---
         if session.stacker.store is not None:
             self._frame_bytes = session.stacker.store.frame_bytes
         if session.state == "closing":  # stopped while finalizing: finish it
@@ -471,6 +499,7 @@ class Daemon:
             return
         self._close_wanted = ""
         log.info("closing session %s: %s", session.id, why)
+        self._publish("closing")  # --- web ---
         self.notifier.status(f"finalizing session {session.id} ({session.stacker.accepted} frames)")
         try:
             outputs = session.close(self._keepalive)
@@ -482,6 +511,7 @@ class Daemon:
             )
             return
         self.session = None
+        self._publish()  # --- web ---
         if self.on_close is not None:
             self.on_close(session, outputs)
 
@@ -506,6 +536,73 @@ class Daemon:
             logging.getLogger().setLevel(fresh.log_level)
             log.info("configuration reloaded; it applies from the next session")
         self.notifier.ready()
+
+    # --- web ---------------------------------------------------------------------------------
+    def _start_web(self, output: Path) -> WebServer | None:
+        """Serve the web page and API on their own thread. A port that cannot be bound costs
+        the page, not the night: the error is logged and stacking goes on."""
+        if not self.settings.web_enabled:
+            return None
+        from .web.server import WebServer
+
+        server = WebServer(
+            output,
+            self.settings.web_listen,
+            token=self.settings.web_token,
+            status=self.status,
+            close=lambda: request_close(output),
+        )
+        try:
+            server.start()
+        except OSError as err:
+            log.error(
+                "web page not started: cannot listen on %s (%s); stacking goes on without it",
+                self.settings.web_listen,
+                err.strerror or err,
+            )
+            return None
+        return server
+
+    def _publish(self, state: str | None = None, record: FrameRecord | None = None) -> None:
+        """Worker thread: replace the snapshot :meth:`status` hands out (never waits on a
+        reader: the lock only guards the swap)."""
+        session = self.session
+        if state is None:
+            if self.stop.is_set():
+                state = "stopping"
+            elif self._degraded.is_set():
+                state = "degraded"
+            else:
+                state = "waiting" if session is None else "stacking"
+        last = self._status["last_frame"]
+        if record is not None:
+            last = {
+                "file": Path(record.file).name,
+                "status": record.status,
+                "reason": record.reason,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        pending = self._reopen.name if self._reopen is not None else None
+        snapshot = {
+            "state": state,
+            "session": session.id if session is not None else pending,
+            "accepted": session.stacker.accepted if session is not None else 0,
+            "rejected": sum(session.stacker.rejected.values()) if session is not None else 0,
+            "last_frame": last,
+        }
+        with self._status_lock:
+            self._status = snapshot
+
+    def status(self) -> dict[str, Any]:
+        """Any thread: the worker's last snapshot (state, session id or None, accepted,
+        rejected, last_frame) with the queue depth and uptime (s) read now."""
+        with self._status_lock:
+            snapshot = dict(self._status)
+        snapshot["queue"] = self.paths.qsize() + self.prepared.qsize()
+        snapshot["uptime_s"] = round(time.monotonic() - self._started, 1)
+        return snapshot
+
+    # --- end web -----------------------------------------------------------------------------
 
 
 def request_close(output_dir: Path) -> None:
