@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -27,8 +28,10 @@ from aiohttp import web
 from .. import __version__
 from .address import is_loopback_host, is_loopback_ip
 from .events import EventHub
-from .render import MAX_CROP, MAX_WIDTH, STRENGTH_RANGE, StretchRenderer
+from .render import FORMATS, MAX_CROP, MAX_WIDTH, STRENGTH_RANGE, StretchRenderer
 from .sessions import DOWNLOADS, SessionFiles
+
+log = logging.getLogger("nightstack.web")
 
 MAX_BODY = 4096
 """Largest request body accepted (the API's one action has none): 413 beyond."""
@@ -166,6 +169,11 @@ async def _guard(
                 raise
             kept = {k: v for k, v in err.headers.items() if k in _KEPT_ERROR_HEADERS}
             response = _error(err.status, err.reason, kept)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:  # a bug answers 500 and is logged; the server goes on
+            log.exception("web: internal error answering %s %s", request.method, request.path)
+            response = _error(500, "internal error (see the daemon's log)")
     if not response.prepared:
         for key, value in _SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
@@ -263,7 +271,8 @@ async def _open_preview(request: web.Request) -> web.StreamResponse:
 
 
 async def _rendered(request: web.Request, render: Callable[..., bytes], **kwargs: Any) -> Any:
-    """Run a renderer of ``live.fits`` on an executor thread; 404 when the session has none."""
+    """Run a renderer of ``live.fits`` on an executor thread (``?strength=``, ``linked=``,
+    ``format=jpeg|png``); 404 when the session has no live.fits."""
     path = await asyncio.to_thread(
         request.app[SESSIONS_KEY].file, request.match_info["sid"], "live.fits"
     )
@@ -271,13 +280,20 @@ async def _rendered(request: web.Request, render: Callable[..., bytes], **kwargs
         raise _not_found()
     strength = _float_arg(request, "strength", 1.0, *STRENGTH_RANGE)
     linked = _bool_arg(request, "linked", True)
+    fmt = request.query.get("format", "jpeg")
+    if fmt not in FORMATS:
+        raise web.HTTPBadRequest(reason="'format' must be jpeg or png")
     try:
-        jpeg = await asyncio.to_thread(render, path, strength=strength, linked=linked, **kwargs)
+        image = await asyncio.to_thread(
+            render, path, strength=strength, linked=linked, fmt=fmt, **kwargs
+        )
     except FileNotFoundError as err:
         raise _not_found() from err
     except (OSError, ValueError) as err:  # a damaged or foreign live.fits
         raise web.HTTPUnprocessableEntity(reason=f"live.fits cannot be rendered: {err}") from err
-    return web.Response(body=jpeg, content_type="image/jpeg", headers={"Cache-Control": "no-cache"})
+    return web.Response(
+        body=image, content_type=FORMATS[fmt], headers={"Cache-Control": "no-cache"}
+    )
 
 
 async def _stretch(request: web.Request) -> web.Response:

@@ -121,13 +121,20 @@ def display(image: FloatImage, *, strength: float = 1.0, linked: bool = True) ->
     return np.asarray(shown, dtype=np.float32)
 
 
-def encode_jpeg(shown: FloatImage) -> bytes:
-    """8-bit JPEG of a (rows, cols, C) image in [0, 1] (RGB or mono)."""
+FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
+"""Encodings a render can be asked for: JPEG for the page, lossless PNG for scripts."""
+
+
+def encode(shown: FloatImage, fmt: str = "jpeg") -> bytes:
+    """8-bit JPEG or PNG of a (rows, cols, C) image in [0, 1] (RGB or mono), values rounded."""
     pixels = np.rint(np.clip(shown, 0.0, 1.0) * 255.0).astype(np.uint8)
     pixels = np.ascontiguousarray(pixels[:, :, ::-1]) if pixels.shape[2] == 3 else pixels[:, :, 0]
-    ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
+    if fmt == "png":
+        ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    else:
+        ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
     if not ok:
-        raise OSError("OpenCV could not encode a JPEG")
+        raise OSError(f"OpenCV could not encode a {fmt} image")
     return bytes(encoded.tobytes())
 
 
@@ -140,11 +147,13 @@ class StretchRenderer:
         self._jpegs: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
         self.reads = 0  # live.fits files read (the cache's misses), for tests and the bench
 
-    def render(self, path: Path, *, width: int, strength: float, linked: bool) -> bytes:
-        """JPEG of the whole stack at most ``width`` pixels wide (see the module docstring)."""
+    def render(
+        self, path: Path, *, width: int, strength: float, linked: bool, fmt: str = "jpeg"
+    ) -> bytes:
+        """The whole stack at most ``width`` pixels wide (see the module docstring)."""
         with self._lock:
             key = _key(path)
-            jpeg_key = (*key, "full", width, strength, linked)
+            jpeg_key = (*key, "full", width, strength, linked, fmt)
             cached = self._jpegs.get(jpeg_key)
             if cached is not None:
                 self._jpegs.move_to_end(jpeg_key)
@@ -154,17 +163,25 @@ class StretchRenderer:
             if image is None:
                 image = self._read(path, lambda data: shrink(data, width))
                 self._remember(self._images, image_key, image, _CACHED_IMAGES)
-            jpeg = encode_jpeg(display(image, strength=strength, linked=linked))
+            jpeg = encode(display(image, strength=strength, linked=linked), fmt)
             self._remember(self._jpegs, jpeg_key, jpeg, _CACHED_JPEGS)
             return jpeg
 
     def crop(
-        self, path: Path, *, cx: float, cy: float, size: int, strength: float, linked: bool
+        self,
+        path: Path,
+        *,
+        cx: float,
+        cy: float,
+        size: int,
+        strength: float,
+        linked: bool,
+        fmt: str = "jpeg",
     ) -> bytes:
-        """JPEG of a ``size`` x ``size`` window of the stack at full resolution (1:1), centred
-        at the fractions (cx, cy) of its width and height (clamped inside the image)."""
+        """A ``size`` x ``size`` window of the stack at full resolution (1:1), centred at the
+        fractions (cx, cy) of its width and height (clamped inside the image)."""
         with self._lock:
-            key = (*_key(path), "crop", cx, cy, size, strength, linked)
+            key = (*_key(path), "crop", cx, cy, size, strength, linked, fmt)
             cached = self._jpegs.get(key)
             if cached is not None:
                 return cached
@@ -180,7 +197,7 @@ class StretchRenderer:
                 return out
 
             image = self._read(path, window)
-            jpeg = encode_jpeg(display(image, strength=strength, linked=linked))
+            jpeg = encode(display(image, strength=strength, linked=linked), fmt)
             self._remember(self._jpegs, key, jpeg, _CACHED_JPEGS)
             return jpeg
 
@@ -189,12 +206,17 @@ class StretchRenderer:
     ) -> FloatImage:
         """Open ``path`` memory-mapped and return ``take(data)`` (a copy, never the map)."""
         self.reads += 1
-        with fits.open(path, memmap=True, lazy_load_hdus=False) as hdul:
-            data = hdul[0].data
-            if data is None:
-                raise ValueError("live.fits has no image data")
-            result: FloatImage = take(data)
-            del data
+        # our own file object: closed even when astropy fails half way through a bad file
+        with path.open("rb") as fh:
+            try:
+                with fits.open(fh, memmap=True, lazy_load_hdus=False) as hdul:
+                    data = hdul[0].data
+                    if data is None:
+                        raise ValueError("no image data")
+                    result: FloatImage = take(data)
+                    del data
+            except (OSError, ValueError, TypeError, IndexError, KeyError, Warning) as err:
+                raise ValueError(f"{type(err).__name__}: {err}") from err
         return result
 
     @staticmethod

@@ -74,6 +74,7 @@ class WebServer:
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self.app: web.Application | None = None  # while serving
 
     @property
     def url(self) -> str:
@@ -127,9 +128,11 @@ class WebServer:
         )
         loop.set_default_executor(executor)
         app = build_app(self.sessions, status=self._status, close=self._close, token=self.token)
+        self.app = app
         runner = web.AppRunner(
             app,
             handle_signals=False,
+            handler_cancellation=True,  # a client that hangs up ends its event stream at once
             access_log=None,
             keepalive_timeout=_KEEPALIVE_S,
             max_line_size=_MAX_LINE,
