@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
+from astropy.io import fits
+
 from _daemon import Daemon, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -183,3 +186,30 @@ def chromium(width: int = 390, height: int = 844) -> Iterator[Any]:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def sky_stack(rows: int, cols: int, *, seed: int = 3, cast: float = 1.0) -> np.ndarray:
+    """A linear colour stack as live.fits holds it, (3, rows, cols) float32 top-down: sky,
+    noise, 60 stars and a bright block in the top-left corner (40 x 60 px) to tell up from
+    down. ``cast`` scales the red channel's signal and noise (a colour cast)."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((3, rows, cols), dtype=np.float32)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    stars = np.zeros((rows, cols), dtype=np.float32)
+    for x, y, flux in zip(
+        rng.uniform(0, cols, 60), rng.uniform(0, rows, 60), rng.uniform(0.05, 0.6, 60), strict=True
+    ):
+        stars += flux * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5**2))
+    stars[:40, :60] = 0.8
+    for c, (sky, gain) in enumerate([(0.12, cast), (0.10, 1.0), (0.08, 0.9)]):
+        image[c] = sky + gain * (stars + rng.normal(0, 0.004, (rows, cols)))
+    return image
+
+
+def write_fits(path: Path, data: np.ndarray) -> None:
+    """``data`` as a float32 FITS with ROWORDER TOP-DOWN, replacing ``path`` atomically."""
+    hdu = fits.PrimaryHDU(data=data.astype(np.float32))
+    hdu.header["ROWORDER"] = "TOP-DOWN"
+    tmp = path.with_name(f".{path.name}.tmp")
+    hdu.writeto(tmp, overwrite=True)
+    tmp.replace(path)

@@ -18,9 +18,8 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from astropy.io import fits
 
-from _web import EventStream, request
+from _web import EventStream, request, sky_stack, write_fits
 from nightstack.config import load_settings
 from nightstack.errors import ConfigError
 from nightstack.web.address import is_loopback_host, is_loopback_ip, parse_listen
@@ -58,29 +57,7 @@ class Daemonish:
 
 
 def _sky(seed: int = 3, cast: float = 1.0) -> np.ndarray:
-    """A linear colour stack, (3, rows, cols) float32 top-down: sky + noise + stars, and a
-    bright 40 x 60 block in the top-left corner to tell up from down. ``cast`` scales the red
-    channel's signal and noise (a colour cast)."""
-    rng = np.random.default_rng(seed)
-    image = np.empty((3, ROWS, COLS), dtype=np.float32)
-    yy, xx = np.mgrid[0:ROWS, 0:COLS]
-    stars = np.zeros((ROWS, COLS), dtype=np.float32)
-    for x, y, flux in zip(
-        rng.uniform(0, COLS, 60), rng.uniform(0, ROWS, 60), rng.uniform(0.05, 0.6, 60), strict=True
-    ):
-        stars += flux * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5**2))
-    stars[:40, :60] = 0.8
-    for c, (sky, gain) in enumerate([(0.12, cast), (0.10, 1.0), (0.08, 0.9)]):
-        image[c] = sky + gain * (stars + rng.normal(0, 0.004, (ROWS, COLS)))
-    return image
-
-
-def _write_fits(path: Path, data: np.ndarray) -> None:
-    hdu = fits.PrimaryHDU(data=data.astype(np.float32))
-    hdu.header["ROWORDER"] = "TOP-DOWN"
-    tmp = path.with_suffix(".tmp")
-    hdu.writeto(tmp, overwrite=True)
-    tmp.replace(path)
+    return sky_stack(ROWS, COLS, seed=seed, cast=cast)
 
 
 def _session(out: Path, sid: str = SID, records: int = 3) -> Path:
@@ -154,7 +131,7 @@ def test_stretch_render_is_the_preview_stretch_of_the_shrunk_stack(
 ) -> None:
     base, out, _, _ = served
     sky = _sky()
-    _write_fits(out / SID / "live.fits", sky)
+    write_fits(out / SID / "live.fits", sky)
     want = stretch(_block_mean(sky, 3))  # ceil(600 / 200) = 3 -> 200 x 133
     answer = request(base, f"/api/sessions/{SID}/stretch.jpg?width=200")  # the page's JPEG
     assert answer.status == 200 and answer.headers["content-type"] == "image/jpeg"
@@ -182,7 +159,7 @@ def test_unlinked_colour_stretches_each_channel_alone(
 ) -> None:
     base, out, _, _ = served
     sky = _sky(cast=3.0)  # red stars and noise three times as strong
-    _write_fits(out / SID / "live.fits", sky)
+    write_fits(out / SID / "live.fits", sky)
     small = _block_mean(sky, 3)
     linked = stretch(small)
     unlinked = np.dstack([stretch(small[:, :, c]) for c in range(3)])
@@ -197,7 +174,7 @@ def test_crop_is_one_to_one_and_a_mono_stack_renders(
 ) -> None:
     base, out, _, _ = served
     sky = _sky()
-    _write_fits(out / SID / "live.fits", sky)
+    write_fits(out / SID / "live.fits", sky)
     answer = request(base, f"/api/sessions/{SID}/crop.jpg?cx=0.25&cy=0.5&size=128&format=png")
     assert answer.status == 200
     x0, y0 = round(0.25 * COLS - 64), round(0.5 * ROWS - 64)  # centred on the point
@@ -207,7 +184,7 @@ def test_crop_is_one_to_one_and_a_mono_stack_renders(
     corner = _decode(request(base, f"/api/sessions/{SID}/crop.jpg?cx=0&cy=0&size=256").body)
     assert corner.shape == (256, 256, 3) and corner[:40, :60].mean() > 0.95
 
-    _write_fits(out / SID / "live.fits", sky[1])  # mono: (rows, cols)
+    write_fits(out / SID / "live.fits", sky[1])  # mono: (rows, cols)
     url = f"/api/sessions/{SID}/stretch.jpg?width=300&format=png"
     mono = _decode(request(base, url).body)
     want = stretch(_block_mean(sky[1][np.newaxis], 2))
@@ -219,7 +196,7 @@ def test_renders_are_cached_until_live_fits_changes(
 ) -> None:
     base, out, _, server = served
     path = out / SID / "live.fits"
-    _write_fits(path, _sky(seed=1))
+    write_fits(path, _sky(seed=1))
     first = request(base, f"/api/sessions/{SID}/stretch.jpg?width=300").body
     renderer = _renderer(server)
     assert renderer.reads == 1
@@ -227,7 +204,7 @@ def test_renders_are_cached_until_live_fits_changes(
         request(base, f"/api/sessions/{SID}/stretch.jpg?width=300&strength={strength}")
     assert renderer.reads == 1
     assert request(base, f"/api/sessions/{SID}/stretch.jpg?width=300").body == first
-    _write_fits(path, _sky(seed=2))  # a new live stack (new inode and mtime)
+    write_fits(path, _sky(seed=2))  # a new live stack (new inode and mtime)
     second = request(base, f"/api/sessions/{SID}/stretch.jpg?width=300").body
     assert renderer.reads == 2 and second != first
 

@@ -262,7 +262,7 @@ function showCharts() {
 }
 
 function chart(metric, records) {
-  const W = 320, H = 110, L = 38, R = 6, T = 6, B = 16;
+  const W = 320, H = 92, L = 40, R = 6, T = 6, B = 16;
   const card = el("div", { class: "chart", "data-metric": metric.key });
   const points = [];
   records.forEach((r, i) => {
