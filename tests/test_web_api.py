@@ -45,6 +45,7 @@ def test_status_frames_events_downloads_and_close(
     d = Daemon(watch, out, "--web", "0.0.0.0:0")  # all interfaces: also the LAN's address
     daemons.append(d)
     base = web_base(d).replace("0.0.0.0", "127.0.0.1")
+    assert "without web_token" in d.text()  # open to the network without a token: said once
     status = get_json(base, "/api/status")
     assert status["state"] == "waiting" and status["session"] is None
     assert status["version"] == __version__ and status["accepted"] == status["rejected"] == 0

@@ -295,3 +295,64 @@ def test_the_page_follows_a_night_and_closes_it(
         )
         assert (session / "stack.tif").exists()
     assert d.stop() == 0
+
+
+def test_the_page_asks_for_the_token_once(tmp_path: Path) -> None:
+    """With web_token set, the close button asks for it, sends it, and remembers it. (The
+    server runs in this process; a stand-in daemon counts the close requests.)"""
+    from nightstack.web.server import WebServer
+
+    sid = "20261130-214502"
+    (tmp_path / sid).mkdir()
+    (tmp_path / sid / "session.json").write_text(json.dumps({"session": sid, "state": "open"}))
+    closes: list[float] = []
+    status = {"state": "stacking", "session": sid, "accepted": 0, "rejected": 0, "queue": 0}
+    token = "phone-token-5678"
+    server = WebServer(
+        tmp_path,
+        "127.0.0.1:0",
+        token=token,
+        status=lambda: dict(status, uptime_s=1.0, last_frame=None),
+        close=lambda: closes.append(time.monotonic()),
+    )
+    server.start()
+    try:
+        with chromium(390, 844) as driver:
+            driver.get(server.url)
+            close = _until(
+                driver,
+                "the close button",
+                30,
+                lambda b: (c := b.find_element("id", "close")).is_displayed() and c,
+            )
+            close.click()
+            close.click()
+            form = _until(
+                driver,
+                "the token form",
+                30,
+                lambda b: (f := b.find_element("id", "token-form")).is_displayed() and f,
+            )
+            assert not closes and "web token" in driver.find_element("id", "close-note").text
+            driver.find_element("id", "token").send_keys(token)
+            form.submit()
+            _until(driver, "the close", 30, lambda b: len(closes) == 1)
+            _until(
+                driver,
+                "the answer",
+                30,
+                lambda b: "Closing session" in b.find_element("id", "close-note").text,
+            )
+            driver.refresh()  # a new visit: the token is remembered
+            close = _until(
+                driver,
+                "the close button",
+                30,
+                lambda b: (c := b.find_element("id", "close")).is_displayed() and c,
+            )
+            close.click()
+            close.click()
+            _until(driver, "the second close", 30, lambda b: len(closes) == 2)
+            assert not driver.find_element("id", "token-form").is_displayed()
+    finally:
+        server.stop()

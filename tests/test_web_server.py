@@ -425,6 +425,30 @@ def test_events_only_watch_while_a_client_listens(
         raise AssertionError("the server kept polling after the client left")
 
 
+def test_event_streams_are_bounded(served: tuple[str, Path, Daemonish, WebServer]) -> None:
+    from nightstack.web.api import MAX_EVENT_CLIENTS
+
+    base = served[0]
+    streams = [EventStream(base) for _ in range(MAX_EVENT_CLIENTS)]
+    try:
+        assert all(s.response.status == 200 for s in streams)
+        answer = request(base, "/api/events")
+        assert answer.status == 503 and "too many" in answer.json()["error"]
+    finally:
+        for stream in streams:
+            stream.close()
+    deadline = time.monotonic() + 10  # the slots are free again once the hang-ups are seen
+    while time.monotonic() < deadline:
+        stream = EventStream(base)
+        ok = stream.response.status == 200
+        stream.close()
+        if ok:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("event stream slots were not released")
+
+
 def test_a_port_in_use_raises_and_listen_values_are_checked(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
