@@ -251,7 +251,8 @@ def test_frames_stop_at_a_torn_line_and_read_on(
     assert len(request(base, f"/api/sessions/{SID}/frames").json()) == 4  # stops at the bad line
     journal.write_bytes(journal.read_bytes()[:20])  # cut short (a resume truncates): read anew
     assert request(base, f"/api/sessions/{SID}/frames").json() == []
-    assert request(base, f"/api/sessions/{SID}/frames?since=x").status == 400
+    for bad in ("x", "-1", "%C2%B2", "1" * 12):  # %C2%B2: a superscript two, a digit to str
+        assert request(base, f"/api/sessions/{SID}/frames?since={bad}").status == 400, bad
 
 
 # --- security ----------------------------------------------------------------------------------
@@ -423,6 +424,22 @@ def test_events_only_watch_while_a_client_listens(
             break
     else:
         raise AssertionError("the server kept polling after the client left")
+
+
+def test_stopping_ends_open_event_streams(tmp_path: Path) -> None:
+    daemon = Daemonish()
+    server = WebServer(
+        tmp_path, "127.0.0.1:0", token=None, status=daemon.status, close=daemon.close
+    )
+    server.start()
+    stream = EventStream(server.url.rstrip("/"))
+    assert stream.response.status == 200
+    t0 = time.monotonic()
+    server.stop()
+    assert time.monotonic() - t0 < 5
+    stream.thread.join(timeout=5)
+    assert not stream.thread.is_alive()  # the server ended the stream
+    stream.close()
 
 
 def test_event_streams_are_bounded(served: tuple[str, Path, Daemonish, WebServer]) -> None:

@@ -206,7 +206,7 @@ def _int_arg(request: web.Request, name: str, default: int, lo: int, hi: int) ->
     text = request.query.get(name)
     if text is None:
         return default
-    if not text.isdigit() or len(text) > 9 or not lo <= int(text) <= hi:
+    if not (text.isascii() and text.isdigit()) or len(text) > 9 or not lo <= int(text) <= hi:
         raise web.HTTPBadRequest(reason=f"'{name}' must be an integer from {lo} to {hi}")
     return int(text)
 
