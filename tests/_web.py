@@ -12,7 +12,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,7 @@ class EventStream:
         self.conn.request("GET", "/api/events", headers={"Accept": "text/event-stream"})
         self.response = self.conn.getresponse()
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.received: list[tuple[str, Any]] = []  # every event, in arrival order
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -124,7 +125,8 @@ class EventStream:
                 line = raw.decode("utf-8").rstrip("\n")
                 if line == "":
                     if data:
-                        self.events.put((name, json.loads(data)))
+                        self.received.append((name, json.loads(data)))
+                        self.events.put(self.received[-1])
                     name, data = "message", ""
                 elif line.startswith("event: "):
                     name = line[7:]
@@ -144,6 +146,17 @@ class EventStream:
                 continue
             if got == name and all(data.get(k) == v for k, v in (where or {}).items()):
                 return data
+
+    def find(self, name: str, timeout: float, where: Callable[[Any], bool]) -> Any:
+        """Any event called ``name`` received so far or within ``timeout`` s whose data
+        satisfy ``where`` (whatever ``next`` skipped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for got, data in list(self.received):
+                if got == name and where(data):
+                    return data
+            time.sleep(0.05)
+        raise AssertionError(f"no matching '{name}' event within {timeout} s")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -46,6 +46,8 @@ def test_status_frames_events_downloads_and_close(
     daemons.append(d)
     base = web_base(d).replace("0.0.0.0", "127.0.0.1")
     assert "without web_token" in d.text()  # open to the network without a token: said once
+    assert get_json(base, "/api/status")["state"] in ("starting", "waiting")  # up before READY
+    wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
     status = get_json(base, "/api/status")
     assert status["state"] == "waiting" and status["session"] is None
     assert status["version"] == __version__ and status["accepted"] == status["rejected"] == 0
@@ -125,12 +127,15 @@ def test_status_frames_events_downloads_and_close(
         assert _meta(session)["state"] == "open"
 
         # close from this machine: the session is finalized, downloads appear
+        live_preview = f"{(session / 'preview.jpg').stat().st_mtime_ns}"
         answer = request(base, "/api/close", method="POST")
         assert answer.status == 202 and answer.json() == {"closing": sid}
         wait_for(lambda: _meta(session)["state"] == "closed", 60, "closed", d)
         assert stream.next("status", 30, {"session": None})["state"] == "waiting"
-        final = stream.next("preview", 30)  # the final stack's preview, same session
-        assert final["session"] == sid
+        # the final stack's preview, announced for the same session
+        stream.find(
+            "preview", 30, lambda e: e["session"] == sid and int(e["version"]) > int(live_preview)
+        )
         for name in ("stack.tif", "stack.fits"):
             answer = request(base, f"/api/sessions/{sid}/{name}")
             assert answer.status == 200, name
