@@ -16,7 +16,12 @@ TESTS = Path(__file__).resolve().parent
 
 
 class Daemon:
-    """``nightstack watch`` in a subprocess, its log in a file next to the output folder."""
+    """``nightstack watch`` in a subprocess, its log in a file next to the output folder.
+
+    ``decode_fn`` (the decoder child's ``module:function``, e.g. ``_faulty_decode:load``) and
+    ``stall_s`` (the worker sleeps this long before each frame) are the daemon's test hooks
+    (``nightstack.service.Hooks``); with either, the daemon runs through ``tests/_launch.py``.
+    """
 
     def __init__(
         self,
@@ -26,6 +31,8 @@ class Daemon:
         env: dict[str, str] | None = None,
         wrap: list[str] | None = None,
         log_dir: Path | None = None,
+        decode_fn: str | None = None,
+        stall_s: float = 0.0,
     ) -> None:
         self.log = (log_dir or out.parent) / f"daemon-{time.monotonic_ns()}.log"
         environment = dict(os.environ)
@@ -33,21 +40,19 @@ class Daemon:
             {
                 "NIGHTSTACK_STABLE_S": "0.5",  # backlog files count as complete sooner
                 "NIGHTSTACK_IDLE_TIMEOUT_S": "600",
+                "NIGHTSTACK_CHECKPOINT_MIN_INTERVAL_S": "0",  # checkpoints by frame count only
                 "PYTHONPATH": os.pathsep.join(
                     [str(TESTS), *filter(None, [environment.get("PYTHONPATH")])]
                 ),
             }
         )
         environment.update(env or {})
-        cmd = [
-            sys.executable,
-            "-m",
-            "nightstack.cli",
-            "watch",
-            str(watch),
-            "--output-dir",
-            str(out),
-        ]
+        entry = ["-m", "nightstack.cli"]
+        if decode_fn is not None or stall_s:
+            entry = ["-m", "_launch", "--stall-s", str(stall_s)]
+            entry += ["--decode-fn", decode_fn] if decode_fn is not None else []
+            entry += ["--"]
+        cmd = [sys.executable, *entry, "watch", str(watch), "--output-dir", str(out)]
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
                 [*(wrap or []), *cmd, *args], stdout=log, stderr=subprocess.STDOUT, env=environment

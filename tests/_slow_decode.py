@@ -1,6 +1,6 @@
 """A decode function that takes 0.4 s longer, like a Raspberry Pi decoding a 24 MP raw.
 
-tests/test_reliability.py runs the daemon with ``NIGHTSTACK_DECODE_FN=_slow_decode:load`` so that
+tests/test_reliability.py runs the daemon with the hook ``decode_fn="_slow_decode:load"`` so that
 a kill -9 at a random moment often lands while a frame is being decoded in the child process.
 """
 

@@ -469,3 +469,18 @@ def test_jpeg_channel_order(tmp_path: Path) -> None:
     means = image.mean(axis=(0, 1))
     assert abs(means[2] - _srgb_decode(200)) < 0.01  # JPEG: a code or two of loss
     assert means[0] < 0.005 and means[1] < 0.005
+
+
+def test_a_frame_without_saturated_pixels_is_not_rescaled_by_libraw(tmp_path: Path) -> None:
+    """LibRaw's default adjust_maximum_thr takes the brightest pixel for white when it is above
+    0.75 of the white level: a hazy frame (no saturated star) would decode brighter."""
+    from nightstack.simulate import simulate_night
+
+    simulate_night(
+        tmp_path, frames=2, width=480, height=320, seed=3, stars=150, transparency=[1.0, 0.3],
+        nebula=False, drift_px=0.0, rotation_deg=0.0,
+    )  # fmt: skip
+    clear, hazy = (load(tmp_path / f"IMG_{i:04d}.DNG").image for i in (0, 1))
+    sky = (slice(20, 200), slice(20, 460))
+    ratio = np.median(hazy[sky][..., 1]) / np.median(clear[sky][..., 1])
+    assert ratio == pytest.approx(1.0, abs=0.02)  # the same sky (1.275 with LibRaw's default)

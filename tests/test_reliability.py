@@ -246,8 +246,7 @@ def test_a_hanging_or_crashing_decoder_costs_one_frame(
 ) -> None:
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
-    env = {"NIGHTSTACK_DECODE_FN": FAULTY, "NIGHTSTACK_DECODE_TIMEOUT_S": "3"}
-    d = Daemon(watch, out, env=env)
+    d = Daemon(watch, out, env={"NIGHTSTACK_DECODE_TIMEOUT_S": "3"}, decode_fn=FAULTY)
     daemons.append(d)
     wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
     assert copy_and_wait(night[0], watch / "IMG_0000.DNG", out, 1, d)["status"] == "accepted"
@@ -603,11 +602,8 @@ def test_kill_9_at_random_points_loses_nothing_and_counts_nothing_twice(
     watch.mkdir()
     for f in files:
         shutil.copy(f, watch / f.name)
-    env = {
-        "NIGHTSTACK_DECODE_FN": "_slow_decode:load",
-        "NIGHTSTACK_CHECKPOINT_EVERY_FRAMES": "2",
-        "NIGHTSTACK_KEEP_FRAME_STORE": "true",
-    }
+    env = {"NIGHTSTACK_CHECKPOINT_EVERY_FRAMES": "2", "NIGHTSTACK_KEEP_FRAME_STORE": "true"}
+    slow = "_slow_decode:load"
     rng = random.Random(46)
     # where each run is killed: a random moment (often mid-decode: decodes take 0.4 s here),
     # or the moment a checkpoint / frame-store / journal-side / final-output write begins
@@ -616,7 +612,7 @@ def test_kill_9_at_random_points_loses_nothing_and_counts_nothing_twice(
     plan = [base[i % len(base)] for i in range(runs)]
     hits: list[str] = []
     for where in plan:
-        d = Daemon(watch, out, env=env, log_dir=tmp_path)
+        d = Daemon(watch, out, env=env, log_dir=tmp_path, decode_fn=slow)
         daemons.append(d)
         wait_for(lambda d=d: "watching" in d.text(), 60, "start-up", d)
         if len(journal(out)) >= frames:
@@ -645,7 +641,7 @@ def test_kill_9_at_random_points_loses_nothing_and_counts_nothing_twice(
     # finish the frames, then kill during the final TIFF write, then (the restart finishes
     # the close at once) during the FITS write
     for target in ("stack.tif", "stack.fits"):
-        d = Daemon(watch, out, env=env, log_dir=tmp_path)
+        d = Daemon(watch, out, env=env, log_dir=tmp_path, decode_fn=slow)
         daemons.append(d)
         killer = _Killer(out, d, f"/.{target}.")
         deadline = time.monotonic() + 120
@@ -662,7 +658,7 @@ def test_kill_9_at_random_points_loses_nothing_and_counts_nothing_twice(
             d.proc.kill()
         d.proc.wait(timeout=10)
         hits[-1] += f" ({len(leftovers(out))} temporary file(s) left for the restart)"
-    last = Daemon(watch, out, env=env, log_dir=tmp_path)
+    last = Daemon(watch, out, env=env, log_dir=tmp_path, decode_fn=slow)
     daemons.append(last)
     wait_for(lambda: all(m["state"] == "closed" for m in sessions(out)), 120, "closed", last)
     assert last.stop() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -10,10 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rawpy
-from scipy import ndimage
+from scipy import ndimage, optimize, special
 
+from nightstack.cli import main
 from nightstack.dng import write_dng
-from nightstack.simulate import SkyModel, simulate_night
+from nightstack.loaders import load
+from nightstack.simulate import (
+    SKY_RGB,
+    SkyModel,
+    seeing_jitter,
+    simulate_night,
+    sky_ramp,
+    sky_step,
+)
 
 BLACK, WHITE = 512, 16383
 _CFA_CHANNEL = np.array([[0, 1], [1, 2]])  # RGGB: (r, g, b) index by (row % 2, col % 2)
@@ -435,3 +445,438 @@ def test_full_size_frame_renders_in_seconds() -> None:
     elapsed = time.perf_counter() - start
     assert raw.shape == (4000, 6000) and raw.dtype == np.uint16
     assert elapsed < 15.0, f"6000x4000 render took {elapsed:.1f} s"
+
+
+# ---- a changing night: sky level, moon glow, transparency -------------------------------------
+
+
+def _decoded(truth_path: Path, i: int) -> np.ndarray:
+    """Frame i of a simulated night decoded by LibRaw like ``nightstack.loaders.load`` does
+    (linear AHD, camera white balance), but with LibRaw's ``adjust_maximum_thr`` off, then
+    converted to electrons above black: (rows, cols, 3) float64.
+
+    LibRaw by default rescales a frame whose brightest pixel lies between 0.75 and 1 of the
+    white level as if that pixel were white, which changes a frame's scale with its content
+    (a hazy frame with no saturated star comes out up to 1.33x brighter); the truth is
+    checked without that rescaling.
+    """
+    truth = json.loads(truth_path.read_text())
+    with rawpy.imread(str(truth_path.parent / truth["frames"][i]["file"])) as raw:
+        rgb = raw.postprocess(**POSTPROCESS, adjust_maximum_thr=0.0)
+    span = (truth["white_level"] - truth["black_level"]) * truth["gain_e_per_adu"]
+    return rgb.astype(np.float64) * (span / 65535.0)
+
+
+def test_sky_step_and_ramp_helpers() -> None:
+    assert sky_step(5, 2, 1.4) == [1.0, 1.0, 1.4, 1.4, 1.4]
+    assert sky_ramp(5, 2.0) == pytest.approx([1.0, 1.25, 1.5, 1.75, 2.0])
+    assert sky_ramp(1, 3.0) == [1.0]
+    with pytest.raises(ValueError, match="sky_levels needs 4 values"):
+        SkyModel(frames=4, sky_levels=(1.0, 2.0))
+    with pytest.raises(ValueError, match="transparency values must be in"):
+        SkyModel(frames=2, transparency=(1.0, 1.2))
+
+
+def test_decoded_sky_level_follows_the_schedule(tmp_path: Path) -> None:
+    levels = [1.0, 1.0, 1.4, 2.0]
+    truth_path = simulate_night(
+        tmp_path, frames=4, width=320, height=214, seed=8, stars=40, nebula=False,
+        sky_levels=levels,
+    )  # fmt: skip
+    truth = json.loads(truth_path.read_text())
+    model = SkyModel.from_truth(truth)
+    assert truth["schema"] == 2
+    assert [f["sky_level"] for f in truth["frames"]] == levels
+    sky = (slice(8, model.landscape_top_row - 8), slice(8, -8))
+    medians = []
+    for i in range(4):
+        image = _decoded(truth_path, i)
+        surface = model.sky_surface(i)
+        for c in range(3):
+            measured = np.median(image[sky][..., c])
+            expected = np.median(surface[sky]) * SKY_RGB[c]
+            assert measured == pytest.approx(expected, rel=0.01)  # faint stars: < 1 % bias
+        medians.append(np.median(image[sky][..., 1]))
+    assert np.array(medians) / medians[0] == pytest.approx(levels, rel=0.01)
+
+
+def test_moon_glow_is_the_recorded_smooth_surface(tmp_path: Path) -> None:
+    glow = [0.0, 0.3, 0.6]
+    truth_path = simulate_night(
+        tmp_path, frames=3, width=320, height=214, seed=9, stars=30, nebula=False, glow=glow,
+        sky_levels=[1.0, 1.2, 1.2],
+    )  # fmt: skip
+    truth = json.loads(truth_path.read_text())
+    model = SkyModel.from_truth(truth)
+    records = [f["glow"] for f in truth["frames"]]
+    assert [g["amplitude"] for g in records] == glow
+    assert records[0]["centre"] != records[2]["centre"]  # the moon moves over the night
+    top = model.landscape_top_row - 8
+    ys, xs = np.mgrid[0:214, 0:320]
+    for i, g in enumerate(records):
+        # rebuild the surface from truth.json alone
+        d2 = (xs - g["centre"][0]) ** 2 + (ys - g["centre"][1]) ** 2
+        shape = np.exp(-(d2 - g["near_px"] ** 2) / (2 * g["scale_px"] ** 2))
+        glow_e = g["amplitude"] * truth["sky_e"] * truth["frames"][i]["sky_level"] * shape
+        without = SkyModel(**{**model.parameters(), "glow": ()}).sky_at(i, xs, ys)
+        np.testing.assert_allclose(model.sky_at(i, xs, ys) - glow_e, without, rtol=1e-9)
+        assert shape.max() == pytest.approx(1.0, abs=1e-3)  # 1 at the brightest point
+        # the decoded frame carries that surface: 16x16 block medians of green
+        image = _decoded(truth_path, i)[:top, :, 1]
+        expected = model.sky_surface(i)[:top]
+        rows, cols = top // 16, 320 // 16
+        block = (slice(0, rows * 16), slice(0, cols * 16))
+        measured = np.median(image[block].reshape(rows, 16, cols, 16), axis=(1, 3))
+        want = expected[block].reshape(rows, 16, cols, 16).mean(axis=(1, 3))
+        residual = measured - want
+        assert np.median(np.abs(residual)) < 3.0  # electrons: block noise ~ 25 / 16 * 1.25
+    # the reference grid: frame i's sky seen through its transform
+    on_reference = model.sky_surface(2, grid="reference")
+    q = np.array([[100.0, 50.0], [250.0, 150.0]])
+    p = model.to_frame(2, q)
+    for (qx, qy), (px, py) in zip(q.astype(int), p, strict=True):
+        assert on_reference[qy, qx] == pytest.approx(float(model.sky_at(2, px, py)), rel=1e-12)
+    ys, xs = np.mgrid[0:214, 0:320]
+    np.testing.assert_allclose(model.sky_surface(2), model.sky_at(2, xs, ys), rtol=1e-5)
+
+
+def test_glow_is_well_fitted_by_a_low_order_surface() -> None:
+    """What a 'gradient' normalization must represent: a quadratic leaves < 2 % of the glow."""
+    model = SkyModel(width=480, height=320, frames=2, gradient=0.0, glow=(0.5, 0.5))
+    glow = model.sky_surface(1) - model.sky_e
+    ys, xs = np.mgrid[0:320, 0:480] / 480.0
+    terms = np.stack([(xs**p * ys**q).ravel() for p in range(3) for q in range(3 - p)], 1)
+    coef, *_ = np.linalg.lstsq(terms, glow.ravel(), rcond=None)
+    residual = glow.ravel() - terms @ coef
+    assert glow.max() - glow.min() > 0.3 * 0.5 * model.sky_e  # a real gradient
+    assert np.abs(residual).max() < 0.02 * 0.5 * model.sky_e
+
+
+def _aperture_fluxes(image: np.ndarray, xy: np.ndarray, radius: float) -> np.ndarray:
+    """Background-subtracted sums of (rows, cols) ``image`` in a circle of ``radius`` px around
+    each (x, y), background the median of an annulus 2 to 3 radii out."""
+    reach = math.ceil(3 * radius)
+    rows, cols = np.mgrid[-reach : reach + 1, -reach : reach + 1]
+    out = []
+    for x, y in xy:
+        r0, c0 = round(y), round(x)
+        box = image[r0 - reach : r0 + reach + 1, c0 - reach : c0 + reach + 1]
+        d = np.hypot(cols + c0 - x, rows + r0 - y)
+        sky = np.median(box[(d >= 2 * radius) & (d <= 3 * radius)])
+        out.append((box[d <= radius] - sky).sum())
+    return np.array(out)
+
+
+def test_transparency_scales_star_fluxes_not_the_sky(tmp_path: Path) -> None:
+    transparency = [1.0, 0.85, 0.3]
+    truth_path = simulate_night(
+        tmp_path, frames=3, width=480, height=320, seed=12, stars=150, nebula=False,
+        transparency=transparency,
+    )  # fmt: skip
+    truth = json.loads(truth_path.read_text())
+    model = SkyModel.from_truth(truth)
+    assert [f["transparency"] for f in truth["frames"]] == transparency
+    both = np.intersect1d(model.visible_stars(0, margin=20), model.visible_stars(2, margin=20))
+    index = _isolated(model, 0, both[model.star_peak_snr[both] > 40], 20)
+    assert len(index) >= 5
+    green = [_decoded(truth_path, i)[..., 1] for i in range(3)]
+    flux = [
+        _aperture_fluxes(green[i], model.to_frame(i, model.star_xy[index]), 6) for i in range(3)
+    ]
+    for i in (1, 2):
+        ratio = np.median(flux[i] / flux[0])
+        assert ratio == pytest.approx(transparency[i], rel=0.03)
+        _, expected = model.stars_in_frame(i)
+        np.testing.assert_allclose(
+            expected, model.star_flux_e[model.visible_stars(i)] * transparency[i], rtol=1e-12
+        )
+    sky = (slice(8, model.landscape_top_row - 8), slice(8, -8))
+    assert np.median(green[2][sky]) == pytest.approx(np.median(green[0][sky]), rel=0.01)
+
+
+# ---- CFA patterns ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_dng_cfa_pattern_tag_decodes_as_written(tmp_path: Path, pattern: str) -> None:
+    cfa = np.full((64, 64), 600, dtype=np.uint16)
+    r, c = divmod(pattern.index("R"), 2)
+    cfa[r::2, c::2] = 8000  # light on the red sites only
+    write_dng(tmp_path / "p.dng", cfa, cfa_pattern=pattern)
+    with rawpy.imread(str(tmp_path / "p.dng")) as raw:
+        desc = raw.color_desc.decode()
+        assert "".join(desc[k] for k in raw.raw_pattern.ravel()) == pattern
+        rgb = raw.postprocess(**POSTPROCESS).astype(np.float64)
+    mean = rgb[16:48, 16:48].reshape(-1, 3).mean(axis=0)
+    assert mean[0] > 50 * max(mean[1], mean[2])  # decoded red, nothing else
+    with pytest.raises(ValueError, match="cfa_pattern"):
+        write_dng(tmp_path / "q.dng", cfa, cfa_pattern="RGBG")
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_each_colour_is_rendered_on_its_own_sites(pattern: str) -> None:
+    flat = SkyModel(
+        width=128, height=128, stars=0, nebula=False, gradient=0.0, landscape_fraction=0.0,
+        hot_pixels=0, cfa_pattern=pattern,
+    )  # fmt: skip
+    expected = flat.render(0, noise=False).astype(np.float64) - BLACK
+    for k, colour in enumerate(pattern):
+        r, c = divmod(k, 2)
+        weight = SKY_RGB["RGB".index(colour)]
+        assert np.all(expected[r::2, c::2] == round(weight * flat.sky_e))
+
+
+def _star_colour(image: np.ndarray, x: float, y: float, radius: int = 5) -> np.ndarray:
+    """Background-subtracted (r, g, b) sums of a decoded (rows, cols, 3) image in a circle of
+    ``radius`` px at (x, y); background the median beyond 1.5 radii in a (4 radius + 1) box."""
+    r0, c0 = round(y), round(x)
+    box = image[r0 - 2 * radius : r0 + 2 * radius + 1, c0 - 2 * radius : c0 + 2 * radius + 1]
+    rows, cols = np.mgrid[-2 * radius : 2 * radius + 1, -2 * radius : 2 * radius + 1]
+    d = np.hypot(rows, cols)
+    sky = np.median(box[d > 1.5 * radius], axis=0)
+    return (box[d <= radius].astype(np.float64) - sky).sum(axis=0)
+
+
+def _mosaic_colour(
+    mosaic: np.ndarray, channel: np.ndarray, x: float, y: float, radius: int
+) -> np.ndarray:
+    """A star's (r, g, b) light in a raw (rows, cols) mosaic whose sites have colour index
+    ``channel``: per colour, the sum over its sites in a circle of ``radius`` px less their
+    sky (median of its sites beyond 1.5 radii), scaled to a full plane (x4 red and blue, x2
+    green)."""
+    r0, c0 = round(y), round(x)
+    window = (
+        slice(r0 - 2 * radius, r0 + 2 * radius + 1),
+        slice(c0 - 2 * radius, c0 + 2 * radius + 1),
+    )
+    rows, cols = np.mgrid[-2 * radius : 2 * radius + 1, -2 * radius : 2 * radius + 1]
+    d = np.hypot(rows, cols)
+    out = []
+    for c, sites in enumerate((4, 2, 4)):
+        on = channel[window] == c
+        sky = np.median(mosaic[window][on & (d > 1.5 * radius)])
+        out.append((mosaic[window][on & (d <= radius)] - sky).sum() * sites)
+    return np.array(out)
+
+
+RED, BLUE = (1.4, 1.0, 0.6), (0.6, 1.0, 1.4)  # colour weights of two planted stars
+PLANTED = ((100.3, 80.6, 80_000.0, *RED), (220.7, 120.2, 80_000.0, *BLUE))  # peak SNR ~ 230
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_red_star_decodes_red_and_blue_star_blue_for_every_pattern(
+    tmp_path: Path, pattern: str
+) -> None:
+    night = SkyModel(
+        width=320, height=214, frames=1, seed=4, stars=60, nebula=False, cfa_pattern=pattern,
+        planted_stars=PLANTED,
+    )  # fmt: skip
+    path = write_dng(tmp_path / "IMG.DNG", night.render(0), cfa_pattern=night.cfa_pattern)
+    truth = night.truth()
+    assert truth["cfa_pattern"] == pattern
+    stars = np.array([truth["stars"]["x"], truth["stars"]["y"]]).T
+    with rawpy.imread(str(path)) as raw:  # LibRaw's own reading of the CFAPattern tag
+        desc = raw.color_desc.decode()
+        channel = np.array(["RGB".index(desc[k]) for k in range(4)])[raw.raw_colors_visible]
+        mosaic = raw.raw_image_visible.astype(np.float64) - BLACK
+    image = load(path).image
+    for (x, y, _, *colour), order in zip(PLANTED, ([0, 1, 2], [2, 1, 0]), strict=True):
+        k = int(np.argmin(np.hypot(*(stars - (x, y)).T)))
+        assert truth["stars"]["rgb"][k] == pytest.approx(colour)  # in the truth like any star
+        # in the mosaic: each colour's light on the sites LibRaw takes for that colour
+        light = _mosaic_colour(mosaic, channel, x, y, radius=7)
+        np.testing.assert_allclose(light / light[1], colour, rtol=0.05)  # noise: ~2 %
+        # decoded by nightstack's loader (LibRaw AHD): the colour order, ratios within 15 %
+        rgb = _star_colour(image, x, y)
+        assert rgb[order[0]] > rgb[order[1]] > rgb[order[2]], (pattern, rgb)
+        np.testing.assert_allclose(rgb / rgb[1], colour, rtol=0.15)  # AHD errs ~10 % on stars
+        pixel = image[round(y), round(x)]
+        assert pixel[order[0]] > pixel[order[1]] > pixel[order[2]]  # the sky left in too
+    # the same pixels under another pattern's tag decode to other colours: the test can fail
+    other = "GBRG" if pattern == "RGGB" else "RGGB"
+    write_dng(tmp_path / "wrong.dng", night.render(0), cfa_pattern=other)
+    rgb = _star_colour(load(tmp_path / "wrong.dng").image, *PLANTED[0][:2])
+    assert not rgb[0] > rgb[1] > rgb[2]
+
+
+def test_simulate_night_writes_the_pattern_it_rendered(tmp_path: Path) -> None:
+    truth_path = simulate_night(
+        tmp_path, frames=1, width=128, height=96, stars=10, cfa_pattern="GRBG"
+    )
+    truth = json.loads(truth_path.read_text())
+    assert truth["cfa_pattern"] == "GRBG"
+    model = SkyModel.from_truth(truth)
+    with rawpy.imread(str(tmp_path / truth["frames"][0]["file"])) as raw:
+        desc = raw.color_desc.decode()
+        assert "".join(desc[k] for k in raw.raw_pattern.ravel()) == "GRBG"
+        assert np.array_equal(raw.raw_image_visible, model.render(0))
+    with pytest.raises(ValueError, match="cfa_pattern"):
+        SkyModel(cfa_pattern="RGBW")
+
+
+# ---- seeing ---------------------------------------------------------------------------------
+
+
+def _fitted_fwhm(image: np.ndarray, x: float, y: float, half: int = 9) -> float:
+    """FWHM (px) of a circular Gaussian + constant fitted to a (2 half + 1) box of a
+    (rows, cols) image at (x, y), corrected for the pixel's own width (variance 1/12)."""
+    r0, c0 = round(y), round(x)
+    box = image[r0 - half : r0 + half + 1, c0 - half : c0 + half + 1].astype(np.float64)
+    rows, cols = np.mgrid[r0 - half : r0 + half + 1, c0 - half : c0 + half + 1]
+
+    def residual(p: np.ndarray) -> np.ndarray:
+        amplitude, cx, cy, sigma, sky = p
+        model = amplitude * np.exp(-((cols - cx) ** 2 + (rows - cy) ** 2) / (2 * sigma**2))
+        return (model + sky - box).ravel()
+
+    start = [box.max() - np.median(box), x, y, 1.5, np.median(box)]
+    fit = optimize.least_squares(residual, start)
+    sigma2 = fit.x[3] ** 2 - 1 / 12
+    return float(np.sqrt(sigma2) * 2 * np.sqrt(2 * np.log(2)))
+
+
+def test_seeing_schedule_is_the_fwhm_measured_on_decoded_frames(tmp_path: Path) -> None:
+    schedule = [3.0, 4.5, 6.0]
+    truth_path = simulate_night(
+        tmp_path, frames=3, width=480, height=320, seed=14, stars=150, nebula=False,
+        fwhm_schedule=schedule,
+    )  # fmt: skip
+    truth = json.loads(truth_path.read_text())
+    assert [f["fwhm_px"] for f in truth["frames"]] == schedule
+    model = SkyModel.from_truth(truth)
+    for i, fwhm in enumerate(schedule):
+        candidates = model.visible_stars(i, margin=14, min_peak_snr=30)
+        index = _isolated(model, i, candidates, 16)
+        assert len(index) >= 4
+        green = _decoded(truth_path, i)[..., 1]
+        measured = [_fitted_fwhm(green, *xy) for xy in model.to_frame(i, model.star_xy[index])]
+        assert np.median(measured) == pytest.approx(fwhm, rel=0.04)
+
+
+def test_seeing_jitter_is_seeded_and_wanders_around_the_fwhm() -> None:
+    a = seeing_jitter(400, 3.5, 0.15, seed=2)
+    assert a == seeing_jitter(400, 3.5, 0.15, seed=2)
+    assert a != seeing_jitter(400, 3.5, 0.15, seed=3)
+    log = np.log(np.array(a) / 3.5)
+    assert np.std(log) == pytest.approx(0.15, rel=0.2)
+    assert abs(np.mean(log)) < 0.05
+    assert 0.4 < np.corrcoef(log[:-1], log[1:])[0, 1] < 0.8  # drifts, not white noise
+    assert SkyModel(frames=3, fwhm_schedule=a[:3]).fwhm(2) == a[2]
+
+
+# ---- dense fields ---------------------------------------------------------------------------
+
+
+def test_dense_field_has_the_requested_stars_and_conserves_their_light() -> None:
+    dense = SkyModel(
+        width=1600, height=1066, frames=2, seed=6, stars=5000, landscape_fraction=0.0,
+        nebula=False,
+    )  # fmt: skip
+    truth = dense.truth()
+    x, y = np.array(truth["stars"]["x"]), np.array(truth["stars"]["y"])
+    inside = (x >= -0.5) & (x < 1599.5) & (y >= -0.5) & (y < 1065.5)
+    assert abs(inside.sum() - 5000) < 4 * np.sqrt(5000)  # Poisson
+    start = time.perf_counter()
+    stars = dense.electrons(1).astype(np.float64)
+    elapsed = time.perf_counter() - start
+    stars -= SkyModel(**{**dense.parameters(), "stars": 0}).electrons(1)
+    # oracle: each star's flux x its mean site weight x the part of its PSF inside the frame
+    fx, fy = dense.to_frame(1, dense.star_xy).T
+    s = np.sqrt(2) * dense.psf_sigma(1)
+
+    def inside_1d(c: np.ndarray, n: int) -> np.ndarray:
+        return 0.5 * (special.erf((n - 0.5 - c) / s) - special.erf((-0.5 - c) / s))
+
+    weight = dense.star_rgb @ np.array([0.25, 0.5, 0.25])  # R, G, G, B sites
+    expected = dense.star_flux_e * weight * inside_1d(fx, 1600) * inside_1d(fy, 1066)
+    assert stars.sum() == pytest.approx(expected.sum(), rel=1e-4)
+    assert elapsed < 5.0, f"1600x1066 with 5000 stars took {elapsed:.1f} s"
+
+
+def test_milky_way_band_concentrates_stars() -> None:
+    sky = SkyModel(width=1600, height=1066, frames=1, seed=6, stars=500, milky_way=10.0)
+    band = sky.truth()["milky_way"]
+    assert band["contrast"] == 10.0
+    angle = np.radians(band["angle_deg"])
+
+    def distance(xy: np.ndarray) -> np.ndarray:  # from the band's centre line, px
+        dx, dy = xy[:, 0] - band["point"][0], xy[:, 1] - band["point"][1]
+        return np.abs(dy * np.cos(angle) - dx * np.sin(angle)) / band["sigma_px"]
+
+    x0, y0, x1, y1 = sky.sky_region
+    area = np.random.default_rng(0).uniform((x0, y0), (x1, y1), (400_000, 2))  # Monte Carlo
+    d_star, d_area = distance(sky.star_xy), distance(area)
+    on, off = (d_star < 0.3, d_area < 0.3), (d_star > 3, d_area > 3)
+    density_on = on[0].sum() / on[1].mean()
+    density_off = off[0].sum() / off[1].mean()
+    assert 9 < density_on / density_off < 13  # 1 + 10 x 0.99 on the centre line
+    plain = SkyModel(width=1600, height=1066, frames=1, seed=6, stars=500)
+    assert len(plain.star_xy) < 0.5 * len(sky.star_xy)
+
+
+@pytest.mark.slow
+def test_dense_full_size_frame_renders_in_seconds() -> None:
+    big = SkyModel(width=6000, height=4000, stars=5000, frames=10, milky_way=5.0)
+    start = time.perf_counter()
+    raw = big.render(1)
+    elapsed = time.perf_counter() - start
+    assert raw.shape == (4000, 6000) and len(big.visible_stars(1)) > 10_000
+    assert elapsed < 15.0, f"6000x4000 dense render took {elapsed:.1f} s"
+
+
+# ---- the command line -----------------------------------------------------------------------
+
+
+def test_simulate_command_builds_the_changing_night(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "simulate", str(tmp_path), "--frames", "6", "--width", "128", "--height", "96",
+        "--stars", "20", "--seed", "3", "--sky-ramp", "1.5", "--sky-step", "3:1.4",
+        "--glow", "0.1:0.3", "--haze", "2:0.3,4:0.85", "--haze", "5:0.9",
+        "--seeing-jitter", "0.1", "--cfa", "BGGR", "--satellite", "1,4", "--milky-way", "2",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "wrote 6 frames" in capsys.readouterr().out
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    frames = truth["frames"]
+    ramp = sky_ramp(6, 1.5)
+    expected_levels = [r * (1.4 if i >= 3 else 1.0) for i, r in enumerate(ramp)]
+    assert [f["sky_level"] for f in frames] == pytest.approx(expected_levels)
+    assert [f["glow"]["amplitude"] for f in frames] == pytest.approx(
+        [0.1, 0.14, 0.18, 0.22, 0.26, 0.3]
+    )
+    assert [f["transparency"] for f in frames] == [1.0, 1.0, 0.3, 1.0, 0.85, 0.9]
+    assert [f["fwhm_px"] for f in frames] == seeing_jitter(6, 3.5, 0.1, seed=3)
+    assert [f["defects"] for f in frames][1] == ["satellite"] and "satellite" in frames[4]
+    assert truth["cfa_pattern"] == "BGGR" and truth["milky_way"]["contrast"] == 2.0
+    with rawpy.imread(str(tmp_path / frames[5]["file"])) as raw:
+        desc = raw.color_desc.decode()
+        assert "".join(desc[k] for k in raw.raw_pattern.ravel()) == "BGGR"
+        assert np.array_equal(raw.raw_image_visible, SkyModel.from_truth(truth).render(5))
+
+
+def test_simulate_command_defaults_are_the_plain_night(tmp_path: Path) -> None:
+    assert main(["simulate", str(tmp_path / "a"), "--frames", "2", "--width", "128",
+                 "--height", "96", "--satellite", "1"]) == 0  # fmt: skip
+    simulate_night(tmp_path / "b", frames=2, width=128, height=96, satellite=1)
+    for name in ("truth.json", "IMG_0000.DNG", "IMG_0001.DNG"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_simulate_command_refuses_bad_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["simulate", str(tmp_path), "--frames", "4", "--width", "128", "--height", "96"]
+    assert main([*base, "--haze", "7:0.3"]) == 2
+    assert "--haze frame 7 is outside 0..3" in capsys.readouterr().err
+    assert main([*base, "--seeing", "3,4"]) == 2
+    assert "fwhm_schedule needs 4 values" in capsys.readouterr().err
+    assert main([*base, "--haze", "1:1.5"]) == 2
+    assert "transparency values must be in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--sky-step", "8"])  # argparse: not FRAME:VALUE
+    assert "expected FRAME:VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--cfa", "RGBW"])
+    assert not (tmp_path / "truth.json").exists()

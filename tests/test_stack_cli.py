@@ -242,8 +242,15 @@ def test_tiff_and_png_outputs(night: tuple[Path, dict[str, Any]], tmp_path: Path
     assert main(["stack", *files, "-o", str(tmp_path / "s.tif")]) == 0
     data = tifffile.imread(tmp_path / "s.tif")
     assert data.dtype == np.uint16 and data.shape == (truth["height"], truth["width"], 3)
-    assert data.max() == 65535  # scaled to the data range, not clipped
     assert np.median(data) < 0.1 * 65535  # linear: the sky is dark
+    # the fixed scale: the FITS value (1.0 = full scale) times 65535
+    assert main(["stack", *files, "-o", str(tmp_path / "s.fits")]) == 0
+    linear = np.moveaxis(fits.getdata(tmp_path / "s.fits"), 0, 2)
+    covered = np.isfinite(linear)
+    expected = np.clip(np.rint(np.nan_to_num(linear).astype(np.float64) * 65535.0), 1, 65535)
+    assert np.array_equal(data[covered], expected[covered]) and np.all(data[~covered] == 0)
+    assert main(["stack", *files, "-o", str(tmp_path / "r.tif"), "--tiff-scale", "range"]) == 0
+    assert tifffile.imread(tmp_path / "r.tif").max() == 65535  # scaled to the data range
     assert main(["stack", *files, "-o", str(tmp_path / "v.tif"), "--stretched"]) == 0
     stretched = tifffile.imread(tmp_path / "v.tif")
     assert 0.15 * 65535 < np.median(stretched) < 0.35 * 65535  # auto-stretch: sky near 0.25

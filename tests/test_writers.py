@@ -83,9 +83,33 @@ def test_a_refused_fits_card_writes_nothing(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- TIFF
 
 
-def test_linear_tiff_maps_the_finite_range_onto_16_bits(tmp_path: Path) -> None:
+def test_linear_tiff_fixed_scale_maps_full_scale_to_65535_and_keeps_0_for_no_coverage(
+    tmp_path: Path,
+) -> None:
     image = _image()
-    write_tiff(tmp_path / "stack.tif", image)
+    image[0, 0, :] = 0.0  # a covered pixel at the black level
+    image[0, 1, :] = 1.7  # above full scale (a clipped highlight)
+    write_tiff(tmp_path / "stack.tif", image)  # fixed is the default
+    with tifffile.TiffFile(tmp_path / "stack.tif") as tif:
+        pixels = tif.asarray()
+        info = json.loads(tif.pages[0].description)  # type: ignore[union-attr]
+    assert info["data_min"] == 0.0 and info["data_max"] == 1.0 and info["scale"] == 65535
+    finite = np.isfinite(image)
+    expected = np.clip(np.rint(np.nan_to_num(image).astype(np.float64) * 65535), 1, 65535)
+    assert np.array_equal(pixels[finite], expected[finite].astype(np.uint16))
+    assert np.all(pixels[~finite] == 0) and pixels[finite].min() >= 1
+    assert np.all(pixels[0, 1] == 65535) and np.all(pixels[0, 0] == 1)
+    # two images with the same data give the same pixels whatever else they hold
+    dimmer = image.copy()
+    dimmer[5:, :, :] *= 0.5
+    write_tiff(tmp_path / "other.tif", dimmer)
+    other = tifffile.imread(tmp_path / "other.tif")
+    assert np.array_equal(other[:5], pixels[:5])
+
+
+def test_linear_tiff_range_scale_maps_the_finite_range_onto_16_bits(tmp_path: Path) -> None:
+    image = _image()
+    write_tiff(tmp_path / "stack.tif", image, scale="range")
     with tifffile.TiffFile(tmp_path / "stack.tif") as tif:
         pixels = tif.asarray()
         info = json.loads(tif.pages[0].description)  # type: ignore[union-attr]

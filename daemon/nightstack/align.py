@@ -152,7 +152,13 @@ def align(
     pair_array = np.stack([frame_xy[pairs[:, 0]], ref_xy[pairs[:, 1]]], axis=1)
     residual = _apply(matrix, pair_array[:, 0]) - pair_array[:, 1]
     rms = float(np.sqrt(np.mean(np.sum(residual * residual, axis=1))))
-    return Alignment(matrix=matrix, pairs=pair_array, inliers=len(pairs), residual_px=rms)
+    return Alignment(
+        matrix=matrix,
+        pairs=pair_array,
+        inliers=len(pairs),
+        residual_px=rms,
+        indices=np.asarray(pairs, dtype=np.intp),
+    )
 
 
 def _apply(matrix: FloatArray, xy: FloatArray) -> FloatArray:

@@ -11,12 +11,16 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import Settings, describe, load_settings
 from .errors import ConfigError, NightstackError
+from .simulate import cli as simulate_cli
 from .watcher import natural_key
+
+if TYPE_CHECKING:
+    from .service import Hooks
 
 log = logging.getLogger("nightstack")
 
@@ -34,6 +38,9 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--decode-timeout": ("decode_timeout_s", float, "abandon a decode after this many seconds"),
     "--ram-cap-mb": ("ram_cap_mb", int, "RAM cap of the final combine"),
     "--preview-width": ("preview_width", int, "preview width in px"),
+    "--normalize": ("normalize", str, "sky normalization: add, addscale, gradient or none"),
+    "--min-transparency": ("min_transparency", float, "reject hazier frames (0 = off)"),
+    "--tiff-scale": ("tiff_scale", str, "linear TIFF scale: fixed (65535 = full scale) or range"),
 }
 
 
@@ -72,22 +79,7 @@ def expand_inputs(inputs: Sequence[str], extensions: Sequence[str]) -> list[Path
 
 # --- simulate ------------------------------------------------------------------------------
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from .simulate import simulate_night
-
-    truth = simulate_night(
-        args.outdir,
-        frames=args.frames,
-        width=args.width,
-        height=args.height,
-        seed=args.seed,
-        interval_s=args.interval,
-        satellite=args.satellite,
-        cloudy=args.cloudy,
-        trailed=args.trailed,
-        stars=args.stars,
-    )
-    print(f"wrote {args.frames} frames and {truth}")
-    return 0
+    return simulate_cli.run(args)
 
 
 # --- stack ---------------------------------------------------------------------------------
@@ -129,11 +121,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix=".nightstack-", dir=args.work_dir or output.parent))
     report = args.report.open("w", encoding="utf-8") if args.report else None
     try:
-        with Decoder(
-            timeout_s=settings.decode_timeout_s,
-            load_kwargs=load_kwargs(settings),
-            decode_fn=settings.decode_fn,
-        ) as dec:
+        with Decoder(timeout_s=settings.decode_timeout_s, load_kwargs=load_kwargs(settings)) as dec:
             stacker = Stacker(settings, workdir, dec, live=False)  # batch: the final only
             progress = _Progress(len(files), "stacking")
             for n, path in enumerate(files, 1):
@@ -208,7 +196,10 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     extra = _watch_overrides(args)
     settings = _settings(args, extra)
     setup_logging("DEBUG" if args.verbose else settings.log_level)
-    return Daemon(settings, config=args.config, overrides=_overrides(args, extra)).run()
+    daemon = Daemon(
+        settings, config=args.config, overrides=_overrides(args, extra), hooks=args.hooks
+    )
+    return daemon.run()
 
 
 def _cmd_close(args: argparse.Namespace) -> int:
@@ -253,16 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="write a synthetic night of DNG raws + truth.json")
-    p.add_argument("outdir", type=Path)
-    p.add_argument("--frames", type=int, default=10)
-    p.add_argument("--width", type=int, default=1200)
-    p.add_argument("--height", type=int, default=800)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--interval", type=float, default=0.0, help="seconds between frames")
-    p.add_argument("--satellite", type=int, default=None, help="frame index with a satellite")
-    p.add_argument("--cloudy", type=int, default=None, help="frame index that is cloudy")
-    p.add_argument("--trailed", type=int, default=None, help="frame index trailed by wind")
-    p.add_argument("--stars", type=int, default=400)
+    simulate_cli.add_arguments(p)
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("stack", help="stack files, folders or globs into one image")
@@ -311,8 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, hooks: Hooks | None = None) -> int:
+    """Run ``nightstack ARGV``; return the exit code. ``hooks``: faults a test injects into the
+    daemon of ``nightstack watch`` (see ``service.Hooks``); never settings."""
     args = build_parser().parse_args(argv)
+    args.hooks = hooks
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",

@@ -1,7 +1,9 @@
 """The one configuration model: a TOML file, ``NIGHTSTACK_*`` environment variables, CLI flags.
 
 Precedence, lowest to highest: built-in defaults, the TOML file, the environment, CLI flags.
-Nothing else in nightstack reads ``os.environ`` for settings.
+Nothing else in nightstack reads ``os.environ`` for settings. Test hooks (the decoder child's
+decode function, a stalled worker) are not settings: tests pass them to ``Daemon`` / ``Decoder``
+(``service.Hooks``).
 """
 
 from __future__ import annotations
@@ -118,6 +120,13 @@ class Settings(BaseSettings):
         3.0, gt=1, description="Reject frames whose sky is this much brighter than the reference."
     )
     max_residual_px: float = Field(1.0, gt=0, description="Reject alignments with a larger RMS.")
+    min_transparency: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="Reject frames letting through less starlight than this x the reference's "
+        "(haze, thin cloud, dew; measured on matched stars, whatever the star density; 0 = off).",
+    )
 
     # --- stacking ---
     stack_method: StackMethod = Field("sigma_clip", description="Final combine method.")
@@ -127,7 +136,23 @@ class Settings(BaseSettings):
     live_warmup: int = Field(
         5, ge=3, description="Frames clipped as a batch before live rejection."
     )
+    normalize: Literal["add", "addscale", "none", "gradient"] = Field(
+        "add",
+        description="Match each frame's sky to the reference's before rejection and stacking: "
+        "'add' (offset), 'addscale' (offset and 1/transparency), 'gradient' (a smooth surface: "
+        "moving moon glow), 'none'.",
+    )
     ram_cap_mb: int = Field(512, ge=16, description="RAM cap of the final tile-by-tile combine.")
+    final: Literal["exact", "live"] = Field(
+        "exact",
+        description="The final stack: 'exact' (sigma clip of the stored frames; needs the frame "
+        "store's disk) or 'live' (the live stack; no frame store, for a small box).",
+    )
+    min_free_frames: int = Field(
+        20,
+        ge=0,
+        description="Warn (log, journal, status) when the free disk holds fewer frames than this.",
+    )
     weights: Literal["none", "fwhm"] = Field(
         "none", description="Per-frame weights in the combine."
     )
@@ -137,24 +162,41 @@ class Settings(BaseSettings):
     preview_every_s: float = Field(30.0, ge=0, description="...or when this many seconds passed.")
     preview_width: int = Field(1600, ge=64, description="Preview width in pixels.")
     write_fits: bool = Field(True, description="Also write stack.fits at session close.")
+    tiff_scale: Literal["fixed", "range"] = Field(
+        "fixed",
+        description="Linear TIFF scale: 'fixed' (the camera's white level after black "
+        "subtraction = 65535, comparable between sessions) or 'range' (the data range).",
+    )
+    live_fits_every_s: float = Field(
+        60.0,
+        ge=0,
+        description="Rewrite live.fits (the linear live stack) with a preview at most this "
+        "often (0 = with every preview): it is 12 bytes a pixel (288 MB at 24 MP), a lot "
+        "for an SD card every frame.",
+    )
+    snapshot_every_frames: int = Field(
+        0,
+        ge=0,
+        description="Also keep snapshots/live-NNNN.fits every K accepted frames (0 = off); "
+        "live.fits is rewritten with every preview whatever this says.",
+    )
     checkpoint_every_frames: int = Field(
         10,
         ge=1,
         description="Checkpoint the live stack every K accepted frames (a resume re-adds at most "
         "K-1 frames from the frame store; a checkpoint writes 10 bytes per pixel and channel).",
     )
+    checkpoint_min_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="...and at most once this often (a backlog does not rewrite the checkpoint "
+        "every few seconds; a resume replays the frames since from the frame store).",
+    )
     idle_timeout_s: float = Field(
         1800.0, gt=0, description="Close the session after this long without a new frame."
     )
     keep_frame_store: bool = Field(
         False, description="Keep the aligned-frame store after the final stack is written."
-    )
-    decode_fn: str = Field(
-        "nightstack.loaders:load",
-        description="Advanced/testing: 'module:function' the isolated decoder process runs.",
-    )
-    debug_stall_s: float = Field(
-        0.0, ge=0, description="Testing only: the worker sleeps this long before each frame."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level."

@@ -1,7 +1,7 @@
 """A minimal DNG writer: one uncompressed CFA image that LibRaw (rawpy) decodes exactly.
 
 Hand-built rather than through tifffile because LibRaw reads ISO only from a real EXIF
-sub-IFD, which tifffile's extra tags cannot create. Used by the simulator (``simulate.py``).
+sub-IFD, which tifffile's extra tags cannot create. Used by the simulator (``nightstack.simulate``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ _D65 = 21  # EXIF LightSource code for D65, the illuminant of ColorMatrix1
 _MATRIX_DENOMINATOR = 10_000  # SRATIONAL denominator: 4 decimals are plenty for a colour matrix
 _RATIONAL_MAX_DENOMINATOR = 1_000_000  # exposure times down to 1 microsecond stay exact
 _PIXEL_DATA_ALIGN = 16  # start the strip on a 16-byte boundary (cheap, friendly to readers)
+_CFA_COLOURS = "RGB"  # TIFF/EP CFAPattern colour codes 0, 1, 2, as in CFAPlaneColor below
+CFA_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")  # the 2x2 Bayer tiles this writer accepts
 
 # XYZ (D65) -> linear sRGB: as DNG ColorMatrix1 (XYZ -> camera) it makes the simulated camera's
 # RGB equal linear sRGB, so LibRaw's camera -> sRGB matrix is the identity and grey stays grey.
@@ -116,6 +118,7 @@ def _dng_tags(
     model: str,
     capture_time: datetime | None,
     as_shot_neutral: tuple[float, float, float],
+    cfa_pattern: str,
     strip_offset: int,
     exif_offset: int,
 ) -> list[_Tag]:
@@ -136,7 +139,7 @@ def _dng_tags(
         _Tag(284, _SHORT, (1,)),  # PlanarConfiguration: chunky
         _ascii(305, "nightstack simulate"),
         _Tag(33421, _SHORT, (2, 2)),  # CFARepeatPatternDim
-        _Tag(33422, _BYTE, (0, 1, 1, 2)),  # CFAPattern: R G / G B
+        _Tag(33422, _BYTE, tuple(_CFA_COLOURS.index(c) for c in cfa_pattern)),  # CFAPattern
         _Tag(34665, _LONG, (exif_offset,)),  # ExifIFD
         _Tag(50706, _BYTE, (1, 4, 0, 0)),  # DNGVersion
         _Tag(50707, _BYTE, (1, 4, 0, 0)),  # DNGBackwardVersion
@@ -180,6 +183,7 @@ def write_dng(
     make: str = "nightstack",
     model: str = "Simulated Camera",
     as_shot_neutral: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    cfa_pattern: str = "RGGB",
 ) -> Path:
     """Write a Bayer mosaic as an uncompressed little-endian DNG that LibRaw (rawpy) decodes.
 
@@ -189,8 +193,7 @@ def write_dng(
         Destination. The file is opened once, written and closed: it is complete when the
         handle closes (no temporary name, so a folder watcher sees one close-after-write).
     cfa
-        (rows, cols) uint16 raw values, RGGB: (row 0, col 0) is red, (0, 1) and (1, 0) green,
-        (1, 1) blue.
+        (rows, cols) uint16 raw values laid out as ``cfa_pattern``.
     black_level, white_level
         Raw ADU of zero light and of saturation, written as DNG BlackLevel and WhiteLevel.
     exposure_s, iso, capture_time
@@ -202,6 +205,10 @@ def write_dng(
     as_shot_neutral
         DNG AsShotNeutral (camera R, G, B of a neutral object); the default makes the camera
         white balance the identity.
+    cfa_pattern
+        The Bayer tile read row by row from pixel (0, 0), one of ``CFA_PATTERNS``: ``"RGGB"``
+        has red at (row 0, col 0), green at (0, 1) and (1, 0), blue at (1, 1). Written as the
+        DNG CFAPattern tag.
 
     Returns
     -------
@@ -214,6 +221,10 @@ def write_dng(
     if not 0 <= black_level < white_level <= 65535:
         raise ValueError(
             f"need 0 <= black_level < white_level <= 65535, got {black_level}, {white_level}"
+        )
+    if cfa_pattern not in CFA_PATTERNS:
+        raise ValueError(
+            f"cfa_pattern must be one of {', '.join(CFA_PATTERNS)}, got {cfa_pattern!r}"
         )
     if min(as_shot_neutral) <= 0:
         raise ValueError(f"as_shot_neutral must be positive, got {as_shot_neutral}")
@@ -229,6 +240,7 @@ def write_dng(
             model=model,
             capture_time=capture_time,
             as_shot_neutral=as_shot_neutral,
+            cfa_pattern=cfa_pattern,
             strip_offset=strip_offset,
             exif_offset=exif_offset,
         )

@@ -61,6 +61,12 @@ class Stars:
     ``background`` and ``noise``: sky level and sigma-clipped sky standard deviation of the
     luminance. Star summaries (FWHM, roundness, elongation) are NaN when there are no stars;
     background and noise are still measured (a cloudy frame shows there).
+
+    The list is capped (``max_stars``, for alignment); ``detected`` is the number of stars the
+    frame shows before the cap (the quality gates compare it, so a dense Milky Way field still
+    shows haze). ``aperture_flux``: (n,) float64 background-subtracted flux in an aperture of
+    radius ``APERTURE_FWHM`` x the frame's FWHM (so it holds the same fraction of every star's
+    light whatever the seeing), NaN for saturated stars; the transparency compares it.
     """
 
     xy: FloatArray
@@ -70,6 +76,12 @@ class Stars:
     elongation: float
     background: float
     noise: float
+    detected: int = -1
+    aperture_flux: FloatArray | None = None
+
+    def __post_init__(self) -> None:
+        if self.detected < 0:
+            object.__setattr__(self, "detected", int(self.xy.shape[0]))
 
     def __len__(self) -> int:
         return int(self.xy.shape[0])
@@ -82,12 +94,14 @@ class Alignment:
     ``matrix``: (2, 3) float64, frame (x, y) -> reference (x, y).
     ``pairs``: (m, 2, 2) float64, the inlier pairs ``[[frame x, y], [reference x, y]]``.
     ``residual_px``: RMS distance of the inliers after the fit, full-resolution pixels.
+    ``indices``: (m, 2) int, the inlier pairs as (frame star index, reference star index).
     """
 
     matrix: FloatArray
     pairs: FloatArray
     inliers: int
     residual_px: float
+    indices: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros((0, 2), np.intp))
 
     def as_list(self) -> list[list[float]]:
         """The matrix as nested lists, for JSON."""

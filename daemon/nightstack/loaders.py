@@ -291,6 +291,10 @@ def _load_raw(path: Path, content: str | None, options: _Options) -> Frame:
     params: dict[str, Any] = {
         "gamma": (1, 1),
         "no_auto_bright": True,
+        # LibRaw otherwise takes a frame's brightest pixel for white when it lies above 0.75 of
+        # the white level: a hazy frame without a saturated star would decode up to 1.33x too
+        # bright, and its sky level and transparency with it
+        "adjust_maximum_thr": 0.0,
         "output_bps": 16,
         "user_flip": 0,  # sensor orientation: CFA luminance and RGB share coordinates
         "demosaic_algorithm": rawpy.DemosaicAlgorithm[options.demosaic],

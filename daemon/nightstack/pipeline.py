@@ -11,6 +11,7 @@ split in two halves so the daemon can decode frame N+1 while frame N is being st
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -30,8 +31,10 @@ from .decoder import Decoder
 from .detect import StarFinder
 from .errors import AlignmentError, DecodeError
 from .frames import IDENTITY, Alignment, FloatArray, Frame, Stars
-from .quality import Quality, QualityLimits, gate
+from .normalize import Normalization, SkySamples, estimate
+from .quality import Quality, QualityLimits, gate, transparency
 from .stack import FrameStore, LiveStack, combine
+from .warp import warp
 
 _HASH_CHUNK = 1 << 20  # read files in 1 MiB pieces while hashing
 
@@ -65,6 +68,10 @@ class FrameRecord:
     residual_px: float | None = None
     elongation: float | None = None
     background: float | None = None
+    transparency: float | None = None
+    normalization: dict[str, Any] | None = None
+    stored: bool | None = None
+    warning: str | None = None
     sha256: str | None = None
     exposure_s: float | None = None
     capture_time: str | None = None
@@ -111,13 +118,16 @@ class Prepared:
 
 @dataclass(frozen=True, eq=False)
 class Reference:
-    """The session's reference frame: every transform maps onto its pixel grid."""
+    """The session's reference frame: every transform maps onto its pixel grid, every frame's
+    sky is matched to its ``sky`` samples, its stars' fluxes define transparency 1."""
 
     file: str
     stars: Stars
     quality: Quality
     shape: tuple[int, int]
     channels: int
+    sky: SkySamples
+    exposure_s: float | None = None
 
 
 class _Stopwatch:
@@ -147,6 +157,7 @@ def quality_limits(settings: Settings) -> QualityLimits:
         max_elongation=settings.max_elongation,
         max_background_ratio=settings.max_background_ratio,
         max_residual_px=settings.max_residual_px,
+        min_transparency=settings.min_transparency or None,
     )
 
 
@@ -184,8 +195,16 @@ class Stacker:
         self.reference: Reference | None = None
         self.store: FrameStore | None = None
         self.live: LiveStack | None = None
+        self.live_only: str | None = None
+        """Why frames are no longer stored (the final is then the live stack), or None."""
+        self.space_check: Callable[[int], str | None] | None = None
+        """Set by a session: called with a frame's store bytes before storing it; a reason not to
+        store it (the disk's reserve for the final outputs would be touched) or None."""
         self.accepted = 0
         self.rejected: dict[str, int] = {}
+        self.lost: dict[str, dict[str, str]] = {}
+        """Frames whose stored data a damaged session lost, by content hash: {file, reason};
+        one stacked again later (its raw still in the watch folder) leaves this."""
         self.exposure_s = 0.0
         self.first_time: str | None = None  # ISO capture times of the first and last frame
         self.last_time: str | None = None
@@ -222,7 +241,7 @@ class Stacker:
             return self._reject(record, prepared.error or "not decoded")
         frame, stars, quality = prepared.frame, prepared.stars, prepared.quality
         assert quality is not None
-        record.stars, record.fwhm = len(stars), _finite(round(stars.fwhm_px, 3))
+        record.stars, record.fwhm = stars.detected, _finite(round(stars.fwhm_px, 3))
         record.elongation = _finite(round(stars.elongation, 3))
         record.background = _finite(float(stars.background))
         record.exposure_s = frame.meta.exposure_s
@@ -237,6 +256,8 @@ class Stacker:
             self._start(prepared)
             alignment = Alignment(IDENTITY.copy(), np.zeros((0, 2, 2)), len(stars), 0.0)
             record.reference = True
+            record.transparency = 1.0
+            norm = Normalization.identity(self.reference_channels, self.settings.normalize)
         else:
             if frame.shape != self.reference.shape:
                 rows, cols = frame.shape
@@ -265,15 +286,30 @@ class Stacker:
             except AlignmentError as err:
                 record.ms.update(watch.ms)
                 return self._reject(record, err.reason)
-            record.ms.update(watch.ms)
             record.residual_px = round(alignment.residual_px, 4)
             record.transform = alignment.as_list()
-            reason = gate(Quality.of(stars, alignment), self.limits, self.reference.quality)
-            if reason is not None:  # the residual limit
+            clarity = self._transparency(frame, stars, alignment)
+            record.transparency = None if clarity is None else round(clarity, 4)
+            reason = gate(
+                Quality.of(stars, alignment, clarity), self.limits, self.reference.quality
+            )
+            if reason is not None:  # the residual and transparency limits
+                record.ms.update(watch.ms)
                 return self._reject(record, reason)
+            with watch.stage("normalize"):
+                norm = estimate(
+                    self.settings.normalize,
+                    frame.image,
+                    alignment.matrix,
+                    self.reference.sky,
+                    self._sky_test(frame.shape[0]),
+                    clarity,
+                )
+            record.ms.update(watch.ms)
         record.transform = alignment.as_list()
         record.residual_px = round(alignment.residual_px, 4)
-        self._add(frame, alignment.matrix, stars, watch)
+        record.normalization = norm.as_json()
+        record.stored = self._add(frame, alignment.matrix, stars, norm, watch)
         record.ms.update(watch.ms)
         record.status = "accepted"
         self.count(record)
@@ -310,14 +346,46 @@ class Stacker:
         return f"reference {Path(ref.file).name} is worse than {prepared.path.name}: {flaw}"
 
     # --- helpers --------------------------------------------------------------------------
+    @property
+    def reference_channels(self) -> int:
+        assert self.reference is not None
+        return self.reference.channels
+
+    def _sky_test(self, rows: int) -> Callable[[FloatArray, FloatArray], np.ndarray]:
+        """Sky (not ground) at full-resolution frame positions, for the normalization."""
+        finder = self.finder
+        return lambda x, y: finder.in_sky(x, y, rows)
+
+    def _transparency(self, frame: Frame, stars: Stars, alignment: Alignment) -> float | None:
+        """Starlight let through relative to the reference, exposure-corrected when both
+        exposures are known."""
+        assert self.reference is not None
+        ratio = 1.0
+        mine, theirs = frame.meta.exposure_s, self.reference.exposure_s
+        if mine and theirs and mine > 0 and theirs > 0:
+            ratio = mine / theirs
+        return transparency(stars, self.reference.stars, alignment, ratio)
+
     def _reject(self, record: FrameRecord, reason: str) -> FrameRecord:
         record.status, record.reason = "rejected", reason
         self.count(record)
         return record
 
     def count(self, record: FrameRecord) -> None:
-        """Add a finished record to the session's tallies (also used when resuming)."""
+        """Add a finished record to the session's tallies (also used when resuming).
+
+        A ``"lost"`` record (written by a salvage) takes back an earlier accepted frame whose
+        stored data was lost."""
+        if record.status == "lost":
+            self.accepted -= 1
+            self.exposure_s -= record.exposure_s or 0.0
+            self.lost[record.sha256 or record.file] = {
+                "file": record.file,
+                "reason": record.reason or "lost",
+            }
+            return
         if record.status == "accepted":
+            self.lost.pop(record.sha256 or record.file, None)
             self.accepted += 1
             self.exposure_s += record.exposure_s or 0.0
             if record.capture_time is not None:
@@ -333,9 +401,18 @@ class Stacker:
         assert frame is not None and prepared.stars is not None and prepared.quality is not None
         channels = int(frame.image.shape[2])
         self.reference = Reference(
-            str(prepared.path), prepared.stars, prepared.quality, frame.shape, channels
+            str(prepared.path),
+            prepared.stars,
+            prepared.quality,
+            frame.shape,
+            channels,
+            SkySamples.of(frame.image, self._sky_test(frame.shape[0])),
+            frame.meta.exposure_s,
         )
-        self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
+        if self.settings.final == "live" and self.with_live:
+            self.live_only = "final = 'live': no frame store"
+        else:
+            self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
         if not self.with_live:
             return
         self.live = LiveStack(
@@ -346,24 +423,62 @@ class Stacker:
             store=self.store,
         )
 
-    def _add(self, frame: Frame, matrix: FloatArray, stars: Stars, watch: _Stopwatch) -> None:
-        """Warp band by band straight into the frame store, then add the stored frame live.
+    def go_live_only(self, reason: str) -> None:
+        """Stop storing frames (the disk cannot hold more): the live stack goes on alone and
+        becomes the final, so the result still holds every accepted frame."""
+        if self.live_only is not None:
+            return
+        self.live_only = reason
+        if self.live is not None:
+            self.live.detach_store()
+
+    def _add(
+        self,
+        frame: Frame,
+        matrix: FloatArray,
+        stars: Stars,
+        norm: Normalization,
+        watch: _Stopwatch,
+    ) -> bool:
+        """Warp band by band straight into the frame store, then add the stored frame live;
+        returns whether it was stored. In live-only mode (``final = "live"``, or the disk could
+        not hold more frames: :attr:`live_only` says why) the frame goes to the live stack only.
 
         Streaming never holds a full warped copy beside the frame and the live state (about
         300 MB less at 24 MP), and the live stack sees exactly the stored (16-bit) frame, so a
         resume that re-adds frames from the store reproduces it bit for bit.
         """
-        assert self.reference is not None and self.store is not None
-        with watch.stage("warp+store"):
-            self.store.add_warped(
-                frame.image,
-                matrix,
-                weight=_weight(self.settings, stars),
-                name=frame.path.name,
-            )
-        if self.live is not None:
-            with watch.stage("accumulate"):
-                self.live.catch_up()
+        assert self.reference is not None
+        if self.live_only is None and self.store is not None:
+            why = self.space_check(self.store.frame_bytes) if self.space_check else None
+            if why is None:
+                try:
+                    with watch.stage("warp+store"):
+                        self.store.add_warped(
+                            frame.image,
+                            matrix,
+                            weight=_weight(self.settings, stars),
+                            name=frame.path.name,
+                            normalization=norm,
+                        )
+                except OSError as err:
+                    if err.errno not in (errno.ENOSPC, errno.EDQUOT) or self.live is None:
+                        raise
+                    why = f"disk full while storing {frame.path.name}"
+            if why is None:
+                if self.live is not None:
+                    with watch.stage("accumulate"):
+                        self.live.catch_up()
+                return True
+            self.go_live_only(why)
+        # live-only: warp the whole frame and add it to the live stack directly
+        assert self.live is not None
+        with watch.stage("warp"):
+            warped, fp = warp(frame.image, matrix, self.reference.shape)
+            norm.apply(warped, 0, self.reference.shape)
+        with watch.stage("accumulate"):
+            self.live.add(warped, fp)
+        return False
 
     def header(self) -> dict[str, Any]:
         """FITS header cards describing the stack (NCOMBINE, EXPTIME, dates, settings)."""
@@ -374,11 +489,12 @@ class Stacker:
             "EXPTIME": round(self.exposure_s, 3),
             "SWCREATE": f"nightstack {__version__}",
             "REFFRAME": Path(self.reference.file).name[:68],
-            "STACKMTH": s.stack_method,
+            "STACKMTH": "live" if self.live_only is not None else s.stack_method,
             "STACKSIG": s.stack_sigma,
             "STACKITR": s.stack_maxiters,
             "XFMODEL": s.transform_model,
             "DEMOSAIC": s.demosaic,
+            "NORMALIZ": s.normalize,
         }
         if self.first_time is not None:
             cards["DATE-OBS"] = self.first_time
@@ -393,7 +509,8 @@ class Stacker:
         state (10 bytes per pixel and channel, 720 MB at 24 MP) would sit idle beside it. A
         daemon that resumes rebuilds it from the checkpoint and the store.
         """
-        assert self.store is not None
+        if self.live_only is not None or self.store is None:
+            return self._live_final()
         self.live = None
         weights = None
         if self.settings.weights != "none":
@@ -407,6 +524,13 @@ class Stacker:
             ram_cap_bytes=self.settings.ram_cap_mb * 2**20,
             progress=progress,
         )
+
+    def _live_final(self) -> FloatArray:
+        """The live stack as the final (live-only sessions), released after."""
+        assert self.live is not None, "a live-only final needs its live stack"
+        image = self.live.result()
+        self.live = None
+        return image
 
 
 def reference_flaw(quality: Quality, limits: QualityLimits) -> str | None:
@@ -443,7 +567,7 @@ def write_output(
 
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        write_tiff(path, image, stretched=stretched)
+        write_tiff(path, image, stretched=stretched, scale=settings.tiff_scale)
     elif suffix in (".fits", ".fit", ".fts"):
         write_fits(path, image, header)
     elif suffix in (".jpg", ".jpeg", ".png"):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from nightstack.frames import Alignment, Stars
 
 
@@ -22,7 +24,10 @@ class Quality:
     ``elongation``: median major/minor axis ratio (1 = round); ``roundness``: median |DAOFind
     roundness2| (0 = round); ``background``, ``noise``: sky level and sky standard deviation,
     luminance units; ``residual_px``: RMS residual of the alignment, full-resolution pixels, None
-    when the frame was not aligned (e.g. the reference itself).
+    when the frame was not aligned (e.g. the reference itself); ``transparency``: starlight
+    let through relative to the reference (:func:`transparency`), None when not measured.
+    ``stars`` counts every star the frame shows (``Stars.detected``), not the capped list
+    kept for alignment, so that the count still falls behind haze in a dense field.
     """
 
     stars: int
@@ -32,18 +37,22 @@ class Quality:
     background: float
     noise: float
     residual_px: float | None = None
+    transparency: float | None = None
 
     @classmethod
-    def of(cls, stars: Stars, alignment: Alignment | None = None) -> Quality:
+    def of(
+        cls, stars: Stars, alignment: Alignment | None = None, transparency: float | None = None
+    ) -> Quality:
         """Quality of a frame from its stars and, when aligned, its alignment."""
         return cls(
-            stars=len(stars),
+            stars=stars.detected,
             fwhm_px=float(stars.fwhm_px),
             elongation=float(stars.elongation),
             roundness=float(stars.roundness),
             background=float(stars.background),
             noise=float(stars.noise),
             residual_px=None if alignment is None else float(alignment.residual_px),
+            transparency=transparency,
         )
 
     def as_dict(self) -> dict[str, float | int | None]:
@@ -64,7 +73,8 @@ class QualityLimits:
     ``max_background_ratio``: sky level limit relative to the reference (thin cloud lit by a
     town, twilight, the Moon rising). ``min_star_fraction``: star count limit relative to the
     reference's (thin cloud, dew, haze dim the faint stars first). ``max_residual_px``:
-    alignment RMS residual, full-res px.
+    alignment RMS residual, full-res px. ``min_transparency``: starlight let through relative to
+    the reference (haze, thin cloud, dew on the lens), whatever the star density.
     """
 
     min_stars: int = 15
@@ -74,6 +84,7 @@ class QualityLimits:
     max_elongation: float | None = 1.6
     max_background_ratio: float | None = None
     max_residual_px: float | None = 1.0
+    min_transparency: float | None = 0.6
 
     def __post_init__(self) -> None:
         if self.min_stars < 0:
@@ -84,6 +95,7 @@ class QualityLimits:
             "max_residual_px": self.max_residual_px,
             "max_background_ratio": self.max_background_ratio,
             "min_star_fraction": self.min_star_fraction,
+            "min_transparency": self.min_transparency,
         }
         for name, value in positive.items():
             if value is not None and not value > 0:
@@ -131,7 +143,51 @@ def gate(quality: Quality, limits: QualityLimits, reference: Quality | None = No
     residual, limit = quality.residual_px, limits.max_residual_px
     if residual is not None and _above(residual, limit):
         return f"poor alignment: residual {residual:.2f} px > {limit:.2f} px"
+    seen, least = quality.transparency, limits.min_transparency
+    if seen is not None and least is not None and _above(least, seen):
+        return f"haze: transparency {seen:.2f} < {least:.2f}"
     return None
+
+
+TRANSPARENCY_MIN_PAIRS = 5
+"""Matched unsaturated stars needed to measure a transparency (a median of fewer is noise)."""
+
+TRANSPARENCY_BRIGHT_SKIP = 0.1
+"""Fraction of the brightest matched stars left out: near saturation, their flux no longer
+follows the sky's transparency (saturated ones are NaN already)."""
+
+
+def transparency(
+    stars: Stars,
+    reference: Stars,
+    alignment: Alignment,
+    exposure_ratio: float = 1.0,
+) -> float | None:
+    """Starlight the frame lets through relative to the reference: the median aperture-flux
+    ratio (frame / reference) of the stars matched by the alignment, divided by
+    ``exposure_ratio`` (frame exposure / reference exposure). 1 = as clear as the reference,
+    0.3 = haze lets through 30 %. None when fewer than :data:`TRANSPARENCY_MIN_PAIRS`
+    unsaturated pairs were matched (or no aperture fluxes were measured).
+
+    Uses the matched pairs, so it does not depend on how many stars the field has: in a dense
+    Milky Way field, the capped star lists of a clear and a hazy frame hold the same number of
+    stars, but the stars in them are dimmer behind haze.
+    """
+    if stars.aperture_flux is None or reference.aperture_flux is None:
+        return None
+    pairs = alignment.indices
+    if pairs.shape[0] == 0:
+        return None
+    frame_flux = stars.aperture_flux[pairs[:, 0]]
+    ref_flux = reference.aperture_flux[pairs[:, 1]]
+    ok = np.isfinite(frame_flux) & np.isfinite(ref_flux) & (ref_flux > 0)
+    frame_flux, ref_flux = frame_flux[ok], ref_flux[ok]
+    order = np.argsort(-ref_flux, kind="stable")
+    keep = order[int(TRANSPARENCY_BRIGHT_SKIP * order.size) :]
+    if keep.size < TRANSPARENCY_MIN_PAIRS:
+        return None
+    ratio = float(np.median(frame_flux[keep] / ref_flux[keep]))
+    return ratio / exposure_ratio if exposure_ratio > 0 else ratio
 
 
 def _above(value: float, limit: float | None) -> bool:

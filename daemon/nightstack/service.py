@@ -6,7 +6,8 @@ Threads and what they own:
   frame, so decoding frame N+1 overlaps stacking frame N; it hands over through a queue of one;
 - the worker loop (the main thread) stacks, journals, checkpoints, writes previews, closes
   sessions, turns signals into state changes and pings the systemd watchdog.
-Signal handlers only set events. Previews are skipped while frames wait, never frames.
+Signal handlers only set events. While frames wait, previews follow only the clock (at least one
+every ``preview_every_s``), not every ``preview_every_frames``: frames are never held back for one.
 
 Faults the daemon survives (see bench/RELIABILITY.md): a file that cannot be decoded is journaled
 as rejected with its reason; a decoder hang or crash costs that one frame (``decoder.py``). A
@@ -19,6 +20,7 @@ recovery carry an older ``epoch`` and are dropped, so each frame is stacked exac
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -27,19 +29,19 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
-from .decoder import Decoder
+from .decoder import DEFAULT_DECODE_FN, Decoder
 from .errors import ConfigError
 from .notify import Notifier
 from .pipeline import FrameRecord, Prepared, Stacker, file_sha256
 from .quality import Quality
-from .session import Session, find_open, known_hashes
+from .session import Session, find_open, known_hashes, quarantine
 from .watcher import FrameWatcher
 
 if TYPE_CHECKING:
@@ -53,6 +55,10 @@ _TICK_S = 0.5  # worker loop period when idle: signals, close requests, watchdog
 RETRY_S = 5.0  # while the output cannot be written: how often to look for free space again
 _SPACE_MARGIN = 16 * 2**20  # free bytes wanted besides two frame-store entries before a retry
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+LONG_WRITE_MAX_S = 900.0
+"""The longest one write (a frame into the store, a checkpoint, a preview with live.fits, the
+final combine and its files) keeps the watchdog fed: a card that slow is failing, and a write
+that never ends is a hang the watchdog must see."""
 
 
 def _shown(text: str) -> str:
@@ -79,6 +85,7 @@ def check_startup(settings: Settings) -> tuple[Path, Path]:
     watch, output = settings.watch_dir, settings.output_dir
     if not watch.is_dir() or not os.access(watch, os.R_OK | os.X_OK):
         raise ConfigError(f"watch folder {watch} is not a readable directory")
+    _check_apart(watch, output, recursive=settings.recursive)
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe = output / f".write-test-{os.getpid()}"
@@ -87,6 +94,39 @@ def check_startup(settings: Settings) -> tuple[Path, Path]:
     except OSError as err:
         raise ConfigError(f"output folder {output} is not writable: {err.strerror}") from err
     return watch, output
+
+
+def _check_apart(watch: Path, output: Path, *, recursive: bool) -> None:
+    """Refuse folders that overlap: the daemon would stack its own outputs (``stack.tif``,
+    ``live.fits`` are frames to the watcher), or write sessions among the camera's files.
+    Symlinks are resolved; ``output`` need not exist yet (it is not created when refused)."""
+    real_watch, real_output = Path(os.path.realpath(watch)), Path(os.path.realpath(output))
+    if real_output == real_watch:
+        raise ConfigError(
+            f"output folder {output} is the watch folder {watch}: the daemon would stack its "
+            "own outputs; choose an output folder outside the watch folder"
+        )
+    if recursive and real_output.is_relative_to(real_watch):
+        raise ConfigError(
+            f"output folder {output} is inside the watch folder {watch}, which is watched "
+            "recursively: the daemon would stack its own outputs; choose an output folder "
+            "outside the watch folder"
+        )
+    if real_watch.is_relative_to(real_output):
+        raise ConfigError(
+            f"watch folder {watch} is inside the output folder {output}: keep the camera's "
+            "frames and the sessions apart; choose a watch folder outside the output folder"
+        )
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Faults a test injects into a :class:`Daemon`. Not settings: no user can set them (not in
+    the TOML file, the environment or ``nightstack config show``); tests pass them to the
+    constructor, or run the CLI's code path through ``tests/_launch.py``."""
+
+    decode_fn: str = DEFAULT_DECODE_FN  # 'module:function' the decoder child runs
+    stall_s: float = 0.0  # the worker sleeps this long before each frame (a stuck worker)
 
 
 @dataclass
@@ -105,8 +145,10 @@ class Daemon:
         overrides: dict[str, Any] | None = None,
         exit_when_closed: bool = False,
         on_close: Callable[[Session, dict[str, Any]], None] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.settings = settings
+        self.hooks = hooks or Hooks()
         self.config, self.overrides = config, overrides
         self.exit_when_closed = exit_when_closed
         self.on_close = on_close
@@ -171,7 +213,7 @@ class Daemon:
         with Decoder(
             timeout_s=self.settings.decode_timeout_s,
             load_kwargs=load_kwargs(self.settings),
-            decode_fn=self.settings.decode_fn,
+            decode_fn=self.hooks.decode_fn,
         ) as decoder:
             self.decoder = decoder
             self.output = output
@@ -240,8 +282,8 @@ class Daemon:
                 continue
             if epoch != self._epoch or self._degraded.is_set():
                 continue  # still outstanding: queued again by the recovery
-            if self.settings.debug_stall_s:
-                time.sleep(self.settings.debug_stall_s)  # testing only: a stuck worker
+            if self.hooks.stall_s:
+                time.sleep(self.hooks.stall_s)  # a test's stuck worker
             self._ingest(item, output)
 
     def _enqueue(self, path: Path) -> None:
@@ -343,7 +385,8 @@ class Daemon:
             self._start_over(session, better, item, output)
             return
         try:
-            record = session.ingest(item)
+            with self._fed("stacking"):  # store write and checkpoint on a slow SD card
+                record = session.ingest(item)
         except OSError as err:
             self._failed(err, f"{_shown(item.path.name)} not stacked", session)
             return
@@ -372,13 +415,14 @@ class Daemon:
             extra={"SESSION": session.id, "FRAME": record.file, "STATUS": record.status},
         )
         fwhm = session.stacker.reference.stars.fwhm_px if session.stacker.reference else None
+        notes = "".join(f"; {n}" for n in (session.low_space, session.stacker.live_only) if n)
         self.notifier.status(
             f"{session.stacker.accepted} stacked, {sum(session.stacker.rejected.values())} "
             f"rejected, FWHM {record.fwhm if record.fwhm is not None else fwhm or 0:.2f} px, "
-            f"queue {depth}"
+            f"queue {depth}{notes}"
         )
         self._publish(record=record)  # --- web ---
-        if session.preview_due() and depth == 0:
+        if _preview_wanted(session, behind=depth > 0):
             self._preview(session)
 
     def _reject_after_error(self, session: Session, item: Prepared, err: Exception) -> FrameRecord:
@@ -461,9 +505,16 @@ class Daemon:
         except OSError as err:
             self._failed(err, f"session {self._reopen.name} cannot be reloaded")
             return False
+        except Exception as err:  # damaged beyond salvage: never a crash loop
+            quarantine(self._reopen, f"cannot be resumed ({type(err).__name__}: {err})")
+            self._reopen, self._close_wanted = None, ""
+            self._requeue(self.output)  # its frames are not processed any more
+            return True
         self._reopen = None
         self.session = session
         self._publish()  # --- web ---
+        if session.stacker.lost:  # frames to stack again when their raw files come back
+            self._requeue(self.output)
         if session.stacker.store is not None:
             self._frame_bytes = session.stacker.store.frame_bytes
         if session.state == "closing":  # stopped while finalizing: finish it
@@ -477,16 +528,20 @@ class Daemon:
 
     def _idle(self) -> None:
         session = self.session
-        if session is None or self._behind():
+        if session is None:
             return
-        if session.preview_due():
+        behind = self._behind()  # frames wait, but the worker waits for the next decode
+        if _preview_wanted(session, behind=behind):
             self._preview(session)
+        if behind:
+            return
         if time.monotonic() - session.last_frame >= self.settings.idle_timeout_s:
             self._close(f"idle for {self.settings.idle_timeout_s:g} s")
 
     def _preview(self, session: Session) -> None:
         try:
-            session.write_preview()
+            with self._fed("preview"):  # live.fits: 288 MB at 24 MP
+                session.write_preview()
         except OSError as err:
             log.error("preview not written: %s (the previous preview stays)", err.strerror)
 
@@ -502,7 +557,8 @@ class Daemon:
         self._publish("closing")  # --- web ---
         self.notifier.status(f"finalizing session {session.id} ({session.stacker.accepted} frames)")
         try:
-            outputs = session.close(self._keepalive)
+            with self._fed("finalizing"):  # the combine, then the TIFF and FITS writes
+                outputs = session.close(self._keepalive)
         except OSError as err:
             self._failed(err, f"session {session.id} not finalized", session)
             log.error(
@@ -514,6 +570,30 @@ class Daemon:
         self._publish()  # --- web ---
         if self.on_close is not None:
             self.on_close(session, outputs)
+
+    @contextlib.contextmanager
+    def _fed(self, what: str) -> Iterator[None]:
+        """Feed systemd's watchdog from a helper thread while the worker does one long write, at
+        most :data:`LONG_WRITE_MAX_S`: a slow card does not get the service killed, a write that
+        never ends still does. Nothing to do without a watchdog."""
+        interval = self.notifier.watchdog_interval_s
+        if not interval:
+            yield
+            return
+        done = threading.Event()
+
+        def feed() -> None:
+            deadline = time.monotonic() + LONG_WRITE_MAX_S
+            while not done.wait(interval) and time.monotonic() < deadline:
+                self.notifier.watchdog()
+
+        feeder = threading.Thread(target=feed, name=f"nightstack-watchdog-{what}", daemon=True)
+        feeder.start()
+        try:
+            yield
+        finally:
+            done.set()
+            feeder.join()
 
     def _keepalive(self, done: int = 0, total: int = 0) -> None:
         """Long work in the worker loop (the final combine): keep systemd's timers happy."""
@@ -603,6 +683,15 @@ class Daemon:
         return snapshot
 
     # --- end web -----------------------------------------------------------------------------
+
+
+def _preview_wanted(session: Session, *, behind: bool) -> bool:
+    """Whether to rewrite the preview now: when due (``preview_every_frames`` frames or
+    ``preview_every_s`` seconds since the last one), but while frames wait only by the clock,
+    so a backlog gets a preview at least every ``preview_every_s`` (plus one frame) and no more."""
+    if not session.preview_due():
+        return False
+    return not behind or time.monotonic() - session.last_preview >= session.settings.preview_every_s
 
 
 def request_close(output_dir: Path) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -44,34 +45,46 @@ from . import __version__
 from .config import Settings
 from .decoder import Decoder
 from .frames import Stars
+from .normalize import SkySamples
 from .pipeline import FrameRecord, Prepared, Reference, Stacker, write_output
 from .quality import Quality
 from .stack import FrameStore, LiveStack
-from .writers import atomic_path, remove_temporaries, write_json, write_preview
+from .writers import (
+    atomic_path,
+    remove_temporaries,
+    write_bytes,
+    write_fits_bands,
+    write_json,
+    write_preview,
+)
 
 log = logging.getLogger("nightstack.session")
 
+_JOURNAL_LINE_BYTES = 2048  # a journal line, generously
+_RESERVE_MARGIN = 32 * 2**20  # preview, session.json, file system slack
 JOURNAL = "journal.jsonl"
 SESSION = "session.json"
 
 
 def read_journal(path: Path) -> list[dict[str, Any]]:
-    """The journal's complete lines; a torn last line (crash mid-write) is ignored."""
+    """The journal's complete records; a torn last line (crash mid-write) and garbage lines (a
+    damaged card) are skipped."""
     return _read_journal(path)[0]
 
 
-def _read_journal(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """(complete records, byte length of the journal up to the end of the last of them).
+def _read_journal(path: Path) -> tuple[list[dict[str, Any]], int, int]:
+    """(records, byte length up to the end of the last newline-terminated line, garbage lines).
 
-    Reading stops at the first line that is not newline-terminated, valid UTF-8 and JSON: a torn
-    tail, or anything after it, was never confirmed.
+    A line that is not valid UTF-8 JSON of a frame record (an object with ``file`` and
+    ``status``) is garbage, skipped and counted; the records after it still count. Bytes after
+    the last newline are a torn tail that was never confirmed.
     """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return [], 0
+        return [], 0, 0
     records: list[dict[str, Any]] = []
-    good = 0
+    good = garbage = 0
     while True:
         end = data.find(b"\n", good)
         if end < 0:
@@ -79,12 +92,13 @@ def _read_journal(path: Path) -> tuple[list[dict[str, Any]], int]:
         try:
             record = json.loads(data[good:end].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            break
-        if not isinstance(record, dict):
-            break
-        records.append(record)
+            record = None
+        if isinstance(record, dict) and "file" in record and "status" in record:
+            records.append(record)
+        else:
+            garbage += 1
         good = end + 1
-    return records, good
+    return records, good, garbage
 
 
 def known_hashes(output_dir: Path) -> set[str]:
@@ -95,9 +109,16 @@ def known_hashes(output_dir: Path) -> set[str]:
     """
     hashes: set[str] = set()
     for journal in sorted(output_dir.glob(f"*/{JOURNAL}")):
-        if _state(journal.parent) == "superseded":
-            continue  # its frames were handed to the session that replaced it
-        hashes.update(r["sha256"] for r in read_journal(journal) if r.get("sha256"))
+        if _state(journal.parent) in ("superseded", "quarantined"):
+            continue  # its frames were handed to another session (or are to be stacked again)
+        for record in read_journal(journal):
+            digest = record.get("sha256")
+            if not digest:
+                continue
+            if record.get("status") == "lost":
+                hashes.discard(digest)  # its stored data was lost: stack it again if it comes
+            else:
+                hashes.add(digest)
     return hashes
 
 
@@ -110,13 +131,35 @@ def _state(directory: Path) -> str | None:
 
 
 def find_open(output_dir: Path) -> Path | None:
-    """The newest session directory that was not closed, if any."""
+    """The newest session directory that was not closed, if any: state "open" or "closing", or a
+    journal beside a missing or unreadable session.json (salvaged by :meth:`Session.resume`)."""
     candidates = [
-        meta.parent
-        for meta in output_dir.glob(f"*/{SESSION}")
-        if _state(meta.parent) in ("open", "closing")
+        journal.parent
+        for journal in output_dir.glob(f"*/{JOURNAL}")
+        if _state(journal.parent) in ("open", "closing", None)
     ]
     return max(candidates, default=None)
+
+
+def quarantine(directory: Path, reason: str) -> None:
+    """Mark a session that cannot be salvaged: session.json state "quarantined" with the reason
+    (its files stay as they are, for a human to look at). Its frames no longer count as
+    processed, so those still in the watch folder are stacked in a new session."""
+    try:
+        meta = json.loads((directory / SESSION).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            meta = {}
+    except (OSError, ValueError):
+        meta = {}
+    meta.update(
+        session=directory.name,
+        state="quarantined",
+        note=f"quarantined: {reason}",
+        updated=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    write_json(directory / SESSION, meta)
+    log.error("session %s quarantined: %s; a new session takes the next frames", directory.name,
+              reason)  # fmt: skip
 
 
 class Session:
@@ -126,12 +169,17 @@ class Session:
         self.dir = directory
         self.settings = settings
         self.stacker = Stacker(settings, directory, decoder)
+        self.stacker.space_check = self._space_check
+        self.low_space: str | None = None
+        """A warning while the disk holds fewer than ``min_free_frames`` frames, else None."""
         self.started = datetime.now(UTC).isoformat(timespec="seconds")
         self.state = "open"
         self.records = 0  # journal lines written
         self.counted_at_checkpoint = 0
         self.since_preview = 0
         self.last_preview = 0.0
+        self.last_live_fits = -math.inf
+        self.last_checkpoint = -math.inf
         self.last_frame = time.monotonic()
         self._journal = os.open(directory / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
@@ -160,22 +208,53 @@ class Session:
 
     @classmethod
     def resume(cls, directory: Path, settings: Settings, decoder: Decoder) -> Session:
-        """Reopen a session after a crash or restart (see the module docstring)."""
-        meta = json.loads((directory / SESSION).read_text(encoding="utf-8"))
+        """Reopen a session after a crash or restart (see the module docstring).
+
+        A damaged session is salvaged: an unreadable session.json is rebuilt from the journal,
+        garbage journal lines are dropped, frames whose stored data is missing or truncated are
+        journaled as ``lost`` (and stacked again if their raw file comes back: the watcher's
+        start-up scan), and the live stack is rebuilt from the intact frames when its
+        checkpoint is unreadable or no longer matches the store. What cannot be salvaged
+        raises (the daemon then quarantines the session); OSError means the disk (full, I/O).
+        """
+        notes: list[str] = []
+        try:
+            meta = json.loads((directory / SESSION).read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            meta = {"state": "open"}
+            notes.append(
+                f"session.json unreadable ({type(err).__name__}): rebuilt from the journal"
+            )
+        settings = _own_settings(directory.name, meta.get("settings"), settings)
         removed = remove_temporaries(directory)
-        records, good = _read_journal(directory / JOURNAL)
         journal = directory / JOURNAL
-        if journal.exists() and journal.stat().st_size != good:
+        records, good, garbage = _read_journal(journal)
+        if garbage:
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            write_bytes(journal, text.encode("utf-8", "surrogateescape"))
+            notes.append(f"{garbage} garbage journal line(s) dropped")
+        elif journal.exists() and journal.stat().st_size != good:
             os.truncate(journal, good)  # drop a torn tail before appending (needs no space)
         session = cls(directory, settings, decoder)
         try:
-            session._restore(meta, records, removed)
+            session._restore(meta, records, removed, notes)
         except BaseException:
             session.abandon()
             raise
+        if notes:
+            log.warning("session %s salvaged: %s", session.id, "; ".join(notes))
+            session._write_meta(note="salvaged: " + "; ".join(notes))
         return session
 
-    def _restore(self, meta: dict[str, Any], records: list[dict[str, Any]], removed: int) -> None:
+    def _restore(
+        self,
+        meta: dict[str, Any],
+        records: list[dict[str, Any]],
+        removed: int,
+        notes: list[str],
+    ) -> None:
         """Resume's second half: state, reference, frame store, live stack and counters."""
         directory, settings, stacker = self.dir, self.settings, self.stacker
         self.started = meta.get("started", self.started)
@@ -196,10 +275,35 @@ class Session:
             )
         else:
             reference = _load_reference(ref_file)
-            store = FrameStore(directory / "frames", reference.shape, reference.channels)
-            accepted = [r for r in records if r["status"] == "accepted"]
-            store.truncate(len(accepted))  # entries stored but never journaled
+            live_only = meta.get("live_only") or (
+                "final = 'live': no frame store" if settings.final == "live" else None
+            )
+            store = FrameStore(
+                directory / "frames", reference.shape, reference.channels, salvage=True
+            )
+            stored = _stored_records(records)  # store position i holds stored[i]
+            held = len(store)
+            damaged = [i for i in store.damaged if i < len(stored)]
+            damaged += [
+                i for i in range(min(len(store), len(stored)))
+                if store.frame(i).name != Path(stored[i]["file"]).name and i not in damaged
+            ]  # fmt: skip
+            # entries stored but never journaled, and the damaged ones, go
+            store.drop([*damaged, *range(len(stored), len(store))])
+            damaged += range(held, len(stored))  # journaled, never indexed: lost as well
             stacker.reference, stacker.store = reference, store
+            journal_lines = len(records)
+            for i in damaged:  # journal their loss: the final counts each frame once
+                self._journal_lost(
+                    stored[i], "stored data lost (frame store file missing or truncated)", records
+                )
+            if damaged:
+                notes.append(f"{len(damaged)} frame(s) with damaged stored data journaled as lost")
+            if live_only is not None:
+                self._restore_live_only(live_only, store, stored, records[:journal_lines], records)
+                for record in records:
+                    self._count(record)
+                return
             if self.state == "closing":  # only the final combine is left: it reads the store
                 log.info("session %s resumed to finish closing", self.id)
                 for record in records:
@@ -207,9 +311,18 @@ class Session:
                 return
             checkpoint = directory / "checkpoint"
             state = _read_checkpoint(checkpoint)
-            if state is not None:
-                live = LiveStack.load(checkpoint / "live", store=store)
-            else:
+            live: LiveStack | None = None
+            if state is not None and not damaged:
+                try:
+                    live = LiveStack.load(checkpoint / "live", store=store)
+                except (OSError, ValueError, KeyError, EOFError) as err:
+                    notes.append(
+                        f"checkpoint unreadable ({err}): live stack rebuilt from the store"
+                    )
+                if live is not None and live.frames > len(store):
+                    notes.append("checkpoint ahead of the store: live stack rebuilt from the store")
+                    live = None
+            if live is None:
                 live = LiveStack(
                     reference.shape,
                     reference.channels,
@@ -230,6 +343,72 @@ class Session:
         for record in records:
             self._count(record)
 
+    def _journal_lost(
+        self, record: dict[str, Any], reason: str, records: list[dict[str, Any]]
+    ) -> None:
+        """Journal that an accepted frame's data is lost (stacked again if its raw comes back)."""
+        loss = FrameRecord(
+            file=record["file"],
+            status="lost",
+            reason=reason,
+            sha256=record.get("sha256"),
+            exposure_s=record.get("exposure_s"),
+        )
+        self._append(loss)
+        records.append(json.loads(loss.to_json()))
+
+    def _restore_live_only(
+        self,
+        why: str,
+        store: FrameStore,
+        stored: list[dict[str, Any]],
+        journaled: list[dict[str, Any]],
+        records: list[dict[str, Any]],
+    ) -> None:
+        """Resume a live-only session: its live stack holds frames the store does not, so it
+        comes from the checkpoint; accepted frames journaled after it are added again from the
+        store when stored, and journaled as lost (stacked again from their raw file when it is
+        still there) when not."""
+        stacker, settings = self.stacker, self.settings
+        reference = stacker.reference
+        assert reference is not None
+        checkpoint = self.dir / "checkpoint"
+        state = _read_checkpoint(checkpoint)
+        live, since = None, 0
+        if state is not None:
+            try:
+                live = LiveStack.load(checkpoint / "live")
+                since = int(state["records"])
+            except (OSError, ValueError, KeyError, EOFError):
+                live = None
+        if live is None:
+            live = LiveStack(
+                reference.shape,
+                reference.channels,
+                kappa=settings.live_kappa,
+                warmup=settings.live_warmup,
+            )
+        position = {id(r): i for i, r in enumerate(stored)}
+        rows = reference.shape[0]
+        replayed = lost = 0
+        for record in journaled[since:]:
+            if record["status"] != "accepted":
+                continue
+            i = position.get(id(record))
+            if i is None or i >= len(store):
+                self._journal_lost(record, "not stored (live-only) and not in the checkpoint",
+                                   records)  # fmt: skip
+                lost += 1
+            else:
+                live.add(store.read_band(i, 0, rows), store.footprint_band(i, 0, rows))
+                replayed += 1
+        stacker.store, stacker.live, stacker.live_only = store, live, why
+        self.counted_at_checkpoint = live.frames
+        log.info(
+            "session %s resumed live-only (%s): %d frames from checkpoint, %d replayed, %d lost",
+            self.id, why, live.frames - replayed, replayed, lost,
+        )  # fmt: skip
+
     def _count(self, record: dict[str, Any]) -> None:
         """Count a journaled frame into the session's tallies."""
         self.stacker.count(
@@ -237,6 +416,7 @@ class Session:
                 file=record["file"],
                 status=record["status"],
                 reason=record.get("reason"),
+                sha256=record.get("sha256"),
                 exposure_s=record.get("exposure_s"),
                 capture_time=record.get("capture_time"),
             )
@@ -246,17 +426,30 @@ class Session:
     def ingest(self, prepared: Prepared) -> FrameRecord:
         """Stack one prepared frame and journal it (fsync'd)."""
         had_reference = self.stacker.reference is not None
+        was_live_only = self.stacker.live_only
         record = self.stacker.stack(prepared)
         if record.status == "accepted" and not had_reference:
             _save_reference(self.dir / "reference.npz", self.stacker)
             self._write_meta()
+        if self.stacker.live_only is not None and was_live_only is None and had_reference:
+            log.error(
+                "session %s goes live-only from %s: %s; frames are still aligned and stacked "
+                "live, and the final will be the live stack (every accepted frame)",
+                self.id, Path(record.file).name, self.stacker.live_only,
+            )  # fmt: skip
+            self._write_meta()
+        if record.status == "accepted" and self.low_space:
+            record.warning = self.low_space
         self._append(record)
         self.last_frame = time.monotonic()
         if record.status == "accepted":
             self.since_preview += 1
             live = self.stacker.live
             assert live is not None
-            if live.frames - self.counted_at_checkpoint >= self.settings.checkpoint_every_frames:
+            every = self.settings.snapshot_every_frames
+            if every and live.frames % every == 0:
+                self._snapshot(live.frames)
+            if self._checkpoint_due(live.frames):
                 try:
                     self.checkpoint()
                 except OSError as err:  # the frame is journaled: only the checkpoint waits
@@ -267,6 +460,13 @@ class Session:
                         err.strerror or err,
                     )
         return record
+
+    def _snapshot(self, frames: int) -> None:
+        """snapshots/live-NNNN.fits: the live stack after its NNNN-th frame, kept."""
+        try:
+            self.write_live_fits(self.dir / "snapshots" / f"live-{frames:04d}.fits")
+        except OSError as err:  # the frame is journaled: a missing snapshot loses nothing
+            log.error("session %s: snapshot not written (%s)", self.id, err.strerror or err)
 
     def reject(self, record: FrameRecord) -> None:
         """Journal a frame rejected outside the pipeline (and count it)."""
@@ -289,6 +489,48 @@ class Session:
             raise
         self.records += 1
 
+    def _space_check(self, frame_bytes: int) -> str | None:
+        """Before a frame is stored: a reason not to (live-only), or None. The store never eats
+        into the reserve for the final outputs; fewer than ``min_free_frames`` frames of room
+        sets :attr:`low_space` (journal, log, status)."""
+        try:
+            st = os.statvfs(self.dir)
+        except OSError:
+            return None
+        free = st.f_bavail * st.f_frsize
+        reserve = self.reserve_bytes()
+        room = (free - reserve) // max(frame_bytes + _JOURNAL_LINE_BYTES, 1)
+        if room < 1:
+            return (
+                f"disk: {free / 2**20:.0f} MB free, the final outputs' reserve is "
+                f"{reserve / 2**20:.0f} MB"
+            )
+        warning = None
+        if room < self.settings.min_free_frames:
+            warning = f"disk: room for {room} more frame(s) ({free / 2**20:.0f} MB free)"
+            if self.low_space is None:
+                log.warning("session %s: %s", self.id, warning)
+        self.low_space = warning
+        return None
+
+    def reserve_bytes(self) -> int:
+        """Disk kept for the final outputs, which the frame store never uses: the TIFF (2 bytes
+        per sample), the FITS and live.fits (4 each), a checkpoint swap (10) and a margin."""
+        ref = self.stacker.reference
+        if ref is None:
+            return _RESERVE_MARGIN
+        samples = ref.shape[0] * ref.shape[1] * ref.channels
+        return samples * (2 + 4 + 4 + 10) + _RESERVE_MARGIN
+
+    def _checkpoint_due(self, frames: int) -> bool:
+        """Every ``checkpoint_every_frames`` frames, but at most once every
+        ``checkpoint_min_interval_s``: a backlog or a fast camera does not rewrite the 10 bytes
+        per pixel and channel (720 MB at 24 MP) every few seconds; a resume replays the frames
+        since from the store."""
+        if frames - self.counted_at_checkpoint < self.settings.checkpoint_every_frames:
+            return False
+        return time.monotonic() - self.last_checkpoint >= self.settings.checkpoint_min_interval_s
+
     def checkpoint(self) -> None:
         """Save the live accumulator atomically (old checkpoint stays valid until the swap)."""
         live = self.stacker.live
@@ -299,6 +541,7 @@ class Session:
         live.save(checkpoint / "live")
         write_json(checkpoint / "state.json", {"records": self.records, "frames": live.frames})
         self.counted_at_checkpoint = live.frames
+        self.last_checkpoint = time.monotonic()
 
     def preview_due(self) -> bool:
         if self.stacker.live is None or self.since_preview == 0:
@@ -310,12 +553,26 @@ class Session:
         )
 
     def write_preview(self) -> None:
+        """preview.jpg, and live.fits when ``live_fits_every_s`` has passed since the last."""
         live = self.stacker.live
         assert live is not None
         width = self.settings.preview_width
         write_preview(self.dir / "preview.jpg", live.preview_image(width), width=width)
         self.since_preview = 0
         self.last_preview = time.monotonic()
+        if self.last_preview - self.last_live_fits >= self.settings.live_fits_every_s:
+            self.write_live_fits(self.dir / "live.fits")
+            self.last_live_fits = self.last_preview
+
+    def write_live_fits(self, path: Path) -> None:
+        """The live stack as linear float32 FITS (stack.fits' grid and header conventions, with
+        NCOMBINE and EXPTIME of the frames in it and STACKMTH = 'live'), band by band."""
+        live = self.stacker.live
+        assert live is not None
+        path.parent.mkdir(exist_ok=True)
+        header = {**self.stacker.header(), "NCOMBINE": live.frames, "STACKMTH": "live"}
+        shape = (*live.shape, live.channels)
+        write_fits_bands(path, shape, live.result_band, header)
 
     # --- close ------------------------------------------------------------------------------
     def close(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -328,7 +585,9 @@ class Session:
         self._write_meta()
         stacker = self.stacker
         outputs: dict[str, Any] = {}
-        if stacker.accepted >= 1 and stacker.store is not None:
+        if stacker.accepted >= 1 and (stacker.store is not None or stacker.live is not None):
+            method = "live" if stacker.live_only is not None else self.settings.stack_method
+            outputs["final"] = {"method": method, "why": stacker.live_only}
             image = stacker.final(progress)  # releases the live stack
             header = stacker.header()
             write_output(self.dir / "stack.tif", image, header, self.settings)
@@ -338,7 +597,8 @@ class Session:
                 outputs["fits"] = str(self.dir / "stack.fits")
             write_preview(self.dir / "preview.jpg", image, width=self.settings.preview_width)
             outputs["preview"] = str(self.dir / "preview.jpg")
-            outputs["frame_store_bytes"] = stacker.store.disk_bytes()
+            if stacker.store is not None:
+                outputs["frame_store_bytes"] = stacker.store.disk_bytes()
         self.state = "closed"
         self._write_meta(outputs)
         self._close_journal()
@@ -385,6 +645,9 @@ class Session:
             "accepted": stacker.accepted,
             "rejected": sum(stacker.rejected.values()),
             "rejected_by_reason": dict(stacker.rejected),
+            "lost": list(stacker.lost.values()),
+            "live_only": stacker.live_only,
+            "disk": {"warning": self.low_space, "reserve_bytes": self.reserve_bytes()},
             "total_exposure_s": round(stacker.exposure_s, 3),
             "first_frame_time": stacker.first_time,
             "last_frame_time": stacker.last_time,
@@ -394,6 +657,50 @@ class Session:
         if note is not None:
             meta["note"] = note
         write_json(self.dir / SESSION, meta)
+
+
+_SESSION_ONLY_FIELDS = frozenset({"watch_dir", "output_dir", "log_level", "idle_timeout_s"})
+"""Settings of the daemon, not of a session's stack: a resumed session takes today's."""
+
+
+def _own_settings(session: str, saved: Any, current: Settings) -> Settings:
+    """The settings a session started with (its session.json), so that a resumed session
+    stacks its last frame as it stacked its first; ``current`` (the config as edited since)
+    applies from the next session. Settings that no longer exist are ignored, and a saved set
+    that is no longer valid falls back to ``current`` (one log line either way)."""
+    if not isinstance(saved, dict):
+        return current
+    known = {k: v for k, v in saved.items() if k in Settings.model_fields}
+    known.update({k: getattr(current, k) for k in _SESSION_ONLY_FIELDS})
+    try:
+        own = Settings(**known)
+    except ValueError as err:
+        log.warning("session %s: its saved settings are not valid any more (%s); resumed with "
+                    "the current ones", session, str(err).splitlines()[0])  # fmt: skip
+        return current
+    edited = sorted(k for k in Settings.model_fields if getattr(own, k) != getattr(current, k))
+    if edited:
+        log.info(
+            "session %s resumed with its own settings; the config's edits (%s) apply from the "
+            "next session", session, ", ".join(edited),
+        )  # fmt: skip
+    return own
+
+
+def _stored_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The accepted records whose frames the store holds, in store order: every accepted
+    record, less those a later ``lost`` record (same content hash) took back."""
+    stored: list[dict[str, Any]] = []
+    for record in records:
+        if record["status"] == "accepted":
+            if record.get("stored") is not False:  # live-only frames are not in the store
+                stored.append(record)
+        elif record["status"] == "lost":
+            for i in range(len(stored) - 1, -1, -1):
+                if stored[i].get("sha256") == record.get("sha256"):
+                    del stored[i]
+                    break
+    return stored
 
 
 def _read_checkpoint(checkpoint: Path) -> dict[str, Any] | None:
@@ -408,21 +715,46 @@ def _save_reference(path: Path, stacker: Stacker) -> None:
     ref = stacker.reference
     assert ref is not None
     s = ref.stars
+    aperture = s.aperture_flux if s.aperture_flux is not None else np.full(len(s), np.nan)
+    arrays: dict[str, Any] = {
+        "xy": s.xy,
+        "flux": s.flux,
+        "aperture_flux": aperture,
+        "summary": np.array([s.fwhm_px, s.roundness, s.elongation, s.background, s.noise]),
+        "detected": np.array(s.detected),
+        "exposure_s": np.array(np.nan if ref.exposure_s is None else ref.exposure_s),
+        "shape": np.array([*ref.shape, ref.channels]),
+        "reference_file": np.array(ref.file),
+        **ref.sky.arrays(),
+    }
     with atomic_path(path) as tmp, tmp.open("wb") as fh:
-        np.savez(
-            fh,
-            xy=s.xy,
-            flux=s.flux,
-            summary=np.array([s.fwhm_px, s.roundness, s.elongation, s.background, s.noise]),
-            shape=np.array([*ref.shape, ref.channels]),
-            reference_file=np.array(ref.file),
-        )
+        np.savez(fh, **arrays)
 
 
 def _load_reference(path: Path) -> Reference:
     with np.load(path) as data:
         fwhm, roundness, elongation, background, noise = (float(v) for v in data["summary"])
-        stars = Stars(data["xy"], data["flux"], fwhm, roundness, elongation, background, noise)
+        stars = Stars(
+            data["xy"],
+            data["flux"],
+            fwhm,
+            roundness,
+            elongation,
+            background,
+            noise,
+            detected=int(data["detected"]),
+            aperture_flux=data["aperture_flux"],
+        )
         rows, cols, channels = (int(v) for v in data["shape"])
         file = str(data["reference_file"])
-    return Reference(file, stars, Quality.of(stars), (rows, cols), channels)
+        exposure = float(data["exposure_s"])
+        sky = SkySamples.from_arrays(data)
+    return Reference(
+        file,
+        stars,
+        Quality.of(stars),
+        (rows, cols),
+        channels,
+        sky,
+        exposure if np.isfinite(exposure) else None,
+    )

@@ -18,7 +18,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from astropy.stats import sigma_clip
 
+from nightstack.normalize import Normalization
 from nightstack.warp import (
     INTERPOLATIONS,
     Interpolation,
@@ -123,7 +124,8 @@ class StoredFrame:
 
     ``matrix``: (2, 3) frame -> reference transform; ``src_shape``: (rows, cols) of the frame
     before warping; ``weight``: its weight in a weighted combine; ``interpolation``: kernel used
-    to warp it (sets the footprint margin).
+    to warp it (sets the footprint margin); ``normalization``: the background normalization
+    applied before it was stored (:meth:`Normalization.as_json`), None for none.
     """
 
     file: str
@@ -132,6 +134,7 @@ class StoredFrame:
     weight: float
     name: str
     interpolation: Interpolation
+    normalization: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -141,6 +144,7 @@ class StoredFrame:
             "weight": self.weight,
             "name": self.name,
             "interpolation": self.interpolation,
+            "normalization": self.normalization,
         }
 
     @classmethod
@@ -156,6 +160,7 @@ class StoredFrame:
             weight=float(obj["weight"]),
             name=str(obj["name"]),
             interpolation=obj.get("interpolation", "bilinear"),
+            normalization=obj.get("normalization"),
         )
 
 
@@ -180,17 +185,22 @@ class FrameStore:
         1 or 3.
     """
 
-    def __init__(self, directory: str | Path, shape: tuple[int, int], channels: int) -> None:
+    def __init__(
+        self, directory: str | Path, shape: tuple[int, int], channels: int, *, salvage: bool = False
+    ) -> None:
         self.directory = Path(directory)
         self.shape = (int(shape[0]), int(shape[1]))
         self.channels = int(channels)
         if self.shape[0] < 1 or self.shape[1] < 1 or self.channels not in (1, 3):
             raise ValueError(f"bad store geometry {self.shape} x {self.channels}")
         self._frames: list[StoredFrame] = []
+        self.damaged: list[int] = []
+        """With ``salvage``: positions of indexed frames whose file is missing or truncated (a
+        power cut); they stay indexed until :meth:`drop` removes them. Without it they raise."""
         self.directory.mkdir(parents=True, exist_ok=True)
         index = self.directory / "index.json"
         if index.exists():
-            self._load_index(index)
+            self._load_index(index, salvage)
         else:
             self._write_index()
 
@@ -226,8 +236,17 @@ class FrameStore:
             raise ValueError(f"cannot truncate to {n} frames")
         if n >= len(self._frames):
             return
-        dropped = self._frames[n:]
-        self._frames = self._frames[:n]
+        self.drop(range(n, len(self._frames)))
+
+    def drop(self, positions: Iterable[int]) -> None:
+        """Remove the frames at ``positions`` (damaged, or stored but never journaled): the
+        index is rewritten atomically first, then their files are deleted."""
+        gone = set(positions)
+        if not gone:
+            return
+        dropped = [f for i, f in enumerate(self._frames) if i in gone]
+        self._frames = [f for i, f in enumerate(self._frames) if i not in gone]
+        self.damaged = []
         self._write_index()
         for record in dropped:
             (self.directory / record.file).unlink(missing_ok=True)
@@ -275,6 +294,7 @@ class FrameStore:
         name: str = "",
         *,
         interpolation: Interpolation = "bilinear",
+        normalization: Normalization | None = None,
     ) -> int:
         """Warp a frame onto the reference grid band by band straight into the store.
 
@@ -289,15 +309,26 @@ class FrameStore:
             (rows, cols, C) float32 frame before warping.
         matrix, weight, name, interpolation
             As for :meth:`add`.
+        normalization : Normalization, optional
+            Applied to the warped samples (inside the footprint) before they are stored, so the
+            live stack and the final combine, which both read the store, see the same values.
         """
         src = np.asarray(image)
         src_shape = (int(src.shape[0]), int(src.shape[1]))
         band = max(1, _WRITE_BAND_SAMPLES // (self.shape[1] * self.channels))
-        bands = (
-            warp_rows(src, matrix, self.shape, r0, r0 + band, interpolation=interpolation)[0]
-            for r0 in range(0, self.shape[0], band)
-        )
-        return self._append(bands, matrix, src_shape, weight, name, interpolation)
+
+        def bands() -> Iterator[FloatArray]:
+            for r0 in range(0, self.shape[0], band):
+                warped, fp = warp_rows(
+                    src, matrix, self.shape, r0, r0 + band, interpolation=interpolation
+                )
+                if normalization is not None and not normalization.is_identity:
+                    normalization.apply(warped, r0, self.shape)
+                    np.copyto(warped, 0.0, where=~fp[:, :, np.newaxis])
+                yield warped
+
+        record = None if normalization is None else normalization.as_json()
+        return self._append(bands(), matrix, src_shape, weight, name, interpolation, record)
 
     def _append(
         self,
@@ -307,6 +338,7 @@ class FrameStore:
         weight: float,
         name: str,
         interpolation: Interpolation,
+        normalization: dict[str, Any] | None = None,
     ) -> int:
         """Write a frame delivered as consecutive row bands, then index it."""
         if not (math.isfinite(weight) and weight > 0):
@@ -316,8 +348,11 @@ class FrameStore:
             raise ValueError(f"matrix must be (2, 3), not {m.shape}")
         footprint(m, src_shape, self.shape, 0, 0, interpolation=interpolation)  # validates
         index = len(self._frames)
+        # numbered after the highest file indexed: after a salvage dropped a frame, numbers and
+        # positions differ, and a new frame must never overwrite a kept one
+        number = 1 + max((_file_number(f.file) for f in self._frames), default=-1)
         record = StoredFrame(
-            file=f"frame_{index:06d}.u16",
+            file=f"frame_{number:06d}.u16",
             matrix=(
                 (float(m[0, 0]), float(m[0, 1]), float(m[0, 2])),
                 (float(m[1, 0]), float(m[1, 1]), float(m[1, 2])),
@@ -326,6 +361,7 @@ class FrameStore:
             weight=float(weight),
             name=str(name),
             interpolation=interpolation,
+            normalization=normalization,
         )
         written = 0
         with atomic_path(self.directory / record.file) as tmp, open(tmp, "wb") as fh:
@@ -423,7 +459,7 @@ class FrameStore:
             },
         )
 
-    def _load_index(self, index: Path) -> None:
+    def _load_index(self, index: Path, salvage: bool) -> None:
         obj = json.loads(index.read_text())
         if obj.get("format") != _STORE_FORMAT or obj.get("version") != _STORE_VERSION:
             raise ValueError(f"{index} is not a nightstack frame store (version {_STORE_VERSION})")
@@ -434,11 +470,21 @@ class FrameStore:
                 f"not {self.shape} x {self.channels}"
             )
         frames = [StoredFrame.from_json(f) for f in obj["frames"]]
-        for record in frames:
+        for i, record in enumerate(frames):
             path = self.directory / record.file
             if not path.is_file() or path.stat().st_size != self.frame_bytes:
-                raise ValueError(f"store {self.directory}: {record.file} is missing or truncated")
+                if not salvage:
+                    raise ValueError(
+                        f"store {self.directory}: {record.file} is missing or truncated"
+                    )
+                self.damaged.append(i)
         self._frames = frames
+
+
+def _file_number(name: str) -> int:
+    """The number of a stored frame's file, ``frame_000012.u16`` -> 12 (-1 if not one)."""
+    match = re.fullmatch(r"frame_(\d+)\.u16", name)
+    return int(match.group(1)) if match else -1
 
 
 class _FrameReader:
@@ -643,12 +689,32 @@ class LiveStack:
             added += 1
         return added
 
+    def detach_store(self) -> None:
+        """Go on without the store (live-only: the disk cannot hold more frames): frames come
+        through :meth:`add` from now on. Warm-up frames the batch clip still needs are read back
+        into memory first (at most ``warmup`` - 1 frames)."""
+        store = self.store
+        if store is None:
+            return
+        if not self.warmed_up:
+            rows = self.shape[0]
+            for i in range(self.frames):
+                data, fp = store.read_band(i, 0, rows), store.footprint_band(i, 0, rows)
+                self._pending.append((data, fp))
+        self.store = None
+
     def result(self) -> npt.NDArray[np.float32]:
         """(rows, cols, C) float32 current stack; NaN where no sample was accepted."""
         out = self._mean.copy()
         band = self._band_rows()
         for r0 in range(0, self.shape[0], band):
             np.copyto(out[r0 : r0 + band], np.nan, where=self._count[r0 : r0 + band] == 0)
+        return out
+
+    def result_band(self, row_start: int, row_stop: int) -> npt.NDArray[np.float32]:
+        """Rows ``row_start:row_stop`` of :meth:`result` (a copy; for streaming writers)."""
+        out = self._mean[row_start:row_stop].copy()
+        np.copyto(out, np.nan, where=self._count[row_start:row_stop] == 0)
         return out
 
     def preview_image(self, width: int) -> npt.NDArray[np.float32]:

@@ -17,7 +17,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -143,13 +143,23 @@ def _fsync_dir(directory: Path) -> None:
 # --------------------------------------------------------------------------- TIFF
 
 
-def write_tiff(path: str | os.PathLike[str], image: FloatArray, *, stretched: bool = False) -> None:
+def write_tiff(
+    path: str | os.PathLike[str],
+    image: FloatArray,
+    *,
+    stretched: bool = False,
+    scale: str = "fixed",
+) -> None:
     """Write a 16-bit TIFF, linear by default, atomically.
 
-    Linear: the finite values are mapped from their range ``[data_min, data_max]`` onto
-    ``[0, 65535]`` (no clipping, so the brightest pixel is 65535 and the faintest 0), rounded to
-    the nearest integer; the ImageDescription holds a JSON record with ``data_min``, ``data_max``
-    and ``scale`` so that ``value = data_min + pixel / scale``. NaN (no coverage) is written as 0.
+    Linear, ``scale="fixed"`` (the default): ``pixel = round(value * 65535)``, i.e. the data's
+    full scale 1.0 (a camera's white level after black subtraction, LibRaw's 16-bit output) is
+    65535, the same for every session, so two sessions' TIFFs compare directly; values above
+    full scale clip to 65535 and covered pixels are at least 1, so that 0 means only "no frame
+    covered this pixel" (NaN). ``scale="range"``: the finite values are mapped from their range
+    ``[data_min, data_max]`` onto ``[0, 65535]`` (no clipping, so the brightest pixel is 65535
+    and the faintest 0); NaN is written as 0. Either way the ImageDescription holds a JSON record
+    with ``data_min``, ``data_max`` and ``scale`` so that ``value = data_min + pixel / scale``.
     With ``stretched=True`` the image first goes through :func:`stretch` (display-ready, not
     linear) and ``[0, 1]`` is mapped onto ``[0, 65535]``.
 
@@ -162,31 +172,42 @@ def write_tiff(path: str | os.PathLike[str], image: FloatArray, *, stretched: bo
         colour as interleaved RGB.
     stretched : bool
         Apply the preview stretch instead of the linear scaling.
+    scale : {"fixed", "range"}
+        The linear mapping (ignored when ``stretched``).
     """
+    if scale not in ("fixed", "range"):
+        raise ValueError(f"TIFF scale must be 'fixed' or 'range', not {scale!r}")
     data = _as_image(image)
     description: dict[str, Any] = {"software": f"nightstack {__version__}"}
+    fixed = scale == "fixed" and not stretched
     if stretched:
         data = stretch(data)
         lo, hi = 0.0, 1.0
         description["stretched"] = True
+    elif fixed:
+        lo, hi = 0.0, 1.0
+        description.update(stretched=False, linear_scale="fixed: 65535 = full scale")
     else:
         lo, hi = _finite_range(data)
-        description["stretched"] = False
-    scale = _TIFF_MAX / (hi - lo) if hi > lo else 0.0
+        description.update(stretched=False, linear_scale="range")
+    factor = _TIFF_MAX / (hi - lo) if hi > lo else 0.0
     description.update(
         data_min=lo,
         data_max=hi,
-        scale=scale,
+        scale=factor,
         formula="value = data_min + pixel / scale",
         no_coverage="pixels no frame covered are 0",
     )
     out: npt.NDArray[np.uint16] = np.empty(data.shape, dtype=np.uint16)
     for start in range(0, data.shape[0], _BAND_ROWS):
         band = np.subtract(data[start : start + _BAND_ROWS], lo, dtype=np.float64)
-        band *= scale
+        band *= factor
         np.rint(band, out=band)
+        covered = np.isfinite(band)
         np.nan_to_num(band, copy=False, nan=0.0)
-        np.clip(band, 0, _TIFF_MAX, out=band)  # only guards the float rounding at the ends
+        np.clip(band, 0, _TIFF_MAX, out=band)  # range: only guards the float rounding
+        if fixed:
+            np.maximum(band, 1.0, out=band, where=covered)  # 0 is reserved for no coverage
         out[start : start + _BAND_ROWS] = band
     if out.shape[2] == 1:
         pixels: npt.NDArray[np.uint16] = out[:, :, 0]
@@ -246,6 +267,47 @@ def write_fits(path: str | os.PathLike[str], image: FloatArray, header: Mapping[
     data = _as_image(image).astype(np.float32, copy=False)
     # (3, rows, cols): NAXIS1 = cols, NAXIS2 = rows, NAXIS3 = 3
     cube = data[:, :, 0] if data.shape[2] == 1 else np.ascontiguousarray(np.moveaxis(data, 2, 0))
+    hdu = fits.PrimaryHDU(data=cube, header=_fits_header(header))
+    with atomic_path(path) as tmp:
+        hdu.writeto(tmp, overwrite=True, output_verify="exception")
+
+
+def write_fits_bands(
+    path: str | os.PathLike[str],
+    shape: tuple[int, int, int],
+    read_band: Callable[[int, int], FloatArray],
+    header: Mapping[str, Any],
+    *,
+    band_rows: int = _BAND_ROWS,
+) -> None:
+    """:func:`write_fits` of an image delivered band by band: a few MB of memory whatever its
+    size (the live stack's 288 MB at 24 MP is never copied whole).
+
+    ``shape``: (rows, cols, C); ``read_band(r0, r1)`` returns rows r0:r1 as (r1 - r0, cols, C)
+    float. Same layout, header and atomicity as :func:`write_fits`.
+    """
+    rows, cols, channels = (int(v) for v in shape)
+    hdr = fits.Header()
+    hdr["SIMPLE"] = True
+    hdr["BITPIX"] = -32
+    hdr["NAXIS"] = 2 if channels == 1 else 3
+    hdr["NAXIS1"], hdr["NAXIS2"] = cols, rows
+    if channels != 1:
+        hdr["NAXIS3"] = channels
+    hdr.extend(_fits_header(header))
+    with atomic_path(path) as tmp:
+        stream = fits.StreamingHDU(str(tmp), hdr)
+        try:
+            for c in range(channels):
+                for r0 in range(0, rows, band_rows):
+                    band = _as_image(read_band(r0, min(r0 + band_rows, rows)))
+                    stream.write(np.ascontiguousarray(band[:, :, c], dtype=">f4"))
+        finally:
+            stream.close()
+
+
+def _fits_header(header: Mapping[str, Any]) -> fits.Header:
+    """A FITS header from plain cards (see :func:`write_fits`), ROWORDER = 'TOP-DOWN'."""
     hdr = fits.Header()
     for key, raw in header.items():
         value, comment = raw if isinstance(raw, tuple) else (raw, None)
@@ -259,9 +321,7 @@ def write_fits(path: str | os.PathLike[str], image: FloatArray, header: Mapping[
         card_key = name if len(name) <= 8 and " " not in name else f"HIERARCH {name}"
         hdr[card_key] = (value, comment) if comment else value
     hdr["ROWORDER"] = ("TOP-DOWN", "row 0 of the data is the top of the image")
-    hdu = fits.PrimaryHDU(data=cube, header=hdr)
-    with atomic_path(path) as tmp:
-        hdu.writeto(tmp, overwrite=True, output_verify="exception")
+    return hdr
 
 
 # --------------------------------------------------------------------------- stretch, preview

@@ -1,6 +1,6 @@
-"""Seeded synthetic night: a sky rendered to Bayer (RGGB) frames and written as real DNG raws.
+"""The sky model of a seeded synthetic night: what is where, how bright, in every frame.
 
-Every later test and the demo use this module, so it states its truth exactly:
+Every later test and the demo rely on it, so it states its truth exactly:
 
 - Frame 0 is the reference. ``SkyModel.transform(i)`` is the 2x3 matrix mapping a pixel (x, y) of
   frame ``i`` to frame 0's pixel (x, y) (full-resolution decoded coordinates, pixel centres at
@@ -9,15 +9,24 @@ Every later test and the demo use this module, so it states its truth exactly:
   field drifts by ``drift_px`` per frame and turns by ``rotation_deg`` per frame about ``pivot``
   (an untracked or alt-az mount).
 - Things on the ground do not move with the sky: hot pixels, the landscape silhouette with its lit
-  windows, and the light-pollution gradient are fixed in frame coordinates.
+  windows, the light-pollution gradient and the moon glow (whose direction turns over the
+  night) are fixed in frame coordinates.
+- The night changes: a per-frame sky level scales the whole sky background, transparency scales
+  all light from beyond the atmosphere (stars, nebula, satellites), and the seeing (FWHM) may
+  change from frame to frame.
 - Signal is in electrons; a pixel records ``electrons / gain + black_level`` ADU, 14-bit, after
   Poisson shot noise and Gaussian read noise. A star's ``flux_e`` is the electrons it puts into the
   green channel (summed over a fully green-sampled plane); red and blue sites see ``flux_e`` times
-  the star's colour weights. The DNG's colour matrix makes camera RGB equal linear sRGB and its
-  ``AsShotNeutral`` is (1, 1, 1), so LibRaw decodes a pixel of ``v`` ADU to
-  ``(v - black) / (white - black)`` of full scale in its own colour channel.
+  the star's colour weights. The sensor's Bayer tile is ``cfa_pattern`` (RGGB, BGGR, GRBG or
+  GBRG), written as the DNG's CFAPattern. The DNG's colour matrix makes camera RGB equal linear
+  sRGB and its ``AsShotNeutral`` is (1, 1, 1), so LibRaw decodes a pixel of ``v`` ADU to
+  ``(v - black) / (white - black)`` of full scale in its own colour channel, provided LibRaw's
+  ``adjust_maximum_thr`` is 0: by default (0.75) LibRaw takes a frame's brightest pixel as white
+  when it lies between 0.75 and 1 of the white level, so a frame with no saturated star (haze,
+  few stars) decodes up to 1.33x brighter.
 
-Rendering is pure in (model, frame index): ``render(i)`` always returns the same array.
+Rendering (``nightstack.simulate.render``) is pure in (model, frame index): ``render(i)``
+always returns the same array.
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
@@ -37,18 +45,12 @@ import numpy as np
 import numpy.typing as npt
 from scipy.special import erf
 
-from nightstack.dng import write_dng
+from nightstack.dng import CFA_PATTERNS
 from nightstack.frames import FloatArray
-from nightstack.writers import write_json
 
 UInt16Array = npt.NDArray[np.uint16]
 IntArray = npt.NDArray[np.intp]
 
-# --------------------------------------------------------------------------------------------
-# Sky model
-# --------------------------------------------------------------------------------------------
-
-_CFA_CHANNEL = np.array([[0, 1], [1, 2]])  # RGGB: colour index (r, g, b) by (row % 2, col % 2)
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # Gaussian FWHM / sigma
 _STAR_CELL_PX = 256  # stars are drawn per sky cell, so a patch of sky keeps its stars whatever
 # the frame count or motion (only the covered region grows)
@@ -57,17 +59,12 @@ _FLUX_SLOPE = 0.6  # N(>F) ∝ F^-0.6: many faint stars, few bright ones
 _FAINTEST_PEAK_SNR = 2.0  # the faintest stars sit below detection, as on a real sky
 _BRIGHTEST_PEAK_SNR = 20_000.0  # the brightest ones saturate hard
 _STAR_COLOUR_SPREAD = 0.35  # colour weights (1 + s c, 1, 1 - s c) with c in [-1, 1]
-_PSF_RADIUS_SIGMA = 6.0  # stamp half-size: the Gaussian beyond holds < 1e-8 of the flux
-_STAMP_BATCH = 1024  # stars per vectorised stamp batch (bounds temporary memory)
-_TRAIL_STEP_PX = 0.5  # trailed stars are summed from PSFs this far apart: a smooth line
+PSF_RADIUS_SIGMA = 6.0  # star stamp half-size, sigmas: the Gaussian beyond holds < 1e-8 of the flux
 _APERTURE_FWHM = 1.0  # aperture radius (in FWHM) of the flux-to-noise ratio in the truth
-_SKY_RGB = (1.1, 1.0, 0.8)  # light-polluted sky: a little warm
+SKY_RGB = (1.1, 1.0, 0.8)  # light-polluted sky: a little warm (sky colour weights r, g, b)
 _NEBULA_RGB = (1.5, 0.7, 0.9)  # emission nebula: H-alpha red with some OIII
 _NEBULA_PEAK = 0.25  # nebula peak as a fraction of the sky level: faint, needs a stretch
-_NEBULA_RADIUS_SIGMA = 3.5  # nebula drawn within this many major-axis sigmas
 _GROUND_LEVEL = 0.02  # the landscape's own glow as a fraction of the sky: a dark silhouette
-_WINDOW_E = 6000.0  # electrons per pixel of a lit window (bright, below saturation)
-_WINDOW_RGB = (1.3, 1.0, 0.5)  # warm tungsten light
 _HOT_PIXEL_DENSITY = 1 / 30_000  # one hot pixel per 30,000 pixels (a warm DSLR sensor)
 _HOT_PIXEL_ADU = (1500, 12_000)  # excess ADU of a hot pixel, uniform in this range
 _CLOUD_STAR_FACTOR = 0.05  # cloud dims stars (and nebula, satellites) 20x
@@ -76,13 +73,24 @@ _CLOUD_LUMP = 0.8  # peak of the lumpy cloud glow as a fraction of the sky level
 _CLOUD_BLOBS = 7  # Gaussian lumps making up the cloud glow
 _SATELLITE_LINEAR_E = 8000.0  # electrons per pixel of trail length: a bright trail
 _SATELLITE_SIGMA_PX = 1.0  # trail cross-section sigma: FWHM 2.35 px
-_BAND_ROWS = 256  # rows of noise (or nebula) computed at a time (bounds temporary memory)
 _FRAME_GAP_S = 2.0  # camera dead time between exposures, for the capture times
+_MILKY_WAY_SIGMA = 0.12  # band profile sigma, frame diagonals: a band a third of the frame wide
+_GLOW_DISTANCE = 1.0  # the moon sits this many frame diagonals from the frame centre
+_GLOW_SCALE = 1.0  # glow falls off as a Gaussian of this many diagonals: smooth, low-order
+_GLOW_SWEEP_DEG = (30.0, 70.0)  # the moon's bearing turns by this much over the session
 _STREAM_STARS, _STREAM_LANDSCAPE, _STREAM_HOT, _STREAM_NOISE = 1, 2, 3, 4  # independent
 _STREAM_SATELLITE, _STREAM_CLOUD, _STREAM_TRAIL, _STREAM_NEBULA = 5, 6, 7, 8  # random streams
+_STREAM_GLOW, _STREAM_MILKY_WAY = 9, 11  # the moon's path, the band (10: seeing_jitter)
+# per-frame schedules (SkyModel fields) and the values each allows
+_SCHEDULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "sky_levels": (lambda v: v > 0, "> 0"),
+    "glow": (lambda v: v >= 0, ">= 0"),
+    "transparency": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "fwhm_schedule": (lambda v: v > 0.5, "> 0.5"),
+}
 
 
-def _indices(value: int | Iterable[int] | None) -> tuple[int, ...]:
+def frame_indices(value: int | Iterable[int] | None) -> tuple[int, ...]:
     """Frame indices from None, one int or an iterable of ints, sorted and unique."""
     if value is None:
         return ()
@@ -91,25 +99,20 @@ def _indices(value: int | Iterable[int] | None) -> tuple[int, ...]:
     return tuple(sorted({int(v) for v in value}))
 
 
-def _channel_weights(rows: npt.ArrayLike, cols: npt.ArrayLike, rgb: FloatArray) -> FloatArray:
-    """Colour weight of each CFA site: ``rgb[..., channel(row, col)]`` broadcast over the rows
-    and cols index arrays; ``rgb`` has shape (..., 3)."""
-    channel = _CFA_CHANNEL[np.asarray(rows) % 2, np.asarray(cols) % 2]
-    return np.take_along_axis(rgb, channel, axis=-1) if rgb.ndim > 1 else rgb[channel]
+def cfa_channels(pattern: str) -> IntArray:
+    """(2, 2) colour index (0 red, 1 green, 2 blue) of each site of a Bayer ``pattern`` such as
+    ``"RGGB"``, by (row % 2, col % 2)."""
+    if pattern not in CFA_PATTERNS:
+        raise ValueError(f"cfa_pattern must be one of {', '.join(CFA_PATTERNS)}, got {pattern!r}")
+    return np.array(["RGB".index(c) for c in pattern], dtype=np.intp).reshape(2, 2)
 
 
-def _mosaic_inplace(image: FloatArray, rgb: tuple[float, float, float]) -> None:
-    """Multiply an even-sized, even-origin (rows, cols) block by the RGGB colour weights."""
-    rows, cols = image.shape
-    tile = np.array([[rgb[0], rgb[1]], [rgb[1], rgb[2]]], dtype=image.dtype)
-    image.reshape(rows // 2, 2, cols // 2, 2)[...] *= tile[None, :, None, :]
-
-
-def _pixel_profile(edges: FloatArray, centre: FloatArray, sigma: float) -> FloatArray:
-    """Gaussian integrated over pixels: ``edges`` (..., S + 1) pixel edges, ``centre``
-    broadcastable to (..., 1); returns (..., S) fractions of a unit flux."""
-    cdf = erf((edges - centre) / (math.sqrt(2.0) * sigma))
-    return 0.5 * np.diff(cdf, axis=-1)
+def _band_profile(band: dict[str, Any], xy: FloatArray) -> FloatArray:
+    """The Milky Way band's density profile (1 on its centre line) at (n, 2) reference xy."""
+    angle = math.radians(band["angle_deg"])
+    px, py = band["point"]
+    distance = (xy[:, 1] - py) * math.cos(angle) - (xy[:, 0] - px) * math.sin(angle)
+    return np.exp(-0.5 * (distance / band["sigma_px"]) ** 2)
 
 
 def _clip_line(
@@ -142,7 +145,7 @@ class _Catalogue:
 
 
 @dataclass(frozen=True, eq=False)
-class _Landscape:
+class Landscape:
     """Ground fixed in frame coordinates.
 
     ``skyline``: (cols,) float, the row coordinate of the ground's top edge in each column (a
@@ -202,6 +205,31 @@ class SkyModel:
         Frame indices with a satellite trail, cloud, or wind-trailed stars.
     trail_px
         Length of a wind-trailed star's smear, pixels.
+    sky_levels
+        Per-frame multiplier of the whole sky background (light pollution, moon, twilight):
+        ``frames`` values > 0, or empty for 1 throughout (see ``sky_step``, ``sky_ramp``).
+    glow
+        Per-frame amplitude of a moon glow, a smooth gradient whose direction turns over the
+        session, as a fraction of the frame's sky level at its brightest point in the frame
+        (see ``moon_glow``): ``frames`` values >= 0, or empty for none.
+    transparency
+        Per-frame multiplier of all light from beyond the atmosphere (stars, nebula,
+        satellites), in [0, 1]: 0.3 is a thin haze, 0.85 a 15 % dip; empty for 1 throughout.
+    fwhm_schedule
+        Per-frame star FWHM, pixels (seeing that varies, see ``seeing_jitter``); empty for
+        ``fwhm_px`` throughout. Catalogue properties (``star_peak_snr``, ``star_snr``,
+        ``star_saturated``) stay those of ``fwhm_px``.
+    milky_way
+        Star density contrast of a Milky Way band across the field (``milky_way_band``): 0
+        for none; 10 puts 11x the ``stars`` density on the band's centre line.
+    cfa_pattern
+        The sensor's Bayer tile from pixel (0, 0), one of ``CFA_PATTERNS``: each colour is
+        rendered on its own sites and the DNG's CFAPattern tag says the same.
+    planted_stars
+        Extra stars of known colour, each (x, y, flux_e, r, g, b): reference pixels, electrons
+        in a green-weight-1 channel, and the colour weights of the red, green and blue sites
+        (a catalogue star has (1 + 0.35 c, 1, 1 - 0.35 c), c in [-1, 1]). They join the
+        catalogue (``star_xy`` etc., sorted by flux) like any other star.
     """
 
     width: int = 1200
@@ -232,10 +260,21 @@ class SkyModel:
     cloudy: tuple[int, ...] = ()
     trailed: tuple[int, ...] = ()
     trail_px: float = 15.0
+    sky_levels: tuple[float, ...] = ()
+    glow: tuple[float, ...] = ()
+    transparency: tuple[float, ...] = ()
+    fwhm_schedule: tuple[float, ...] = ()
+    milky_way: float = 0.0
+    cfa_pattern: str = "RGGB"
+    planted_stars: tuple[tuple[float, ...], ...] = ()  # each (x, y, flux_e, r, g, b)
 
     def __post_init__(self) -> None:
         for name in ("satellite", "cloudy", "trailed"):
-            object.__setattr__(self, name, _indices(getattr(self, name)))
+            object.__setattr__(self, name, frame_indices(getattr(self, name)))
+        for name in _SCHEDULES:
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name) or ()))
+        planted = tuple(tuple(float(v) for v in star) for star in self.planted_stars)
+        object.__setattr__(self, "planted_stars", planted)
         if self.pivot is not None:
             object.__setattr__(self, "pivot", (float(self.pivot[0]), float(self.pivot[1])))
         if isinstance(self.start_time, str):
@@ -265,6 +304,22 @@ class SkyModel:
             )
         if self.trail_px < 0 or self.windows < 0 or (self.hot_pixels or 0) < 0:
             problems.append("trail_px, windows and hot_pixels must be >= 0")
+        for name, (allowed, text) in _SCHEDULES.items():
+            values = getattr(self, name)
+            if values and len(values) != self.frames:
+                problems.append(
+                    f"{name} needs {self.frames} values (one a frame), got {len(values)}"
+                )
+            elif not all(math.isfinite(v) and allowed(v) for v in values):
+                problems.append(f"{name} values must be {text}")
+        if any(len(star) != 6 or min(star[2:]) < 0 for star in self.planted_stars):
+            problems.append("planted_stars are (x, y, flux_e, r, g, b) with flux and colour >= 0")
+        if not 0 <= self.milky_way <= 1000:
+            problems.append(f"milky_way must be in [0, 1000], got {self.milky_way}")
+        if self.cfa_pattern not in CFA_PATTERNS:
+            problems.append(
+                f"cfa_pattern must be one of {', '.join(CFA_PATTERNS)}, got {self.cfa_pattern!r}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -287,6 +342,11 @@ class SkyModel:
                 value = list(value)
             out[f.name] = value
         return out
+
+    @cached_property
+    def cfa(self) -> IntArray:
+        """(2, 2) colour index (0 red, 1 green, 2 blue) by (row % 2, col % 2)."""
+        return cfa_channels(self.cfa_pattern)
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *key])
@@ -327,9 +387,18 @@ class SkyModel:
         forward = self._forward(i)
         return points @ forward[:2, :2].T + forward[:2, 2]
 
+    def fwhm(self, i: int) -> float:
+        """Star FWHM of frame ``i``, pixels (``fwhm_schedule``, else ``fwhm_px``)."""
+        return self.fwhm_schedule[i] if self.fwhm_schedule else self.fwhm_px
+
+    def psf_sigma(self, i: int) -> float:
+        """Gaussian sigma of frame ``i``'s PSF, pixels."""
+        return self.fwhm(i) / _FWHM_PER_SIGMA
+
     def _star_margin(self) -> float:
         """How far outside the frame a star can still put light into it, pixels."""
-        return _PSF_RADIUS_SIGMA * self.psf_sigma_px + self.trail_px / 2.0 + 2.0
+        sigma = max((self.fwhm_px, *self.fwhm_schedule)) / _FWHM_PER_SIGMA
+        return PSF_RADIUS_SIGMA * sigma + self.trail_px / 2.0 + 2.0
 
     @cached_property
     def sky_region(self) -> tuple[float, float, float, float]:
@@ -363,6 +432,10 @@ class SkyModel:
         x0, y0, x1, y1 = self.sky_region
         cell = _STAR_CELL_PX
         per_cell = self.stars * cell * cell / (self.width * self.height)
+        band = self.milky_way_band
+        contrast = self.milky_way
+        if contrast > 0:  # draw the band centre's density, then thin towards the edges
+            per_cell *= 1.0 + contrast
         f_min = _FAINTEST_PEAK_SNR * self.pixel_noise_e / self._peak_fraction
         f_max = _BRIGHTEST_PEAK_SNR * self.pixel_noise_e / self._peak_fraction
         tail = 1.0 - (f_min / f_max) ** _FLUX_SLOPE
@@ -375,6 +448,10 @@ class SkyModel:
                 u = rng.random(n)
                 flux.append(f_min * (1.0 - u * tail) ** (-1.0 / _FLUX_SLOPE))
                 colour.append(np.clip(rng.normal(0.0, 0.4, n), -1.0, 1.0))
+                if contrast > 0:
+                    accept = (1.0 + contrast * _band_profile(band, xy[-1])) / (1.0 + contrast)
+                    kept = rng.random(n) < accept
+                    xy[-1], flux[-1], colour[-1] = xy[-1][kept], flux[-1][kept], colour[-1][kept]
         all_xy = np.concatenate(xy) if xy else np.zeros((0, 2))
         all_flux = np.concatenate(flux) if flux else np.zeros(0)
         c = np.concatenate(colour) if colour else np.zeros(0)
@@ -384,11 +461,32 @@ class SkyModel:
             & (all_xy[:, 1] >= y0)
             & (all_xy[:, 1] <= y1)
         )
-        order = np.argsort(-all_flux[keep], kind="stable")
         rgb = np.stack(
             [1 + _STAR_COLOUR_SPREAD * c, np.ones_like(c), 1 - _STAR_COLOUR_SPREAD * c], 1
         )
-        return _Catalogue(all_xy[keep][order], all_flux[keep][order], rgb[keep][order])
+        all_xy, all_flux, rgb = all_xy[keep], all_flux[keep], rgb[keep]
+        if self.planted_stars:
+            planted = np.array(self.planted_stars, dtype=np.float64).reshape(-1, 6)
+            all_xy = np.concatenate([all_xy, planted[:, :2]])
+            all_flux = np.concatenate([all_flux, planted[:, 2]])
+            rgb = np.concatenate([rgb, planted[:, 3:]])
+        order = np.argsort(-all_flux, kind="stable")
+        return _Catalogue(all_xy[order], all_flux[order], rgb[order])
+
+    @cached_property
+    def milky_way_band(self) -> dict[str, Any]:
+        """Where the Milky Way crosses the sky, reference pixels: the band's centre line passes
+        through ``point`` at ``angle_deg``; star density is ``1 + milky_way * exp(-d**2 / (2
+        sigma_px**2))`` times the background's at distance d from it (drawn even when
+        ``milky_way`` is 0, so the truth is stable)."""
+        rng = self._rng(_STREAM_MILKY_WAY)
+        w, h = self.width, self.height
+        return {
+            "contrast": self.milky_way,
+            "point": [w * rng.uniform(0.3, 0.7), h * rng.uniform(0.3, 0.7)],
+            "angle_deg": float(rng.uniform(0.0, 180.0)),
+            "sigma_px": _MILKY_WAY_SIGMA * math.hypot(w, h),
+        }
 
     @property
     def star_xy(self) -> FloatArray:
@@ -422,12 +520,52 @@ class SkyModel:
         """(n,) whether a centred star's brightest CFA site would clip at the white level."""
         full_e = (self.white_level - self.black_level) * self.gain_e_per_adu
         peak = self.star_flux_e * self._peak_fraction * self.star_rgb.max(axis=1)
-        sky = self.sky_e * max(_SKY_RGB) * (1.0 + abs(self.gradient) / 2.0)
+        sky = self.sky_e * max(SKY_RGB) * (1.0 + abs(self.gradient) / 2.0)
         return np.asarray(peak + sky > full_e)
 
     def star_factor(self, i: int) -> float:
-        """Transmission of frame ``i`` for sky light (stars, nebula, satellites): 1 or cloud."""
-        return _CLOUD_STAR_FACTOR if i in self.cloudy else 1.0
+        """Transmission of frame ``i`` for light from beyond the atmosphere (stars, nebula,
+        satellites): ``transparency_of(i)`` times the cloud factor in a cloudy frame."""
+        cloud = _CLOUD_STAR_FACTOR if i in self.cloudy else 1.0
+        return cloud * self.transparency_of(i)
+
+    # ---- the changing night ----------------------------------------------------------------
+
+    def sky_level(self, i: int) -> float:
+        """Multiplier of frame ``i``'s whole sky background (``sky_levels``; 1 by default)."""
+        return self.sky_levels[i] if self.sky_levels else 1.0
+
+    def transparency_of(self, i: int) -> float:
+        """Frame ``i``'s atmospheric transparency (``transparency``; 1 by default)."""
+        return self.transparency[i] if self.transparency else 1.0
+
+    def moon_glow(self, i: int) -> dict[str, Any]:
+        """Geometry of frame ``i``'s moon glow, in frame pixels (fixed to the ground).
+
+        The glow adds ``amplitude * sky_e * sky_level(i) * g(x, y)`` electrons per green pixel
+        (times the sky colour at red and blue sites), with
+        ``g = exp(-(|p - centre|**2 - near_px**2) / (2 scale_px**2))``: 1 at the frame point
+        nearest the moon (``near_px`` from ``centre``), smoothly lower across the frame.
+        ``centre`` is the moon, outside the frame, ``_GLOW_DISTANCE`` diagonals from the
+        frame centre on a bearing that turns over the session. ``amplitude`` is ``glow[i]``
+        (0 by default: the geometry is still drawn, nothing is rendered).
+        """
+        w, h = self.width, self.height
+        rng = self._rng(_STREAM_GLOW)
+        start = rng.uniform(0.0, 2.0 * math.pi)
+        sweep = math.radians(rng.uniform(*_GLOW_SWEEP_DEG)) * (1 if rng.random() < 0.5 else -1)
+        bearing = start + sweep * i / max(self.frames - 1, 1)
+        diagonal = math.hypot(w, h)
+        cx = (w - 1) / 2 + _GLOW_DISTANCE * diagonal * math.cos(bearing)
+        cy = (h - 1) / 2 + _GLOW_DISTANCE * diagonal * math.sin(bearing)
+        nx, ny = min(max(cx, 0.0), w - 1.0), min(max(cy, 0.0), h - 1.0)
+        return {
+            "amplitude": self.glow[i] if self.glow else 0.0,
+            "centre": [cx, cy],
+            "scale_px": _GLOW_SCALE * diagonal,
+            "near_px": math.hypot(cx - nx, cy - ny),
+            "bearing_deg": math.degrees(bearing) % 360.0,
+        }
 
     def visible_stars(self, i: int, *, margin: float = 0.0, min_peak_snr: float = 0.0) -> IntArray:
         """Catalogue indices of stars whose centre is inside frame ``i`` at least ``margin``
@@ -438,7 +576,7 @@ class SkyModel:
         inside = (x >= margin) & (x <= self.width - 1 - margin)
         inside &= (y >= margin) & (y <= self.height - 1 - margin)
         column = np.clip(np.rint(x), 0, self.width - 1).astype(np.intp)
-        inside &= y + self.fwhm_px < self._landscape.skyline[column]
+        inside &= y + self.fwhm(i) < self.landscape.skyline[column]
         inside &= self.star_peak_snr >= min_peak_snr
         return np.flatnonzero(inside)
 
@@ -454,11 +592,11 @@ class SkyModel:
     # ---- things fixed on the ground --------------------------------------------------------
 
     @cached_property
-    def _landscape(self) -> _Landscape:
+    def landscape(self) -> Landscape:
         w, h = self.width, self.height
         x = np.arange(w, dtype=np.float64)
         if self.landscape_fraction <= 0:
-            return _Landscape(
+            return Landscape(
                 np.full(w, h + 1.0), h, np.ones((0, w), np.float32), np.zeros((0, 4), np.int64)
             )
         rng = self._rng(_STREAM_LANDSCAPE)
@@ -493,22 +631,22 @@ class SkyModel:
                     boxes.append((x0, y0, x0 + wx, y0 + wy))
                     break
         windows = np.array(boxes, dtype=np.int64).reshape(-1, 4)
-        return _Landscape(skyline, top_row, cover, windows)
+        return Landscape(skyline, top_row, cover, windows)
 
     @property
     def landscape_top_row(self) -> int:
         """First (topmost) row holding any ground; ``height`` when there is no landscape."""
-        return self._landscape.top_row
+        return self.landscape.top_row
 
     @property
     def skyline(self) -> FloatArray:
         """(width,) row coordinate of the ground's top edge per column (ground below it)."""
-        return self._landscape.skyline
+        return self.landscape.skyline
 
     @property
     def windows_xyxy(self) -> npt.NDArray[np.int64]:
         """(n, 4) lit windows as [x0, y0, x1, y1) pixel boxes, fixed in frame coordinates."""
-        return self._landscape.windows
+        return self.landscape.windows
 
     @cached_property
     def _hot(self) -> tuple[IntArray, IntArray, IntArray]:
@@ -534,7 +672,10 @@ class SkyModel:
     # ---- per-frame defects -----------------------------------------------------------------
 
     @cached_property
-    def _nebula(self) -> dict[str, Any] | None:
+    def nebula_shape(self) -> dict[str, Any] | None:
+        """The nebula (moves with the stars; ``None`` without one): a Gaussian in reference
+        coordinates, ``centre`` (x, y), ``sigma_px`` (major, minor), ``angle_deg`` of the major
+        axis, ``peak_e`` electrons per green pixel at the centre, ``rgb`` colour weights."""
         if not self.nebula:
             return None
         rng = self._rng(_STREAM_NEBULA)
@@ -550,8 +691,9 @@ class SkyModel:
         """Defects of frame ``i`` and their parameters (frame coordinates); empty when clean.
 
         ``satellite``: the trail passes through ``point`` at ``angle_deg``, entering the frame at
-        ``start`` and leaving at ``end``, Gaussian cross-section ``fwhm_px``, ``peak_e`` electrons
-        (before cloud). ``cloudy``: star and sky factors. ``trailed``: every star smeared into a
+        ``start`` and leaving at ``end``, Gaussian cross-section ``fwhm_px`` (``sigma_px``),
+        ``peak_e`` electrons (before cloud and transparency), ``linear_e`` electrons per pixel of
+        trail length. ``cloudy``: star and sky factors. ``trailed``: every star smeared into a
         line of ``length_px`` at ``angle_deg`` centred on its position.
         """
         out: dict[str, dict[str, Any]] = {}
@@ -567,6 +709,8 @@ class SkyModel:
                 "end": list(end),
                 "fwhm_px": _SATELLITE_SIGMA_PX * _FWHM_PER_SIGMA,
                 "peak_e": _SATELLITE_LINEAR_E / (math.sqrt(2 * math.pi) * _SATELLITE_SIGMA_PX),
+                "sigma_px": _SATELLITE_SIGMA_PX,
+                "linear_e": _SATELLITE_LINEAR_E,
             }
         if i in self.cloudy:
             out["cloudy"] = {
@@ -586,13 +730,38 @@ class SkyModel:
         """Start of frame ``i``'s exposure (camera wall-clock time)."""
         return self.start_time + timedelta(seconds=i * (self.exposure_s + _FRAME_GAP_S))
 
-    # ---- rendering -------------------------------------------------------------------------
+    def ground_glow_e(self, i: int) -> float:
+        """Electrons per green pixel of the landscape's own faint glow in frame ``i`` (it is
+        lit by the sky above it, so it follows the sky level)."""
+        return _GROUND_LEVEL * self.sky_e * self.sky_level(i)
+
+    def noise_rng(self, i: int) -> np.random.Generator:
+        """The random stream of frame ``i``'s shot and read noise."""
+        return self._rng(_STREAM_NOISE, i)
+
+    # ---- pixels (rendering lives in ``nightstack.simulate.render``) ------------------------
 
     def electrons(self, i: int) -> FloatArray:
         """Noise-free expected signal of frame ``i``, (height, width) float32 electrons per CFA
-        site (RGGB), hot pixels not included."""
+        site (``cfa_pattern``), hot pixels not included."""
+        from nightstack.simulate.render import expected_electrons  # render imports this module
+
+        return expected_electrons(self, i)
+
+    def render(self, i: int, *, noise: bool = True) -> UInt16Array:
+        """Raw CFA of frame ``i``: (height, width) uint16 ADU laid out as ``cfa_pattern``,
+        black level included, clipped at the white level; hot pixels added. ``noise=False``
+        gives the rounded expectation (no shot or read noise)."""
+        from nightstack.simulate.render import raw_frame  # render imports this module
+
+        return raw_frame(self, i, noise=noise)
+
+    # ---- the sky background ----------------------------------------------------------------
+
+    def sky_background(self, i: int) -> FloatArray:
+        """The sky of frame ``i`` before its colour: (height, width) float32 electrons per
+        green pixel, the landscape not applied (see ``sky_surface``)."""
         h, w = self.height, self.width
-        defects = self.defects(i)
         # light-pollution gradient, fixed to the ground
         angle = math.radians(self.gradient_angle_deg)
         c, s = math.cos(angle), math.sin(angle)
@@ -604,162 +773,98 @@ class SkyModel:
         image *= np.float32(self.gradient)
         image += np.float32(1.0)
         image *= np.float32(self.sky_e)
-        if "cloudy" in defects:
+        level = self.sky_level(i)
+        if level != 1.0:
+            image *= np.float32(level)
+        moon = self.moon_glow(i)
+        if moon["amplitude"] > 0:
+            gx, gy = self._glow_profiles(moon, np.arange(w), np.arange(h))
+            scale = moon["amplitude"] * self.sky_e * level
+            image += np.outer(gy * scale, gx).astype(np.float32)
+        if i in self.cloudy:
             image *= np.float32(_CLOUD_SKY_FACTOR)
             image += self._cloud_glow(i)
-        _mosaic_inplace(image, _SKY_RGB)
-        factor = self.star_factor(i)
-        if self._nebula is not None:
-            self._add_nebula(image, i, factor)
-        self._add_stars(image, i, factor, defects.get("trailed"))
-        if "satellite" in defects:
-            self._add_satellite(image, defects["satellite"], factor)
-        self._add_ground(image)
         return image
 
-    def render(self, i: int, *, noise: bool = True) -> UInt16Array:
-        """Raw CFA of frame ``i``: (height, width) uint16 ADU, RGGB, black level included,
-        clipped at the white level; hot pixels added. ``noise=False`` gives the rounded
-        expectation (no shot or read noise)."""
-        expected = self.electrons(i)
-        raw = np.empty(expected.shape, dtype=np.uint16)
-        rng = self._rng(_STREAM_NOISE, i)
-        for r0 in range(0, self.height, _BAND_ROWS):
-            block = expected[r0 : r0 + _BAND_ROWS]
-            if noise:
-                signal = rng.poisson(block).astype(np.float32)
-                signal += rng.normal(0.0, self.read_noise_e, block.shape).astype(np.float32)
-            else:
-                signal = block
-            adu = np.rint(signal / np.float32(self.gain_e_per_adu) + np.float32(self.black_level))
-            raw[r0 : r0 + _BAND_ROWS] = np.clip(adu, 0, self.white_level)
-        x, y, hot = self._hot
-        raw[y, x] = np.minimum(raw[y, x].astype(np.int64) + hot, self.white_level)
-        return raw
+    @staticmethod
+    def _glow_profiles(
+        moon: dict[str, Any], x: FloatArray | IntArray, y: FloatArray | IntArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """The moon glow's separable factors: ``g(x, y) = gx(x) * gy(y)`` (float64)."""
+        cx, cy = moon["centre"]
+        two_s2 = 2.0 * moon["scale_px"] ** 2
+        gx = np.exp(-((np.asarray(x) - cx) ** 2 - moon["near_px"] ** 2) / two_s2)
+        gy = np.exp(-((np.asarray(y) - cy) ** 2) / two_s2)
+        return gx, gy
 
-    def _cloud_glow(self, i: int) -> FloatArray:
-        """Lumpy cloud glow: (height, width) float32 electrons, a sum of Gaussian blobs."""
+    def sky_surface(self, i: int, *, grid: str = "frame") -> FloatArray:
+        """The true additive sky of frame ``i``: electrons per green pixel, float64.
+
+        Multiply by the sky colour (``SKY_RGB``, also in truth as ``sky_rgb``) for the red
+        and blue channels, divide by ``gain_e_per_adu`` for ADU above black, and further by
+        ``white_level - black_level`` for ``nightstack.loaders.load``'s units. It holds the
+        light-pollution gradient, the sky level, the moon glow and a cloudy frame's glow; not
+        stars, nebula, satellites, hot pixels, or the landscape that hides the sky.
+
+        Parameters
+        ----------
+        i
+            Frame index.
+        grid
+            ``"frame"``: (height, width) over frame ``i``'s own pixels, exactly the sky that
+            ``render(i)`` used. ``"reference"``: (height, width) over the reference frame's
+            pixel grid, i.e. the value at reference pixel q is the sky of frame ``i`` at the
+            frame pixel that maps onto q (``transform(i)``), evaluated analytically there
+            (also where it falls outside frame ``i``).
+        """
+        if grid == "frame":
+            return self.sky_background(i).astype(np.float64)
+        if grid != "reference":
+            raise ValueError(f"grid must be 'frame' or 'reference', got {grid!r}")
+        ys, xs = np.mgrid[0 : self.height, 0 : self.width].astype(np.float64)
+        frame_xy = self.to_frame(i, np.stack([xs.ravel(), ys.ravel()], axis=1))
+        return self.sky_at(i, frame_xy[:, 0], frame_xy[:, 1]).reshape(self.height, self.width)
+
+    def sky_at(self, i: int, x: npt.ArrayLike, y: npt.ArrayLike) -> FloatArray:
+        """Frame ``i``'s sky (as ``sky_surface``) at frame pixel coordinates ``x``, ``y``
+        (broadcast arrays), evaluated analytically in float64."""
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        w, h = self.width, self.height
+        angle = math.radians(self.gradient_angle_deg)
+        c, s = math.cos(angle), math.sin(angle)
+        extent = abs(w * c) + abs(h * s)
+        plane = ((x - (w - 1) / 2) * c + (y - (h - 1) / 2) * s) / extent
+        level = self.sky_level(i)
+        sky = (1.0 + self.gradient * plane) * self.sky_e * level
+        moon = self.moon_glow(i)
+        if moon["amplitude"] > 0:
+            gx, gy = self._glow_profiles(moon, x, y)
+            sky = sky + moon["amplitude"] * self.sky_e * level * gx * gy
+        if i in self.cloudy:
+            centre, sigma, amplitude = self._cloud_blobs(i)
+            sky = sky * _CLOUD_SKY_FACTOR
+            for (bx, by), sb, ab in zip(centre, sigma[:, 0], amplitude, strict=True):
+                sky = sky + ab * np.exp(-0.5 * (((x - bx) / sb) ** 2 + ((y - by) / sb) ** 2))
+        return np.asarray(sky, dtype=np.float64)
+
+    def _cloud_blobs(self, i: int) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """Cloud lumps of frame ``i``: centres (blobs, 2) frame (x, y), sigmas (blobs, 1) px
+        and peak electrons (blobs,), the sky level included."""
         rng = self._rng(_STREAM_CLOUD, i)
         h, w = self.height, self.width
         centre = rng.uniform([0.0, 0.0], [w, h], (_CLOUD_BLOBS, 2))
         sigma = rng.uniform(0.08, 0.25, (_CLOUD_BLOBS, 1)) * max(w, h)
         amplitude = rng.uniform(0.3, 1.0, _CLOUD_BLOBS) * _CLOUD_LUMP * self.sky_e
+        return centre, sigma, amplitude * self.sky_level(i)
+
+    def _cloud_glow(self, i: int) -> FloatArray:
+        """Lumpy cloud glow: (height, width) float32 electrons, a sum of Gaussian blobs."""
+        h, w = self.height, self.width
+        centre, sigma, amplitude = self._cloud_blobs(i)
         gx = np.exp(-0.5 * ((np.arange(w) - centre[:, :1]) / sigma) ** 2)  # (blobs, w)
         gy = np.exp(-0.5 * ((np.arange(h) - centre[:, 1:]) / sigma) ** 2)  # (blobs, h)
         glow = (gy.T * amplitude).astype(np.float32) @ gx.astype(np.float32)
         return glow
-
-    def _add_nebula(self, image: FloatArray, i: int, factor: float) -> None:
-        neb = self._nebula
-        assert neb is not None
-        centre = np.asarray(neb["centre"], dtype=np.float64)
-        sx, sy = neb["sigma_px"]
-        theta = math.radians(neb["angle_deg"])
-        rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-        inv_cov = rot @ np.diag([1 / sx**2, 1 / sy**2]) @ rot.T  # reference coordinates
-        cx, cy = self.to_frame(i, centre)[0]
-        r = _NEBULA_RADIUS_SIGMA * max(sx, sy)
-        x0, x1 = max(0, int(cx - r) & ~1), min(self.width, (int(cx + r) + 2) & ~1)
-        y0, y1 = max(0, int(cy - r) & ~1), min(self.height, (int(cy + r) + 2) & ~1)
-        if x1 <= x0 or y1 <= y0:
-            return
-        m = self.transform(i).astype(np.float32)
-        k = inv_cov.astype(np.float32)
-        px = np.arange(x0, x1, dtype=np.float32)
-        peak = np.float32(neb["peak_e"] * factor)
-        for r0 in range(y0, y1, _BAND_ROWS):  # row bands bound the temporaries
-            py = np.arange(r0, min(r0 + _BAND_ROWS, y1), dtype=np.float32)
-            qx = (m[0, 0] * px)[None, :] + (m[0, 1] * py + m[0, 2] - centre[0])[:, None]
-            qy = (m[1, 0] * px)[None, :] + (m[1, 1] * py + m[1, 2] - centre[1])[:, None]
-            q = k[0, 0] * qx * qx
-            q += 2 * k[0, 1] * qx * qy
-            q += k[1, 1] * qy * qy
-            glow = np.exp(np.float32(-0.5) * q)
-            glow *= peak
-            _mosaic_inplace(glow, tuple(neb["rgb"]))
-            image[r0 : r0 + len(py), x0:x1] += glow
-
-    def _add_stars(
-        self, image: FloatArray, i: int, factor: float, trail: dict[str, Any] | None
-    ) -> None:
-        """Add every star of frame ``i`` on local stamps, pixel-integrated Gaussian PSF."""
-        h, w = self.height, self.width
-        sigma = self.psf_sigma_px
-        half = trail["length_px"] / 2.0 if trail else 0.0
-        radius = math.ceil(_PSF_RADIUS_SIGMA * sigma + half)
-        size = 2 * radius + 1
-        if trail:
-            steps = max(2, math.ceil(2 * half / _TRAIL_STEP_PX) + 1)
-            along = np.linspace(-half, half, steps)
-            phi = math.radians(trail["angle_deg"])
-            offsets = np.stack([along * math.cos(phi), along * math.sin(phi)], axis=1)
-        else:
-            offsets = np.zeros((1, 2))
-        xy = self.to_frame(i, self.star_xy)
-        reach = radius + 1
-        on = (xy[:, 0] > -reach) & (xy[:, 0] < w - 1 + reach)
-        on &= (xy[:, 1] > -reach) & (xy[:, 1] < h - 1 + reach)
-        index = np.flatnonzero(on)
-        flat_image = image.reshape(-1)  # a view: electrons() makes ``image`` C-contiguous
-        for b0 in range(0, len(index), _STAMP_BATCH):
-            sel = index[b0 : b0 + _STAMP_BATCH]
-            pos = xy[sel]
-            origin = np.rint(pos).astype(np.intp) - radius  # (n, 2) stamp corner (x, y)
-            edge = np.arange(size + 1) - 0.5  # pixel edges relative to the stamp corner
-            sub = pos[:, None, :] + offsets[None, :, :]  # (n, k, 2) PSF centres
-            ex = _pixel_profile(origin[:, None, 0:1] + edge, sub[:, :, 0:1], sigma)  # (n,k,S)
-            ey = _pixel_profile(origin[:, None, 1:2] + edge, sub[:, :, 1:2], sigma)
-            stamp = np.einsum("nki,nkj->nij", ey, ex) / len(offsets)  # (n, S rows, S cols)
-            cols = origin[:, 0:1] + np.arange(size)  # (n, S)
-            rows = origin[:, 1:2] + np.arange(size)
-            weight = _channel_weights(
-                rows[:, :, None], cols[:, None, :], self.star_rgb[sel][:, None, :]
-            )
-            stamp *= weight * (self.star_flux_e[sel] * factor)[:, None, None]
-            valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-            flat = rows[:, :, None] * w + cols[:, None, :]
-            np.add.at(flat_image, flat[valid], stamp[valid].astype(np.float32))
-
-    def _add_satellite(self, image: FloatArray, sat: dict[str, Any], factor: float) -> None:
-        """A straight trail with a Gaussian cross-section, sampled at pixel centres."""
-        h, w = self.height, self.width
-        px, py = sat["point"]
-        angle = math.radians(sat["angle_deg"])
-        c, s = math.cos(angle), math.sin(angle)
-        sigma = _SATELLITE_SIGMA_PX
-        norm = _SATELLITE_LINEAR_E * factor / (math.sqrt(2 * math.pi) * sigma)
-        horizontal = abs(c) >= abs(s)
-        reach = math.ceil(5 * sigma / max(abs(c), abs(s))) + 1
-        span = np.arange(-reach, reach + 1)
-        if horizontal:
-            xs = np.arange(w)
-            centre = py + (xs - px) * s / c
-            ys = np.floor(centre).astype(np.intp)[:, None] + span  # (w, 2 reach + 1)
-            xs2 = np.broadcast_to(xs[:, None], ys.shape)
-        else:
-            ys0 = np.arange(h)
-            centre = px + (ys0 - py) * c / s
-            xs2 = np.floor(centre).astype(np.intp)[:, None] + span
-            ys = np.broadcast_to(ys0[:, None], xs2.shape)
-        distance = (ys - py) * c - (xs2 - px) * s  # signed distance from the line
-        value = norm * np.exp(-0.5 * (distance / sigma) ** 2)
-        ok = (xs2 >= 0) & (xs2 < w) & (ys >= 0) & (ys < h)
-        # a sunlit satellite is neutral: every CFA site gets the same electrons
-        np.add.at(image.reshape(-1), ys[ok] * w + xs2[ok], value[ok].astype(np.float32))
-
-    def _add_ground(self, image: FloatArray) -> None:
-        """Hide the sky behind the landscape; add its faint glow and the lit windows."""
-        land = self._landscape
-        if land.top_row >= self.height:
-            return
-        band = image[land.top_row :]
-        ground = np.full(band.shape, _GROUND_LEVEL * self.sky_e, dtype=np.float32)
-        band *= land.sky_cover
-        band += (1 - land.sky_cover) * ground
-        rgb = np.array(_WINDOW_RGB)
-        for x0, y0, x1, y1 in land.windows:
-            ys, xs = np.mgrid[y0:y1, x0:x1]
-            image[y0:y1, x0:x1] = _WINDOW_E * _channel_weights(ys, xs, rgb)
 
     # ---- truth -----------------------------------------------------------------------------
 
@@ -779,21 +884,27 @@ class SkyModel:
                     "exposure_s": self.exposure_s,
                     "iso": self.iso,
                     "capture_time": self.capture_time(i).isoformat(),
+                    "sky_level": self.sky_level(i),
+                    "glow": self.moon_glow(i),
+                    "transparency": self.transparency_of(i),
+                    "fwhm_px": self.fwhm(i),
                 }
             )
         return {
-            "schema": 1,
+            "schema": 2,
             "generator": "nightstack.simulate",
             "seed": self.seed,
             "parameters": self.parameters(),
             "width": self.width,
             "height": self.height,
-            "cfa_pattern": "RGGB",
+            "cfa_pattern": self.cfa_pattern,
             "black_level": self.black_level,
             "white_level": self.white_level,
             "gain_e_per_adu": self.gain_e_per_adu,
             "read_noise_e": self.read_noise_e,
             "sky_e": self.sky_e,
+            "sky_rgb": list(SKY_RGB),
+            "gradient": {"amplitude": self.gradient, "angle_deg": self.gradient_angle_deg},
             "pixel_noise_e": self.pixel_noise_e,
             "psf": {"model": "gaussian", "fwhm_px": self.fwhm_px, "sigma_px": self.psf_sigma_px},
             "pivot": list(self.pivot_xy),
@@ -808,7 +919,8 @@ class SkyModel:
                 "y": hot_xy[:, 1].tolist(),
                 "adu": self.hot_pixel_adu.tolist(),
             },
-            "nebula": self._nebula,
+            "nebula": self.nebula_shape,
+            "milky_way": self.milky_way_band,
             "stars": {
                 "x": self.star_xy[:, 0].tolist(),
                 "y": self.star_xy[:, 1].tolist(),
@@ -820,81 +932,3 @@ class SkyModel:
             },
             "frames": frames,
         }
-
-
-def simulate_night(
-    outdir: str | os.PathLike[str],
-    *,
-    frames: int = 10,
-    width: int = 1200,
-    height: int = 800,
-    seed: int = 1,
-    interval_s: float = 0.0,
-    satellite: int | Iterable[int] | None = None,
-    cloudy: int | Iterable[int] | None = None,
-    trailed: int | Iterable[int] | None = None,
-    stars: int = 400,
-    drift_px: float = 3.0,
-    rotation_deg: float = 0.05,
-    fwhm_px: float = 3.5,
-    nebula: bool = True,
-    name_pattern: str = "IMG_{:04d}.DNG",
-    progress: Callable[[int, Path], None] | None = None,
-) -> Path:
-    """Write a synthetic night as DNG raws plus ``truth.json``, like a camera would.
-
-    ``truth.json`` is written first (atomically: temporary file + rename), since every frame's
-    truth is known in advance; then frames ``name_pattern.format(i)`` for i = 0 .. frames - 1 are
-    written one by one, each complete when its file closes, ``interval_s`` seconds apart.
-    ``progress(i, path)`` is called after each frame.
-
-    truth.json (schema 1)
-    ---------------------
-    ``seed``, ``parameters`` (the ``SkyModel`` fields; ``SkyModel.from_truth`` rebuilds it),
-    ``width``, ``height``, ``cfa_pattern``, ``black_level``, ``white_level``,
-    ``gain_e_per_adu``, ``read_noise_e``, ``sky_e`` (electrons per pixel at frame centre),
-    ``pixel_noise_e``, ``psf`` {model, fwhm_px, sigma_px}, ``pivot``, ``sky_region``;
-    ``landscape`` {top_row, skyline (per column, ground below), windows [[x0, y0, x1, y1)]};
-    ``hot_pixels`` {x, y, adu}; ``nebula`` (or null); ``stars`` {x, y (reference pixels), flux_e,
-    peak_snr, snr, saturated, rgb}, brightest first; ``frames``: per frame {index, file, matrix
-    (2x3, frame -> reference), defects (names), one entry per defect with its parameters,
-    exposure_s, iso, capture_time}.
-
-    Returns
-    -------
-    Path
-        The ``truth.json`` path.
-    """
-    model = SkyModel(
-        width=width,
-        height=height,
-        frames=frames,
-        seed=seed,
-        stars=stars,
-        fwhm_px=fwhm_px,
-        drift_px=drift_px,
-        rotation_deg=rotation_deg,
-        nebula=nebula,
-        satellite=_indices(satellite),
-        cloudy=_indices(cloudy),
-        trailed=_indices(trailed),
-    )
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    truth_path = out / "truth.json"
-    write_json(truth_path, model.truth(name_pattern))
-    for i in range(frames):
-        if i and interval_s > 0:
-            time.sleep(interval_s)
-        path = write_dng(
-            out / name_pattern.format(i),
-            model.render(i),
-            black_level=model.black_level,
-            white_level=model.white_level,
-            exposure_s=model.exposure_s,
-            iso=model.iso,
-            capture_time=model.capture_time(i),
-        )
-        if progress is not None:
-            progress(i, path)
-    return truth_path
