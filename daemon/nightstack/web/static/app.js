@@ -124,13 +124,31 @@ function showCounts() {
   $("frames-count").textContent = view.frames.length ? "(" + view.frames.length + ")" : "";
 }
 
+// Answers can come back out of order: only the latest request's answer is shown.
+const asked = { status: 0, sessions: 0 };
+
 async function refreshStatus() {
+  const seq = ++asked.status;
+  let status = null;
   try {
-    view.status = await getJSON("/api/status");
+    status = await getJSON("/api/status");
   } catch (err) {
-    view.status = null;
+    status = null;
   }
+  if (seq !== asked.status) return;
+  applyStatus(status);
+}
+
+// A new status from either source; the session list is re-read when the session, its state
+// or its counts changed.
+function applyStatus(status) {
+  const before = view.status;
+  view.status = status;
   showStatus();
+  if (status && (!before || before.session !== status.session || before.state !== status.state ||
+      before.accepted !== status.accepted || before.rejected !== status.rejected)) {
+    refreshSessions();
+  }
 }
 
 // --- sessions ------------------------------------------------------------------------------
@@ -177,11 +195,15 @@ function showSessions() {
 }
 
 async function refreshSessions() {
+  const seq = ++asked.sessions;
+  let sessions;
   try {
-    view.sessions = await getJSON("/api/sessions");
+    sessions = await getJSON("/api/sessions");
   } catch (err) {
     return;
   }
+  if (seq !== asked.sessions) return;
+  view.sessions = sessions;
   if (!view.session && view.sessions.length) showSession(view.sessions[0].session, view.follow);
   showSessions();
 }
@@ -428,11 +450,8 @@ function connect() {
   events.addEventListener("open", () => { refreshStatus(); refreshSessions(); loadFrames(); });
   events.addEventListener("error", () => { $("state").className = "badge offline"; });
   events.addEventListener("status", (event) => {
-    const before = view.status;
-    view.status = JSON.parse(event.data);
-    showStatus();
-    if (!before || before.session !== view.status.session || before.state !== view.status.state ||
-        before.accepted !== view.status.accepted) refreshSessions();
+    asked.status++; // an answer still in flight is older than this event
+    applyStatus(JSON.parse(event.data));
   });
   events.addEventListener("frame", (event) => {
     const data = JSON.parse(event.data);
