@@ -82,7 +82,7 @@ const METRICS = [
   { key: "fwhm", title: "FWHM", unit: "px", digits: 2, get: (r) => r.fwhm },
   { key: "stars", title: "Stars", unit: "", digits: 0, get: (r) => r.stars },
   { key: "background", title: "Background", unit: "", digits: 4, get: (r) => r.background },
-  { key: "transparency", title: "Transparency", unit: "", digits: 2, get: (r) => r.transparency },
+  { key: "transparency", title: "Transparency", unit: "", digits: 3, get: (r) => r.transparency },
   { key: "drift", title: "Drift", unit: "px", digits: 1, get: drift },
 ];
 
@@ -270,7 +270,7 @@ function frameRow(r, index) {
     [num(r.stars, 0), "stars"],
     [num(r.fwhm, 2), "fwhm"],
     [num(r.background, 4), "background"],
-    [num(r.transparency, 2), "transparency"],
+    [num(r.transparency, 3), "transparency"],
     [num(r.residual_px, 3), "residual"],
   ];
   for (const [text, cls] of cells) row.append(el("td", { class: cls }, text));
