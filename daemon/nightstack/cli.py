@@ -182,6 +182,10 @@ def _watch_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for dest, kind, _ in _WATCH_FLAGS.values():
         value = getattr(args, dest)
         values[dest] = (value or None) if kind == "store_true" else value
+    # --- web ---
+    values["web_listen"] = args.web
+    values["web_enabled"] = False if args.no_web else None
+    # --- end web ---
     return values
 
 
@@ -261,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=dest, action="store_true", help=text)
         else:
             p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    # --- web ---
+    p.add_argument("--web", metavar="HOST:PORT", default=None, help="serve the web page here")
+    p.add_argument("--no-web", action="store_true", help="no web page or API")
+    # --- end web ---
     _add_setting_flags(p, list(_SETTING_FLAGS))
     p.set_defaults(func=_cmd_watch)
 

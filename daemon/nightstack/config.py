@@ -202,6 +202,39 @@ class Settings(BaseSettings):
         "INFO", description="Log level."
     )
 
+    # --- web ---
+    web_enabled: bool = Field(
+        True, description="Serve the web page and JSON API from `nightstack watch`."
+    )
+    web_listen: str = Field(
+        "127.0.0.1:8080",
+        description="HOST:PORT of the web page; 0.0.0.0:8080 opens it to the LAN (set web_token).",
+    )
+    web_token: str | None = Field(
+        None,
+        description="Bearer token the web page's actions (close) need; without one, actions are "
+        "taken only from this machine (loopback).",
+    )
+
+    @field_validator("web_listen")
+    @classmethod
+    def _check_web_listen(cls, value: str) -> str:
+        from .web.address import parse_listen  # the one parser, shared with the server
+
+        parse_listen(value)
+        return value
+
+    @field_validator("web_token")
+    @classmethod
+    def _check_web_token(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if len(value) < 8 or not all(33 <= ord(ch) <= 126 for ch in value):
+            raise ValueError("expected at least 8 printable ASCII characters without spaces")
+        return value
+
+    # --- end web ---
+
     @field_validator("extensions")
     @classmethod
     def _normalise_extensions(cls, value: list[str]) -> list[str]:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
 from .decoder import DEFAULT_DECODE_FN, Decoder, TransientDecodeError, read_error
@@ -46,6 +46,9 @@ from .quality import Quality
 from .retries import Retries, first_attempts
 from .session import Session, find_open, known_hashes, quarantine
 from .watcher import FrameWatcher
+
+if TYPE_CHECKING:
+    from .web.server import WebServer
 
 log = logging.getLogger("nightstack")
 
@@ -183,6 +186,17 @@ class Daemon:
         self._reopen: Path | None = None  # a session to reload from disk before going on
         self._close_wanted = ""  # why to close the session at _reopen once it is reloaded
         self._frame_bytes = 0  # one frame-store entry of the last session, for the space check
+        # --- web ---
+        self._started = time.monotonic()
+        self._status_lock = threading.Lock()  # guards _status: the worker swaps, the web reads
+        self._status: dict[str, Any] = {
+            "state": "starting",
+            "session": None,
+            "accepted": 0,
+            "rejected": 0,
+            "last_frame": None,
+        }
+        # --- end web ---
 
     # --- signals ------------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -199,6 +213,14 @@ class Daemon:
     # --- main ---------------------------------------------------------------------------------
     def run(self) -> int:
         watch, output = check_startup(self.settings)
+        web = self._start_web(output)  # --- web ---
+        try:
+            return self._run(watch, output)
+        finally:
+            if web is not None:
+                web.stop()
+
+    def _run(self, watch: Path, output: Path) -> int:
         if threading.current_thread() is threading.main_thread():
             self._install_signals()
         self.hashes = known_hashes(output)
@@ -236,11 +258,13 @@ class Daemon:
             watcher.start()
             self.notifier.ready(status="waiting for frames")
             log.info("watching %s, sessions in %s", watch, output)
+            self._publish()  # --- web ---
             try:
                 self._loop(output)
             finally:
                 watcher.stop()
                 self.notifier.stopping()
+                self._publish("stopping")  # --- web ---
                 if self.retries.waiting:
                     log.info(
                         "%d frame(s) not retried before stopping: the next start retries them "
@@ -466,6 +490,7 @@ class Daemon:
             f"rejected, FWHM {record.fwhm if record.fwhm is not None else fwhm or 0:.2f} px, "
             f"queue {depth}{notes}"
         )
+        self._publish(record=record)  # --- web ---
         if _preview_wanted(session, behind=depth > 0):
             self._preview(session)
 
@@ -519,6 +544,7 @@ class Daemon:
             self.notifier.status(f"{kind}: waiting for space in {self.output}")
         self._degraded.set()
         self._retry_at = time.monotonic() + RETRY_S
+        self._publish()  # --- web ---
 
     def _recover(self, output: Path) -> None:
         """Degraded: when there is room again, reload the session and queue the waiting frames."""
@@ -529,6 +555,7 @@ class Daemon:
             return
         queued = self._requeue(output)
         self._degraded.clear()
+        self._publish()  # --- web ---
         log.info("%s can be written again: %d waiting frame(s) queued", output, queued)
 
     def _free(self) -> int:
@@ -554,6 +581,7 @@ class Daemon:
             return True
         self._reopen = None
         self.session = session
+        self._publish()  # --- web ---
         if session.stacker.lost:  # frames to stack again when their raw files come back
             self._requeue(self.output)
         if session.stacker.store is not None:
@@ -601,6 +629,7 @@ class Daemon:
             return
         self._close_wanted = ""
         log.info("closing session %s: %s", session.id, why)
+        self._publish("closing")  # --- web ---
         self.notifier.status(f"finalizing session {session.id} ({session.stacker.accepted} frames)")
         try:
             with self._fed("finalizing"):  # the combine, then the TIFF and FITS writes
@@ -613,6 +642,7 @@ class Daemon:
             )
             return
         self.session = None
+        self._publish()  # --- web ---
         if self.on_close is not None:
             self.on_close(session, outputs)
 
@@ -661,6 +691,73 @@ class Daemon:
             logging.getLogger().setLevel(fresh.log_level)
             log.info("configuration reloaded; it applies from the next session")
         self.notifier.ready()
+
+    # --- web ---------------------------------------------------------------------------------
+    def _start_web(self, output: Path) -> WebServer | None:
+        """Serve the web page and API on their own thread. A port that cannot be bound costs
+        the page, not the night: the error is logged and stacking goes on."""
+        if not self.settings.web_enabled:
+            return None
+        from .web.server import WebServer
+
+        server = WebServer(
+            output,
+            self.settings.web_listen,
+            token=self.settings.web_token,
+            status=self.status,
+            close=lambda: request_close(output),
+        )
+        try:
+            server.start()
+        except OSError as err:
+            log.error(
+                "web page not started: cannot listen on %s (%s); stacking goes on without it",
+                self.settings.web_listen,
+                err.strerror or err,
+            )
+            return None
+        return server
+
+    def _publish(self, state: str | None = None, record: FrameRecord | None = None) -> None:
+        """Worker thread: replace the snapshot :meth:`status` hands out (never waits on a
+        reader: the lock only guards the swap)."""
+        session = self.session
+        if state is None:
+            if self.stop.is_set():
+                state = "stopping"
+            elif self._degraded.is_set():
+                state = "degraded"
+            else:
+                state = "waiting" if session is None else "stacking"
+        last = self._status["last_frame"]
+        if record is not None:
+            last = {
+                "file": Path(record.file).name,
+                "status": record.status,
+                "reason": record.reason,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        pending = self._reopen.name if self._reopen is not None else None
+        snapshot = {
+            "state": state,
+            "session": session.id if session is not None else pending,
+            "accepted": session.stacker.accepted if session is not None else 0,
+            "rejected": sum(session.stacker.rejected.values()) if session is not None else 0,
+            "last_frame": last,
+        }
+        with self._status_lock:
+            self._status = snapshot
+
+    def status(self) -> dict[str, Any]:
+        """Any thread: the worker's last snapshot (state, session id or None, accepted,
+        rejected, last_frame) with the queue depth and uptime (s) read now."""
+        with self._status_lock:
+            snapshot = dict(self._status)
+        snapshot["queue"] = self.paths.qsize() + self.prepared.qsize()
+        snapshot["uptime_s"] = round(time.monotonic() - self._started, 1)
+        return snapshot
+
+    # --- end web -----------------------------------------------------------------------------
 
 
 def _preview_wanted(session: Session, *, behind: bool) -> bool:
