@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from nightstack.demosaic import check_method, demosaic_rows
+from nightstack.demosaic import apply_gains, check_method, demosaic_codes
 from nightstack.normalize import Normalization
 from nightstack.warp import (
     Interpolation,
@@ -619,9 +619,9 @@ class MosaicReader:
             self._fh.seek(w0 * src_cols * 2)
             _read_exactly(self._fh, codes)
             layout = self._layout
-            rgb = demosaic_rows(
-                codes, layout.pattern, layout.white_balance, layout.demosaic, y0 - w0, y1 - w0
-            )
+            # demosaic and warp the codes, then one per-channel multiply-add to values (both
+            # steps are linear): 3x less work than converting before the warp
+            rgb = demosaic_codes(codes, layout.pattern, layout.demosaic, y0 - w0, y1 - w0)
             block = warp_crop_rows(
                 rgb,
                 y0,
@@ -632,14 +632,17 @@ class MosaicReader:
                 r1,
                 interpolation=interpolation,
             )
+            del rgb
+            apply_gains(block, layout.white_balance)
             if self._norm is not None and not self._norm.is_identity:
                 self._norm.apply(block, r0, self._shape)
-                first, end = footprint_spans(
-                    self._matrix, (src_rows, src_cols), cols, r0, r1, interpolation=interpolation
-                )
-                for r in range(r1 - r0):
-                    block[r, : first[r]] = 0.0
-                    block[r, end[r] :] = 0.0
+            # the gains' offset made the pixels outside the footprint nonzero: zero them again
+            first, end = footprint_spans(
+                self._matrix, (src_rows, src_cols), cols, r0, r1, interpolation=interpolation
+            )
+            for r in range(r1 - r0):
+                block[r, : first[r]] = 0.0
+                block[r, end[r] :] = 0.0
         self._block = (k, block)
         return block
 
