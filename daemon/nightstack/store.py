@@ -633,7 +633,7 @@ class MosaicReader:
                 interpolation=interpolation,
             )
             del rgb
-            apply_gains(block, layout.white_balance)
+            block = apply_gains(block, layout.white_balance)
             if self._norm is not None and not self._norm.is_identity:
                 self._norm.apply(block, r0, self._shape)
             # the gains' offset made the pixels outside the footprint nonzero: zero them again
