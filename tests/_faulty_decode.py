@@ -12,9 +12,9 @@ By the file's name (the files need not exist for the faults):
   ``STALL_S`` longer (a test waits for that file and kills the child with SIGKILL meanwhile);
 - ``lag``: takes ``LAG_S`` longer (frames that keep a queue waiting).
 
-Everything else is decoded by ``nightstack.loaders.load``. "First attempt" is remembered in the
-folder named by the environment variable ``FAULTY_DECODE_STATE`` (the child is restarted after a
-timeout, so memory would not do); it is read here only, never by nightstack.
+Everything else is decoded by ``nightstack.loaders.decode_light``. "First attempt" is
+remembered in the folder named by the environment variable ``FAULTY_DECODE_STATE`` (the child is
+restarted after a timeout, so memory would not do); it is read here only, never by nightstack.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from nightstack import loaders
-from nightstack.frames import Frame
+from nightstack.frames import Frame, Mosaic
 
 STATE_ENV = "FAULTY_DECODE_STATE"
 STALL_S = 2.0  # long enough for a test to see the marker and kill the child
@@ -43,8 +43,8 @@ def _first_time(name: str, what: str) -> bool:
     return True
 
 
-def load(path: str | Path, **kwargs: Any) -> Frame:
-    """``loaders.load`` with the faults the file's name asks for (see the module doc)."""
+def load(path: str | Path, **kwargs: Any) -> Frame | Mosaic:
+    """``loaders.decode_light`` with the faults the file's name asks for (see the module doc)."""
     name = Path(path).name
     if "hang" in name and ("hangonce" not in name or _first_time(name, "hung")):
         while True:
@@ -58,4 +58,4 @@ def load(path: str | Path, **kwargs: Any) -> Frame:
         time.sleep(STALL_S)
     if "lag" in name:
         time.sleep(LAG_S)
-    return loaders.load(path, **kwargs)
+    return loaders.decode_light(path, **kwargs)
