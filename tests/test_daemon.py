@@ -301,13 +301,13 @@ def test_the_watchdog_is_fed_while_a_long_frame_is_stacked(
     """A frame whose store write and accumulation take longer than the watchdog period: the
     pings continue from the feeder thread (without it the gap is the whole frame)."""
     camera = tmp_path / "camera"
-    simulate_night(camera, frames=3, width=3000, height=2000, seed=8, nebula=False)
+    simulate_night(camera, frames=2, width=6000, height=4000, seed=8, nebula=False)
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
     sock, path = _notify_socket(tmp_path)
     messages: list[tuple[float, str]] = []
-    interval = 0.1  # WatchdogSec = 0.2 s: pings every 0.1 s
-    d = Daemon(watch, out, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    interval = 0.05  # WatchdogSec = 0.1 s: pings every 0.05 s
+    d = Daemon(watch, out, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
     daemons.append(d)
     _wait_message(sock, messages, "READY=1", 60, d)
     done = threading.Event()  # read the socket all along, as systemd does: a full socket blocks
@@ -321,7 +321,7 @@ def test_the_watchdog_is_fed_while_a_long_frame_is_stacked(
     try:
         for f in sorted(camera.glob("*.DNG")):
             shutil.copy(f, watch / f.name)
-        wait_for(lambda: len(journal(out)) >= 3, 180, "three frames", d)
+        wait_for(lambda: len(journal(out)) >= 2, 180, "two 24 MP frames", d)
         assert d.stop() == 0
     finally:
         done.set()
@@ -329,10 +329,11 @@ def test_the_watchdog_is_fed_while_a_long_frame_is_stacked(
     sock.close()
     stacked = [r for r in journal(out) if r["status"] == "accepted"]
     slow = max(r["ms"].get("warp+store", 0) + r["ms"].get("accumulate", 0) for r in stacked)
-    assert slow > 5 * interval * 1000, slow  # the frame is long against the watchdog period
+    assert slow > 10 * interval * 1000, slow  # the frame is long against the watchdog period
     pings = [t for t, m in messages if m == "WATCHDOG=1"]
     gaps = np.diff(pings)
-    assert len(pings) > 10 and gaps.max() < 4 * interval + 0.3, (gaps.max(), slow)
+    # without the feeder the longest gap is the whole frame (measured 1.5 s vs 0.18 s at 6 MP)
+    assert len(pings) > 10 and gaps.max() < min(0.5 * slow / 1000, 0.4), (gaps.max(), slow)
 
 
 def test_a_resumed_session_keeps_its_own_settings_after_a_config_edit(

@@ -189,7 +189,7 @@ def test_no_web_and_a_busy_port_leave_stacking_alone(
 ) -> None:
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
-    off = Daemon(watch, out, "--no-web")
+    off = Daemon(watch, out, "--no-web", env={"NIGHTSTACK_WEB_ENABLED": "true"})  # the flag wins
     daemons.append(off)
     wait_for(lambda: "watching" in off.text(), 60, "start-up", off)
     assert "web page" not in off.text()

@@ -188,7 +188,7 @@ def _watch_overrides(args: argparse.Namespace) -> dict[str, Any]:
         values[dest] = (value or None) if kind == "store_true" else value
     # --- web ---
     values["web_listen"] = args.web
-    values["web_enabled"] = False if args.no_web else None
+    values["web_enabled"] = False if args.no_web else (True if args.web else None)
     # --- end web ---
     return values
 
