@@ -25,7 +25,7 @@ from nightstack.simulate import simulate_night
 pytestmark = pytest.mark.slow
 
 N_FRAMES = 24
-WIDTH, HEIGHT = 900, 600  # 3.2 MB a stored frame; the reserve for the final outputs ~64 MB
+WIDTH, HEIGHT = 900, 600  # 1.1 MB a stored mosaic; the reserve for the final outputs ~36 MB
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,9 @@ def frames(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 120 MB tmpfs, mounted for the test and unmounted after it."""
-    with tmpfs(tmp_path / "small", 120) as mount:
+    """A 64 MB tmpfs, mounted for the test and unmounted after it: room for the reserve
+    (~36 MB), a checkpoint (16 MB) and about ten 1 MB stored mosaics."""
+    with tmpfs(tmp_path / "small", 64) as mount:
         yield mount
 
 
@@ -52,7 +53,7 @@ def test_a_store_that_fills_the_disk_goes_live_only_and_the_final_holds_every_fr
 ) -> None:
     watch, out = tmp_path / "watch", small_disk / "sessions"
     watch.mkdir()
-    d = Daemon(watch, out, env={"NIGHTSTACK_MIN_FREE_FRAMES": "5"}, log_dir=tmp_path)
+    d = Daemon(watch, out, env={"NIGHTSTACK_MIN_FREE_FRAMES": "20"}, log_dir=tmp_path)
     daemons.append(d)
     wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
     _copy_all(frames, watch)
