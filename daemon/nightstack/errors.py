@@ -19,3 +19,7 @@ class AlignmentError(NightstackError):
 
 class ConfigError(NightstackError):
     """The configuration is invalid; the reason names the setting."""
+
+
+class CalibrationError(NightstackError):
+    """A calibration master cannot be built, read or used for a frame (size, pattern, input)."""
