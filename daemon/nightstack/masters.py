@@ -400,7 +400,7 @@ def _read_band(path: Path, r0: int, r1: int, shape: tuple[int, ...], out: FloatA
     buffer = np.empty((r1 - r0) * row, dtype=np.float32)
     with path.open("rb") as fh:
         fh.seek(r0 * row * 4)
-        if fh.readinto(memoryview(buffer).cast("B")) != buffer.nbytes:
+        if fh.readinto(buffer.view(np.uint8)) != buffer.nbytes:  # type: ignore[arg-type]
             raise CalibrationError(f"spilled frame {path.name} is cut short (disk full?)")
     out[...] = buffer.reshape(out.shape)
 
