@@ -55,7 +55,7 @@ IntArray = npt.NDArray[np.intp]
 
 EXPOSURE_TOLERANCE = 0.05  # a dark fits a light whose exposure is within 5 % of its own
 DEFECT_KAPPA = 6.0  # hot/cold: this many robust sigmas from the local same-colour median
-SHARPNESS = 0.5  # a hot pixel's neighbours (any colour) stand out < half as much as it does
+SHARPNESS = 0.5  # a hot pixel stands out at least twice as much as any of its neighbours
 DEFECT_FRAMES = 3  # without a dark: outliers at the same place in each of the first 3 frames
 _LOCAL_MEDIAN = 5  # cv2.medianBlur kernel on each colour's sub-plane (10 x 10 sensor pixels)
 _MAD_TO_SIGMA = 1.4826  # median absolute deviation -> sigma of a normal distribution
@@ -121,20 +121,25 @@ def calibrate_mosaic(
     return result
 
 
-def _local_median(data: FloatArray, pattern: str | None) -> FloatArray:
-    """Each site's local median among sites of its own CFA colour (``_LOCAL_MEDIAN`` x
-    ``_LOCAL_MEDIAN`` of its sub-plane), (rows, cols) float32."""
-    out = np.empty(data.shape, dtype=np.float32)
+def _excess(data: FloatArray, pattern: str | None) -> tuple[FloatArray, FloatArray]:
+    """How far each site stands out of its own CFA colour's neighbourhood, and the noise there:
+    ``(excess, sigma)``, both (rows, cols) float32. ``excess`` is the site less the median of
+    the ``_LOCAL_MEDIAN`` x ``_LOCAL_MEDIAN`` sites of its colour around it; ``sigma`` the larger
+    of the whole frame's robust sigma of ``excess`` and its local one (the median of
+    ``|excess|`` around it, x 1.4826), so a steep, noisy amp glow raises its own threshold."""
+    excess = np.empty(data.shape, dtype=np.float32)
+    local = np.empty(data.shape, dtype=np.float32)
     for rows, cols in colour_sites(pattern, data.shape).values():
         plane = np.ascontiguousarray(data[rows, cols], dtype=np.float32)
-        out[rows, cols] = cv2.medianBlur(plane, _LOCAL_MEDIAN)
-    return out
-
-
-def _robust_sigma(values: FloatArray) -> float:
-    sample = values[::3, ::3] if values.ndim == 2 else values
+        diff = plane - cv2.medianBlur(plane, _LOCAL_MEDIAN)
+        excess[rows, cols] = diff
+        local[rows, cols] = cv2.medianBlur(np.abs(diff), _LOCAL_MEDIAN)
+    local *= np.float32(_MAD_TO_SIGMA)
+    sample = excess[::3, ::3]
     centre = float(np.median(sample))
-    return _MAD_TO_SIGMA * float(np.median(np.abs(sample - centre)))
+    overall = _MAD_TO_SIGMA * float(np.median(np.abs(sample - centre)))
+    np.maximum(local, np.float32(max(overall, 1e-9)), out=local)
+    return excess, local
 
 
 def defect_map(
@@ -146,26 +151,29 @@ def defect_map(
     ``dark``: (rows, cols) float32 (the master dark, black 0). The local median follows amp
     glow and other smooth structure, so only single sites stand out.
     """
-    excess = dark - _local_median(dark, pattern)
-    sigma = max(_robust_sigma(excess), 1e-9)
-    hot = np.flatnonzero(excess > kappa * sigma)
-    cold = np.flatnonzero(excess < -kappa * sigma)
+    excess, sigma = _excess(dark, pattern)
+    sigma *= np.float32(kappa)
+    hot = np.flatnonzero(excess > sigma)
+    cold = np.flatnonzero(excess < -sigma)
     return hot, cold
 
 
 def sharp_outliers(
     light: FloatArray, pattern: str | None, *, kappa: float = DEFECT_KAPPA
 ) -> IntArray:
-    """Sites of one light that stand out like hot pixels: ``kappa`` robust sigmas above the
-    local median of their colour while their 3 x 3 neighbourhood (every colour, each against its
-    own colour's median) stands out less than ``SHARPNESS`` times as much; flat indices.
-
-    A star lights its neighbours too (a PSF wider than a pixel), a hot pixel does not.
+    """Sites of one light that stand out like hot pixels, flat indices: ``kappa`` sigmas above
+    the local median of their colour (see ``_excess``), and above each of their 8 neighbours
+    (of any colour, each measured against its own colour the same way) by more than
+    ``SHARPNESS`` times that. A star lights its neighbours too (its core is less than twice
+    as bright as the next site; its flanks have a brighter neighbour), a hot pixel does not.
     """
-    excess = light - _local_median(light, pattern)
-    sigma = max(_robust_sigma(excess), 1e-9)
-    around = cv2.medianBlur(np.ascontiguousarray(excess, dtype=np.float32), 3)
-    return np.flatnonzero((excess > kappa * sigma) & (around < SHARPNESS * excess))
+    excess, sigma = _excess(light, pattern)
+    sigma *= np.float32(kappa)
+    ring = np.ones((3, 3), np.uint8)
+    ring[1, 1] = 0
+    neighbours = cv2.dilate(excess, ring, borderType=cv2.BORDER_REPLICATE)  # max of the 8
+    lead = excess - neighbours
+    return np.flatnonzero((excess > sigma) & (lead > np.float32(SHARPNESS) * excess))
 
 
 def repair(data: FloatArray, defects: IntArray, pattern: str | None) -> int:
@@ -577,7 +585,7 @@ class Library:
             newest = -(_epoch(info.date_obs))
             if kind == "flat":
                 return (iso, newest)
-            return (exposure if kind == "dark" else 0.0, temp, newest)
+            return (temp, exposure if kind == "dark" else 0.0, newest)  # 1 C: ~12 % dark current
 
         return min(fitting, key=rank)
 

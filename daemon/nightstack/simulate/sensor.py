@@ -14,7 +14,8 @@ light, all fixed in sensor coordinates and seeded:
 - **vignetting**: the lens passes ``1 - vignetting * (r / r_corner)**2`` of the light (r from the
   centre, so the corners get ``1 - vignetting``);
 - **dust shadows**: out-of-focus dust on the sensor window, each a soft disc multiplying the light
-  by ``1 - depth`` inside radius ``radius_px`` (a Gaussian edge of ``radius_px / 4``);
+  by ``1 - depth`` inside a radius of ``dust_radius`` (a range, fractions of the frame's
+  shorter side), with a soft edge a quarter of the radius wide;
 - **bias structure**: a fixed column pattern (``bias_columns_adu`` rms) on top of the black level.
 
 The light a pixel records is ``sky electrons * response + dark rate * exposure``, then shot and
@@ -73,14 +74,14 @@ class SensorModel:
     prnu: float = 0.01
     vignetting: float = 0.3
     dust: int = 4
-    dust_radius_px: tuple[float, float] = (12.0, 30.0)
+    dust_radius: tuple[float, float] = (0.02, 0.05)
     dust_depth: tuple[float, float] = (0.05, 0.15)
     bias_columns_adu: float = 1.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "temperatures", tuple(float(t) for t in self.temperatures))
         object.__setattr__(self, "hot_e_per_s", tuple(float(v) for v in self.hot_e_per_s))
-        object.__setattr__(self, "dust_radius_px", tuple(float(v) for v in self.dust_radius_px))
+        object.__setattr__(self, "dust_radius", tuple(float(v) for v in self.dust_radius))
         object.__setattr__(self, "dust_depth", tuple(float(v) for v in self.dust_depth))
         if self.glow_corner not in _CORNERS:
             raise ValueError(f"glow_corner must be one of {', '.join(_CORNERS)}")
@@ -112,7 +113,7 @@ class SensorModel:
         rng = self._rng(_STREAM_DUST)
         spots = []
         for _ in range(self.dust):
-            radius = rng.uniform(*self.dust_radius_px)
+            radius = rng.uniform(*self.dust_radius) * min(model.width, model.height)
             spots.append(
                 {
                     "x": float(rng.uniform(2 * radius, model.width - 2 * radius)),
