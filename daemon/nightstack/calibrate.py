@@ -99,26 +99,29 @@ def calibrate_mosaic(
         Pixels of ``light`` at or above it calibrate to ``saturation * inverse_flat`` (or
         ``saturation``): their true signal is unknown but at least that, so they stay the
         brightest of their neighbourhood, never dimmed by the dark.
+    out
+        Where the result goes (``light`` itself: in place, no 4-byte-a-pixel copy); default
+        a new array.
 
     Returns
     -------
     ndarray
         (rows, cols) float32, linear (``out`` if given).
     """
-    result = np.empty(light.shape, dtype=np.float32) if out is None else out
+    clipped = np.flatnonzero(light >= np.float32(saturation)) if math.isfinite(saturation) else None
+    if out is None:
+        out = np.empty(light.shape, dtype=np.float32)
     if offset is not None:
-        np.subtract(light, offset, out=result)
-    else:
-        np.copyto(result, light)
+        np.subtract(light, offset, out=out)
+    elif out is not light:
+        np.copyto(out, light)
     if inverse_flat is not None:
-        np.multiply(result, inverse_flat, out=result)
-    if math.isfinite(saturation):
-        clipped = light >= np.float32(saturation)
-        if inverse_flat is not None:
-            np.multiply(inverse_flat, np.float32(saturation), out=result, where=clipped)
-        else:
-            result[clipped] = np.float32(saturation)
-    return result
+        np.multiply(out, inverse_flat, out=out)
+    if clipped is not None and clipped.size:
+        level = np.float32(saturation)
+        flat = out.reshape(-1)
+        flat[clipped] = level if inverse_flat is None else inverse_flat.reshape(-1)[clipped] * level
+    return out
 
 
 def _excess(data: FloatArray, pattern: str | None) -> tuple[FloatArray, FloatArray]:
@@ -308,16 +311,22 @@ class Calibration:
         return out
 
     def apply(
-        self, light: FloatArray, exposure_s: float | None, saturation: float = 1.0
+        self,
+        light: FloatArray,
+        exposure_s: float | None,
+        saturation: float = 1.0,
+        *,
+        in_place: bool = False,
     ) -> FloatArray:
-        """The calibrated (rows, cols) float32 light (a new array), defects repaired."""
-        out = calibrate_mosaic(
+        """The calibrated (rows, cols) float32 light (``light`` itself when ``in_place``; a
+        new array otherwise); defects are repaired by the caller (:func:`repair`)."""
+        return calibrate_mosaic(
             light,
             offset=self.offset(exposure_s),
             inverse_flat=self._inverse_flat,
             saturation=saturation,
+            out=light if in_place and light.dtype == np.float32 else None,
         )
-        return out
 
     def names(self) -> dict[str, str]:
         """``{"dark": "master_dark.fits", ...}`` for the journal."""
@@ -638,6 +647,9 @@ class Calibrator:
         :class:`FrameDefects` of the first lights.
     kappa
         The defect threshold, robust sigmas.
+    in_place
+        Calibrate each light's mosaic data in place (saves a 96 MB copy and its time at 24 MP;
+        for a caller that does not keep the decoded light).
     """
 
     def __init__(
@@ -648,7 +660,9 @@ class Calibrator:
         dark_scaling: bool = False,
         cosmetic: bool = True,
         kappa: float = DEFECT_KAPPA,
+        in_place: bool = False,
     ) -> None:
+        self.in_place = in_place
         self.explicit = dict(masters or {})
         self.explicit.pop("darkflat", None)
         self.library = library
@@ -668,15 +682,17 @@ class Calibrator:
         """The calibrated mosaic and what was done; never raises for a master that does not
         fit (it is refused, with the reason among the warnings)."""
         calibration, warnings_ = self._set_for(mosaic.shape, mosaic.pattern, mosaic.meta)
-        data = calibration.apply(mosaic.data, mosaic.meta.exposure_s, mosaic.saturation)
         defects = calibration.defects
         if self.frame_defects is not None and calibration.dark is None:
-            self.frame_defects.learn(mosaic.data, mosaic.pattern)
+            self.frame_defects.learn(mosaic.data, mosaic.pattern)  # before calibration
             defects = (
                 np.union1d(defects, self.frame_defects.defects)
                 if defects.size
                 else self.frame_defects.defects
             )
+        data = calibration.apply(
+            mosaic.data, mosaic.meta.exposure_s, mosaic.saturation, in_place=self.in_place
+        )
         repaired = repair(data, defects, mosaic.pattern) if defects.size else 0
         for text in warnings_:
             if text not in self._warned:
