@@ -28,16 +28,17 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
-from .errors import CalibrationError, DecodeError
+from .errors import CalibrationError, ConfigError, DecodeError
 from .frames import FloatArray, FrameMeta, Mosaic
 from .masters import (
     DEFAULT_RAM_CAP,
+    KINDS,
     Master,
     MasterInfo,
     build_master,
@@ -48,6 +49,9 @@ from .masters import (
     with_path,
     write_master,
 )
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -843,3 +847,40 @@ def load_masters(
             raise CalibrationError(f"{folder.name} is a {master.info.kind} master, not a {kind}")
         out[kind] = master
     return out
+
+
+def calibrator_from_settings(settings: Settings) -> Calibrator | None:
+    """The session's :class:`Calibrator` from its settings (``bias``, ``dark``, ``flat``,
+    ``darkflat``, ``calibration_dir``, ``dark_scaling``, ``temperature_tolerance_c``,
+    ``cosmetic``, ``cosmetic_kappa``), masters read and library folders built now; ``None``
+    when nothing is configured and cosmetic correction is off.
+
+    Raises ``ConfigError`` naming the setting for a master that cannot be used (missing, not
+    a master, another kind) or a calibration folder that is not one: before the daemon is READY.
+    """
+    paths = {kind: getattr(settings, kind) for kind in KINDS}
+    try:
+        masters = load_masters(paths, ram_cap_bytes=settings.ram_cap_mb * 2**20)
+    except CalibrationError as err:
+        raise ConfigError(f"calibration master: {err.reason}") from err
+    library = None
+    if settings.calibration_dir is not None:
+        try:
+            library = Library(
+                settings.calibration_dir,
+                temperature_tolerance_c=settings.temperature_tolerance_c,
+                dark_scaling=settings.dark_scaling,
+                ram_cap_bytes=settings.ram_cap_mb * 2**20,
+            )
+        except CalibrationError as err:
+            raise ConfigError(f"invalid setting 'calibration_dir': {err.reason}") from err
+    if not masters and library is None and not settings.cosmetic:
+        return None
+    return Calibrator(
+        masters,
+        library,
+        dark_scaling=settings.dark_scaling,
+        cosmetic=settings.cosmetic,
+        kappa=settings.cosmetic_kappa,
+        in_place=True,
+    )
