@@ -33,7 +33,11 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--sigma": ("stack_sigma", float, "sigma of the final sigma clip"),
     "--method": ("stack_method", str, "sigma_clip, mean, median or winsorized"),
     "--transform": ("transform_model", str, "similarity or affine"),
-    "--demosaic": ("demosaic", str, "LibRaw demosaic algorithm (AHD, LINEAR, DHT, ...)"),
+    "--demosaic": (
+        "demosaic",
+        str,
+        "bilinear or edge-aware (OpenCV, on the mosaic), or LibRaw AHD, LINEAR, DHT, ...",
+    ),
     "--white-balance": ("white_balance", str, "camera, daylight, auto or 4 multipliers"),
     "--decode-timeout": ("decode_timeout_s", float, "abandon a decode after this many seconds"),
     "--ram-cap-mb": ("ram_cap_mb", int, "RAM cap of the final combine"),

@@ -25,7 +25,7 @@ SYSTEM_CONFIG = Path("/etc/nightstack/nightstack.toml")
 # sources in a classmethod with no per-call arguments.
 _toml_data: ContextVar[dict[str, Any] | None] = ContextVar("_toml_data", default=None)
 
-Demosaic = Literal["AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD"]
+Demosaic = Literal["bilinear", "edge-aware", "AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD"]
 StackMethod = Literal["sigma_clip", "mean", "median", "winsorized"]
 
 
@@ -76,7 +76,11 @@ class Settings(BaseSettings):
     )
 
     # --- decoding ---
-    demosaic: Demosaic = Field("AHD", description="LibRaw demosaic algorithm for raw files.")
+    demosaic: Demosaic = Field(
+        "bilinear",
+        description="'bilinear' or 'edge-aware' (OpenCV, on the calibrated mosaic of a Bayer "
+        "sensor); or a LibRaw algorithm (AHD, LINEAR, ...) for LibRaw's full decode instead.",
+    )
     white_balance: str = Field(
         "camera", description="'camera', 'daylight', 'auto' or four comma-separated multipliers."
     )

@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 
 from .errors import DecodeError
-from .frames import Frame, FrameMeta
+from .frames import Frame, FrameMeta, Mosaic
 
-DEFAULT_DECODE_FN = "nightstack.loaders:load"
+DEFAULT_DECODE_FN = "nightstack.loaders:decode_light"
 SHM_PREFIX = "nightstack-decode-"
 """Shared-memory file names: ``nightstack-decode-<parent pid>-<n>-<array>``."""
 
@@ -57,6 +57,7 @@ STOP_GRACE_S = 5.0
 """close(): time the child gets to leave its loop on its own before it is killed."""
 _ORPHAN_POLL_S = 1.0  # the child checks this often whether its parent is still alive
 _ARRAYS = ("image", "luminance")
+"""A Frame's arrays, in segment order; a Mosaic has one, ``data``, in the first segment."""
 _DECODE_FN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -83,7 +84,7 @@ class Decoder:
         ``bin``); they must be picklable.
     decode_fn
         ``"module:function"`` importable in the child, called as ``fn(path, **load_kwargs)`` and
-        returning a :class:`~nightstack.frames.Frame`.
+        returning a :class:`~nightstack.frames.Frame` or :class:`~nightstack.frames.Mosaic`.
     shm_dir
         Where the shared-memory files go; default ``/dev/shm`` (RAM), else the temp directory.
 
@@ -128,8 +129,10 @@ class Decoder:
         process = self._child.process
         return process.pid if process is not None and process.is_alive() else None
 
-    def decode(self, path: str | Path) -> Frame:
-        """Decode ``path`` in the child and return the frame (arrays backed by shared memory).
+    def decode(self, path: str | Path) -> Frame | Mosaic:
+        """Decode ``path`` in the child and return the frame (arrays backed by shared memory):
+        a :class:`~nightstack.frames.Mosaic` when the decode function gives one (the default,
+        ``loaders.decode_light``, does for Bayer raws and FITS), else a ``Frame``.
 
         Raises
         ------
@@ -210,7 +213,7 @@ class Decoder:
             raise DecodeError(f"decoder failed to start: {reply[1]}")
         self._child.ready = True
 
-    def _request(self, path: str, names: list[Path]) -> Frame:
+    def _request(self, path: str, names: list[Path]) -> Frame | Mosaic:
         assert self._child.conn is not None
         with contextlib.suppress(OSError, EOFError):  # a dead child: _receive says how it died
             self._child.conn.send((path, [str(n) for n in names]))
@@ -227,10 +230,19 @@ class Decoder:
         try:
             arrays = [
                 _map_segment(name, *spec)
-                for name, spec in zip(names, payload["arrays"], strict=True)
+                for name, spec in zip(names, payload["arrays"], strict=False)
             ]
         except OSError as err:
             raise DecodeError(f"cannot map decoded frame ({type(err).__name__}: {err})") from err
+        if "pattern" in payload:
+            return Mosaic(
+                path=Path(payload["path"]),
+                data=arrays[0],
+                pattern=payload["pattern"],
+                white_balance=payload["white_balance"],
+                saturation=payload["saturation"],
+                meta=payload["meta"],
+            )
         return Frame(
             path=Path(payload["path"]),
             image=arrays[0],
@@ -289,15 +301,24 @@ def _child_main(
 
 
 def _serve(
-    fn: Callable[..., Frame], path: str, names: list[Path], load_kwargs: dict[str, Any]
+    fn: Callable[..., Frame | Mosaic], path: str, names: list[Path], load_kwargs: dict[str, Any]
 ) -> tuple[str, Any]:
     """Decode one file and export its arrays; ("ok", header) or ("error", reason)."""
     try:
         frame = fn(path, **load_kwargs)
+        meta: FrameMeta = frame.meta
+        if isinstance(frame, Mosaic):
+            return "ok", {
+                "arrays": [_write_segment(names[0], frame.data)],
+                "path": str(frame.path),
+                "pattern": frame.pattern,
+                "white_balance": frame.white_balance,
+                "saturation": frame.saturation,
+                "meta": meta,
+            }
         specs = [
             _write_segment(name, getattr(frame, a)) for name, a in zip(names, _ARRAYS, strict=True)
         ]
-        meta: FrameMeta = frame.meta
         return "ok", {"arrays": specs, "path": str(frame.path), "bin": frame.bin, "meta": meta}
     except Exception as err:
         for name in names:
@@ -318,7 +339,7 @@ def _write_segment(name: Path, array: np.ndarray) -> tuple[str, tuple[int, ...]]
     return data.dtype.str, tuple(data.shape)
 
 
-def _resolve(decode_fn: str) -> Callable[..., Frame]:
+def _resolve(decode_fn: str) -> Callable[..., Frame | Mosaic]:
     module_name, _, function = decode_fn.partition(":")
     fn = getattr(importlib.import_module(module_name), function)
     if not callable(fn):

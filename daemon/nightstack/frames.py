@@ -102,6 +102,32 @@ class Frame:
 
 
 @dataclass(frozen=True, eq=False)
+class MosaicFrame:
+    """A calibrated light kept in its sensor mosaic: what the pipeline stacks for Bayer sensors.
+
+    ``codes``: (rows, cols) uint16, the calibrated mosaic quantised as the frame store keeps it
+    (:mod:`nightstack.demosaic`: ``value = code / MOSAIC_SCALE + MOSAIC_LOW``); ``pattern`` and
+    ``white_balance`` as in :class:`Mosaic`; ``demosaic`` the OpenCV method that turns it into
+    RGB (``nightstack.demosaic.METHODS``); ``luminance`` and ``bin`` as in :class:`Frame` (the
+    2x2 superpixel mean of the calibrated mosaic for ``bin=2``). Demosaiced it is 3 channels.
+    """
+
+    path: Path
+    codes: npt.NDArray[np.uint16]
+    pattern: str
+    white_balance: tuple[float, float, float]
+    demosaic: str
+    luminance: FloatArray
+    bin: int
+    meta: FrameMeta = field(default_factory=FrameMeta)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the full-resolution frame."""
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+
+@dataclass(frozen=True, eq=False)
 class Stars:
     """Stars found in one frame, brightest first, in full-resolution (x, y) pixel coordinates.
 

@@ -44,6 +44,8 @@ import rawpy
 import tifffile
 from astropy.io import fits
 
+from .demosaic import METHODS, quantise, superpixel_luminance
+from .demosaic import demosaic as demosaic_codes
 from .errors import DecodeError, NotMosaicError
 from .frames import BAYER_PATTERNS, Frame, FrameMeta, Mosaic
 
@@ -67,6 +69,9 @@ SUPPORTED_EXTENSIONS = RAW_EXTENSIONS | FITS_EXTENSIONS | TIFF_EXTENSIONS | SRGB
 
 DEMOSAIC_ALGORITHMS = ("AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD")
 """LibRaw demosaic algorithms available in every rawpy wheel (the GPL demosaic packs are not)."""
+DEMOSAIC_METHODS = (*METHODS, *DEMOSAIC_ALGORITHMS)
+"""Every ``demosaic`` option: OpenCV's on the mosaic (:mod:`nightstack.demosaic`, the pipeline's
+path for Bayer sensors), or LibRaw's full postprocess (:func:`load`)."""
 WHITE_BALANCE_MODES = ("camera", "daylight", "auto")
 
 FLOAT_UNIT_LIMIT = 1.5
@@ -153,7 +158,10 @@ def load(
     path
         A raw, FITS, TIFF, JPEG or PNG file (see ``SUPPORTED_EXTENSIONS``).
     demosaic
-        LibRaw demosaic algorithm for raws, one of ``DEMOSAIC_ALGORITHMS``.
+        ``"bilinear"`` or ``"edge-aware"``: a Bayer raw or FITS is decoded to its mosaic and
+        demosaiced by OpenCV (:func:`mosaic_to_frame`: linear camera RGB x white balance, the
+        pipeline's values); other files, and other sensors, through LibRaw's AHD. Or a LibRaw
+        algorithm (``DEMOSAIC_ALGORITHMS``) for LibRaw's full postprocess (sRGB primaries).
     white_balance
         Raws only: ``"camera"`` (as shot), ``"daylight"`` (the camera's daylight multipliers),
         ``"auto"`` (LibRaw's grey-world estimate), or four multipliers (R, G, B, G2), as a
@@ -178,6 +186,11 @@ def load(
         An argument is invalid (checked before the file is read).
     """
     options = _check_options(demosaic, white_balance, bin)
+    if demosaic in METHODS and is_mosaic_source(path):
+        try:
+            return mosaic_to_frame(load_mosaic(path, white_balance=white_balance), demosaic, bin)
+        except NotMosaicError:
+            pass  # LibRaw's own demosaic
     with _decode_errors():
         return _load(Path(path), options)
     raise AssertionError("unreachable")  # pragma: no cover (mypy: the context may swallow)
@@ -245,6 +258,44 @@ def _decode_errors() -> Iterator[None]:
         raise DecodeError(f"cannot decode ({_describe(err)})") from err
 
 
+def mosaic_to_frame(mosaic: Mosaic, demosaic: str = "bilinear", bin: int = 2) -> Frame:
+    """A mosaic demosaiced whole, as the frame store demosaics it (16-bit codes, OpenCV
+    ``demosaic``, white balance): ``image`` (rows, cols, 3) float32 linear camera RGB x WB;
+    ``luminance`` the superpixel mean of the mosaic for an even ``bin``."""
+    codes = quantise(mosaic.data)
+    image = demosaic_codes(codes, mosaic.pattern, mosaic.white_balance, demosaic)
+    if bin % 2 == 0:
+        luminance = superpixel_luminance(mosaic.data, bin)
+    else:
+        luminance = _channel_mean_binned(image, bin)
+    return Frame(path=mosaic.path, image=image, luminance=luminance, bin=bin, meta=mosaic.meta)
+
+
+def decode_light(
+    path: str | Path,
+    *,
+    demosaic: str = "bilinear",
+    white_balance: str | Sequence[float] = "camera",
+    bin: int = 2,
+) -> Mosaic | Frame:
+    """What the pipeline decodes a light to (the decoder process's default function).
+
+    With an OpenCV ``demosaic`` (:data:`nightstack.demosaic.METHODS`) a Bayer raw or FITS file
+    comes back as its :class:`~nightstack.frames.Mosaic` (:func:`load_mosaic`), for calibration
+    and the OpenCV demosaic after it; anything else (X-Trans, Foveon, linear DNG, mono or RGB
+    FITS, TIFF, JPEG, PNG) as a :class:`~nightstack.frames.Frame` from :func:`load`, raws
+    through LibRaw's own demosaic (AHD). A LibRaw ``demosaic`` name always takes :func:`load`.
+    Arguments and errors as for those two functions.
+    """
+    _check_options(demosaic, white_balance, bin)
+    if demosaic in METHODS and is_mosaic_source(path):
+        try:
+            return load_mosaic(path, white_balance=white_balance)
+        except NotMosaicError as err:
+            log.debug("%s: %s; LibRaw's own demosaic", path, err.reason)
+    return load(path, demosaic=demosaic, white_balance=white_balance, bin=bin)
+
+
 def is_mosaic_source(path: str | Path) -> bool:
     """Whether :func:`load_mosaic` may read ``path`` by its extension (a raw or a FITS file);
     it can still raise :class:`~nightstack.errors.NotMosaicError` from the content."""
@@ -266,8 +317,10 @@ class _Options:
 
 def _check_options(demosaic: str, white_balance: str | Sequence[float], bin: int) -> _Options:
     algorithm = str(demosaic).upper()
-    if algorithm not in DEMOSAIC_ALGORITHMS:
-        raise ValueError(f"demosaic must be one of {DEMOSAIC_ALGORITHMS}, not {demosaic!r}")
+    if str(demosaic) in METHODS:
+        algorithm = "AHD"  # an OpenCV method asked of load(): LibRaw's own demosaic
+    elif algorithm not in DEMOSAIC_ALGORITHMS:
+        raise ValueError(f"demosaic must be one of {DEMOSAIC_METHODS}, not {demosaic!r}")
     if isinstance(bin, bool) or not isinstance(bin, int | np.integer) or bin < 1:
         raise ValueError(f"bin must be an integer >= 1, not {bin!r}")
     wb: str | list[float]

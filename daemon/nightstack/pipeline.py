@@ -27,12 +27,24 @@ from . import __version__
 from .align import align
 from .config import Settings
 from .decoder import Decoder
+from .demosaic import TileSamples, demosaic, quantise, superpixel_luminance
 from .detect import StarFinder
 from .errors import AlignmentError, DecodeError
-from .frames import IDENTITY, Alignment, FloatArray, Frame, Stars
+from .frames import IDENTITY, Alignment, FloatArray, Frame, Mosaic, MosaicFrame, Stars
 from .normalize import Normalization, SkySamples, estimate
 from .quality import Quality, QualityLimits, gate, transparency
-from .stack import FrameStore, LiveStack, combine
+from .stack import FrameStore, LiveStack, MosaicLayout, combine
+
+Calibration = Callable[[Mosaic], Mosaic]
+"""The calibration stage: a decoded light's mosaic in, the calibrated mosaic out (same shape,
+pattern and units; see :class:`~nightstack.frames.Mosaic`). It runs before anything else looks
+at the pixels; raising rejects the frame with the exception's message as the reason."""
+
+
+def no_calibration(mosaic: Mosaic) -> Mosaic:
+    """The identity calibration (no masters configured)."""
+    return mosaic
+
 
 _HASH_CHUNK = 1 << 20  # read files in 1 MiB pieces while hashing
 
@@ -105,7 +117,7 @@ class Prepared:
 
     path: Path
     sha256: str | None
-    frame: Frame | None
+    frame: Frame | MosaicFrame | None
     stars: Stars | None
     quality: Quality | None
     error: str | None
@@ -171,14 +183,22 @@ class Stacker:
     """Frames in, a stack out. Owns the reference, the live stack and the frame store."""
 
     def __init__(
-        self, settings: Settings, workdir: Path, decoder: Decoder, *, live: bool = True
+        self,
+        settings: Settings,
+        workdir: Path,
+        decoder: Decoder,
+        *,
+        live: bool = True,
+        calibration: Calibration | None = None,
     ) -> None:
         """``live=False`` (``nightstack stack``): no live stack, only the store for the final
-        combine (saves its 10 bytes per pixel and channel and its per-frame time)."""
+        combine (saves its 10 bytes per pixel and channel and its per-frame time).
+        ``calibration``: applied to every Bayer light's mosaic (default: none)."""
         self.settings = settings
         self.workdir = workdir
         self.decoder = decoder
         self.with_live = live
+        self.calibration: Calibration = calibration or no_calibration
         self.finder = StarFinder(
             fwhm_px=settings.star_fwhm_px,
             threshold_sigma=settings.star_threshold_sigma,
@@ -213,9 +233,22 @@ class Stacker:
                 return Prepared(path, None, None, None, None, reason, watch.ms)
         try:
             with watch.stage("decode"):
-                frame = self.decoder.decode(path)
+                decoded = self.decoder.decode(path)
         except DecodeError as err:
             return Prepared(path, digest, None, None, None, err.reason, watch.ms)
+        frame: Frame | MosaicFrame
+        if isinstance(decoded, Mosaic):
+            try:
+                with watch.stage("calibrate"):
+                    calibrated = self.calibration(decoded)
+            except Exception as err:
+                reason = f"calibration failed ({type(err).__name__}: {err})"
+                return Prepared(path, digest, None, None, None, reason, watch.ms)
+            with watch.stage("mosaic"):
+                frame = self._mosaic_frame(calibrated)
+            del decoded, calibrated
+        else:
+            frame = decoded
         try:
             with watch.stage("detect"):
                 stars = self.finder(frame.luminance, frame.bin)
@@ -256,7 +289,7 @@ class Stacker:
                 return self._reject(
                     record, f"frame size {cols}x{rows} differs from reference {ref_cols}x{ref_rows}"
                 )
-            channels = int(frame.image.shape[2])
+            channels = _channels(frame)
             if channels != self.reference.channels:
                 return self._reject(
                     record,
@@ -290,7 +323,7 @@ class Stacker:
             with watch.stage("normalize"):
                 norm = estimate(
                     self.settings.normalize,
-                    frame.image,
+                    _samples(frame),
                     alignment.matrix,
                     self.reference.sky,
                     self._sky_test(frame.shape[0]),
@@ -337,6 +370,30 @@ class Stacker:
         return f"reference {Path(ref.file).name} is worse than {prepared.path.name}: {flaw}"
 
     # --- helpers --------------------------------------------------------------------------
+    def _mosaic_frame(self, mosaic: Mosaic) -> MosaicFrame:
+        """The calibrated mosaic as the store keeps it (16-bit codes) and its luminance."""
+        bin = self.settings.bin
+        codes = quantise(mosaic.data)
+        method = self.settings.demosaic
+        if bin % 2 == 0:
+            luminance = superpixel_luminance(mosaic.data, bin)
+        else:  # an odd bin splits Bayer tiles: bin the demosaiced channel mean instead
+            rgb = demosaic(codes, mosaic.pattern, (1.0, 1.0, 1.0), method)
+            luminance = superpixel_luminance(
+                np.repeat(np.repeat(rgb.mean(axis=2), 2, 0), 2, 1), 2 * bin
+            )
+            del rgb
+        return MosaicFrame(
+            path=mosaic.path,
+            codes=codes,
+            pattern=mosaic.pattern,
+            white_balance=mosaic.white_balance,
+            demosaic=method,
+            luminance=luminance,
+            bin=bin,
+            meta=mosaic.meta,
+        )
+
     @property
     def reference_channels(self) -> int:
         assert self.reference is not None
@@ -347,7 +404,9 @@ class Stacker:
         finder = self.finder
         return lambda x, y: finder.in_sky(x, y, rows)
 
-    def _transparency(self, frame: Frame, stars: Stars, alignment: Alignment) -> float | None:
+    def _transparency(
+        self, frame: Frame | MosaicFrame, stars: Stars, alignment: Alignment
+    ) -> float | None:
         """Starlight let through relative to the reference, exposure-corrected when both
         exposures are known."""
         assert self.reference is not None
@@ -390,14 +449,14 @@ class Stacker:
     def _start(self, prepared: Prepared) -> None:
         frame = prepared.frame
         assert frame is not None and prepared.stars is not None and prepared.quality is not None
-        channels = int(frame.image.shape[2])
+        channels = _channels(frame)
         self.reference = Reference(
             str(prepared.path),
             prepared.stars,
             prepared.quality,
             frame.shape,
             channels,
-            SkySamples.of(frame.image, self._sky_test(frame.shape[0])),
+            SkySamples.of(_samples(frame), self._sky_test(frame.shape[0])),
             frame.meta.exposure_s,
         )
         self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
@@ -413,27 +472,33 @@ class Stacker:
 
     def _add(
         self,
-        frame: Frame,
+        frame: Frame | MosaicFrame,
         matrix: FloatArray,
         stars: Stars,
         norm: Normalization,
         watch: _Stopwatch,
     ) -> None:
-        """Warp band by band straight into the frame store, then add the stored frame live.
+        """Store the frame, then add the stored frame live.
 
-        Streaming never holds a full warped copy beside the frame and the live state (about
-        300 MB less at 24 MP), and the live stack sees exactly the stored (16-bit) frame, so a
-        resume that re-adds frames from the store reproduces it bit for bit.
+        A mosaic frame is stored as its 16-bit mosaic (demosaiced and warped band by band when
+        read); a full frame is warped band by band straight into the store. Either way nothing
+        holds a full warped copy beside the live state, and the live stack reads exactly what
+        the final combine will read, so a resume that re-adds frames from the store reproduces
+        it bit for bit.
         """
         assert self.reference is not None and self.store is not None
-        with watch.stage("warp+store"):
-            self.store.add_warped(
-                frame.image,
-                matrix,
-                weight=_weight(self.settings, stars),
-                name=frame.path.name,
-                normalization=norm,
-            )
+        weight = _weight(self.settings, stars)
+        if isinstance(frame, MosaicFrame):
+            layout = MosaicLayout(frame.pattern, frame.white_balance, frame.demosaic)
+            with watch.stage("store"):
+                self.store.add_mosaic(
+                    frame.codes, layout, matrix, weight, frame.path.name, normalization=norm
+                )
+        else:
+            with watch.stage("warp+store"):
+                self.store.add_warped(
+                    frame.image, matrix, weight=weight, name=frame.path.name, normalization=norm
+                )
         if self.live is not None:
             with watch.stage("accumulate"):
                 self.live.catch_up()
@@ -492,6 +557,18 @@ def reference_flaw(quality: Quality, limits: QualityLimits) -> str | None:
     if reason is None and not measured:
         reason = "no measurable star shapes for a reference (trailed or out of focus?)"
     return reason
+
+
+def _channels(frame: Frame | MosaicFrame) -> int:
+    """3 for a mosaic (it demosaics to RGB), else the image's channels."""
+    return 3 if isinstance(frame, MosaicFrame) else int(frame.image.shape[2])
+
+
+def _samples(frame: Frame | MosaicFrame) -> FloatArray | TileSamples:
+    """What the sky normalization samples: the image, or a mosaic's superpixel colours."""
+    if isinstance(frame, MosaicFrame):
+        return TileSamples(frame.codes, frame.pattern, frame.white_balance)
+    return frame.image
 
 
 def _weight(settings: Settings, stars: Stars) -> float:

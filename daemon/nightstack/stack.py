@@ -28,13 +28,14 @@ import numpy as np
 import numpy.typing as npt
 from astropy.stats import sigma_clip
 
+from nightstack.demosaic import check_method, demosaic_rows
 from nightstack.normalize import Normalization
 from nightstack.warp import (
-    INTERPOLATIONS,
     Interpolation,
-    _inverse,  # private: the footprint as row runs, see FrameStore.footprint_spans
-    _spans,
     footprint,
+    footprint_spans,
+    source_rows,
+    warp_crop_rows,
     warp_rows,
 )
 from nightstack.writers import atomic_path, write_json
@@ -111,6 +112,14 @@ the method's working copies (astropy's masks; sorted and winsorized copies)."""
 _COMBINE_BYTES_PER_PIXEL = 48
 """Per (pixel, channel) of one band, independent of the number of frames: accumulators, bounds."""
 
+_MOSAIC_BLOCK_ROWS = 64
+"""Reference rows a mosaic frame is demosaiced and warped in at a time (see _MosaicReader):
+the mosaic rows a block needs are re-read for its neighbour, so a block much taller than the
+rows a rotation spans wastes little (64 rows at 1 degree over 6000 columns: 105 + 64 read)."""
+
+_DEMOSAIC_CONTEXT = 8
+"""Mosaic rows read beyond a block's source rows for the demosaic's own context (it needs 4)."""
+
 _LIVE_MANIFEST = "live.json"
 _LIVE_FILE = re.compile(r"^(mean|m2|count|warm\d+|warmfp\d+)\.(\d+)\.npy$")
 
@@ -135,9 +144,10 @@ class StoredFrame:
     name: str
     interpolation: Interpolation
     normalization: dict[str, Any] | None = None
+    mosaic: MosaicLayout | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "file": self.file,
             "matrix": [list(row) for row in self.matrix],
             "src_shape": list(self.src_shape),
@@ -146,6 +156,9 @@ class StoredFrame:
             "interpolation": self.interpolation,
             "normalization": self.normalization,
         }
+        if self.mosaic is not None:
+            data["mosaic"] = self.mosaic.as_json()
+        return data
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> StoredFrame:
@@ -161,7 +174,30 @@ class StoredFrame:
             name=str(obj["name"]),
             interpolation=obj.get("interpolation", "bilinear"),
             normalization=obj.get("normalization"),
+            mosaic=MosaicLayout.from_json(obj["mosaic"]) if obj.get("mosaic") else None,
         )
+
+
+@dataclass(frozen=True)
+class MosaicLayout:
+    """How a frame stored as its mosaic becomes RGB: its Bayer ``pattern`` at pixel (0, 0),
+    ``white_balance`` (r, g, b) and OpenCV ``demosaic`` method (:mod:`nightstack.demosaic`)."""
+
+    pattern: str
+    white_balance: tuple[float, float, float]
+    demosaic: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "white_balance": list(self.white_balance),
+            "demosaic": self.demosaic,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> MosaicLayout:
+        r, g, b = (float(v) for v in obj["white_balance"])
+        return cls(str(obj["pattern"]), (r, g, b), str(obj["demosaic"]))
 
 
 class FrameStore:
@@ -215,8 +251,15 @@ class FrameStore:
 
     @property
     def frame_bytes(self) -> int:
-        """Bytes of one stored frame."""
+        """Bytes of one frame stored warped (:meth:`add`, :meth:`add_warped`)."""
         return self.shape[0] * self.shape[1] * self.channels * 2
+
+    def stored_bytes(self, i: int) -> int:
+        """Bytes of frame ``i``'s file: a mosaic is its source's rows x cols x 2."""
+        record = self._frames[i]
+        if record.mosaic is not None:
+            return record.src_shape[0] * record.src_shape[1] * 2
+        return self.frame_bytes
 
     def frame(self, i: int) -> StoredFrame:
         """The record of frame ``i``."""
@@ -330,17 +373,67 @@ class FrameStore:
         record = None if normalization is None else normalization.as_json()
         return self._append(bands(), matrix, src_shape, weight, name, interpolation, record)
 
+    def add_mosaic(
+        self,
+        codes: npt.NDArray[np.uint16],
+        layout: MosaicLayout,
+        matrix: FloatArray,
+        weight: float = 1.0,
+        name: str = "",
+        *,
+        interpolation: Interpolation = "bilinear",
+        normalization: Normalization | None = None,
+    ) -> int:
+        """Store a calibrated frame as its mosaic (2 bytes a sensor pixel, unwarped).
+
+        Reading it back (:meth:`read_band`, the live stack, :func:`combine`) demosaics, warps
+        and normalizes it band by band, the same way for every reader (see :class:`_MosaicReader`),
+        so the final combine sees exactly the values the live stack saw. Needs a 3-channel store.
+
+        Parameters
+        ----------
+        codes : ndarray
+            (rows, cols) uint16 mosaic codes (:func:`nightstack.demosaic.quantise`).
+        layout : MosaicLayout
+            Pattern, white balance and demosaic method.
+        matrix, weight, name, interpolation
+            As for :meth:`add`.
+        normalization : Normalization, optional
+            Applied to the warped values at read time.
+        """
+        if self.channels != 3:
+            raise ValueError("a mosaic demosaics to RGB: the store must have 3 channels")
+        data = np.ascontiguousarray(codes, dtype=np.uint16)
+        if data.ndim != 2:
+            raise ValueError(f"mosaic codes must be 2-D, not {data.shape}")
+        check_method(layout.demosaic)
+        src_shape = (int(data.shape[0]), int(data.shape[1]))
+        record = None if normalization is None else normalization.as_json()
+        return self._append(
+            iter([data]), matrix, src_shape, weight, name, interpolation, record, layout
+        )
+
+    def reader(self, i: int) -> _FrameReader | _MosaicReader:
+        """An open reader of frame ``i``: ``read(start, stop, out)`` fills reference rows
+        ``start:stop`` (valid, ``start < stop``) into ``out`` (float32 or float64). Close it
+        (a context manager)."""
+        if self._frames[i].mosaic is not None:
+            return _MosaicReader(self, i)
+        return _FrameReader(self, i)
+
     def _append(
         self,
-        bands: Iterator[FloatArray],
+        bands: Iterator[npt.NDArray[Any]],
         matrix: FloatArray,
         src_shape: tuple[int, int],
         weight: float,
         name: str,
         interpolation: Interpolation,
         normalization: dict[str, Any] | None = None,
+        mosaic: MosaicLayout | None = None,
     ) -> int:
-        """Write a frame delivered as consecutive row bands, then index it."""
+        """Write a frame delivered as consecutive row bands (or, for a mosaic, its codes in one
+        piece), then index it."""
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight must be finite and > 0, not {weight}")
         m = np.asarray(matrix, dtype=np.float64)
@@ -362,9 +455,14 @@ class FrameStore:
             name=str(name),
             interpolation=interpolation,
             normalization=normalization,
+            mosaic=mosaic,
         )
         written = 0
         with atomic_path(self.directory / record.file) as tmp, open(tmp, "wb") as fh:
+            if mosaic is not None:
+                fh.write(next(bands).data)
+                written = self.shape[0]
+                bands = iter(())
             for band in bands:
                 if band.shape[1:] != (self.shape[1], self.channels):
                     raise ValueError(f"band shape {band.shape} does not fit the store")
@@ -411,7 +509,7 @@ class FrameStore:
             raise ValueError(f"out has shape {out.shape}, expected {expected}")
         if stop == start:
             return out
-        with _FrameReader(self, i) as reader:
+        with self.reader(i) as reader:
             reader.read(start, stop, out)
         return out
 
@@ -438,9 +536,14 @@ class FrameStore:
         """
         record = self._frames[i]
         start, stop, _ = slice(row_start, row_stop).indices(self.shape[0])
-        margin = INTERPOLATIONS[record.interpolation][1]
-        inverse = _inverse(np.array(record.matrix))
-        return _spans(inverse, record.src_shape, self.shape[1], start, max(stop, start), margin)
+        return footprint_spans(
+            np.array(record.matrix),
+            record.src_shape,
+            self.shape[1],
+            start,
+            max(stop, start),
+            interpolation=record.interpolation,
+        )
 
     def disk_bytes(self) -> int:
         """Bytes used by every file in the store directory."""
@@ -472,7 +575,8 @@ class FrameStore:
         frames = [StoredFrame.from_json(f) for f in obj["frames"]]
         for i, record in enumerate(frames):
             path = self.directory / record.file
-            if not path.is_file() or path.stat().st_size != self.frame_bytes:
+            size = record.src_shape[0] * record.src_shape[1] * 2 if record.mosaic else None
+            if not path.is_file() or path.stat().st_size != (size or self.frame_bytes):
                 if not salvage:
                     raise ValueError(
                         f"store {self.directory}: {record.file} is missing or truncated"
@@ -516,6 +620,85 @@ class _FrameReader:
                 np.multiply(out[a:b], _DEQUANT, out=out[a:b])
             else:
                 np.multiply(part, _DEQUANT, out=out[a:b], dtype=np.float32)
+
+
+class _MosaicReader:
+    """An open frame stored as its mosaic: demosaiced, warped and normalized when read.
+
+    Reference rows are computed in fixed blocks of :data:`_MOSAIC_BLOCK_ROWS` (block ``k`` is
+    rows ``k * B .. (k + 1) * B``), each from the mosaic rows it needs, and the last block is
+    kept: whatever bands a reader asks for, every reference row comes out of the same
+    computation, bit for bit (the live stack's bands and the final combine's differ).
+    """
+
+    def __init__(self, store: FrameStore, i: int) -> None:
+        record = store.frame(i)
+        assert record.mosaic is not None
+        self._record, self._layout = record, record.mosaic
+        self._shape, self._cols = store.shape, store.shape[1]
+        self._matrix = np.array(record.matrix)
+        self._norm = (
+            Normalization.from_json(record.normalization, 3) if record.normalization else None
+        )
+        self._fh = open(store.directory / record.file, "rb", buffering=0)  # noqa: SIM115
+        self._block: tuple[int, npt.NDArray[np.float32]] | None = None
+
+    def __enter__(self) -> _MosaicReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+    def read(self, start: int, stop: int, out: FloatArray) -> None:
+        """Reference rows start:stop into ``out``, (stop - start, cols, 3) float32 or float64."""
+        rows = _MOSAIC_BLOCK_ROWS
+        for k in range(start // rows, (stop - 1) // rows + 1):
+            block = self._compute(k)
+            a, b = max(start, k * rows), min(stop, (k + 1) * rows)
+            out[a - start : b - start] = block[a - k * rows : b - k * rows]
+
+    def _compute(self, k: int) -> npt.NDArray[np.float32]:
+        if self._block is not None and self._block[0] == k:
+            return self._block[1]
+        rows, cols = self._shape
+        r0, r1 = k * _MOSAIC_BLOCK_ROWS, min(rows, (k + 1) * _MOSAIC_BLOCK_ROWS)
+        src_rows, src_cols = self._record.src_shape
+        interpolation = self._record.interpolation
+        y0, y1 = source_rows(
+            self._matrix, (src_rows, src_cols), cols, r0, r1, interpolation=interpolation
+        )
+        if y1 <= y0:
+            block = np.zeros((r1 - r0, cols, 3), np.float32)
+        else:
+            # the demosaic's own context rows around y0:y1, from an even row (the phase)
+            w0, w1 = max(0, y0 - _DEMOSAIC_CONTEXT) & ~1, min(src_rows, y1 + _DEMOSAIC_CONTEXT)
+            codes = np.empty((w1 - w0, src_cols), np.uint16)
+            self._fh.seek(w0 * src_cols * 2)
+            _read_exactly(self._fh, codes)
+            layout = self._layout
+            rgb = demosaic_rows(
+                codes, layout.pattern, layout.white_balance, layout.demosaic, y0 - w0, y1 - w0
+            )
+            block = warp_crop_rows(
+                rgb,
+                y0,
+                (src_rows, src_cols),
+                self._matrix,
+                self._shape,
+                r0,
+                r1,
+                interpolation=interpolation,
+            )
+            if self._norm is not None and not self._norm.is_identity:
+                self._norm.apply(block, r0, self._shape)
+                first, end = footprint_spans(
+                    self._matrix, (src_rows, src_cols), cols, r0, r1, interpolation=interpolation
+                )
+                for r in range(r1 - r0):
+                    block[r, : first[r]] = 0.0
+                    block[r, end[r] :] = 0.0
+        self._block = (k, block)
+        return block
 
 
 def _read_exactly(fh: io.FileIO, buffer: npt.NDArray[np.uint16]) -> None:
@@ -998,10 +1181,10 @@ class LiveStack:
         band = max(1, per_plane // width)
         work = _BatchScratch(n, band, width)
         spans = None
-        readers: list[_FrameReader] = []
+        readers: list[_FrameReader | _MosaicReader] = []
         if self.store is not None:
             spans = [self.store.footprint_spans(i, 0, rows) for i in range(n)]
-            readers = [_FrameReader(self.store, i) for i in range(n)]
+            readers = [self.store.reader(i) for i in range(n)]
         rejected = 0
         for r0 in range(0, rows, band):
             r1 = min(r0 + band, rows)
@@ -1297,7 +1480,7 @@ class _StoreSource:
     def __init__(self, store: FrameStore, i: int) -> None:
         self._cols, self._channels = store.shape[1], store.channels
         self._first, self._stop = store.footprint_spans(i, 0, store.shape[0])
-        self._reader = _FrameReader(store, i)
+        self._reader = store.reader(i)
 
     def __enter__(self) -> _StoreSource:
         return self
