@@ -105,7 +105,9 @@ def measure(quick: bool) -> dict[str, Any]:
     flat = Master(MasterInfo("flat", (FULL_H, FULL_W), "RGGB"), response / np.median(response))
     mosaic = load_mosaic(light)
     calibrator = Calibrator({"dark": dark, "flat": flat}, in_place=True)
-    _, result = calibrator(mosaic.replace(mosaic.data.copy()))  # builds the defect map once
+    _, result = calibrator.calibrate(
+        mosaic.replace(mosaic.data.copy())
+    )  # builds the defect map once
     data["repaired"] = result.repaired
     times = []
     for _ in range(repeat):

@@ -370,12 +370,12 @@ def test_calibrator_mismatch_warns_and_goes_on(
     _fake_master(lib_dir, "dark60.fits", "dark", 0.1, camera="Cam", exposure_s=60.0, iso=800)
     calibrator = Calibrator(library=Library(lib_dir), cosmetic=False)
     light = _mosaic()
-    out, result = calibrator(light)
+    out, result = calibrator.calibrate(light)
     assert_allclose(out.data, light.data)  # stacked uncalibrated
     assert result.masters == {}
     assert any("exposure 60 s is not 30 s" in w for w in result.warnings)
     assert any("stacked uncalibrated" in w for w in result.warnings)
-    calibrator(light)
+    calibrator.calibrate(light)
     warned = [r for r in caplog.records if "exposure 60 s" in r.getMessage()]
     assert len(warned) == 1, "one warning per kind of light, not one a frame"
 
@@ -389,7 +389,7 @@ def test_explicit_master_of_another_size_or_pattern_is_refused(tmp_path: Path) -
         (other, "has CFA pattern BGGR, the frame RGGB: refused"),
     ):
         calibrator = Calibrator(load_masters({"dark": path, "flat": good}), cosmetic=False)
-        out, result = calibrator(_mosaic())
+        out, result = calibrator.calibrate(_mosaic())
         assert result.masters == {"flat": "flat.fits"}
         assert any(reason in w for w in result.warnings), result.warnings
         assert_allclose(out.data, 0.6)  # the flat as given (0.5): light / flat

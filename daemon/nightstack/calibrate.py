@@ -24,6 +24,7 @@ import hashlib
 import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -676,15 +677,26 @@ class Calibrator:
         self.frame_defects = FrameDefects(kappa=kappa) if cosmetic else None
         self._sets: dict[tuple[Any, ...], tuple[Calibration, tuple[str, ...]]] = {}
         self._warned: set[str] = set()
+        self._lock = threading.Lock()  # the daemon's prepare and salvage threads share it
 
     @property
     def active(self) -> bool:
         """Whether anything would be done to a light."""
         return bool(self.explicit) or self.library is not None or self.cosmetic
 
-    def __call__(self, mosaic: Mosaic) -> tuple[Mosaic, CalibrationResult]:
+    def __call__(self, mosaic: Mosaic) -> tuple[Mosaic, dict[str, Any] | None]:
+        """The pipeline's calibration stage (``pipeline.Calibration``): the calibrated mosaic
+        and the journal's ``calibration`` entry (:meth:`CalibrationResult.as_json`)."""
+        calibrated, result = self.calibrate(mosaic)
+        return calibrated, result.as_json()
+
+    def calibrate(self, mosaic: Mosaic) -> tuple[Mosaic, CalibrationResult]:
         """The calibrated mosaic and what was done; never raises for a master that does not
-        fit (it is refused, with the reason among the warnings)."""
+        fit (it is refused, with the reason among the warnings). Thread-safe."""
+        with self._lock:
+            return self._calibrate(mosaic)
+
+    def _calibrate(self, mosaic: Mosaic) -> tuple[Mosaic, CalibrationResult]:
         calibration, warnings_ = self._set_for(mosaic.shape, mosaic.pattern, mosaic.meta)
         defects = calibration.defects
         if self.frame_defects is not None and calibration.dark is None:
@@ -858,22 +870,7 @@ def calibrator_from_settings(settings: Settings) -> Calibrator | None:
     Raises ``ConfigError`` naming the setting for a master that cannot be used (missing, not
     a master, another kind) or a calibration folder that is not one: before the daemon is READY.
     """
-    paths = {kind: getattr(settings, kind) for kind in KINDS}
-    try:
-        masters = load_masters(paths, ram_cap_bytes=settings.ram_cap_mb * 2**20)
-    except CalibrationError as err:
-        raise ConfigError(f"calibration master: {err.reason}") from err
-    library = None
-    if settings.calibration_dir is not None:
-        try:
-            library = Library(
-                settings.calibration_dir,
-                temperature_tolerance_c=settings.temperature_tolerance_c,
-                dark_scaling=settings.dark_scaling,
-                ram_cap_bytes=settings.ram_cap_mb * 2**20,
-            )
-        except CalibrationError as err:
-            raise ConfigError(f"invalid setting 'calibration_dir': {err.reason}") from err
+    masters, library = _configured(settings)
     if not masters and library is None and not settings.cosmetic:
         return None
     return Calibrator(
@@ -884,3 +881,51 @@ def calibrator_from_settings(settings: Settings) -> Calibrator | None:
         kappa=settings.cosmetic_kappa,
         in_place=True,
     )
+
+
+_CONFIGURED: dict[tuple[Any, ...], tuple[dict[str, Master], Library | None]] = {}
+_CONFIGURED_LOCK = threading.Lock()
+
+
+def _stamp(path: Path | None) -> tuple[Any, ...]:
+    """A path with its modification time and size: a master rewritten in place is read again."""
+    if path is None:
+        return (None,)
+    try:
+        stat = path.stat()
+    except OSError:
+        return (str(path),)
+    return (str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def _configured(settings: Settings) -> tuple[dict[str, Master], Library | None]:
+    """The settings' explicit masters and library, read (and built) once per configuration:
+    the daemon makes a ``Stacker`` per session and for its prepare thread, and the masters are
+    immutable, so they are shared; each ``Calibrator`` keeps its own per-session state."""
+    key = (
+        *(_stamp(getattr(settings, kind)) for kind in KINDS),
+        _stamp(settings.calibration_dir),
+        settings.temperature_tolerance_c,
+        settings.dark_scaling,
+    )
+    with _CONFIGURED_LOCK:
+        if key in _CONFIGURED:
+            return _CONFIGURED[key]
+        paths = {kind: getattr(settings, kind) for kind in KINDS}
+        try:
+            masters = load_masters(paths, ram_cap_bytes=settings.ram_cap_mb * 2**20)
+        except CalibrationError as err:
+            raise ConfigError(f"calibration master: {err.reason}") from err
+        library = None
+        if settings.calibration_dir is not None:
+            try:
+                library = Library(
+                    settings.calibration_dir,
+                    temperature_tolerance_c=settings.temperature_tolerance_c,
+                    dark_scaling=settings.dark_scaling,
+                    ram_cap_bytes=settings.ram_cap_mb * 2**20,
+                )
+            except CalibrationError as err:
+                raise ConfigError(f"invalid setting 'calibration_dir': {err.reason}") from err
+        _CONFIGURED[key] = (masters, library)
+        return masters, library
