@@ -411,3 +411,20 @@ def test_simulate_calibration_cli(tmp_path: Path) -> None:
     for folder, entry in truth["calibration"].items():
         assert sorted(p.name for p in (out / "calibration" / folder).iterdir()) == entry["files"]
     assert load_mosaic(out / "IMG_0000.DNG").meta.temperature_c == 5.0
+
+
+def test_calibrator_learns_hot_pixels_from_the_first_lights() -> None:
+    model = SkyModel(width=320, height=240, frames=5, stars=150, nebula=False)
+    sensor = SensorModel(seed=6, hot_pixels=30)
+    calibrator = Calibrator(from_lights=True)
+    repaired = []
+    for i in range(5):
+        data = _light(model, sensor, i)
+        hx, hy, _ = sensor.hot(model)
+        before = data[hy, hx].copy()
+        out, result = calibrator.calibrate(Mosaic(Path(f"{i}.dng"), data, "RGGB"))
+        repaired.append(result.repaired)
+        if i >= 2:  # the map is complete with the third light, which is repaired too
+            assert np.median(out.data[hy, hx]) < 0.5 * np.median(before)
+    assert repaired[:2] == [0, 0] and min(repaired[2:]) >= 30
+    assert Calibrator().calibrate(_mosaic())[1].repaired == 0  # off by default

@@ -648,8 +648,9 @@ class Calibrator:
     dark_scaling
         Scale the dark by exposure (needs a bias).
     cosmetic
-        Repair hot and cold pixels: from the dark's :func:`defect_map`, or without a dark from
-        :class:`FrameDefects` of the first lights.
+        Repair the hot and cold pixels of the dark (:func:`defect_map`) in every light.
+    from_lights
+        Without a dark, repair the pixels :class:`FrameDefects` finds in the first lights.
     kappa
         The defect threshold, robust sigmas.
     in_place
@@ -664,6 +665,7 @@ class Calibrator:
         *,
         dark_scaling: bool = False,
         cosmetic: bool = True,
+        from_lights: bool = False,
         kappa: float = DEFECT_KAPPA,
         in_place: bool = False,
     ) -> None:
@@ -674,7 +676,7 @@ class Calibrator:
         self.dark_scaling = dark_scaling
         self.cosmetic = cosmetic
         self.kappa = kappa
-        self.frame_defects = FrameDefects(kappa=kappa) if cosmetic else None
+        self.frame_defects = FrameDefects(kappa=kappa) if from_lights else None
         self._sets: dict[tuple[Any, ...], tuple[Calibration, tuple[str, ...]]] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()  # the daemon's prepare and salvage threads share it
@@ -682,7 +684,7 @@ class Calibrator:
     @property
     def active(self) -> bool:
         """Whether anything would be done to a light."""
-        return bool(self.explicit) or self.library is not None or self.cosmetic
+        return bool(self.explicit) or self.library is not None or self.frame_defects is not None
 
     def __call__(self, mosaic: Mosaic) -> tuple[Mosaic, dict[str, Any] | None]:
         """The pipeline's calibration stage (``pipeline.Calibration``): the calibrated mosaic
@@ -864,20 +866,21 @@ def load_masters(
 def calibrator_from_settings(settings: Settings) -> Calibrator | None:
     """The session's :class:`Calibrator` from its settings (``bias``, ``dark``, ``flat``,
     ``darkflat``, ``calibration_dir``, ``dark_scaling``, ``temperature_tolerance_c``,
-    ``cosmetic``, ``cosmetic_kappa``), masters read and library folders built now; ``None``
-    when nothing is configured and cosmetic correction is off.
+    ``cosmetic``, ``cosmetic_from_lights``, ``cosmetic_kappa``), masters read and library
+    folders built now; ``None`` when nothing is configured.
 
     Raises ``ConfigError`` naming the setting for a master that cannot be used (missing, not
     a master, another kind) or a calibration folder that is not one: before the daemon is READY.
     """
     masters, library = _configured(settings)
-    if not masters and library is None and not settings.cosmetic:
+    if not masters and library is None and not settings.cosmetic_from_lights:
         return None
     return Calibrator(
         masters,
         library,
         dark_scaling=settings.dark_scaling,
         cosmetic=settings.cosmetic,
+        from_lights=settings.cosmetic_from_lights,
         kappa=settings.cosmetic_kappa,
         in_place=True,
     )

@@ -179,9 +179,13 @@ class Settings(BaseSettings):
         2.0, ge=0, description="A dark or bias matches lights this many degrees C away at most."
     )
     cosmetic: bool = Field(
-        True,
-        description="Repair hot and cold pixels: from the dark, or without one from pixels "
-        "that stand out at the same place in the first lights.",
+        True, description="Repair the hot and cold pixels of the master dark in every light."
+    )
+    cosmetic_from_lights: bool = Field(
+        False,
+        description="Without a dark, repair the pixels that stand out at the same place in "
+        "the first 3 lights (off by default: a session resumed after a crash learns them "
+        "again, so its stack differs a little from a batch stack of the same files).",
     )
     cosmetic_kappa: float = Field(
         6.0, gt=0, description="Hot/cold pixel threshold, robust sigmas from the local median."
