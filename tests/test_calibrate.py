@@ -166,11 +166,18 @@ def test_application_dark_flat_saturation() -> None:
     light[2, 3] = 1.0  # clipped by the sensor
     dark = np.full(light.shape, 0.05, np.float32)
     flat = np.full(light.shape, 0.5, np.float32)
-    out = calibrate_mosaic(light, offset=dark, inverse_flat=1 / flat)
+    out = calibrate_mosaic(light, offset=dark, flat=flat)
     expected = (light - dark) / flat
     expected[2, 3] = 2.0  # saturation / flat: stays the brightest, never dimmed by the dark
     assert_allclose(out, expected, rtol=1e-6)
     assert out.dtype == np.float32 and light[2, 3] == 1.0, "the input is not modified"
+    same = light.copy()
+    assert calibrate_mosaic(same, offset=dark, flat=flat, out=same) is same
+    assert_allclose(same, expected, rtol=1e-6)  # in place
+    dead = flat.copy()
+    dead[1, 1] = 0.0  # a dead flat site: repaired from its neighbours, never a warning
+    calibration = Calibration(flat=Master(MasterInfo("flat", (8, 10), "RGGB"), dead))
+    assert 11 in calibration.defects.tolist()
 
 
 def test_dark_scaling_uses_bias_and_exposure_ratio() -> None:

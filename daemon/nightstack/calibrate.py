@@ -85,11 +85,11 @@ def calibrate_mosaic(
     light: FloatArray,
     *,
     offset: FloatArray | None = None,
-    inverse_flat: FloatArray | None = None,
+    flat: FloatArray | None = None,
     saturation: float = 1.0,
     out: FloatArray | None = None,
 ) -> FloatArray:
-    """``(light - offset) * inverse_flat``, saturated pixels kept saturated.
+    """``(light - offset) / flat``, saturated pixels kept saturated.
 
     Parameters
     ----------
@@ -98,10 +98,11 @@ def calibrate_mosaic(
     offset
         (rows, cols) float32: the master dark, or ``bias + (dark - bias) * t_light / t_dark``
         (see :meth:`Calibration.offset`), or the bias alone; ``None``: nothing subtracted.
-    inverse_flat
-        (rows, cols) float32, 1 / the normalized master flat; ``None``: no flat.
+    flat
+        (rows, cols) float32, the normalized master flat; ``None``: no flat. Its dead sites
+        (0 or near it) give huge or non-finite values, for the caller to repair (no warning).
     saturation
-        Pixels of ``light`` at or above it calibrate to ``saturation * inverse_flat`` (or
+        Pixels of ``light`` at or above it calibrate to ``saturation / flat`` (or
         ``saturation``): their true signal is unknown but at least that, so they stay the
         brightest of their neighbourhood, never dimmed by the dark.
     out
@@ -120,12 +121,13 @@ def calibrate_mosaic(
         np.subtract(light, offset, out=out)
     elif out is not light:
         np.copyto(out, light)
-    if inverse_flat is not None:
-        np.multiply(out, inverse_flat, out=out)
-    if clipped is not None and clipped.size:
-        level = np.float32(saturation)
-        flat = out.reshape(-1)
-        flat[clipped] = level if inverse_flat is None else inverse_flat.reshape(-1)[clipped] * level
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if flat is not None:  # a division, not * 1 / flat: no 4-byte-a-pixel inverse kept
+            np.divide(out, flat, out=out)
+        if clipped is not None and clipped.size:
+            level = np.float32(saturation)
+            sites = out.reshape(-1)
+            sites[clipped] = level if flat is None else level / flat.reshape(-1)[clipped]
     return out
 
 
@@ -268,16 +270,14 @@ class Calibration:
     flat: Master | None = None
     dark_scaling: bool = False
     defects: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.intp))
-    _inverse_flat: FloatArray | None = None
     _offsets: dict[float | None, FloatArray | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.flat is not None:
             flat = self.flat.data
-            dead = flat < _FLAT_FLOOR
-            self._inverse_flat = np.divide(1.0, np.where(dead, 1.0, flat), dtype=np.float32)
-            if dead.any():
-                self.defects = np.union1d(self.defects, np.flatnonzero(dead))
+            dead = np.flatnonzero(~(flat >= _FLAT_FLOOR))  # NaN too
+            if dead.size:
+                self.defects = np.union1d(self.defects, dead)
 
     @property
     def empty(self) -> bool:
@@ -328,7 +328,7 @@ class Calibration:
         return calibrate_mosaic(
             light,
             offset=self.offset(exposure_s),
-            inverse_flat=self._inverse_flat,
+            flat=None if self.flat is None else self.flat.data,
             saturation=saturation,
             out=light if in_place and light.dtype == np.float32 else None,
         )
