@@ -11,12 +11,14 @@ An uncalibrated stack of the same frames is the control: each claim fails on it.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
 
+from _daemon import Daemon, journal, wait_for
 from nightstack.cli import main
 from nightstack.masters import Master, MasterInfo, write_master
 from nightstack.simulate import simulate_night
@@ -185,3 +187,22 @@ def test_a_master_of_another_size_is_refused_and_the_night_stacks(
         )
     err = capsys.readouterr().err
     assert err.count("refused") <= 2, "one warning, not one a frame"
+
+
+def test_the_daemon_calibrates_and_journals_the_masters(night: Path, daemons: list[Daemon]) -> None:
+    watch, out = night / "watch", night / "daemon-out"
+    watch.mkdir()
+    lights = sorted((night / "lights").glob("IMG_*.DNG"))[:6]
+    for light in lights:
+        shutil.copy(light, watch / light.name)
+    flat = str(night / "masters" / "flat.fits")
+    library = str(night / "lights" / "calibration")
+    daemon = Daemon(watch, out, "--flat", flat, "--calibration-dir", library)
+    daemons.append(daemon)
+    wait_for(lambda: len(journal(out)) >= len(lights), 180, "all frames", daemon)
+    assert daemon.stop() == 0
+    for line in journal(out):
+        assert line["status"] == "accepted", line
+        used = line["calibration"]["masters"]
+        assert used["flat"] == "flat.fits", "the explicit flat wins over the library's"
+        assert used["dark"].startswith("dark-darks-"), used
