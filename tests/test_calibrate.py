@@ -333,7 +333,9 @@ def test_library_picks_the_right_dark(tmp_path: Path) -> None:
     assert "flat" not in chosen and "refused" in notes[0]
 
 
-def test_library_builds_masters_from_raw_folders_once(tmp_path: Path) -> None:
+def test_library_builds_masters_from_raw_folders_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = _model()
     sensor = SensorModel(seed=5)
     sets = write_calibration(
@@ -349,20 +351,26 @@ def test_library_builds_masters_from_raw_folders_once(tmp_path: Path) -> None:
     assert not library.problems
     kinds = sorted(m.info.kind for m in library.masters)
     assert kinds == ["bias", "dark", "dark", "dark", "dark", "darkflat", "flat"]
-    cache = sorted((tmp_path / "lib" / ".nightstack-masters").iterdir())
-    assert len(cache) == 7
+    cache_dir = tmp_path / "lib" / ".nightstack-masters"
+    cache = sorted(cache_dir.glob("*.fits"))
+    assert len(cache) == 7 and len(list(cache_dir.glob("index-*.json"))) == 7  # one a folder
     stamps = [p.stat().st_mtime_ns for p in cache]
-    chosen, _ = library.match(
-        (H, W),
-        "RGGB",
-        _meta(camera="nightstack Simulated Camera", iso=1600.0, exposure_s=60.0, temperature_c=1.0),
+    light = _meta(
+        camera="nightstack Simulated Camera", iso=1600.0, exposure_s=60.0, temperature_c=1.0
     )
+    chosen, _ = library.match((H, W), "RGGB", light)
+    assert chosen["dark"].info.path is not None
     assert chosen["dark"].info.path.name.startswith("dark-darks_60s_0C-")
-    again = Library(tmp_path / "lib")  # opened again: read from the cache, nothing rebuilt
-    assert len(again.masters) == 7
-    assert [
-        p.stat().st_mtime_ns for p in sorted((tmp_path / "lib" / ".nightstack-masters").iterdir())
-    ] == stamps
+
+    def no_decoding(path: Path) -> None:
+        raise AssertionError(f"{path} decoded again")
+
+    monkeypatch.setattr("nightstack.calibrate.read_frame", no_decoding)
+    again = Library(tmp_path / "lib")  # opened again: from the cache, no frame decoded
+    assert len(again.masters) == 7 and not again.problems
+    assert [p.stat().st_mtime_ns for p in sorted(cache_dir.glob("*.fits"))] == stamps
+    chosen, _ = again.match((H, W), "RGGB", light)
+    assert chosen["dark"].info.path.name.startswith("dark-darks_60s_0C-")
 
 
 def _mosaic(value: float = 0.3, shape: tuple[int, int] = (H, W), **meta: object) -> Mosaic:

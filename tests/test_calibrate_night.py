@@ -166,7 +166,7 @@ def test_library_of_raw_folders_calibrates_the_night(night: Path) -> None:
         assert used["dark"].startswith("dark-darks-") and used["flat"].startswith("flat-flats-")
         assert "bias" not in used, "a dark of the light's exposure holds the bias"
     assert _measure(image, expected)["worst_corner"] <= 0.01
-    cached = sorted(p.name for p in (library / ".nightstack-masters").iterdir())
+    cached = sorted(p.name for p in (library / ".nightstack-masters").glob("*.fits"))
     assert [name.split("-")[0] for name in cached] == ["bias", "dark", "darkflat", "flat"]
 
 

@@ -20,7 +20,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -50,6 +52,7 @@ from .masters import (
     with_path,
     write_master,
 )
+from .writers import write_json
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -448,16 +451,37 @@ class Library:
                     folders.setdefault(here, []).append(path)
                 elif path.suffix.lower() in (".fit", ".fits", ".fts"):
                     self._add_master(path)
-        built: list[tuple[str, Path, list[Path]]] = []
-        for folder, paths in folders.items():
-            kind = folder_kind(folder.name)
-            assert kind is not None
-            for group in self._groups(paths):
-                built.append((kind, folder, group))
+        listing = {folder: _listing(paths) for folder, paths in folders.items()}
+        offsets = "".join(  # a flat folder's masters depend on the offsets they had removed
+            listing[f] for f in folders if folder_kind(f.name) in ("bias", "darkflat")
+        )
         for wanted in ("bias", "darkflat", "dark", "flat"):  # flats need their offsets first
-            for kind, folder, group in built:
-                if kind == wanted:
-                    self._build(kind, folder, group)
+            for folder, paths in folders.items():
+                kind = folder_kind(folder.name)
+                if kind != wanted:
+                    continue
+                key = listing[folder] + (offsets if kind == "flat" else "")
+                index = self.cache_dir / f"index-{folder.name}-{_digest(key)}.json"
+                if self._from_index(index):
+                    continue
+                made = [self._build(kind, folder, group) for group in self._groups(paths)]
+                if made and all(m is not None and m.info.path is not None for m in made):
+                    names = [m.info.path.name for m in made if m is not None and m.info.path]
+                    with contextlib.suppress(OSError):  # not cached: _build said so
+                        write_json(index, {"folder": str(folder), "masters": names})
+
+    def _from_index(self, index: Path) -> bool:
+        """The masters a folder was built into, from its cache index, without decoding any of
+        its frames (False: no index for these frames, or a master unreadable)."""
+        if not index.is_file():
+            return False
+        try:
+            names = json.loads(index.read_text())["masters"]
+            masters = [read_master(self.cache_dir / name) for name in names]
+        except (OSError, ValueError, KeyError, TypeError, CalibrationError):
+            return False
+        self.masters.extend(masters)
+        return True
 
     def _add_master(self, path: Path) -> None:
         try:
@@ -484,14 +508,14 @@ class Library:
             groups.setdefault(key, []).append(path)
         return list(groups.values())
 
-    def _build(self, kind: str, folder: Path, paths: list[Path]) -> None:
+    def _build(self, kind: str, folder: Path, paths: list[Path]) -> Master | None:
         offset = None
         if kind == "flat":
             try:
                 first = read_frame(paths[0])
             except DecodeError as err:
                 self._problem(f"{paths[0].name}: {err.reason}")
-                return
+                return None
             offset = self._flat_offset(first.data.shape, first.pattern, first.meta)
         try:
             master = cached_master(
@@ -505,8 +529,9 @@ class Library:
             )
         except CalibrationError as err:
             self._problem(f"{folder.name}: {err.reason}")
-            return
+            return None
         self.masters.append(master)
+        return master
 
     def _flat_offset(
         self, shape: tuple[int, ...], pattern: str | None, meta: FrameMeta
@@ -602,6 +627,20 @@ class Library:
             return (temp, exposure if kind == "dark" else 0.0, newest)  # 1 C: ~12 % dark current
 
         return min(fitting, key=rank)
+
+
+def _listing(paths: Sequence[Path]) -> str:
+    """The frames' names, sizes and modification times, as one string (what a cache key
+    hashes: a changed, added or removed frame changes it)."""
+    parts = []
+    for path in paths:
+        stat = path.stat()
+        parts.append(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0")
+    return "".join(parts)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _rounded(value: float | None) -> float | None:
@@ -789,14 +828,9 @@ def cached_master(
     """
     if len(paths) < 2:
         raise CalibrationError(f"a {kind} master needs 2 frames or more, found {len(paths)}")
-    digest = hashlib.sha256()
-    for path in paths:
-        stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
-    if offset is not None:
-        digest.update(f"offset\0{offset.info.describe()}".encode())
+    key = _listing(paths) + ("" if offset is None else f"offset\0{offset.info.describe()}")
     folder = paths[0].parent.name or "frames"
-    cached = cache_dir / f"{kind}-{folder}-{digest.hexdigest()[:16]}.fits"
+    cached = cache_dir / f"{kind}-{folder}-{_digest(key)}.fits"
     if cached.is_file():
         try:
             return read_master(cached)
