@@ -290,9 +290,11 @@ class Calibration:
         return [m for m in (self.bias, self.dark, self.flat) if m is not None]
 
     def offset(self, exposure_s: float | None) -> FloatArray | None:
-        """What is subtracted from a light of ``exposure_s`` (cached per exposure)."""
+        """What is subtracted from a light of ``exposure_s`` (the last exposure's is cached:
+        a scaled dark is a 4-byte-a-pixel array, so one is kept, not one per exposure)."""
         key = exposure_s if self.scaled else None
         if key not in self._offsets:
+            self._offsets.clear()
             self._offsets[key] = self._offset(exposure_s)
         return self._offsets[key]
 
