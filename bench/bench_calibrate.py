@@ -24,7 +24,6 @@ from _common import (
     FULL_W,
     OUT,
     PYTHON,
-    ROOT,
     ensure_night,
     fmt_s,
     free_disk_gb,
@@ -77,7 +76,9 @@ def measure(quick: bool) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     master_path = work / "master_dark.fits"
-    env_path = str(ROOT / "daemon")
+    import nightstack
+
+    env_path = str(Path(nightstack.__file__).resolve().parents[1])  # this run's code (snapshot)
     cmd = [PYTHON, "-m", "nightstack.cli", "master", "dark", str(darks[0].parent)]
     cmd += ["-o", str(master_path)]
     log(f"nightstack master dark of {n} x 24 MP frames")
