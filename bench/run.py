@@ -29,6 +29,10 @@ BENCHMARKS = {
     "daemon": ("Daemon latency and throughput, 24 MP (issue 4)", "bench_daemon"),
     "peers": ("Alignment and stacking vs peers (issue 6)", "bench_peers"),
     "skies": ("Real skies: normalization and transparency per frame, 24 MP", "bench_skies"),
+    "mosaic": (
+        "The frame path in the mosaic: decode, store, memory, writes, speed (issue 12)",
+        "bench_mosaic",
+    ),
     "calibrate": (
         "Calibration: master building and per-frame cost, 24 MP (issue 13)",
         "bench_calibrate",

@@ -92,6 +92,51 @@ def dequantise(codes: npt.NDArray[np.uint16]) -> F32:
     return values
 
 
+def demosaic_codes(
+    codes: U16, pattern: str, method: str, row_start: int, row_stop: int
+) -> F32:
+    """Rows ``row_start:row_stop`` of the demosaiced *codes*: (rows, cols, 3) float32 holding
+    OpenCV's 16-bit output exactly. :func:`code_gains` turns them into values, before or after
+    a warp (both are linear)."""
+    if pattern not in BAYER_PATTERNS:
+        raise ValueError(f"pattern must be one of {BAYER_PATTERNS}, not {pattern!r}")
+    cv_code = _CV_CODES[check_method(method)][pattern]
+    rows, cols = codes.shape
+    start, stop, _ = slice(row_start, row_stop).indices(rows)
+    stop = max(stop, start)
+    if stop == start:
+        return np.zeros((0, cols, 3), np.float32)
+    first = max(0, start - _BAND_PAD) & ~1  # even: the window keeps the pattern's phase
+    last = min(rows, stop + _BAND_PAD)
+    window = np.ascontiguousarray(codes[first:last])  # OpenCV's _EA misreads strided input
+    rgb = cv2.cvtColor(window, cv_code)[start - first : stop - first]
+    return rgb.astype(np.float32)
+
+
+def code_gains(
+    white_balance: tuple[float, float, float],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(scale, offset), each (3,) float32: ``value = code * scale + offset`` per channel, the
+    white balance included (``(code / MOSAIC_SCALE + MOSAIC_LOW) * wb``)."""
+    gains = np.asarray(white_balance, np.float64)
+    scale = (gains / MOSAIC_SCALE).astype(np.float32)
+    offset = (gains * MOSAIC_LOW).astype(np.float32)
+    return scale, offset
+
+
+def apply_gains(rgb: F32, white_balance: tuple[float, float, float]) -> F32:
+    """Demosaiced codes -> values (:func:`code_gains`), (rows, cols, 3) float32; ``rgb`` itself
+    is left as it was. One ``cv2.transform`` (8x a numpy broadcast over the channel axis)."""
+    scale, offset = code_gains(white_balance)
+    if rgb.size == 0:
+        return np.asarray(rgb * scale + offset, np.float32)
+    matrix = np.zeros((3, 4), np.float64)
+    matrix[[0, 1, 2], [0, 1, 2]] = scale
+    matrix[:, 3] = offset
+    out = cv2.transform(np.ascontiguousarray(rgb, np.float32), matrix)
+    return np.asarray(out, np.float32).reshape(rgb.shape)
+
+
 def demosaic_rows(
     codes: U16,
     pattern: str,
@@ -120,27 +165,8 @@ def demosaic_rows(
     ndarray
         (row_stop - row_start, cols, 3) float32 linear camera RGB x white balance, mosaic units.
     """
-    if pattern not in BAYER_PATTERNS:
-        raise ValueError(f"pattern must be one of {BAYER_PATTERNS}, not {pattern!r}")
-    cv_code = _CV_CODES[check_method(method)][pattern]
-    rows, cols = codes.shape
-    start, stop, _ = slice(row_start, row_stop).indices(rows)
-    stop = max(stop, start)
-    if stop == start:
-        return np.zeros((0, cols, 3), np.float32)
-    first = max(0, start - _BAND_PAD) & ~1  # even: the window keeps the pattern's phase
-    last = min(rows, stop + _BAND_PAD)
-    window = np.ascontiguousarray(codes[first:last])  # OpenCV's _EA misreads strided input
-    rgb = cv2.cvtColor(window, cv_code)[start - first : stop - first]
-    out = np.empty(rgb.shape, np.float32)
-    for c in range(3):
-        # (code / scale + low) * wb, as one float32 multiply-add per channel
-        gain = np.float32(white_balance[c])
-        np.multiply(
-            rgb[:, :, c], np.float32(1.0 / MOSAIC_SCALE) * gain, out=out[:, :, c], dtype=np.float32
-        )
-        out[:, :, c] += np.float32(MOSAIC_LOW) * gain
-    return out
+    rgb = demosaic_codes(codes, pattern, method, row_start, row_stop)
+    return apply_gains(rgb, white_balance)
 
 
 def demosaic(

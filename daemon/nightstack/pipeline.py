@@ -26,15 +26,17 @@ import numpy as np
 from . import __version__
 from .align import align
 from .calibrate import calibrator_from_settings
+from .combine import combine
 from .config import Settings
 from .decoder import Decoder
 from .demosaic import TileSamples, demosaic, quantise, superpixel_luminance
 from .detect import StarFinder
 from .errors import AlignmentError, DecodeError
 from .frames import IDENTITY, Alignment, FloatArray, Frame, Mosaic, MosaicFrame, Stars
+from .live import LiveStack
 from .normalize import Normalization, SkySamples, estimate
 from .quality import Quality, QualityLimits, gate, transparency
-from .stack import FrameStore, LiveStack, MosaicLayout, combine
+from .store import FrameStore, MosaicLayout
 
 Calibration = Callable[[Mosaic], tuple[Mosaic, dict[str, Any] | None]]
 """The calibration stage: a decoded light's mosaic in, the calibrated mosaic out (same shape,
