@@ -574,23 +574,47 @@ class MosaicReader:
     computation, bit for bit (the live stack's bands and the final combine's differ).
     """
 
-    def __init__(self, store: FrameStore, i: int) -> None:
-        record = store.frame(i)
+    def __init__(
+        self,
+        store: FrameStore | None,
+        i: int = 0,
+        *,
+        frame: tuple[StoredFrame, tuple[int, int], npt.NDArray[np.uint16]] | None = None,
+    ) -> None:
+        """Frame ``i`` of ``store``; or, with ``frame = (record, reference shape, codes)``, a
+        frame held in memory (a live-only session: see :func:`warp_mosaic`)."""
+        self._codes: npt.NDArray[np.uint16] | None = None
+        self._fh: io.FileIO | None = None
+        if frame is not None:
+            record, shape, self._codes = frame
+        else:
+            assert store is not None
+            record, shape = store.frame(i), store.shape
+            self._fh = open(store.directory / record.file, "rb", buffering=0)  # noqa: SIM115
         assert record.mosaic is not None
         self._record, self._layout = record, record.mosaic
-        self._shape, self._cols = store.shape, store.shape[1]
+        self._shape, self._cols = shape, shape[1]
         self._matrix = np.array(record.matrix)
         self._norm = (
             Normalization.from_json(record.normalization, 3) if record.normalization else None
         )
-        self._fh = open(store.directory / record.file, "rb", buffering=0)  # noqa: SIM115
         self._block: tuple[int, npt.NDArray[np.float32]] | None = None
 
     def __enter__(self) -> MosaicReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
+
+    def _mosaic_rows(self, first: int, stop: int) -> npt.NDArray[np.uint16]:
+        if self._codes is not None:
+            return self._codes[first:stop]
+        assert self._fh is not None
+        codes = np.empty((stop - first, self._record.src_shape[1]), np.uint16)
+        self._fh.seek(first * self._record.src_shape[1] * 2)
+        _read_exactly(self._fh, codes)
+        return codes
 
     def read(self, start: int, stop: int, out: FloatArray) -> None:
         """Reference rows start:stop into ``out``, (stop - start, cols, 3) float32 or float64."""
@@ -615,9 +639,7 @@ class MosaicReader:
         else:
             # the demosaic's own context rows around y0:y1, from an even row (the phase)
             w0, w1 = max(0, y0 - _DEMOSAIC_CONTEXT) & ~1, min(src_rows, y1 + _DEMOSAIC_CONTEXT)
-            codes = np.empty((w1 - w0, src_cols), np.uint16)
-            self._fh.seek(w0 * src_cols * 2)
-            _read_exactly(self._fh, codes)
+            codes = self._mosaic_rows(w0, w1)
             layout = self._layout
             # demosaic and warp the codes, then one per-channel multiply-add to values (both
             # steps are linear): 3x less work than converting before the warp
@@ -645,6 +667,40 @@ class MosaicReader:
                 block[r, end[r] :] = 0.0
         self._block = (k, block)
         return block
+
+
+def warp_mosaic(
+    codes: npt.NDArray[np.uint16],
+    layout: MosaicLayout,
+    matrix: FloatArray,
+    shape: tuple[int, int],
+    *,
+    interpolation: Interpolation = "bilinear",
+    normalization: Normalization | None = None,
+) -> tuple[npt.NDArray[np.float32], BoolArray]:
+    """A mosaic frame demosaiced, warped onto the reference grid and normalized, as a whole:
+    exactly what :meth:`FrameStore.read_band` gives for it once stored (the same blocks), for a
+    live stack without a store (:meth:`nightstack.live.LiveStack.add`).
+
+    Returns ``(warped, footprint)``: (rows, cols, 3) float32, 0 outside the footprint, and
+    (rows, cols) bool.
+    """
+    m = np.asarray(matrix, np.float64)
+    record = StoredFrame(
+        file="",
+        matrix=((m[0, 0], m[0, 1], m[0, 2]), (m[1, 0], m[1, 1], m[1, 2])),
+        src_shape=(int(codes.shape[0]), int(codes.shape[1])),
+        weight=1.0,
+        name="",
+        interpolation=interpolation,
+        normalization=None if normalization is None else normalization.as_json(),
+        mosaic=layout,
+    )
+    out = np.empty((*shape, 3), np.float32)
+    reader = MosaicReader(None, frame=(record, shape, np.ascontiguousarray(codes)))
+    reader.read(0, shape[0], out)
+    fp = footprint(m, record.src_shape, shape, 0, shape[0], interpolation=interpolation)
+    return out, fp
 
 
 def _read_exactly(fh: io.FileIO, buffer: npt.NDArray[np.uint16]) -> None:
