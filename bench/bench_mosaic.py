@@ -44,7 +44,7 @@ from _common import (
     write_section,
 )
 
-NIGHTSTACK = str(BENCH.parent / ".venv/bin/nightstack")
+NIGHTSTACK = [sys.executable, "-m", "nightstack.cli"]  # this interpreter, its PYTHONPATH
 STACK_N = 12
 WARMUP = 5  # the live stack's default warm-up: later frames are the steady state
 BIG_W, BIG_H = 9504, 6336  # a 61 MP sensor (Sony A7R IV / V)
@@ -78,7 +78,7 @@ def _stack(paths: list[Path], tag: str, pin: bool = False) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     report = work / "report.jsonl"
-    cmd = [NIGHTSTACK, "stack", *map(str, paths), "-o", str(work / "stack.fits")]
+    cmd = [*NIGHTSTACK, "stack", *map(str, paths), "-o", str(work / "stack.fits")]
     cmd += ["--report", str(report), "--work-dir", str(work)]
     if pin:
         cmd = ["taskset", "-c", "0", *cmd]
@@ -156,13 +156,13 @@ def _daemon(paths: list[Path], tag: str) -> dict[str, Any]:
     watch.mkdir(parents=True)
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
-    cmd = [NIGHTSTACK, "watch", str(watch), "--output-dir", str(out), "--idle-timeout", "3600"]
+    cmd = [*NIGHTSTACK, "watch", str(watch), "--output-dir", str(out), "--idle-timeout", "3600"]
     with open(root / "daemon.log", "w") as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     phase = {"now": "start"}
     memory = MemoryWatch(proc.pid, phase=lambda: phase["now"])
     latencies: list[float] = []
-    written_before = 0
+    written_before = store = 0
     try:
         time.sleep(3)  # the decoder child starts
         phase["now"] = "stack"
@@ -180,6 +180,7 @@ def _daemon(paths: list[Path], tag: str) -> dict[str, Any]:
                 time.sleep(POLL_S)
             latencies.append(time.time() - dropped)
         written_before = _io_write_bytes(proc.pid)
+        store = sum(f.stat().st_size for f in out.glob("*/frames/frame_*"))  # before the close
         journal = sorted(out.glob("*/journal.jsonl"))[0]
         records = [json.loads(line) for line in journal.read_text().splitlines()]
         phase["now"] = "finalize"
@@ -190,9 +191,9 @@ def _daemon(paths: list[Path], tag: str) -> dict[str, Any]:
             proc.kill()
         memory.stop()
     size = paths[0].stat().st_size
-    store = sum(f.stat().st_size for f in out.glob("*/frames/frame_*"))
     shutil.rmtree(root, ignore_errors=True)
     accepted = sum(r["status"] == "accepted" for r in records)
+    steady = [r for r in records[WARMUP:] if r["status"] == "accepted"] or records
     return {
         "n": len(paths),
         "accepted": accepted,
@@ -203,30 +204,37 @@ def _daemon(paths: list[Path], tag: str) -> dict[str, Any]:
         "store_per_frame_mb": store / max(accepted, 1) / 2**20,
         "raw_mb": size / 2**20,
         "stages_ms": {
-            k: median([r["ms"].get(k, 0.0) for r in records[WARMUP:] if r["status"] == "accepted"])
+            k: median([r["ms"].get(k, 0.0) for r in steady])
             for k in sorted({k for r in records for k in r["ms"]})
         },
     }
 
 
 def measure(quick: bool) -> dict[str, Any]:
+    """Every figure; each part is kept in ``bench/out/mosaic_partial.json`` as it completes, so
+    a run that fails later resumes where it stopped (delete the file for a fresh run)."""
     repeat = 2 if quick else 3
     n = 6 if quick else STACK_N
+    partial = OUT / "mosaic_partial.json"
+    data: dict[str, Any] = json.loads(partial.read_text()) if partial.exists() else {}
     paths = ensure_night(n)
-    log(f"decode ratios on {paths[0].name}")
-    data: dict[str, Any] = {"decode": _decode(paths[0], repeat)}
-    log(f"nightstack stack {n} x 24 MP")
-    data["stack"] = _stack(paths, "24")
-    log(f"Siril {n} x 24 MP")
-    data["siril"] = _siril(paths)
-    log(f"taskset -c 0 nightstack stack {n} x 24 MP")
-    data["stack_pinned"] = _stack(paths, "pinned", pin=True)
-    log(f"daemon, {n} x 24 MP one at a time")
-    data["daemon_24"] = _daemon(paths, "24")
     big = ensure_night(3 if quick else 4, BIG_W, BIG_H)
-    log(f"daemon, {len(big)} x 61 MP one at a time")
-    data["daemon_61"] = _daemon(big, "61")
-    data["decode_61"] = _decode(big[0], 1)
+    parts = {
+        "decode": (f"decode ratios on {paths[0].name}", lambda: _decode(paths[0], repeat)),
+        "stack": (f"nightstack stack {n} x 24 MP", lambda: _stack(paths, "24")),
+        "siril": (f"Siril {n} x 24 MP", lambda: _siril(paths)),
+        "stack_pinned": (f"taskset -c 0 stack {n} x 24 MP", lambda: _stack(paths, "p", True)),
+        "daemon_24": (f"daemon, {n} x 24 MP one at a time", lambda: _daemon(paths, "24")),
+        "daemon_61": (f"daemon, {len(big)} x 61 MP one at a time", lambda: _daemon(big, "61")),
+        "decode_61": (f"decode ratios on the 61 MP {big[0].name}", lambda: _decode(big[0], 1)),
+    }
+    for key, (what, fn) in parts.items():
+        if key in data:
+            continue
+        log(what)
+        data[key] = fn()
+        partial.write_text(json.dumps(data, indent=1, default=str))
+    partial.unlink()
     return data
 
 
