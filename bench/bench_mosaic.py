@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    BENCH,
     OUT,
     MemoryWatch,
     ensure_night,

@@ -5,7 +5,8 @@
 NAME is one of: frame (issue 2, per-frame stages), stack (issue 3, `nightstack stack` memory
 and time vs an in-RAM sigma clip), daemon (issue 4, `nightstack watch` latency and
 throughput), peers (issue 6, alignment vs astroalign; Siril if installed), skies (background
-normalization and transparency per frame). ``--quick`` runs
+normalization and transparency per frame), calibrate (issue 13, master building and
+calibration's per-frame cost). ``--quick`` runs
 fewer frames and repeats (a smoke run; its figures are marked as such). Simulated frames are
 cached in bench/out/ (gitignored); a full run needs ~25 GB of free disk.
 """
@@ -32,6 +33,10 @@ BENCHMARKS = {
     "mosaic": (
         "The frame path in the mosaic: decode, store, memory, writes, speed (issue 12)",
         "bench_mosaic",
+    ),
+    "calibrate": (
+        "Calibration: master building and per-frame cost, 24 MP (issue 13)",
+        "bench_calibrate",
     ),
 }
 """Name -> (RESULTS.md section title, module with ``measure(quick)`` and ``report(data)``)."""

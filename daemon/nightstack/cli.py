@@ -45,6 +45,12 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--normalize": ("normalize", str, "sky normalization: add, addscale, gradient or none"),
     "--min-transparency": ("min_transparency", float, "reject hazier frames (0 = off)"),
     "--tiff-scale": ("tiff_scale", str, "linear TIFF scale: fixed (65535 = full scale) or range"),
+    # --- calibration ---
+    "--bias": ("bias", Path, "master bias (or a folder of bias frames)"),
+    "--dark": ("dark", Path, "master dark (or a folder of dark frames)"),
+    "--flat": ("flat", Path, "master flat (or a folder of flat frames)"),
+    "--darkflat": ("darkflat", Path, "master dark-flat (or folder): removed from a flat folder"),
+    "--calibration-dir": ("calibration_dir", Path, "calibration library matched per light"),
 }
 
 
@@ -171,6 +177,47 @@ def _reasons(rejected: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(rejected.items())) or "none"
 
 
+# --- master ------------------------------------------------------------------------------
+def _cmd_master(args: argparse.Namespace) -> int:
+    from .calibrate import load_masters
+    from .masters import build_master, write_master
+
+    start = time.monotonic()
+    extensions = load_settings(args.config).extensions if args.config else None
+    files = expand_inputs(args.inputs, extensions or _CALIBRATION_EXTENSIONS)
+    offsets = load_masters({"bias": args.bias, "darkflat": args.darkflat})
+    offset = offsets.get("darkflat") or offsets.get("bias")
+    if offset is not None and args.kind != "flat":
+        print("nightstack master: --bias/--darkflat only apply to flats", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    progress = _Progress(len(files), f"{args.kind} master")
+    master = build_master(
+        args.kind,
+        files,
+        offset=offset,
+        sigma=args.sigma,
+        ram_cap_bytes=args.ram_cap_mb * 2**20,
+        spill_dir=output.parent,
+        progress=lambda done, total, note: progress(done, total, note),
+    )
+    write_master(output, master)
+    info = master.info
+    removed = f", {offset.info.kind} removed" if offset is not None else ""
+    print(
+        f"wrote {output}: {info.kind} master of {info.ncombine} frames, {info.describe()}"
+        f"{removed}; {time.monotonic() - start:.1f} s"
+    )
+    return 0
+
+
+_CALIBRATION_EXTENSIONS = (
+    ".cr3", ".cr2", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2", ".pef", ".fit", ".fits",
+    ".fts",
+)  # fmt: skip
+
+
 # --- watch / close / demo ----------------------------------------------------------------
 _WATCH_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--recursive": ("recursive", "store_true", "also watch sub-folders (DCIM/100CANON/...)"),
@@ -260,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stretched", action="store_true", help="TIFF: auto-stretched, not linear")
     _add_setting_flags(p, list(_SETTING_FLAGS))
     p.set_defaults(func=_cmd_stack)
+
+    p = sub.add_parser(
+        "master", help="combine bias, dark, flat or dark-flat frames into a master FITS"
+    )
+    p.add_argument("kind", choices=["bias", "dark", "flat", "darkflat"])
+    p.add_argument("inputs", nargs="+", help="frames: files, folders or globs")
+    p.add_argument("-o", "--output", required=True, help="the master .fits")
+    p.add_argument("--bias", type=Path, help="flats: master bias (or folder) to remove")
+    p.add_argument("--darkflat", type=Path, help="flats: master dark-flat (or folder) to remove")
+    p.add_argument("--sigma", type=float, default=3.0, help="sigma of the clip (median centre)")
+    p.add_argument("--ram-cap-mb", type=int, default=384, help="memory of the band combine")
+    p.add_argument("--config", type=Path, help="TOML config file (its extensions)")
+    p.set_defaults(func=_cmd_master)
 
     p = sub.add_parser("watch", help="watch a folder and stack new frames live (the daemon)")
     p.add_argument("watch_dir", type=Path, nargs="?", default=None)

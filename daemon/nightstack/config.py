@@ -161,6 +161,46 @@ class Settings(BaseSettings):
         "none", description="Per-frame weights in the combine."
     )
 
+    # --- calibration ---
+    bias: Path | None = Field(
+        None, description="Master bias (a 'nightstack master' FITS) or a folder of bias frames."
+    )
+    dark: Path | None = Field(
+        None, description="Master dark for every light, or a folder of dark frames."
+    )
+    flat: Path | None = Field(
+        None, description="Master flat for every light, or a folder of flat frames."
+    )
+    darkflat: Path | None = Field(
+        None, description="Master dark-flat, or a folder of them: removed from a flat folder."
+    )
+    calibration_dir: Path | None = Field(
+        None,
+        description="Calibration library: masters and folders of raw calibration frames "
+        "(bias, darks, flats, darkflats...), matched to each light by camera, size, CFA "
+        "pattern, ISO, exposure and temperature; explicit bias/dark/flat win.",
+    )
+    dark_scaling: bool = Field(
+        False,
+        description="Subtract bias + (dark - bias) x light/dark exposure (needs a bias) instead "
+        "of a dark of the light's own exposure.",
+    )
+    temperature_tolerance_c: float = Field(
+        2.0, ge=0, description="A dark or bias matches lights this many degrees C away at most."
+    )
+    cosmetic: bool = Field(
+        True, description="Repair the hot and cold pixels of the master dark in every light."
+    )
+    cosmetic_from_lights: bool = Field(
+        False,
+        description="Without a dark, repair the pixels that stand out at the same place in "
+        "the first 3 lights (off by default: a session resumed after a crash learns them "
+        "again, so its stack differs a little from a batch stack of the same files).",
+    )
+    cosmetic_kappa: float = Field(
+        6.0, gt=0, description="Hot/cold pixel threshold, robust sigmas from the local median."
+    )
+
     # --- outputs and session ---
     preview_every_frames: int = Field(1, ge=1, description="Rewrite the preview every K frames...")
     preview_every_s: float = Field(30.0, ge=0, description="...or when this many seconds passed.")

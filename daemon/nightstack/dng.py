@@ -159,7 +159,10 @@ def _dng_tags(
 
 
 def _exif_tags(
-    exposure_s: float | None, iso: float | None, capture_time: datetime | None
+    exposure_s: float | None,
+    iso: float | None,
+    capture_time: datetime | None,
+    temperature_c: float | None = None,
 ) -> list[_Tag]:
     tags = [_Tag(36864, _UNDEFINED, tuple(b"0231"))]  # ExifVersion
     if exposure_s is not None:
@@ -168,6 +171,8 @@ def _exif_tags(
         tags.append(_Tag(34855, _SHORT, (min(max(round(iso), 1), 65535),)))  # ISOSpeedRatings
     if capture_time is not None:
         tags.append(_ascii(36867, capture_time.strftime("%Y:%m:%d %H:%M:%S")))  # DateTimeOriginal
+    if temperature_c is not None:
+        tags.append(_rationals(37888, [temperature_c], signed=True))  # EXIF 2.31 Temperature
     return tags
 
 
@@ -184,6 +189,7 @@ def write_dng(
     model: str = "Simulated Camera",
     as_shot_neutral: tuple[float, float, float] = (1.0, 1.0, 1.0),
     cfa_pattern: str = "RGGB",
+    temperature_c: float | None = None,
 ) -> Path:
     """Write a Bayer mosaic as an uncompressed little-endian DNG that LibRaw (rawpy) decodes.
 
@@ -209,6 +215,9 @@ def write_dng(
         The Bayer tile read row by row from pixel (0, 0), one of ``CFA_PATTERNS``: ``"RGGB"``
         has red at (row 0, col 0), green at (0, 1) and (1, 0), blue at (1, 1). Written as the
         DNG CFAPattern tag.
+    temperature_c
+        EXIF Temperature (0x9400, Celsius, 4 decimals): the sensor temperature of a simulated
+        camera (``None`` omits it).
 
     Returns
     -------
@@ -245,7 +254,7 @@ def write_dng(
             exif_offset=exif_offset,
         )
 
-    exif = _exif_tags(exposure_s, iso, capture_time)
+    exif = _exif_tags(exposure_s, iso, capture_time, temperature_c)
     exif_offset = 8 + _ifd_size(ifd0(0, 0))  # offsets are inline LONGs: sizes do not change
     end = exif_offset + _ifd_size(exif)
     strip_offset = -(-end // _PIXEL_DATA_ALIGN) * _PIXEL_DATA_ALIGN

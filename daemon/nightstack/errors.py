@@ -21,6 +21,10 @@ class ConfigError(NightstackError):
     """The configuration is invalid; the reason names the setting."""
 
 
+class CalibrationError(NightstackError):
+    """A calibration master cannot be built, read or used for a frame (size, pattern, input)."""
+
+
 class NotMosaicError(DecodeError):
     """The file decodes, but not to a 2x2 Bayer mosaic: an X-Trans, Foveon, 4-colour or linear
     (already demosaiced) raw, a mono or RGB FITS, a TIFF or JPEG. Decode it to a full image with

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import __version__
 from .align import align
+from .calibrate import calibrator_from_settings
 from .combine import combine
 from .config import Settings
 from .decoder import Decoder
@@ -39,15 +40,17 @@ from .quality import Quality, QualityLimits, gate, transparency
 from .store import FrameStore, MosaicLayout, warp_mosaic
 from .warp import warp
 
-Calibration = Callable[[Mosaic], Mosaic]
+Calibration = Callable[[Mosaic], tuple[Mosaic, dict[str, Any] | None]]
 """The calibration stage: a decoded light's mosaic in, the calibrated mosaic out (same shape,
-pattern and units; see :class:`~nightstack.frames.Mosaic`). It runs before anything else looks
-at the pixels; raising rejects the frame with the exception's message as the reason."""
+pattern and units; see :class:`~nightstack.frames.Mosaic`) with what the journal says of it
+(``calibrate.Calibrator``: the masters used, the pixels repaired, warnings). It runs before
+anything else looks at the pixels; raising rejects the frame with the exception's message as
+the reason."""
 
 
-def no_calibration(mosaic: Mosaic) -> Mosaic:
-    """The identity calibration (no masters configured)."""
-    return mosaic
+def no_calibration(mosaic: Mosaic) -> tuple[Mosaic, dict[str, Any] | None]:
+    """The identity calibration (nothing configured)."""
+    return mosaic, None
 
 
 _HASH_CHUNK = 1 << 20  # read files in 1 MiB pieces while hashing
@@ -89,6 +92,7 @@ class FrameRecord:
     sha256: str | None = None
     exposure_s: float | None = None
     capture_time: str | None = None
+    calibration: dict[str, Any] | None = None
     ms: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -128,6 +132,7 @@ class Prepared:
     quality: Quality | None
     error: str | None
     ms: dict[str, float]
+    calibration: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,12 +204,15 @@ class Stacker:
     ) -> None:
         """``live=False`` (``nightstack stack``): no live stack, only the store for the final
         combine (saves its 10 bytes per pixel and channel and its per-frame time).
-        ``calibration``: applied to every Bayer light's mosaic (default: none)."""
+        ``calibration``: applied to every Bayer light's mosaic (default: the settings'
+        masters, library and cosmetic correction, ``calibrate.calibrator_from_settings``)."""
         self.settings = settings
         self.workdir = workdir
         self.decoder = decoder
         self.with_live = live
-        self.calibration: Calibration = calibration or no_calibration
+        self.calibration: Calibration = (
+            calibration or calibrator_from_settings(settings) or no_calibration
+        )
         self.finder = StarFinder(
             fwhm_px=settings.star_fwhm_px,
             threshold_sigma=settings.star_threshold_sigma,
@@ -248,10 +256,11 @@ class Stacker:
         except DecodeError as err:
             return Prepared(path, digest, None, None, None, err.reason, watch.ms)
         frame: Frame | MosaicFrame
+        calibration: dict[str, Any] | None = None
         if isinstance(decoded, Mosaic):
             try:
                 with watch.stage("calibrate"):
-                    calibrated = self.calibration(decoded)
+                    calibrated, calibration = self.calibration(decoded)
             except Exception as err:
                 reason = f"calibration failed ({type(err).__name__}: {err})"
                 return Prepared(path, digest, None, None, None, reason, watch.ms)
@@ -266,12 +275,13 @@ class Stacker:
         except Exception as err:  # e.g. a sky mask of another size: reject, never stall
             reason = f"star detection failed ({type(err).__name__}: {err})"
             return Prepared(path, digest, None, None, None, reason, watch.ms)
-        return Prepared(path, digest, frame, stars, Quality.of(stars), None, watch.ms)
+        return Prepared(path, digest, frame, stars, Quality.of(stars), None, watch.ms, calibration)
 
     def stack(self, prepared: Prepared) -> FrameRecord:
         """Align, gate, warp and add one prepared frame; returns its record."""
         record = FrameRecord(file=str(prepared.path), status="rejected", sha256=prepared.sha256)
         record.ms.update(prepared.ms)
+        record.calibration = prepared.calibration
         if prepared.error is not None or prepared.frame is None or prepared.stars is None:
             return self._reject(record, prepared.error or "not decoded")
         frame, stars, quality = prepared.frame, prepared.stars, prepared.quality

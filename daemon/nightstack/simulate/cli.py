@@ -105,6 +105,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="star FWHM of every frame, px (one a frame)",
     )  # fmt: skip
     p.add_argument("--cfa", choices=_CFA_CHOICES, default="RGGB", help="the sensor's Bayer tile")
+    p.add_argument(
+        "--calibration", type=int, nargs="?", const=20, default=0, metavar="N",
+        help="a sensor with dark current, amp glow, hot pixels, PRNU, vignetting and dust, and "
+        "N (20) bias, dark, flat and dark-flat frames each under OUTDIR/calibration/",
+    )  # fmt: skip
+    p.add_argument(
+        "--temperature", type=float, default=20.0, help="--calibration: sensor temperature, C"
+    )
 
 
 def night_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,6 +154,11 @@ def night_options(args: argparse.Namespace) -> dict[str, Any]:
                 raise ValueError(f"--haze frame {frame} is outside 0..{n - 1}")
             transparency[frame] = value
         options["transparency"] = transparency
+    if args.calibration:
+        from nightstack.simulate.sensor import SensorModel
+
+        options["sensor"] = SensorModel(seed=args.seed, temperature_c=args.temperature)
+        options["calibration_frames"] = args.calibration
     if args.seeing is not None and args.seeing_jitter is not None:
         raise ValueError("give --seeing or --seeing-jitter, not both")
     if args.seeing is not None:

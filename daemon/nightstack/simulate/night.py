@@ -6,24 +6,36 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nightstack.dng import write_dng
 from nightstack.simulate.sky import SkyModel, frame_indices
 from nightstack.writers import write_json
 
+if TYPE_CHECKING:
+    from nightstack.simulate.sensor import SensorModel
 
-def write_frame(model: SkyModel, i: int, path: str | os.PathLike[str]) -> Path:
+
+def write_frame(
+    model: SkyModel, i: int, path: str | os.PathLike[str], sensor: SensorModel | None = None
+) -> Path:
     """Write frame ``i`` of ``model`` as a DNG at ``path`` (one open, write, close), with the
-    model's levels, exposure metadata and CFA pattern; returns the path."""
+    model's levels, exposure metadata and CFA pattern; returns the path. ``sensor``: through
+    that sensor (``nightstack.simulate.sensor``), its temperature in the EXIF."""
+    if sensor is not None:
+        from nightstack.simulate.render import raw_frame
+
+        raw = raw_frame(model, i, sensor=sensor)
     return write_dng(
         path,
-        model.render(i),
+        raw if sensor is not None else model.render(i),
         black_level=model.black_level,
         white_level=model.white_level,
         exposure_s=model.exposure_s,
         iso=model.iso,
         capture_time=model.capture_time(i),
         cfa_pattern=model.cfa_pattern,
+        temperature_c=None if sensor is None else sensor.frame_temperature(i),
     )
 
 
@@ -52,6 +64,8 @@ def simulate_night(
     planted_stars: Sequence[Sequence[float]] = (),
     name_pattern: str = "IMG_{:04d}.DNG",
     progress: Callable[[int, Path], None] | None = None,
+    sensor: SensorModel | None = None,
+    calibration_frames: int = 0,
 ) -> Path:
     """Write a synthetic night as DNG raws plus ``truth.json``, like a camera would.
 
@@ -68,6 +82,13 @@ def simulate_night(
     (``seeing_jitter`` builds a wandering one). ``milky_way`` is the star density contrast of
     a Milky Way band; ``cfa_pattern`` the sensor's Bayer tile (RGGB, BGGR, GRBG, GBRG);
     ``planted_stars`` adds stars of known colour, each (x, y, flux_e, r, g, b).
+
+    ``sensor`` (a ``nightstack.simulate.sensor.SensorModel``) puts the lights through a sensor
+    with dark current, amp glow, hot pixels, PRNU, vignetting, dust and bias structure; with
+    ``calibration_frames`` > 0 bias, dark, flat and dark-flat sets of that many frames are
+    written first under ``calibration/`` (``sensor.write_calibration``). truth.json then has
+    ``sensor`` (``SensorModel.truth``, with ``frame_temperatures``) and ``calibration`` (the
+    sets).
 
     truth.json (schema 2)
     ---------------------
@@ -130,11 +151,20 @@ def simulate_night(
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     truth_path = out / "truth.json"
-    write_json(truth_path, model.truth(name_pattern))
+    truth = model.truth(name_pattern)
+    if sensor is not None:
+        from nightstack.simulate.sensor import write_calibration
+
+        truth["sensor"] = sensor.truth(model)
+        truth["sensor"]["frame_temperatures"] = [sensor.frame_temperature(i) for i in range(frames)]
+        if calibration_frames > 0:
+            sets = write_calibration(out / "calibration", model, sensor, frames=calibration_frames)
+            truth["calibration"] = sets
+    write_json(truth_path, truth)
     for i in range(frames):
         if i and interval_s > 0:
             time.sleep(interval_s)
-        path = write_frame(model, i, out / name_pattern.format(i))
+        path = write_frame(model, i, out / name_pattern.format(i), sensor)
         if progress is not None:
             progress(i, path)
     return truth_path

@@ -10,7 +10,7 @@ level, 14-bit clipping and the hot pixels.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +18,9 @@ from scipy.special import erf
 
 from nightstack.frames import FloatArray
 from nightstack.simulate.sky import PSF_RADIUS_SIGMA, SKY_RGB, IntArray, SkyModel, UInt16Array
+
+if TYPE_CHECKING:
+    from nightstack.simulate.sensor import SensorModel
 
 _STAMP_BATCH = 1024  # stars per vectorised stamp batch (bounds temporary memory)
 _TRAIL_STEP_PX = 0.5  # trailed stars are summed from PSFs this far apart: a smooth line
@@ -43,13 +46,36 @@ def expected_electrons(model: SkyModel, i: int) -> FloatArray:
     return image
 
 
-def raw_frame(model: SkyModel, i: int, *, noise: bool = True) -> UInt16Array:
+def raw_frame(
+    model: SkyModel, i: int, *, noise: bool = True, sensor: SensorModel | None = None
+) -> UInt16Array:
     """Raw CFA of frame ``i``: (height, width) uint16 ADU laid out as ``model.cfa_pattern``,
     black level included, clipped at the white level; hot pixels added. ``noise=False`` gives
-    the rounded expectation (no shot or read noise)."""
+    the rounded expectation (no shot or read noise). ``sensor``: the light passes through its
+    response and gains its dark current, glow and bias structure
+    (``nightstack.simulate.sensor``)."""
     expected = expected_electrons(model, i)
+    offset = None
+    if sensor is not None:
+        expected = sensor.light(model, i, expected)
+        offset = sensor.bias_adu(model)
+    raw = digitize(model, expected, model.noise_rng(i), noise=noise, offset_adu=offset)
+    x, y = model.hot_pixel_xy.T
+    raw[y, x] = np.minimum(raw[y, x].astype(np.int64) + model.hot_pixel_adu, model.white_level)
+    return raw
+
+
+def digitize(
+    model: SkyModel,
+    expected: FloatArray,
+    rng: np.random.Generator,
+    *,
+    noise: bool = True,
+    offset_adu: FloatArray | None = None,
+) -> UInt16Array:
+    """Expected electrons (height, width) to raw ADU: Poisson shot noise and Gaussian read
+    noise (``noise``), the gain, the black level (+ ``offset_adu``), rounding, clipping."""
     raw = np.empty(expected.shape, dtype=np.uint16)
-    rng = model.noise_rng(i)
     for r0 in range(0, model.height, _BAND_ROWS):
         block = expected[r0 : r0 + _BAND_ROWS]
         if noise:
@@ -57,10 +83,10 @@ def raw_frame(model: SkyModel, i: int, *, noise: bool = True) -> UInt16Array:
             signal += rng.normal(0.0, model.read_noise_e, block.shape).astype(np.float32)
         else:
             signal = block
-        adu = np.rint(signal / np.float32(model.gain_e_per_adu) + np.float32(model.black_level))
-        raw[r0 : r0 + _BAND_ROWS] = np.clip(adu, 0, model.white_level)
-    x, y = model.hot_pixel_xy.T
-    raw[y, x] = np.minimum(raw[y, x].astype(np.int64) + model.hot_pixel_adu, model.white_level)
+        adu = signal / np.float32(model.gain_e_per_adu) + np.float32(model.black_level)
+        if offset_adu is not None:
+            adu += offset_adu[r0 : r0 + _BAND_ROWS]
+        raw[r0 : r0 + _BAND_ROWS] = np.clip(np.rint(adu), 0, model.white_level)
     return raw
 
 
