@@ -431,3 +431,29 @@ def test_the_live_stack_resumed_after_kill_9_equals_an_uninterrupted_one(
         stacks.append(found[0])
     plain, resumed = stacks
     np.testing.assert_array_equal(resumed, plain)  # bit for bit, NaN where nothing covers
+
+
+def test_checkpoints_are_paced_by_the_bytes_the_store_wrote(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """With checkpoint_write_ratio 0.5 a checkpoint (10 bytes per pixel and channel, 15x a
+    stored mosaic's 2 bytes a pixel) waits until the store wrote twice its size: none in these
+    7 frames; with ratio 0 (the control) one every frame."""
+    seen = {}
+    for ratio in ("0.5", "0"):
+        watch, out = tmp_path / ratio / "watch", tmp_path / ratio / "out"
+        watch.mkdir(parents=True)
+        for f in frames:
+            shutil.copy(f, watch / f.name)
+        env = {
+            "NIGHTSTACK_CHECKPOINT_EVERY_FRAMES": "1",
+            "NIGHTSTACK_CHECKPOINT_WRITE_RATIO": ratio,
+        }
+        d = Daemon(watch, out, env=env)
+        daemons.append(d)
+        wait_for(lambda out=out: len(journal(out)) >= N_FRAMES, 120, "all frames", d)
+        states = list(out.glob("*/checkpoint/state.json"))
+        seen[ratio] = json.loads(states[0].read_text())["frames"] if states else 0
+        d.stop(signal.SIGKILL)
+    assert seen["0.5"] == 0  # 7 x 1.1 MB stored, a checkpoint is 16 MB: not yet
+    assert seen["0"] >= N_FRAMES - 1  # the control: frame pacing alone

@@ -236,6 +236,13 @@ class Settings(BaseSettings):
         description="...and at most once this often (a backlog does not rewrite the checkpoint "
         "every few seconds; a resume replays the frames since from the frame store).",
     )
+    checkpoint_write_ratio: float = Field(
+        0.5,
+        ge=0,
+        description="...and only once the frame store has written 1/ratio times a checkpoint's "
+        "bytes since the last (checkpoints then write at most ratio x the store's bytes: SD "
+        "card wear; 0 = by frames and time only).",
+    )
     idle_timeout_s: float = Field(
         1800.0, gt=0, description="Close the session after this long without a new frame."
     )

@@ -61,6 +61,7 @@ from .writers import (
 log = logging.getLogger("nightstack.session")
 
 _JOURNAL_LINE_BYTES = 2048  # a journal line, generously
+_CHECKPOINT_SAMPLE_BYTES = 10  # a checkpoint: mean, M2 (float32) and count (uint16)
 _RESERVE_MARGIN = 4 * 2**20  # preview, session.json, journal lines, file system slack
 JOURNAL = "journal.jsonl"
 SESSION = "session.json"
@@ -180,6 +181,8 @@ class Session:
         self.last_preview = 0.0
         self.last_live_fits = -math.inf
         self.last_checkpoint = -math.inf
+        self.stored_since_checkpoint = 0
+        """Bytes written to the frame store since the last checkpoint (its write pacing)."""
         self.last_frame = time.monotonic()
         self._journal = os.open(directory / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
@@ -433,6 +436,9 @@ class Session:
             self._checkpoint_now()  # from now on the checkpoint is the live stack's only copy
         if record.status == "accepted" and self.low_space:
             record.warning = self.low_space
+        store = self.stacker.store
+        if record.stored and store is not None and len(store):
+            self.stored_since_checkpoint += store.stored_bytes(len(store) - 1)
         self._append(record)
         self.last_frame = time.monotonic()
         if record.status == "accepted":
@@ -524,12 +530,21 @@ class Session:
 
     def _checkpoint_due(self, frames: int) -> bool:
         """Every ``checkpoint_every_frames`` frames, but at most once every
-        ``checkpoint_min_interval_s``: a backlog or a fast camera does not rewrite the 10 bytes
-        per pixel and channel (720 MB at 24 MP) every few seconds; a resume replays the frames
-        since from the store."""
+        ``checkpoint_min_interval_s``, and only once the frame store has written
+        1 / ``checkpoint_write_ratio`` times the checkpoint's bytes since the last: a backlog or
+        a fast camera does not rewrite the 10 bytes per pixel and channel (720 MB at 24 MP)
+        every few frames, and a night writes at most 1 + ratio times what its store needs (an
+        SD card's wear); a resume replays the frames since from the store."""
         if frames - self.counted_at_checkpoint < self.settings.checkpoint_every_frames:
             return False
-        return time.monotonic() - self.last_checkpoint >= self.settings.checkpoint_min_interval_s
+        if time.monotonic() - self.last_checkpoint < self.settings.checkpoint_min_interval_s:
+            return False
+        ratio = self.settings.checkpoint_write_ratio
+        live = self.stacker.live
+        if ratio <= 0 or self.stacker.live_only is not None or live is None:
+            return True  # live-only: the checkpoint is the live stack's only copy
+        checkpoint_bytes = live.shape[0] * live.shape[1] * live.channels * _CHECKPOINT_SAMPLE_BYTES
+        return self.stored_since_checkpoint * ratio >= checkpoint_bytes
 
     def checkpoint(self) -> None:
         """Save the live accumulator atomically (old checkpoint stays valid until the swap)."""
@@ -542,6 +557,7 @@ class Session:
         write_json(checkpoint / "state.json", {"records": self.records, "frames": live.frames})
         self.counted_at_checkpoint = live.frames
         self.last_checkpoint = time.monotonic()
+        self.stored_since_checkpoint = 0
 
     def preview_due(self) -> bool:
         if self.stacker.live is None or self.since_preview == 0:
