@@ -124,9 +124,9 @@ def scenery(
     shape = (h - top_row, w)
     grass = np.full(shape, GRASS_LEVEL, dtype=np.float32)
     for sigma, amplitude in _GRASS_OCTAVES:
-        noise = rng.normal(0.0, 1.0, shape).astype(np.float32)
-        noise = cv2.GaussianBlur(noise, (0, 0), sigma)
-        noise *= amplitude / max(float(noise.std()), 1e-9)
+        white = rng.normal(0.0, 1.0, shape).astype(np.float32)
+        noise = np.asarray(cv2.GaussianBlur(white, (0, 0), sigma), dtype=np.float32)
+        noise *= np.float32(amplitude / max(float(noise.std()), 1e-9))
         grass += noise
     brightness = grass
 
