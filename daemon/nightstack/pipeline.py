@@ -17,7 +17,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,9 @@ from .decoder import Decoder
 from .detect import StarFinder
 from .errors import AlignmentError, DecodeError
 from .frames import IDENTITY, Alignment, FloatArray, Frame, Stars
+from .landscape import Landscape
 from .normalize import Normalization, SkySamples, estimate
+from .products import Products
 from .quality import Quality, QualityLimits, gate, transparency
 from .stack import FrameStore, LiveStack, combine
 
@@ -159,7 +161,7 @@ def quality_limits(settings: Settings) -> QualityLimits:
 
 def load_sky_mask(settings: Settings) -> np.ndarray | None:
     """The optional sky-mask image as a bool (rows, cols) array, True = sky."""
-    if settings.sky_mask is None:
+    if settings.sky_mask is None or settings.sky_mask == "auto":
         return None
     from .loaders import load
 
@@ -179,14 +181,10 @@ class Stacker:
         self.workdir = workdir
         self.decoder = decoder
         self.with_live = live
-        self.finder = StarFinder(
-            fwhm_px=settings.star_fwhm_px,
-            threshold_sigma=settings.star_threshold_sigma,
-            sigma_clip=settings.detection_sigma_clip,
-            landscape_mask_ratio=settings.landscape_mask_ratio,
-            sky_mask=load_sky_mask(settings),
-            max_stars=settings.max_stars,
-        )
+        self.finder = star_finder(settings, settings.landscape_mask_ratio, load_sky_mask(settings))
+        # --- landscape and products (landscape.py, products.py) ---
+        self.landscape = Landscape(settings, workdir, image_mask=self.finder.sky_mask, live=live)
+        self.products: Products | None = None
         self.limits = quality_limits(settings)
         self.reference: Reference | None = None
         self.store: FrameStore | None = None
@@ -401,6 +399,7 @@ class Stacker:
             frame.meta.exposure_s,
         )
         self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
+        self.start_landscape(frame.bin)
         if not self.with_live:
             return
         self.live = LiveStack(
@@ -426,17 +425,61 @@ class Stacker:
         resume that re-adds frames from the store reproduces it bit for bit.
         """
         assert self.reference is not None and self.store is not None
+        weight = _weight(self.settings, stars)
+        # --- landscape and products: the frame in the camera frame, before its sky is stored
+        if self.products is not None:
+            with watch.stage("products"):
+                self.products.add(frame.image, matrix, self.landscape.mask)
+        with watch.stage("ground"):
+            name = frame.path.name
+            if self.landscape.add(frame.image, frame.luminance, matrix, norm, weight, name):
+                self._follow_mask()
         with watch.stage("warp+store"):
             self.store.add_warped(
                 frame.image,
                 matrix,
-                weight=_weight(self.settings, stars),
+                weight=weight,
                 name=frame.path.name,
                 normalization=norm,
             )
         if self.live is not None:
             with watch.stage("accumulate"):
                 self.live.catch_up()
+
+    # --- landscape and products ----------------------------------------------------------
+    def start_landscape(self, bin: int) -> None:
+        """The sky mask, the ground stack and the products, once the reference's geometry is
+        known (at the reference, and when a session resumes)."""
+        ref = self.reference
+        assert ref is not None
+        self.landscape.start(ref.shape, ref.channels, bin)
+        if self.landscape.auto and self.landscape.mask is not None:
+            self._follow_mask()
+        wanted = [p for p in self.settings.products if p != "stack"]
+        if wanted:
+            s = self.settings
+            self.products = Products(
+                wanted,
+                self.workdir,
+                ref.shape,
+                ref.channels,
+                gap_fill=s.trails_gap_fill,
+                timelapse_width=s.timelapse_width,
+                timelapse_fps=s.timelapse_fps,
+            )
+
+    def _follow_mask(self) -> None:
+        """An automatic sky mask was found or refined: detection and the reference's sky
+        samples follow it (the ratio stays until then, and where it falls back)."""
+        mask = self.landscape.mask
+        if mask is None or mask.source != "auto" or self.reference is None:
+            return
+        self.finder = star_finder(self.settings, 1.0, mask.sky)
+        ref = self.reference
+        gx, gy = np.meshgrid(ref.sky.xs.astype(np.float64), ref.sky.ys.astype(np.float64))
+        inside = mask.in_sky(gx.ravel(), gy.ravel()).reshape(gx.shape)
+        sky = replace(ref.sky, sky=ref.sky.sky & inside)
+        self.reference = replace(ref, sky=sky)
 
     def header(self) -> dict[str, Any]:
         """FITS header cards describing the stack (NCOMBINE, EXPTIME, dates, settings)."""
@@ -481,6 +524,18 @@ class Stacker:
             ram_cap_bytes=self.settings.ram_cap_mb * 2**20,
             progress=progress,
         )
+
+
+def star_finder(settings: Settings, ratio: float, sky_mask: np.ndarray | None) -> StarFinder:
+    """The detection of ``settings`` with the landscape line at ``ratio`` and a sky mask."""
+    return StarFinder(
+        fwhm_px=settings.star_fwhm_px,
+        threshold_sigma=settings.star_threshold_sigma,
+        sigma_clip=settings.detection_sigma_clip,
+        landscape_mask_ratio=ratio,
+        sky_mask=sky_mask,
+        max_stars=settings.max_stars,
+    )
 
 
 def reference_flaw(quality: Quality, limits: QualityLimits) -> str | None:
