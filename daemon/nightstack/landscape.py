@@ -80,8 +80,9 @@ _STRONG_EDGE = 0.4  # an edge is strong at this fraction of the strongest in the
 _PERSIST = 5  # ... and what is below it stays unlike the sky for this many edge widths
 _SKY_EVIDENCE = 0.5  # ... and the evidence just below it is not that of moving stars
 _EDGE_SIGMA = 8.0  # ... and at least this many noise sigmas of a step (else search further down)
-_FILL_ROWS = 12  # sky rows above the horizon whose median fills a column's ground
-_FILL_COLS = 31  # running median across columns of the fill (stars and windows removed)
+_FILL_BAND_PX = 150  # the sky this far above the horizon is fitted to fill the ground
+_FILL_SAMPLES = 40_000  # sky samples of the whole frame's grid (a few thousand in the band)
+_FILL_ITERATIONS = 3  # fits, each clipping the samples beyond 3 sigma
 
 
 # --------------------------------------------------------------------------- the mask
@@ -401,26 +402,40 @@ def composite(
 
 
 def fill_ground(image: FloatArray, mask: SkyMask) -> None:
-    """Replace the ground of a camera-frame image, in place, by the sky just above the horizon
-    (per column, the median of ``_FILL_ROWS`` sky rows, then a running median across
-    ``_FILL_COLS`` columns): warped onto the reference with the stars, a frame then brings
-    sky-level samples, not a dark moving ground, into the sky stack near the horizon."""
+    """Replace the ground of a camera-frame image, in place, by the sky it hides: per channel a
+    quadratic surface fitted (stars clipped) to the sky in the ``_FILL_BAND_PX`` above the
+    horizon, extrapolated down. Warped onto the reference with the stars, a frame then brings
+    the sky's own background, not a dark moving ground, into the sky stack near the horizon
+    (the background is fixed to the ground, so the surface is what the sky would show there)."""
     rows, cols = mask.shape
     top = mask.ground_top
     if top >= rows:
         return
-    first = np.clip(np.ceil(mask.horizon - 0.5).astype(np.int64), 0, rows)
-    offsets = np.arange(2, _FILL_ROWS + 2)
-    sample_rows = np.clip(first[None, :] - offsets[:, None], 0, rows - 1)
-    channels = image.shape[2]
-    values = image[sample_rows, np.arange(cols)[None, :]]  # (FILL_ROWS, cols, C)
-    level = np.median(values, axis=0)
-    level = median_filter(level, size=(_FILL_COLS, 1), mode="nearest").astype(np.float32)
+    step = max(1, math.ceil(math.sqrt(rows * cols / _FILL_SAMPLES)))
+    ys, xs = np.mgrid[step // 2 : rows : step, step // 2 : cols : step]
+    height = mask.horizon[xs] - ys  # px above the horizon
+    near = (height > 2) & (height < _FILL_BAND_PX) & mask.sky[ys, xs]
+    if np.count_nonzero(near) < 12:
+        return
+    u, v = xs[near] / max(cols - 1, 1), ys[near] / max(rows - 1, 1)
+    design = np.column_stack([np.ones_like(u), u, v, u * u, u * v, v * v])
+    values = np.asarray(image[ys[near], xs[near]], dtype=np.float64)  # (n, C)
     band = image[top:]
     ground = ~mask.sky[top:]
-    for c in range(channels):
+    gu = np.arange(cols) / max(cols - 1, 1)
+    gv = (np.arange(top, rows) / max(rows - 1, 1))[:, None]
+    for c in range(image.shape[2]):
+        keep = np.ones(len(u), dtype=bool)
+        coeffs = np.zeros(6)
+        for _ in range(_FILL_ITERATIONS):  # stars, windows and hot pixels clipped
+            coeffs = np.linalg.lstsq(design[keep], values[keep, c], rcond=None)[0]
+            residual = values[:, c] - design @ coeffs
+            spread = 1.4826 * float(np.median(np.abs(residual[keep])))
+            keep = np.abs(residual) <= 3.0 * max(spread, 1e-12)
+        a, bu, bv, cuu, cuv, cvv = coeffs
+        surface = a + bu * gu + cuu * gu * gu + (bv + cuv * gu) * gv + cvv * gv * gv
         plane = band[:, :, c]
-        np.copyto(plane, np.broadcast_to(level[:, c], plane.shape), where=ground)
+        np.copyto(plane, surface.astype(np.float32), where=ground)
 
 
 # --------------------------------------------------------------------------- the ground stack
