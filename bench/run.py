@@ -5,7 +5,8 @@
 NAME is one of: frame (issue 2, per-frame stages), stack (issue 3, `nightstack stack` memory
 and time vs an in-RAM sigma clip), daemon (issue 4, `nightstack watch` latency and
 throughput), peers (issue 6, alignment vs astroalign; Siril if installed), skies (background
-normalization and transparency per frame). ``--quick`` runs
+normalization and transparency per frame), landscape (issue 15: trails, timelapse, the frozen
+ground, the automatic mask per frame). ``--quick`` runs
 fewer frames and repeats (a smoke run; its figures are marked as such). Simulated frames are
 cached in bench/out/ (gitignored); a full run needs ~25 GB of free disk.
 """
@@ -28,6 +29,10 @@ BENCHMARKS = {
     "daemon": ("Daemon latency and throughput, 24 MP (issue 4)", "bench_daemon"),
     "peers": ("Alignment and stacking vs peers (issue 6)", "bench_peers"),
     "skies": ("Real skies: normalization and transparency per frame, 24 MP", "bench_skies"),
+    "landscape": (
+        "Landscape products: trails, timelapse, freeze ground, 24 MP (issue 15)",
+        "bench_landscape",
+    ),
 }
 """Name -> (RESULTS.md section title, module with ``measure(quick)`` and ``report(data)``)."""
 

@@ -194,6 +194,12 @@ class HorizonFinder:
         self.frames = 0
         self.motion_cells = 0.0
 
+    @property
+    def state_bytes(self) -> int:
+        """Memory held by the accumulators."""
+        grids = (self._u, self._uu, self._a, self._aa, self._an)
+        return int(self._min.nbytes + sum(a.nbytes for a in grids))
+
     def add(self, luminance: FloatArray, matrix: FloatArray) -> None:
         """Accumulate one accepted frame: its binned luminance ((rows // bin, cols // bin)
         float) and its (2, 3) frame -> reference transform."""
