@@ -172,3 +172,46 @@ def test_a_session_lists_its_products_and_can_skip_the_stack(
     assert meta["settings"]["products"] == ["trails", "timelapse"]
     assert not (session.dir / "stack.tif").exists() and "tiff" not in outputs
     assert not (session.dir / "timelapse").exists()  # the kept frames go at close
+
+
+def test_a_resumed_session_keeps_its_products_and_its_ground(
+    night: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Killed after 5 frames (the last checkpoint after 4), resumed, one more frame, closed:
+    the timelapse and the ground have every frame; the trails lose the frame after the
+    checkpoint (its camera-frame data is not stored)."""
+    raws, _ = night
+    settings = load_settings(
+        None,
+        {
+            "products": ["stack", "trails", "timelapse"],
+            "output_dir": tmp_path,
+            "timelapse_width": 200,
+            "checkpoint_every_frames": 2,
+            "landscape": "freeze",
+        },
+        use_default=False,
+    )
+    paths = sorted(raws.glob("*.DNG"))
+    with Decoder(timeout_s=60, load_kwargs=load_kwargs(settings)) as decoder:
+        session = Session.create(tmp_path, settings, decoder)
+        for path in paths[:5]:
+            assert session.ingest(session.stacker.prepare(path)).status == "accepted"
+        session.abandon()  # as a kill -9 would leave it
+        resumed = Session.resume(session.dir, settings, decoder)
+        ground = resumed.stacker.landscape.ground
+        assert ground is not None and len(ground.store) == 5
+        assert resumed.stacker.products is not None
+        assert resumed.stacker.products.timelapse is not None
+        assert resumed.stacker.products.timelapse.frames == 5
+        assert resumed.ingest(resumed.stacker.prepare(paths[5])).status == "accepted"
+        outputs = resumed.close()
+    assert outputs["timelapse_frames"] == FRAMES and outputs["ground_frames"] == FRAMES
+    assert outputs["trails_frames"] == FRAMES - 1
+    capture = cv2.VideoCapture(outputs["timelapse"])
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    capture.release()
+    assert count == FRAMES
+    assert not list(session.dir.glob(".timelapse.mp4.*"))

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -202,7 +204,10 @@ class Timelapse:
         self.directory = directory
         self.spool = directory / _SPOOL
         self.spool.mkdir(exist_ok=True)
-        self.partial = directory / f".{_VIDEO}.partial.mp4"
+        for stale in directory.glob(f".{_VIDEO}.*.partial.mp4"):  # a crashed process's
+            stale.unlink(missing_ok=True)
+        # a name of its own: a writer a crash left behind never shares this file
+        self.partial = directory / f".{_VIDEO}.{os.getpid()}-{time.monotonic_ns()}.partial.mp4"
         self._writer: cv2.VideoWriter | None = None
         self.frames = 0
         kept = sorted(self.spool.glob("frame_*.jpg"))
