@@ -519,6 +519,7 @@ class Session:
         self._write_meta(note=f"superseded: {reason}")
         self._close_journal()
         shutil.rmtree(self.dir / "frames", ignore_errors=True)
+        shutil.rmtree(self.dir / "ground", ignore_errors=True)  # landscape = "freeze"
         shutil.rmtree(self.dir / "checkpoint", ignore_errors=True)
         (self.dir / "reference.npz").unlink(missing_ok=True)
         log.info("session %s superseded: %s", self.id, reason)
