@@ -429,7 +429,8 @@ class Stacker:
         # --- landscape and products: the frame in the camera frame, before its sky is stored
         if self.products is not None:
             with watch.stage("products"):
-                self.products.add(frame.image, matrix, self.landscape.mask)
+                mask = self.landscape.mask
+                self.products.add(frame.image, matrix, mask, frame.luminance, frame.bin)
         with watch.stage("ground"):
             name = frame.path.name
             if self.landscape.add(frame.image, frame.luminance, matrix, norm, weight, name):

@@ -4,8 +4,9 @@
   camera frame, kept as uint16 (2 bytes a sample, the frame store's quantisation: the maximum
   of quantised values is the quantised maximum), so memory is one image whatever the night's
   length. Optional gap filling: between two frames the sky turned by the motion their
-  alignments give; the newer frame's sky is also drawn at ``steps - 1`` intermediate positions
-  (the ground, which does not move, is left out), so trails are unbroken lines.
+  alignments give; the newer frame's star pixels (``GAP_SIGMA`` above their background, the
+  ground left out) are also drawn at intermediate positions at most ``GAP_STEP_PX`` apart, so
+  trails are unbroken lines.
 - :class:`Timelapse`: one auto-stretched frame per light, shrunk to ``width`` with area
   averaging, appended to ``timelapse.mp4`` through OpenCV's FFmpeg writer as it comes, and
   finalized at close. Codec MPEG-4 Part 2 (fourcc ``mp4v``) in an MP4 container: the
@@ -47,8 +48,15 @@ GAP_STEP_PX = 1.5
 """Gap filling draws the sky every this many pixels of its motion between frames (about half
 a typical FWHM: a continuous line)."""
 
-GAP_MAX_STEPS = 16
-"""At most this many positions per frame gap (a warp of the whole frame each)."""
+GAP_MAX_STEPS = 32
+"""At most this many positions per frame gap (a star moving farther leaves dotted lines)."""
+
+GAP_SIGMA = 5.0
+"""Gap filling moves the pixels this many background sigmas above their background: the
+stars' cores and bright wings; the rest is background, the same at every position."""
+
+_GAP_BLOCK = 64  # background blocks of the star-pixel threshold, luminance px
+_GAP_STRIDE = 2  # their statistics from every 2nd pixel each way
 
 FOURCC = "mp4v"
 """MPEG-4 Part 2: the one MP4 codec this OpenCV build's FFmpeg encodes (see the module notes)."""
@@ -84,11 +92,14 @@ class StarTrails:
         image: FloatArray,
         matrix: FloatArray | None = None,
         sky: SkyMask | None = None,
+        luminance: FloatArray | None = None,
+        bin: int = 1,
     ) -> None:
         """Blend one frame ((rows, cols, C) float, linear, camera frame).
 
-        ``matrix``: its (2, 3) frame -> reference transform, for gap filling; ``sky``: the sky
-        mask (the ground is not moved when filling gaps)."""
+        For gap filling: ``matrix``, its (2, 3) frame -> reference transform; ``sky``, the sky
+        mask (the ground is not moved); ``luminance``, its (rows // bin, cols // bin) binned
+        luminance where its stars are found (the channel mean of ``image`` when not given)."""
         data = np.asarray(image)
         if data.shape != self.image.shape:
             raise ValueError(
@@ -98,7 +109,9 @@ class StarTrails:
         if self.gap_fill and matrix is not None:
             m = np.asarray(matrix, dtype=np.float64)
             if self._previous is not None:
-                self._fill_gap(data, m, self._previous, sky)
+                if luminance is None:
+                    luminance, bin = data.mean(axis=2), 1
+                self._fill_gap(data, m, self._previous, sky, luminance, bin)
             self._previous = m
         self.frames += 1
 
@@ -108,8 +121,15 @@ class StarTrails:
         matrix: npt.NDArray[np.float64],
         previous: npt.NDArray[np.float64],
         sky: SkyMask | None,
+        luminance: FloatArray,
+        bin: int,
     ) -> None:
-        """Draw this frame's sky moved 1/n .. (n-1)/n of the way to the previous frame's."""
+        """Draw this frame's stars moved 1/n .. (n-1)/n of the way to the previous frame's.
+
+        Only the star pixels move (the sky's background is the same at every position, and the
+        ground stays put): the pixels more than ``GAP_SIGMA`` background sigmas above their
+        block's background, splatted at their moved positions (nearest pixel, at most
+        ``GAP_STEP_PX`` apart, so each star leaves a continuous line)."""
         step = _motion(matrix, previous)  # this frame -> previous frame, (3, 3)
         rows, cols = self.shape
         corners = np.array([[0, 0, 1], [cols - 1, 0, 1], [0, rows - 1, 1], [cols - 1, rows - 1, 1]])
@@ -117,15 +137,22 @@ class StarTrails:
         steps = min(GAP_MAX_STEPS, math.ceil(moved / GAP_STEP_PX))
         if steps < 2:
             return
-        source = np.ascontiguousarray(data, dtype=np.float32)
-        if sky is not None:
-            source = source.copy()
-            source[~sky.sky] = 0.0
+        ys, xs = _star_pixels(luminance, bin, None if sky is None else sky.sky)
+        if ys.size == 0:
+            return
+        values = _quantised(np.asarray(data[ys, xs], dtype=np.float32))  # (n, C)
+        channels = self.channels
+        flat = self.image.reshape(-1)
+        px, py = xs.astype(np.float64), ys.astype(np.float64)
         identity = np.eye(3)
         for k in range(1, steps):
             partial = identity + (k / steps) * (step - identity)  # small motion: linear path
-            warped = cv2.warpAffine(source, partial[:2], (cols, rows), flags=cv2.INTER_LINEAR)
-            _max_into(self.image, np.asarray(warped, dtype=np.float32).reshape(source.shape))
+            x = np.rint(partial[0, 0] * px + partial[0, 1] * py + partial[0, 2]).astype(np.intp)
+            y = np.rint(partial[1, 0] * px + partial[1, 1] * py + partial[1, 2]).astype(np.intp)
+            inside = (x >= 0) & (x < cols) & (y >= 0) & (y < rows)
+            base = (y[inside] * cols + x[inside]) * channels
+            for c in range(channels):
+                np.maximum.at(flat, base + c, values[inside, c])
 
     def result(self) -> npt.NDArray[np.float32]:
         """(rows, cols, C) float32 linear trails image."""
@@ -156,17 +183,48 @@ class StarTrails:
         }
 
 
+def _star_pixels(
+    luminance: FloatArray, bin: int, sky: npt.NDArray[np.bool_] | None
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Full-resolution (rows, cols) of the pixels whose binned ``luminance`` ((rows // bin,
+    cols // bin) float) is more than ``GAP_SIGMA`` sigmas above the background of its block
+    (median and MAD of every ``_GAP_STRIDE``-th pixel of ``_GAP_BLOCK`` luminance pixels
+    square), inside ``sky`` ((rows, cols) bool) when given."""
+    lum = np.asarray(luminance, dtype=np.float32)
+    b, stride = _GAP_BLOCK, _GAP_STRIDE
+    per = b // stride
+    sample = lum[::stride, ::stride]
+    nbr, nbc = max(1, sample.shape[0] // per), max(1, sample.shape[1] // per)
+    blocks = sample[: nbr * per, : nbc * per].reshape(nbr, per, nbc, per)
+    level = np.median(blocks, axis=(1, 3))
+    spread = 1.4826 * np.median(np.abs(blocks - level[:, None, :, None]), axis=(1, 3))
+    threshold = (level + GAP_SIGMA * np.maximum(spread, 1e-6)).astype(np.float32)
+    full = cv2.resize(threshold, (lum.shape[1], lum.shape[0]), interpolation=cv2.INTER_NEAREST)
+    bright = lum > np.asarray(full, dtype=np.float32).reshape(lum.shape)
+    v, u = np.nonzero(bright)
+    ys = (bin * v[:, None] + np.arange(bin)[None, :]).repeat(bin, axis=1).reshape(-1)
+    xs = np.tile(bin * u[:, None] + np.arange(bin)[None, :], (1, bin)).reshape(-1)
+    if sky is not None:
+        keep = sky[ys, xs]
+        ys, xs = ys[keep], xs[keep]
+    return ys.astype(np.intp), xs.astype(np.intp)
+
+
+def _quantised(values: FloatArray) -> npt.NDArray[np.uint16]:
+    scale = np.float32(QUANT_MAX)
+    part = np.multiply(values, scale, dtype=np.float32)
+    np.clip(part, 0.0, scale, out=part)
+    np.rint(part, out=part)
+    return part.astype(np.uint16)
+
+
 def _max_into(trails: npt.NDArray[np.uint16], data: FloatArray) -> None:
     """``trails = max(trails, quantise(data))`` band by band."""
     rows = trails.shape[0]
-    width = trails.shape[1] * trails.shape[2]
-    band = max(1, _BAND_SAMPLES // width)
-    scale = np.float32(QUANT_MAX)
+    band = max(1, _BAND_SAMPLES // (trails.shape[1] * trails.shape[2]))
     for r0 in range(0, rows, band):
-        part = np.multiply(data[r0 : r0 + band], scale, dtype=np.float32)
-        np.clip(part, 0.0, scale, out=part)
-        np.rint(part, out=part)
-        np.maximum(trails[r0 : r0 + band], part.astype(np.uint16), out=trails[r0 : r0 + band])
+        part = _quantised(data[r0 : r0 + band])
+        np.maximum(trails[r0 : r0 + band], part, out=trails[r0 : r0 + band])
 
 
 def _motion(
@@ -305,10 +363,18 @@ class Products:
             except (OSError, ValueError, KeyError) as err:
                 log.warning("star trails state unreadable (%s): trails start again", err)
 
-    def add(self, image: FloatArray, matrix: FloatArray, sky: SkyMask | None) -> None:
-        """Feed one accepted frame: (rows, cols, C) float32 camera frame, its transform."""
+    def add(
+        self,
+        image: FloatArray,
+        matrix: FloatArray,
+        sky: SkyMask | None,
+        luminance: FloatArray | None = None,
+        bin: int = 1,
+    ) -> None:
+        """Feed one accepted frame: (rows, cols, C) float32 camera frame, its transform, the
+        sky mask and its binned luminance (``Frame.luminance``, ``Frame.bin``)."""
         if self.trails is not None:
-            self.trails.add(image, matrix, sky)
+            self.trails.add(image, matrix, sky, luminance, bin)
         if self.timelapse is not None:
             self.timelapse.add(image)
 
