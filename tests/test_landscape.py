@@ -324,3 +324,23 @@ def test_a_rebased_gradient_normalization_gives_the_same_values() -> None:
     ground = np.zeros((30, 40, 1), np.float32)
     rebase(norm, 50, 80, 30).apply(ground, 0, (30, 40))
     np.testing.assert_allclose(ground, full[50:], atol=1e-7)
+
+
+def test_the_preview_composite_is_the_shrunk_full_composite(tmp_path: Path) -> None:
+    from nightstack.landscape import GroundStack, composite, preview_composite
+
+    rng = np.random.default_rng(4)
+    rows, cols, top = 300, 400, 180
+    sky = rng.random((rows, cols, 3), dtype=np.float32)
+    stack = GroundStack(tmp_path / "g", (rows, cols), 3, top, kappa=3.0, warmup=3)
+    frame = rng.random((rows, cols, 3), dtype=np.float32) * 0.5
+    stack.add(frame, Normalization.identity(3), 1.0, "f")
+    assert stack.live is not None
+    mask = SkyMask.from_horizon(np.full(cols, 220.0), rows)
+    weight = blend_weights(mask, top, 12.0)
+    full = sky.copy()
+    full[top:] = composite(sky[top:], stack.live.result_band(0, rows - top), weight)
+    expected = cv2.resize(full, (100, 75), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(sky, (100, 75), interpolation=cv2.INTER_AREA)
+    shown = preview_composite(small, lambda r0, r1: sky[r0:r1], stack.live, weight, top, rows)
+    np.testing.assert_allclose(shown, expected, atol=2e-3)  # exact up to uint16 storage

@@ -80,6 +80,8 @@ _STRONG_EDGE = 0.4  # an edge is strong at this fraction of the strongest in the
 _PERSIST = 5  # ... and what is below it stays unlike the sky for this many edge widths
 _SKY_EVIDENCE = 0.5  # ... and the evidence just below it is not that of moving stars
 _EDGE_SIGMA = 8.0  # ... and at least this many noise sigmas of a step (else search further down)
+_MIN_COMBINE_CAP = 64 * 2**20  # the ground's combine gets at least this RAM
+_PREVIEW_CHUNK = 16  # preview rows composited at a time (~20 MB at 24 MP)
 _FILL_BAND_PX = 150  # the sky this far above the horizon is fitted to fill the ground
 _FILL_SAMPLES = 40_000  # sky samples of the whole frame's grid (a few thousand in the band)
 _FILL_ITERATIONS = 3  # fits, each clipping the samples beyond 3 sigma
@@ -616,26 +618,24 @@ def preview_composite(
 ) -> npt.NDArray[np.float32]:
     """The live preview with the frozen ground: ``sky_preview`` ((h, w, C), the sky live stack
     shrunk) with its rows from the ground's top down replaced by the composite, built at full
-    resolution over those rows only and shrunk the same way (area average)."""
+    resolution a few preview rows at a time (``_PREVIEW_CHUNK``: a few MB) and shrunk the same
+    way (area average)."""
     height, width = sky_preview.shape[:2]
     first = min(height, top * height // rows)  # first preview row touching the ground rows
-    start = min(rows, round(first * rows / height))
-    if first >= height:
-        return sky_preview
-    sky = sky_band(start, rows)
-    ground_rows = ground.result_band(max(start - top, 0), rows - top)
-    if start < top:  # preview row boundary above the ground rows: pure sky there
-        pad = np.asarray(sky[: top - start], dtype=np.float32)
-        ground_rows = np.concatenate([pad, ground_rows])
-        w = np.vstack([np.ones((top - start, weight.shape[1]), np.float32), weight])
-    else:
-        w = weight[start - top :]
-    mixed = composite(sky, ground_rows, w)
-    small = cv2.resize(
-        np.nan_to_num(mixed, nan=0.0), (width, height - first), interpolation=cv2.INTER_AREA
-    )
     out = sky_preview.copy()
-    out[first:] = np.asarray(small, dtype=np.float32).reshape(height - first, width, -1)
+    for i0 in range(first, height, _PREVIEW_CHUNK):
+        i1 = min(height, i0 + _PREVIEW_CHUNK)
+        r0, r1 = round(i0 * rows / height), round(i1 * rows / height) if i1 < height else rows
+        r0 = min(max(r0, 0), r1 - 1)
+        sky = np.asarray(sky_band(r0, r1), dtype=np.float32)
+        g0 = max(r0, top)
+        ground_rows = np.array(sky)  # rows above the ground's top: pure sky (weight 1)
+        w = np.ones(sky.shape[:2], np.float32)
+        ground_rows[g0 - r0 :] = ground.result_band(g0 - top, r1 - top)
+        w[g0 - r0 :] = weight[g0 - top : r1 - top]
+        mixed = np.nan_to_num(composite(sky, ground_rows, w), nan=0.0)
+        small = cv2.resize(mixed, (width, i1 - i0), interpolation=cv2.INTER_AREA)
+        out[i0:i1] = np.asarray(small, dtype=np.float32).reshape(i1 - i0, width, -1)
     return out
 
 
@@ -832,7 +832,8 @@ class Landscape:
             sigma=s.stack_sigma,
             maxiters=s.stack_maxiters,
             weighted=s.weights != "none",
-            ram_cap_bytes=s.ram_cap_mb * 2**20,
+            # the sky's final is held meanwhile: the cap is what it leaves
+            ram_cap_bytes=max(_MIN_COMBINE_CAP, s.ram_cap_mb * 2**20 - int(image.nbytes)),
             progress=progress,
         )
         sky_rows = np.array(image[ground.top :], dtype=np.float32)
