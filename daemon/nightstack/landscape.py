@@ -279,7 +279,7 @@ class HorizonFinder:
         (the moving stars gone, the static ground's edge sharp): the topmost strong step edge
         within the sky's motion of the coarse horizon (the coarse line is smoothed, and the
         moving ground biases the variances near it), located to a fraction of a pixel."""
-        low = median_filter(self._min, size=3, mode="nearest").astype(np.float64)  # hot pixels
+        low = np.asarray(cv2.medianBlur(self._min, 3), dtype=np.float64)  # hot pixels
         lum_rows, lum_cols = low.shape
         bin, f, k = self.bin, self.factor, _EDGE_PX
         reach = math.ceil(self.motion_cells * f) + _SEARCH_CELLS * f  # luminance rows
@@ -289,72 +289,55 @@ class HorizonFinder:
         diffs = np.diff(self._min.astype(np.float64), axis=0)  # the noise before the filter
         mad = float(np.median(np.abs(diffs - np.median(diffs))))
         noise = 1.4826 * mad / math.sqrt(2.0) * math.sqrt(2.0 / k)  # of a k-row step
-        edges = np.full(lum_cols, float(lum_rows))
-        steps: list[tuple[int, npt.NDArray[np.int64], FloatArray, FloatArray, float]] = []
-        for c in range(lum_cols):
-            g = min(c // f, len(coarse) - 1)
-            if coarse[g] >= self.grid[0] or bottom[g] <= top[g]:
-                continue  # no ground in this column
-            v = np.arange(top[g], lum_rows - k + 1)  # down to the bottom: the ground is below
-            upper = (cum[v, c] - cum[v - k, c]) / k
-            lower = (cum[v + k, c] - cum[v, c]) / k
-            steps.append(
-                (c, v, upper, lower, float(np.abs(upper - lower)[: bottom[g] - top[g] + 1].max()))
-            )
+        # every column at once: rows v = k .. lum_rows - k, (rows, cols) arrays
+        v = np.arange(k, lum_rows - k + 1)
+        upper = (cum[v] - cum[v - k]) / k
+        lower = (cum[v + k] - cum[v]) / k
+        step = np.abs(upper - lower)
+        g = np.minimum(np.arange(lum_cols) // f, len(coarse) - 1)  # grid column of each column
+        active = (np.asarray(coarse)[g] < self.grid[0]) & (bottom[g] > top[g])
+        below_top = v[:, None] >= top[g][None, :]
+        near = np.where(below_top & (v[:, None] <= bottom[g][None, :]), step, 0.0).max(axis=0)
         # the typical horizon contrast: a lit window's far stronger edge below must not hide it
-        typical = float(np.median([near for *_, near in steps])) if steps else 0.0
-        for c, v, upper, lower, near in steps:
-            step = np.abs(upper - lower)
-            threshold = max(_STRONG_EDGE * min(near, typical), _EDGE_SIGMA * noise)
-            strong = np.flatnonzero(step >= threshold)
-            # the horizon persists below its edge; a star left in the minimum is a bump, and a
-            # bright star's halo left there moves (sky evidence below its edge)
-            g = min(c // f, len(coarse) - 1)
-            strong = np.array(
-                [
-                    j
-                    for j in strong
-                    if _persists(low[:, c], int(v[j]), k, threshold)
-                    and _mean_or_zero(evidence[int(v[j]) // f + 1 : int(v[j]) // f + 3, g])
-                    < _SKY_EVIDENCE
-                ],
-                dtype=np.int64,
-            )
-            if strong.size == 0:
-                continue
-            i = int(strong[0])
-            while i + 1 < step.size and step[i + 1] > step[i]:
-                i += 1  # up to the local maximum of that edge
-            best = int(v[i])
-            sky_level, ground_level = upper[i], lower[i]
-            span = low[best - k : best + k, c]
-            if sky_level == ground_level:
-                edges[c] = float(best)
-            else:
-                share = np.clip((span - ground_level) / (sky_level - ground_level), 0.0, 1.0)
-                edges[c] = best - k + float(share.sum())  # luminance rows of sky above the edge
+        typical = float(np.median(near[active])) if active.any() else 0.0
+        threshold = np.maximum(_STRONG_EDGE * np.minimum(near, typical), _EDGE_SIGMA * noise)
+        candidate = below_top & (step >= threshold[None, :]) & active[None, :]
+        # the horizon persists below its edge (a star left in the minimum is a bump) ...
+        above = (cum[v] - cum[np.maximum(v - 3 * k, 0)]) / np.maximum(
+            v - np.maximum(v - 3 * k, 0), 1
+        )[:, None]
+        deep_end = np.minimum(v + _PERSIST * k, lum_rows)
+        deep = (cum[deep_end] - cum[np.minimum(v + k, lum_rows)]) / np.maximum(deep_end - v - k, 1)[
+            :, None
+        ]
+        persists = (deep - above) * np.sign(lower - above) >= 0.5 * threshold[None, :]
+        persists |= (deep_end - v - k <= 0)[:, None]
+        # ... and a bright star's halo left there moves (sky evidence just below its edge)
+        padded = np.vstack([evidence, np.zeros((3, evidence.shape[1]))])
+        grid_rows = np.minimum(v // f, evidence.shape[0])
+        below = 0.5 * (padded[grid_rows + 1] + padded[grid_rows + 2])[:, g]
+        candidate &= persists & (below < _SKY_EVIDENCE)
+        found = candidate.any(axis=0)
+        i = np.argmax(candidate, axis=0)
+        cols = np.arange(lum_cols)
+        for _ in range(2 * k + 2):  # up to the local maximum of that edge
+            up = (i + 1 < len(v)) & (step[np.minimum(i + 1, len(v) - 1), cols] > step[i, cols])
+            i = i + up
+        best = v[i]
+        sky_level, ground_level = upper[i, cols], lower[i, cols]
+        span_rows = np.clip(best[:, None] + np.arange(-k, k)[None, :], 0, lum_rows - 1)
+        span = low[span_rows, cols[:, None]]  # (cols, 2k)
+        contrast = sky_level - ground_level
+        safe = np.where(contrast == 0, 1.0, contrast)
+        share = np.clip((span - ground_level[:, None]) / safe[:, None], 0.0, 1.0).sum(axis=1)
+        edges = np.where(contrast == 0, best.astype(np.float64), best - k + share)
+        edges = np.where(found, edges, float(lum_rows))
         edges = median_filter(edges, size=3, mode="nearest")  # a lone wrong column
         horizon = np.repeat(bin * edges - 0.5, bin)
         if horizon.size < self.shape[1]:
             horizon = np.concatenate([horizon, np.full(self.shape[1] - horizon.size, horizon[-1])])
         horizon[horizon >= bin * lum_rows - 0.5 - 1e-9] = self.shape[0] - 0.5
         return horizon[: self.shape[1]]
-
-
-def _mean_or_zero(values: FloatArray) -> float:
-    return float(values.mean()) if values.size else 0.0
-
-
-def _persists(column: FloatArray, row: int, k: int, threshold: float) -> bool:
-    """Whether the step edge at ``row`` of a luminance ``column`` is a boundary (what lies
-    ``_PERSIST`` edge widths below still differs from what lies above, by medians) rather than
-    the near side of a bump."""
-    above = float(np.median(column[max(0, row - 3 * k) : row]))
-    below = column[row + k : row + _PERSIST * k]
-    if below.size == 0:
-        return True
-    edge = float(np.mean(column[row : row + k])) - above
-    return bool((float(np.median(below)) - above) * np.sign(edge) >= 0.5 * threshold)
 
 
 def _connected_horizon(evidence: npt.NDArray[np.float64], jump: float) -> npt.NDArray[np.int64]:
