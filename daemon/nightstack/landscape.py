@@ -81,9 +81,12 @@ _PERSIST = 5  # ... and what is below it stays unlike the sky for this many edge
 _SKY_EVIDENCE = 0.5  # ... and the evidence just below it is not that of moving stars
 _EDGE_SIGMA = 8.0  # ... and at least this many noise sigmas of a step (else search further down)
 _MIN_COMBINE_CAP = 64 * 2**20  # the ground's combine gets at least this RAM
+_COLUMN_CHUNK = 256  # luminance columns refined at a time (a few MB of row arrays)
+_NOISE_STRIDE = 4  # the minimum's noise from every 4th column
 _PREVIEW_CHUNK = 16  # preview rows composited at a time (~20 MB at 24 MP)
 _FILL_BAND_PX = 150  # the sky this far above the horizon is fitted to fill the ground
 _FILL_SAMPLES = 40_000  # sky samples of the whole frame's grid (a few thousand in the band)
+_FILL_BAND_ROWS = 128  # ground rows filled at a time
 _FILL_ITERATIONS = 3  # fits, each clipping the samples beyond 3 sigma
 
 
@@ -272,6 +275,58 @@ class HorizonFinder:
         np.clip(evidence, -_EVIDENCE_CLIP, _EVIDENCE_CLIP, out=evidence)
         return np.asarray(cv2.blur(evidence, (3, 3)), dtype=np.float64)
 
+    def _edges(
+        self,
+        low: npt.NDArray[np.float32],
+        cum: npt.NDArray[np.float64],
+        v: npt.NDArray[np.int64],
+        k: int,
+        span_cols: tuple[int, int],
+        top: npt.NDArray[np.int64],
+        threshold: npt.NDArray[np.float64],
+        active: BoolArray,
+        evidence: npt.NDArray[np.float64],
+        g: npt.NDArray[np.int64],
+    ) -> npt.NDArray[np.float64]:
+        """The refined edge (luminance rows, sub-pixel) of columns ``c0:c1``; ``rows`` where
+        none is found. Every column at once: (rows, columns) arrays of the chunk."""
+        c0, c1 = span_cols
+        lum_rows = low.shape[0]
+        f = self.factor
+        upper, lower, diff = _steps(cum, v, k, c0, c1)
+        step = np.abs(diff)
+        thr = threshold[None, c0:c1]
+        candidate = (v[:, None] >= top[None, c0:c1]) & (step >= thr) & active[None, c0:c1]
+        # the horizon persists below its edge (a star left in the minimum is a bump) ...
+        start = np.maximum(v - 3 * k, 0)
+        above = (cum[v, c0:c1] - cum[start, c0:c1]) / (v - start)[:, None]
+        deep_end = np.minimum(v + _PERSIST * k, lum_rows)
+        deep_start = np.minimum(v + k, lum_rows)
+        depth = np.maximum(deep_end - deep_start, 1)[:, None]
+        deep = (cum[deep_end, c0:c1] - cum[deep_start, c0:c1]) / depth
+        persists = (deep - above) * np.sign(lower - above) >= 0.5 * thr
+        persists |= (deep_end - deep_start <= 0)[:, None]
+        # ... and a bright star's halo left there moves (sky evidence just below its edge)
+        padded = np.vstack([evidence, np.zeros((3, evidence.shape[1]))])
+        grid_rows = np.minimum(v // f, evidence.shape[0])
+        below = 0.5 * (padded[grid_rows + 1] + padded[grid_rows + 2])[:, g[c0:c1]]
+        candidate &= persists & (below < _SKY_EVIDENCE)
+        found = candidate.any(axis=0)
+        i = np.argmax(candidate, axis=0)
+        cols = np.arange(c1 - c0)
+        for _ in range(2 * k + 2):  # up to the local maximum of that edge
+            nxt = np.minimum(i + 1, len(v) - 1)
+            i = i + ((i + 1 < len(v)) & (step[nxt, cols] > step[i, cols]))
+        best = v[i]
+        sky_level, ground_level = upper[i, cols], lower[i, cols]
+        rows = np.clip(best[:, None] + np.arange(-k, k)[None, :], 0, lum_rows - 1)
+        span = low[rows, c0 + cols[:, None]].astype(np.float64)  # (columns, 2k)
+        contrast = sky_level - ground_level
+        safe = np.where(contrast == 0, 1.0, contrast)
+        share = np.clip((span - ground_level[:, None]) / safe[:, None], 0.0, 1.0).sum(axis=1)
+        edges = np.where(contrast == 0, best.astype(np.float64), best - k + share)
+        return np.where(found, edges, float(lum_rows))
+
     def _refine(
         self, coarse: npt.NDArray[np.int64], evidence: npt.NDArray[np.float64]
     ) -> npt.NDArray[np.float64]:
@@ -279,65 +334,51 @@ class HorizonFinder:
         (the moving stars gone, the static ground's edge sharp): the topmost strong step edge
         within the sky's motion of the coarse horizon (the coarse line is smoothed, and the
         moving ground biases the variances near it), located to a fraction of a pixel."""
-        low = np.asarray(cv2.medianBlur(self._min, 3), dtype=np.float64)  # hot pixels
+        low = np.asarray(cv2.medianBlur(self._min, 3), dtype=np.float32)  # hot pixels
         lum_rows, lum_cols = low.shape
         bin, f, k = self.bin, self.factor, _EDGE_PX
         reach = math.ceil(self.motion_cells * f) + _SEARCH_CELLS * f  # luminance rows
-        cum = np.vstack([np.zeros((1, lum_cols)), np.cumsum(low, axis=0)])
-        top = np.clip(np.asarray(coarse) * f - reach, k, lum_rows - k)
-        bottom = np.clip(np.asarray(coarse) * f + reach, k, lum_rows - k)
-        diffs = np.diff(self._min.astype(np.float64), axis=0)  # the noise before the filter
+        cum = np.vstack([np.zeros((1, lum_cols)), np.cumsum(low, axis=0, dtype=np.float64)])
+        g = np.minimum(np.arange(lum_cols) // f, len(coarse) - 1)  # grid column of each column
+        top = np.clip(np.asarray(coarse)[g] * f - reach, k, lum_rows - k)
+        bottom = np.clip(np.asarray(coarse)[g] * f + reach, k, lum_rows - k)
+        active = (np.asarray(coarse)[g] < self.grid[0]) & (bottom > top)
+        diffs = np.diff(self._min[:, ::_NOISE_STRIDE].astype(np.float64), axis=0)  # unfiltered
         mad = float(np.median(np.abs(diffs - np.median(diffs))))
         noise = 1.4826 * mad / math.sqrt(2.0) * math.sqrt(2.0 / k)  # of a k-row step
-        # every column at once: rows v = k .. lum_rows - k, (rows, cols) arrays
         v = np.arange(k, lum_rows - k + 1)
-        upper = (cum[v] - cum[v - k]) / k
-        lower = (cum[v + k] - cum[v]) / k
-        step = np.abs(upper - lower)
-        g = np.minimum(np.arange(lum_cols) // f, len(coarse) - 1)  # grid column of each column
-        active = (np.asarray(coarse)[g] < self.grid[0]) & (bottom[g] > top[g])
-        below_top = v[:, None] >= top[g][None, :]
-        near = np.where(below_top & (v[:, None] <= bottom[g][None, :]), step, 0.0).max(axis=0)
+        chunks = [
+            (c0, min(c0 + _COLUMN_CHUNK, lum_cols)) for c0 in range(0, lum_cols, _COLUMN_CHUNK)
+        ]
+        near = np.zeros(lum_cols)
+        for c0, c1 in chunks:  # the strongest step near the coarse horizon, per column
+            step = np.abs(_steps(cum, v, k, c0, c1)[2])
+            inside = (v[:, None] >= top[None, c0:c1]) & (v[:, None] <= bottom[None, c0:c1])
+            near[c0:c1] = np.where(inside, step, 0.0).max(axis=0)
         # the typical horizon contrast: a lit window's far stronger edge below must not hide it
         typical = float(np.median(near[active])) if active.any() else 0.0
         threshold = np.maximum(_STRONG_EDGE * np.minimum(near, typical), _EDGE_SIGMA * noise)
-        candidate = below_top & (step >= threshold[None, :]) & active[None, :]
-        # the horizon persists below its edge (a star left in the minimum is a bump) ...
-        above = (cum[v] - cum[np.maximum(v - 3 * k, 0)]) / np.maximum(
-            v - np.maximum(v - 3 * k, 0), 1
-        )[:, None]
-        deep_end = np.minimum(v + _PERSIST * k, lum_rows)
-        deep = (cum[deep_end] - cum[np.minimum(v + k, lum_rows)]) / np.maximum(deep_end - v - k, 1)[
-            :, None
-        ]
-        persists = (deep - above) * np.sign(lower - above) >= 0.5 * threshold[None, :]
-        persists |= (deep_end - v - k <= 0)[:, None]
-        # ... and a bright star's halo left there moves (sky evidence just below its edge)
-        padded = np.vstack([evidence, np.zeros((3, evidence.shape[1]))])
-        grid_rows = np.minimum(v // f, evidence.shape[0])
-        below = 0.5 * (padded[grid_rows + 1] + padded[grid_rows + 2])[:, g]
-        candidate &= persists & (below < _SKY_EVIDENCE)
-        found = candidate.any(axis=0)
-        i = np.argmax(candidate, axis=0)
-        cols = np.arange(lum_cols)
-        for _ in range(2 * k + 2):  # up to the local maximum of that edge
-            up = (i + 1 < len(v)) & (step[np.minimum(i + 1, len(v) - 1), cols] > step[i, cols])
-            i = i + up
-        best = v[i]
-        sky_level, ground_level = upper[i, cols], lower[i, cols]
-        span_rows = np.clip(best[:, None] + np.arange(-k, k)[None, :], 0, lum_rows - 1)
-        span = low[span_rows, cols[:, None]]  # (cols, 2k)
-        contrast = sky_level - ground_level
-        safe = np.where(contrast == 0, 1.0, contrast)
-        share = np.clip((span - ground_level[:, None]) / safe[:, None], 0.0, 1.0).sum(axis=1)
-        edges = np.where(contrast == 0, best.astype(np.float64), best - k + share)
-        edges = np.where(found, edges, float(lum_rows))
+        edges = np.full(lum_cols, float(lum_rows))
+        for c0, c1 in chunks:
+            edges[c0:c1] = self._edges(
+                low, cum, v, k, (c0, c1), top, threshold, active, evidence, g
+            )
         edges = median_filter(edges, size=3, mode="nearest")  # a lone wrong column
         horizon = np.repeat(bin * edges - 0.5, bin)
         if horizon.size < self.shape[1]:
             horizon = np.concatenate([horizon, np.full(self.shape[1] - horizon.size, horizon[-1])])
         horizon[horizon >= bin * lum_rows - 0.5 - 1e-9] = self.shape[0] - 0.5
         return horizon[: self.shape[1]]
+
+
+def _steps(
+    cum: npt.NDArray[np.float64], v: npt.NDArray[np.int64], k: int, c0: int, c1: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(upper, lower, lower - upper): the means of the ``k`` rows above and below each row
+    ``v`` of columns ``c0:c1``, from the column sums ``cum`` ((rows + 1, cols))."""
+    upper = (cum[v, c0:c1] - cum[v - k, c0:c1]) / k
+    lower = (cum[v + k, c0:c1] - cum[v, c0:c1]) / k
+    return upper, lower, lower - upper
 
 
 def _connected_horizon(evidence: npt.NDArray[np.float64], jump: float) -> npt.NDArray[np.int64]:
@@ -411,10 +452,8 @@ def fill_ground(image: FloatArray, mask: SkyMask) -> None:
     u, v = xs[near] / max(cols - 1, 1), ys[near] / max(rows - 1, 1)
     design = np.column_stack([np.ones_like(u), u, v, u * u, u * v, v * v])
     values = np.asarray(image[ys[near], xs[near]], dtype=np.float64)  # (n, C)
-    band = image[top:]
-    ground = ~mask.sky[top:]
     gu = np.arange(cols) / max(cols - 1, 1)
-    gv = (np.arange(top, rows) / max(rows - 1, 1))[:, None]
+    surfaces = []
     for c in range(image.shape[2]):
         keep = np.ones(len(u), dtype=bool)
         coeffs = np.zeros(6)
@@ -424,9 +463,21 @@ def fill_ground(image: FloatArray, mask: SkyMask) -> None:
             spread = 1.4826 * float(np.median(np.abs(residual[keep])))
             keep = np.abs(residual) <= 3.0 * max(spread, 1e-12)
         a, bu, bv, cuu, cuv, cvv = coeffs
-        surface = a + bu * gu + cuu * gu * gu + (bv + cuv * gu) * gv + cvv * gv * gv
-        plane = band[:, :, c]
-        np.copyto(plane, surface.astype(np.float32), where=ground)
+        # per row: (a + bu u + cuu u^2) + (bv + cuv u) v + cvv v^2
+        surfaces.append(
+            (
+                (a + bu * gu + cuu * gu * gu).astype(np.float32),
+                (bv + cuv * gu).astype(np.float32),
+                float(cvv),
+            )
+        )
+    for r0 in range(top, rows, _FILL_BAND_ROWS):  # a few MB at a time
+        r1 = min(rows, r0 + _FILL_BAND_ROWS)
+        gv = (np.arange(r0, r1) / max(rows - 1, 1)).astype(np.float32)[:, None]
+        ground = ~mask.sky[r0:r1]
+        for c, (flat, slope, curve) in enumerate(surfaces):
+            surface = flat + slope * gv + np.float32(curve) * gv * gv
+            np.copyto(image[r0:r1, :, c], surface, where=ground)
 
 
 # --------------------------------------------------------------------------- the ground stack
