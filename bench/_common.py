@@ -354,7 +354,7 @@ cores are shared with other work while the benchmarks run; the absolute seconds 
 beside them for orientation only.
 """
 
-SECTIONS = ("summary", "frame", "stack", "daemon", "peers")
+SECTIONS = ("summary", "frame", "stack", "daemon", "peers", "mosaic")
 """RESULTS.md sections, in order; a benchmark rewrites only its own."""
 
 

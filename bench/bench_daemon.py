@@ -10,6 +10,9 @@ modification time.
   than the pipeline): latency file complete -> journal line, and -> preview updated.
 - Burst: frames dropped back to back (a camera faster than the pipeline, or a card dumped into
   the folder): sustained throughput from the first to the last journal line.
+- Previews while behind (issue 11): a backlog already in the folder at start, stacked by fresh
+  daemons with and without timed previews (``preview_every_s`` = ``PREVIEW_EVERY_S`` or never),
+  alternated A B B A in one run: the ratio of their throughputs is what the previews cost.
 
 Each figure is also given as a ratio to the decode time of the same file: the median
 in-process ``loaders.load`` of the night's frames measured just before, and the frame's own
@@ -31,6 +34,7 @@ from typing import Any
 from _common import (
     BENCH,
     OUT,
+    PYTHON,
     MemoryWatch,
     decode_seconds,
     ensure_night,
@@ -43,6 +47,8 @@ from _common import (
 POLL_S = 0.01
 FRAME_TIMEOUT_S = 120.0
 WARMUP = 5  # the live stack's default warm-up: frames after it are steady state
+PREVIEW_EVERY_S = 5.0  # timed previews 6x as often as the default 30 s: a demanding cadence
+NEVER_S = 1e9  # preview_every_s that never comes due while frames wait (the old behaviour)
 
 
 def _child_env() -> dict[str, str]:
@@ -188,9 +194,92 @@ def measure(quick: bool) -> dict[str, Any]:
         "decoder_mb": memory.decoder_mb(),
         "pss_peak_mb": memory.pss_peak_mb,
         "frames": paced_n + burst_n,
+        "burst_previews": _between(session.previews, [seen for seen, _ in burst]),
     }
     shutil.rmtree(root, ignore_errors=True)
+    # A: no preview while frames wait, B: timed previews; alternated so a drift in the machine's
+    # load falls on both
+    order = "AB" if quick else "ABBAABBA"
+    result["backlog"] = measure_previews(paths[: 6 if quick else 12], order)
     return result
+
+
+def _between(previews: list[float], seen: list[float]) -> int:
+    """How many previews appeared after the first journal line of ``seen``, before the last."""
+    return sum(seen[0] < t < seen[-1] for t in previews) if seen else 0
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its child processes (the
+    decoder), from /proc: on a shared machine, less changed by other jobs than wall time."""
+    pids, ticks = [pid], 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(c) for c in (task / "children").read_text().split()]
+    for p in pids:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _backlog_run(paths: list[Path], root: Path, preview_every_s: float) -> dict[str, Any]:
+    """A fresh daemon started on a folder holding ``paths`` (hard links): when each journal
+    line and each preview appeared; the daemon is killed after the last line (no final)."""
+    shutil.rmtree(root, ignore_errors=True)
+    watch, out = root / "watch", root / "out"
+    watch.mkdir(parents=True)
+    for p in paths:
+        os.link(p, watch / p.name)
+    env = {**_child_env(), "NIGHTSTACK_PREVIEW_EVERY_S": repr(preview_every_s)}
+    cmd = [PYTHON, "-m", "nightstack.cli", "watch", str(watch), "--output-dir", str(out)]
+    with (root / "daemon.log").open("w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        try:
+            session = _Session(out)
+            session.wait(1, 0, timeout_s=FRAME_TIMEOUT_S * 2)
+            cpu_first = _tree_cpu_s(proc.pid)
+            session.wait(len(paths), 0, timeout_s=FRAME_TIMEOUT_S * len(paths))
+            cpu_last = _tree_cpu_s(proc.pid)
+        finally:
+            proc.kill()
+            proc.wait()
+    seen = [t for t, _ in session.lines]
+    shutil.rmtree(root, ignore_errors=True)
+    return {
+        "preview_every_s": preview_every_s,
+        "seen": seen,
+        "previews": _between(session.previews, seen),
+        "status": [r["status"] for _, r in session.lines],
+        # frames after the first (the reference opens the session) per second
+        "throughput": (len(seen) - 1) / (seen[-1] - seen[0]),
+        "cpu_per_frame_s": (cpu_last - cpu_first) / (len(seen) - 1),
+    }
+
+
+def measure_previews(paths: list[Path], order: str) -> dict[str, Any]:
+    """Backlog throughput without (A) and with (B) timed previews, runs in ``order``."""
+    runs = []
+    load_before = os.getloadavg()[0]
+    for i, kind in enumerate(order):
+        every = PREVIEW_EVERY_S if kind == "B" else NEVER_S
+        log(f"backlog of {len(paths)} frames, preview_every_s={every:g} (run {i + 1}/{len(order)})")
+        runs.append(_backlog_run(paths, OUT / "daemon_backlog", every))
+
+    def med(key: str, every: float) -> float:
+        return median([r[key] for r in runs if r["preview_every_s"] == every])
+
+    off, on = med("throughput", NEVER_S), med("throughput", PREVIEW_EVERY_S)
+    cpu_off, cpu_on = med("cpu_per_frame_s", NEVER_S), med("cpu_per_frame_s", PREVIEW_EVERY_S)
+    return {
+        "frames": len(paths),
+        "load": (load_before, os.getloadavg()[0]),
+        "runs": runs,
+        "ratio": on / off,
+        "on": on,
+        "off": off,
+        "cpu_on": cpu_on,
+        "cpu_off": cpu_off,
+        "cpu_ratio": cpu_on / cpu_off,
+    }
 
 
 _STAGES = ("decode", "detect", "align", "warp+store", "accumulate")
@@ -273,7 +362,10 @@ def report(data: dict[str, Any]) -> str:
         f"{fmt_s(seen[-1] - data['burst_completes'][-1])}. Median stage times in the burst "
         "(journal `ms`): "
         + ", ".join(f"{k} {fmt_s(v)}" for k, v in stages.items())
-        + ". Previews are skipped while frames wait (by design), so the burst has none.",
+        + f". While frames wait previews follow only the clock (every `preview_every_s`, 30 s by "
+        f"default): the burst had {data.get('burst_previews', '?')}.",
+        "",
+        *_backlog_report(data.get("backlog")),
         "",
         f"Daemon peak memory over the whole run: main VmHWM {data['main_mb']:.0f} MB, decoder "
         f"child {data['decoder_mb']:.0f} MB, tree PSS peak {data['pss_peak_mb']:.0f} MB. "
@@ -290,13 +382,52 @@ def report(data: dict[str, Any]) -> str:
     return "\n".join(body)
 
 
+def _backlog_report(backlog: dict[str, Any] | None) -> list[str]:
+    if not backlog:
+        return []
+    runs = backlog["runs"]
+    with_previews = [r for r in runs if r["preview_every_s"] == PREVIEW_EVERY_S]
+    return [
+        f"Previews while behind: a backlog of {backlog['frames']} frames in the folder at start, "
+        "stacked by a fresh daemon per run, runs alternated "
+        + " ".join("B" if r["preview_every_s"] == PREVIEW_EVERY_S else "A" for r in runs)
+        + f" in this run; A: no preview while frames wait, B: `preview_every_s = "
+        f"{PREVIEW_EVERY_S:g}` ({', '.join(str(r['previews']) for r in with_previews)} "
+        "previews during the backlog). Throughput (frames after the reference, first to last "
+        f"journal line): A {60 * backlog['off']:.1f} frames/min, B {60 * backlog['on']:.1f} "
+        f"frames/min (medians): **B / A = {backlog['ratio']:.3f}** (runs: "
+        + ", ".join(f"{60 * r['throughput']:.1f}" for r in runs)
+        + " frames/min; wall time on a shared machine varies from run to run). CPU time of the "
+        f"daemon and its decoder per frame, which other jobs change less than wall time: A "
+        f"{fmt_s(backlog['cpu_off'])}, B {fmt_s(backlog['cpu_on'])}: B / A = "
+        f"{backlog['cpu_ratio']:.3f}. 1-min load average "
+        + " -> ".join(f"{v:.1f}" for v in backlog.get("load", ()))
+        + " over these runs.",
+        "",
+    ]
+
+
 def goals(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """(goal, measured, met) for the summary."""
     steady = data["paced"][WARMUP:] or data["paced"][1:]
     latency = _ratios(steady, "journal_s")
     preview = _ratios(steady, "preview_s")
     own = median([f["journal_s"] / f["decode_s"] for f in steady])
+    backlog = data.get("backlog")
+    previews = (
+        [
+            (
+                f"backlog with timed previews (every {PREVIEW_EVERY_S:g} s) >= 0.9x the "
+                "throughput without",
+                f"{backlog['ratio']:.3f}x",
+                backlog["ratio"] >= 0.9,
+            )
+        ]
+        if backlog
+        else []
+    )
     return [
+        *previews,
         ("daemon: file complete -> journal line <= 1.5x decode", f"{latency:.2f}x", latency <= 1.5),
         (
             "(same, x the daemon's own journaled decode of the frame)",

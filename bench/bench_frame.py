@@ -47,9 +47,10 @@ def measure(quick: bool) -> dict[str, Any]:
     from nightstack.align import align
     from nightstack.decoder import Decoder
     from nightstack.detect import StarFinder
+    from nightstack.live import LiveStack
     from nightstack.loaders import load
     from nightstack.pipeline import file_sha256
-    from nightstack.stack import FrameStore, LiveStack
+    from nightstack.store import FrameStore
     from nightstack.warp import warp
     from nightstack.writers import write_preview
 

@@ -105,9 +105,9 @@ def measure(quick: bool) -> dict[str, Any]:
         with timed(t["horizon_estimate"]):
             finder.estimate()
         with timed(t["ground"]):
-            ground.add(image, Normalization.identity(3), 1.0, path.name)
+            ground.add(frame, Normalization.identity(3), 1.0, path.name)
         with timed(t["ground_eighth"]):
-            small_ground.add(image, Normalization.identity(3), 1.0, path.name)
+            small_ground.add(frame, Normalization.identity(3), 1.0, path.name)
         with timed(t["fill"]):
             fill_ground(image, mask)
     assert trails is not None and ground is not None and ground.live is not None

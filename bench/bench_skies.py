@@ -24,7 +24,7 @@ def measure(quick: bool) -> dict[str, Any]:
     from nightstack.loaders import load
     from nightstack.normalize import SkySamples, estimate
     from nightstack.quality import transparency
-    from nightstack.stack import FrameStore
+    from nightstack.store import FrameStore
 
     frames = 3 if quick else 5
     paths = ensure_night(frames)

@@ -14,8 +14,10 @@ esac
 shift
 
 # Debian packages: a venv, a compiler and headers for wheels that may need building
-# (photutils and systemd-python on aarch64), libsystemd for systemd-python.
+# (photutils and systemd-python on aarch64), libsystemd for systemd-python; for the tests also
+# chromium and chromium-driver (the web page's browser tests, tests/test_web_browser.py).
 pkgs="python3-venv python3-dev build-essential pkg-config libsystemd-dev"
+if [ "$job" = test ]; then pkgs="$pkgs chromium chromium-driver"; fi
 missing=""
 if command -v dpkg-query >/dev/null 2>&1; then
   for p in $pkgs; do
@@ -25,11 +27,13 @@ if command -v dpkg-query >/dev/null 2>&1; then
 fi
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ]; then
+    # the package lists may be old or absent (a fresh container): refresh them first
+    DEBIAN_FRONTEND=noninteractive apt-get update -q
     # shellcheck disable=SC2086 # word splitting of the package list is intended
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing
   else
     echo "nightstack: missing Debian packages; please run:" >&2
-    echo "  sudo apt-get install -y$missing" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y$missing" >&2
   fi
 fi
 

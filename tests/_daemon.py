@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 TESTS = Path(__file__).resolve().parent
 
@@ -40,6 +43,8 @@ class Daemon:
             {
                 "NIGHTSTACK_STABLE_S": "0.5",  # backlog files count as complete sooner
                 "NIGHTSTACK_IDLE_TIMEOUT_S": "600",
+                "NIGHTSTACK_CHECKPOINT_MIN_INTERVAL_S": "0",  # checkpoints by frame count only
+                "NIGHTSTACK_WEB_ENABLED": "false",  # the web tests turn it on (--web)
                 "PYTHONPATH": os.pathsep.join(
                     [str(TESTS), *filter(None, [environment.get("PYTHONPATH")])]
                 ),
@@ -96,3 +101,24 @@ def journal(out: Path) -> list[dict[str, Any]]:
             record["session"] = path.parent.name
             lines.append(record)
     return lines
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size_mb: int) -> Iterator[Path]:
+    """A real small filesystem of ``size_mb`` MiB mounted at ``mount`` for a test, unmounted
+    after it; skips the test where mounting is not allowed (not root, no tmpfs)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

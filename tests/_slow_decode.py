@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from nightstack import loaders
-from nightstack.frames import Frame
+from nightstack.frames import Frame, Mosaic
 
 DELAY_S = 0.4  # a Pi decodes a 24 MP CR3 in a few seconds; 0.4 s is enough to be hit
 
 
-def load(path: str | Path, **kwargs: Any) -> Frame:
-    """``loaders.load`` after a pause of ``DELAY_S``."""
+def load(path: str | Path, **kwargs: Any) -> Frame | Mosaic:
+    """``loaders.decode_light`` after a pause of ``DELAY_S``."""
     time.sleep(DELAY_S)
-    return loaders.load(path, **kwargs)
+    return loaders.decode_light(path, **kwargs)

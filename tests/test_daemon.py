@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -292,3 +293,141 @@ def test_a_backlog_refreshes_the_preview_every_preview_every_s(
     assert d.stop() == 0
     waited = [int(m) for m in re.findall(r" queue=(\d+)", d.text())]
     assert len(waited) == BACKLOG and sum(q > 0 for q in waited) >= BACKLOG - 3  # it was behind
+
+
+def test_the_watchdog_is_fed_while_a_long_frame_is_stacked(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A frame whose store write and accumulation take longer than the watchdog period: the
+    pings continue from the feeder thread (without it the gap is the whole frame)."""
+    camera = tmp_path / "camera"
+    simulate_night(camera, frames=2, width=6000, height=4000, seed=8, nebula=False)
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    sock, path = _notify_socket(tmp_path)
+    messages: list[tuple[float, str]] = []
+    interval = 0.05  # WatchdogSec = 0.1 s: pings every 0.05 s
+    d = Daemon(watch, out, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
+    daemons.append(d)
+    _wait_message(sock, messages, "READY=1", 60, d)
+    done = threading.Event()  # read the socket all along, as systemd does: a full socket blocks
+
+    def read() -> None:
+        while not done.is_set():
+            _collect(sock, messages, 0.2)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for f in sorted(camera.glob("*.DNG")):
+            shutil.copy(f, watch / f.name)
+        wait_for(lambda: len(journal(out)) >= 2, 180, "two 24 MP frames", d)
+        assert d.stop() == 0
+    finally:
+        done.set()
+        reader.join()
+    sock.close()
+    stacked = [r for r in journal(out) if r["status"] == "accepted"]
+    slow = max(r["ms"].get("warp+store", 0) + r["ms"].get("accumulate", 0) for r in stacked)
+    assert slow > 10 * interval * 1000, slow  # the frame is long against the watchdog period
+    pings = [t for t, m in messages if m == "WATCHDOG=1"]
+    gaps = np.diff(pings)
+    # without the feeder the longest gap is the whole frame (measured 1.5 s vs 0.18 s at 6 MP)
+    assert len(pings) > 10 and gaps.max() < min(0.5 * slow / 1000, 0.4), (gaps.max(), slow)
+
+
+def test_a_resumed_session_keeps_its_own_settings_after_a_config_edit(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    config = tmp_path / "nightstack.toml"
+    config.write_text('normalize = "add"\nstack_sigma = 3.0\n')
+    for f in frames[:4]:
+        shutil.copy(f, watch / f.name)
+    first = Daemon(watch, out, "--config", str(config))
+    daemons.append(first)
+    wait_for(lambda: len(journal(out)) >= 4, 120, "four frames", first)
+    first.stop(signal.SIGKILL)
+    config.write_text('normalize = "none"\nstack_sigma = 2.5\n')  # edited during the night
+    second = Daemon(watch, out, "--config", str(config))
+    daemons.append(second)
+    wait_for(lambda: "watching" in second.text(), 60, "start-up", second)
+    for f in frames[4:]:
+        shutil.copy(f, watch / f.name)
+    wait_for(lambda: len(journal(out)) >= N_FRAMES, 120, "all frames", second)
+    assert second.stop() == 0
+    assert "apply from the next session" in second.text()
+    assert "normalize" in second.text() and "stack_sigma" in second.text()
+    lines = journal(out)
+    assert len({r["session"] for r in lines}) == 1
+    assert all(r["normalization"]["mode"] == "add" for r in lines)  # after the restart too
+    session = out / lines[0]["session"]
+    header = fits.getheader(session / "stack.fits")
+    assert header["STACKSIG"] == 3.0 and header["NORMALIZ"] == "add"
+    meta = json.loads((session / "session.json").read_text())
+    assert meta["settings"]["stack_sigma"] == 3.0 and meta["settings"]["normalize"] == "add"
+
+
+def test_checkpoints_are_paced_by_time(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in frames:
+        shutil.copy(f, watch / f.name)
+    env = {
+        "NIGHTSTACK_CHECKPOINT_EVERY_FRAMES": "1",
+        "NIGHTSTACK_CHECKPOINT_MIN_INTERVAL_S": "3600",
+    }
+    d = Daemon(watch, out, env=env)
+    daemons.append(d)
+    wait_for(lambda: len(journal(out)) >= N_FRAMES, 120, "all frames", d)
+    (manifest,) = out.glob("*/checkpoint/live/live.json")
+    state = json.loads((manifest.parent.parent / "state.json").read_text())
+    d.stop(signal.SIGKILL)
+    assert state["frames"] == 1  # one checkpoint, after the first frame; then none for an hour
+
+
+def _live_fits_after(out: Path, frames: int) -> np.ndarray | None:
+    """The session's live.fits once it holds ``frames`` frames, else None."""
+    for path in out.glob("*/live.fits"):
+        try:
+            with fits.open(path) as hdul:
+                if hdul[0].header["NCOMBINE"] == frames:
+                    return np.asarray(hdul[0].data, dtype=np.float32)
+        except (OSError, KeyError):
+            continue
+    return None
+
+
+def test_the_live_stack_resumed_after_kill_9_equals_an_uninterrupted_one(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    env = {"NIGHTSTACK_CHECKPOINT_EVERY_FRAMES": "2", "NIGHTSTACK_LIVE_FITS_EVERY_S": "0"}
+    stacks = []
+    for run, kill_after in (("plain", None), ("killed", 4)):
+        watch, out = tmp_path / run / "watch", tmp_path / run / "out"
+        watch.mkdir(parents=True)
+        for f in frames:
+            shutil.copy(f, watch / f.name)
+        d = Daemon(watch, out, env=env)
+        daemons.append(d)
+        if kill_after is not None:
+            wait_for(lambda out=out, n=kill_after: len(journal(out)) >= n, 120, "frames", d)
+            d.stop(signal.SIGKILL)
+            d = Daemon(watch, out, env=env)
+            daemons.append(d)
+        found: list[np.ndarray] = []
+
+        def complete(out: Path = out, found: list[np.ndarray] = found) -> bool:
+            stack = _live_fits_after(out, N_FRAMES)
+            if stack is not None:
+                found.append(stack)
+            return stack is not None
+
+        wait_for(complete, 120, "live.fits of every frame", d)
+        d.stop(signal.SIGKILL)
+        stacks.append(found[0])
+    plain, resumed = stacks
+    np.testing.assert_array_equal(resumed, plain)  # bit for bit, NaN where nothing covers

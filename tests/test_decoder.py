@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +19,10 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from nightstack.decoder import SHM_PREFIX, Decoder
+from nightstack.decoder import SHM_PREFIX, Decoder, TransientDecodeError
 from nightstack.errors import DecodeError
-from nightstack.frames import Frame
-from nightstack.loaders import load
+from nightstack.frames import Frame, Mosaic
+from nightstack.loaders import decode_light, load
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 M27 = REALDATA / "seq_als_m27_asi224mc" / "Light_1069.fits"
@@ -49,8 +50,19 @@ def _mapped_segments() -> list[str]:
     return [ln for ln in Path("/proc/self/maps").read_text().splitlines() if SHM_PREFIX in ln]
 
 
-def _assert_same_frame(a: Frame, b: Frame) -> None:
-    assert a.path == b.path and a.bin == b.bin and a.meta == b.meta
+def _assert_same_frame(a: Frame | Mosaic, b: Frame | Mosaic) -> None:
+    assert type(a) is type(b) and a.path == b.path and a.meta == b.meta
+    if isinstance(a, Mosaic) and isinstance(b, Mosaic):
+        assert (a.pattern, a.white_balance, a.saturation) == (
+            b.pattern,
+            b.white_balance,
+            b.saturation,
+        )
+        assert a.data.dtype == b.data.dtype
+        assert_array_equal(a.data, b.data)
+        return
+    assert isinstance(a, Frame) and isinstance(b, Frame)
+    assert a.bin == b.bin
     assert a.image.dtype == b.image.dtype and a.luminance.dtype == b.luminance.dtype
     assert_array_equal(a.image, b.image)
     assert_array_equal(a.luminance, b.luminance)
@@ -80,19 +92,28 @@ def fits_frame(tmp_path: Path) -> Path:
 
 
 def test_decode_equals_in_process_load(fits_frame: Path) -> None:
-    with Decoder(timeout_s=30, load_kwargs={"bin": 4}) as decoder:
+    with Decoder(timeout_s=30, load_kwargs={"bin": 4, "demosaic": "AHD"}) as decoder:
         frame = decoder.decode(fits_frame)
         _assert_same_frame(frame, load(fits_frame, bin=4))
+        assert isinstance(frame, Frame)
         assert frame.image.flags.c_contiguous and frame.image.flags.writeable
         assert frame.luminance.shape == (16, 24)
+
+
+def test_decode_mosaic_equals_in_process_decode(fits_frame: Path) -> None:
+    with Decoder(timeout_s=30) as decoder:  # the default: the mosaic of a Bayer file
+        mosaic = decoder.decode(fits_frame)
+        _assert_same_frame(mosaic, decode_light(fits_frame))
+        assert isinstance(mosaic, Mosaic) and mosaic.pattern == "RGGB"
+        assert mosaic.data.flags.c_contiguous and mosaic.data.flags.writeable
 
 
 @pytest.mark.skipif(not DNG.is_file(), reason="real data absent")
 def test_decode_real_dng_equals_in_process_load() -> None:
     with Decoder(timeout_s=60) as decoder:
-        frame = decoder.decode(DNG)
-        assert frame.image.shape == (2176, 4128, 3)
-        _assert_same_frame(frame, load(DNG))
+        mosaic = decoder.decode(DNG)
+        assert isinstance(mosaic, Mosaic) and mosaic.shape == (2176, 4128)
+        _assert_same_frame(mosaic, decode_light(DNG))
 
 
 def test_hang_times_out_and_next_file_decodes(fits_frame: Path, tmp_path: Path) -> None:
@@ -101,23 +122,24 @@ def test_hang_times_out_and_next_file_decodes(fits_frame: Path, tmp_path: Path) 
         hung_pid = decoder.pid
         assert hung_pid is not None
         start = time.monotonic()
-        with pytest.raises(DecodeError, match=r"^decode timed out after 2 s$"):
-            decoder.decode(tmp_path / "frame_hang.fits")
+        with pytest.raises(TransientDecodeError, match=r"^decode timed out after 2 s$"):
+            decoder.decode(tmp_path / "frame_hang.fits")  # transient: worth one more try
         elapsed = time.monotonic() - start
         assert SHORT_TIMEOUT_S <= elapsed < SHORT_TIMEOUT_S + 3.0
         assert _gone(hung_pid)  # killed, not left spinning
-        _assert_same_frame(decoder.decode(fits_frame), load(fits_frame))
+        _assert_same_frame(decoder.decode(fits_frame), decode_light(fits_frame))
         assert decoder.pid not in (None, hung_pid)
 
 
 def test_sigsegv_is_reported_and_next_file_decodes(fits_frame: Path, tmp_path: Path) -> None:
     with Decoder(timeout_s=30, decode_fn=FAULTY) as decoder:
-        with pytest.raises(DecodeError, match=r"^decoder crashed \(signal SIGSEGV\)$"):
+        with pytest.raises(DecodeError, match=r"^decoder crashed \(signal SIGSEGV\)$") as err:
             decoder.decode(tmp_path / "frame_crash.fits")
-        _assert_same_frame(decoder.decode(fits_frame), load(fits_frame))
+        assert not isinstance(err.value, TransientDecodeError)  # LibRaw would crash again
+        _assert_same_frame(decoder.decode(fits_frame), decode_light(fits_frame))
         with pytest.raises(DecodeError, match="SIGSEGV"):  # and again: restarts are repeatable
             decoder.decode(tmp_path / "again_crash.fits")
-        _assert_same_frame(decoder.decode(fits_frame), load(fits_frame))
+        _assert_same_frame(decoder.decode(fits_frame), decode_light(fits_frame))
 
 
 def test_decode_error_in_child_keeps_its_reason(tmp_path: Path, fits_frame: Path) -> None:
@@ -131,10 +153,64 @@ def test_decode_error_in_child_keeps_its_reason(tmp_path: Path, fits_frame: Path
             with pytest.raises(DecodeError) as in_child:
                 decoder.decode(path)
             with pytest.raises(DecodeError) as in_process:
-                load(path)
+                decode_light(path)
             assert in_child.value.reason == in_process.value.reason
+            assert not isinstance(in_child.value, TransientDecodeError)  # the content is bad
+            assert decoder.last_error() is in_child.value
         assert decoder.pid == pid  # an ordinary bad file does not cost a restart
         decoder.decode(fits_frame)
+
+
+def test_a_child_killed_by_sigkill_is_transient_and_restarted(
+    fits_frame: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAULTY_DECODE_STATE", str(tmp_path))  # inherited by the child
+    with Decoder(timeout_s=30, decode_fn=FAULTY) as decoder:
+        decoder.decode(fits_frame)
+        pid = decoder.pid
+        assert pid is not None
+        raised: list[BaseException] = []
+
+        def decode_stalled() -> None:
+            try:
+                decoder.decode(tmp_path / "frame_stall.fits")
+            except DecodeError as err:
+                raised.append(err)
+
+        worker = threading.Thread(target=decode_stalled)
+        worker.start()
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "frame_stall.fits.decoding").exists():
+            assert time.monotonic() < deadline, "the stalled decode never began"
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer does, mid-decode
+        worker.join(20)
+        (err,) = raised
+        assert isinstance(err, TransientDecodeError)
+        assert err.reason == "decoder killed (signal SIGKILL: out of memory?)"
+        assert decoder.last_error() is None  # per thread: this one's last decode succeeded
+        _assert_same_frame(decoder.decode(fits_frame), load(fits_frame))
+        assert decoder.pid not in (None, pid)
+
+
+def test_a_read_error_in_the_child_is_transient(
+    fits_frame: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAULTY_DECODE_STATE", str(tmp_path))
+    with Decoder(timeout_s=30, decode_fn=FAULTY) as decoder:
+        pid = decoder.pid
+        with pytest.raises(
+            TransientDecodeError, match=r"^cannot read file \(OSError: .*Input/output"
+        ) as err:
+            decoder.decode(tmp_path / "frame_eio.fits")
+        assert decoder.last_error() is err.value
+        assert decoder.pid == pid  # the child survives a read error
+        once = tmp_path / "frame_eioonce.fits"
+        once.write_bytes(fits_frame.read_bytes())
+        with pytest.raises(TransientDecodeError):
+            decoder.decode(once)
+        _assert_same_frame(decoder.decode(once), load(once))  # the second attempt works
+        assert decoder.last_error() is None
 
 
 def test_close_leaves_no_process_and_no_mapping(fits_frame: Path) -> None:
@@ -143,12 +219,13 @@ def test_close_leaves_no_process_and_no_mapping(fits_frame: Path) -> None:
     pid = decoder.pid
     assert pid is not None
     assert _our_shm_files() == []  # unlinked as soon as mapped
-    assert len(_mapped_segments()) == 2  # image and luminance, alive with the frame
+    assert len(_mapped_segments()) == 1  # the mosaic's data, alive with the frame
     decoder.close()
     decoder.close()  # idempotent
     assert _gone(pid)
     assert decoder.pid is None
-    assert float(frame.image.sum()) > 0  # the frame outlives the decoder
+    assert isinstance(frame, Mosaic)
+    assert float(frame.data.sum()) > 0  # the frame outlives the decoder
     del frame
     gc.collect()
     assert _mapped_segments() == []  # memory returned with the arrays

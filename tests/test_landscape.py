@@ -20,6 +20,7 @@ from nightstack.config import Settings, load_settings
 from nightstack.decoder import Decoder
 from nightstack.detect import StarFinder
 from nightstack.dng import write_dng
+from nightstack.frames import Frame
 from nightstack.landscape import (
     REFINE_FRAMES,
     HorizonFinder,
@@ -113,13 +114,23 @@ def _distance_to_horizon(sky: np.ndarray) -> np.ndarray:
     return np.where(sky, d_sky, -d_ground)
 
 
-def _gradient_energy(image: np.ndarray, where: np.ndarray) -> float:
+def _gradients(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lum = np.nan_to_num(image.mean(axis=2))
     gx = np.zeros_like(lum)
     gy = np.zeros_like(lum)
     gx[:, :-1] = np.diff(lum, axis=1)
     gy[:-1] = np.diff(lum, axis=0)
-    return float(np.mean((gx**2 + gy**2)[where]))
+    return gx, gy
+
+
+def _gradient_energy(image: np.ndarray, single: np.ndarray, where: np.ndarray) -> float:
+    """The gradient energy of ``image`` that is the single frame's (the projection of its
+    gradients on the noise-free single frame's, over the single frame's own energy): 1 for
+    the same edges, less when they are smeared; the stack's residual noise, uncorrelated with
+    the truth, averages out."""
+    ix, iy = _gradients(image)
+    sx, sy = _gradients(single)
+    return float(np.sum((ix * sx + iy * sy)[where]) / np.sum((sx * sx + sy * sy)[where]))
 
 
 def _fwhm(image: np.ndarray, sky: np.ndarray) -> float:
@@ -149,12 +160,11 @@ def test_freeze_keeps_the_ground_sharp_where_blur_smears_it(night: dict[str, Any
     sky = _true_sky(night["truth"])
     distance = _distance_to_horizon(sky)
     ground = distance <= -4
-    single = _gradient_energy(night["single"], ground)
-    frozen = _gradient_energy(night["freeze"][1], ground) / single
-    blurred = _gradient_energy(night["blur"][1], ground) / single
-    assert frozen >= 0.95, frozen
-    assert frozen <= 1.25, frozen  # the stack's residual noise adds a little, no more
-    assert blurred < 0.6, blurred
+    single = night["single"]
+    frozen = _gradient_energy(night["freeze"][1], single, ground)
+    blurred = _gradient_energy(night["blur"][1], single, ground)
+    assert 0.95 <= frozen <= 1.05, frozen
+    assert blurred < 0.5, blurred
 
 
 def test_freeze_leaves_the_sky_stars_as_sharp_as_the_aligned_stack(night: dict[str, Any]) -> None:
@@ -220,7 +230,9 @@ def test_no_star_light_on_the_ground_side_and_no_seam(night: dict[str, Any]) -> 
 
     # no seam: the level of star-free pixels (less the truth), by distance from the horizon,
     # goes from the ground's to the sky's without a dip or bump beyond either (both sides
-    # carry offsets of ~0.3 sigma of their own: noise bias of the decode, normalization)
+    # carry offsets of ~0.3 sigma of their own: noise bias of the decode, normalization); the
+    # 2 px either side of the edge are left out: there the single frame's demosaic mixes
+    # ground into sky, which the composite (ground and sky stacked apart) does not
     truth = night["truth"]
     stars = np.column_stack([truth["stars"]["x"], truth["stars"]["y"]])
     near_star = np.zeros(sky.shape, np.uint8)
@@ -238,6 +250,8 @@ def test_no_star_light_on_the_ground_side_and_no_seam(night: dict[str, Any]) -> 
         sides = (level(-40, -20), level(30, 50))
         worst = 0.0
         for d in range(-20, 30, 2):
+            if -2 <= d <= 0:
+                continue  # within the demosaic's reach of the edge (the truth's own bleed)
             value = level(d, d + 2)
             worst = max(worst, value - max(sides), min(sides) - value)
         seams[name] = worst / sigma
@@ -293,7 +307,8 @@ def test_a_tracked_mount_gives_no_answer_and_the_ratio_is_used(
     with caplog.at_level(logging.WARNING, logger="nightstack.landscape"):
         for _ in range(REFINE_FRAMES):
             lum = sky + rng.normal(0, 0.003, sky.shape).astype(np.float32)
-            landscape.add(image, lum, np.eye(2, 3), Normalization.identity(3), 1.0, "f")
+            frame = Frame(tmp_path / "f.dng", image, lum, 2)
+            landscape.add(frame, np.eye(2, 3), Normalization.identity(3), 1.0)
     assert landscape.mask is not None and landscape.mask.source == "ratio"
     assert "nothing moves" in (landscape.mask.note or "")
     assert any("no clear answer" in r.getMessage() for r in caplog.records)
@@ -334,7 +349,9 @@ def test_the_preview_composite_is_the_shrunk_full_composite(tmp_path: Path) -> N
     sky = rng.random((rows, cols, 3), dtype=np.float32)
     stack = GroundStack(tmp_path / "g", (rows, cols), 3, top, kappa=3.0, warmup=3)
     frame = rng.random((rows, cols, 3), dtype=np.float32) * 0.5
-    stack.add(frame, Normalization.identity(3), 1.0, "f")
+    stack.add(
+        Frame(tmp_path / "f", frame, frame.mean(axis=2), 1), Normalization.identity(3), 1.0, "f"
+    )
     assert stack.live is not None
     mask = SkyMask.from_horizon(np.full(cols, 220.0), rows)
     weight = blend_weights(mask, top, 12.0)

@@ -116,7 +116,7 @@ def test_star_trails_span_the_simulated_rotation(
         if lit:
             assert (share > 0.25).all(), share
         else:
-            assert (share < 0.15).all(), share
+            assert (share < 0.2).all(), share
 
 
 def test_the_timelapse_has_one_decodable_frame_per_light(
@@ -188,6 +188,7 @@ def test_a_resumed_session_keeps_its_products_and_its_ground(
             "output_dir": tmp_path,
             "timelapse_width": 200,
             "checkpoint_every_frames": 2,
+            "checkpoint_min_interval_s": 0,
             "landscape": "freeze",
         },
         use_default=False,

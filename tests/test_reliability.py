@@ -29,7 +29,7 @@ import pytest
 import tifffile
 from astropy.io import fits
 
-from _daemon import Daemon, journal, wait_for
+from _daemon import Daemon, journal, tmpfs, wait_for
 from nightstack.dng import write_dng
 from nightstack.simulate import simulate_night
 
@@ -252,21 +252,218 @@ def test_a_hanging_or_crashing_decoder_costs_one_frame(
     assert copy_and_wait(night[0], watch / "IMG_0000.DNG", out, 1, d)["status"] == "accepted"
     started = time.monotonic()
     hung = copy_and_wait(night[1], watch / "IMG_0001_hang.DNG", out, 2, d)
-    assert hung["status"] == "rejected" and hung["reason"] == "decode timed out after 3 s"
+    timed_out = "decode timed out after 3 s"
+    assert hung["status"] == "rejected" and hung["reason"].startswith(f"{timed_out}; retried")
     assert time.monotonic() - started < 30
-    after_hang = copy_and_wait(night[2], watch / "IMG_0002.DNG", out, 3, d)
+    # a timeout may pass: retried once the queue is empty, it hangs again and is given up
+    again = wait_for(lambda: len(journal(out)) >= 3 and journal(out), 60, "the retry", d)[-1]
+    assert Path(again["file"]).name == "IMG_0001_hang.DNG"
+    assert again["status"] == "rejected" and again["reason"] == f"{timed_out}, again on the retry"
+    after_hang = copy_and_wait(night[2], watch / "IMG_0002.DNG", out, 4, d)
     assert after_hang["status"] == "accepted"
-    crashed = copy_and_wait(night[3], watch / "IMG_0003_crash.DNG", out, 4, d)
+    crashed = copy_and_wait(night[3], watch / "IMG_0003_crash.DNG", out, 5, d)
     assert crashed["status"] == "rejected"
-    assert crashed["reason"] == "decoder crashed (signal SIGSEGV)"
-    assert copy_and_wait(night[4], watch / "IMG_0004.DNG", out, 5, d)["status"] == "accepted"
+    assert crashed["reason"] == "decoder crashed (signal SIGSEGV)"  # would crash again: no retry
+    assert copy_and_wait(night[4], watch / "IMG_0004.DNG", out, 6, d)["status"] == "accepted"
     assert d.alive() and d.pid == d.proc.pid
     log = d.text()
-    assert "IMG_0001_hang.DNG rejected (decode timed out after 3 s)" in log
+    assert f"IMG_0001_hang.DNG rejected ({timed_out}; retried once the queue is empty)" in log
     assert "IMG_0003_crash.DNG rejected (decoder crashed (signal SIGSEGV))" in log
     assert d.stop() == 0
+    assert len(lines_of(journal(out), "IMG_0003_crash.DNG")) == 1
     (meta,) = sessions(out)
-    assert meta["accepted"] == 3 and meta["rejected"] == 2
+    assert meta["accepted"] == 3 and meta["rejected"] == 2  # files: the hang once, the crash
+
+
+# --------------------------------------------------------------------------- transient faults
+
+
+def lines_of(lines: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [r for r in lines if Path(r["file"]).name == name]
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_first_attempt(record: dict[str, Any], reason: str, content: str | None) -> None:
+    """``record`` is the journal line of a first attempt kept for its retry."""
+    assert record["status"] == "rejected" and record["retry"] is True, record
+    assert record["reason"].startswith(reason), record
+    assert record["reason"].endswith("; retried once the queue is empty"), record
+    assert record["sha256"] is None and record["retry_sha256"] == content, record
+
+
+def test_transient_faults_are_retried_once_when_the_queue_is_empty(
+    night: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out, state, staging = (tmp_path / n for n in ("watch", "out", "state", "staging"))
+    for folder in (watch, state, staging):
+        folder.mkdir()
+    env = {
+        "NIGHTSTACK_DECODE_TIMEOUT_S": "5",  # more than a stalled decode (2 s) takes
+        "NIGHTSTACK_FOLLOW_SYMLINKS": "true",
+        "FAULTY_DECODE_STATE": str(state),  # read by tests/_faulty_decode.py in the child
+    }
+    d = Daemon(watch, out, env=env, decode_fn=FAULTY)
+    daemons.append(d)
+    wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
+    copy_and_wait(night[0], watch / "IMG_0000.DNG", out, 1, d)  # the reference
+    sources = {
+        "IMG_0001_hangonce.DNG": night[1],  # the first decode hangs: timed out
+        "IMG_0002_stall.DNG": night[2],  # its decoder child is killed with SIGKILL, below
+        "IMG_0003_eioonce.DNG": night[3],  # the first read fails with EIO
+        "IMG_0004_eio.DNG": night[4],  # every read fails with EIO
+        "IMG_0005_crash.DNG": night[5],  # SIGSEGV in LibRaw's place: not transient
+        "IMG_0006_lag.DNG": night[6],
+        "IMG_0007_lag.DNG": night[7],
+    }
+    for name, src in sources.items():
+        shutil.copy(src, staging / name)
+    dng = night[1].read_bytes()
+    (staging / "IMG_0008_cut.DNG").write_bytes(dng[: len(dng) // 2])  # truncated: not retried
+    noise = np.random.default_rng(3).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    (staging / "IMG_0009_noise.DNG").write_bytes(noise)  # not an image: not retried
+    for p in sorted(staging.iterdir()):  # all at once: the later frames wait behind the faults
+        os.rename(p, watch / p.name)
+    # a real EIO while hashing: a read of /proc/self/mem at offset 0 fails with EIO
+    (watch / "IMG_0010_mem.DNG").symlink_to("/proc/self/mem")
+    names = [*sorted(sources), "IMG_0008_cut.DNG", "IMG_0009_noise.DNG", "IMG_0010_mem.DNG"]
+
+    marker = state / "IMG_0002_stall.DNG.decoding"
+    wait_for(marker.exists, 60, "the stalled decode", d)
+    os.kill(int(marker.read_text()), signal.SIGKILL)  # what the kernel's OOM killer does
+    retried = ["IMG_0001_hangonce.DNG", "IMG_0002_stall.DNG", "IMG_0003_eioonce.DNG"]
+    retried += ["IMG_0004_eio.DNG", "IMG_0010_mem.DNG"]
+    total = 1 + len(names) + len(retried)
+    lines = wait_for(lambda: len(journal(out)) >= total and journal(out), 120, "retries", d)
+    assert len(lines) == total, [(Path(r["file"]).name, r["reason"]) for r in lines]
+    order = [Path(r["file"]).name for r in lines]
+    # every first attempt came before any retry: the retries waited for an empty queue
+    assert sorted(order[1 : 1 + len(names)]) == sorted(names), order
+    assert sorted(order[1 + len(names) :]) == sorted(retried), order
+    assert "retrying" in d.text()
+
+    hang, stall, eio_once, eio, mem = (lines_of(lines, n) for n in retried)
+    assert_first_attempt(hang[0], "decode timed out after 5 s", sha256_of(watch / retried[0]))
+    assert_first_attempt(
+        stall[0], "decoder killed (signal SIGKILL: out of memory?)", sha256_of(watch / retried[1])
+    )
+    assert_first_attempt(
+        eio_once[0],
+        "cannot read file (OSError: [Errno 5] Input/output error",
+        sha256_of(watch / retried[2]),
+    )
+    assert_first_attempt(
+        eio[0], "cannot read file (OSError: [Errno 5]", sha256_of(watch / retried[3])
+    )
+    assert_first_attempt(mem[0], "cannot read file: Input/output error", None)
+    for second, name in ((hang[1], retried[0]), (stall[1], retried[1]), (eio_once[1], retried[2])):
+        assert second["status"] == "accepted" and second["sha256"] == sha256_of(watch / name)
+        assert "retry" not in second
+    assert eio[1]["status"] == "rejected" and eio[1]["reason"].endswith(", again on the retry")
+    assert eio[1]["sha256"] == sha256_of(watch / retried[3])  # now processed for good
+    assert mem[1]["status"] == "rejected" and mem[1]["sha256"] is None
+    for name, reason in (
+        ("IMG_0005_crash.DNG", "decoder crashed (signal SIGSEGV)"),
+        ("IMG_0008_cut.DNG", "truncated"),
+        ("IMG_0009_noise.DNG", "unsupported raw format"),
+    ):
+        (only,) = lines_of(lines, name)
+        assert only["status"] == "rejected" and reason in only["reason"] and "retry" not in only
+    assert [r["status"] for r in lines_of(lines, "IMG_0006_lag.DNG")] == ["accepted"]
+    assert d.stop() == 0
+    (meta,) = sessions(out)
+    assert meta["accepted"] == 6  # the reference, two lag frames, three on their retry
+
+    # a restart: every frame with a content hash was processed for good, none is tried again
+    again = Daemon(watch, out, env=env, decode_fn=FAULTY)
+    daemons.append(again)
+    known = 1 + len(names) - 1  # all but the unreadable symlink
+    wait_for(lambda: again.text().count("already processed") >= known, 60, "the scan", again)
+    wait_for(lambda: len(journal(out)) > total, 60, "the unreadable file's new try", again)
+    assert again.stop() == 0
+    (new,) = journal(out)[total:]
+    assert Path(new["file"]).name == "IMG_0010_mem.DNG" and new["status"] == "rejected"
+    assert new["reason"].endswith("again on the retry")  # no content hash: tried once a start
+
+
+def test_a_retry_cut_short_by_kill_9_happens_once_after_the_restart(
+    night: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    watch, out, state = tmp_path / "watch", tmp_path / "out", tmp_path / "state"
+    watch.mkdir()
+    state.mkdir()
+    names = ["IMG_0000.DNG", "IMG_0001_eioonce.DNG", "IMG_0002_eio.DNG"]
+    names += [f"IMG_{i:04d}_lag.DNG" for i in range(3, 8)]  # they keep the queue busy
+    for name, src in zip(names, night, strict=True):  # the backlog
+        shutil.copy(src, watch / name)
+    env = {"FAULTY_DECODE_STATE": str(state)}
+    first = Daemon(watch, out, env=env, decode_fn=FAULTY)
+    daemons.append(first)
+
+    def both_failed_once() -> bool:
+        lines = journal(out)
+        return all(len(lines_of(lines, n)) == 1 for n in names[1:3])
+
+    wait_for(both_failed_once, 90, "the two first attempts", first)
+    first.stop(signal.SIGKILL)  # frames still wait: the retries have not come yet
+    lines = journal(out)
+    assert all(len(lines_of(lines, n)) == 1 for n in names[1:3]), lines
+    assert not any(Path(r["file"]).name == names[-1] for r in lines), "the queue was empty"
+
+    second = Daemon(watch, out, env=env, decode_fn=FAULTY)
+    daemons.append(second)
+    wait_for(lambda: len(journal(out)) >= len(names) + 2, 90, "every frame and retry", second)
+    assert second.stop() == 0
+    lines = journal(out)
+    assert len(lines) == len(names) + 2 and len({r["session"] for r in lines}) == 1  # resumed
+    once, always = lines_of(lines, names[1]), lines_of(lines, names[2])
+    assert_first_attempt(once[0], "cannot read file", sha256_of(watch / names[1]))
+    assert once[1]["status"] == "accepted" and once[1]["sha256"] == sha256_of(watch / names[1])
+    assert_first_attempt(always[0], "cannot read file", sha256_of(watch / names[2]))
+    assert always[1]["status"] == "rejected" and always[1]["reason"].endswith("on the retry")
+    for name in [names[0], *names[3:]]:
+        assert [r["status"] for r in lines_of(lines, name)] == ["accepted"], name
+    (meta,) = sessions(out)
+    assert meta["accepted"] == len(names) - 1
+
+    third = Daemon(watch, out, env=env, decode_fn=FAULTY)  # and never again
+    daemons.append(third)
+    scan = len(names)
+    wait_for(lambda: third.text().count("already processed") >= scan, 60, "the scan", third)
+    assert third.stop() == 0
+    assert len(journal(out)) == len(names) + 2
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_a_truncated_file_that_is_completed_later_is_stacked(
+    night: list[Path], tmp_path: Path, daemons: list[Daemon], polling: bool
+) -> None:
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    d = Daemon(watch, out, *(["--polling"] if polling else []))
+    daemons.append(d)
+    wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
+    copy_and_wait(night[0], watch / "IMG_0000.DNG", out, 1, d)
+    dng = night[1].read_bytes()
+    target = watch / "IMG_0001.DNG"
+    with target.open("wb") as fh:  # a writer that stops half-way and closes the file
+        fh.write(dng[: len(dng) // 2])
+    half = sha256_of(target)
+    lines = wait_for(lambda: len(journal(out)) >= 2 and journal(out), 60, "the half file", d)
+    assert lines[1]["status"] == "rejected" and "truncated" in lines[1]["reason"], lines[1]
+    assert lines[1]["sha256"] == half and "retry" not in lines[1]  # not retried
+    time.sleep(1.0)  # nothing more happens to it on its own
+    assert len(journal(out)) == 2
+    with target.open("ab") as fh:  # ... then opens it again and appends the rest
+        fh.write(dng[len(dng) // 2 :])
+    lines = wait_for(lambda: len(journal(out)) >= 3 and journal(out), 60, "the whole file", d)
+    assert lines[2]["status"] == "accepted" and lines[2]["sha256"] == sha256_of(night[1])
+    assert Path(lines[2]["file"]) == target
+    assert d.stop() == 0
+    (meta,) = sessions(out)
+    assert meta["accepted"] == 2 and meta["rejected"] == 1
 
 
 # --------------------------------------------------------------------------- wrong frames
@@ -425,19 +622,8 @@ def test_a_burst_of_200_files_each_once_with_flat_memory(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 48 MiB tmpfs the test can fill (skips where mounting is not allowed)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=48m,mode=0755", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", 48) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(disk: Path, leave: int = 0) -> Path:
@@ -472,7 +658,14 @@ def test_disk_full_loses_nothing_and_recovers(
     for i in range(3):
         copy_and_wait(night[i], watch / night[i].name, out, i + 1, d)
     (session,) = [p.parent for p in out.glob("*/session.json")]
-    wait_for(lambda: (session / "preview.jpg").exists(), 30, "a preview", d)
+
+    def preview_of_the_last_frame() -> bool:  # written after that frame's journal line
+        with contextlib.suppress(FileNotFoundError):
+            written = (session / "preview.jpg").stat().st_mtime_ns
+            return written >= (session / "journal.jsonl").stat().st_mtime_ns
+        return False
+
+    wait_for(preview_of_the_last_frame, 30, "the third frame's preview", d)
     preview = fingerprint(session / "preview.jpg")
     journal_before = (session / "journal.jsonl").read_bytes()
 

@@ -14,7 +14,9 @@ import pytest
 from astropy.stats import sigma_clip
 from numpy.testing import assert_allclose
 
-from nightstack.stack import QUANT_MAX, FrameStore, LiveStack, Method, combine
+from nightstack.combine import Method, combine
+from nightstack.live import LiveStack
+from nightstack.store import QUANT_MAX, FrameStore
 from nightstack.warp import warp
 from nightstack.writers import write_preview
 

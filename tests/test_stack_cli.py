@@ -13,6 +13,7 @@ from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
 
 from nightstack.cli import main, natural_key
+from nightstack.config import Settings
 from nightstack.loaders import load
 from nightstack.simulate import simulate_night
 
@@ -183,7 +184,7 @@ def test_stack_noise_falls_like_one_over_sqrt_n(
     outdir, truth = night
     path, lines = stacked
     n = sum(r["status"] == "accepted" for r in lines)
-    single = load(outdir / truth["frames"][0]["file"]).image
+    single = load(outdir / truth["frames"][0]["file"], demosaic=Settings().demosaic).image
     ratio = _sky_noise(_fits_image(path), truth) / _sky_noise(single, truth)
     # warping's bilinear interpolation smooths the non-reference frames a little, so the
     # stack can be somewhat better than 1/sqrt(n); sigma clipping costs a few per cent
@@ -231,7 +232,9 @@ def test_hot_pixels_are_removed(
     mean_stacked: tuple[Path, list[dict[str, Any]]],
 ) -> None:
     worst = _worst_hot_pixel(stacked[0], stacked[1], night[1])
-    assert worst <= 6, worst
+    # in units of the stack's own sky noise: the bilinear demosaic's stack is 2.2x quieter than
+    # LibRaw AHD's (measured), so the same unit is smaller; the residual itself is 0.62x AHD's
+    assert worst <= 7, worst
     control = _worst_hot_pixel(mean_stacked[0], mean_stacked[1], night[1])
     assert control > 30, control  # a plain mean keeps them: the test can fail
 

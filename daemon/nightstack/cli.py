@@ -33,7 +33,11 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--sigma": ("stack_sigma", float, "sigma of the final sigma clip"),
     "--method": ("stack_method", str, "sigma_clip, mean, median or winsorized"),
     "--transform": ("transform_model", str, "similarity or affine"),
-    "--demosaic": ("demosaic", str, "LibRaw demosaic algorithm (AHD, LINEAR, DHT, ...)"),
+    "--demosaic": (
+        "demosaic",
+        str,
+        "bilinear or edge-aware (OpenCV, on the mosaic), or LibRaw AHD, LINEAR, DHT, ...",
+    ),
     "--white-balance": ("white_balance", str, "camera, daylight, auto or 4 multipliers"),
     "--decode-timeout": ("decode_timeout_s", float, "abandon a decode after this many seconds"),
     "--ram-cap-mb": ("ram_cap_mb", int, "RAM cap of the final combine"),
@@ -217,6 +221,10 @@ def _watch_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for dest, kind, _ in _WATCH_FLAGS.values():
         value = getattr(args, dest)
         values[dest] = (value or None) if kind == "store_true" else value
+    # --- web ---
+    values["web_listen"] = args.web
+    values["web_enabled"] = False if args.no_web else (True if args.web else None)
+    # --- end web ---
     return values
 
 
@@ -297,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=dest, action="store_true", help=text)
         else:
             p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    # --- web ---
+    p.add_argument("--web", metavar="HOST:PORT", default=None, help="serve the web page here")
+    p.add_argument("--no-web", action="store_true", help="no web page or API")
+    # --- end web ---
     _add_setting_flags(p, list(_SETTING_FLAGS))
     _add_product_flags(p)
     p.set_defaults(func=_cmd_watch)

@@ -25,7 +25,7 @@ SYSTEM_CONFIG = Path("/etc/nightstack/nightstack.toml")
 # sources in a classmethod with no per-call arguments.
 _toml_data: ContextVar[dict[str, Any] | None] = ContextVar("_toml_data", default=None)
 
-Demosaic = Literal["AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD"]
+Demosaic = Literal["bilinear", "edge-aware", "AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD"]
 StackMethod = Literal["sigma_clip", "mean", "median", "winsorized"]
 
 
@@ -76,7 +76,11 @@ class Settings(BaseSettings):
     )
 
     # --- decoding ---
-    demosaic: Demosaic = Field("AHD", description="LibRaw demosaic algorithm for raw files.")
+    demosaic: Demosaic = Field(
+        "bilinear",
+        description="'bilinear' or 'edge-aware' (OpenCV, on the calibrated mosaic of a Bayer "
+        "sensor); or a LibRaw algorithm (AHD, LINEAR, ...) for LibRaw's full decode instead.",
+    )
     white_balance: str = Field(
         "camera", description="'camera', 'daylight', 'auto' or four comma-separated multipliers."
     )
@@ -146,6 +150,16 @@ class Settings(BaseSettings):
         "moving moon glow), 'none'.",
     )
     ram_cap_mb: int = Field(512, ge=16, description="RAM cap of the final tile-by-tile combine.")
+    final: Literal["exact", "live"] = Field(
+        "exact",
+        description="The final stack: 'exact' (sigma clip of the stored frames; needs the frame "
+        "store's disk) or 'live' (the live stack; no frame store, for a small box).",
+    )
+    min_free_frames: int = Field(
+        20,
+        ge=0,
+        description="Warn (log, journal, status) when the free disk holds fewer frames than this.",
+    )
     weights: Literal["none", "fwhm"] = Field(
         "none", description="Per-frame weights in the combine."
     )
@@ -199,6 +213,12 @@ class Settings(BaseSettings):
         description="Checkpoint the live stack every K accepted frames (a resume re-adds at most "
         "K-1 frames from the frame store; a checkpoint writes 10 bytes per pixel and channel).",
     )
+    checkpoint_min_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="...and at most once this often (a backlog does not rewrite the checkpoint "
+        "every few seconds; a resume replays the frames since from the frame store).",
+    )
     idle_timeout_s: float = Field(
         1800.0, gt=0, description="Close the session after this long without a new frame."
     )
@@ -208,6 +228,39 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level."
     )
+
+    # --- web ---
+    web_enabled: bool = Field(
+        True, description="Serve the web page and JSON API from `nightstack watch`."
+    )
+    web_listen: str = Field(
+        "127.0.0.1:8080",
+        description="HOST:PORT of the web page; 0.0.0.0:8080 opens it to the LAN (set web_token).",
+    )
+    web_token: str | None = Field(
+        None,
+        description="Bearer token the web page's actions (close) need; without one, actions are "
+        "taken only from this machine (loopback).",
+    )
+
+    @field_validator("web_listen")
+    @classmethod
+    def _check_web_listen(cls, value: str) -> str:
+        from .web.address import parse_listen  # the one parser, shared with the server
+
+        parse_listen(value)
+        return value
+
+    @field_validator("web_token")
+    @classmethod
+    def _check_web_token(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if len(value) < 8 or not all(33 <= ord(ch) <= 126 for ch in value):
+            raise ValueError("expected at least 8 printable ASCII characters without spaces")
+        return value
+
+    # --- end web ---
 
     @field_validator("extensions")
     @classmethod

@@ -12,7 +12,11 @@ then serves requests one at a time:
 
 A child that does not answer within ``timeout_s`` is killed (SIGKILL) and restarted; one that
 dies (SIGSEGV, SIGABRT, OOM kill, ...) is restarted. Either way the caller gets a
-:class:`~nightstack.errors.DecodeError` and the next ``decode`` works normally. Shared-memory files
+:class:`~nightstack.errors.DecodeError` and the next ``decode`` works normally. A failure that
+may not happen again is a :class:`TransientDecodeError`: a timeout (a busy machine, a slow card), a
+child killed by SIGKILL (the kernel's OOM killer, an operator) and a read error (``EIO``); a
+crash by another signal (SIGSEGV: LibRaw on a corrupt file) and every reason about the file's
+content are not. Shared-memory files
 are named after the parent's pid and unlinked on every path; files left by a parent that was
 itself killed are swept when the next :class:`Decoder` starts.
 """
@@ -20,6 +24,7 @@ itself killed are swept when the next :class:`Decoder` starts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import importlib.util
 import mmap
@@ -44,9 +49,9 @@ from typing import Any
 import numpy as np
 
 from .errors import DecodeError
-from .frames import Frame, FrameMeta
+from .frames import Frame, FrameMeta, Mosaic
 
-DEFAULT_DECODE_FN = "nightstack.loaders:load"
+DEFAULT_DECODE_FN = "nightstack.loaders:decode_light"
 SHM_PREFIX = "nightstack-decode-"
 """Shared-memory file names: ``nightstack-decode-<parent pid>-<n>-<array>``."""
 
@@ -57,7 +62,26 @@ STOP_GRACE_S = 5.0
 """close(): time the child gets to leave its loop on its own before it is killed."""
 _ORPHAN_POLL_S = 1.0  # the child checks this often whether its parent is still alive
 _ARRAYS = ("image", "luminance")
+"""A Frame's arrays, in segment order; a Mosaic has one, ``data``, in the first segment."""
 _DECODE_FN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class TransientDecodeError(DecodeError):
+    """A decode that failed for a reason that may pass (see the module docstring): worth one
+    more try later, unlike a file that is truncated or not an image."""
+
+
+def read_error(err: BaseException) -> OSError | None:
+    """The ``EIO`` read error in ``err``'s chain of causes, if there is one (an error of the
+    storage, not of the file's content; LibRaw's own ``LibRawIOError`` is not an OSError)."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno == errno.EIO:
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 @dataclass
@@ -83,7 +107,7 @@ class Decoder:
         ``bin``); they must be picklable.
     decode_fn
         ``"module:function"`` importable in the child, called as ``fn(path, **load_kwargs)`` and
-        returning a :class:`~nightstack.frames.Frame`.
+        returning a :class:`~nightstack.frames.Frame` or :class:`~nightstack.frames.Mosaic`.
     shm_dir
         Where the shared-memory files go; default ``/dev/shm`` (RAM), else the temp directory.
 
@@ -115,6 +139,7 @@ class Decoder:
         self._child = _Child()
         self._closed = False
         self._requests = count()
+        self._last = threading.local()  # .error: what the calling thread's last decode raised
         _sweep_stale_segments(self.shm_dir)
         # Stops the child if the Decoder is dropped or the interpreter exits without close().
         self._finalizer = weakref.finalize(self, _stop_child, self._child, 0.0)
@@ -128,17 +153,38 @@ class Decoder:
         process = self._child.process
         return process.pid if process is not None and process.is_alive() else None
 
-    def decode(self, path: str | Path) -> Frame:
-        """Decode ``path`` in the child and return the frame (arrays backed by shared memory).
+    def decode(self, path: str | Path) -> Frame | Mosaic:
+        """Decode ``path`` in the child and return the frame (arrays backed by shared memory):
+        a :class:`~nightstack.frames.Mosaic` when the decode function gives one (the default,
+        ``loaders.decode_light``, does for Bayer raws and FITS), else a ``Frame``.
 
         Raises
         ------
+        TransientDecodeError
+            The decode timed out, the child was killed (SIGKILL) or reading the file failed
+            (EIO): it may work another time. After a timeout or a kill the child has already
+            been restarted.
         DecodeError
-            The file cannot be decoded (same reason as in-process), the decode timed out, or the
-            child crashed; in the last two cases the child has already been restarted.
+            The file cannot be decoded (same reason as in-process), or the child crashed (then
+            it has already been restarted).
         RuntimeError
             The decoder is closed.
         """
+        self._last.error = None
+        try:
+            return self._decode(path)
+        except DecodeError as err:
+            self._last.error = err
+            raise
+
+    def last_error(self) -> DecodeError | None:
+        """The DecodeError the calling thread's last :meth:`decode` raised, None if it
+        succeeded (or none ran): callers that keep only the reason can still tell a
+        :class:`TransientDecodeError`."""
+        error: DecodeError | None = getattr(self._last, "error", None)
+        return error
+
+    def _decode(self, path: str | Path) -> Frame | Mosaic:
         with self._lock:
             if self._closed:
                 raise RuntimeError("Decoder is closed")
@@ -201,7 +247,7 @@ class Decoder:
         reply = self._receive(STARTUP_TIMEOUT_S)
         if reply is None:
             _stop_child(self._child, 0.0)  # started again lazily by the next decode
-            raise DecodeError(f"decoder did not start within {STARTUP_TIMEOUT_S:g} s")
+            raise TransientDecodeError(f"decoder did not start within {STARTUP_TIMEOUT_S:g} s")
         if isinstance(reply, DecodeError):
             _stop_child(self._child, 0.0)
             raise DecodeError(f"decoder failed to start: {reply.reason}")
@@ -210,27 +256,38 @@ class Decoder:
             raise DecodeError(f"decoder failed to start: {reply[1]}")
         self._child.ready = True
 
-    def _request(self, path: str, names: list[Path]) -> Frame:
+    def _request(self, path: str, names: list[Path]) -> Frame | Mosaic:
         assert self._child.conn is not None
         with contextlib.suppress(OSError, EOFError):  # a dead child: _receive says how it died
             self._child.conn.send((path, [str(n) for n in names]))
         reply = self._receive(self.timeout_s)
         if reply is None:
             self._restart()
-            raise DecodeError(f"decode timed out after {self.timeout_s:g} s")
+            raise TransientDecodeError(f"decode timed out after {self.timeout_s:g} s")
         if isinstance(reply, DecodeError):
             self._restart()
             raise reply
         kind, payload = reply
         if kind == "error":
             raise DecodeError(payload)
+        if kind == "transient":
+            raise TransientDecodeError(payload)
         try:
             arrays = [
                 _map_segment(name, *spec)
-                for name, spec in zip(names, payload["arrays"], strict=True)
+                for name, spec in zip(names, payload["arrays"], strict=False)
             ]
         except OSError as err:
             raise DecodeError(f"cannot map decoded frame ({type(err).__name__}: {err})") from err
+        if "pattern" in payload:
+            return Mosaic(
+                path=Path(payload["path"]),
+                data=arrays[0],
+                pattern=payload["pattern"],
+                white_balance=payload["white_balance"],
+                saturation=payload["saturation"],
+                meta=payload["meta"],
+            )
         return Frame(
             path=Path(payload["path"]),
             image=arrays[0],
@@ -252,7 +309,8 @@ class Decoder:
         elif not ready:
             return None
         process.join(STOP_GRACE_S)
-        return DecodeError(_death_reason(process.exitcode))
+        killed = process.exitcode == -signal.SIGKILL  # the OOM killer's signal
+        return (TransientDecodeError if killed else DecodeError)(_death_reason(process.exitcode))
 
 
 # --- child side ----------------------------------------------------------------------------------
@@ -289,21 +347,34 @@ def _child_main(
 
 
 def _serve(
-    fn: Callable[..., Frame], path: str, names: list[Path], load_kwargs: dict[str, Any]
+    fn: Callable[..., Frame | Mosaic], path: str, names: list[Path], load_kwargs: dict[str, Any]
 ) -> tuple[str, Any]:
-    """Decode one file and export its arrays; ("ok", header) or ("error", reason)."""
+    """Decode one file and export its arrays; ("ok", header), or ("error", reason), or
+    ("transient", reason) for a read error (EIO)."""
     try:
         frame = fn(path, **load_kwargs)
+        meta: FrameMeta = frame.meta
+        if isinstance(frame, Mosaic):
+            return "ok", {
+                "arrays": [_write_segment(names[0], frame.data)],
+                "path": str(frame.path),
+                "pattern": frame.pattern,
+                "white_balance": frame.white_balance,
+                "saturation": frame.saturation,
+                "meta": meta,
+            }
         specs = [
             _write_segment(name, getattr(frame, a)) for name, a in zip(names, _ARRAYS, strict=True)
         ]
-        meta: FrameMeta = frame.meta
         return "ok", {"arrays": specs, "path": str(frame.path), "bin": frame.bin, "meta": meta}
     except Exception as err:
         for name in names:
             name.unlink(missing_ok=True)
+        kind = "transient" if read_error(err) is not None else "error"
         if isinstance(err, DecodeError):
-            return "error", err.reason
+            return kind, err.reason
+        if kind == "transient":
+            return kind, f"cannot read file ({type(err).__name__}: {err})"
         if isinstance(err, OSError) and err.errno == 28:  # ENOSPC
             return "error", f"no room for the decoded frame in {names[0].parent} ({err})"
         return "error", f"decoder error ({type(err).__name__}: {err})"
@@ -318,7 +389,7 @@ def _write_segment(name: Path, array: np.ndarray) -> tuple[str, tuple[int, ...]]
     return data.dtype.str, tuple(data.shape)
 
 
-def _resolve(decode_fn: str) -> Callable[..., Frame]:
+def _resolve(decode_fn: str) -> Callable[..., Frame | Mosaic]:
     module_name, _, function = decode_fn.partition(":")
     fn = getattr(importlib.import_module(module_name), function)
     if not callable(fn):
@@ -378,6 +449,8 @@ def _stop_child(child: _Child, grace_s: float) -> None:
 
 
 def _death_reason(exitcode: int | None) -> str:
+    if exitcode == -signal.SIGKILL:
+        return "decoder killed (signal SIGKILL: out of memory?)"
     if exitcode is not None and exitcode < 0:
         try:
             name = signal.Signals(-exitcode).name

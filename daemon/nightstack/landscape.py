@@ -39,10 +39,12 @@ import numpy as np
 import numpy.typing as npt
 from scipy.ndimage import median_filter
 
+from .combine import combine
 from .config import Settings
-from .frames import IDENTITY, FloatArray
+from .frames import IDENTITY, FloatArray, Frame, MosaicFrame
+from .live import LiveStack
 from .normalize import Normalization
-from .stack import FrameStore, LiveStack, combine
+from .store import FrameStore, MosaicLayout
 from .writers import write_bytes
 
 log = logging.getLogger("nightstack.landscape")
@@ -433,51 +435,62 @@ def composite(
     return np.asarray(out, dtype=np.float32)
 
 
-def fill_ground(image: FloatArray, mask: SkyMask) -> None:
-    """Replace the ground of a camera-frame image, in place, by the sky it hides: per channel a
-    quadratic surface fitted (stars clipped) to the sky in the ``_FILL_BAND_PX`` above the
-    horizon, extrapolated down. Warped onto the reference with the stars, a frame then brings
-    the sky's own background, not a dark moving ground, into the sky stack near the horizon
-    (the background is fixed to the ground, so the surface is what the sky would show there)."""
-    rows, cols = mask.shape
-    top = mask.ground_top
-    if top >= rows:
+def fill_ground(image: FloatArray | npt.NDArray[np.uint16], mask: SkyMask) -> None:
+    """Replace the ground of a camera-frame image, in place, by the sky it hides: per channel
+    (or, for a (rows, cols) uint16 sensor mosaic, per CFA site of the 2x2 tile) a quadratic
+    surface fitted (stars clipped) to the sky in the ``_FILL_BAND_PX`` above the horizon,
+    extrapolated down. Warped onto the reference with the stars, a frame then brings the sky's
+    own background, not a dark moving ground, into the sky stack near the horizon (the
+    background is fixed to the ground, so the surface is what the sky would show there)."""
+    if mask.ground_top >= mask.shape[0]:
         return
-    step = max(1, math.ceil(math.sqrt(rows * cols / _FILL_SAMPLES)))
-    ys, xs = np.mgrid[step // 2 : rows : step, step // 2 : cols : step]
-    height = mask.horizon[xs] - ys  # px above the horizon
-    near = (height > 2) & (height < _FILL_BAND_PX) & mask.sky[ys, xs]
+    if image.ndim == 2:  # a mosaic: each CFA site is its own plane
+        for y0 in (0, 1):
+            for x0 in (0, 1):
+                _fill_plane(image[y0::2, x0::2], mask, y0, x0, 2)
+        return
+    for c in range(image.shape[2]):
+        _fill_plane(image[:, :, c], mask, 0, 0, 1)
+
+
+def _fill_plane(
+    plane: npt.NDArray[np.generic], mask: SkyMask, y0: int, x0: int, stride: int
+) -> None:
+    """:func:`fill_ground` of one plane whose pixel (i, j) is the frame's (y0 + stride i,
+    x0 + stride j)."""
+    rows, cols = mask.shape
+    prow, pcol = plane.shape
+    step = max(1, math.ceil(math.sqrt(prow * pcol / _FILL_SAMPLES)))
+    iy, ix = np.mgrid[step // 2 : prow : step, step // 2 : pcol : step]
+    fy, fx = y0 + stride * iy, x0 + stride * ix
+    height = mask.horizon[fx] - fy  # px above the horizon
+    near = (height > 2) & (height < _FILL_BAND_PX) & mask.sky[fy, fx]
     if np.count_nonzero(near) < 12:
         return
-    u, v = xs[near] / max(cols - 1, 1), ys[near] / max(rows - 1, 1)
+    u, v = fx[near] / max(cols - 1, 1), fy[near] / max(rows - 1, 1)
     design = np.column_stack([np.ones_like(u), u, v, u * u, u * v, v * v])
-    values = np.asarray(image[ys[near], xs[near]], dtype=np.float64)  # (n, C)
-    gu = np.arange(cols) / max(cols - 1, 1)
-    surfaces = []
-    for c in range(image.shape[2]):
-        keep = np.ones(len(u), dtype=bool)
-        coeffs = np.zeros(6)
-        for _ in range(_FILL_ITERATIONS):  # stars, windows and hot pixels clipped
-            coeffs = np.linalg.lstsq(design[keep], values[keep, c], rcond=None)[0]
-            residual = values[:, c] - design @ coeffs
-            spread = 1.4826 * float(np.median(np.abs(residual[keep])))
-            keep = np.abs(residual) <= 3.0 * max(spread, 1e-12)
-        a, bu, bv, cuu, cuv, cvv = coeffs
-        # per row: (a + bu u + cuu u^2) + (bv + cuv u) v + cvv v^2
-        surfaces.append(
-            (
-                (a + bu * gu + cuu * gu * gu).astype(np.float32),
-                (bv + cuv * gu).astype(np.float32),
-                float(cvv),
-            )
-        )
-    for r0 in range(top, rows, _FILL_BAND_ROWS):  # a few MB at a time
-        r1 = min(rows, r0 + _FILL_BAND_ROWS)
-        gv = (np.arange(r0, r1) / max(rows - 1, 1)).astype(np.float32)[:, None]
-        ground = ~mask.sky[r0:r1]
-        for c, (flat, slope, curve) in enumerate(surfaces):
-            surface = flat + slope * gv + np.float32(curve) * gv * gv
-            np.copyto(image[r0:r1, :, c], surface, where=ground)
+    values = np.asarray(plane[iy[near], ix[near]], dtype=np.float64)
+    keep = np.ones(len(u), dtype=bool)
+    coeffs = np.zeros(6)
+    for _ in range(_FILL_ITERATIONS):  # stars, windows and hot pixels clipped
+        coeffs = np.linalg.lstsq(design[keep], values[keep], rcond=None)[0]
+        residual = values - design @ coeffs
+        spread = 1.4826 * float(np.median(np.abs(residual[keep])))
+        keep = np.abs(residual) <= 3.0 * max(spread, 1e-12)
+    a, bu, bv, cuu, cuv, cvv = coeffs
+    gu = (x0 + stride * np.arange(pcol)) / max(cols - 1, 1)
+    flat = (a + bu * gu + cuu * gu * gu).astype(np.float32)  # per row: flat + slope v + cvv v^2
+    slope = (bv + cuv * gu).astype(np.float32)
+    sky = mask.sky[y0::stride, x0::stride][:prow, :pcol]
+    first = max(0, (mask.ground_top - y0) // stride)
+    integer = np.issubdtype(plane.dtype, np.integer)
+    for r0 in range(first, prow, _FILL_BAND_ROWS):  # a few MB at a time
+        r1 = min(prow, r0 + _FILL_BAND_ROWS)
+        gv = ((y0 + stride * np.arange(r0, r1)) / max(rows - 1, 1)).astype(np.float32)[:, None]
+        surface = flat + slope * gv + np.float32(cvv) * gv * gv
+        if integer:  # mosaic codes
+            surface = np.clip(np.rint(surface), 0, np.iinfo(np.uint16).max)
+        np.copyto(plane[r0:r1], surface.astype(plane.dtype), where=~sky[r0:r1])
 
 
 # --------------------------------------------------------------------------- the ground stack
@@ -544,25 +557,34 @@ class GroundStack:
             self.live = LiveStack(ground, channels, kappa=kappa, warmup=warmup, store=self.store)
             self.live.catch_up()
 
-    def add(self, image: FloatArray, norm: Normalization, weight: float, name: str) -> None:
-        """Store rows ``top:`` of one frame ((rows, cols, C) float32, camera frame) with the
-        frame's normalization, and add them live."""
+    def add(
+        self, frame: Frame | MosaicFrame, norm: Normalization, weight: float, name: str
+    ) -> None:
+        """Store rows ``top:`` of one frame (camera frame: its RGB image, or its sensor
+        mosaic, ``top`` even so the CFA tile keeps its phase) with the frame's normalization,
+        and add them live."""
         rows = self.shape[0]
         ground_rows = rows - self.top
-        self.store.add_warped(
-            image[self.top :],
-            IDENTITY,
-            weight=weight,
-            name=name,
-            normalization=rebase(norm, self.top, rows, ground_rows),
-        )
+        rebased = rebase(norm, self.top, rows, ground_rows)
+        if isinstance(frame, MosaicFrame):
+            layout = MosaicLayout(frame.pattern, frame.white_balance, frame.demosaic)
+            codes = frame.codes[self.top :]
+            self.store.add_mosaic(codes, layout, IDENTITY, weight, name, normalization=rebased)
+        else:
+            self.store.add_warped(
+                frame.image[self.top :],
+                IDENTITY,
+                weight=weight,
+                name=name,
+                normalization=rebased,
+            )
         if self.live is not None:
             self.live.catch_up()
 
     def cropped(self, directory: Path, top: int, *, live: bool) -> GroundStack:
         """This stack's frames from row ``top`` down, in a new store at ``directory`` (this
         one's files are replaced): for an automatic mask found after the first frames."""
-        top = max(top, self.top)
+        top = max(top - top % 2, self.top)
         if top == self.top and (self.live is not None) == live:
             return self
         staging = directory.with_name(directory.name + ".new")
@@ -638,8 +660,9 @@ class GroundStack:
 
 def ground_top(mask: SkyMask, feather_px: float) -> int:
     """First row the ground stack must hold: the feather above the highest ground, 2 rows of
-    margin for the distance transform's rounding."""
-    return max(0, mask.ground_top - math.ceil(feather_px) - 2)
+    margin for the distance transform's rounding; even, so a mosaic keeps its CFA phase."""
+    top = max(0, mask.ground_top - math.ceil(feather_px) - 2)
+    return top - top % 2
 
 
 def preview_composite(
@@ -765,13 +788,7 @@ class Landscape:
 
     # --- per frame -----------------------------------------------------------------------
     def add(
-        self,
-        image: FloatArray,
-        luminance: FloatArray,
-        matrix: FloatArray,
-        norm: Normalization,
-        weight: float,
-        name: str,
+        self, frame: Frame | MosaicFrame, matrix: FloatArray, norm: Normalization, weight: float
     ) -> bool:
         """One accepted frame, before its sky is stored: learn the mask (auto), stack its
         ground (freeze) and fill the ground of ``image`` in place (freeze). Returns True when
@@ -779,11 +796,13 @@ class Landscape:
         self.accepted += 1
         changed = False
         if self.finder is not None:
-            changed = self._learn(luminance, matrix)
+            changed = self._learn(frame.luminance, matrix)
         if self.ground is not None:
-            self.ground.add(image, norm, weight, name)
+            self.ground.add(frame, norm, weight, frame.path.name)
             if self.mask is not None:
-                fill_ground(image, self.mask)
+                fill_ground(
+                    frame.codes if isinstance(frame, MosaicFrame) else frame.image, self.mask
+                )
         return changed
 
     def _learn(self, luminance: FloatArray, matrix: FloatArray) -> bool:

@@ -44,8 +44,10 @@ import rawpy
 import tifffile
 from astropy.io import fits
 
-from .errors import DecodeError
-from .frames import Frame, FrameMeta
+from .demosaic import METHODS, quantise, superpixel_luminance
+from .demosaic import demosaic as demosaic_codes
+from .errors import DecodeError, NotMosaicError
+from .frames import BAYER_PATTERNS, Frame, FrameMeta, Mosaic
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ SUPPORTED_EXTENSIONS = RAW_EXTENSIONS | FITS_EXTENSIONS | TIFF_EXTENSIONS | SRGB
 
 DEMOSAIC_ALGORITHMS = ("AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD")
 """LibRaw demosaic algorithms available in every rawpy wheel (the GPL demosaic packs are not)."""
+DEMOSAIC_METHODS = (*METHODS, *DEMOSAIC_ALGORITHMS)
+"""Every ``demosaic`` option: OpenCV's on the mosaic (:mod:`nightstack.demosaic`, the pipeline's
+path for Bayer sensors), or LibRaw's full postprocess (:func:`load`)."""
 WHITE_BALANCE_MODES = ("camera", "daylight", "auto")
 
 FLOAT_UNIT_LIMIT = 1.5
@@ -153,7 +158,10 @@ def load(
     path
         A raw, FITS, TIFF, JPEG or PNG file (see ``SUPPORTED_EXTENSIONS``).
     demosaic
-        LibRaw demosaic algorithm for raws, one of ``DEMOSAIC_ALGORITHMS``.
+        ``"bilinear"`` or ``"edge-aware"``: a Bayer raw or FITS is decoded to its mosaic and
+        demosaiced by OpenCV (:func:`mosaic_to_frame`: linear camera RGB x white balance, the
+        pipeline's values); other files, and other sensors, through LibRaw's AHD. Or a LibRaw
+        algorithm (``DEMOSAIC_ALGORITHMS``) for LibRaw's full postprocess (sRGB primaries).
     white_balance
         Raws only: ``"camera"`` (as shot), ``"daylight"`` (the camera's daylight multipliers),
         ``"auto"`` (LibRaw's grey-world estimate), or four multipliers (R, G, B, G2), as a
@@ -178,15 +186,14 @@ def load(
         An argument is invalid (checked before the file is read).
     """
     options = _check_options(demosaic, white_balance, bin)
-    path = Path(path)
-    try:
-        return _load(path, options)
-    except DecodeError:
-        raise
-    except MemoryError as err:
-        raise DecodeError("out of memory while decoding") from err
-    except Exception as err:  # the contract: a bad file never escapes as anything else
-        raise DecodeError(f"cannot decode ({_describe(err)})") from err
+    if demosaic in METHODS and is_mosaic_source(path):
+        try:
+            return mosaic_to_frame(load_mosaic(path, white_balance=white_balance), demosaic, bin)
+        except NotMosaicError:
+            pass  # LibRaw's own demosaic
+    with _decode_errors():
+        return _load(Path(path), options)
+    raise AssertionError("unreachable")  # pragma: no cover (mypy: the context may swallow)
 
 
 def check_options(
@@ -194,6 +201,106 @@ def check_options(
 ) -> None:
     """Validate :func:`load`'s options without decoding anything; raise ``ValueError`` if bad."""
     _check_options(demosaic, white_balance, bin)
+
+
+def load_mosaic(path: str | Path, *, white_balance: str | Sequence[float] = "camera") -> Mosaic:
+    """Decode one frame to its sensor mosaic, without demosaicing.
+
+    Camera raws are unpacked by LibRaw (``raw_image_visible``: the visible area, sensor
+    orientation); Bayer FITS (``BAYERPAT``, with ``XBAYROFF``/``YBAYROFF`` and ``ROWORDER``) are
+    read by astropy and returned with row 0 at the top, the pattern re-phased to match.
+
+    Parameters
+    ----------
+    path
+        A camera raw or a 2-D FITS file with ``BAYERPAT``.
+    white_balance
+        ``"camera"`` (as shot; the camera's daylight multipliers if the file has none, else 1),
+        ``"daylight"``, ``"auto"`` (grey world: each colour's mean over unsaturated sites made
+        equal to green's) or four multipliers (R, G, B, G2). FITS frames are 1, 1, 1 unless four
+        multipliers are given. The multipliers are recorded, never applied to ``data``.
+
+    Returns
+    -------
+    Mosaic
+        ``data`` (rows, cols) float32: raws ``(adu - black_c) / (white_c - black_c)`` per CFA
+        colour c (LibRaw's per-channel black and white levels), so black is 0 and the clipping
+        level 1.0, not clipped below 0; integer FITS ``value / full scale`` (16-bit: / 65535),
+        float FITS as :func:`load` scales them. ``pattern`` the 2x2 tile at visible pixel (0, 0).
+
+    Raises
+    ------
+    NotMosaicError
+        The file decodes but is not a 2x2 Bayer mosaic (X-Trans, Foveon, 4-colour or linear
+        DNG raws; mono or 3-plane FITS; TIFF, JPEG, PNG): decode it with :func:`load`.
+    DecodeError
+        The file cannot be decoded; ``reason`` says why in one line.
+    ValueError
+        ``white_balance`` is invalid (checked before the file is read).
+    """
+    wb = _check_options("AHD", white_balance, 2).white_balance
+    with _decode_errors():
+        return _load_mosaic(Path(path), wb)
+    raise AssertionError("unreachable")  # pragma: no cover (mypy: the context may swallow)
+
+
+@contextlib.contextmanager
+def _decode_errors() -> Iterator[None]:
+    """The contract of the public loaders: a bad file never escapes as anything but a
+    DecodeError (out of memory included)."""
+    try:
+        yield
+    except DecodeError:
+        raise
+    except MemoryError as err:
+        raise DecodeError("out of memory while decoding") from err
+    except Exception as err:
+        raise DecodeError(f"cannot decode ({_describe(err)})") from err
+
+
+def mosaic_to_frame(mosaic: Mosaic, demosaic: str = "bilinear", bin: int = 2) -> Frame:
+    """A mosaic demosaiced whole, as the frame store demosaics it (16-bit codes, OpenCV
+    ``demosaic``, white balance): ``image`` (rows, cols, 3) float32 linear camera RGB x WB;
+    ``luminance`` the superpixel mean of the mosaic for an even ``bin``."""
+    codes = quantise(mosaic.data)
+    image = demosaic_codes(codes, mosaic.pattern, mosaic.white_balance, demosaic)
+    if bin % 2 == 0:
+        luminance = superpixel_luminance(mosaic.data, bin)
+    else:
+        luminance = _channel_mean_binned(image, bin)
+    return Frame(path=mosaic.path, image=image, luminance=luminance, bin=bin, meta=mosaic.meta)
+
+
+def decode_light(
+    path: str | Path,
+    *,
+    demosaic: str = "bilinear",
+    white_balance: str | Sequence[float] = "camera",
+    bin: int = 2,
+) -> Mosaic | Frame:
+    """What the pipeline decodes a light to (the decoder process's default function).
+
+    With an OpenCV ``demosaic`` (:data:`nightstack.demosaic.METHODS`) a Bayer raw or FITS file
+    comes back as its :class:`~nightstack.frames.Mosaic` (:func:`load_mosaic`), for calibration
+    and the OpenCV demosaic after it; anything else (X-Trans, Foveon, linear DNG, mono or RGB
+    FITS, TIFF, JPEG, PNG) as a :class:`~nightstack.frames.Frame` from :func:`load`, raws
+    through LibRaw's own demosaic (AHD). A LibRaw ``demosaic`` name always takes :func:`load`.
+    Arguments and errors as for those two functions.
+    """
+    _check_options(demosaic, white_balance, bin)
+    if demosaic in METHODS and is_mosaic_source(path):
+        try:
+            return load_mosaic(path, white_balance=white_balance)
+        except NotMosaicError as err:
+            log.debug("%s: %s; LibRaw's own demosaic", path, err.reason)
+    return load(path, demosaic=demosaic, white_balance=white_balance, bin=bin)
+
+
+def is_mosaic_source(path: str | Path) -> bool:
+    """Whether :func:`load_mosaic` may read ``path`` by its extension (a raw or a FITS file);
+    it can still raise :class:`~nightstack.errors.NotMosaicError` from the content."""
+    ext = Path(path).suffix.lower()
+    return ext in RAW_EXTENSIONS or ext in FITS_EXTENSIONS
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -210,8 +317,10 @@ class _Options:
 
 def _check_options(demosaic: str, white_balance: str | Sequence[float], bin: int) -> _Options:
     algorithm = str(demosaic).upper()
-    if algorithm not in DEMOSAIC_ALGORITHMS:
-        raise ValueError(f"demosaic must be one of {DEMOSAIC_ALGORITHMS}, not {demosaic!r}")
+    if str(demosaic) in METHODS:
+        algorithm = "AHD"  # an OpenCV method asked of load(): LibRaw's own demosaic
+    elif algorithm not in DEMOSAIC_ALGORITHMS:
+        raise ValueError(f"demosaic must be one of {DEMOSAIC_METHODS}, not {demosaic!r}")
     if isinstance(bin, bool) or not isinstance(bin, int | np.integer) or bin < 1:
         raise ValueError(f"bin must be an integer >= 1, not {bin!r}")
     wb: str | list[float]
@@ -256,6 +365,26 @@ def _load(path: Path, options: _Options) -> Frame:
     if ext in TIFF_EXTENSIONS:
         return _load_tiff(path, options.bin)
     return _load_srgb(path, options.bin)
+
+
+def _load_mosaic(path: Path, white_balance: str | list[float]) -> Mosaic:
+    head = _read_head(path)
+    ext = path.suffix.lower()
+    content = _sniff(head)
+    if ext in RAW_EXTENSIONS:
+        if content in _NOT_RAW:
+            raise DecodeError(
+                f"file content is {content}, not a {ext[1:].upper()} raw (wrong extension?)"
+            )
+        return _mosaic_raw(path, content, white_balance)
+    if ext in FITS_EXTENSIONS:
+        if content != "a FITS file":
+            raise DecodeError(f"not a FITS file: content is {content or 'not recognised'}")
+        return _mosaic_fits(path, white_balance)
+    if ext in SUPPORTED_EXTENSIONS:
+        raise NotMosaicError(f"a {ext[1:].upper()} file holds no sensor mosaic")
+    shown = f"'{path.suffix}'" if path.suffix else "(none)"
+    raise DecodeError(f"unsupported file extension {shown}")
 
 
 def _read_head(path: Path) -> bytes:
@@ -342,6 +471,102 @@ def _load_raw(path: Path, content: str | None, options: _Options) -> Frame:
     return Frame(path=path, image=image, luminance=luminance, bin=options.bin, meta=meta)
 
 
+def _mosaic_raw(path: Path, content: str | None, white_balance: str | list[float]) -> Mosaic:
+    try:
+        with _libraw_name(path) as name, rawpy.imread(name) as raw:
+            pattern, sites = _raw_bayer(raw)
+            visible = raw.raw_image_visible  # a view into LibRaw's buffer: use before close
+            black = [float(b) for b in raw.black_level_per_channel]
+            whites = raw.camera_white_level_per_channel
+            white_level = float(raw.white_level)
+            data = np.empty(visible.shape, np.float32)
+            for (dy, dx), colour in sites.items():
+                white = float(whites[colour]) if whites and whites[colour] > 0 else white_level
+                span = max(white - black[colour], 1.0)
+                # (adu - black) / span in float32: exact for 16-bit integers before the divide
+                np.subtract(visible[dy::2, dx::2], np.float32(black[colour]),
+                            out=data[dy::2, dx::2], dtype=np.float32)  # fmt: skip
+                data[dy::2, dx::2] /= np.float32(span)
+            camera_wb = _wb_rgb(raw.camera_whitebalance, sites, raw.color_desc)
+            daylight_wb = _wb_rgb(raw.daylight_whitebalance, sites, raw.color_desc)
+            meta = _raw_meta(raw.other, path, content)
+    except (rawpy.LibRawError, rawpy.NotSupportedError) as err:
+        what = _LIBRAW_REASONS.get(type(err).__name__, "LibRaw could not decode the file")
+        hint = "" if content else "; content not recognised as any image format"
+        raise DecodeError(f"{what} ({_describe(err)}){hint}") from err
+    if isinstance(white_balance, list):
+        wb = _user_wb(white_balance)
+    elif white_balance == "daylight":
+        wb = daylight_wb or (1.0, 1.0, 1.0)
+    elif white_balance == "auto":
+        wb = _grey_world(data, pattern, 1.0)
+    else:
+        wb = camera_wb or daylight_wb or (1.0, 1.0, 1.0)
+    return Mosaic(
+        path=path, data=data, pattern=pattern, white_balance=wb, saturation=1.0, meta=meta
+    )
+
+
+def _raw_bayer(raw: Any) -> tuple[str, dict[tuple[int, int], int]]:
+    """The visible area's Bayer pattern and LibRaw colour index of each 2x2 site (dy, dx);
+    NotMosaicError for sensors that are not a 2x2 R/G/B Bayer mosaic."""
+    visible = raw.raw_image_visible
+    desc = raw.color_desc.decode("ascii", "replace") if raw.color_desc else ""
+    if raw.raw_type != rawpy.RawType.Flat or visible is None or visible.ndim != 2:
+        raise NotMosaicError("the raw holds no colour filter mosaic (linear DNG or Foveon)")
+    pattern_shape = None if raw.raw_pattern is None else tuple(raw.raw_pattern.shape)
+    if pattern_shape != (2, 2):
+        kind = "X-Trans 6x6" if pattern_shape == (6, 6) else f"{pattern_shape}"
+        raise NotMosaicError(f"the sensor's colour filter array is {kind}, not 2x2 Bayer")
+    if visible.shape[0] < 2 or visible.shape[1] < 2:
+        raise DecodeError(f"raw visible area {visible.shape} is too small")
+    colours = np.asarray(raw.raw_colors_visible[:2, :2])
+    sites = {(dy, dx): int(colours[dy, dx]) for dy in (0, 1) for dx in (0, 1)}
+    try:
+        pattern = "".join(desc[sites[(dy, dx)]] for dy in (0, 1) for dx in (0, 1))
+    except IndexError:
+        pattern = ""
+    if pattern not in BAYER_PATTERNS:
+        raise NotMosaicError(f"the sensor's 2x2 filter is {pattern or desc!r}, not R/G/B Bayer")
+    return pattern, sites
+
+
+def _wb_rgb(
+    multipliers: Sequence[float] | None, sites: dict[tuple[int, int], int], desc: bytes
+) -> tuple[float, float, float] | None:
+    """LibRaw multipliers per colour index -> (r, g, b) with green 1; None if absent or bad."""
+    if multipliers is None:
+        return None
+    letters = desc.decode("ascii", "replace")
+    values: dict[str, float] = {}
+    for colour in sorted(set(sites.values())):
+        m = float(multipliers[colour]) if colour < len(multipliers) else 0.0
+        if math.isfinite(m) and m > 0:
+            values.setdefault(letters[colour], m)
+    if not all(c in values for c in "RGB"):
+        return None
+    return (values["R"] / values["G"], 1.0, values["B"] / values["G"])
+
+
+def _user_wb(multipliers: list[float]) -> tuple[float, float, float]:
+    """Four user multipliers (R, G, B, G2) -> (r, g, b) with green 1."""
+    r, g, b, _ = multipliers
+    return (r / g, 1.0, b / g)
+
+
+def _grey_world(data: F32, pattern: str, saturation: float) -> tuple[float, float, float]:
+    """(r, g, b) that make each colour's mean over unsaturated sites equal to green's."""
+    means: dict[str, list[float]] = {"R": [], "G": [], "B": []}
+    for i, colour in enumerate(pattern):
+        plane = data[i // 2 :: 8, i % 2 :: 8]  # every 4th site of the colour: plenty, 16x less
+        good = plane[plane < saturation]
+        means[colour].append(float(good.mean()) if good.size else 0.0)
+    red, green, blue = (float(np.mean(means[c])) for c in "RGB")
+    if min(red, green, blue) <= 0:
+        return (1.0, 1.0, 1.0)
+    return (green / red, 1.0, green / blue)
+
+
 @contextlib.contextmanager
 def _libraw_name(path: Path) -> Iterator[str]:
     """A name LibRaw can open for ``path``. rawpy encodes names as strict UTF-8, so a name that
@@ -376,22 +601,38 @@ def _raw_meta(other: Any, path: Path, content: str | None) -> FrameMeta:
             capture_time = datetime.fromtimestamp(epoch, tz=UTC)
     except (OverflowError, OSError, ValueError):
         capture_time = None
-    camera = _tiff_camera(path) if content in ("a TIFF file", "a BigTIFF file") else None
-    return FrameMeta(exposure_s=exposure, iso=iso, capture_time=capture_time, camera=camera)
+    camera, temperature = None, None
+    if content in ("a TIFF file", "a BigTIFF file"):
+        camera, temperature = _tiff_camera(path)
+    return FrameMeta(
+        exposure_s=exposure,
+        iso=iso,
+        capture_time=capture_time,
+        camera=camera,
+        temperature_c=temperature,
+    )
 
 
-def _tiff_camera(path: Path) -> str | None:
-    """The camera ("Make Model") from IFD0 of a TIFF-based raw (DNG, CR2, NEF, ARW); else None."""
+def _tiff_camera(path: Path) -> tuple[str | None, float | None]:
+    """The camera ("Make Model") from IFD0 of a TIFF-based raw (DNG, CR2, NEF, ARW) and the EXIF
+    ``Temperature`` (0x9400, Celsius) where the file has it; None where not."""
+    temperature = None
     try:
         with tifffile.TiffFile(path) as tif:
             tags = tif.pages.first.tags
             make = _tag_text(tags.get("Make"))
             model = _tag_text(tags.get("Model")) or _tag_text(tags.get("UniqueCameraModel"))
+            exif = tags.get("ExifTag")
+            value = exif.value.get("Temperature") if exif is not None else None
+            if isinstance(value, tuple) and len(value) == 2 and value[1]:
+                value = value[0] / value[1]  # an EXIF SRATIONAL
+            if isinstance(value, int | float) and math.isfinite(value):
+                temperature = float(value)
     except Exception:  # metadata is a nicety: never fail a decodable raw over it
-        return None
+        return None, None
     if make and model and not model.lower().startswith(make.lower().split()[0]):
-        return f"{make} {model}"
-    return model or make or None
+        return f"{make} {model}", temperature
+    return model or make or None, temperature
 
 
 def _tag_text(tag: Any) -> str:
@@ -407,6 +648,64 @@ def _tag_text(tag: Any) -> str:
 
 
 def _load_fits(path: Path, bin: int) -> Frame:
+    data, header = _read_fits(path)
+    bottom_up = str(header.get("ROWORDER", "")).strip().upper() == "BOTTOM-UP"
+    bayer = str(header.get("BAYERPAT", "")).strip().upper()
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim == 2 and bayer:
+        pattern = _fits_pattern(header, bayer)
+        image, luminance = _debayer_fits(data, pattern, bin, bottom_up)
+    elif data.ndim == 2 or (data.ndim == 3 and data.shape[0] == 3):
+        planes = data[:, :, np.newaxis] if data.ndim == 2 else np.moveaxis(data, 0, -1)
+        image = _unit_image(planes[::-1] if bottom_up else planes)
+        luminance = _channel_mean_binned(image, bin)
+    else:
+        raise DecodeError(f"unsupported FITS image shape {data.shape} (want 2-D or 3 planes)")
+    return Frame(path=path, image=image, luminance=luminance, bin=bin, meta=_fits_meta(header))
+
+
+def _mosaic_fits(path: Path, white_balance: str | list[float]) -> Mosaic:
+    data, header = _read_fits(path)
+    bayer = str(header.get("BAYERPAT", "")).strip().upper()
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 2 or not bayer:
+        kind = "a mono image" if data.ndim == 2 else f"an image of shape {data.shape}"
+        raise NotMosaicError(f"the FITS file holds {kind}, not a Bayer mosaic (no BAYERPAT)")
+    if data.shape[0] < 2 or data.shape[1] < 2:
+        raise DecodeError(f"FITS image {data.shape} is too small for a Bayer mosaic")
+    pattern = _fits_pattern(header, bayer)
+    if str(header.get("ROWORDER", "")).strip().upper() == "BOTTOM-UP":
+        data = data[::-1]
+        pattern = _shift_pattern(pattern, 0, data.shape[0] - 1)
+    saturation = 1.0 if data.dtype.kind in "ui" else math.inf  # float data: clipping unknown
+    mosaic = _unit_image(data[:, :, np.newaxis])[:, :, 0]
+    if isinstance(white_balance, list):
+        wb = _user_wb(white_balance)
+    elif white_balance == "auto":
+        wb = _grey_world(mosaic, pattern, saturation)
+    else:
+        wb = (1.0, 1.0, 1.0)  # a FITS header states no white balance
+    return Mosaic(
+        path=path,
+        data=mosaic,
+        pattern=pattern,
+        white_balance=wb,
+        saturation=saturation,
+        meta=_fits_meta(header),
+    )
+
+
+def _fits_pattern(header: Any, bayer: str) -> str:
+    """The Bayer pattern at stored pixel (0, 0): ``BAYERPAT`` shifted by X/YBAYROFF."""
+    if bayer not in BAYER_PATTERNS:
+        raise DecodeError(f"unsupported FITS Bayer pattern BAYERPAT='{bayer}'")
+    return _shift_pattern(bayer, _int_card(header, "XBAYROFF"), _int_card(header, "YBAYROFF"))
+
+
+def _read_fits(path: Path) -> tuple[np.ndarray, Any]:
+    """The first image HDU's data (native byte order) and a copy of its header."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -431,25 +730,7 @@ def _load_fits(path: Path, bin: int) -> Frame:
         if "truncated" in str(w.message):
             raise DecodeError(f"truncated FITS file; {_warning_text(w.message)}")
         log.debug("%s: astropy: %s", path, _warning_text(w.message))
-
-    bottom_up = str(header.get("ROWORDER", "")).strip().upper() == "BOTTOM-UP"
-    bayer = str(header.get("BAYERPAT", "")).strip().upper()
-    if data.ndim == 3 and data.shape[0] == 1:
-        data = data[0]
-    if data.ndim == 2 and bayer:
-        if bayer not in _CV_BAYER_CODES:
-            raise DecodeError(f"unsupported FITS Bayer pattern BAYERPAT='{bayer}'")
-        pattern = _shift_pattern(
-            bayer, _int_card(header, "XBAYROFF"), _int_card(header, "YBAYROFF")
-        )
-        image, luminance = _debayer_fits(data, pattern, bin, bottom_up)
-    elif data.ndim == 2 or (data.ndim == 3 and data.shape[0] == 3):
-        planes = data[:, :, np.newaxis] if data.ndim == 2 else np.moveaxis(data, 0, -1)
-        image = _unit_image(planes[::-1] if bottom_up else planes)
-        luminance = _channel_mean_binned(image, bin)
-    else:
-        raise DecodeError(f"unsupported FITS image shape {data.shape} (want 2-D or 3 planes)")
-    return Frame(path=path, image=image, luminance=luminance, bin=bin, meta=_fits_meta(header))
+    return data, header
 
 
 def _shift_pattern(pattern: str, x_offset: int, y_offset: int) -> str:
@@ -507,7 +788,11 @@ def _fits_meta(header: Any) -> FrameMeta:
             camera = value.strip()
             break
     return FrameMeta(
-        exposure_s=exposure, iso=iso, capture_time=_fits_time(header.get("DATE-OBS")), camera=camera
+        exposure_s=exposure,
+        iso=iso,
+        capture_time=_fits_time(header.get("DATE-OBS")),
+        camera=camera,
+        temperature_c=_float_card(header, "CCD-TEMP", "CCD_TEMP", "SENSTEMP", "TEMPERAT"),
     )
 
 

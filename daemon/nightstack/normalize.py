@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +45,18 @@ SkyTest = Callable[[FloatArray, FloatArray], BoolArray]
 """``sky(x, y) -> bool array``: whether full-resolution frame positions are sky (not ground)."""
 
 MODES: tuple[str, ...] = ("none", "add", "addscale", "gradient")
+
+
+class Sampled(Protocol):
+    """What the estimates read a frame through: a (rows, cols, C) ``shape`` and point samples
+    ``image[iy, ix]`` with broadcasting integer index arrays -> (..., C). A numpy image is one;
+    so is :class:`nightstack.demosaic.TileSamples` (a mosaic, never demosaiced whole)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: Any, /) -> Any: ...
+
 
 TARGET_SAMPLES = 100_000
 """At most this many sky samples per frame: the sky level's median is then known to ~0.005
@@ -80,7 +92,7 @@ class SkySamples:
     shape: tuple[int, int]
 
     @classmethod
-    def of(cls, image: FloatArray, sky: SkyTest) -> SkySamples:
+    def of(cls, image: Sampled, sky: SkyTest) -> SkySamples:
         """Sample ``image`` ((rows, cols, C) float) on the grid; ``sky`` tells ground apart."""
         rows, cols = int(image.shape[0]), int(image.shape[1])
         xs, ys = sample_grid((rows, cols))
@@ -208,7 +220,7 @@ class Normalization:
 
 def estimate(
     mode: str,
-    image: FloatArray,
+    image: Sampled,
     matrix: FloatArray,
     reference: SkySamples,
     sky: SkyTest,
@@ -219,8 +231,8 @@ def estimate(
     Parameters
     ----------
     mode : {"none", "add", "addscale", "gradient"}
-    image : ndarray
-        (rows, cols, C) float32 frame before warping.
+    image : ndarray or Sampled
+        (rows, cols, C) float32 frame before warping (or its point samples).
     matrix : ndarray
         (2, 3) frame -> reference transform.
     reference : SkySamples
@@ -261,7 +273,7 @@ def estimate(
 
 
 def _pair_samples(
-    image: FloatArray, matrix: FloatArray, reference: SkySamples, sky: SkyTest
+    image: Sampled, matrix: FloatArray, reference: SkySamples, sky: SkyTest
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], BoolArray]:
     """The frame read at the reference's grid points: (frame, reference, valid), the first two
     (ny, nx, C) float32, ``valid`` (ny, nx) where both are sky and the frame covers the point."""

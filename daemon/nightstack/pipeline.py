@@ -11,6 +11,7 @@ split in two halves so the daemon can decode frame N+1 while frame N is being st
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -25,16 +26,31 @@ import numpy as np
 
 from . import __version__
 from .align import align
+from .combine import combine
 from .config import Settings
 from .decoder import Decoder
+from .demosaic import TileSamples, demosaic, quantise, superpixel_luminance
 from .detect import StarFinder
 from .errors import AlignmentError, DecodeError
-from .frames import IDENTITY, Alignment, FloatArray, Frame, Stars
+from .frames import IDENTITY, Alignment, FloatArray, Frame, Mosaic, MosaicFrame, Stars
 from .landscape import Landscape
+from .live import LiveStack
 from .normalize import Normalization, SkySamples, estimate
 from .products import Products
 from .quality import Quality, QualityLimits, gate, transparency
-from .stack import FrameStore, LiveStack, combine
+from .store import FrameStore, MosaicLayout, warp_mosaic
+from .warp import warp
+
+Calibration = Callable[[Mosaic], Mosaic]
+"""The calibration stage: a decoded light's mosaic in, the calibrated mosaic out (same shape,
+pattern and units; see :class:`~nightstack.frames.Mosaic`). It runs before anything else looks
+at the pixels; raising rejects the frame with the exception's message as the reason."""
+
+
+def no_calibration(mosaic: Mosaic) -> Mosaic:
+    """The identity calibration (no masters configured)."""
+    return mosaic
+
 
 _HASH_CHUNK = 1 << 20  # read files in 1 MiB pieces while hashing
 
@@ -70,6 +86,8 @@ class FrameRecord:
     background: float | None = None
     transparency: float | None = None
     normalization: dict[str, Any] | None = None
+    stored: bool | None = None
+    warning: str | None = None
     sha256: str | None = None
     exposure_s: float | None = None
     capture_time: str | None = None
@@ -107,7 +125,7 @@ class Prepared:
 
     path: Path
     sha256: str | None
-    frame: Frame | None
+    frame: Frame | MosaicFrame | None
     stars: Stars | None
     quality: Quality | None
     error: str | None
@@ -173,14 +191,22 @@ class Stacker:
     """Frames in, a stack out. Owns the reference, the live stack and the frame store."""
 
     def __init__(
-        self, settings: Settings, workdir: Path, decoder: Decoder, *, live: bool = True
+        self,
+        settings: Settings,
+        workdir: Path,
+        decoder: Decoder,
+        *,
+        live: bool = True,
+        calibration: Calibration | None = None,
     ) -> None:
         """``live=False`` (``nightstack stack``): no live stack, only the store for the final
-        combine (saves its 10 bytes per pixel and channel and its per-frame time)."""
+        combine (saves its 10 bytes per pixel and channel and its per-frame time).
+        ``calibration``: applied to every Bayer light's mosaic (default: none)."""
         self.settings = settings
         self.workdir = workdir
         self.decoder = decoder
         self.with_live = live
+        self.calibration: Calibration = calibration or no_calibration
         self.finder = star_finder(settings, settings.landscape_mask_ratio, load_sky_mask(settings))
         # --- landscape and products (landscape.py, products.py) ---
         self.landscape = Landscape(settings, workdir, image_mask=self.finder.sky_mask, live=live)
@@ -189,6 +215,11 @@ class Stacker:
         self.reference: Reference | None = None
         self.store: FrameStore | None = None
         self.live: LiveStack | None = None
+        self.live_only: str | None = None
+        """Why frames are no longer stored (the final is then the live stack), or None."""
+        self.space_check: Callable[[int], str | None] | None = None
+        """Set by a session: called with a frame's store bytes before storing it; a reason not to
+        store it (the disk's reserve for the final outputs would be touched) or None."""
         self.accepted = 0
         self.rejected: dict[str, int] = {}
         self.lost: dict[str, dict[str, str]] = {}
@@ -211,9 +242,22 @@ class Stacker:
                 return Prepared(path, None, None, None, None, reason, watch.ms)
         try:
             with watch.stage("decode"):
-                frame = self.decoder.decode(path)
+                decoded = self.decoder.decode(path)
         except DecodeError as err:
             return Prepared(path, digest, None, None, None, err.reason, watch.ms)
+        frame: Frame | MosaicFrame
+        if isinstance(decoded, Mosaic):
+            try:
+                with watch.stage("calibrate"):
+                    calibrated = self.calibration(decoded)
+            except Exception as err:
+                reason = f"calibration failed ({type(err).__name__}: {err})"
+                return Prepared(path, digest, None, None, None, reason, watch.ms)
+            with watch.stage("mosaic"):
+                frame = self._mosaic_frame(calibrated)
+            del decoded, calibrated
+        else:
+            frame = decoded
         try:
             with watch.stage("detect"):
                 stars = self.finder(frame.luminance, frame.bin)
@@ -254,7 +298,7 @@ class Stacker:
                 return self._reject(
                     record, f"frame size {cols}x{rows} differs from reference {ref_cols}x{ref_rows}"
                 )
-            channels = int(frame.image.shape[2])
+            channels = _channels(frame)
             if channels != self.reference.channels:
                 return self._reject(
                     record,
@@ -288,7 +332,7 @@ class Stacker:
             with watch.stage("normalize"):
                 norm = estimate(
                     self.settings.normalize,
-                    frame.image,
+                    _samples(frame),
                     alignment.matrix,
                     self.reference.sky,
                     self._sky_test(frame.shape[0]),
@@ -298,7 +342,7 @@ class Stacker:
         record.transform = alignment.as_list()
         record.residual_px = round(alignment.residual_px, 4)
         record.normalization = norm.as_json()
-        self._add(frame, alignment.matrix, stars, norm, watch)
+        record.stored = self._add(frame, alignment.matrix, stars, norm, watch)
         record.ms.update(watch.ms)
         record.status = "accepted"
         self.count(record)
@@ -335,6 +379,30 @@ class Stacker:
         return f"reference {Path(ref.file).name} is worse than {prepared.path.name}: {flaw}"
 
     # --- helpers --------------------------------------------------------------------------
+    def _mosaic_frame(self, mosaic: Mosaic) -> MosaicFrame:
+        """The calibrated mosaic as the store keeps it (16-bit codes) and its luminance."""
+        bin = self.settings.bin
+        codes = quantise(mosaic.data)
+        method = self.settings.demosaic
+        if bin % 2 == 0:
+            luminance = superpixel_luminance(mosaic.data, bin)
+        else:  # an odd bin splits Bayer tiles: bin the demosaiced channel mean instead
+            rgb = demosaic(codes, mosaic.pattern, (1.0, 1.0, 1.0), method)
+            luminance = superpixel_luminance(
+                np.repeat(np.repeat(rgb.mean(axis=2), 2, 0), 2, 1), 2 * bin
+            )
+            del rgb
+        return MosaicFrame(
+            path=mosaic.path,
+            codes=codes,
+            pattern=mosaic.pattern,
+            white_balance=mosaic.white_balance,
+            demosaic=method,
+            luminance=luminance,
+            bin=bin,
+            meta=mosaic.meta,
+        )
+
     @property
     def reference_channels(self) -> int:
         assert self.reference is not None
@@ -345,7 +413,9 @@ class Stacker:
         finder = self.finder
         return lambda x, y: finder.in_sky(x, y, rows)
 
-    def _transparency(self, frame: Frame, stars: Stars, alignment: Alignment) -> float | None:
+    def _transparency(
+        self, frame: Frame | MosaicFrame, stars: Stars, alignment: Alignment
+    ) -> float | None:
         """Starlight let through relative to the reference, exposure-corrected when both
         exposures are known."""
         assert self.reference is not None
@@ -364,7 +434,10 @@ class Stacker:
         """Add a finished record to the session's tallies (also used when resuming).
 
         A ``"lost"`` record (written by a salvage) takes back an earlier accepted frame whose
-        stored data was lost."""
+        stored data was lost; a first attempt that waits for its retry (``retry`` true) is not a
+        rejection yet (the tallies count files, not attempts)."""
+        if getattr(record, "retry", False) is True:
+            return
         if record.status == "lost":
             self.accepted -= 1
             self.exposure_s -= record.exposure_s or 0.0
@@ -388,66 +461,142 @@ class Stacker:
     def _start(self, prepared: Prepared) -> None:
         frame = prepared.frame
         assert frame is not None and prepared.stars is not None and prepared.quality is not None
-        channels = int(frame.image.shape[2])
+        channels = _channels(frame)
         self.reference = Reference(
             str(prepared.path),
             prepared.stars,
             prepared.quality,
             frame.shape,
             channels,
-            SkySamples.of(frame.image, self._sky_test(frame.shape[0])),
+            SkySamples.of(_samples(frame), self._sky_test(frame.shape[0])),
             frame.meta.exposure_s,
         )
-        self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
+        if self.settings.final == "live" and self.with_live:
+            self.live_only = "final = 'live': no frame store"
+        else:
+            self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
         self.start_landscape(frame.bin)
         if not self.with_live:
             return
-        self.live = LiveStack(
-            frame.shape,
-            channels,
+        self.live = self.new_live(self.store)
+
+    def new_live(self, store: FrameStore | None) -> LiveStack:
+        """An empty live stack on the reference grid with the session's rejection settings."""
+        assert self.reference is not None
+        return LiveStack(
+            self.reference.shape,
+            self.reference.channels,
             kappa=self.settings.live_kappa,
             warmup=self.settings.live_warmup,
-            store=self.store,
+            store=store,
         )
+
+    def go_live_only(self, reason: str) -> None:
+        """Stop storing frames (the disk cannot hold more): the live stack goes on alone and
+        becomes the final, so the result still holds every accepted frame."""
+        if self.live_only is not None:
+            return
+        self.live_only = reason
+        if self.live is not None:
+            self.live.detach_store()
 
     def _add(
         self,
-        frame: Frame,
+        frame: Frame | MosaicFrame,
         matrix: FloatArray,
         stars: Stars,
         norm: Normalization,
         watch: _Stopwatch,
-    ) -> None:
-        """Warp band by band straight into the frame store, then add the stored frame live.
+    ) -> bool:
+        """Store the frame, then add the stored frame live; returns whether it was stored.
 
-        Streaming never holds a full warped copy beside the frame and the live state (about
-        300 MB less at 24 MP), and the live stack sees exactly the stored (16-bit) frame, so a
-        resume that re-adds frames from the store reproduces it bit for bit.
+        A mosaic frame is stored as its 16-bit mosaic (demosaiced and warped band by band when
+        read); a full frame is warped band by band straight into the store. Either way nothing
+        holds a full warped copy beside the live state, and the live stack reads exactly what
+        the final combine will read, so a resume that re-adds frames from the store reproduces
+        it bit for bit. In live-only mode (``final = "live"``, or the disk could not hold more
+        frames: :attr:`live_only` says why) the frame is warped whole and goes to the live stack
+        only, the same values it would have read back from the store.
         """
-        assert self.reference is not None and self.store is not None
+        assert self.reference is not None
         weight = _weight(self.settings, stars)
         # --- landscape and products: the frame in the camera frame, before its sky is stored
-        if self.products is not None:
-            with watch.stage("products"):
-                mask = self.landscape.mask
-                self.products.add(frame.image, matrix, mask, frame.luminance, frame.bin)
-        with watch.stage("ground"):
-            name = frame.path.name
-            if self.landscape.add(frame.image, frame.luminance, matrix, norm, weight, name):
-                self._follow_mask()
-        with watch.stage("warp+store"):
-            self.store.add_warped(
-                frame.image,
-                matrix,
-                weight=weight,
-                name=frame.path.name,
-                normalization=norm,
-            )
-        if self.live is not None:
-            with watch.stage("accumulate"):
-                self.live.catch_up()
+        self._landscape_hook(frame, matrix, norm, weight, watch)
+        if self.live_only is None and self.store is not None:
+            bytes_needed = self.store.frame_bytes
+            if isinstance(frame, MosaicFrame):
+                bytes_needed = int(frame.codes.size) * 2
+            why = self.space_check(bytes_needed) if self.space_check else None
+            if why is None:
+                try:
+                    self._store(frame, matrix, weight, norm, watch)
+                except OSError as err:
+                    if err.errno not in (errno.ENOSPC, errno.EDQUOT) or self.live is None:
+                        raise
+                    why = f"disk full while storing {frame.path.name}"
+            if why is None:
+                if self.live is not None:
+                    with watch.stage("accumulate"):
+                        self.live.catch_up()
+                return True
+            self.go_live_only(why)
+        assert self.live is not None
+        shape = self.reference.shape
+        with watch.stage("warp"):
+            if isinstance(frame, MosaicFrame):
+                layout = MosaicLayout(frame.pattern, frame.white_balance, frame.demosaic)
+                warped, fp = warp_mosaic(frame.codes, layout, matrix, shape, normalization=norm)
+            else:
+                warped, fp = warp(frame.image, matrix, shape)
+                norm.apply(warped, 0, shape)
+                np.copyto(warped, 0.0, where=~fp[:, :, np.newaxis])
+        with watch.stage("accumulate"):
+            self.live.add(warped, fp)
+        return False
+
+    def _store(
+        self,
+        frame: Frame | MosaicFrame,
+        matrix: FloatArray,
+        weight: float,
+        norm: Normalization,
+        watch: _Stopwatch,
+    ) -> None:
+        """Append the frame to the store: its mosaic, or the frame warped band by band."""
+        assert self.store is not None
+        if isinstance(frame, MosaicFrame):
+            layout = MosaicLayout(frame.pattern, frame.white_balance, frame.demosaic)
+            with watch.stage("store"):
+                self.store.add_mosaic(
+                    frame.codes, layout, matrix, weight, frame.path.name, normalization=norm
+                )
+        else:
+            with watch.stage("warp+store"):
+                self.store.add_warped(
+                    frame.image, matrix, weight=weight, name=frame.path.name, normalization=norm
+                )
 
     # --- landscape and products ----------------------------------------------------------
+    def _landscape_hook(
+        self,
+        frame: Frame | MosaicFrame,
+        matrix: FloatArray,
+        norm: Normalization,
+        weight: float,
+        watch: _Stopwatch,
+    ) -> None:
+        """Products fed with the camera-frame frame; the ground stacked (freeze) and filled
+        before the sky is stored; an automatic mask learnt. A mosaic frame is demosaiced in the
+        camera frame only when the products need RGB."""
+        if self.products is not None:
+            with watch.stage("products"):
+                image = frame.image if isinstance(frame, Frame) else _camera_rgb(frame)
+                mask = self.landscape.mask
+                self.products.add(image, matrix, mask, frame.luminance, frame.bin)
+        with watch.stage("ground"):
+            if self.landscape.add(frame, matrix, norm, weight):
+                self._follow_mask()
+
     def start_landscape(self, bin: int) -> None:
         """The sky mask, the ground stack and the products, once the reference's geometry is
         known (at the reference, and when a session resumes)."""
@@ -491,7 +640,7 @@ class Stacker:
             "EXPTIME": round(self.exposure_s, 3),
             "SWCREATE": f"nightstack {__version__}",
             "REFFRAME": Path(self.reference.file).name[:68],
-            "STACKMTH": s.stack_method,
+            "STACKMTH": "live" if self.live_only is not None else s.stack_method,
             "STACKSIG": s.stack_sigma,
             "STACKITR": s.stack_maxiters,
             "XFMODEL": s.transform_model,
@@ -511,7 +660,8 @@ class Stacker:
         state (10 bytes per pixel and channel, 720 MB at 24 MP) would sit idle beside it. A
         daemon that resumes rebuilds it from the checkpoint and the store.
         """
-        assert self.store is not None
+        if self.live_only is not None or self.store is None:
+            return self._live_final()
         self.live = None
         weights = None
         if self.settings.weights != "none":
@@ -525,6 +675,20 @@ class Stacker:
             ram_cap_bytes=self.settings.ram_cap_mb * 2**20,
             progress=progress,
         )
+
+    def _live_final(self) -> FloatArray:
+        """The live stack as the final (live-only sessions), released after."""
+        assert self.live is not None, "a live-only final needs its live stack"
+        image = self.live.result()
+        self.live = None
+        return image
+
+
+def _camera_rgb(frame: MosaicFrame) -> FloatArray:
+    """A mosaic frame demosaiced on its own (camera) grid: (rows, cols, 3) float32."""
+    layout = MosaicLayout(frame.pattern, frame.white_balance, frame.demosaic)
+    image, _ = warp_mosaic(frame.codes, layout, IDENTITY, frame.shape)
+    return image
 
 
 def star_finder(settings: Settings, ratio: float, sky_mask: np.ndarray | None) -> StarFinder:
@@ -548,6 +712,18 @@ def reference_flaw(quality: Quality, limits: QualityLimits) -> str | None:
     if reason is None and not measured:
         reason = "no measurable star shapes for a reference (trailed or out of focus?)"
     return reason
+
+
+def _channels(frame: Frame | MosaicFrame) -> int:
+    """3 for a mosaic (it demosaics to RGB), else the image's channels."""
+    return 3 if isinstance(frame, MosaicFrame) else int(frame.image.shape[2])
+
+
+def _samples(frame: Frame | MosaicFrame) -> FloatArray | TileSamples:
+    """What the sky normalization samples: the image, or a mosaic's superpixel colours."""
+    if isinstance(frame, MosaicFrame):
+        return TileSamples(frame.codes, frame.pattern, frame.white_balance)
+    return frame.image
 
 
 def _weight(settings: Settings, stars: Stars) -> float:

@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from .frames import FloatArray
 from .landscape import SkyMask
-from .stack import QUANT_MAX
+from .store import QUANT_MAX
 from .writers import atomic_path, stretch, write_bytes, write_preview, write_tiff
 
 log = logging.getLogger("nightstack.products")

@@ -10,7 +10,9 @@ Signal handlers only set events. While frames wait, previews follow only the clo
 every ``preview_every_s``), not every ``preview_every_frames``: frames are never held back for one.
 
 Faults the daemon survives (see bench/RELIABILITY.md): a file that cannot be decoded is journaled
-as rejected with its reason; a decoder hang or crash costs that one frame (``decoder.py``). A
+as rejected with its reason; a decoder hang or crash costs that one frame (``decoder.py``), and
+one that may pass (a timeout, a decoder killed by the OOM killer, a read error) is retried once
+when the queue is empty (``retries.py``). A
 write that fails (disk full, I/O error) loses nothing: the frame is not journaled, the daemon
 drops its in-memory session, says so once, pauses decoding and checks every ``RETRY_S`` seconds
 for free space; then it reloads the session from disk exactly as after a kill -9 and re-queues
@@ -20,6 +22,7 @@ recovery carry an older ``epoch`` and are dropped, so each frame is stacked exac
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -28,20 +31,24 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
-from .decoder import DEFAULT_DECODE_FN, Decoder
+from .decoder import DEFAULT_DECODE_FN, Decoder, TransientDecodeError, read_error
 from .errors import ConfigError
 from .notify import Notifier
 from .pipeline import FrameRecord, Prepared, Stacker, file_sha256
 from .quality import Quality
+from .retries import Retries, first_attempts
 from .session import Session, find_open, known_hashes, quarantine
 from .watcher import FrameWatcher
+
+if TYPE_CHECKING:
+    from .web.server import WebServer
 
 log = logging.getLogger("nightstack")
 
@@ -51,6 +58,10 @@ _TICK_S = 0.5  # worker loop period when idle: signals, close requests, watchdog
 RETRY_S = 5.0  # while the output cannot be written: how often to look for free space again
 _SPACE_MARGIN = 16 * 2**20  # free bytes wanted besides two frame-store entries before a retry
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+LONG_WRITE_MAX_S = 900.0
+"""The longest one write (a frame into the store, a checkpoint, a preview with live.fits, the
+final combine and its files) keeps the watchdog fed: a card that slow is failing, and a write
+that never ends is a hang the watchdog must see."""
 
 
 def _shown(text: str) -> str:
@@ -126,6 +137,16 @@ class _Duplicate:
     path: Path
 
 
+@dataclass
+class _Transient:
+    """A frame that failed for a reason that may pass (``decoder.TransientDecodeError``)."""
+
+    prepared: Prepared
+
+
+_Item = Prepared | _Duplicate | _Transient  # what the prepare thread hands the worker
+
+
 class Daemon:
     """``nightstack watch``. ``run()`` returns the process exit code."""
 
@@ -146,11 +167,12 @@ class Daemon:
         self.on_close = on_close
         self.notifier = Notifier()
         self.paths: queue.Queue[Path] = queue.Queue()
-        self.prepared: queue.Queue[tuple[int, Prepared | _Duplicate]] = queue.Queue(maxsize=1)
+        self.prepared: queue.Queue[tuple[int, _Item]] = queue.Queue(maxsize=1)
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.session: Session | None = None
         self.hashes: set[str] = set()
+        self.retries = Retries(set())  # transient failures: tried once, waiting for the retry
         self._hash_lock = threading.Lock()
         self._busy = threading.Event()  # the prepare thread holds a frame
         self.stats = {"stacked": 0, "rejected": 0}
@@ -164,6 +186,17 @@ class Daemon:
         self._reopen: Path | None = None  # a session to reload from disk before going on
         self._close_wanted = ""  # why to close the session at _reopen once it is reloaded
         self._frame_bytes = 0  # one frame-store entry of the last session, for the space check
+        # --- web ---
+        self._started = time.monotonic()
+        self._status_lock = threading.Lock()  # guards _status: the worker swaps, the web reads
+        self._status: dict[str, Any] = {
+            "state": "starting",
+            "session": None,
+            "accepted": 0,
+            "rejected": 0,
+            "last_frame": None,
+        }
+        # --- end web ---
 
     # --- signals ------------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -180,9 +213,18 @@ class Daemon:
     # --- main ---------------------------------------------------------------------------------
     def run(self) -> int:
         watch, output = check_startup(self.settings)
+        web = self._start_web(output)  # --- web ---
+        try:
+            return self._run(watch, output)
+        finally:
+            if web is not None:
+                web.stop()
+
+    def _run(self, watch: Path, output: Path) -> int:
         if threading.current_thread() is threading.main_thread():
             self._install_signals()
         self.hashes = known_hashes(output)
+        self.retries = Retries(first_attempts(output))
         with Decoder(
             timeout_s=self.settings.decode_timeout_s,
             load_kwargs=load_kwargs(self.settings),
@@ -216,11 +258,19 @@ class Daemon:
             watcher.start()
             self.notifier.ready(status="waiting for frames")
             log.info("watching %s, sessions in %s", watch, output)
+            self._publish()  # --- web ---
             try:
                 self._loop(output)
             finally:
                 watcher.stop()
                 self.notifier.stopping()
+                self._publish("stopping")  # --- web ---
+                if self.retries.waiting:
+                    log.info(
+                        "%d frame(s) not retried before stopping: the next start retries them "
+                        "(its start-up scan finds them again)",
+                        len(self.retries.waiting),
+                    )
                 if self.session is None and self._reopen is not None:
                     self._open_again()  # a session a failed write left on disk: finish it too
                 if self.session is not None and self.session.state != "closed":
@@ -313,18 +363,26 @@ class Daemon:
                 continue
             self._busy.set()
             try:
-                item: Prepared | _Duplicate
+                item: _Item
+                unreadable: OSError | None = None
                 try:
                     digest = file_sha256(path)
-                except OSError:
+                except OSError as err:
                     digest = None  # unreadable: prepare() records the reason
+                    unreadable = read_error(err)  # EIO: the card, not the file, may be at fault
                 with self._hash_lock:
                     epoch = self._epoch
                     duplicate = digest in self.hashes and digest != EMPTY_SHA256
                     if digest is not None:
                         self.hashes.add(digest)
                 detector = self._detector  # replaced by the worker when a session starts
-                item = _Duplicate(path) if duplicate else detector.prepare(path, digest)
+                if duplicate:
+                    item = _Duplicate(path)
+                elif unreadable is not None:
+                    reason = f"cannot read file: {unreadable.strerror}"
+                    item = _Transient(Prepared(path, None, None, None, None, reason, {}))
+                else:
+                    item = self._transient_or_not(detector.prepare(path, digest))
                 while not self.stop.is_set():
                     try:
                         self.prepared.put((epoch, item), timeout=_TICK_S)
@@ -334,11 +392,26 @@ class Daemon:
             finally:
                 self._busy.clear()
 
-    def _ingest(self, item: Prepared | _Duplicate, output: Path) -> None:
+    def _transient_or_not(self, prepared: Prepared) -> Prepared | _Transient:
+        """``prepared`` as a _Transient if its decode failed for a reason that may pass."""
+        failure = self.decoder.last_error()  # the decode prepare() just ran in this thread
+        if (
+            prepared.error is not None
+            and "decode" in prepared.ms
+            and isinstance(failure, TransientDecodeError)
+            and failure.reason == prepared.error
+        ):
+            return _Transient(prepared)
+        return prepared
+
+    def _ingest(self, item: _Item, output: Path) -> None:
         if isinstance(item, _Duplicate):
             log.info("%s: already processed (same content), skipped", _shown(item.path.name))
             self._done(item.path)
             return
+        transient = isinstance(item, _Transient)
+        if isinstance(item, _Transient):
+            item = item.prepared
         if self.session is None:
             if self._detector.settings is not self.settings:  # reloaded (SIGHUP) since
                 self._detector = Stacker(self.settings, output, self.decoder)
@@ -351,12 +424,15 @@ class Daemon:
                 self._failed(err, f"cannot open a session for {_shown(item.path.name)}")
                 return
         session = self.session
+        if transient and self._retry_later(session, item):
+            return
         better = session.stacker.better_reference(item)
         if better is not None:
             self._start_over(session, better, item, output)
             return
         try:
-            record = session.ingest(item)
+            with self._fed("stacking"):  # store write and checkpoint on a slow SD card
+                record = session.ingest(item)
         except OSError as err:
             self._failed(err, f"{_shown(item.path.name)} not stacked", session)
             return
@@ -366,6 +442,29 @@ class Daemon:
         self._done(item.path)
         if session.stacker.store is not None:
             self._frame_bytes = session.stacker.store.frame_bytes
+        self._report(session, record)
+
+    def _retry_later(self, session: Session, item: Prepared) -> bool:
+        """A transient failure: journal its first attempt and keep it for a retry (True), or,
+        if this was the retry, let it be journaled as usual (False)."""
+        record = self.retries.first(item)
+        if record is None:
+            return False
+        try:
+            session.reject(record)
+        except OSError as err:
+            self._failed(err, f"{_shown(item.path.name)} not journaled", session)
+            return True
+        self.retries.wait(record)
+        if item.sha256 is not None:
+            with self._hash_lock:
+                self.hashes.discard(item.sha256)  # not processed for good: let the retry in
+        self._done(item.path)
+        self._report(session, record)
+        return True
+
+    def _report(self, session: Session, record: FrameRecord) -> None:
+        """The frame's log line, systemd status and, when wanted, a preview."""
         if record.status == "accepted":
             self.stats["stacked"] += 1
         else:
@@ -385,11 +484,13 @@ class Daemon:
             extra={"SESSION": session.id, "FRAME": record.file, "STATUS": record.status},
         )
         fwhm = session.stacker.reference.stars.fwhm_px if session.stacker.reference else None
+        notes = "".join(f"; {n}" for n in (session.low_space, session.stacker.live_only) if n)
         self.notifier.status(
             f"{session.stacker.accepted} stacked, {sum(session.stacker.rejected.values())} "
             f"rejected, FWHM {record.fwhm if record.fwhm is not None else fwhm or 0:.2f} px, "
-            f"queue {depth}"
+            f"queue {depth}{notes}"
         )
+        self._publish(record=record)  # --- web ---
         if _preview_wanted(session, behind=depth > 0):
             self._preview(session)
 
@@ -443,6 +544,7 @@ class Daemon:
             self.notifier.status(f"{kind}: waiting for space in {self.output}")
         self._degraded.set()
         self._retry_at = time.monotonic() + RETRY_S
+        self._publish()  # --- web ---
 
     def _recover(self, output: Path) -> None:
         """Degraded: when there is room again, reload the session and queue the waiting frames."""
@@ -453,6 +555,7 @@ class Daemon:
             return
         queued = self._requeue(output)
         self._degraded.clear()
+        self._publish()  # --- web ---
         log.info("%s can be written again: %d waiting frame(s) queued", output, queued)
 
     def _free(self) -> int:
@@ -478,6 +581,7 @@ class Daemon:
             return True
         self._reopen = None
         self.session = session
+        self._publish()  # --- web ---
         if session.stacker.lost:  # frames to stack again when their raw files come back
             self._requeue(self.output)
         if session.stacker.store is not None:
@@ -492,10 +596,16 @@ class Daemon:
         return bool(self.paths.qsize() or self.prepared.qsize() or self._busy.is_set())
 
     def _idle(self) -> None:
+        behind = self._behind()  # frames wait, but the worker waits for the next decode
+        if not behind and self.retries.waiting:  # the queue is empty: time for the retries
+            paths = self.retries.take()
+            log.info("retrying %d frame(s) that failed for a reason that may pass", len(paths))
+            for path in paths:
+                self._enqueue(path)
+            return
         session = self.session
         if session is None:
             return
-        behind = self._behind()  # frames wait, but the worker waits for the next decode
         if _preview_wanted(session, behind=behind):
             self._preview(session)
         if behind:
@@ -505,7 +615,8 @@ class Daemon:
 
     def _preview(self, session: Session) -> None:
         try:
-            session.write_preview()
+            with self._fed("preview"):  # live.fits: 288 MB at 24 MP
+                session.write_preview()
         except OSError as err:
             log.error("preview not written: %s (the previous preview stays)", err.strerror)
 
@@ -518,9 +629,11 @@ class Daemon:
             return
         self._close_wanted = ""
         log.info("closing session %s: %s", session.id, why)
+        self._publish("closing")  # --- web ---
         self.notifier.status(f"finalizing session {session.id} ({session.stacker.accepted} frames)")
         try:
-            outputs = session.close(self._keepalive)
+            with self._fed("finalizing"):  # the combine, then the TIFF and FITS writes
+                outputs = session.close(self._keepalive)
         except OSError as err:
             self._failed(err, f"session {session.id} not finalized", session)
             log.error(
@@ -529,8 +642,33 @@ class Daemon:
             )
             return
         self.session = None
+        self._publish()  # --- web ---
         if self.on_close is not None:
             self.on_close(session, outputs)
+
+    @contextlib.contextmanager
+    def _fed(self, what: str) -> Iterator[None]:
+        """Feed systemd's watchdog from a helper thread while the worker does one long write, at
+        most :data:`LONG_WRITE_MAX_S`: a slow card does not get the service killed, a write that
+        never ends still does. Nothing to do without a watchdog."""
+        interval = self.notifier.watchdog_interval_s
+        if not interval:
+            yield
+            return
+        done = threading.Event()
+
+        def feed() -> None:
+            deadline = time.monotonic() + LONG_WRITE_MAX_S
+            while not done.wait(interval) and time.monotonic() < deadline:
+                self.notifier.watchdog()
+
+        feeder = threading.Thread(target=feed, name=f"nightstack-watchdog-{what}", daemon=True)
+        feeder.start()
+        try:
+            yield
+        finally:
+            done.set()
+            feeder.join()
 
     def _keepalive(self, done: int = 0, total: int = 0) -> None:
         """Long work in the worker loop (the final combine): keep systemd's timers happy."""
@@ -553,6 +691,73 @@ class Daemon:
             logging.getLogger().setLevel(fresh.log_level)
             log.info("configuration reloaded; it applies from the next session")
         self.notifier.ready()
+
+    # --- web ---------------------------------------------------------------------------------
+    def _start_web(self, output: Path) -> WebServer | None:
+        """Serve the web page and API on their own thread. A port that cannot be bound costs
+        the page, not the night: the error is logged and stacking goes on."""
+        if not self.settings.web_enabled:
+            return None
+        from .web.server import WebServer
+
+        server = WebServer(
+            output,
+            self.settings.web_listen,
+            token=self.settings.web_token,
+            status=self.status,
+            close=lambda: request_close(output),
+        )
+        try:
+            server.start()
+        except OSError as err:
+            log.error(
+                "web page not started: cannot listen on %s (%s); stacking goes on without it",
+                self.settings.web_listen,
+                err.strerror or err,
+            )
+            return None
+        return server
+
+    def _publish(self, state: str | None = None, record: FrameRecord | None = None) -> None:
+        """Worker thread: replace the snapshot :meth:`status` hands out (never waits on a
+        reader: the lock only guards the swap)."""
+        session = self.session
+        if state is None:
+            if self.stop.is_set():
+                state = "stopping"
+            elif self._degraded.is_set():
+                state = "degraded"
+            else:
+                state = "waiting" if session is None else "stacking"
+        last = self._status["last_frame"]
+        if record is not None:
+            last = {
+                "file": Path(record.file).name,
+                "status": record.status,
+                "reason": record.reason,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        pending = self._reopen.name if self._reopen is not None else None
+        snapshot = {
+            "state": state,
+            "session": session.id if session is not None else pending,
+            "accepted": session.stacker.accepted if session is not None else 0,
+            "rejected": sum(session.stacker.rejected.values()) if session is not None else 0,
+            "last_frame": last,
+        }
+        with self._status_lock:
+            self._status = snapshot
+
+    def status(self) -> dict[str, Any]:
+        """Any thread: the worker's last snapshot (state, session id or None, accepted,
+        rejected, last_frame) with the queue depth and uptime (s) read now."""
+        with self._status_lock:
+            snapshot = dict(self._status)
+        snapshot["queue"] = self.paths.qsize() + self.prepared.qsize()
+        snapshot["uptime_s"] = round(time.monotonic() - self._started, 1)
+        return snapshot
+
+    # --- end web -----------------------------------------------------------------------------
 
 
 def _preview_wanted(session: Session, *, behind: bool) -> bool:

@@ -61,6 +61,8 @@ from .writers import (
 
 log = logging.getLogger("nightstack.session")
 
+_JOURNAL_LINE_BYTES = 2048  # a journal line, generously
+_RESERVE_MARGIN = 4 * 2**20  # preview, session.json, journal lines, file system slack
 JOURNAL = "journal.jsonl"
 SESSION = "session.json"
 
@@ -168,6 +170,9 @@ class Session:
         self.dir = directory
         self.settings = settings
         self.stacker = Stacker(settings, directory, decoder)
+        self.stacker.space_check = self._space_check
+        self.low_space: str | None = None
+        """A warning while the disk holds fewer than ``min_free_frames`` frames, else None."""
         self.started = datetime.now(UTC).isoformat(timespec="seconds")
         self.state = "open"
         self.records = 0  # journal lines written
@@ -175,6 +180,7 @@ class Session:
         self.since_preview = 0
         self.last_preview = 0.0
         self.last_live_fits = -math.inf
+        self.last_checkpoint = -math.inf
         self.last_frame = time.monotonic()
         self._journal = os.open(directory / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
@@ -222,6 +228,7 @@ class Session:
             notes.append(
                 f"session.json unreadable ({type(err).__name__}): rebuilt from the journal"
             )
+        settings = _own_settings(directory.name, meta.get("settings"), settings)
         removed = remove_temporaries(directory)
         journal = directory / JOURNAL
         records, good, garbage = _read_journal(journal)
@@ -269,6 +276,9 @@ class Session:
             )
         else:
             reference = _load_reference(ref_file)
+            live_only = meta.get("live_only") or (
+                "final = 'live': no frame store" if settings.final == "live" else None
+            )
             store = FrameStore(
                 directory / "frames", reference.shape, reference.channels, salvage=True
             )
@@ -284,21 +294,20 @@ class Session:
             damaged += range(held, len(stored))  # journaled, never indexed: lost as well
             stacker.reference, stacker.store = reference, store
             stacker.start_landscape(settings.bin)  # landscape and products: reopened
+            journal_lines = len(records)
             for i in damaged:  # journal their loss: the final counts each frame once
-                lost = stored[i]
-                loss = FrameRecord(
-                    file=lost["file"],
-                    status="lost",
-                    reason="stored data lost (frame store file missing or truncated)",
-                    sha256=lost.get("sha256"),
-                    exposure_s=lost.get("exposure_s"),
+                self._journal_lost(
+                    stored[i], "stored data lost (frame store file missing or truncated)", records
                 )
-                self._append(loss)
-                records.append(json.loads(loss.to_json()))
             if damaged:
                 notes.append(f"{len(damaged)} frame(s) with damaged stored data journaled as lost")
             if stacker.landscape.ground is not None:  # the ground keeps the sky store's frames
                 stacker.landscape.ground.keep([store.frame(i).name for i in range(len(store))])
+            if live_only is not None:
+                self._restore_live_only(live_only, store, stored, records[:journal_lines], records)
+                for record in records:
+                    self._count(record)
+                return
             if self.state == "closing":  # only the final combine is left: it reads the store
                 log.info("session %s resumed to finish closing", self.id)
                 for record in records:
@@ -318,13 +327,7 @@ class Session:
                     notes.append("checkpoint ahead of the store: live stack rebuilt from the store")
                     live = None
             if live is None:
-                live = LiveStack(
-                    reference.shape,
-                    reference.channels,
-                    kappa=settings.live_kappa,
-                    warmup=settings.live_warmup,
-                    store=store,
-                )
+                live = stacker.new_live(store)
             stacker.live = live
             self.counted_at_checkpoint = live.frames
             replayed = live.catch_up()  # the accepted frames journaled after the checkpoint
@@ -338,8 +341,72 @@ class Session:
         for record in records:
             self._count(record)
 
+    def _journal_lost(
+        self, record: dict[str, Any], reason: str, records: list[dict[str, Any]]
+    ) -> None:
+        """Journal that an accepted frame's data is lost (stacked again if its raw comes back)."""
+        loss = FrameRecord(
+            file=record["file"],
+            status="lost",
+            reason=reason,
+            sha256=record.get("sha256"),
+            exposure_s=record.get("exposure_s"),
+        )
+        self._append(loss)
+        records.append(json.loads(loss.to_json()))
+
+    def _restore_live_only(
+        self,
+        why: str,
+        store: FrameStore,
+        stored: list[dict[str, Any]],
+        journaled: list[dict[str, Any]],
+        records: list[dict[str, Any]],
+    ) -> None:
+        """Resume a live-only session: its live stack holds frames the store does not, so it
+        comes from the checkpoint; accepted frames journaled after it are added again from the
+        store when stored, and journaled as lost (stacked again from their raw file when it is
+        still there) when not."""
+        stacker = self.stacker
+        reference = stacker.reference
+        assert reference is not None
+        checkpoint = self.dir / "checkpoint"
+        state = _read_checkpoint(checkpoint)
+        live, since = None, 0
+        if state is not None:
+            try:
+                live = LiveStack.load(checkpoint / "live")
+                since = int(state["records"])
+            except (OSError, ValueError, KeyError, EOFError):
+                live = None
+        if live is None:
+            live = stacker.new_live(None)
+        position = {id(r): i for i, r in enumerate(stored)}
+        rows = reference.shape[0]
+        replayed = lost = 0
+        for record in journaled[since:]:
+            if record["status"] != "accepted":
+                continue
+            i = position.get(id(record))
+            if i is None or i >= len(store):
+                self._journal_lost(record, "not stored (live-only) and not in the checkpoint",
+                                   records)  # fmt: skip
+                lost += 1
+            else:
+                live.add(store.read_band(i, 0, rows), store.footprint_band(i, 0, rows))
+                replayed += 1
+        stacker.store, stacker.live, stacker.live_only = store, live, why
+        self.counted_at_checkpoint = live.frames
+        log.info(
+            "session %s resumed live-only (%s): %d frames from checkpoint, %d replayed, %d lost",
+            self.id, why, live.frames - replayed, replayed, lost,
+        )  # fmt: skip
+
     def _count(self, record: dict[str, Any]) -> None:
-        """Count a journaled frame into the session's tallies."""
+        """Count a journaled frame into the session's tallies (a first attempt waiting for its
+        retry is not counted: see :meth:`Stacker.count`)."""
+        if record.get("retry") is True:
+            return
         self.stacker.count(
             FrameRecord(
                 file=record["file"],
@@ -355,10 +422,21 @@ class Session:
     def ingest(self, prepared: Prepared) -> FrameRecord:
         """Stack one prepared frame and journal it (fsync'd)."""
         had_reference = self.stacker.reference is not None
+        was_live_only = self.stacker.live_only
         record = self.stacker.stack(prepared)
         if record.status == "accepted" and not had_reference:
             _save_reference(self.dir / "reference.npz", self.stacker)
             self._write_meta()
+        if self.stacker.live_only is not None and was_live_only is None and had_reference:
+            log.error(
+                "session %s goes live-only from %s: %s; frames are still aligned and stacked "
+                "live, and the final will be the live stack (every accepted frame)",
+                self.id, Path(record.file).name, self.stacker.live_only,
+            )  # fmt: skip
+            self._write_meta()
+            self._checkpoint_now()  # from now on the checkpoint is the live stack's only copy
+        if record.status == "accepted" and self.low_space:
+            record.warning = self.low_space
         self._append(record)
         self.last_frame = time.monotonic()
         if record.status == "accepted":
@@ -368,7 +446,7 @@ class Session:
             every = self.settings.snapshot_every_frames
             if every and live.frames % every == 0:
                 self._snapshot(live.frames)
-            if live.frames - self.counted_at_checkpoint >= self.settings.checkpoint_every_frames:
+            if self._checkpoint_due(live.frames):
                 try:
                     self.checkpoint()
                 except OSError as err:  # the frame is journaled: only the checkpoint waits
@@ -408,6 +486,55 @@ class Session:
             raise
         self.records += 1
 
+    def _space_check(self, frame_bytes: int) -> str | None:
+        """Before a frame is stored: a reason not to (live-only), or None. The store never eats
+        into the reserve for the final outputs; fewer than ``min_free_frames`` frames of room
+        sets :attr:`low_space` (journal, log, status)."""
+        try:
+            st = os.statvfs(self.dir)
+        except OSError:
+            return None
+        free = st.f_bavail * st.f_frsize
+        reserve = self.reserve_bytes()
+        room = (free - reserve) // max(frame_bytes + _JOURNAL_LINE_BYTES, 1)
+        if room < 1:
+            return (
+                f"disk: {free / 2**20:.0f} MB free, the final outputs' reserve is "
+                f"{reserve / 2**20:.0f} MB"
+            )
+        warning = None
+        if room < self.settings.min_free_frames:
+            warning = f"disk: room for {room} more frame(s) ({free / 2**20:.0f} MB free)"
+            if self.low_space is None:
+                log.warning("session %s: %s", self.id, warning)
+        self.low_space = warning
+        return None
+
+    def reserve_bytes(self) -> int:
+        """Disk kept for the final outputs, which the frame store never uses: the TIFF (2 bytes
+        per sample), the FITS and live.fits (4 each), a checkpoint swap (10) and a margin."""
+        ref = self.stacker.reference
+        if ref is None:
+            return _RESERVE_MARGIN
+        samples = ref.shape[0] * ref.shape[1] * ref.channels
+        return samples * (2 + 4 + 4 + 10) + _RESERVE_MARGIN
+
+    def _checkpoint_now(self) -> None:
+        """A checkpoint out of turn (the reserve holds one); a failure is logged, not raised."""
+        try:
+            self.checkpoint()
+        except OSError as err:
+            log.error("session %s: checkpoint not written (%s)", self.id, err.strerror or err)
+
+    def _checkpoint_due(self, frames: int) -> bool:
+        """Every ``checkpoint_every_frames`` frames, but at most once every
+        ``checkpoint_min_interval_s``: a backlog or a fast camera does not rewrite the 10 bytes
+        per pixel and channel (720 MB at 24 MP) every few seconds; a resume replays the frames
+        since from the store."""
+        if frames - self.counted_at_checkpoint < self.settings.checkpoint_every_frames:
+            return False
+        return time.monotonic() - self.last_checkpoint >= self.settings.checkpoint_min_interval_s
+
     def checkpoint(self) -> None:
         """Save the live accumulator atomically (old checkpoint stays valid until the swap)."""
         live = self.stacker.live
@@ -420,6 +547,7 @@ class Session:
             self.stacker.products.checkpoint()  # the star trails so far
         write_json(checkpoint / "state.json", {"records": self.records, "frames": live.frames})
         self.counted_at_checkpoint = live.frames
+        self.last_checkpoint = time.monotonic()
 
     def preview_due(self) -> bool:
         if self.stacker.live is None or self.since_preview == 0:
@@ -463,9 +591,14 @@ class Session:
         self.state = "closing"
         self._write_meta()
         stacker = self.stacker
+        if stacker.live_only is not None and stacker.live is not None:
+            self._checkpoint_now()  # a close cut short (disk, kill) finishes from it
         outputs: dict[str, Any] = {}
         stack = "stack" in self.settings.products
-        if stack and stacker.accepted >= 1 and stacker.store is not None:
+        has_stack = stacker.store is not None or stacker.live is not None
+        if stack and stacker.accepted >= 1 and has_stack:
+            method = "live" if stacker.live_only is not None else self.settings.stack_method
+            outputs["final"] = {"method": method, "why": stacker.live_only}
             image = stacker.final(progress)  # releases the live stack
             sky_rows = stacker.landscape.freeze_final(image, progress)  # the frozen ground
             header = stacker.header()
@@ -481,7 +614,8 @@ class Session:
             write_preview(self.dir / "preview.jpg", image, width=self.settings.preview_width)
             del image
             outputs["preview"] = str(self.dir / "preview.jpg")
-            outputs["frame_store_bytes"] = stacker.store.disk_bytes()
+            if stacker.store is not None:
+                outputs["frame_store_bytes"] = stacker.store.disk_bytes()
         # --- landscape and products ---
         if stacker.products is not None and stacker.accepted >= 1:
             outputs.update(
@@ -543,6 +677,8 @@ class Session:
             "rejected": sum(stacker.rejected.values()),
             "rejected_by_reason": dict(stacker.rejected),
             "lost": list(stacker.lost.values()),
+            "live_only": stacker.live_only,
+            "disk": {"warning": self.low_space, "reserve_bytes": self.reserve_bytes()},
             "total_exposure_s": round(stacker.exposure_s, 3),
             "first_frame_time": stacker.first_time,
             "last_frame_time": stacker.last_time,
@@ -571,13 +707,42 @@ def _write_composite_fits(
     write_fits_extended(path, shape, lambda r0, r1: image[r0:r1], header, sky, "SKY")
 
 
+_SESSION_ONLY_FIELDS = frozenset({"watch_dir", "output_dir", "log_level", "idle_timeout_s"})
+"""Settings of the daemon, not of a session's stack: a resumed session takes today's."""
+
+
+def _own_settings(session: str, saved: Any, current: Settings) -> Settings:
+    """The settings a session started with (its session.json), so that a resumed session
+    stacks its last frame as it stacked its first; ``current`` (the config as edited since)
+    applies from the next session. Settings that no longer exist are ignored, and a saved set
+    that is no longer valid falls back to ``current`` (one log line either way)."""
+    if not isinstance(saved, dict):
+        return current
+    known = {k: v for k, v in saved.items() if k in Settings.model_fields}
+    known.update({k: getattr(current, k) for k in _SESSION_ONLY_FIELDS})
+    try:
+        own = Settings(**known)
+    except ValueError as err:
+        log.warning("session %s: its saved settings are not valid any more (%s); resumed with "
+                    "the current ones", session, str(err).splitlines()[0])  # fmt: skip
+        return current
+    edited = sorted(k for k in Settings.model_fields if getattr(own, k) != getattr(current, k))
+    if edited:
+        log.info(
+            "session %s resumed with its own settings; the config's edits (%s) apply from the "
+            "next session", session, ", ".join(edited),
+        )  # fmt: skip
+    return own
+
+
 def _stored_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The accepted records whose frames the store holds, in store order: every accepted
     record, less those a later ``lost`` record (same content hash) took back."""
     stored: list[dict[str, Any]] = []
     for record in records:
         if record["status"] == "accepted":
-            stored.append(record)
+            if record.get("stored") is not False:  # live-only frames are not in the store
+                stored.append(record)
         elif record["status"] == "lost":
             for i in range(len(stored) - 1, -1, -1):
                 if stored[i].get("sha256") == record.get("sha256"):

@@ -168,6 +168,91 @@ def footprint(
     return _mask_from_spans(first, end, cols)
 
 
+def footprint_spans(
+    matrix: FloatArray,
+    src_shape: tuple[int, int],
+    out_cols: int,
+    row_start: int,
+    row_stop: int,
+    *,
+    interpolation: Interpolation = "bilinear",
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The footprint of reference rows ``row_start:row_stop`` as one run of columns per row.
+
+    Returns ``(first, stop)``, each (band_rows,) int64: row ``r`` is covered on columns
+    ``first[r]:stop[r]`` (empty when equal), exactly :func:`footprint`'s True pixels, in O(rows).
+    """
+    margin = _interpolation(interpolation)[1]
+    return _spans(_inverse(matrix), src_shape, out_cols, row_start, row_stop, margin)
+
+
+def source_rows(
+    matrix: FloatArray,
+    src_shape: tuple[int, int],
+    out_cols: int,
+    row_start: int,
+    row_stop: int,
+    *,
+    interpolation: Interpolation = "bilinear",
+) -> tuple[int, int]:
+    """The frame rows ``[first, stop)`` that reference rows ``row_start:row_stop`` sample (every
+    interpolation neighbour, plus a pixel of slack), clipped to the frame; empty when none."""
+    margin = _interpolation(interpolation)[1]
+    inverse = _inverse(matrix)
+    corners = np.array(
+        [[x, y, 1.0] for x in (0, out_cols - 1) for y in (row_start, row_stop - 1)], np.float64
+    )
+    ys = corners @ inverse[1]
+    first = max(0, math.floor(float(ys.min())) - margin - 2)
+    stop = min(int(src_shape[0]), math.ceil(float(ys.max())) + margin + 3)
+    return first, max(first, stop)
+
+
+def warp_crop_rows(
+    crop: FloatArray,
+    crop_top: int,
+    src_shape: tuple[int, int],
+    matrix: FloatArray,
+    out_shape: tuple[int, int],
+    row_start: int,
+    row_stop: int,
+    *,
+    interpolation: Interpolation = "bilinear",
+) -> npt.NDArray[np.float32]:
+    """:func:`warp_rows` from the frame rows ``crop_top:crop_top + len(crop)`` only.
+
+    ``crop`` must hold every row :func:`source_rows` names for the band; the footprint is the
+    whole frame's (``src_shape``), so values near the crop's edges are not mistaken for edges of
+    the frame. Returns (band_rows, out_cols, C) float32, 0 outside the footprint. The result
+    depends on ``crop_top`` only through float rounding (~1e-7): callers that need bit-equal
+    values for a band read twice must use the same crop.
+    """
+    flag, margin = _interpolation(interpolation)
+    src = np.asarray(crop)
+    if src.ndim == 2:
+        src = src[:, :, np.newaxis]
+    src = np.ascontiguousarray(src, dtype=np.float32)
+    cols = int(out_shape[1])
+    rows = max(0, row_stop - row_start)
+    channels = src.shape[2]
+    if rows == 0 or src.shape[0] == 0:
+        return np.zeros((rows, cols, channels), np.float32)
+    inverse = _inverse(matrix)
+    local = _shifted(inverse, 0, row_start)
+    local[1, 2] -= crop_top
+    if max(rows, cols, src.shape[0], src.shape[1]) < _CV_MAX_SIDE:
+        warped = _cv_warp(src, local, (rows, cols), flag).reshape(rows, cols, channels)
+    else:
+        shifted = inverse.copy()
+        shifted[1, 2] -= crop_top
+        warped = _tiled_warp(src, shifted, (row_start, row_stop), cols, flag, margin)
+    first, end = _spans(inverse, src_shape, cols, row_start, row_stop, margin)
+    for r in range(rows):  # zero outside the run: O(rows) slice writes
+        warped[r, : first[r]] = 0.0
+        warped[r, end[r] :] = 0.0
+    return warped
+
+
 def _interpolation(name: str) -> tuple[int, int]:
     try:
         return INTERPOLATIONS[name]

@@ -1,0 +1,387 @@
+"""Issue 12: the frame path in the sensor's mosaic, measured in one run.
+
+- decode: on one 24 MP DNG of the benchmark night, in process, medians of ``repeat`` calls:
+  LibRaw's full ``postprocess`` (AHD, ``load(demosaic="AHD")``), the mosaic alone
+  (``load_mosaic``: LibRaw unpack, black/white levels), and decode to the demosaiced frame the
+  pipeline uses (``load(demosaic="bilinear" | "edge-aware")``: mosaic, 16-bit codes, OpenCV
+  demosaic, white balance, superpixel luminance); ratios to the AHD postprocess;
+- ``nightstack stack`` of 12 x 24 MP (its wall time, per-frame stages from ``--report``, the
+  final combine's seconds a frame = wall time after the last report line / frames, the frame
+  store's size from its summary line, the process tree's PSS peak), the same pinned to one
+  core (``taskset -c 0``, a Raspberry Pi proxy), and Siril's convert + register + stack
+  (``rej s 3 3``) of the same 12 files;
+- ``nightstack watch`` fed frames one at a time (``.part`` + rename), each after the previous
+  one's journal line: ingest latency (file complete -> journal line) after the warm-up, the
+  process tree's PSS peak while stacking and while finalizing, and bytes the daemon wrote to
+  disk per frame (``/proc/PID/io`` write_bytes: store + checkpoint + journal + previews), at
+  24 MP and on a 61 MP night (9504 x 6336).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    OUT,
+    MemoryWatch,
+    ensure_night,
+    fmt_s,
+    log,
+    median,
+    run_meta,
+    run_watched,
+    table,
+    time_calls,
+    write_section,
+)
+
+NIGHTSTACK = [sys.executable, "-m", "nightstack.cli"]  # this interpreter, its PYTHONPATH
+STACK_N = 12
+WARMUP = 5  # the live stack's default warm-up: later frames are the steady state
+BIG_W, BIG_H = 9504, 6336  # a 61 MP sensor (Sony A7R IV / V)
+POLL_S = 0.05
+_SIRIL_SCRIPT = """requires 1.0.0
+cd {lights}
+convert light -debayer -out={process}
+cd {process}
+register light
+stack r_light rej s 3 3 -nonorm -out={result}
+close
+"""
+
+
+def _decode(path: Path, repeat: int) -> dict[str, float]:
+    from nightstack.loaders import load, load_mosaic
+
+    calls = {
+        "ahd": lambda: load(path, demosaic="AHD"),
+        "mosaic": lambda: load_mosaic(path),
+        "bilinear": lambda: load(path, demosaic="bilinear"),
+        "edge-aware": lambda: load(path, demosaic="edge-aware"),
+    }
+    for fn in calls.values():
+        fn()  # warm the file cache and imports
+    return {name: median(time_calls(fn, repeat)) for name, fn in calls.items()}
+
+
+def _stack(paths: list[Path], tag: str, pin: bool = False) -> dict[str, Any]:
+    work = OUT / f"mosaic_work_{tag}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    report = work / "report.jsonl"
+    cmd = [*NIGHTSTACK, "stack", *map(str, paths), "-o", str(work / "stack.fits")]
+    cmd += ["--report", str(report), "--work-dir", str(work)]
+    if pin:
+        cmd = ["taskset", "-c", "0", *cmd]
+    marks: dict[str, float] = {}
+
+    def phase() -> str:
+        try:
+            done = report.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            done = 0
+        if done >= len(paths):
+            marks.setdefault("ingested", time.perf_counter())
+            return "combine"
+        return "ingest"
+
+    t0 = time.perf_counter()
+    run = run_watched(cmd, timeout_s=7200, phase=phase)
+    if run.returncode != 0:
+        raise RuntimeError(f"nightstack stack failed ({run.returncode}): {run.stderr[-2000:]}")
+    records = [json.loads(line) for line in report.read_text().splitlines()]
+    accepted = [r for r in records if r["status"] == "accepted"]
+    stages = sorted({k for r in accepted for k in r["ms"]})
+    steady = accepted[WARMUP:] or accepted
+    ingest_s = marks.get("ingested", t0 + run.seconds) - t0
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "n": len(paths),
+        "accepted": len(accepted),
+        "seconds": run.seconds,
+        "ingest_s": ingest_s,
+        "combine_s": run.seconds - ingest_s,
+        "stage_s": {k: median([r["ms"].get(k, 0.0) / 1000 for r in steady]) for k in stages},
+        "pss_peak_mb": run.memory.pss_peak_mb,
+        "phase_pss_mb": run.memory.phase_pss_mb,
+        "summary": summary,
+    }
+
+
+def _siril(paths: list[Path]) -> dict[str, Any]:
+    if shutil.which("siril-cli") is None:
+        return {"skipped": "siril-cli not installed"}
+    version = subprocess.run(
+        ["siril-cli", "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    root = OUT / "mosaic_siril"
+    shutil.rmtree(root, ignore_errors=True)
+    lights, process = root / "lights", root / "process"
+    lights.mkdir(parents=True)
+    for p in paths:
+        (lights / p.name).symlink_to(p)
+    script = root / "stack.ssf"
+    script.write_text(_SIRIL_SCRIPT.format(lights=lights, process=process, result=root / "result"))
+    run = run_watched(["siril-cli", "-s", str(script)], timeout_s=7200, cwd=root)
+    (OUT / "mosaic_siril.log").write_text(run.stdout + run.stderr)
+    result = next(iter(sorted(root.glob("result.f*"))), None)
+    shutil.rmtree(root, ignore_errors=True)
+    if run.returncode != 0 or result is None:
+        tail = " | ".join(run.stdout.strip().splitlines()[-3:])
+        return {"skipped": f"Siril failed ({run.returncode}): {tail[:300]}", "version": version}
+    return {"version": version, "seconds": run.seconds, "pss_peak_mb": run.memory.pss_peak_mb}
+
+
+def _io_write_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _daemon(paths: list[Path], tag: str) -> dict[str, Any]:
+    root = OUT / f"mosaic_daemon_{tag}"
+    shutil.rmtree(root, ignore_errors=True)
+    watch, out = root / "watch", root / "out"
+    watch.mkdir(parents=True)
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+    cmd = [*NIGHTSTACK, "watch", str(watch), "--output-dir", str(out), "--idle-timeout", "3600"]
+    with open(root / "daemon.log", "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    phase = {"now": "start"}
+    memory = MemoryWatch(proc.pid, phase=lambda: phase["now"])
+    latencies: list[float] = []
+    written_before = store = 0
+    try:
+        time.sleep(3)  # the decoder child starts
+        phase["now"] = "stack"
+        for i, src in enumerate(paths):
+            part = watch / (src.name + ".part")
+            shutil.copyfile(src, part)
+            os.rename(part, watch / src.name)
+            dropped = time.time()
+            while True:
+                journals = sorted(out.glob("*/journal.jsonl"))
+                if journals and journals[0].read_bytes().count(b"\n") > i:
+                    break
+                if proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited: {(root / 'daemon.log').read_text()[-800:]}")
+                time.sleep(POLL_S)
+            latencies.append(time.time() - dropped)
+        written_before = _io_write_bytes(proc.pid)
+        store = sum(f.stat().st_size for f in out.glob("*/frames/frame_*"))  # before the close
+        journal = sorted(out.glob("*/journal.jsonl"))[0]
+        records = [json.loads(line) for line in journal.read_text().splitlines()]
+        phase["now"] = "finalize"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=7200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        memory.stop()
+    size = paths[0].stat().st_size
+    shutil.rmtree(root, ignore_errors=True)
+    accepted = sum(r["status"] == "accepted" for r in records)
+    steady = [r for r in records[WARMUP:] if r["status"] == "accepted"] or records
+    return {
+        "n": len(paths),
+        "accepted": accepted,
+        "latency_s": latencies,
+        "steady_latency_s": median(latencies[WARMUP:] or latencies),
+        "pss_mb": memory.phase_pss_mb,
+        "written_per_frame_mb": written_before / len(paths) / 2**20,
+        "store_per_frame_mb": store / max(accepted, 1) / 2**20,
+        "raw_mb": size / 2**20,
+        "stages_ms": {
+            k: median([r["ms"].get(k, 0.0) for r in steady])
+            for k in sorted({k for r in records for k in r["ms"]})
+        },
+    }
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    """Every figure; each part is kept in ``bench/out/mosaic_partial.json`` as it completes, so
+    a run that fails later resumes where it stopped (delete the file for a fresh run)."""
+    repeat = 2 if quick else 3
+    n = 6 if quick else STACK_N
+    partial = OUT / "mosaic_partial.json"
+    data: dict[str, Any] = json.loads(partial.read_text()) if partial.exists() else {}
+    paths = ensure_night(n)
+    big = ensure_night(3 if quick else 4, BIG_W, BIG_H)
+    parts = {
+        "decode": (f"decode ratios on {paths[0].name}", lambda: _decode(paths[0], repeat)),
+        "stack": (f"nightstack stack {n} x 24 MP", lambda: _stack(paths, "24")),
+        "siril": (f"Siril {n} x 24 MP", lambda: _siril(paths)),
+        "stack_pinned": (f"taskset -c 0 stack {n} x 24 MP", lambda: _stack(paths, "p", True)),
+        "daemon_24": (f"daemon, {n} x 24 MP one at a time", lambda: _daemon(paths, "24")),
+        "daemon_61": (f"daemon, {len(big)} x 61 MP one at a time", lambda: _daemon(big, "61")),
+        "decode_61": (f"decode ratios on the 61 MP {big[0].name}", lambda: _decode(big[0], 1)),
+    }
+    for key, (what, fn) in parts.items():
+        if key in data:
+            continue
+        log(what)
+        data[key] = fn()
+        partial.write_text(json.dumps(data, indent=1, default=str))
+    partial.unlink()
+    return data
+
+
+def report(data: dict[str, Any]) -> str:
+    d = data["decode"]
+    ahd = d["ahd"]
+    rows = [
+        ("LibRaw full postprocess (AHD, sRGB)", fmt_s(ahd), "1.00x"),
+        (
+            "mosaic only (`load_mosaic`: unpack, levels)",
+            fmt_s(d["mosaic"]),
+            f"{d['mosaic'] / ahd:.2f}x",
+        ),
+        (
+            "decode to the demosaiced frame, bilinear",
+            fmt_s(d["bilinear"]),
+            f"{d['bilinear'] / ahd:.2f}x",
+        ),
+        (
+            "decode to the demosaiced frame, edge-aware",
+            fmt_s(d["edge-aware"]),
+            f"{d['edge-aware'] / ahd:.2f}x",
+        ),
+    ]
+    out = ["### Decode, one 24 MP DNG, in process (median of repeats)", ""]
+    out += [table(("decode", "time", "x AHD postprocess"), rows), ""]
+    s, p = data["stack"], data["stack_pinned"]
+    n = s["n"]
+    out += [f"### `nightstack stack` of {n} x 24 MP", ""]
+    srow = [
+        ("wall time", fmt_s(s["seconds"]), fmt_s(p["seconds"])),
+        ("s a frame (wall / frames)", fmt_s(s["seconds"] / n), fmt_s(p["seconds"] / n)),
+        ("ingest (until the last report line)", fmt_s(s["ingest_s"]), fmt_s(p["ingest_s"])),
+        (
+            "final combine, s a frame",
+            fmt_s(s["combine_s"] / s["accepted"]),
+            fmt_s(p["combine_s"] / p["accepted"]),
+        ),
+        ("process tree PSS peak", f"{s['pss_peak_mb']:.0f} MB", f"{p['pss_peak_mb']:.0f} MB"),
+    ]
+    for k, v in s["stage_s"].items():
+        srow.append(
+            (f"stage `{k}` (median, steady state)", fmt_s(v), fmt_s(p["stage_s"].get(k, 0)))
+        )
+    out += [table(("", "2 cores", "`taskset -c 0`"), srow), ""]
+    out += [f"Summary lines: `{s['summary']}`; pinned: `{p['summary']}`.", ""]
+    siril = data["siril"]
+    if "skipped" in siril:
+        out += [f"Siril: skipped ({siril['skipped']}).", ""]
+    else:
+        ratio = s["seconds"] / siril["seconds"]
+        out += [
+            f"Siril {siril['version']} convert + register + stack `rej s 3 3` of the same {n} "
+            f"files: {fmt_s(siril['seconds'])} (PSS peak {siril['pss_peak_mb']:.0f} MB); "
+            f"`nightstack stack` took {ratio:.2f}x Siril's time.",
+            "",
+        ]
+    out += ["### `nightstack watch`, frames one at a time", ""]
+    drow = []
+    for key, label, dec in (("daemon_24", "24 MP", d), ("daemon_61", "61 MP", data["decode_61"])):
+        m = data[key]
+        drow.append(
+            (
+                f"{label} ({m['accepted']}/{m['n']} accepted)",
+                f"{fmt_s(m['steady_latency_s'])} ({m['steady_latency_s'] / dec['ahd']:.2f}x)",
+                f"{m['pss_mb'].get('stack', 0):.0f} MB",
+                f"{m['pss_mb'].get('finalize', 0):.0f} MB",
+                f"{m['store_per_frame_mb']:.0f} MB",
+                f"{m['written_per_frame_mb']:.0f} MB "
+                f"({m['written_per_frame_mb'] / m['store_per_frame_mb']:.2f}x the mosaic)",
+            )
+        )
+    out += [
+        table(
+            (
+                "night",
+                "ingest latency after warm-up (x AHD of the same size)",
+                "PSS peak stacking",
+                "PSS peak finalizing",
+                "store a frame",
+                "written a frame",
+            ),
+            drow,
+        ),
+        "",
+        "Ingest latency: file renamed into the watch folder -> its journal line, median of the "
+        "frames after the warm-up; the 61 MP ratio is to that night's own AHD postprocess "
+        f"({fmt_s(data['decode_61']['ahd'])}). Written: the daemon's `write_bytes` "
+        "(/proc/PID/io) until the last frame's journal line, over the frames.",
+    ]
+    return "\n".join(out)
+
+
+def goals(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    d, s = data["decode"], data["stack"]
+    combine = s["combine_s"] / s["accepted"]
+    d24, d61 = data["daemon_24"], data["daemon_61"]
+    ingest = d24["steady_latency_s"] / d["ahd"]
+    out = [
+        (
+            "decode to demosaiced <= 0.3x AHD",
+            f"{d['bilinear'] / d['ahd']:.2f}x",
+            d["bilinear"] / d["ahd"] <= 0.3,
+        ),
+        ("ingest <= 0.6x AHD", f"{ingest:.2f}x", ingest <= 0.6),
+        ("final combine <= 0.5 s a frame", fmt_s(combine), combine <= 0.5),
+        (
+            "store <= 50 MB a 24 MP frame",
+            f"{d24['store_per_frame_mb']:.0f} MB",
+            d24["store_per_frame_mb"] <= 50,
+        ),
+        (
+            "daemon PSS <= 1.0 GB at 24 MP",
+            f"{max(d24['pss_mb'].values()):.0f} MB",
+            max(d24["pss_mb"].values()) <= 1024,
+        ),
+        (
+            "daemon PSS <= 2.0 GB at 61 MP",
+            f"{max(d61['pss_mb'].values()):.0f} MB",
+            max(d61["pss_mb"].values()) <= 2048,
+        ),
+        (
+            "writes <= 1.5x the mosaic a frame",
+            f"{d24['written_per_frame_mb'] / d24['store_per_frame_mb']:.2f}x",
+            d24["written_per_frame_mb"] <= 1.5 * d24["store_per_frame_mb"],
+        ),
+    ]
+    if "skipped" not in data["siril"]:
+        out.append(
+            (
+                "`nightstack stack` faster than Siril",
+                f"{s['seconds'] / data['siril']['seconds']:.2f}x",
+                s["seconds"] < data["siril"]["seconds"],
+            )
+        )
+    return out
+
+
+TITLE = "The frame path in the mosaic: decode, store, memory, writes, speed (issue 12)"
+
+if __name__ == "__main__":
+    quick = "--quick" in sys.argv
+    OUT.mkdir(parents=True, exist_ok=True)
+    meta = run_meta(".venv/bin/python bench/bench_mosaic.py" + (" --quick" if quick else ""))
+    data = measure(quick)
+    data["_meta"] = {**meta, "quick": quick}
+    (OUT / "mosaic.json").write_text(json.dumps(data, indent=1, default=str))
+    write_section("mosaic", TITLE, report(data), data["_meta"])
+    print(report(data))
+    for goal, measured, met in goals(data):
+        print(f"{'met' if met else 'MISSED'}: {goal}: {measured}")

@@ -1,0 +1,120 @@
+"""The live stack's crash state on disk: a checkpoint that a resume restores bit for bit.
+
+``checkpoint/live/``: the arrays of :class:`~nightstack.live.LiveState` as ``<name>.<generation>
+.npy`` and ``live.json`` naming the generation. Arrays go to new files first, then ``live.json``
+is replaced atomically, then older generations are deleted: a crash at any point leaves a
+loadable checkpoint (the old one or the new one). A checkpoint writes 10 bytes per pixel and
+channel (720 MB at 24 MP RGB); between checkpoints a resume re-adds the later frames from the
+frame store.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from nightstack.live import LiveStack, LiveState
+from nightstack.store import FrameStore
+from nightstack.writers import atomic_path, write_json
+
+_LIVE_MANIFEST = "live.json"
+_LIVE_FILE = re.compile(r"^(mean|m2|count|warm\d+|warmfp\d+)\.(\d+)\.npy$")
+
+
+def save(live: LiveStack, directory: str | Path) -> None:
+    """Checkpoint ``live``'s exact state into ``directory`` (created if missing)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    manifest = d / _LIVE_MANIFEST
+    generation = 1
+    if manifest.exists():
+        generation = int(json.loads(manifest.read_text())["generation"]) + 1
+    state = live.state()
+    arrays: dict[str, npt.NDArray[Any]] = {"mean": state.mean, "m2": state.m2, "count": state.count}
+    for j, (frame, fp) in enumerate(state.pending):
+        arrays[f"warm{j}"] = frame
+        arrays[f"warmfp{j}"] = fp
+    files = {}
+    for key, array in arrays.items():
+        files[key] = f"{key}.{generation}.npy"
+        with atomic_path(d / files[key]) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+    write_json(
+        manifest,
+        {
+            "format": "nightstack-livestack",
+            "version": 1,
+            "generation": generation,
+            "shape": list(live.shape),
+            "channels": live.channels,
+            "kappa": live.kappa,
+            "warmup": live.warmup,
+            "frames": state.frames,
+            "rejected": state.rejected,
+            "floor": [float(v) for v in state.floor],
+            "pending": len(state.pending),
+            "files": files,
+        },
+    )
+    for path in d.iterdir():
+        match = _LIVE_FILE.match(path.name)
+        if match and int(match.group(2)) != generation:
+            path.unlink(missing_ok=True)
+
+
+def load(directory: str | Path, store: FrameStore | None = None) -> LiveStack:
+    """Restore a stack saved by :func:`save`, bit for bit.
+
+    Parameters
+    ----------
+    directory : path-like
+        The checkpoint directory.
+    store : FrameStore, optional
+        The session's store (not part of the checkpoint). It must hold at least the frames
+        the checkpoint has seen; :meth:`LiveStack.catch_up` adds any later ones.
+    """
+    d = Path(directory)
+    meta = json.loads((d / _LIVE_MANIFEST).read_text())
+    if meta.get("format") != "nightstack-livestack" or meta.get("version") != 1:
+        raise ValueError(f"{d} does not hold a nightstack live-stack checkpoint")
+    stack = LiveStack(
+        (meta["shape"][0], meta["shape"][1]),
+        meta["channels"],
+        kappa=meta["kappa"],
+        warmup=meta["warmup"],
+        store=store,
+    )
+    files = meta["files"]
+    full = (*stack.shape, stack.channels)
+
+    def load_array(key: str, dtype: type, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+        array = np.load(d / files[key], allow_pickle=False)
+        if array.dtype != dtype or array.shape != shape:
+            raise ValueError(f"checkpoint {d}: {files[key]} is {array.dtype} {array.shape}")
+        return array
+
+    pending = [
+        (load_array(f"warm{j}", np.float32, full), load_array(f"warmfp{j}", np.bool_, stack.shape))
+        for j in range(int(meta["pending"]))
+    ]
+    stack.restore(
+        LiveState(
+            load_array("mean", np.float32, full),
+            load_array("m2", np.float32, full),
+            load_array("count", np.uint16, full),
+            np.array(meta["floor"], dtype=np.float32),
+            pending,
+            int(meta["frames"]),
+            int(meta["rejected"]),
+        )
+    )
+    if store is not None and len(store) < stack.frames:
+        raise ValueError(
+            f"the store holds {len(store)} frames, fewer than the checkpoint's {stack.frames}"
+        )
+    return stack

@@ -1,0 +1,222 @@
+"""The sensor mosaic -> linear RGB: 16-bit mosaic codes, OpenCV demosaic band by band, samples.
+
+A calibrated :class:`~nightstack.frames.Mosaic` is kept as 16-bit *codes* (2 bytes a pixel, the
+frame store's format): ``code = rint((value - MOSAIC_LOW) * MOSAIC_SCALE)`` clipped to 0..65535,
+read back as ``value = code / MOSAIC_SCALE + MOSAIC_LOW`` in float32. OpenCV demosaics the codes
+directly (its interpolation is a weighted mean, so it commutes with that affine map up to its
+integer rounding of half a code), then each channel is multiplied by the frame's white balance.
+
+Colour: the result is linear *camera* RGB x white balance (no camera-to-sRGB matrix; green 1),
+in the mosaic's units (black 0, the sensor's clipping level 1.0 before white balance).
+
+Demosaic methods (OpenCV):
+
+- ``"bilinear"``: each colour interpolated from its own sites (3x3). White balance then equals
+  balancing the mosaic first, exactly.
+- ``"edge-aware"``: OpenCV's edge-aware (``_EA``) interpolation along the weaker gradient. It
+  runs on the unbalanced codes, the white balance applied after.
+
+A band of rows is demosaiced from the mosaic rows around it (:data:`_BAND_PAD` on each side): the
+result equals the same rows of a whole-frame demosaic bit for bit (tests/test_demosaic.py), so a
+frame read band by band by the live stack and by the final combine gives the same values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from .frames import BAYER_PATTERNS
+
+U16 = npt.NDArray[np.uint16]
+F32 = npt.NDArray[np.float32]
+
+METHODS = ("bilinear", "edge-aware")
+"""OpenCV demosaic methods; LibRaw's (AHD, ...) go through ``loaders.load`` instead."""
+
+MOSAIC_LOW = -0.125
+"""Lowest storable mosaic value: 1/8 of the sensor's range below black, far below any read noise
+(a raw value cannot lie more than its black level, ~3-15 % of the range, below black)."""
+MOSAIC_HIGH = 1.875
+"""Highest storable value: the clipping level 1.0 with room for a flat field's division (a pixel
+at 0.53 of the flat's mean reaches 1.875 when it clips)."""
+MOSAIC_SCALE = 65535.0 / (MOSAIC_HIGH - MOSAIC_LOW)
+"""Codes per unit: a step of 3.05e-5, half a 14-bit camera's ADU (1/16383)."""
+
+_BAND_PAD = 4
+"""Mosaic rows read on each side of a band: OpenCV's bilinear uses 1, edge-aware 2, and its
+border rows differ from the interior; 4 (even, so the pattern's phase is kept) is exact."""
+
+_CV_CODES = {
+    # OpenCV names a Bayer code after the 2x2 block starting at the second row and column
+    # (tests/test_loaders.py pins each with a CFA where only red is lit).
+    "bilinear": {
+        "RGGB": cv2.COLOR_BayerBG2RGB,
+        "BGGR": cv2.COLOR_BayerRG2RGB,
+        "GRBG": cv2.COLOR_BayerGB2RGB,
+        "GBRG": cv2.COLOR_BayerGR2RGB,
+    },
+    "edge-aware": {
+        "RGGB": cv2.COLOR_BayerBG2RGB_EA,
+        "BGGR": cv2.COLOR_BayerRG2RGB_EA,
+        "GRBG": cv2.COLOR_BayerGB2RGB_EA,
+        "GBRG": cv2.COLOR_BayerGR2RGB_EA,
+    },
+}
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is one of :data:`METHODS`, else ``ValueError``."""
+    if method not in METHODS:
+        raise ValueError(f"demosaic must be one of {METHODS}, not {method!r}")
+    return method
+
+
+def quantise(data: npt.NDArray[np.floating]) -> U16:
+    """(rows, cols) mosaic values -> uint16 codes (see the module docstring); NaN -> code 0."""
+    scaled = np.subtract(data, np.float32(MOSAIC_LOW), dtype=np.float32)
+    scaled *= np.float32(MOSAIC_SCALE)
+    np.nan_to_num(scaled, copy=False, nan=0.0, posinf=65535.0, neginf=0.0)
+    np.clip(scaled, 0.0, 65535.0, out=scaled)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint16)
+
+
+def dequantise(codes: npt.NDArray[np.uint16]) -> F32:
+    """uint16 codes -> float32 values, ``code / MOSAIC_SCALE + MOSAIC_LOW``."""
+    values = np.multiply(codes, np.float32(1.0 / MOSAIC_SCALE), dtype=np.float32)
+    values += np.float32(MOSAIC_LOW)
+    return values
+
+
+def demosaic_codes(codes: U16, pattern: str, method: str, row_start: int, row_stop: int) -> F32:
+    """Rows ``row_start:row_stop`` of the demosaiced *codes*: (rows, cols, 3) float32 holding
+    OpenCV's 16-bit output exactly. :func:`code_gains` turns them into values, before or after
+    a warp (both are linear)."""
+    if pattern not in BAYER_PATTERNS:
+        raise ValueError(f"pattern must be one of {BAYER_PATTERNS}, not {pattern!r}")
+    cv_code = _CV_CODES[check_method(method)][pattern]
+    rows, cols = codes.shape
+    start, stop, _ = slice(row_start, row_stop).indices(rows)
+    stop = max(stop, start)
+    if stop == start:
+        return np.zeros((0, cols, 3), np.float32)
+    first = max(0, start - _BAND_PAD) & ~1  # even: the window keeps the pattern's phase
+    last = min(rows, stop + _BAND_PAD)
+    window = np.ascontiguousarray(codes[first:last])  # OpenCV's _EA misreads strided input
+    rgb = cv2.cvtColor(window, cv_code)[start - first : stop - first]
+    return rgb.astype(np.float32)
+
+
+def code_gains(
+    white_balance: tuple[float, float, float],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(scale, offset), each (3,) float32: ``value = code * scale + offset`` per channel, the
+    white balance included (``(code / MOSAIC_SCALE + MOSAIC_LOW) * wb``)."""
+    gains = np.asarray(white_balance, np.float64)
+    scale = (gains / MOSAIC_SCALE).astype(np.float32)
+    offset = (gains * MOSAIC_LOW).astype(np.float32)
+    return scale, offset
+
+
+def apply_gains(rgb: F32, white_balance: tuple[float, float, float]) -> F32:
+    """Demosaiced codes -> values (:func:`code_gains`), (rows, cols, 3) float32; ``rgb`` itself
+    is left as it was. One ``cv2.transform`` (8x a numpy broadcast over the channel axis)."""
+    scale, offset = code_gains(white_balance)
+    if rgb.size == 0:
+        return np.asarray(rgb * scale + offset, np.float32)
+    matrix = np.zeros((3, 4), np.float64)
+    matrix[[0, 1, 2], [0, 1, 2]] = scale
+    matrix[:, 3] = offset
+    out = cv2.transform(np.ascontiguousarray(rgb, np.float32), matrix)
+    return np.asarray(out, np.float32).reshape(rgb.shape)
+
+
+def demosaic_rows(
+    codes: U16,
+    pattern: str,
+    white_balance: tuple[float, float, float],
+    method: str,
+    row_start: int,
+    row_stop: int,
+) -> F32:
+    """Rows ``row_start:row_stop`` of the demosaiced frame.
+
+    Parameters
+    ----------
+    codes : ndarray
+        (rows, cols) uint16 mosaic codes, ``pattern`` at pixel (0, 0).
+    pattern : str
+        One of :data:`~nightstack.frames.BAYER_PATTERNS`.
+    white_balance : (float, float, float)
+        (r, g, b) multipliers applied after the demosaic.
+    method : str
+        One of :data:`METHODS`.
+    row_start, row_stop : int
+        The rows wanted (clipped to the frame).
+
+    Returns
+    -------
+    ndarray
+        (row_stop - row_start, cols, 3) float32 linear camera RGB x white balance, mosaic units.
+    """
+    rgb = demosaic_codes(codes, pattern, method, row_start, row_stop)
+    return apply_gains(rgb, white_balance)
+
+
+def demosaic(
+    codes: U16, pattern: str, white_balance: tuple[float, float, float], method: str
+) -> F32:
+    """The whole frame: :func:`demosaic_rows` of every row, (rows, cols, 3) float32."""
+    return demosaic_rows(codes, pattern, white_balance, method, 0, codes.shape[0])
+
+
+def superpixel_luminance(data: npt.NDArray[np.floating], bin: int) -> F32:
+    """The detection luminance of a mosaic: the mean over bin x bin blocks (``bin`` even: each
+    block holds whole 2x2 Bayer tiles), unbalanced, in the mosaic's units.
+
+    Returns (rows // bin, cols // bin) float32; block (u, v) is centred on full-resolution
+    (bin * u + (bin - 1) / 2, same for v); trailing rows and columns that fill no block dropped.
+    """
+    if bin < 2 or bin % 2:
+        raise ValueError(f"a mosaic's luminance needs an even bin >= 2, not {bin}")
+    rows, cols = data.shape[0] // bin, data.shape[1] // bin
+    cropped = np.ascontiguousarray(data[: rows * bin, : cols * bin], dtype=np.float32)
+    if cropped.size == 0:
+        return cropped.reshape(rows, cols)
+    # INTER_AREA with an integer factor is the exact block mean
+    return np.asarray(cv2.resize(cropped, (cols, rows), interpolation=cv2.INTER_AREA), np.float32)
+
+
+class TileSamples:
+    """A mosaic seen as a (rows, cols, 3) image for point sampling (sky normalization).
+
+    ``samples[iy, ix]`` with integer index arrays (that broadcast, e.g. ``np.ix_``) gives
+    (..., 3) float32: the 2x2 Bayer tile holding each pixel, red, mean green and blue, times the
+    white balance, from the stored codes. That is the superpixel colour: for the smooth sky the
+    normalization measures it equals the demosaiced value without demosaicing the frame.
+    """
+
+    def __init__(self, codes: U16, pattern: str, white_balance: tuple[float, float, float]):
+        self.codes = codes
+        self.shape = (int(codes.shape[0]), int(codes.shape[1]), 3)
+        self.ndim = 3
+        self._sites = {c: [(i // 2, i % 2) for i, s in enumerate(pattern) if s == c] for c in "RGB"}
+        self._gain = np.asarray(white_balance, np.float32)
+
+    def __getitem__(self, key: Any) -> F32:
+        iy, ix = (np.asarray(k, dtype=np.intp) for k in key)
+        rows, cols = self.codes.shape
+        ty = np.minimum(iy & ~1, (rows - 2) & ~1)  # the tile's top-left site, in the frame
+        tx = np.minimum(ix & ~1, (cols - 2) & ~1)
+        ty, tx = np.broadcast_arrays(ty, tx)
+        out = np.empty((*ty.shape, 3), np.float32)
+        for c, colour in enumerate("RGB"):
+            total = np.zeros(ty.shape, np.float32)
+            for dy, dx in self._sites[colour]:
+                total += dequantise(self.codes[ty + dy, tx + dx])
+            out[..., c] = total * (self._gain[c] / len(self._sites[colour]))
+        return out

@@ -1,0 +1,392 @@
+"""The routes: the JSON API, downloads, Server-Sent Events, the page, and their security.
+
+Every response carries a strict Content-Security-Policy (scripts, styles, images and
+connections from this server only), ``nosniff``, no referrer and no framing; there are no CORS
+headers, so a page from elsewhere cannot read any answer. Only the fixed routes below exist:
+no directory is ever listed and nothing a client sends is joined into a path (see
+``sessions.py``). Request lines, headers and bodies are bounded. File work (journals, stats,
+renders) runs on executor threads so the event loop always answers.
+
+Actions (``POST /api/close``) need ``Authorization: Bearer <web_token>`` when a token is set
+(compared in constant time), and without a token are taken only from a loopback peer that
+names the server by a loopback host; a request another site's page sends (``Origin`` of
+another host, ``Sec-Fetch-Site: cross-site``) is refused either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from .address import is_loopback_host, is_loopback_ip
+from .events import EventHub
+from .render import FORMATS, MAX_CROP, MAX_WIDTH, STRENGTH_RANGE, StretchRenderer
+from .sessions import DOWNLOADS, SessionFiles
+
+log = logging.getLogger("nightstack.web")
+
+MAX_BODY = 4096
+"""Largest request body accepted (the API's one action has none): 413 beyond."""
+
+MAX_EVENT_CLIENTS = 16
+"""Server-Sent Event streams open at once (each is a connection and a queue): 503 beyond."""
+
+KEEPALIVE_S = 15.0
+"""An SSE comment this often keeps proxies and phones from dropping an idle stream."""
+
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/app.css": ("app.css", "text/css; charset=utf-8"),
+    "/icon.svg": ("icon.svg", "image/svg+xml"),
+}
+"""The page's files (``static/``), served from memory under these paths only."""
+
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+        "connect-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+_KEPT_ERROR_HEADERS = ("WWW-Authenticate", "Allow")  # what an error answer must still say
+
+StatusFn = Callable[[], dict[str, Any]]
+
+STATUS_KEY: web.AppKey[StatusFn] = web.AppKey("status")
+CLOSE_KEY: web.AppKey[Callable[[], None]] = web.AppKey("close")
+TOKEN_KEY = web.AppKey("token", str)
+SESSIONS_KEY = web.AppKey("sessions", SessionFiles)
+HUB_KEY = web.AppKey("hub", EventHub)
+RENDER_KEY = web.AppKey("render", StretchRenderer)
+STATIC_KEY: web.AppKey[dict[str, bytes]] = web.AppKey("static")
+
+
+def build_app(
+    sessions: SessionFiles,
+    *,
+    status: StatusFn,
+    close: Callable[[], None],
+    token: str | None,
+) -> web.Application:
+    """The aiohttp application over ``sessions``.
+
+    Parameters
+    ----------
+    sessions : SessionFiles
+        The output folder's sessions.
+    status : callable
+        The daemon's snapshot: ``state``, ``session``, ``accepted``, ``rejected``, ``queue``,
+        ``last_frame``, ``uptime_s`` (thread-safe; never blocks on the worker).
+    close : callable
+        Asks the daemon to close its open session (returns at once).
+    token : str or None
+        ``web_token``: actions need it as a Bearer token; None: actions from loopback only.
+    """
+    app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY)
+
+    def full_status() -> dict[str, Any]:
+        return _full_status(status, sessions)
+
+    app[STATUS_KEY] = full_status
+    app[CLOSE_KEY] = close
+    app[TOKEN_KEY] = token or ""
+    app[SESSIONS_KEY] = sessions
+    app[HUB_KEY] = EventHub(sessions, full_status)
+    app[RENDER_KEY] = StretchRenderer()
+    app[STATIC_KEY] = _load_static()
+    app.router.add_get("/api/status", _status)
+    app.router.add_get("/api/sessions", _sessions)
+    app.router.add_get("/api/sessions/{sid}", _session)
+    app.router.add_get("/api/sessions/{sid}/frames", _frames)
+    app.router.add_get("/api/sessions/{sid}/stretch.jpg", _stretch)
+    app.router.add_get("/api/sessions/{sid}/crop.jpg", _crop)
+    app.router.add_get("/api/sessions/{sid}/{name}", _download)
+    app.router.add_get("/api/preview.jpg", _open_preview)
+    app.router.add_get("/api/events", _events)
+    app.router.add_post("/api/close", _close)
+    for path in STATIC:
+        app.router.add_get(path, _static)
+    app.on_shutdown.append(_shutdown)
+    return app
+
+
+def _load_static() -> dict[str, bytes]:
+    folder = resources.files("nightstack.web") / "static"
+    return {path: (folder / name).read_bytes() for path, (name, _) in STATIC.items()}
+
+
+def _full_status(status: StatusFn, sessions: SessionFiles) -> dict[str, Any]:
+    snapshot = status()
+    try:
+        st = os.statvfs(sessions.output)
+        free: int | None = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    return {
+        "version": __version__,
+        "state": snapshot.get("state"),
+        "session": snapshot.get("session"),
+        "accepted": snapshot.get("accepted", 0),
+        "rejected": snapshot.get("rejected", 0),
+        "queue": snapshot.get("queue", 0),
+        "last_frame": snapshot.get("last_frame"),
+        "disk_free_bytes": free,
+        "uptime_s": snapshot.get("uptime_s"),
+    }
+
+
+# --- middleware ------------------------------------------------------------------------------
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def _guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Bounds, JSON errors for everything, security headers on every answer."""
+    if (request.content_length or 0) > MAX_BODY or "Transfer-Encoding" in request.headers:
+        response: web.StreamResponse = _error(413, f"request body over {MAX_BODY} bytes")
+    else:
+        try:
+            response = await handler(request)
+        except web.HTTPException as err:
+            if err.status < 400:
+                raise
+            kept = {k: v for k, v in err.headers.items() if k in _KEPT_ERROR_HEADERS}
+            response = _error(err.status, err.reason, kept)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:  # a bug answers 500 and is logged; the server goes on
+            log.exception("web: internal error answering %s %s", request.method, request.path)
+            response = _error(500, "internal error (see the daemon's log)")
+    if not response.prepared:
+        for key, value in _SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
+        if request.path.startswith("/api/") and "Cache-Control" not in response.headers:
+            response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _not_found() -> web.HTTPNotFound:
+    return web.HTTPNotFound(reason="not found")
+
+
+# --- reads -----------------------------------------------------------------------------------
+async def _status(request: web.Request) -> web.Response:
+    return web.json_response(await asyncio.to_thread(request.app[STATUS_KEY]))
+
+
+async def _sessions(request: web.Request) -> web.Response:
+    return web.json_response(await asyncio.to_thread(request.app[SESSIONS_KEY].listing))
+
+
+async def _session(request: web.Request) -> web.Response:
+    meta = await asyncio.to_thread(request.app[SESSIONS_KEY].meta, request.match_info["sid"])
+    if meta is None:
+        raise _not_found()
+    return web.json_response(meta)
+
+
+def _int_arg(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit()) or len(text) > 9 or not lo <= int(text) <= hi:
+        raise web.HTTPBadRequest(reason=f"'{name}' must be an integer from {lo} to {hi}")
+    return int(text)
+
+
+def _float_arg(request: web.Request, name: str, default: float, lo: float, hi: float) -> float:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not lo <= value <= hi:  # also refuses NaN
+        raise web.HTTPBadRequest(reason=f"'{name}' must be a number from {lo:g} to {hi:g}")
+    return round(value, 3)
+
+
+def _bool_arg(request: web.Request, name: str, default: bool) -> bool:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise web.HTTPBadRequest(reason=f"'{name}' must be true or false")
+
+
+async def _frames(request: web.Request) -> web.Response:
+    since = _int_arg(request, "since", 0, 0, 10**9)
+    sessions = request.app[SESSIONS_KEY]
+    records = await asyncio.to_thread(sessions.frames, request.match_info["sid"], since)
+    if records is None:
+        raise _not_found()
+    return web.json_response(records)
+
+
+def _file_response(path: Any, name: str) -> web.FileResponse:
+    headers = {"Content-Type": DOWNLOADS[name], "Cache-Control": "no-cache"}
+    if name != "preview.jpg":
+        headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    return web.FileResponse(path, headers=headers)
+
+
+async def _download(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    path = await asyncio.to_thread(request.app[SESSIONS_KEY].file, request.match_info["sid"], name)
+    if path is None:
+        raise _not_found()
+    return _file_response(path, name)
+
+
+async def _open_preview(request: web.Request) -> web.StreamResponse:
+    """The preview of the open session (404 when none is open or it has no preview yet)."""
+    session = (await asyncio.to_thread(request.app[STATUS_KEY]))["session"]
+    if session is None:
+        raise _not_found()
+    path = await asyncio.to_thread(request.app[SESSIONS_KEY].file, session, "preview.jpg")
+    if path is None:
+        raise _not_found()
+    return _file_response(path, "preview.jpg")
+
+
+async def _rendered(request: web.Request, render: Callable[..., bytes], **kwargs: Any) -> Any:
+    """Run a renderer of ``live.fits`` on an executor thread (``?strength=``, ``linked=``,
+    ``format=jpeg|png``); 404 when the session has no live.fits."""
+    path = await asyncio.to_thread(
+        request.app[SESSIONS_KEY].file, request.match_info["sid"], "live.fits"
+    )
+    if path is None:
+        raise _not_found()
+    strength = _float_arg(request, "strength", 1.0, *STRENGTH_RANGE)
+    linked = _bool_arg(request, "linked", True)
+    fmt = request.query.get("format", "jpeg")
+    if fmt not in FORMATS:
+        raise web.HTTPBadRequest(reason="'format' must be jpeg or png")
+    try:
+        image = await asyncio.to_thread(
+            render, path, strength=strength, linked=linked, fmt=fmt, **kwargs
+        )
+    except FileNotFoundError as err:
+        raise _not_found() from err
+    except (OSError, ValueError) as err:  # a damaged or foreign live.fits
+        raise web.HTTPUnprocessableEntity(reason=f"live.fits cannot be rendered: {err}") from err
+    return web.Response(
+        body=image, content_type=FORMATS[fmt], headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def _stretch(request: web.Request) -> web.Response:
+    width = _int_arg(request, "width", 1600, 64, MAX_WIDTH)
+    renderer = request.app[RENDER_KEY]
+    response: web.Response = await _rendered(request, renderer.render, width=width)
+    return response
+
+
+async def _crop(request: web.Request) -> web.Response:
+    cx = _float_arg(request, "cx", 0.5, 0.0, 1.0)
+    cy = _float_arg(request, "cy", 0.5, 0.0, 1.0)
+    size = _int_arg(request, "size", 512, 16, MAX_CROP)
+    renderer = request.app[RENDER_KEY]
+    response: web.Response = await _rendered(request, renderer.crop, cx=cx, cy=cy, size=size)
+    return response
+
+
+async def _static(request: web.Request) -> web.Response:
+    media_type = STATIC[request.path][1]
+    body = request.app[STATIC_KEY][request.path]
+    return web.Response(
+        body=body, headers={"Content-Type": media_type, "Cache-Control": "no-cache"}
+    )
+
+
+# --- events ----------------------------------------------------------------------------------
+async def _events(request: web.Request) -> web.StreamResponse:
+    hub = request.app[HUB_KEY]
+    if hub.clients >= MAX_EVENT_CLIENTS:
+        raise web.HTTPServiceUnavailable(reason="too many event streams open")
+    queue = await hub.subscribe()
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no",
+            **_SECURITY_HEADERS,
+        }
+    )
+    try:
+        await response.prepare(request)
+        await response.write(b"retry: 2000\n\n")
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if event is None:  # shutting down, or the client fell too far behind
+                break
+            await response.write(event)
+    except (ConnectionResetError, ConnectionError):
+        pass
+    finally:
+        hub.unsubscribe(queue)
+    return response
+
+
+async def _shutdown(app: web.Application) -> None:
+    await app[HUB_KEY].close()
+
+
+# --- actions ---------------------------------------------------------------------------------
+def _authorize(request: web.Request) -> None:
+    """Raise 401/403 unless ``request`` may take an action (see the module docstring)."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        raise web.HTTPForbidden(reason="cross-site request refused")
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        raise web.HTTPForbidden(reason="cross-site request refused")
+    token = request.app[TOKEN_KEY]
+    if token:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if not (
+            scheme.lower() == "bearer"
+            and hmac.compare_digest(given.strip().encode("utf-8", "replace"), token.encode())
+        ):
+            raise web.HTTPUnauthorized(
+                reason="a valid 'Authorization: Bearer <web_token>' is needed",
+                headers={"WWW-Authenticate": 'Bearer realm="nightstack"'},
+            )
+    elif not (is_loopback_ip(request.remote) and is_loopback_host(request.host)):
+        raise web.HTTPForbidden(
+            reason="actions are taken only from this machine unless web_token is set"
+        )
+
+
+async def _close(request: web.Request) -> web.Response:
+    _authorize(request)
+    status = await asyncio.to_thread(request.app[STATUS_KEY])
+    session = status["session"]
+    if session is None or status["state"] in ("closing", "stopping"):
+        raise web.HTTPConflict(reason="no open session to close")
+    await asyncio.to_thread(request.app[CLOSE_KEY])
+    return web.json_response({"closing": session}, status=202)

@@ -1,0 +1,229 @@
+"""Stretched JPEGs of a session's live stack (``live.fits``), for the page's stretch controls.
+
+``live.fits`` is float32 linear, (rows, cols) mono or a (3, rows, cols) colour cube, row 0 at the
+top (``ROWORDER = 'TOP-DOWN'``). A render:
+
+1. shrinks it by an integer factor ``f = ceil(cols / width)`` with ``cv2.resize(INTER_AREA)``
+   (an exact f x f block mean), band by band from a memory map, so a 24 MP stack costs a few MB
+   of RAM, not its 288 MB;
+2. stretches it with :func:`nightstack.writers.stretch`, the preview's own auto-stretch, over all
+   channels at once ("linked", as the preview) or channel by channel ("unlinked": each channel
+   its own shadows and highlights, which neutralises a colour cast of the stars too);
+3. applies the strength as a midtones transfer on the stretched values: balance
+   ``m = 0.5 ** strength`` (strength 1 leaves the auto-stretch as it is, 2 lifts its sky
+   background from 0.25 to 0.5, 0.5 darkens it to about 0.13).
+
+A 1:1 crop reads only its own window at full resolution and is stretched on its own statistics.
+Shrunk stacks and JPEGs are cached by the file's inode, mtime and size, so each new live.fits is
+read once whatever the number of clients.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from astropy.io import fits
+
+from ..writers import stretch
+
+FloatImage = npt.NDArray[np.float32]
+_V = TypeVar("_V")
+
+_BAND_OUT_ROWS = 64
+"""Output rows shrunk per band: bounds the float32 temporaries to ~64 * f rows of the stack."""
+
+_JPEG_QUALITY = 88  # the preview's look at a third of PNG's size
+_CACHED_IMAGES = 2  # shrunk stacks kept (each ~20 MB at 1600 px colour)
+_CACHED_JPEGS = 24  # rendered JPEGs kept (each ~0.3 MB)
+
+MAX_WIDTH = 4096  # widest render a client may ask for
+MAX_CROP = 1024  # largest 1:1 crop side, in stack pixels
+STRENGTH_RANGE = (0.2, 3.0)  # of the midtones balance exponent; 1 = the auto-stretch
+
+
+def _key(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _planes(data: npt.NDArray[np.floating]) -> tuple[int, int, int]:
+    """(channels, rows, cols) of a live.fits data array; ValueError for another layout."""
+    if data.ndim == 2:
+        return 1, int(data.shape[0]), int(data.shape[1])
+    if data.ndim == 3 and data.shape[0] in (1, 3):
+        return int(data.shape[0]), int(data.shape[1]), int(data.shape[2])
+    raise ValueError(f"live.fits must be (rows, cols) or (3, rows, cols), not {data.shape}")
+
+
+def _plane(data: npt.NDArray[np.floating], c: int) -> npt.NDArray[np.floating]:
+    return data if data.ndim == 2 else data[c]
+
+
+def shrink(data: npt.NDArray[np.floating], width: int) -> FloatImage:
+    """Shrink a live.fits array by ``f = ceil(cols / width)`` (f x f block means).
+
+    Parameters
+    ----------
+    data : ndarray
+        (rows, cols) or (C, rows, cols) float, as stored in the FITS file (any byte order).
+    width : int
+        The widest result wanted, pixels.
+
+    Returns
+    -------
+    ndarray
+        float32 (rows // f, cols // f, C): a remainder of fewer than f rows or columns at the
+        bottom and right is dropped.
+    """
+    channels, rows, cols = _planes(data)
+    factor = max(1, math.ceil(cols / width))
+    out_rows, out_cols = rows // factor, cols // factor
+    out = np.empty((out_rows, out_cols, channels), dtype=np.float32)
+    for c in range(channels):
+        plane = _plane(data, c)
+        for r0 in range(0, out_rows, _BAND_OUT_ROWS):
+            r1 = min(out_rows, r0 + _BAND_OUT_ROWS)
+            band = np.asarray(
+                plane[r0 * factor : r1 * factor, : out_cols * factor], dtype=np.float32
+            )
+            if factor == 1:
+                out[r0:r1, :, c] = band
+            else:
+                small = cv2.resize(band, (out_cols, r1 - r0), interpolation=cv2.INTER_AREA)
+                out[r0:r1, :, c] = small
+    return out
+
+
+def display(image: FloatImage, *, strength: float = 1.0, linked: bool = True) -> FloatImage:
+    """The stretched view of a linear (rows, cols, C) image, float32 in [0, 1].
+
+    ``linked``: one :func:`~nightstack.writers.stretch` over all channels (the preview's);
+    else each channel stretched alone. ``strength``: midtones balance ``0.5 ** strength`` on
+    top (1 = unchanged).
+    """
+    if linked or image.shape[2] == 1:
+        shown = stretch(image)
+    else:
+        shown = np.dstack([stretch(image[:, :, c]) for c in range(image.shape[2])])
+    if strength != 1.0:
+        balance = np.float32(0.5**strength)
+        # midtones transfer (m - 1) x / ((2m - 1) x - m); the denominator is < 0 on [0, 1]
+        den = shown * np.float32(2.0 * balance - 1.0) - balance
+        shown = shown * np.float32(balance - 1.0) / den
+    return np.asarray(shown, dtype=np.float32)
+
+
+FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
+"""Encodings a render can be asked for: JPEG for the page, lossless PNG for scripts."""
+
+
+def encode(shown: FloatImage, fmt: str = "jpeg") -> bytes:
+    """8-bit JPEG or PNG of a (rows, cols, C) image in [0, 1] (RGB or mono), values rounded."""
+    pixels = np.rint(np.clip(shown, 0.0, 1.0) * 255.0).astype(np.uint8)
+    pixels = np.ascontiguousarray(pixels[:, :, ::-1]) if pixels.shape[2] == 3 else pixels[:, :, 0]
+    if fmt == "png":
+        ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    else:
+        ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
+    if not ok:
+        raise OSError(f"OpenCV could not encode a {fmt} image")
+    return bytes(encoded.tobytes())
+
+
+class StretchRenderer:
+    """Renders and caches stretched views of live.fits files; one render at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._images: OrderedDict[tuple[object, ...], FloatImage] = OrderedDict()
+        self._jpegs: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
+        self.reads = 0  # live.fits files read (the cache's misses), for tests and the bench
+
+    def render(
+        self, path: Path, *, width: int, strength: float, linked: bool, fmt: str = "jpeg"
+    ) -> bytes:
+        """The whole stack at most ``width`` pixels wide (see the module docstring)."""
+        with self._lock:
+            key = _key(path)
+            jpeg_key = (*key, "full", width, strength, linked, fmt)
+            cached = self._jpegs.get(jpeg_key)
+            if cached is not None:
+                self._jpegs.move_to_end(jpeg_key)
+                return cached
+            image_key = (*key, width)
+            image = self._images.get(image_key)
+            if image is None:
+                image = self._read(path, lambda data: shrink(data, width))
+                self._remember(self._images, image_key, image, _CACHED_IMAGES)
+            jpeg = encode(display(image, strength=strength, linked=linked), fmt)
+            self._remember(self._jpegs, jpeg_key, jpeg, _CACHED_JPEGS)
+            return jpeg
+
+    def crop(
+        self,
+        path: Path,
+        *,
+        cx: float,
+        cy: float,
+        size: int,
+        strength: float,
+        linked: bool,
+        fmt: str = "jpeg",
+    ) -> bytes:
+        """A ``size`` x ``size`` window of the stack at full resolution (1:1), centred at the
+        fractions (cx, cy) of its width and height (clamped inside the image)."""
+        with self._lock:
+            key = (*_key(path), "crop", cx, cy, size, strength, linked, fmt)
+            cached = self._jpegs.get(key)
+            if cached is not None:
+                return cached
+
+            def window(data: npt.NDArray[np.floating]) -> FloatImage:
+                channels, rows, cols = _planes(data)
+                w, h = min(size, cols), min(size, rows)
+                x0 = min(max(0, round(cx * cols - w / 2)), cols - w)
+                y0 = min(max(0, round(cy * rows - h / 2)), rows - h)
+                out = np.empty((h, w, channels), dtype=np.float32)
+                for c in range(channels):
+                    out[:, :, c] = _plane(data, c)[y0 : y0 + h, x0 : x0 + w]
+                return out
+
+            image = self._read(path, window)
+            jpeg = encode(display(image, strength=strength, linked=linked), fmt)
+            self._remember(self._jpegs, key, jpeg, _CACHED_JPEGS)
+            return jpeg
+
+    def _read(
+        self, path: Path, take: Callable[[npt.NDArray[np.floating]], FloatImage]
+    ) -> FloatImage:
+        """Open ``path`` memory-mapped and return ``take(data)`` (a copy, never the map)."""
+        self.reads += 1
+        # our own file object: closed even when astropy fails half way through a bad file
+        with path.open("rb") as fh:
+            try:
+                with fits.open(fh, memmap=True, lazy_load_hdus=False) as hdul:
+                    data = hdul[0].data
+                    if data is None:
+                        raise ValueError("no image data")
+                    result: FloatImage = take(data)
+                    del data
+            except (OSError, ValueError, TypeError, IndexError, KeyError, Warning) as err:
+                raise ValueError(f"{type(err).__name__}: {err}") from err
+        return result
+
+    @staticmethod
+    def _remember(
+        cache: OrderedDict[tuple[object, ...], _V], key: tuple[object, ...], value: _V, limit: int
+    ) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > limit:
+            cache.popitem(last=False)

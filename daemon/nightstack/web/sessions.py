@@ -1,0 +1,218 @@
+"""Sessions as the web server sees them: read-only, from their files in the output folder.
+
+A session is addressed only by its id, the name of its folder directly under the output folder
+(``20261130-214502`` or ``20261130-214502-2``); a file only by one of the fixed names in
+:data:`DOWNLOADS`. Nothing a client sends becomes part of a path: an id that is not a plain
+folder name holding a ``session.json`` (``..``, an encoded slash, a symlink) is simply not found.
+
+Safe to call from several threads at once (the server's executor threads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+SESSION_ID = re.compile(r"\A[0-9A-Za-z][0-9A-Za-z_-]{0,63}\Z")
+"""What a session id looks like (``Session.create`` names folders ``YYYYmmdd-HHMMSS[-n]``)."""
+
+SESSION_FILE = "session.json"
+JOURNAL_FILE = "journal.jsonl"
+
+DOWNLOADS = {
+    "preview.jpg": "image/jpeg",
+    "live.fits": "application/fits",
+    "stack.tif": "image/tiff",
+    "stack.fits": "application/fits",
+}
+"""The only files of a session the server hands out, with their media types."""
+
+_JOURNALS_CACHED = 4
+"""Journals whose parsed records are kept (the open session and a few being browsed): about
+1 KB per frame each."""
+
+_READ_CHUNK = 1 << 20  # bytes of new journal read at a time
+
+
+class _Journal:
+    """The parsed complete lines of one ``journal.jsonl``, read on from where it stopped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        self.offset = 0  # bytes of the file up to the end of the last complete record
+        self.inode: int | None = None
+        self.lock = threading.Lock()
+
+    def refresh(self) -> list[dict[str, Any]]:
+        """The records now, reading only what was appended since the last call.
+
+        Same rule as ``session.read_journal``: reading stops at the first line that is not
+        newline-terminated, UTF-8 and a JSON object (a torn tail, not confirmed yet). A journal
+        that shrank or was replaced (a resume cuts a torn tail off) is read again from the top.
+        """
+        with self.lock:
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                self.records, self.offset, self.inode = [], 0, None
+                return []
+            try:
+                st = os.fstat(fd)
+                if st.st_ino != self.inode or st.st_size < self.offset:
+                    self.records, self.offset, self.inode = [], 0, st.st_ino
+                pending = b""
+                position = self.offset
+                while position < st.st_size:
+                    chunk = os.pread(fd, min(_READ_CHUNK, st.st_size - position), position)
+                    if not chunk:
+                        break
+                    position += len(chunk)
+                    pending += chunk
+                    if not self._parse(pending):
+                        break
+                    pending = pending[pending.rfind(b"\n") + 1 :]
+            finally:
+                os.close(fd)
+            return self.records
+
+    def _parse(self, data: bytes) -> bool:
+        """Append the complete records at the start of ``data``; False at a bad line."""
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                return True
+            try:
+                record = json.loads(data[start:end].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                return False
+            if not isinstance(record, dict):
+                return False
+            self.records.append(record)
+            self.offset += end + 1 - start
+            start = end + 1
+
+
+class SessionFiles:
+    """Read access to the sessions under ``output``.
+
+    Parameters
+    ----------
+    output : Path
+        The daemon's output folder; each session is a folder directly in it.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.output = Path(output)
+        self._journals: OrderedDict[str, _Journal] = OrderedDict()
+        self._metas: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    # --- lookup ---------------------------------------------------------------------------
+    def directory(self, session_id: str) -> Path | None:
+        """The folder of session ``session_id``, or None when there is no such session."""
+        if not SESSION_ID.match(session_id):
+            return None
+        path = self.output / session_id
+        if path.is_symlink() or not path.is_dir():
+            return None
+        meta = path / SESSION_FILE
+        if meta.is_symlink() or not meta.is_file():
+            return None
+        return path
+
+    def file(self, session_id: str, name: str) -> Path | None:
+        """The download ``name`` (one of :data:`DOWNLOADS`) of a session, or None if absent."""
+        directory = self.directory(session_id)
+        if directory is None or name not in DOWNLOADS:
+            return None
+        path = directory / name
+        if path.is_symlink() or not path.is_file():
+            return None
+        return path
+
+    # --- content --------------------------------------------------------------------------
+    def meta(self, session_id: str) -> dict[str, Any] | None:
+        """The session's ``session.json`` as a dict (cached until the file changes)."""
+        directory = self.directory(session_id)
+        if directory is None:
+            return None
+        path = directory / SESSION_FILE
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            cached = self._metas.get(session_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(meta, dict):
+            return None
+        with self._lock:
+            self._metas[session_id] = (key, meta)
+        return meta
+
+    def frames(self, session_id: str, since: int = 0) -> list[dict[str, Any]] | None:
+        """The journal records of a session from index ``since`` on (journal order), or None
+        when there is no such session. A session without a journal yet has no records."""
+        directory = self.directory(session_id)
+        if directory is None:
+            return None
+        with self._lock:
+            journal = self._journals.get(session_id)
+            if journal is None:
+                journal = _Journal(directory / JOURNAL_FILE)
+                self._journals[session_id] = journal
+                while len(self._journals) > _JOURNALS_CACHED:
+                    self._journals.popitem(last=False)
+            else:
+                self._journals.move_to_end(session_id)
+        records = journal.refresh()
+        return records[since:]
+
+    def count(self, session_id: str) -> int:
+        """How many complete records the session's journal has."""
+        records = self.frames(session_id)
+        return 0 if records is None else len(records)
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Every session, newest first: id, state, times, counts and the downloads present."""
+        found = []
+        try:
+            entries = list(os.scandir(self.output))
+        except OSError:
+            return []
+        for entry in entries:
+            if not SESSION_ID.match(entry.name) or not entry.is_dir(follow_symlinks=False):
+                continue
+            meta = self.meta(entry.name)
+            if meta is None:
+                continue
+            files = [n for n in DOWNLOADS if self.file(entry.name, n) is not None]
+            found.append(
+                {
+                    "session": entry.name,
+                    "state": meta.get("state"),
+                    "started": meta.get("started"),
+                    "updated": meta.get("updated"),
+                    "accepted": meta.get("accepted"),
+                    "rejected": meta.get("rejected"),
+                    "total_exposure_s": meta.get("total_exposure_s"),
+                    "first_frame_time": meta.get("first_frame_time"),
+                    "last_frame_time": meta.get("last_frame_time"),
+                    "files": files,
+                }
+            )
+        found.sort(key=lambda s: (str(s["started"] or ""), s["session"]), reverse=True)
+        return found

@@ -1,0 +1,484 @@
+// nightstack page: the live preview, the per-frame table and charts, the sessions, close.
+// Everything comes from this server's API (no outside resources). Data from the journal
+// (file names, reasons) only ever reaches the page through textContent, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+const TOKEN_KEY = "nightstack-token";
+const NIGHT_KEY = "nightstack-night";
+
+const view = {
+  status: null,      // the last /api/status
+  sessions: [],      // the last /api/sessions
+  session: null,     // the id of the session shown
+  follow: true,      // show whichever session is open
+  frames: [],        // that session's journal records, in journal order
+  loading: null,     // the frames request in flight
+  previewVersion: String(Date.now()),
+  strength: 1,
+  linked: true,
+};
+
+// --- small helpers ------------------------------------------------------------------------
+function el(tag, attrs, text) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+  if (text !== undefined) node.textContent = String(text);
+  return node;
+}
+
+function num(value, digits) {
+  if (value === null || value === undefined || !Number.isFinite(value)) return "";
+  if (Number.isInteger(value) && digits === 0) return String(value);
+  const abs = Math.abs(value);
+  if (abs !== 0 && (abs < 0.01 || abs >= 1e5)) return value.toPrecision(3);
+  return value.toFixed(digits === undefined ? 2 : digits);
+}
+
+function bytes(n) {
+  if (n === null || n === undefined) return "–";
+  if (n >= 2 ** 30) return (n / 2 ** 30).toFixed(1) + " GB";
+  return (n / 2 ** 20).toFixed(0) + " MB";
+}
+
+function duration(seconds) {
+  if (!seconds) return "0 s";
+  if (seconds < 120) return seconds.toFixed(0) + " s";
+  const m = Math.round(seconds / 60);
+  return m < 120 ? m + " min" : (m / 60).toFixed(1) + " h";
+}
+
+function basename(path) {
+  const s = String(path || "");
+  return s.slice(Math.max(s.lastIndexOf("/"), s.lastIndexOf("\\")) + 1);
+}
+
+function sessionUrl(id, rest) {
+  return "/api/sessions/" + encodeURIComponent(id) + "/" + rest;
+}
+
+async function getJSON(url) {
+  const response = await fetch(url, { cache: "no-store" });
+  if (!response.ok) throw new Error(url + " answered " + response.status);
+  return response.json();
+}
+
+// --- the numbers a frame contributes to the charts ----------------------------------------
+function drift(record) {
+  const t = record.transform;
+  if (!Array.isArray(t) || t.length !== 2) return null;
+  return Math.hypot(t[0][2], t[1][2]);
+}
+
+const METRICS = [
+  { key: "fwhm", title: "FWHM", unit: "px", digits: 2, get: (r) => r.fwhm },
+  { key: "stars", title: "Stars", unit: "", digits: 0, get: (r) => r.stars },
+  { key: "background", title: "Background", unit: "", digits: 4, get: (r) => r.background },
+  { key: "transparency", title: "Transparency", unit: "", digits: 3, get: (r) => r.transparency },
+  { key: "drift", title: "Drift", unit: "px", digits: 1, get: drift },
+];
+
+function value(metric, record) {
+  const v = metric.get(record);
+  return typeof v === "number" && Number.isFinite(v) ? v : null;
+}
+
+// --- status --------------------------------------------------------------------------------
+function showStatus() {
+  const s = view.status;
+  const badge = $("state");
+  badge.className = "badge " + (s ? s.state : "offline");
+  badge.textContent = s ? s.state : "offline";
+  if (!s) return;
+  $("n-queue").textContent = String(s.queue);
+  $("n-disk").textContent = bytes(s.disk_free_bytes);
+  $("n-version").textContent = s.version;
+  const open = s.session;
+  const close = $("close");
+  close.hidden = !open || s.state === "closing" || s.state === "stopping";
+  if (!close.classList.contains("armed")) close.textContent = "Close session";
+  const last = s.last_frame;
+  $("last-frame").textContent = last
+    ? "Last frame: " + last.file + " — " + (last.reason || last.status) + " (" + last.at + ")"
+    : "";
+  $("follow").hidden = view.follow || !open;
+  if (view.follow && open && open !== view.session) showSession(open, true);
+  showCounts();
+}
+
+function showCounts() {
+  const accepted = view.frames.filter((r) => r.status === "accepted");
+  const rejected = view.frames.length - accepted.length;
+  $("n-accepted").textContent = String(accepted.length);
+  $("n-rejected").textContent = String(rejected);
+  const exposure = accepted.reduce((sum, r) => sum + (r.exposure_s || 0), 0);
+  $("n-exposure").textContent = duration(exposure);
+  $("frames-count").textContent = view.frames.length ? "(" + view.frames.length + ")" : "";
+}
+
+// Answers can come back out of order: only the latest request's answer is shown.
+const asked = { status: 0, sessions: 0 };
+
+async function refreshStatus() {
+  const seq = ++asked.status;
+  let status = null;
+  try {
+    status = await getJSON("/api/status");
+  } catch (err) {
+    status = null;
+  }
+  if (seq !== asked.status) return;
+  applyStatus(status);
+}
+
+// A new status from either source; the session list is re-read when the session, its state
+// or its counts changed.
+function applyStatus(status) {
+  const before = view.status;
+  view.status = status;
+  showStatus();
+  if (status && (!before || before.session !== status.session || before.state !== status.state ||
+      before.accepted !== status.accepted || before.rejected !== status.rejected)) {
+    refreshSessions();
+  }
+}
+
+// --- sessions ------------------------------------------------------------------------------
+function currentMeta() {
+  return view.sessions.find((s) => s.session === view.session) || null;
+}
+
+function hasLive() {
+  const meta = currentMeta();
+  return !!meta && meta.files.includes("live.fits");
+}
+
+function showSessions() {
+  const list = $("sessions");
+  list.replaceChildren();
+  for (const s of view.sessions) {
+    const item = el("li", { "data-session": s.session });
+    if (s.session === view.session) item.classList.add("viewing");
+    const head = el("div");
+    const open = el("button", { type: "button", class: "link" }, s.session);
+    open.addEventListener("click", () => {
+      showSession(s.session, s.session === (view.status && view.status.session));
+      window.scrollTo({ top: 0 });
+    });
+    const live = view.status && view.status.session === s.session ? view.status : s;
+    head.append(open, " ", el("span", { class: "muted" },
+      s.state + " · " + (live.accepted || 0) + " stacked, " + (live.rejected || 0) + " rejected"));
+    item.append(head);
+    const downloads = el("div", { class: "downloads" });
+    for (const name of s.files) {
+      const link = el("a", { href: sessionUrl(s.session, name) }, name);
+      if (name !== "preview.jpg") link.setAttribute("download", name);
+      downloads.append(link);
+    }
+    if (s.files.length) item.append(downloads);
+    list.append(item);
+  }
+  const meta = currentMeta();
+  $("session-name").textContent = view.session || "no session";
+  $("session-state").textContent = meta ? meta.state : "";
+  const live = hasLive();
+  $("stretch").hidden = !live;
+  $("stretch-note").hidden = live || !view.session;
+}
+
+async function refreshSessions() {
+  const seq = ++asked.sessions;
+  let sessions;
+  try {
+    sessions = await getJSON("/api/sessions");
+  } catch (err) {
+    return;
+  }
+  if (seq !== asked.sessions) return;
+  view.sessions = sessions;
+  if (!view.session && view.sessions.length) showSession(view.sessions[0].session, view.follow);
+  showSessions();
+}
+
+function showSession(id, follow) {
+  const changed = id !== view.session;
+  view.session = id;
+  view.follow = follow;
+  $("follow").hidden = follow || !(view.status && view.status.session);
+  if (changed) {
+    view.frames = [];
+    $("frames").tBodies[0].replaceChildren();
+    view.previewVersion = String(Date.now());
+    showCharts();
+    loadFrames();
+  }
+  showSessions();
+  showPreview();
+}
+
+// --- frames: table and charts --------------------------------------------------------------
+async function loadFrames() {
+  const id = view.session;
+  if (!id) return;
+  if (view.loading) return view.loading;
+  const since = view.frames.length;
+  view.loading = (async () => {
+    try {
+      const records = await getJSON(sessionUrl(id, "frames?since=" + since));
+      if (id === view.session && since === view.frames.length) addFrames(records);
+    } catch (err) {
+      // the next event or the periodic refresh tries again
+    } finally {
+      view.loading = null;
+    }
+    if (id === view.session && since !== view.frames.length) loadFrames();
+  })();
+  return view.loading;
+}
+
+function addFrames(records) {
+  if (!records.length) return;
+  const body = $("frames").tBodies[0];
+  const start = view.frames.length;
+  records.forEach((record, offset) => {
+    view.frames.push(record);
+    body.prepend(frameRow(record, start + offset));
+  });
+  showCounts();
+  showCharts();
+}
+
+function frameRow(r, index) {
+  const row = el("tr", { "data-index": String(index) });
+  row.className = r.status === "accepted" ? "accepted" : "rejected";
+  const time = typeof r.capture_time === "string" ? r.capture_time.slice(11, 19) : "";
+  const result = r.status === "accepted" ? (r.reference ? "accepted (reference)" : "accepted")
+    : (r.reason || "rejected");
+  const cells = [
+    [String(index + 1), "n"],
+    [time, "time"],
+    [basename(r.file), "file"],
+    [result, "result"],
+    [num(r.stars, 0), "stars"],
+    [num(r.fwhm, 2), "fwhm"],
+    [num(r.background, 4), "background"],
+    [num(r.transparency, 3), "transparency"],
+    [num(r.residual_px, 3), "residual"],
+  ];
+  for (const [text, cls] of cells) row.append(el("td", { class: cls }, text));
+  row.cells[2].title = String(r.file || "");
+  return row;
+}
+
+function showCharts() {
+  const box = $("charts");
+  box.replaceChildren(...METRICS.map((m) => chart(m, view.frames)));
+}
+
+function chart(metric, records) {
+  const W = 320, H = 92, L = 40, R = 6, T = 6, B = 16;
+  const card = el("div", { class: "chart", "data-metric": metric.key });
+  const points = [];
+  records.forEach((r, i) => {
+    const v = value(metric, r);
+    if (v !== null) points.push({ i, v, ok: r.status === "accepted" });
+  });
+  const latest = points.length ? points[points.length - 1].v : null;
+  const head = el("h3", {}, metric.title);
+  head.append(el("span", {}, latest === null ? "" : num(latest, metric.digits) + (metric.unit ? " " + metric.unit : "")));
+  card.append(head);
+  const plot = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": metric.title + " per frame", "data-metric": metric.key });
+  plot.append(svg("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }));
+  plot.append(svg("line", { class: "axis", x1: L, y1: T, x2: L, y2: H - B }));
+  if (!points.length) {
+    plot.append(svg("text", { class: "empty", x: L + 8, y: H / 2 }, "no data yet"));
+    card.append(plot);
+    return card;
+  }
+  let lo = Math.min(...points.map((p) => p.v)), hi = Math.max(...points.map((p) => p.v));
+  if (hi - lo < 1e-12) { const pad = Math.abs(hi) * 0.05 || 1; lo -= pad; hi += pad; }
+  const n = Math.max(records.length - 1, 1);
+  const x = (i) => L + (W - L - R) * (records.length === 1 ? 0.5 : i / n);
+  const y = (v) => T + (H - T - B) * (1 - (v - lo) / (hi - lo));
+  plot.append(svg("text", { class: "label", x: L - 4, y: T + 8, "text-anchor": "end" }, num(hi, metric.digits)));
+  plot.append(svg("text", { class: "label", x: L - 4, y: H - B, "text-anchor": "end" }, num(lo, metric.digits)));
+  plot.append(svg("text", { class: "label", x: L, y: H - 3 }, "1"));
+  plot.append(svg("text", { class: "label", x: W - R, y: H - 3, "text-anchor": "end" }, String(records.length)));
+  const accepted = points.filter((p) => p.ok);
+  if (accepted.length > 1) {
+    plot.append(svg("polyline", { points: accepted.map((p) => x(p.i).toFixed(1) + "," + y(p.v).toFixed(1)).join(" ") }));
+  }
+  for (const p of points) {
+    const dot = svg("circle", { cx: x(p.i).toFixed(1), cy: y(p.v).toFixed(1), r: 2.6, class: p.ok ? "accepted" : "rejected", "data-index": p.i });
+    dot.append(svg("title", {}, "#" + (p.i + 1) + ": " + num(p.v, metric.digits)));
+    plot.append(dot);
+  }
+  card.append(plot);
+  return card;
+}
+
+// --- preview, stretch, zoom ----------------------------------------------------------------
+function previewSrc() {
+  const v = "v=" + encodeURIComponent(view.previewVersion);
+  if (hasLive() && (view.strength !== 1 || !view.linked)) {
+    return sessionUrl(view.session, "stretch.jpg?strength=" + view.strength + "&linked=" +
+      (view.linked ? "1" : "0") + "&" + v);
+  }
+  return sessionUrl(view.session, "preview.jpg?" + v);
+}
+
+function showPreview() {
+  const img = $("preview");
+  if (!view.session) { img.hidden = true; $("no-preview").hidden = false; return; }
+  const src = previewSrc();
+  if (img.getAttribute("src") !== src) img.setAttribute("src", src);
+}
+
+function setupPreview() {
+  const img = $("preview");
+  img.addEventListener("load", () => { img.hidden = false; $("no-preview").hidden = true; });
+  img.addEventListener("error", () => { img.hidden = true; $("no-preview").hidden = false; });
+  img.addEventListener("click", (event) => {
+    const box = img.getBoundingClientRect();
+    zoom((event.clientX - box.left) / box.width, (event.clientY - box.top) / box.height);
+  });
+  const strength = $("stretch-strength"), linked = $("stretch-linked");
+  strength.addEventListener("change", () => { view.strength = Number(strength.value); showPreview(); });
+  linked.addEventListener("change", () => { view.linked = linked.checked; showPreview(); });
+  $("stretch-auto").addEventListener("click", () => {
+    view.strength = 1; view.linked = true; strength.value = "1"; linked.checked = true; showPreview();
+  });
+  $("zoom").addEventListener("click", () => { $("zoom").hidden = true; });
+}
+
+function zoom(fx, fy) {
+  const box = $("zoom"), img = $("zoom-img"), scroller = $("zoom-box");
+  const cx = Math.min(Math.max(fx, 0), 1).toFixed(4), cy = Math.min(Math.max(fy, 0), 1).toFixed(4);
+  const ratio = window.devicePixelRatio || 1;
+  img.onload = () => {
+    img.style.width = (img.naturalWidth / ratio) + "px"; // one stack pixel per screen pixel
+    if (!hasLive()) {
+      scroller.scrollLeft = fx * img.clientWidth - scroller.clientWidth / 2;
+      scroller.scrollTop = fy * img.clientHeight - scroller.clientHeight / 2;
+    }
+  };
+  if (hasLive()) {
+    const size = Math.min(1024, Math.round(Math.max(window.innerWidth, window.innerHeight) * ratio));
+    img.src = sessionUrl(view.session, "crop.jpg?cx=" + cx + "&cy=" + cy + "&size=" + size +
+      "&strength=" + view.strength + "&linked=" + (view.linked ? "1" : "0") + "&v=" +
+      encodeURIComponent(view.previewVersion));
+    $("zoom-note").textContent = "1:1 crop of the live stack · tap to close";
+  } else {
+    img.src = $("preview").getAttribute("src");
+    $("zoom-note").textContent = "The preview at full size · tap to close";
+  }
+  box.hidden = false;
+}
+
+// --- close ---------------------------------------------------------------------------------
+function setupClose() {
+  const button = $("close"), note = $("close-note");
+  let armedUntil = 0;
+  button.addEventListener("click", async () => {
+    if (Date.now() > armedUntil) {
+      armedUntil = Date.now() + 4000;
+      button.classList.add("armed");
+      button.textContent = "Tap again to close";
+      setTimeout(() => { if (Date.now() > armedUntil) { button.classList.remove("armed"); showStatus(); } }, 4100);
+      return;
+    }
+    armedUntil = 0;
+    button.classList.remove("armed");
+    await requestClose();
+  });
+  $("token-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    localStorage.setItem(TOKEN_KEY, $("token").value);
+    $("token-form").hidden = true;
+    await requestClose();
+  });
+  async function requestClose() {
+    const headers = {};
+    const token = localStorage.getItem(TOKEN_KEY);
+    if (token) headers.Authorization = "Bearer " + token;
+    note.textContent = "Asking the daemon to close…";
+    let response;
+    try {
+      response = await fetch("/api/close", { method: "POST", headers });
+    } catch (err) {
+      note.textContent = "The daemon cannot be reached.";
+      return;
+    }
+    let answer = {};
+    try { answer = await response.json(); } catch (err) { answer = {}; }
+    if (response.status === 202) {
+      note.textContent = "Closing session " + answer.closing + ": the final stack is being written.";
+    } else if (response.status === 401) {
+      note.textContent = "This needs the web token.";
+      $("token-form").hidden = false;
+      $("token").focus();
+    } else {
+      note.textContent = answer.error || ("Refused (" + response.status + ")");
+    }
+    refreshStatus();
+  }
+}
+
+// --- night mode ----------------------------------------------------------------------------
+function setupNight() {
+  const button = $("night");
+  const apply = (on) => {
+    document.body.classList.toggle("night", on);
+    button.setAttribute("aria-pressed", on ? "true" : "false");
+    localStorage.setItem(NIGHT_KEY, on ? "1" : "0");
+  };
+  apply(localStorage.getItem(NIGHT_KEY) === "1");
+  button.addEventListener("click", () => apply(!document.body.classList.contains("night")));
+}
+
+// --- live events ---------------------------------------------------------------------------
+function connect() {
+  const events = new EventSource("/api/events");
+  events.addEventListener("open", () => { refreshStatus(); refreshSessions(); loadFrames(); });
+  events.addEventListener("error", () => { $("state").className = "badge offline"; });
+  events.addEventListener("status", (event) => {
+    asked.status++; // an answer still in flight is older than this event
+    applyStatus(JSON.parse(event.data));
+  });
+  events.addEventListener("frame", (event) => {
+    const data = JSON.parse(event.data);
+    if (data.session !== view.session) return;
+    if (data.index === view.frames.length && !view.loading) addFrames([data.record]);
+    else if (data.index > view.frames.length) loadFrames();
+  });
+  events.addEventListener("preview", (event) => {
+    const data = JSON.parse(event.data);
+    if (data.session !== view.session) return;
+    view.previewVersion = data.version;
+    showPreview();
+  });
+}
+
+async function start() {
+  setupNight();
+  setupPreview();
+  setupClose();
+  $("follow").addEventListener("click", () => {
+    if (view.status && view.status.session) showSession(view.status.session, true);
+  });
+  await refreshStatus();
+  if (view.status && view.status.session) showSession(view.status.session, true);
+  await refreshSessions();
+  connect();
+  setInterval(() => { if (!document.hidden) refreshStatus(); }, 10000);
+}
+
+document.addEventListener("DOMContentLoaded", start);
