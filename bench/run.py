@@ -5,8 +5,9 @@
 NAME is one of: frame (issue 2, per-frame stages), stack (issue 3, `nightstack stack` memory
 and time vs an in-RAM sigma clip), daemon (issue 4, `nightstack watch` latency and
 throughput), peers (issue 6, alignment vs astroalign; Siril if installed), skies (background
-normalization and transparency per frame), calibrate (issue 13, master building and
-calibration's per-frame cost). ``--quick`` runs
+normalization and transparency per frame), mosaic (issue 12), calibrate (issue 13, master
+building and calibration's per-frame cost), landscape (issue 15: trails, timelapse, the frozen
+ground, the automatic mask per frame). ``--quick`` runs
 fewer frames and repeats (a smoke run; its figures are marked as such). Simulated frames are
 cached in bench/out/ (gitignored); a full run needs ~25 GB of free disk.
 """
@@ -37,6 +38,10 @@ BENCHMARKS = {
     "calibrate": (
         "Calibration: master building and per-frame cost, 24 MP (issue 13)",
         "bench_calibrate",
+    ),
+    "landscape": (
+        "Landscape products: trails, timelapse, freeze ground, 24 MP (issue 15)",
+        "bench_landscape",
     ),
 }
 """Name -> (RESULTS.md section title, module with ``measure(quick)`` and ``report(data)``)."""

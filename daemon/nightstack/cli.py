@@ -27,7 +27,7 @@ log = logging.getLogger("nightstack")
 # CLI flags that map one-to-one onto settings (flag -> setting name); given flags win.
 _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--landscape-mask-ratio": ("landscape_mask_ratio", float, "top fraction of frame that is sky"),
-    "--sky-mask": ("sky_mask", Path, "mask image, white = sky"),
+    "--sky-mask": ("sky_mask", Path, "mask image, white = sky, or 'auto'"),
     "--fwhm": ("star_fwhm_px", float, "DAOStarFinder FWHM in px"),
     "--threshold": ("star_threshold_sigma", float, "detection threshold in sigma"),
     "--sigma": ("stack_sigma", float, "sigma of the final sigma clip"),
@@ -54,6 +54,28 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
+# --- landscape and products (stack and watch) ---
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+_PRODUCT_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--landscape": ("landscape", str, "blur (ground stacked with the sky) or freeze (sharp)"),
+    "--products": ("products", _names, "comma-separated: stack, trails, timelapse"),
+    "--trails-gap-fill": ("trails_gap_fill", "store_true", "star trails: fill the gaps"),
+    "--timelapse-width": ("timelapse_width", int, "timelapse width in px"),
+    "--timelapse-fps": ("timelapse_fps", float, "timelapse frames per second"),
+}
+
+
+def _add_product_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, (dest, kind, text) in _PRODUCT_FLAGS.items():
+        if kind == "store_true":
+            parser.add_argument(flag, dest=dest, action="store_const", const=True, help=text)
+        else:
+            parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+
+
 def _add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
     parser.add_argument("--config", type=Path, help="TOML config file")
     for flag in names:
@@ -63,6 +85,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) ->
 
 def _overrides(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     values = {dest: getattr(args, dest, None) for dest, _, _ in _SETTING_FLAGS.values()}
+    values.update({dest: getattr(args, dest, None) for dest, _, _ in _PRODUCT_FLAGS.values()})
     values.update(extra or {})
     return values
 
@@ -158,7 +181,19 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         assert stacker.store is not None
         disk = stacker.store.disk_bytes()
         image = stacker.final(_Progress(1, "combining") if sys.stderr.isatty() else None)
-        write_output(output, image, stacker.header(), settings, stretched=args.stretched)
+        stacker.landscape.freeze_final(image)  # landscape = "freeze": the sharp ground
+        if "stack" in settings.products:
+            write_output(output, image, stacker.header(), settings, stretched=args.stretched)
+        del image
+        if stacker.products is not None:  # trails.tif/.jpg, timelapse.mp4 beside the output
+            made = stacker.products.close(
+                preview_width=settings.preview_width, tiff_scale=settings.tiff_scale
+            )
+            for key, value in made.items():
+                if isinstance(value, str):
+                    moved = output.parent / Path(value).name
+                    shutil.move(value, moved)
+                    log.info("%s: %s", key, moved)
     finally:
         if report is not None:
             report.close()
@@ -306,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, help="where the aligned-frame store goes")
     p.add_argument("--stretched", action="store_true", help="TIFF: auto-stretched, not linear")
     _add_setting_flags(p, list(_SETTING_FLAGS))
+    _add_product_flags(p)
     p.set_defaults(func=_cmd_stack)
 
     p = sub.add_parser(
@@ -334,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-web", action="store_true", help="no web page or API")
     # --- end web ---
     _add_setting_flags(p, list(_SETTING_FLAGS))
+    _add_product_flags(p)
     p.set_defaults(func=_cmd_watch)
 
     p = sub.add_parser("close", help="ask the running daemon to close (finalize) its session")

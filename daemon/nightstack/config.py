@@ -95,8 +95,11 @@ class Settings(BaseSettings):
     landscape_mask_ratio: float = Field(
         0.9, gt=0, le=1, description="Top fraction of the frame that is sky; below is landscape."
     )
-    sky_mask: Path | None = Field(
-        None, description="Optional mask image, white = sky, same size as the frames."
+    sky_mask: Literal["auto"] | Path | None = Field(
+        None,
+        description="Optional mask image, white = sky, same size as the frames; or 'auto': "
+        "found from the first frames (the ground stays put while the stars move), the ratio "
+        "until then and when the night gives no clear answer.",
     )
     star_fwhm_px: float = Field(4.0, gt=0, description="DAOStarFinder FWHM, full-resolution px.")
     star_threshold_sigma: float = Field(
@@ -200,6 +203,25 @@ class Settings(BaseSettings):
     cosmetic_kappa: float = Field(
         6.0, gt=0, description="Hot/cold pixel threshold, robust sigmas from the local median."
     )
+    # --- landscape and products ---
+    landscape: Literal["blur", "freeze"] = Field(
+        "blur",
+        description="'blur': the ground is stacked aligned with the sky (smeared); 'freeze': "
+        "the ground is stacked in the camera frame and blended in along the horizon.",
+    )
+    landscape_feather_px: float = Field(
+        12.0, gt=0, le=200, description="Width of the blend on the sky side of the horizon, px."
+    )
+    products: list[Literal["stack", "trails", "timelapse"]] = Field(
+        default=["stack"],
+        description="What a session makes: 'stack' (stack.tif/.fits), 'trails' "
+        "(trails.tif/.jpg, the lighten blend) and 'timelapse' (timelapse.mp4).",
+    )
+    trails_gap_fill: bool = Field(
+        False, description="Star trails: fill the gaps between frames along the sky's motion."
+    )
+    timelapse_width: int = Field(1920, ge=64, le=7680, description="Timelapse width in px.")
+    timelapse_fps: float = Field(24.0, gt=0, le=120, description="Timelapse frames per second.")
 
     # --- outputs and session ---
     preview_every_frames: int = Field(1, ge=1, description="Rewrite the preview every K frames...")
@@ -290,6 +312,16 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_extensions(cls, value: list[str]) -> list[str]:
         return sorted({("." + e.lower().lstrip(".")) for e in value if e.strip()})
+
+    @field_validator("sky_mask", mode="before")
+    @classmethod
+    def _auto_sky_mask(cls, value: Any) -> Any:
+        return "auto" if str(value) == "auto" else value
+
+    @field_validator("products")
+    @classmethod
+    def _unique_products(cls, value: list[str]) -> list[str]:
+        return sorted(set(value), key=["stack", "trails", "timelapse"].index)
 
     @field_validator("white_balance")
     @classmethod

@@ -92,9 +92,7 @@ def dequantise(codes: npt.NDArray[np.uint16]) -> F32:
     return values
 
 
-def demosaic_codes(
-    codes: U16, pattern: str, method: str, row_start: int, row_stop: int
-) -> F32:
+def demosaic_codes(codes: U16, pattern: str, method: str, row_start: int, row_stop: int) -> F32:
     """Rows ``row_start:row_stop`` of the demosaiced *codes*: (rows, cols, 3) float32 holding
     OpenCV's 16-bit output exactly. :func:`code_gains` turns them into values, before or after
     a warp (both are linear)."""

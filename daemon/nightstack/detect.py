@@ -250,8 +250,8 @@ class StarFinder:
         """``ok`` and, with a sky-mask image, the mask at the nearest pixel of (x, y)."""
         if self.sky_mask is not None:
             full = self.sky_mask
-            col = np.clip(np.rint(x).astype(np.intp), 0, full.shape[1] - 1)
-            row = np.clip(np.rint(y).astype(np.intp), 0, full.shape[0] - 1)
+            col = np.clip(np.rint(np.nan_to_num(x)).astype(np.intp), 0, full.shape[1] - 1)
+            row = np.clip(np.rint(np.nan_to_num(y)).astype(np.intp), 0, full.shape[0] - 1)
             ok = ok & full[row, col]
         return ok
 

@@ -18,7 +18,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,10 @@ from .demosaic import TileSamples, demosaic, quantise, superpixel_luminance
 from .detect import StarFinder
 from .errors import AlignmentError, DecodeError
 from .frames import IDENTITY, Alignment, FloatArray, Frame, Mosaic, MosaicFrame, Stars
+from .landscape import Landscape
 from .live import LiveStack
 from .normalize import Normalization, SkySamples, estimate
+from .products import Products
 from .quality import Quality, QualityLimits, gate, transparency
 from .store import FrameStore, MosaicLayout, warp_mosaic
 from .warp import warp
@@ -182,7 +184,7 @@ def quality_limits(settings: Settings) -> QualityLimits:
 
 def load_sky_mask(settings: Settings) -> np.ndarray | None:
     """The optional sky-mask image as a bool (rows, cols) array, True = sky."""
-    if settings.sky_mask is None:
+    if settings.sky_mask is None or settings.sky_mask == "auto":
         return None
     from .loaders import load
 
@@ -213,14 +215,10 @@ class Stacker:
         self.calibration: Calibration = (
             calibration or calibrator_from_settings(settings) or no_calibration
         )
-        self.finder = StarFinder(
-            fwhm_px=settings.star_fwhm_px,
-            threshold_sigma=settings.star_threshold_sigma,
-            sigma_clip=settings.detection_sigma_clip,
-            landscape_mask_ratio=settings.landscape_mask_ratio,
-            sky_mask=load_sky_mask(settings),
-            max_stars=settings.max_stars,
-        )
+        self.finder = star_finder(settings, settings.landscape_mask_ratio, load_sky_mask(settings))
+        # --- landscape and products (landscape.py, products.py) ---
+        self.landscape = Landscape(settings, workdir, image_mask=self.finder.sky_mask, live=live)
+        self.products: Products | None = None
         self.limits = quality_limits(settings)
         self.reference: Reference | None = None
         self.store: FrameStore | None = None
@@ -487,6 +485,7 @@ class Stacker:
             self.live_only = "final = 'live': no frame store"
         else:
             self.store = FrameStore(self.workdir / "frames", frame.shape, channels)
+        self.start_landscape(frame.bin)
         if not self.with_live:
             return
         self.live = self.new_live(self.store)
@@ -531,6 +530,8 @@ class Stacker:
         """
         assert self.reference is not None
         weight = _weight(self.settings, stars)
+        # --- landscape and products: the frame in the camera frame, before its sky is stored
+        self._landscape_hook(frame, matrix, norm, weight, watch)
         if self.live_only is None and self.store is not None:
             bytes_needed = self.store.frame_bytes
             if isinstance(frame, MosaicFrame):
@@ -585,6 +586,61 @@ class Stacker:
                     frame.image, matrix, weight=weight, name=frame.path.name, normalization=norm
                 )
 
+    # --- landscape and products ----------------------------------------------------------
+    def _landscape_hook(
+        self,
+        frame: Frame | MosaicFrame,
+        matrix: FloatArray,
+        norm: Normalization,
+        weight: float,
+        watch: _Stopwatch,
+    ) -> None:
+        """Products fed with the camera-frame frame; the ground stacked (freeze) and filled
+        before the sky is stored; an automatic mask learnt. A mosaic frame is demosaiced in the
+        camera frame only when the products need RGB."""
+        if self.products is not None:
+            with watch.stage("products"):
+                image = frame.image if isinstance(frame, Frame) else _camera_rgb(frame)
+                mask = self.landscape.mask
+                self.products.add(image, matrix, mask, frame.luminance, frame.bin)
+        with watch.stage("ground"):
+            if self.landscape.add(frame, matrix, norm, weight):
+                self._follow_mask()
+
+    def start_landscape(self, bin: int) -> None:
+        """The sky mask, the ground stack and the products, once the reference's geometry is
+        known (at the reference, and when a session resumes)."""
+        ref = self.reference
+        assert ref is not None
+        self.landscape.start(ref.shape, ref.channels, bin)
+        if self.landscape.auto and self.landscape.mask is not None:
+            self._follow_mask()
+        wanted = [p for p in self.settings.products if p != "stack"]
+        if wanted:
+            s = self.settings
+            self.products = Products(
+                wanted,
+                self.workdir,
+                ref.shape,
+                ref.channels,
+                gap_fill=s.trails_gap_fill,
+                timelapse_width=s.timelapse_width,
+                timelapse_fps=s.timelapse_fps,
+            )
+
+    def _follow_mask(self) -> None:
+        """An automatic sky mask was found or refined: detection and the reference's sky
+        samples follow it (the ratio stays until then, and where it falls back)."""
+        mask = self.landscape.mask
+        if mask is None or mask.source != "auto" or self.reference is None:
+            return
+        self.finder = star_finder(self.settings, 1.0, mask.sky)
+        ref = self.reference
+        gx, gy = np.meshgrid(ref.sky.xs.astype(np.float64), ref.sky.ys.astype(np.float64))
+        inside = mask.in_sky(gx.ravel(), gy.ravel()).reshape(gx.shape)
+        sky = replace(ref.sky, sky=ref.sky.sky & inside)
+        self.reference = replace(ref, sky=sky)
+
     def header(self) -> dict[str, Any]:
         """FITS header cards describing the stack (NCOMBINE, EXPTIME, dates, settings)."""
         assert self.reference is not None
@@ -636,6 +692,25 @@ class Stacker:
         image = self.live.result()
         self.live = None
         return image
+
+
+def _camera_rgb(frame: MosaicFrame) -> FloatArray:
+    """A mosaic frame demosaiced on its own (camera) grid: (rows, cols, 3) float32."""
+    layout = MosaicLayout(frame.pattern, frame.white_balance, frame.demosaic)
+    image, _ = warp_mosaic(frame.codes, layout, IDENTITY, frame.shape)
+    return image
+
+
+def star_finder(settings: Settings, ratio: float, sky_mask: np.ndarray | None) -> StarFinder:
+    """The detection of ``settings`` with the landscape line at ``ratio`` and a sky mask."""
+    return StarFinder(
+        fwhm_px=settings.star_fwhm_px,
+        threshold_sigma=settings.star_threshold_sigma,
+        sigma_clip=settings.detection_sigma_clip,
+        landscape_mask_ratio=ratio,
+        sky_mask=sky_mask,
+        max_stars=settings.max_stars,
+    )
 
 
 def reference_flaw(quality: Quality, limits: QualityLimits) -> str | None:

@@ -54,6 +54,7 @@ from .writers import (
     remove_temporaries,
     write_bytes,
     write_fits_bands,
+    write_fits_extended,
     write_json,
     write_preview,
 )
@@ -295,6 +296,7 @@ class Session:
             store.drop([*damaged, *range(len(stored), len(store))])
             damaged += range(held, len(stored))  # journaled, never indexed: lost as well
             stacker.reference, stacker.store = reference, store
+            stacker.start_landscape(settings.bin)  # landscape and products: reopened
             journal_lines = len(records)
             for i in damaged:  # journal their loss: the final counts each frame once
                 self._journal_lost(
@@ -302,6 +304,8 @@ class Session:
                 )
             if damaged:
                 notes.append(f"{len(damaged)} frame(s) with damaged stored data journaled as lost")
+            if stacker.landscape.ground is not None:  # the ground keeps the sky store's frames
+                stacker.landscape.ground.keep([store.frame(i).name for i in range(len(store))])
             if live_only is not None:
                 self._restore_live_only(live_only, store, stored, records[:journal_lines], records)
                 for record in records:
@@ -554,6 +558,8 @@ class Session:
         checkpoint = self.dir / "checkpoint"
         checkpoint.mkdir(exist_ok=True)
         live.save(checkpoint / "live")
+        if self.stacker.products is not None:
+            self.stacker.products.checkpoint()  # the star trails so far
         write_json(checkpoint / "state.json", {"records": self.records, "frames": live.frames})
         self.counted_at_checkpoint = live.frames
         self.last_checkpoint = time.monotonic()
@@ -573,7 +579,8 @@ class Session:
         live = self.stacker.live
         assert live is not None
         width = self.settings.preview_width
-        write_preview(self.dir / "preview.jpg", live.preview_image(width), width=width)
+        image = self.stacker.landscape.preview(live.preview_image(width), live)  # freeze ground
+        write_preview(self.dir / "preview.jpg", image, width=width)
         self.since_preview = 0
         self.last_preview = time.monotonic()
         if self.last_preview - self.last_live_fits >= self.settings.live_fits_every_s:
@@ -603,25 +610,46 @@ class Session:
         if stacker.live_only is not None and stacker.live is not None:
             self._checkpoint_now()  # a close cut short (disk, kill) finishes from it
         outputs: dict[str, Any] = {}
-        if stacker.accepted >= 1 and (stacker.store is not None or stacker.live is not None):
+        stack = "stack" in self.settings.products
+        has_stack = stacker.store is not None or stacker.live is not None
+        if stack and stacker.accepted >= 1 and has_stack:
             method = "live" if stacker.live_only is not None else self.settings.stack_method
             outputs["final"] = {"method": method, "why": stacker.live_only}
             image = stacker.final(progress)  # releases the live stack
+            sky_rows = stacker.landscape.freeze_final(image, progress)  # the frozen ground
             header = stacker.header()
             write_output(self.dir / "stack.tif", image, header, self.settings)
             outputs["tiff"] = str(self.dir / "stack.tif")
             if self.settings.write_fits:
-                write_output(self.dir / "stack.fits", image, header, self.settings)
+                if sky_rows is None:
+                    write_output(self.dir / "stack.fits", image, header, self.settings)
+                else:  # the composite, and the aligned sky stack in HDU 2 ("SKY")
+                    _write_composite_fits(self.dir / "stack.fits", image, sky_rows, header)
                 outputs["fits"] = str(self.dir / "stack.fits")
+            del sky_rows
             write_preview(self.dir / "preview.jpg", image, width=self.settings.preview_width)
+            del image
             outputs["preview"] = str(self.dir / "preview.jpg")
             if stacker.store is not None:
                 outputs["frame_store_bytes"] = stacker.store.disk_bytes()
+        # --- landscape and products ---
+        if stacker.products is not None and stacker.accepted >= 1:
+            outputs.update(
+                stacker.products.close(
+                    preview_width=self.settings.preview_width,
+                    tiff_scale=self.settings.tiff_scale,
+                    keep_frames=self.settings.keep_frame_store,
+                )
+            )
+        outputs.update(stacker.landscape.describe())
+        if (self.dir / "sky_mask.png").exists():
+            outputs["sky_mask_png"] = str(self.dir / "sky_mask.png")
         self.state = "closed"
         self._write_meta(outputs)
         self._close_journal()
         if not self.settings.keep_frame_store:
             shutil.rmtree(self.dir / "frames", ignore_errors=True)
+            shutil.rmtree(self.dir / "ground", ignore_errors=True)
             shutil.rmtree(self.dir / "checkpoint", ignore_errors=True)
         log.info("session %s closed: %s", self.id, outputs or "nothing stacked")
         return outputs
@@ -641,6 +669,7 @@ class Session:
         self._write_meta(note=f"superseded: {reason}")
         self._close_journal()
         shutil.rmtree(self.dir / "frames", ignore_errors=True)
+        shutil.rmtree(self.dir / "ground", ignore_errors=True)  # landscape = "freeze"
         shutil.rmtree(self.dir / "checkpoint", ignore_errors=True)
         (self.dir / "reference.npz").unlink(missing_ok=True)
         log.info("session %s superseded: %s", self.id, reason)
@@ -675,6 +704,23 @@ class Session:
         if note is not None:
             meta["note"] = note
         write_json(self.dir / SESSION, meta)
+
+
+def _write_composite_fits(
+    path: Path, image: np.ndarray, sky_rows: np.ndarray, header: dict[str, Any]
+) -> None:
+    """stack.fits of a freeze-ground session: the composite, then the aligned sky ("SKY")."""
+    top = image.shape[0] - sky_rows.shape[0]
+
+    def sky(r0: int, r1: int) -> np.ndarray:
+        if r1 <= top:
+            return np.asarray(image[r0:r1])
+        if r0 >= top:
+            return np.asarray(sky_rows[r0 - top : r1 - top])
+        return np.concatenate([image[r0:top], sky_rows[: r1 - top]])
+
+    shape = (int(image.shape[0]), int(image.shape[1]), int(image.shape[2]))
+    write_fits_extended(path, shape, lambda r0, r1: image[r0:r1], header, sky, "SKY")
 
 
 _SESSION_ONLY_FIELDS = frozenset({"watch_dir", "output_dir", "log_level", "idle_timeout_s"})

@@ -478,3 +478,49 @@ def _as_image(image: FloatArray) -> FloatArray:
     if data.dtype.kind != "f":
         raise ValueError(f"image must be floating point, not {data.dtype}")
     return data
+
+
+def write_fits_extended(
+    path: str | os.PathLike[str],
+    shape: tuple[int, int, int],
+    primary: Callable[[int, int], FloatArray],
+    header: Mapping[str, Any],
+    extension: Callable[[int, int], FloatArray],
+    extname: str,
+    *,
+    band_rows: int = _BAND_ROWS,
+) -> None:
+    """:func:`write_fits_bands` of a primary image plus one image extension ``extname`` of the
+    same shape and header conventions (e.g. the freeze-ground composite and its aligned sky),
+    both delivered band by band, atomically."""
+    rows, cols, channels = (int(v) for v in shape)
+
+    def card_header(first: bool) -> fits.Header:
+        hdr = fits.Header()
+        if first:
+            hdr["SIMPLE"] = True
+        else:
+            hdr["XTENSION"] = "IMAGE"
+        hdr["BITPIX"] = -32
+        hdr["NAXIS"] = 2 if channels == 1 else 3
+        hdr["NAXIS1"], hdr["NAXIS2"] = cols, rows
+        if channels != 1:
+            hdr["NAXIS3"] = channels
+        if first:
+            hdr["EXTEND"] = True
+        else:
+            hdr["PCOUNT"], hdr["GCOUNT"] = 0, 1
+            hdr["EXTNAME"] = extname
+        hdr.extend(_fits_header(header))
+        return hdr
+
+    with atomic_path(path) as tmp:
+        for first, read_band in ((True, primary), (False, extension)):
+            stream = fits.StreamingHDU(str(tmp), card_header(first))
+            try:
+                for c in range(channels):
+                    for r0 in range(0, rows, band_rows):
+                        band = _as_image(read_band(r0, min(r0 + band_rows, rows)))
+                        stream.write(np.ascontiguousarray(band[:, :, c], dtype=">f4"))
+            finally:
+                stream.close()

@@ -62,6 +62,9 @@ def simulate_night(
     milky_way: float = 0.0,
     cfa_pattern: str = "RGGB",
     planted_stars: Sequence[Sequence[float]] = (),
+    scenery: bool = False,
+    landscape_fraction: float = 0.08,
+    pivot: tuple[float, float] | None = None,
     name_pattern: str = "IMG_{:04d}.DNG",
     progress: Callable[[int, Path], None] | None = None,
     sensor: SensorModel | None = None,
@@ -81,7 +84,9 @@ def simulate_night(
     atmosphere (0.3: thin haze), ``fwhm_schedule`` is each frame's star FWHM in pixels
     (``seeing_jitter`` builds a wandering one). ``milky_way`` is the star density contrast of
     a Milky Way band; ``cfa_pattern`` the sensor's Bayer tile (RGGB, BGGR, GRBG, GBRG);
-    ``planted_stars`` adds stars of known colour, each (x, y, flux_e, r, g, b).
+    ``planted_stars`` adds stars of known colour, each (x, y, flux_e, r, g, b). ``scenery``
+    draws a textured landscape (trees, rocks, a building with lit windows) covering about
+    ``landscape_fraction`` of the frame height; ``pivot`` is the sky's rotation centre.
 
     ``sensor`` (a ``nightstack.simulate.sensor.SensorModel``) puts the lights through a sensor
     with dark current, amp glow, hot pixels, PRNU, vignetting, dust and bias structure; with
@@ -144,6 +149,9 @@ def simulate_night(
         milky_way=milky_way,
         cfa_pattern=cfa_pattern,
         planted_stars=tuple(tuple(star) for star in planted_stars),
+        scenery=scenery,
+        landscape_fraction=landscape_fraction,
+        pivot=pivot,
         satellite=frame_indices(satellite),
         cloudy=frame_indices(cloudy),
         trailed=frame_indices(trailed),

@@ -229,7 +229,10 @@ def _add_ground(model: SkyModel, image: FloatArray, i: int) -> None:
     if land.top_row >= model.height:
         return
     band = image[land.top_row :]
-    ground = np.full(band.shape, model.ground_glow_e(i), dtype=np.float32)
+    if land.brightness is None:
+        ground = np.full(band.shape, model.ground_glow_e(i), dtype=np.float32)
+    else:  # the scenery: lit by the sky, in proportion to its level
+        ground = land.brightness * np.float32(model.sky_e * model.sky_level(i))
     band *= land.sky_cover
     band += (1 - land.sky_cover) * ground
     rgb = np.array(_WINDOW_RGB)

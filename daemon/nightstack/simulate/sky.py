@@ -81,6 +81,7 @@ _GLOW_SWEEP_DEG = (30.0, 70.0)  # the moon's bearing turns by this much over the
 _STREAM_STARS, _STREAM_LANDSCAPE, _STREAM_HOT, _STREAM_NOISE = 1, 2, 3, 4  # independent
 _STREAM_SATELLITE, _STREAM_CLOUD, _STREAM_TRAIL, _STREAM_NEBULA = 5, 6, 7, 8  # random streams
 _STREAM_GLOW, _STREAM_MILKY_WAY = 9, 11  # the moon's path, the band (10: seeing_jitter)
+_STREAM_SCENERY = 12  # the textured landscape (simulate.landscape)
 # per-frame schedules (SkyModel fields) and the values each allows
 _SCHEDULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "sky_levels": (lambda v: v > 0, "> 0"),
@@ -151,13 +152,16 @@ class Landscape:
     ``skyline``: (cols,) float, the row coordinate of the ground's top edge in each column (a
     pixel is ground below it); ``top_row``: first row holding any ground; ``sky_cover``:
     (rows - top_row, cols) float32, the fraction of each pixel that shows sky; ``windows``:
-    (n, 4) int, lit windows as [x0, y0, x1, y1) pixel boxes.
+    (n, 4) int, lit windows as [x0, y0, x1, y1) pixel boxes; ``brightness``: with ``scenery``,
+    (rows - top_row, cols) float32 the ground's light as a fraction of the sky level (else None:
+    a uniform faint glow).
     """
 
     skyline: FloatArray
     top_row: int
     sky_cover: FloatArray
     windows: npt.NDArray[np.int64]
+    brightness: npt.NDArray[np.float32] | None = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,9 @@ class SkyModel:
     landscape_fraction, windows
         Mean fraction of the frame height covered by the landscape (0 disables it) and the
         number of lit windows in it.
+    scenery
+        A textured landscape (``nightstack.simulate.landscape``: grass, trees, rocks, a
+        building whose ``windows`` are lit) instead of a dark silhouette.
     nebula
         Add a faint, soft emission nebula (moves with the stars).
     exposure_s, iso, start_time
@@ -252,6 +259,7 @@ class SkyModel:
     hot_pixels: int | None = None
     landscape_fraction: float = 0.08
     windows: int = 4
+    scenery: bool = False
     nebula: bool = True
     exposure_s: float = 30.0
     iso: int = 1600
@@ -599,6 +607,13 @@ class SkyModel:
             return Landscape(
                 np.full(w, h + 1.0), h, np.ones((0, w), np.float32), np.zeros((0, 4), np.int64)
             )
+        if self.scenery:
+            from nightstack.simulate.landscape import scenery
+
+            view = scenery(w, h, self.landscape_fraction, self.windows, self._rng(_STREAM_SCENERY))
+            rows = np.arange(view.top_row, h, dtype=np.float64)[:, None]
+            cover = np.clip(view.skyline[None, :] - (rows - 0.5), 0.0, 1.0).astype(np.float32)
+            return Landscape(view.skyline, view.top_row, cover, view.windows, view.brightness)
         rng = self._rng(_STREAM_LANDSCAPE)
         depth = self.landscape_fraction * h
         hills = np.zeros(w)
