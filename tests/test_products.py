@@ -189,7 +189,7 @@ def test_a_resumed_session_keeps_its_products_and_its_ground(
             "timelapse_width": 200,
             "checkpoint_every_frames": 2,
             "checkpoint_min_interval_s": 0,
-            "checkpoint_write_ratio": 0,  # by frame count only
+            "checkpoint_write_ratio": 0,
             "landscape": "freeze",
         },
         use_default=False,
