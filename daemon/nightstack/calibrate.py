@@ -47,6 +47,7 @@ from .masters import (
     build_master,
     check_fits,
     colour_sites,
+    conditions_text,
     read_frame,
     read_master,
     with_path,
@@ -393,12 +394,7 @@ def _mismatch(
 
 def _light_text(shape: tuple[int, int], pattern: str | None, meta: FrameMeta) -> str:
     parts = [f"{shape[1]}x{shape[0]} {pattern or 'mono'}"]
-    if meta.iso is not None:
-        parts.append(f"ISO {meta.iso:g}")
-    if meta.exposure_s is not None:
-        parts.append(f"{meta.exposure_s:g} s")
-    if meta.temperature_c is not None:
-        parts.append(f"{meta.temperature_c:.1f} C")
+    parts += conditions_text(meta.iso, meta.exposure_s, meta.temperature_c)
     return " ".join(parts)
 
 

@@ -93,12 +93,7 @@ class MasterInfo:
             f"{cols}x{rows}",
             self.pattern or ("RGB" if self.planes == 3 else "mono"),
         ]
-        if self.iso is not None:
-            parts.append(f"ISO {self.iso:g}")
-        if self.exposure_s is not None:
-            parts.append(f"{self.exposure_s:g} s")
-        if self.temperature_c is not None:
-            parts.append(f"{self.temperature_c:.1f} C")
+        parts += conditions_text(self.iso, self.exposure_s, self.temperature_c)
         if self.path is not None:
             parts.append(f"({self.path.name})")
         return " ".join(parts)
@@ -539,3 +534,18 @@ def parse_time(text: str | None) -> datetime | None:
         return datetime.fromisoformat(text)
     except ValueError:
         return None
+
+
+def conditions_text(
+    iso: float | None, exposure_s: float | None, temperature_c: float | None
+) -> list[str]:
+    """The shooting conditions a master is matched by, as words: ``["ISO 800", "30 s",
+    "12.5 C"]`` (those that are known)."""
+    parts = []
+    if iso is not None:
+        parts.append(f"ISO {iso:g}")
+    if exposure_s is not None:
+        parts.append(f"{exposure_s:g} s")
+    if temperature_c is not None:
+        parts.append(f"{temperature_c:.1f} C")
+    return parts

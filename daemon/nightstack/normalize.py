@@ -191,6 +191,19 @@ class Normalization:
         )
         flat += term
 
+    def apply_inside(
+        self,
+        band: npt.NDArray[np.float32],
+        row_start: int,
+        shape: tuple[int, int],
+        footprint: BoolArray,
+    ) -> None:
+        """:meth:`apply`, keeping the samples outside the (band_rows, cols) ``footprint`` 0."""
+        if self.is_identity:
+            return
+        self.apply(band, row_start, shape)
+        np.copyto(band, 0.0, where=~footprint[:, :, np.newaxis])
+
     def as_json(self) -> dict[str, Any]:
         """The journal's and the frame store's record of it."""
         out: dict[str, Any] = {

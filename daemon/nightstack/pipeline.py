@@ -558,8 +558,7 @@ class Stacker:
                 warped, fp = warp_mosaic(frame.codes, layout, matrix, shape, normalization=norm)
             else:
                 warped, fp = warp(frame.image, matrix, shape)
-                norm.apply(warped, 0, shape)
-                np.copyto(warped, 0.0, where=~fp[:, :, np.newaxis])
+                norm.apply_inside(warped, 0, shape, fp)
         with watch.stage("accumulate"):
             self.live.add(warped, fp)
         return False

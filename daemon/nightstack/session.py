@@ -453,15 +453,7 @@ class Session:
             if every and live.frames % every == 0:
                 self._snapshot(live.frames)
             if self._checkpoint_due(live.frames):
-                try:
-                    self.checkpoint()
-                except OSError as err:  # the frame is journaled: only the checkpoint waits
-                    log.error(
-                        "session %s: checkpoint not written (%s); the previous one stays valid "
-                        "and the next frame tries again",
-                        self.id,
-                        err.strerror or err,
-                    )
+                self._checkpoint_now()  # the frame is journaled: only the checkpoint waits
         return record
 
     def _snapshot(self, frames: int) -> None:
@@ -526,11 +518,17 @@ class Session:
         return samples * (2 + 4 + 4 + 10) + _RESERVE_MARGIN
 
     def _checkpoint_now(self) -> None:
-        """A checkpoint out of turn (the reserve holds one); a failure is logged, not raised."""
+        """Checkpoint; a failure (disk full, I/O) is logged, not raised: the previous checkpoint
+        stays valid and the next one tries again."""
         try:
             self.checkpoint()
         except OSError as err:
-            log.error("session %s: checkpoint not written (%s)", self.id, err.strerror or err)
+            log.error(
+                "session %s: checkpoint not written (%s); the previous one stays valid and the "
+                "next one tries again",
+                self.id,
+                err.strerror or err,
+            )
 
     def _checkpoint_due(self, frames: int) -> bool:
         """Every ``checkpoint_every_frames`` frames, but at most once every

@@ -308,9 +308,8 @@ class FrameStore:
                 warped, fp = warp_rows(
                     src, matrix, self.shape, r0, r0 + band, interpolation=interpolation
                 )
-                if normalization is not None and not normalization.is_identity:
-                    normalization.apply(warped, r0, self.shape)
-                    np.copyto(warped, 0.0, where=~fp[:, :, np.newaxis])
+                if normalization is not None:
+                    normalization.apply_inside(warped, r0, self.shape, fp)
                 yield warped
 
         record = None if normalization is None else normalization.as_json()
