@@ -3,8 +3,11 @@ frame, computed in row bands under a RAM cap from the same values the live stack
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -18,19 +21,44 @@ BoolArray = npt.NDArray[np.bool_]
 Method = Literal["sigma_clip", "mean", "median", "winsorized"]
 
 _COMBINE_BYTES_PER_SAMPLE: dict[str, int] = {
-    "sigma_clip": 32,
-    "mean": 12,
-    "median": 16,
-    "winsorized": 36,
+    "sigma_clip": 5,
+    "mean": 5,
+    "median": 24,
+    "winsorized": 44,
 }
-"""Peak working bytes per (frame, pixel, channel) sample of one band in :func:`combine`, measured
-with tracemalloc (tests/test_stack.py checks the cap): float64 cube 8 B + validity mask 1 B +
-the method's working copies (the sigma clip's sorted copy and masks; sorted and winsorized
-copies)."""
+"""Working bytes per (frame, pixel, channel) sample of one band in :func:`combine`: the float32
+cube 4 B + its validity 1 B; the median and the winsorized clip also work on a float64 copy and
+their sorted copies (measured with tracemalloc: tests/test_stack.py checks the cap)."""
 
-_COMBINE_BYTES_PER_PIXEL = 160
-"""Per (pixel, channel) of one band, independent of the number of frames: accumulators, bounds
-(the sigma clip's median, mean, std, floor, ceiling and run indices: ~15 float64 arrays)."""
+_COMBINE_BYTES_PER_PIXEL: dict[str, int] = {
+    "sigma_clip": 16,
+    "mean": 28,
+    "median": 160,
+    "winsorized": 160,
+}
+"""Per (pixel, channel) of one band, independent of the number of frames: the mean's float64
+sums, its float32 result and masks; the median and winsorized clip's bounds (~15 float64
+arrays). The sigma clip's per-pixel work lives in its chunks (:data:`_CHUNK_BYTES_PER_PIXEL`)."""
+
+_CHUNK_SAMPLES = 1 << 20
+"""(frame, pixel, channel) samples the sigma clip works on at a time (a piece of the band): large
+enough that each numpy call runs long without the GIL, so two threads clip at 1.7x one's speed
+(measured: 2^18 gains nothing, 2^20 is best of 2^18 .. 2^22 at 12 frames)."""
+
+_CHUNK_BYTES_PER_SAMPLE = 36
+"""Scratch bytes per sample of one sigma-clip chunk, worst case measured with tracemalloc (a
+weighted chunk of partly covered pixels): gathered and sorted copies, float64 deviations and
+weighted terms, masks."""
+
+_CHUNK_BYTES_PER_PIXEL = 72
+"""And per pixel of it: its float64 sums, bounds and run indices (matters for few frames)."""
+
+_NETWORK_MAX = 96
+"""Up to this many frames a band is sorted by a sorting network of element-wise min/max (SIMD
+over the pixels); above it by numpy's sort of each pixel's samples (measured crossover)."""
+
+_THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Threads reading frames and clipping chunks: OpenCV and numpy release the GIL in their loops."""
 
 
 def combine(
@@ -50,8 +78,9 @@ def combine(
     Methods:
 
     - ``"sigma_clip"``: exactly astropy ``sigma_clip(cube, sigma=sigma, maxiters=maxiters,
-      cenfunc='median', stdfunc='std', axis=0)`` (called per band; the clip is per pixel, so
-      banding does not change it), then the mean of the survivors.
+      cenfunc='median', stdfunc='std', axis=0)`` of the float64 cube of the stored values
+      (per pixel, so banding does not change it), then the mean of the survivors
+      (:func:`_clip_chunk` says how).
     - ``"mean"``: mean of the sample.
     - ``"median"``: median of the sample (mean of the two middle values for an even count);
       weights are ignored.
@@ -64,6 +93,10 @@ def combine(
 
     The mean of survivors is ``sum(w_i x_i) / sum(w_i)`` in float64 (rounded to float32 at the
     end), ``w`` the per-frame weights; the clip itself is unweighted.
+
+    Frames are read by :data:`_THREADS` threads and the sigma clip works on chunks in as many;
+    bands are whole multiples of the store's :attr:`~nightstack.store.FrameStore.block_rows`
+    where the cap allows, so no frame's block is demosaiced and warped twice.
 
     Parameters
     ----------
@@ -104,101 +137,283 @@ def combine(
     out = np.full((rows, cols, channels), np.nan, dtype=np.float32)
     if n == 0:
         return out
-    per_row = cols * channels * (n * _COMBINE_BYTES_PER_SAMPLE[method] + _COMBINE_BYTES_PER_PIXEL)
-    band = ram_cap_bytes // per_row
+    chunk = _chunk_samples(n, ram_cap_bytes)
+    scratch = _THREADS * (chunk * _CHUNK_BYTES_PER_SAMPLE + chunk // n * _CHUNK_BYTES_PER_PIXEL)
+    per_row = (
+        cols * channels * (n * _COMBINE_BYTES_PER_SAMPLE[method] + _COMBINE_BYTES_PER_PIXEL[method])
+    )
+    band = (ram_cap_bytes - scratch) // per_row
     if band < 1:
         raise ValueError(
             f"ram_cap_bytes={ram_cap_bytes} is too small: "
-            f"one row of {n} frames needs {per_row} bytes"
+            f"one row of {n} frames needs {per_row + scratch} bytes"
         )
-    for r0 in range(0, rows, band):
-        r1 = min(r0 + band, rows)
-        cube = np.zeros((n, r1 - r0, cols, channels), dtype=np.float64)
-        valid = np.zeros(cube.shape, dtype=bool)
-        for i in range(n):
-            fp = store.footprint_band(i, r0, r1)
-            if fp.any():
-                store.read_band(i, r0, r1, out=cube[i])
-                for c in range(channels):  # not a broadcast along the 3-long channel axis: slow
-                    valid[i, :, :, c] = fp
-        if method == "sigma_clip":
-            keep = _clip_keep(cube, valid, sigma, maxiters)
-        elif method == "winsorized":
-            keep = _winsorized_keep(cube, valid, sigma, maxiters)
-        elif method == "mean":
-            keep = valid
-        else:
-            out[r0:r1] = _median(cube, valid)
+    block = store.block_rows
+    if band >= block:
+        band -= band % block
+    with ThreadPoolExecutor(_THREADS) as pool:
+        for r0 in range(0, rows, band):
+            r1 = min(r0 + band, rows)
+            cube, valid = _read_band(store, r0, r1, pool)
+            if method == "sigma_clip":
+                _clip_band(cube, valid, sigma, maxiters, w, chunk, pool, out[r0:r1])
+            elif method == "mean":
+                out[r0:r1] = _weighted_mean(cube, valid, w)
+            elif method == "median":
+                out[r0:r1] = _median(cube.astype(np.float64), valid)
+            else:
+                wide = cube.astype(np.float64)
+                out[r0:r1] = _weighted_mean(wide, _winsorized_keep(wide, valid, sigma, maxiters), w)
+                del wide
             del cube, valid
             if progress is not None:
                 progress(r1, rows)
-            continue
-        del valid
-        out[r0:r1] = _weighted_mean(cube, keep, w)
-        del cube, keep
-        if progress is not None:
-            progress(r1, rows)
     return out
 
 
-def _clip_keep(cube: FloatArray, valid: BoolArray, sigma: float, maxiters: int) -> BoolArray:
-    """Survivors of astropy's sigma_clip (median centre, std) along axis 0 of (n, ...) ``cube``.
+def _chunk_samples(n: int, ram_cap_bytes: int) -> int:
+    """Samples (a multiple of ``n``) of one sigma-clip chunk: :data:`_CHUNK_SAMPLES`, less when
+    the cap is small (a quarter of it for all threads' chunks), at least one pixel's."""
+    fit = ram_cap_bytes // (4 * _THREADS * (_CHUNK_BYTES_PER_SAMPLE + _CHUNK_BYTES_PER_PIXEL))
+    return n * max(1, min(_CHUNK_SAMPLES, fit) // n)
 
-    The same arithmetic as astropy's ``sigma_clip(..., cenfunc="median", stdfunc="std",
-    axis=0)`` without its masked-array machinery: per pixel, the kept samples are those within
-    ``median -/+ sigma * std`` of the previous kept set (bounds inclusive), until nothing changes
-    or ``maxiters`` passes. Since the kept set is always an interval of values, it is a run of
-    the pixel's sorted samples: one sort gives every median (the run's middle element, or the
-    mean of its two middle ones, as numpy's); the mean and the population std are summed in
-    frame order over the kept samples, as numpy's ``nanmean``/``nanstd`` over astropy's
-    NaN-filled copy do, so the bounds are astropy's to the last bit. The samples must be float32
-    values (as the store's are; the cube is float64 for the sums). Absent samples (``valid``
-    False) may hold any finite filler.
-    """
-    n = cube.shape[0]
-    x_all = cube.reshape(n, -1)
-    keep_all = valid.reshape(n, -1).copy()
-    # sorted in float32 (twice the speed): the store's samples are float32 values, so exact
-    ordered_all = np.where(keep_all, x_all, np.inf).astype(np.float32)
-    ordered_all.sort(axis=0)
-    # pixels still changing: a pixel whose kept set did not change keeps it for good (the same
-    # set gives the same bounds), so each pass works on the pixels that changed in the last
-    todo: npt.NDArray[np.intp] | None = None  # None: every pixel (views, no gathering)
-    x, keep, ordered = x_all, keep_all, ordered_all
-    floor = np.full(x_all.shape[1], -np.inf)  # the kept set is valid & floor <= x <= ceiling
-    for iteration in range(maxiters):
-        kept = np.count_nonzero(keep, axis=0)
-        # the median: the kept samples are the run [below, below + kept) of the sorted ones
-        here = floor if todo is None else floor[todo]
-        below = np.count_nonzero(ordered < here, axis=0) if iteration else 0
-        mid_a = np.minimum(below + np.maximum(kept - 1, 0) // 2, n - 1)
-        mid_b = np.minimum(below + kept // 2, n - 1)
-        a = np.take_along_axis(ordered, mid_a[np.newaxis], axis=0)[0].astype(np.float64)
-        b = np.take_along_axis(ordered, mid_b[np.newaxis], axis=0)[0].astype(np.float64)
-        centre = np.where(kept % 2 == 1, a, (a + b) / 2)
-        # mean, then the population std about it, summed in frame order over the kept samples
-        count = np.maximum(kept, 1)
-        mean = np.sum(x, axis=0, where=keep) / count
-        deviation = x - mean
-        deviation *= deviation
-        std = np.sqrt(np.sum(deviation, axis=0, where=keep) / count)
-        del deviation
-        lower = centre - sigma * std
-        upper = centre + sigma * std
-        new_keep = keep & (x >= lower) & (x <= upper)
-        changed = np.count_nonzero(new_keep, axis=0) != kept
-        if todo is None:
-            keep_all = new_keep
-            np.maximum(floor, lower, out=floor)
-            todo = np.flatnonzero(changed)
+
+def _read_band(
+    store: FrameStore, r0: int, r1: int, pool: ThreadPoolExecutor
+) -> tuple[npt.NDArray[np.float32], BoolArray]:
+    """Rows r0:r1 of every frame, read in ``pool``: the (n, rows, cols, C) float32 cube (0 where
+    absent) and its (n, rows, cols, C) bool validity (the footprints)."""
+    n, cols, channels = len(store), store.shape[1], store.channels
+    cube = np.empty((n, r1 - r0, cols, channels), dtype=np.float32)
+    valid = np.zeros(cube.shape, dtype=bool)
+
+    def read(i: int) -> None:
+        first, stop = store.footprint_spans(i, r0, r1)
+        for r in range(r1 - r0):
+            valid[i, r, first[r] : stop[r]] = True
+        if np.any(stop > first):
+            store.read_band(i, r0, r1, out=cube[i])
         else:
-            keep_all[:, todo] = new_keep
-            floor[todo] = np.maximum(here, lower)
-            todo = todo[changed]
-        if todo.size == 0:
+            cube[i] = 0.0
+
+    for _ in pool.map(read, range(n)):
+        pass
+    return cube, valid
+
+
+def _clip_band(
+    cube: npt.NDArray[np.float32],
+    valid: BoolArray,
+    sigma: float,
+    maxiters: int,
+    weights: npt.NDArray[np.float64],
+    chunk: int,
+    pool: ThreadPoolExecutor,
+    out: npt.NDArray[np.float32],
+) -> None:
+    """The sigma clip's mean of a band into ``out`` ((rows, cols, C) float32), in ``pool``, in
+    pieces of about ``chunk`` samples: groups of whole rows, or parts of one row."""
+    n, rows, cols, channels = cube.shape
+    width = max(1, min(cols, chunk // (n * channels)))  # columns of a piece
+    group = max(1, chunk // (n * channels * cols)) if width == cols else 1  # its rows
+    pieces = [
+        (r0, min(r0 + group, rows), c0, min(c0 + width, cols))
+        for r0 in range(0, rows, group)
+        for c0 in range(0, cols, width)
+    ]
+
+    def run(piece: tuple[int, int, int, int]) -> None:
+        r0, r1, c0, c1 = piece
+        x = cube[:, r0:r1, c0:c1].reshape(n, -1)
+        v = valid[:, r0:r1, c0:c1].reshape(n, -1)
+        mean = _clip_chunk(x, v, sigma, maxiters, weights)
+        out[r0:r1, c0:c1] = mean.reshape(r1 - r0, c1 - c0, channels)
+
+    def share(start: int) -> None:  # one task a thread (a future a piece would cost its RAM)
+        for piece in pieces[start::_THREADS]:
+            run(piece)
+
+    for _ in pool.map(share, range(_THREADS)):
+        pass
+
+
+def _clip_chunk(
+    x: npt.NDArray[np.float32],
+    valid: BoolArray,
+    sigma: float,
+    maxiters: int,
+    weights: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float32]:
+    """:func:`_clip_pixels` of (n, m) ``x``, the pixels every frame covers (most) apart from the
+    rest, so those need no validity masks. Returns (m,) float32."""
+    covered = valid.all(axis=0)
+    if covered.all():
+        return _clip_pixels(x, None, sigma, maxiters, weights)
+    result = np.empty(x.shape[1], dtype=np.float32)
+    result[~covered] = _clip_pixels(x[:, ~covered], valid[:, ~covered], sigma, maxiters, weights)
+    if covered.any():
+        result[covered] = _clip_pixels(x[:, covered], None, sigma, maxiters, weights)
+    return result
+
+
+def _clip_pixels(
+    x: npt.NDArray[np.float32],
+    valid: BoolArray | None,
+    sigma: float,
+    maxiters: int,
+    weights: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float32]:
+    """Mean of the survivors of astropy's sigma_clip (median centre, std) along axis 0.
+
+    ``x``: (n, m) float32 samples of m pixels, ``valid`` (n, m) bool, or None when every sample
+    is valid (absent samples may hold any finite filler). Returns (m,) float32, NaN where
+    nothing survives.
+
+    Astropy's algorithm (``sigma_clip(..., cenfunc="median", stdfunc="std", axis=0)``, its C
+    ``compute_sigma_clipped_bounds``), per pixel: bounds ``median -/+ sigma * std`` (population
+    std) of the kept samples, the kept samples narrowed to those within them (inclusive), until
+    nothing changes, nothing is left, or ``maxiters`` bounds were computed; the survivors are
+    then *all* valid samples within the last bounds (a sample clipped early can come back).
+
+    Here the kept samples are always a run ``[lo, hi)`` of the pixel's sorted samples (they are
+    the samples within an interval), so one sort gives every median and whether a pass clips
+    anything is whether the run's first or last value lies outside its bounds. The first pass
+    (every pixel) sums in frame order in float64; the few pixels it clips go on, gathered, with
+    their run's sums; the survivors' (weighted) mean is summed in frame order in float64. Sums
+    differ from astropy's (its selection reorders them) only in float64 rounding, far below a
+    float32 sample's step: the survivors are the same, the means agree to float32 rounding.
+    """
+    n, m = x.shape
+    everything = np.arange(m)
+    if valid is None:  # inside every frame: no masks, ranks known
+        count = np.full(m, n)
+        rows = _sorted_rows(x.copy())
+        total = np.add.reduce(x, axis=0, dtype=np.float64)
+        deviation = np.subtract(x, total / n, dtype=np.float64)
+        deviation *= deviation
+        std = np.sqrt(np.add.reduce(deviation, axis=0) / n)
+        a, b = rows[(n - 1) // 2], rows[n // 2]
+        centre = a.astype(np.float64) if n % 2 else (a.astype(np.float64) + b) / 2
+        first, last = rows[0], rows[n - 1]
+    else:
+        count = np.count_nonzero(valid, axis=0)
+        rows = _sorted_rows(np.where(valid, x, np.float32(np.inf)))
+        safe = np.maximum(count, 1)
+        total = np.add.reduce(x, axis=0, where=valid, dtype=np.float64)
+        deviation = np.subtract(x, total / safe, dtype=np.float64)
+        deviation *= deviation
+        std = np.sqrt(np.add.reduce(deviation, axis=0, where=valid) / safe)
+        ordered = np.stack(rows)
+        centre = _run_median(ordered, np.zeros(m, np.intp), count, everything)
+        first = rows[0]
+        last = ordered[np.maximum(count - 1, 0), everything]
+    del deviation
+    lower, upper = centre - sigma * std, centre + sigma * std
+    clipped = (count > 0) & ((first < lower) | (last > upper))
+    unit = bool(np.all(weights == 1.0))
+    result = np.full(m, np.nan, dtype=np.float32)
+    if unit:  # nothing clipped: the plain mean, summed already
+        plain = ~clipped & (count > 0)
+        result[plain] = total[plain] / count[plain]
+        cols = np.flatnonzero(clipped)
+    else:
+        cols = everything
+    if cols.size == 0:
+        return result
+    # --- the pixels that clip: narrow their runs until astropy would stop
+    lower, upper = lower[cols], upper[cols]
+    sorted_ = np.stack([row[cols] for row in rows])
+    lo = np.count_nonzero(sorted_ < lower, axis=0)
+    hi = np.count_nonzero(sorted_ <= upper, axis=0)
+    active = np.flatnonzero(clipped[cols] & (hi > lo))
+    rank = np.arange(n)[:, np.newaxis]
+    for _ in range(1, maxiters):
+        if active.size == 0:
             break
-        x, keep, ordered = x_all[:, todo], keep_all[:, todo], ordered_all[:, todo]
-    return keep_all.reshape(valid.shape)
+        run = sorted_[:, active]
+        a_lo, a_hi = lo[active], hi[active]
+        inside = (rank >= a_lo) & (rank < a_hi)
+        kept = a_hi - a_lo
+        run_mean = np.add.reduce(run, axis=0, where=inside, dtype=np.float64) / kept
+        deviation = np.subtract(run, run_mean, dtype=np.float64)
+        deviation *= deviation
+        run_std = np.sqrt(np.add.reduce(deviation, axis=0, where=inside) / kept)
+        del deviation
+        run_centre = _run_median(run, a_lo, a_hi, np.arange(active.size))
+        new_lower = run_centre - sigma * run_std
+        new_upper = run_centre + sigma * run_std
+        lower[active], upper[active] = new_lower, new_upper
+        new_lo = np.maximum(a_lo, np.count_nonzero(run < new_lower, axis=0))
+        new_hi = np.minimum(a_hi, np.count_nonzero(run <= new_upper, axis=0))
+        lo[active], hi[active] = new_lo, new_hi
+        active = active[((new_lo != a_lo) | (new_hi != a_hi)) & (new_hi > new_lo)]
+    # --- the survivors: every valid sample within the last bounds
+    xs = x[:, cols]
+    keep = (xs >= lower) & (xs <= upper)
+    if valid is not None:
+        keep &= valid[:, cols]
+    if unit:
+        total_k = np.add.reduce(xs, axis=0, where=keep, dtype=np.float64)
+        wsum = np.count_nonzero(keep, axis=0).astype(np.float64)
+    else:
+        w = weights[:, np.newaxis]
+        total_k = np.add.reduce(xs * w, axis=0, where=keep)
+        wsum = np.add.reduce(np.broadcast_to(w, xs.shape), axis=0, where=keep)
+    good = wsum > 0
+    means = np.full(cols.size, np.nan)
+    means[good] = total_k[good] / wsum[good]
+    result[cols] = means
+    return result
+
+
+def _run_median(
+    ordered: npt.NDArray[np.float32],
+    lo: npt.NDArray[np.intp],
+    hi: npt.NDArray[np.intp],
+    index: npt.NDArray[np.intp],
+) -> npt.NDArray[np.float64]:
+    """Median of each column's sorted run ``ordered[lo:hi]`` (numpy's: the middle value, or the
+    mean of the two middle ones), float64; an empty run gives its first value."""
+    n = ordered.shape[0]
+    kept = np.maximum(hi - lo, 1)
+    a = ordered[np.minimum(lo + (kept - 1) // 2, n - 1), index].astype(np.float64)
+    b = ordered[np.minimum(lo + kept // 2, n - 1), index].astype(np.float64)
+    return np.where(kept % 2 == 1, a, (a + b) / 2)
+
+
+def _sorted_rows(values: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
+    """The rows of (n, m) ``values`` sorted along axis 0, as n (m,) arrays (``values`` is used as
+    scratch): for n <= :data:`_NETWORK_MAX` by Batcher's odd-even merge network of row-wise
+    minima and maxima (each comparator two SIMD passes over the pixels), else by numpy."""
+    n = values.shape[0]
+    if n > _NETWORK_MAX:
+        values.sort(axis=0)
+        return list(values)
+    spare = np.empty(values.shape[1], dtype=values.dtype)
+    rows = list(values)
+    for i, j in _network(n):
+        np.minimum(rows[i], rows[j], out=spare)
+        np.maximum(rows[i], rows[j], out=rows[j])
+        rows[i], spare = spare, rows[i]
+    return rows
+
+
+@functools.cache
+def _network(n: int) -> tuple[tuple[int, int], ...]:
+    """The comparators (i, j), i < j, of Batcher's odd-even merge sort for ``n`` inputs (any n:
+    the comparators of the next power of two that stay inside n)."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
 
 
 def _weighted_mean(

@@ -193,6 +193,13 @@ class FrameStore:
         return len(self._frames)
 
     @property
+    def block_rows(self) -> int:
+        """Reference rows a stored frame is computed in at a time: a reader asked for a band
+        that is a whole number of these blocks (from a multiple of it) computes each block once
+        (mosaic frames are demosaiced and warped per block; warped frames read any rows)."""
+        return _MOSAIC_BLOCK_ROWS
+
+    @property
     def frame_bytes(self) -> int:
         """Bytes of one frame stored warped (:meth:`add`, :meth:`add_warped`)."""
         return self.shape[0] * self.shape[1] * self.channels * 2
