@@ -250,9 +250,12 @@ def _clip_chunk(
     if covered.all():
         return _clip_pixels(x, None, sigma, maxiters, weights)
     result = np.empty(x.shape[1], dtype=np.float32)
-    result[~covered] = _clip_pixels(x[:, ~covered], valid[:, ~covered], sigma, maxiters, weights)
+    edge = ~covered  # (a boolean index of axis 1 need not give C order: each frame a row)
+    xe, ve = np.ascontiguousarray(x[:, edge]), np.ascontiguousarray(valid[:, edge])
+    result[edge] = _clip_pixels(xe, ve, sigma, maxiters, weights)
     if covered.any():
-        result[covered] = _clip_pixels(x[:, covered], None, sigma, maxiters, weights)
+        inner = np.ascontiguousarray(x[:, covered])
+        result[covered] = _clip_pixels(inner, None, sigma, maxiters, weights)
     return result
 
 
@@ -284,17 +287,23 @@ def _clip_pixels(
     float32 sample's step: the survivors are the same, the means agree to float32 rounding.
     """
     n, m = x.shape
-    everything = np.arange(m)
+    unit = bool(np.all(weights == 1.0))
     if valid is None:  # inside every frame: no masks, ranks known
-        count = np.full(m, n)
+        some: BoolArray | None = None  # pixels with any valid sample: all
         rows = _sorted_rows(x.copy())
         total = np.add.reduce(x, axis=0, dtype=np.float64)
-        deviation = np.subtract(x, total / n, dtype=np.float64)
+        mean = total / n
+        deviation = np.subtract(x, mean, dtype=np.float64)
         deviation *= deviation
-        std = np.sqrt(np.add.reduce(deviation, axis=0) / n)
+        std = np.add.reduce(deviation, axis=0)
+        std /= n
         a, b = rows[(n - 1) // 2], rows[n // 2]
-        centre = a.astype(np.float64) if n % 2 else (a.astype(np.float64) + b) / 2
+        centre = a.astype(np.float64)
+        if n % 2 == 0:
+            centre += b
+            centre /= 2
         first, last = rows[0], rows[n - 1]
+        result = mean.astype(np.float32)  # the plain mean, where nothing is clipped
     else:
         count = np.count_nonzero(valid, axis=0)
         rows = _sorted_rows(np.where(valid, x, np.float32(np.inf)))
@@ -302,22 +311,24 @@ def _clip_pixels(
         total = np.add.reduce(x, axis=0, where=valid, dtype=np.float64)
         deviation = np.subtract(x, total / safe, dtype=np.float64)
         deviation *= deviation
-        std = np.sqrt(np.add.reduce(deviation, axis=0, where=valid) / safe)
+        std = np.add.reduce(deviation, axis=0, where=valid) / safe
         ordered = np.stack(rows)
+        everything = np.arange(m)
         centre = _run_median(ordered, np.zeros(m, np.intp), count, everything)
         first = rows[0]
         last = ordered[np.maximum(count - 1, 0), everything]
+        some = count > 0
+        result = np.full(m, np.nan, dtype=np.float32)
+        np.divide(total, count, out=result, where=some, casting="same_kind")
     del deviation
-    lower, upper = centre - sigma * std, centre + sigma * std
-    clipped = (count > 0) & ((first < lower) | (last > upper))
-    unit = bool(np.all(weights == 1.0))
-    result = np.full(m, np.nan, dtype=np.float32)
-    if unit:  # nothing clipped: the plain mean, summed already
-        plain = ~clipped & (count > 0)
-        result[plain] = total[plain] / count[plain]
-        cols = np.flatnonzero(clipped)
-    else:
-        cols = everything
+    np.sqrt(std, out=std)
+    std *= sigma
+    lower, upper = centre - std, centre + std
+    clipped = first < lower
+    clipped |= last > upper
+    if some is not None:
+        clipped &= some
+    cols = np.flatnonzero(clipped) if unit else np.arange(m)
     if cols.size == 0:
         return result
     # --- the pixels that clip: narrow their runs until astropy would stop
