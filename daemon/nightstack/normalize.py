@@ -166,7 +166,7 @@ class Normalization:
         """
         if self.is_identity:
             return
-        rows, cols = shape
+        cols = shape[1]
         channels = band.shape[2]
         # one (cols * C,) row broadcast down the band: broadcasting along the 3-long channel
         # axis instead is several times slower
@@ -174,8 +174,19 @@ class Normalization:
         if any(s != 1.0 for s in self.scale):
             flat *= np.tile(np.asarray(self.scale, dtype=np.float32), cols)
         flat += np.tile(np.asarray(self.offset, dtype=np.float32), cols)
+        self.apply_surface(band, row_start, shape)
+
+    def apply_surface(
+        self, band: npt.NDArray[np.float32], row_start: int, shape: tuple[int, int]
+    ) -> None:
+        """Add the gradient surface alone (no scale or offset) to reference rows
+        ``row_start:row_start + len(band)`` in place; nothing without a surface. For readers that
+        fold the per-channel scale and offset into their own conversion."""
         if self.surface is None:
             return
+        rows, cols = shape
+        channels = band.shape[2]
+        flat = band.reshape(band.shape[0], cols * channels)
         u = np.linspace(-1.0, 1.0, cols) if cols > 1 else np.zeros(1)
         y = np.arange(row_start, row_start + band.shape[0], dtype=np.float64)
         v = 2.0 * y / max(rows - 1, 1) - 1.0

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
-from nightstack.demosaic import apply_gains, check_method, demosaic_codes
+from nightstack.demosaic import check_method, code_gains, demosaic_codes
 from nightstack.normalize import Normalization
 from nightstack.warp import (
     Interpolation,
@@ -623,16 +624,34 @@ class MosaicReader:
         return codes
 
     def read(self, start: int, stop: int, out: FloatArray) -> None:
-        """Reference rows start:stop into ``out``, (stop - start, cols, 3) float32 or float64."""
+        """Reference rows start:stop into ``out``, (stop - start, cols, 3) float32 or float64.
+
+        A whole block wanted in a float32 ``out`` is computed straight into it; the last block
+        computed otherwise is kept for the next call (bands that split a block)."""
         rows = _MOSAIC_BLOCK_ROWS
         for k in range(start // rows, (stop - 1) // rows + 1):
-            block = self._compute(k)
             a, b = max(start, k * rows), min(stop, (k + 1) * rows)
+            whole = a == k * rows and b == min(self._shape[0], (k + 1) * rows)
+            if whole and out.dtype == np.float32 and not self._cached(k):
+                self._compute(k, out[a - start : b - start])
+                continue
+            block = self._block_of(k)
             out[a - start : b - start] = block[a - k * rows : b - k * rows]
 
-    def _compute(self, k: int) -> npt.NDArray[np.float32]:
+    def _cached(self, k: int) -> bool:
+        return self._block is not None and self._block[0] == k
+
+    def _block_of(self, k: int) -> npt.NDArray[np.float32]:
         if self._block is not None and self._block[0] == k:
             return self._block[1]
+        r0, r1 = k * _MOSAIC_BLOCK_ROWS, min(self._shape[0], (k + 1) * _MOSAIC_BLOCK_ROWS)
+        block = np.empty((r1 - r0, self._cols, 3), np.float32)
+        self._compute(k, block)
+        self._block = (k, block)
+        return block
+
+    def _compute(self, k: int, block: npt.NDArray[np.float32]) -> None:
+        """Block ``k`` into ``block`` ((block rows, cols, 3) float32, C-contiguous)."""
         rows, cols = self._shape
         r0, r1 = k * _MOSAIC_BLOCK_ROWS, min(rows, (k + 1) * _MOSAIC_BLOCK_ROWS)
         src_rows, src_cols = self._record.src_shape
@@ -641,38 +660,48 @@ class MosaicReader:
             self._matrix, (src_rows, src_cols), cols, r0, r1, interpolation=interpolation
         )
         if y1 <= y0:
-            block = np.zeros((r1 - r0, cols, 3), np.float32)
+            block[...] = 0.0
+            return
+        # the demosaic's own context rows around y0:y1, from an even row (the phase)
+        w0, w1 = max(0, y0 - _DEMOSAIC_CONTEXT) & ~1, min(src_rows, y1 + _DEMOSAIC_CONTEXT)
+        codes = self._mosaic_rows(w0, w1)
+        layout = self._layout
+        # demosaic and warp the codes, then one per-channel multiply-add to values (both steps
+        # are linear, and so is the normalization's offset and scale, folded into it)
+        rgb = demosaic_codes(codes, layout.pattern, layout.demosaic, y0 - w0, y1 - w0)
+        warped = warp_crop_rows(
+            rgb,
+            y0,
+            (src_rows, src_cols),
+            self._matrix,
+            self._shape,
+            r0,
+            r1,
+            interpolation=interpolation,
+        )
+        del rgb
+        scale, offset = code_gains(layout.white_balance)
+        norm = self._norm
+        if norm is not None and not norm.is_identity:
+            gain = np.asarray(norm.scale, np.float32)
+            scale, offset = scale * gain, offset * gain + np.asarray(norm.offset, np.float32)
+        matrix = np.zeros((3, 4), np.float64)
+        matrix[[0, 1, 2], [0, 1, 2]] = scale
+        matrix[:, 3] = offset
+        if block.flags.c_contiguous:
+            cv2.transform(warped, matrix, dst=block)  # OpenCV writes into block's buffer
         else:
-            # the demosaic's own context rows around y0:y1, from an even row (the phase)
-            w0, w1 = max(0, y0 - _DEMOSAIC_CONTEXT) & ~1, min(src_rows, y1 + _DEMOSAIC_CONTEXT)
-            codes = self._mosaic_rows(w0, w1)
-            layout = self._layout
-            # demosaic and warp the codes, then one per-channel multiply-add to values (both
-            # steps are linear): 3x less work than converting before the warp
-            rgb = demosaic_codes(codes, layout.pattern, layout.demosaic, y0 - w0, y1 - w0)
-            block = warp_crop_rows(
-                rgb,
-                y0,
-                (src_rows, src_cols),
-                self._matrix,
-                self._shape,
-                r0,
-                r1,
-                interpolation=interpolation,
-            )
-            del rgb
-            block = apply_gains(block, layout.white_balance)
-            if self._norm is not None and not self._norm.is_identity:
-                self._norm.apply(block, r0, self._shape)
-            # the gains' offset made the pixels outside the footprint nonzero: zero them again
-            first, end = footprint_spans(
-                self._matrix, (src_rows, src_cols), cols, r0, r1, interpolation=interpolation
-            )
-            for r in range(r1 - r0):
-                block[r, : first[r]] = 0.0
-                block[r, end[r] :] = 0.0
-        self._block = (k, block)
-        return block
+            block[...] = cv2.transform(warped, matrix).reshape(block.shape)
+        del warped
+        if norm is not None and norm.surface is not None:
+            norm.apply_surface(block, r0, self._shape)
+        # the gains' offset made the pixels outside the footprint nonzero: zero them again
+        first, end = footprint_spans(
+            self._matrix, (src_rows, src_cols), cols, r0, r1, interpolation=interpolation
+        )
+        for r in range(r1 - r0):
+            block[r, : first[r]] = 0.0
+            block[r, end[r] :] = 0.0
 
 
 def warp_mosaic(
