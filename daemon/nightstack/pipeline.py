@@ -225,6 +225,10 @@ class Stacker:
         self.live: LiveStack | None = None
         self.live_only: str | None = None
         """Why frames are no longer stored (the final is then the live stack), or None."""
+        self.defer_live = False
+        """Set by a session: a stored frame is added to the live stack by the session after its
+        journal line (:meth:`LiveStack.catch_up`), not in :meth:`stack`: the frame is safe once
+        stored and journaled, and a resume adds it from the store anyway."""
         self.space_check: Callable[[int], str | None] | None = None
         """Set by a session: called with a frame's store bytes before storing it; a reason not to
         store it (the disk's reserve for the final outputs would be touched) or None."""
@@ -545,7 +549,7 @@ class Stacker:
                         raise
                     why = f"disk full while storing {frame.path.name}"
             if why is None:
-                if self.live is not None:
+                if self.live is not None and not self.defer_live:
                     with watch.stage("accumulate"):
                         self.live.catch_up()
                 return True

@@ -471,6 +471,8 @@ class Daemon:
             self.stats["rejected"] += 1
         depth = self.paths.qsize() + self.prepared.qsize()
         timings = " ".join(f"{k}={v:.0f}ms" for k, v in record.ms.items())
+        if record.stored and session.accumulate_ms is not None:  # after the journal line
+            timings += f" live={session.accumulate_ms:.0f}ms"
         log.info(
             "%s %s%s stars=%s fwhm=%s residual=%s %s queue=%d",
             _shown(Path(record.file).name),

@@ -171,6 +171,7 @@ class Session:
         self.dir = directory
         self.settings = settings
         self.stacker = Stacker(settings, directory, decoder)
+        self.stacker.defer_live = True  # the live stack takes a stored frame after its journal
         self.stacker.space_check = self._space_check
         self.low_space: str | None = None
         """A warning while the disk holds fewer than ``min_free_frames`` frames, else None."""
@@ -185,6 +186,8 @@ class Session:
         self.stored_since_checkpoint = 0
         """Bytes written to the frame store since the last checkpoint (its write pacing)."""
         self.last_frame = time.monotonic()
+        self.accumulate_ms: float | None = None
+        """How long the live stack took to add the last stored frame (after its journal line)."""
         self._journal = os.open(directory / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     @property
@@ -449,12 +452,26 @@ class Session:
             self.since_preview += 1
             live = self.stacker.live
             assert live is not None
+            if record.stored:
+                self._catch_up(live)
             every = self.settings.snapshot_every_frames
             if every and live.frames % every == 0:
                 self._snapshot(live.frames)
             if self._checkpoint_due(live.frames):
                 self._checkpoint_now()  # the frame is journaled: only the checkpoint waits
         return record
+
+    def _catch_up(self, live: LiveStack) -> None:
+        """Add the stored frames the live stack has not seen (the one just journaled). A failure
+        (a read error of the store) is logged, not raised: the frame is journaled and stored,
+        the next frame's catch-up or a resume adds it."""
+        start = time.perf_counter()
+        try:
+            live.catch_up()
+        except (OSError, ValueError) as err:
+            log.error("session %s: live stack behind the store (%s)", self.id, err)
+            return
+        self.accumulate_ms = round((time.perf_counter() - start) * 1000.0, 1)
 
     def _snapshot(self, frames: int) -> None:
         """snapshots/live-NNNN.fits: the live stack after its NNNN-th frame, kept."""
