@@ -28,6 +28,7 @@ from nightstack.loaders import decode_light, load
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 M27 = REALDATA / "seq_als_m27_asi224mc" / "Light_1069.fits"
 DNG = REALDATA / "raw_camera" / "Blackmagic.dng"
+CANON = REALDATA / "raw_canon_550d" / "colorchart.dng"
 TRUNCATED_CR3 = REALDATA / "negative_truncated_cr3" / "nomexif_canon-r6_truncated.cr3"
 FAULTY = "_faulty_decode:load"  # tests/ is on sys.path in the parent, and so in the child
 SHORT_TIMEOUT_S = 2.0
@@ -138,6 +139,19 @@ def test_raw_mosaic_crosses_as_adu(tmp_path: Path) -> None:
         assert stop - start == -(-cfa.size * 2 // mmap.PAGESIZE) * mmap.PAGESIZE
         _assert_same_frame(mosaic, decode_light(path))
         assert_array_equal(mosaic.adu, cfa)
+
+
+@pytest.mark.skipif(not CANON.is_file(), reason="real data absent")
+def test_decode_raw_with_margins_equals_in_process_load() -> None:
+    """The Canon's visible area lies inside LibRaw's larger buffer (a strided view, written to
+    shared memory band by band): it arrives whole and exact."""
+    in_process = decode_light(CANON)
+    assert isinstance(in_process, Mosaic) and in_process.adu is not None
+    assert not in_process.adu.flags.c_contiguous
+    with Decoder(timeout_s=60) as decoder:
+        mosaic = decoder.decode(CANON)
+        assert isinstance(mosaic, Mosaic) and mosaic.shape == (1156, 1734)
+        _assert_same_frame(mosaic, in_process)
 
 
 def test_hang_times_out_and_next_file_decodes(fits_frame: Path, tmp_path: Path) -> None:

@@ -66,6 +66,10 @@ STOP_GRACE_S = 5.0
 _ORPHAN_POLL_S = 1.0  # the child checks this often whether its parent is still alive
 _ARRAYS = ("image", "luminance")
 """A Frame's arrays, in segment order; a Mosaic has one, ``adu`` (or ``data``), in the first."""
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+"""Map a decoded frame's pages at once (Linux): one bulk fault instead of one per 4 KB page
+when the frame is first read (~10 ms of 24 MP at 2 bytes a pixel)."""
+_WRITE_BAND_BYTES = 4 << 20  # a strided array is copied out this much at a time
 _DECODE_FN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -390,12 +394,19 @@ def _serve(
 
 
 def _write_segment(name: Path, array: np.ndarray) -> tuple[str, tuple[int, ...]]:
-    """Write ``array``'s bytes to a new file ``name``; return (dtype string, shape)."""
-    data = np.ascontiguousarray(array)
+    """Write ``array``'s bytes (C order) to a new file ``name``; return (dtype string, shape).
+    A strided array (a raw's visible area inside LibRaw's buffer) goes in bands of rows, so it
+    is never copied whole."""
     with name.open("xb") as f:
-        if data.size:
-            f.write(data.data.cast("B"))
-    return data.dtype.str, tuple(data.shape)
+        if array.flags.c_contiguous or array.ndim < 2:
+            data = np.ascontiguousarray(array)
+            if data.size:
+                f.write(data.data.cast("B"))
+        else:
+            step = max(1, _WRITE_BAND_BYTES // max(array[0].nbytes, 1))
+            for r0 in range(0, array.shape[0], step):
+                f.write(np.ascontiguousarray(array[r0 : r0 + step]).data.cast("B"))
+    return array.dtype.str, tuple(array.shape)
 
 
 def _resolve(decode_fn: str) -> Callable[..., Frame | Mosaic]:
@@ -432,7 +443,7 @@ def _map_segment(name: Path, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         size = os.fstat(fd).st_size
         if size < nbytes:
             raise OSError(f"shared memory file holds {size} bytes, expected {nbytes}")
-        buffer = mmap.mmap(fd, nbytes)
+        buffer = mmap.mmap(fd, nbytes, flags=_MAP_FLAGS)
     finally:
         os.close(fd)
     return np.frombuffer(buffer, dtype=dtype, count=int(np.prod(shape))).reshape(shape)

@@ -226,6 +226,8 @@ def load_mosaic(path: str | Path, *, white_balance: str | Sequence[float] = "cam
         colour c (LibRaw's per-channel black and white levels), so black is 0 and the clipping
         level 1.0, not clipped below 0; integer FITS ``value / full scale`` (16-bit: / 65535),
         float FITS as :func:`load` scales them. ``pattern`` the 2x2 tile at visible pixel (0, 0).
+        A raw's mosaic is held as its visible uint16 ``adu`` with per-site ``black`` and
+        ``span`` (:meth:`Mosaic.from_adu`): ``data`` is formed only when first asked for.
 
     Raises
     ------
@@ -471,16 +473,20 @@ def _load_raw(path: Path, content: str | None, options: _Options) -> Frame:
 
 
 def _mosaic_raw(path: Path, content: str | None, white_balance: str | list[float]) -> Mosaic:
-    """The raw's visible ADU (copied out of LibRaw's buffer, 2 bytes a pixel) with each 2x2
+    """The raw's visible ADU (LibRaw's own buffer, 2 bytes a pixel, not copied) with each 2x2
     site's black level and span; its float32 values are formed only when asked for."""
     try:
-        with _libraw_name(path) as name, rawpy.imread(name) as raw:
+        with _libraw_name(path) as name, contextlib.ExitStack() as on_failure:
+            raw = rawpy.imread(name)
+            on_failure.callback(raw.close)
             pattern, sites = _raw_bayer(raw)
-            visible = raw.raw_image_visible  # a view into LibRaw's buffer: use before close
+            # A view into LibRaw's buffer. Its numpy base is `raw`, which the view keeps alive
+            # (LibRaw's memory is freed when the last view goes), so `raw` is closed only on
+            # failure: no copy of the frame, and none alive beside LibRaw's in the decoder.
+            adu = raw.raw_image_visible
             black = [float(b) for b in raw.black_level_per_channel]
             whites = raw.camera_white_level_per_channel
             white_level = float(raw.white_level)
-            adu = np.array(visible, np.uint16, order="C")  # LibRaw's buffer dies with `raw`
             site_black, site_span = [], []
             for site in ((0, 0), (0, 1), (1, 0), (1, 1)):  # the order of frames.SiteLevels
                 colour = sites[site]
@@ -490,6 +496,7 @@ def _mosaic_raw(path: Path, content: str | None, white_balance: str | list[float
             camera_wb = _wb_rgb(raw.camera_whitebalance, sites, raw.color_desc)
             daylight_wb = _wb_rgb(raw.daylight_whitebalance, sites, raw.color_desc)
             meta = _raw_meta(raw.other, path, content)
+            on_failure.pop_all()
     except (rawpy.LibRawError, rawpy.NotSupportedError) as err:
         what = _LIBRAW_REASONS.get(type(err).__name__, "LibRaw could not decode the file")
         hint = "" if content else "; content not recognised as any image format"
