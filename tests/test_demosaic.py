@@ -26,7 +26,7 @@ from nightstack.demosaic import (
     quantise,
     superpixel_luminance,
 )
-from nightstack.frames import BAYER_PATTERNS, Mosaic
+from nightstack.frames import BAYER_PATTERNS, Mosaic, MosaicFrame
 from nightstack.live import LiveStack
 from nightstack.normalize import Normalization
 from nightstack.store import FrameStore, MosaicLayout, warp_mosaic
@@ -159,6 +159,43 @@ def test_demosaic_image_equals_demosaic(method: str, pattern: str) -> None:
         # two float32 roundings (multiply, add) against cv2.transform's: a few 1e-7 of the range
         assert_allclose(image, demosaic(codes, pattern, wb, method), rtol=0, atol=3e-7 * max(wb))
     assert demosaic_image(codes[:0], pattern, (1.0, 1.0, 1.0), method).shape == (0, 77, 3)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_prepared_frame_codes_equal_the_float_formula(tmp_path: Path, calibrated: bool) -> None:
+    """Through the real decoder and ``Stacker.prepare``: an uncalibrated raw goes from its ADU
+    straight to codes and luminance, a calibrated one through its float32 mosaic; both equal
+    the whole-frame formulas over the values the in-process loader gives."""
+    from nightstack.config import Settings
+    from nightstack.decoder import Decoder
+    from nightstack.dng import write_dng
+    from nightstack.loaders import load_mosaic
+    from nightstack.pipeline import Stacker, no_calibration
+
+    cfa = RNG.integers(400, 16384, (480, 640), dtype=np.uint16)
+    path = write_dng(tmp_path / "light.dng", cfa, black_level=512, cfa_pattern="GRBG")
+    dark = np.float32(0.01)
+    seen: list[bool] = []
+
+    def subtract_dark(mosaic: Mosaic) -> tuple[Mosaic, dict[str, str]]:
+        seen.append(mosaic.has_data)  # the float32 frame not formed before calibration
+        return mosaic.replace(mosaic.data - dark), {"dark": "constant"}
+
+    expected = load_mosaic(path).data
+    if calibrated:
+        expected = expected - dark
+    with Decoder(timeout_s=60) as decoder:
+        stacker = Stacker(
+            Settings(), tmp_path, decoder, live=False,
+            calibration=subtract_dark if calibrated else no_calibration,
+        )  # fmt: skip
+        prepared = stacker.prepare(path)
+    assert prepared.error is None and prepared.frame is not None
+    assert seen == ([False] if calibrated else [])
+    frame = prepared.frame
+    assert isinstance(frame, MosaicFrame) and frame.luminance.shape == (240, 320)
+    assert_array_equal(frame.codes, _quantise_oracle(expected))
+    assert_array_equal(frame.luminance, superpixel_luminance(expected, 2))
 
 
 @pytest.mark.parametrize("method", METHODS)
