@@ -5,6 +5,7 @@ process/shared-memory bookkeeping (the faults come from tests/_faulty_decode.py,
 from __future__ import annotations
 
 import gc
+import mmap
 import multiprocessing
 import os
 import signal
@@ -27,6 +28,7 @@ from nightstack.loaders import decode_light, load
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 M27 = REALDATA / "seq_als_m27_asi224mc" / "Light_1069.fits"
 DNG = REALDATA / "raw_camera" / "Blackmagic.dng"
+CANON = REALDATA / "raw_canon_550d" / "colorchart.dng"
 TRUNCATED_CR3 = REALDATA / "negative_truncated_cr3" / "nomexif_canon-r6_truncated.cr3"
 FAULTY = "_faulty_decode:load"  # tests/ is on sys.path in the parent, and so in the child
 SHORT_TIMEOUT_S = 2.0
@@ -58,6 +60,10 @@ def _assert_same_frame(a: Frame | Mosaic, b: Frame | Mosaic) -> None:
             b.white_balance,
             b.saturation,
         )
+        assert (a.adu is None, a.black, a.span) == (b.adu is None, b.black, b.span)
+        if a.adu is not None and b.adu is not None:
+            assert a.adu.dtype == b.adu.dtype == np.uint16 and not a.has_data
+            assert_array_equal(a.adu, b.adu)
         assert a.data.dtype == b.data.dtype
         assert_array_equal(a.data, b.data)
         return
@@ -114,6 +120,38 @@ def test_decode_real_dng_equals_in_process_load() -> None:
         mosaic = decoder.decode(DNG)
         assert isinstance(mosaic, Mosaic) and mosaic.shape == (2176, 4128)
         _assert_same_frame(mosaic, decode_light(DNG))
+
+
+def test_raw_mosaic_crosses_as_adu(tmp_path: Path) -> None:
+    """A raw's mosaic crosses from the child as its uint16 ADU (half the bytes of float32):
+    the one shared-memory segment mapped is 2 bytes a pixel, and the values match in-process."""
+    from nightstack.dng import write_dng
+
+    cfa = np.random.default_rng(4).integers(0, 16384, (64, 1000), dtype=np.uint16)
+    path = write_dng(tmp_path / "light.dng", cfa, cfa_pattern="BGGR")
+    with Decoder(timeout_s=30) as decoder:
+        mosaic = decoder.decode(path)
+        assert isinstance(mosaic, Mosaic) and mosaic.adu is not None
+        assert mosaic.adu.nbytes == cfa.size * 2
+        mapped = [ln.split() for ln in _mapped_segments()]
+        assert len(mapped) == 1
+        start, stop = (int(v, 16) for v in mapped[0][0].split("-"))
+        assert stop - start == -(-cfa.size * 2 // mmap.PAGESIZE) * mmap.PAGESIZE
+        _assert_same_frame(mosaic, decode_light(path))
+        assert_array_equal(mosaic.adu, cfa)
+
+
+@pytest.mark.skipif(not CANON.is_file(), reason="real data absent")
+def test_decode_raw_with_margins_equals_in_process_load() -> None:
+    """The Canon's visible area lies inside LibRaw's larger buffer (a strided view, written to
+    shared memory band by band): it arrives whole and exact."""
+    in_process = decode_light(CANON)
+    assert isinstance(in_process, Mosaic) and in_process.adu is not None
+    assert not in_process.adu.flags.c_contiguous
+    with Decoder(timeout_s=60) as decoder:
+        mosaic = decoder.decode(CANON)
+        assert isinstance(mosaic, Mosaic) and mosaic.shape == (1156, 1734)
+        _assert_same_frame(mosaic, in_process)
 
 
 def test_hang_times_out_and_next_file_decodes(fits_frame: Path, tmp_path: Path) -> None:

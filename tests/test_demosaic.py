@@ -19,11 +19,14 @@ from nightstack.demosaic import (
     MOSAIC_SCALE,
     TileSamples,
     demosaic,
+    demosaic_image,
     demosaic_rows,
     dequantise,
+    mosaic_codes,
     quantise,
+    superpixel_luminance,
 )
-from nightstack.frames import BAYER_PATTERNS
+from nightstack.frames import BAYER_PATTERNS, Mosaic, MosaicFrame
 from nightstack.live import LiveStack
 from nightstack.normalize import Normalization
 from nightstack.store import FrameStore, MosaicLayout, warp_mosaic
@@ -43,6 +46,156 @@ def test_codes_round_trip_within_half_a_step() -> None:
     assert 1 / MOSAIC_SCALE < 1 / 16383  # finer than a 14-bit ADU
     outside = np.array([[MOSAIC_LOW - 1, MOSAIC_HIGH + 1, np.nan]], np.float32)
     assert_array_equal(quantise(outside), [[0, 65535, 0]])
+
+
+def _quantise_oracle(data: np.ndarray) -> np.ndarray:
+    """The codes' formula as first written: whole-frame float32, nan_to_num, clip, rint."""
+    scaled = np.subtract(data, np.float32(MOSAIC_LOW), dtype=np.float32)
+    scaled *= np.float32(MOSAIC_SCALE)
+    np.nan_to_num(scaled, copy=False, nan=0.0, posinf=65535.0, neginf=0.0)
+    np.clip(scaled, 0.0, 65535.0, out=scaled)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint16)
+
+
+def _awkward_values(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """Values in and far out of the codes' range, exact code ties, NaN and both infinities."""
+    values = RNG.uniform(MOSAIC_LOW - 0.5, MOSAIC_HIGH + 0.5, shape).astype(dtype)
+    flat = values.reshape(-1)
+    picks = RNG.integers(0, flat.size, (7, 40))
+    flat[picks[0]] = np.nan
+    flat[picks[1]] = np.inf
+    flat[picks[2]] = -np.inf
+    flat[picks[3]] = RNG.uniform(-1e30, 1e30, picks.shape[1])
+    flat[picks[4]] = (RNG.integers(0, 65536, picks.shape[1]) + 0.5) / MOSAIC_SCALE + MOSAIC_LOW
+    flat[picks[5]] = MOSAIC_LOW
+    flat[picks[6]] = MOSAIC_HIGH
+    return values
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (777, 301), (2, 200_003), (5000, 31)])
+def test_quantise_equals_the_whole_frame_formula(shape: tuple[int, int], dtype: type) -> None:
+    values = _awkward_values(shape, dtype)
+    codes = quantise(values)
+    assert codes.dtype == np.uint16 and codes.shape == shape
+    assert_array_equal(codes, _quantise_oracle(values))
+    assert_array_equal(quantise(values[:, ::-1]), _quantise_oracle(values[:, ::-1]))  # strided
+    nan = np.isnan(values)
+    assert np.all(codes[nan] == 0) and np.all(codes[values == np.inf] == 65535)
+
+
+def _adu_mosaic(shape: tuple[int, int], pattern: str = "GBRG") -> Mosaic:
+    """A raw-like mosaic held as ADU, each 2x2 site with its own black level and span."""
+    adu = RNG.integers(0, 16384, shape, dtype=np.uint16)
+    adu[RNG.random(shape) < 0.01] = 65535  # a sensor's hot pixels and a file's extremes
+    adu[RNG.random(shape) < 0.01] = 0
+    black, span = (512.0, 509.0, 2047.0, 300.0), (15871.0, 15874.0, 13335.0, 1.0)
+    return Mosaic.from_adu(Path("light.dng"), adu, black, span, pattern)
+
+
+def _values_oracle(mosaic: Mosaic) -> np.ndarray:
+    """``(adu - black) / span`` per site, whole-frame, as the loader first formed it."""
+    assert mosaic.adu is not None and mosaic.black is not None and mosaic.span is not None
+    data = np.empty(mosaic.shape, np.float32)
+    for site, (black, span) in enumerate(zip(mosaic.black, mosaic.span, strict=True)):
+        dy, dx = divmod(site, 2)
+        np.subtract(mosaic.adu[dy::2, dx::2], np.float32(black), out=data[dy::2, dx::2],
+                    dtype=np.float32)  # fmt: skip
+        data[dy::2, dx::2] /= np.float32(span)
+    return data
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (7, 9), (1001, 300), (2, 70_001)])
+@pytest.mark.parametrize("bin", [None, 2, 4, 6])
+def test_codes_and_luminance_from_adu_equal_the_float_path(
+    shape: tuple[int, int], bin: int | None
+) -> None:
+    mosaic = _adu_mosaic(shape)
+    oracle = _values_oracle(mosaic)
+    codes, luminance = mosaic_codes(mosaic, bin)
+    assert not mosaic.has_data  # banded: the float32 frame was never formed
+    assert_array_equal(codes, _quantise_oracle(oracle))
+    if bin is None:
+        assert luminance is None
+    else:
+        assert luminance is not None
+        assert_array_equal(luminance, superpixel_luminance(oracle, bin))
+        assert luminance.shape == (shape[0] // bin, shape[1] // bin)
+    assert_array_equal(mosaic.data, oracle)  # formed on demand, the same values
+    # the same mosaic as float data (a FITS or calibrated frame) takes the banded float path
+    floats = Mosaic(Path("light.fits"), oracle.astype(np.float64), "GBRG")
+    codes64, luminance64 = mosaic_codes(floats, bin)
+    assert_array_equal(codes64, codes)
+    if bin is not None:
+        assert luminance64 is not None and luminance is not None
+        assert_allclose(luminance64, luminance, rtol=0, atol=0)
+
+
+def test_mosaic_values_any_band_equals_the_whole() -> None:
+    mosaic = _adu_mosaic((41, 30), "RGGB")
+    whole = _values_oracle(mosaic)
+    out = np.empty((41, 30), np.float32)
+    for start, stop in [(0, 41), (1, 2), (3, 10), (10, 41), (40, 99), (5, 5)]:
+        assert_array_equal(mosaic.values(start, stop), whole[start:stop])
+        assert_array_equal(mosaic.values(start, stop, out=out), whole[start:stop])
+    one_level = Mosaic.from_adu(Path("x"), mosaic.adu, (512.0,) * 4, (15871.0,) * 4, "RGGB")
+    assert_array_equal(
+        one_level.values(3, 20), (mosaic.adu[3:20] - np.float32(512)) / np.float32(15871)
+    )
+    with pytest.raises(ValueError, match="span"):
+        Mosaic.from_adu(Path("x"), mosaic.adu, (0.0,) * 4, (1.0, 1.0, 0.0, 1.0), "RGGB")
+    with pytest.raises(ValueError, match="uint16"):
+        Mosaic.from_adu(Path("x"), whole, (0.0,) * 4, (1.0,) * 4, "RGGB")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("pattern", BAYER_PATTERNS)
+def test_demosaic_image_equals_demosaic(method: str, pattern: str) -> None:
+    codes = quantise(_awkward_values((203, 77), np.float32))
+    for wb in [(2.0, 1.0, 1.5), (1.0, 1.0, 1.0), (0.43, 1.0, 3.7)]:
+        image = demosaic_image(codes, pattern, wb, method)
+        assert image.dtype == np.float32 and image.shape == (203, 77, 3)
+        # two float32 roundings (multiply, add) against cv2.transform's: a few 1e-7 of the range
+        assert_allclose(image, demosaic(codes, pattern, wb, method), rtol=0, atol=3e-7 * max(wb))
+    assert demosaic_image(codes[:0], pattern, (1.0, 1.0, 1.0), method).shape == (0, 77, 3)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_prepared_frame_codes_equal_the_float_formula(tmp_path: Path, calibrated: bool) -> None:
+    """Through the real decoder and ``Stacker.prepare``: an uncalibrated raw goes from its ADU
+    straight to codes and luminance, a calibrated one through its float32 mosaic; both equal
+    the whole-frame formulas over the values the in-process loader gives."""
+    from nightstack.config import Settings
+    from nightstack.decoder import Decoder
+    from nightstack.dng import write_dng
+    from nightstack.loaders import load_mosaic
+    from nightstack.pipeline import Stacker, no_calibration
+
+    cfa = RNG.integers(400, 16384, (480, 640), dtype=np.uint16)
+    path = write_dng(tmp_path / "light.dng", cfa, black_level=512, cfa_pattern="GRBG")
+    dark = np.float32(0.01)
+    seen: list[bool] = []
+
+    def subtract_dark(mosaic: Mosaic) -> tuple[Mosaic, dict[str, str]]:
+        seen.append(mosaic.has_data)  # the float32 frame not formed before calibration
+        return mosaic.replace(mosaic.data - dark), {"dark": "constant"}
+
+    expected = load_mosaic(path).data
+    if calibrated:
+        expected = expected - dark
+    with Decoder(timeout_s=60) as decoder:
+        stacker = Stacker(
+            Settings(), tmp_path, decoder, live=False,
+            calibration=subtract_dark if calibrated else no_calibration,
+        )  # fmt: skip
+        prepared = stacker.prepare(path)
+    assert prepared.error is None and prepared.frame is not None
+    assert seen == ([False] if calibrated else [])
+    frame = prepared.frame
+    assert isinstance(frame, MosaicFrame) and frame.luminance.shape == (240, 320)
+    assert_array_equal(frame.codes, _quantise_oracle(expected))
+    assert_array_equal(frame.luminance, superpixel_luminance(expected, 2))
 
 
 @pytest.mark.parametrize("method", METHODS)

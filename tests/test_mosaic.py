@@ -72,6 +72,34 @@ def test_mosaic_grey_world_white_balance(tmp_path: Path) -> None:
     assert_allclose(load_mosaic(path, white_balance="auto").white_balance, (4.0, 1.0, 2.0))
 
 
+def test_raw_mosaic_is_held_as_its_adu(tmp_path: Path) -> None:
+    """A raw's mosaic keeps LibRaw's visible ADU and levels (2 bytes a pixel); its float32
+    values, formed on demand, and the grey-world balance computed from the ADU alone, are those
+    of the formula over the whole float frame."""
+    rng = np.random.default_rng(3)
+    cfa = rng.integers(BLACK - 60, WHITE + 1, (66, 90), dtype=np.uint16)
+    cfa[1::2, 0::2] //= 3  # the GRBG tile's blue, darker: a real balance to find
+    path = write_dng(
+        tmp_path / "n.dng", cfa, black_level=BLACK, white_level=WHITE, cfa_pattern="GRBG"
+    )
+    mosaic = load_mosaic(path, white_balance="auto")
+    assert not mosaic.has_data and mosaic.adu is not None and mosaic.adu.dtype == np.uint16
+    assert_array_equal(mosaic.adu, cfa)
+    assert mosaic.black == (BLACK,) * 4 and mosaic.span == (WHITE - BLACK,) * 4
+    expected = (cfa.astype(np.float32) - np.float32(BLACK)) / np.float32(WHITE - BLACK)
+    assert_array_equal(mosaic.data, expected)
+    assert mosaic.has_data and mosaic.data is mosaic.data  # formed once, kept
+    means = {}
+    for colour in "RB":
+        ((dy, dx),) = _sites("GRBG", colour)
+        plane = expected[dy::8, dx::8]
+        means[colour] = float(plane[plane < 1.0].mean())
+    greens = [expected[dy::8, dx::8] for dy, dx in _sites("GRBG", "G")]
+    green = float(np.mean([float(g[g < 1.0].mean()) for g in greens]))
+    wb = (green / means["R"], 1.0, green / means["B"])
+    assert mosaic.white_balance == wb and wb[2] > 2.0
+
+
 @pytest.mark.parametrize(("x_offset", "y_offset"), [(0, 0), (1, 0), (0, 1), (1, 1)])
 @pytest.mark.parametrize("bottom_up", [False, True])
 def test_fits_mosaic_offsets_and_row_order(

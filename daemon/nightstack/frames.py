@@ -10,7 +10,6 @@ Conventions used everywhere:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +35,12 @@ BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
 """The four phases of a 2x2 Bayer tile, named row by row from the tile's top-left site."""
 
 
-@dataclass(frozen=True, eq=False)
+SiteLevels = tuple[float, float, float, float]
+"""One number per site of the 2x2 Bayer tile, in the order (0, 0), (0, 1), (1, 0), (1, 1) as
+(row, column) offsets from the tile's top-left site (the same order as a pattern's letters)."""
+
+
+@dataclass(frozen=True, eq=False, init=False)
 class Mosaic:
     """A decoded light (or calibration) frame still in the sensor's colour filter mosaic.
 
@@ -47,6 +51,13 @@ class Mosaic:
     (nothing is clipped), so the mean of many dark frames is unbiased. FITS files, which carry no
     black level, are ``value / full scale`` (see :mod:`nightstack.loaders`).
 
+    A camera raw's mosaic is held as what the sensor gave (:meth:`from_adu`): ``adu`` (rows,
+    cols) uint16 with ``black`` and ``span`` (white - black) per site of the 2x2 tile
+    (:data:`SiteLevels`), 2 bytes a pixel. ``data`` is then formed from them on first use, in
+    float32 exactly as ``(float32(adu) - float32(black)) / float32(span)``, and kept (a caller
+    may change it in place, e.g. calibration); :meth:`values` gives a band of rows without
+    forming the whole. A mosaic made from ``data`` has ``adu`` None.
+
     ``pattern``: the colours of the 2x2 tile whose top-left site is visible pixel (0, 0), row by
     row, one of :data:`BAYER_PATTERNS`; e.g. ``"RGGB"``: (x=0, y=0) red, (1, 0) and (0, 1) green,
     (1, 1) blue. ``white_balance``: (r, g, b) multipliers normalised to green 1, applied at
@@ -56,28 +67,144 @@ class Mosaic:
     """
 
     path: Path
-    data: FloatArray
     pattern: str
-    white_balance: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    saturation: float = 1.0
-    meta: FrameMeta = field(default_factory=FrameMeta)
+    white_balance: tuple[float, float, float]
+    saturation: float
+    meta: FrameMeta
+    adu: npt.NDArray[np.uint16] | None
+    black: SiteLevels | None
+    span: SiteLevels | None
+    _data: FloatArray | None
 
-    def __post_init__(self) -> None:
-        if self.pattern not in BAYER_PATTERNS:
-            raise ValueError(f"pattern must be one of {BAYER_PATTERNS}, not {self.pattern!r}")
-        if self.data.ndim != 2:
-            raise ValueError(f"mosaic data must be 2-D (rows, cols), not {self.data.shape}")
+    def __init__(
+        self,
+        path: Path,
+        data: FloatArray,
+        pattern: str,
+        white_balance: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        saturation: float = 1.0,
+        meta: FrameMeta | None = None,
+    ) -> None:
+        self._set(path, pattern, white_balance, saturation, meta, data, None, None, None)
+
+    @classmethod
+    def from_adu(
+        cls,
+        path: Path,
+        adu: npt.NDArray[np.uint16],
+        black: SiteLevels,
+        span: SiteLevels,
+        pattern: str,
+        white_balance: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        saturation: float = 1.0,
+        meta: FrameMeta | None = None,
+    ) -> Mosaic:
+        """A raw's mosaic from its (rows, cols) uint16 ADU and per-site ``black`` and ``span``
+        (each > 0, :data:`SiteLevels` order); ``data`` is not formed until asked for."""
+        if adu.dtype != np.uint16:
+            raise ValueError(f"adu must be uint16, not {adu.dtype}")
+        black = _site_levels(black, "black")
+        span = _site_levels(span, "span")
+        if min(span) <= 0:
+            raise ValueError(f"span must be > 0 at every site, not {span}")
+        mosaic = cls.__new__(cls)
+        mosaic._set(path, pattern, white_balance, saturation, meta, None, adu, black, span)
+        return mosaic
+
+    def _set(
+        self,
+        path: Path,
+        pattern: str,
+        white_balance: tuple[float, float, float],
+        saturation: float,
+        meta: FrameMeta | None,
+        data: FloatArray | None,
+        adu: npt.NDArray[np.uint16] | None,
+        black: SiteLevels | None,
+        span: SiteLevels | None,
+    ) -> None:
+        if pattern not in BAYER_PATTERNS:
+            raise ValueError(f"pattern must be one of {BAYER_PATTERNS}, not {pattern!r}")
+        pixels = data if data is not None else adu
+        if pixels is None or pixels.ndim != 2:
+            shape = None if pixels is None else pixels.shape
+            raise ValueError(f"mosaic data must be 2-D (rows, cols), not {shape}")
+        for name, value in (
+            ("path", path),
+            ("pattern", pattern),
+            ("white_balance", tuple(white_balance)),
+            ("saturation", saturation),
+            ("meta", meta if meta is not None else FrameMeta()),
+            ("adu", adu),
+            ("black", black),
+            ("span", span),
+            ("_data", data),
+        ):
+            object.__setattr__(self, name, value)
+
+    @property
+    def data(self) -> FloatArray:
+        """(rows, cols) float32 values (see the class docstring); formed once from ``adu``."""
+        if self._data is None:
+            object.__setattr__(self, "_data", self.values(0, self.shape[0]))
+        assert self._data is not None
+        return self._data
+
+    @property
+    def has_data(self) -> bool:
+        """Whether ``data`` exists as an array (a FITS mosaic, a calibrated one, or a raw's once
+        asked for): then it, not ``adu``, holds the values."""
+        return self._data is not None
 
     @property
     def shape(self) -> tuple[int, int]:
         """(rows, cols) of the mosaic."""
-        return (int(self.data.shape[0]), int(self.data.shape[1]))
+        pixels = self._data if self._data is not None else self.adu
+        assert pixels is not None
+        return (int(pixels.shape[0]), int(pixels.shape[1]))
+
+    def values(self, row_start: int, row_stop: int, out: FloatArray | None = None) -> FloatArray:
+        """Rows ``row_start:row_stop`` (clipped to the frame) of ``data`` without forming the
+        whole: (n, cols), a view of ``data`` when it exists, else float32 computed from ``adu``
+        (into ``out``, a float32 array of at least n rows, if given), equal to those rows of
+        ``data`` bit for bit."""
+        start, stop, _ = slice(row_start, row_stop).indices(self.shape[0])
+        stop = max(start, stop)
+        if self._data is not None:
+            return self._data[start:stop]
+        assert self.adu is not None and self.black is not None and self.span is not None
+        adu = self.adu[start:stop]
+        band = np.empty(adu.shape, np.float32) if out is None else out[: stop - start]
+        if band.shape != adu.shape or band.dtype != np.float32:
+            raise ValueError(f"out must be float32 with {adu.shape[1]} columns, not {band.shape}")
+        cols = adu.shape[1]
+        if len(set(self.black)) == 1 and len(set(self.span)) == 1:  # one level: whole rows
+            np.subtract(adu, np.float32(self.black[0]), out=band, dtype=np.float32)
+            band /= np.float32(self.span[0])
+            return band
+        for dy in (0, 1):  # per row parity: each row alternates two sites along its columns
+            site_row = (start + dy) % 2
+            black = np.empty(cols, np.float32)
+            span = np.empty(cols, np.float32)
+            for dx in (0, 1):
+                black[dx::2] = self.black[2 * site_row + dx]
+                span[dx::2] = self.span[2 * site_row + dx]
+            np.subtract(adu[dy::2], black, out=band[dy::2], dtype=np.float32)
+            band[dy::2] /= span
+        return band
 
     def replace(self, data: FloatArray) -> Mosaic:
         """The same frame with new ``data`` of the same shape (e.g. after calibration)."""
-        if data.shape != self.data.shape:
+        if data.shape != self.shape:
             raise ValueError(f"data shape {data.shape} differs from the mosaic's {self.shape}")
-        return dataclasses.replace(self, data=data)
+        return Mosaic(self.path, data, self.pattern, self.white_balance, self.saturation, self.meta)
+
+
+def _site_levels(values: SiteLevels, name: str) -> SiteLevels:
+    levels = tuple(float(v) for v in values)
+    if len(levels) != 4 or not all(np.isfinite(levels)):
+        raise ValueError(f"{name} must be four finite numbers (one per 2x2 site), not {values}")
+    return (levels[0], levels[1], levels[2], levels[3])
 
 
 @dataclass(frozen=True, eq=False)

@@ -44,8 +44,7 @@ import rawpy
 import tifffile
 from astropy.io import fits
 
-from .demosaic import METHODS, quantise, superpixel_luminance
-from .demosaic import demosaic as demosaic_codes
+from .demosaic import METHODS, demosaic_image, mosaic_codes
 from .errors import DecodeError, NotMosaicError
 from .frames import BAYER_PATTERNS, Frame, FrameMeta, Mosaic
 
@@ -227,6 +226,8 @@ def load_mosaic(path: str | Path, *, white_balance: str | Sequence[float] = "cam
         colour c (LibRaw's per-channel black and white levels), so black is 0 and the clipping
         level 1.0, not clipped below 0; integer FITS ``value / full scale`` (16-bit: / 65535),
         float FITS as :func:`load` scales them. ``pattern`` the 2x2 tile at visible pixel (0, 0).
+        A raw's mosaic is held as its visible uint16 ``adu`` with per-site ``black`` and
+        ``span`` (:meth:`Mosaic.from_adu`): ``data`` is formed only when first asked for.
 
     Raises
     ------
@@ -261,12 +262,12 @@ def _decode_errors() -> Iterator[None]:
 def mosaic_to_frame(mosaic: Mosaic, demosaic: str = "bilinear", bin: int = 2) -> Frame:
     """A mosaic demosaiced whole, as the frame store demosaics it (16-bit codes, OpenCV
     ``demosaic``, white balance): ``image`` (rows, cols, 3) float32 linear camera RGB x WB;
-    ``luminance`` the superpixel mean of the mosaic for an even ``bin``."""
-    codes = quantise(mosaic.data)
-    image = demosaic_codes(codes, mosaic.pattern, mosaic.white_balance, demosaic)
-    if bin % 2 == 0:
-        luminance = superpixel_luminance(mosaic.data, bin)
-    else:
+    ``luminance`` the superpixel mean of the mosaic for an even ``bin``. A raw's mosaic held
+    as ADU is never formed as float32 (:func:`nightstack.demosaic.mosaic_codes`)."""
+    codes, luminance = mosaic_codes(mosaic, bin if bin % 2 == 0 else None)
+    image = demosaic_image(codes, mosaic.pattern, mosaic.white_balance, demosaic)
+    del codes
+    if luminance is None:
         luminance = _channel_mean_binned(image, bin)
     return Frame(path=mosaic.path, image=image, luminance=luminance, bin=bin, meta=mosaic.meta)
 
@@ -472,39 +473,46 @@ def _load_raw(path: Path, content: str | None, options: _Options) -> Frame:
 
 
 def _mosaic_raw(path: Path, content: str | None, white_balance: str | list[float]) -> Mosaic:
+    """The raw's visible ADU (LibRaw's own buffer, 2 bytes a pixel, not copied) with each 2x2
+    site's black level and span; its float32 values are formed only when asked for."""
     try:
-        with _libraw_name(path) as name, rawpy.imread(name) as raw:
+        with _libraw_name(path) as name, contextlib.ExitStack() as on_failure:
+            raw = rawpy.imread(name)
+            on_failure.callback(raw.close)
             pattern, sites = _raw_bayer(raw)
-            visible = raw.raw_image_visible  # a view into LibRaw's buffer: use before close
+            # A view into LibRaw's buffer. Its numpy base is `raw`, which the view keeps alive
+            # (LibRaw's memory is freed when the last view goes), so `raw` is closed only on
+            # failure: no copy of the frame, and none alive beside LibRaw's in the decoder.
+            adu = raw.raw_image_visible
             black = [float(b) for b in raw.black_level_per_channel]
             whites = raw.camera_white_level_per_channel
             white_level = float(raw.white_level)
-            data = np.empty(visible.shape, np.float32)
-            for (dy, dx), colour in sites.items():
+            site_black, site_span = [], []
+            for site in ((0, 0), (0, 1), (1, 0), (1, 1)):  # the order of frames.SiteLevels
+                colour = sites[site]
                 white = float(whites[colour]) if whites and whites[colour] > 0 else white_level
-                span = max(white - black[colour], 1.0)
-                # (adu - black) / span in float32: exact for 16-bit integers before the divide
-                np.subtract(visible[dy::2, dx::2], np.float32(black[colour]),
-                            out=data[dy::2, dx::2], dtype=np.float32)  # fmt: skip
-                data[dy::2, dx::2] /= np.float32(span)
+                site_black.append(black[colour])
+                site_span.append(max(white - black[colour], 1.0))
             camera_wb = _wb_rgb(raw.camera_whitebalance, sites, raw.color_desc)
             daylight_wb = _wb_rgb(raw.daylight_whitebalance, sites, raw.color_desc)
             meta = _raw_meta(raw.other, path, content)
+            on_failure.pop_all()
     except (rawpy.LibRawError, rawpy.NotSupportedError) as err:
         what = _LIBRAW_REASONS.get(type(err).__name__, "LibRaw could not decode the file")
         hint = "" if content else "; content not recognised as any image format"
         raise DecodeError(f"{what} ({_describe(err)}){hint}") from err
+    b0, b1, b2, b3 = site_black
+    s0, s1, s2, s3 = site_span
+    levels = ((b0, b1, b2, b3), (s0, s1, s2, s3))
     if isinstance(white_balance, list):
         wb = _user_wb(white_balance)
     elif white_balance == "daylight":
         wb = daylight_wb or (1.0, 1.0, 1.0)
     elif white_balance == "auto":
-        wb = _grey_world(data, pattern, 1.0)
+        wb = _grey_world(Mosaic.from_adu(path, adu, *levels, pattern), 1.0)
     else:
         wb = camera_wb or daylight_wb or (1.0, 1.0, 1.0)
-    return Mosaic(
-        path=path, data=data, pattern=pattern, white_balance=wb, saturation=1.0, meta=meta
-    )
+    return Mosaic.from_adu(path, adu, *levels, pattern, wb, 1.0, meta)
 
 
 def _raw_bayer(raw: Any) -> tuple[str, dict[tuple[int, int], int]]:
@@ -554,17 +562,28 @@ def _user_wb(multipliers: list[float]) -> tuple[float, float, float]:
     return (r / g, 1.0, b / g)
 
 
-def _grey_world(data: F32, pattern: str, saturation: float) -> tuple[float, float, float]:
+def _grey_world(mosaic: Mosaic, saturation: float) -> tuple[float, float, float]:
     """(r, g, b) that make each colour's mean over unsaturated sites equal to green's."""
     means: dict[str, list[float]] = {"R": [], "G": [], "B": []}
-    for i, colour in enumerate(pattern):
-        plane = data[i // 2 :: 8, i % 2 :: 8]  # every 4th site of the colour: plenty, 16x less
+    for i, colour in enumerate(mosaic.pattern):
+        plane = _sample_sites(mosaic, i // 2, i % 2)
         good = plane[plane < saturation]
         means[colour].append(float(good.mean()) if good.size else 0.0)
     red, green, blue = (float(np.mean(means[c])) for c in "RGB")
     if min(red, green, blue) <= 0:
         return (1.0, 1.0, 1.0)
     return (green / red, 1.0, green / blue)
+
+
+def _sample_sites(mosaic: Mosaic, dy: int, dx: int) -> F32:
+    """Every 4th site (dy, dx) of the mosaic in each direction (plenty for a mean, 16x less),
+    its ``data`` values, computed from the ADU alone when the mosaic holds ADU."""
+    if mosaic.has_data or mosaic.adu is None or mosaic.black is None or mosaic.span is None:
+        return np.asarray(mosaic.data[dy::8, dx::8], np.float32)
+    site = 2 * dy + dx
+    plane = np.subtract(mosaic.adu[dy::8, dx::8], np.float32(mosaic.black[site]), dtype=np.float32)
+    plane /= np.float32(mosaic.span[site])
+    return plane
 
 
 @contextlib.contextmanager
@@ -684,7 +703,7 @@ def _mosaic_fits(path: Path, white_balance: str | list[float]) -> Mosaic:
     if isinstance(white_balance, list):
         wb = _user_wb(white_balance)
     elif white_balance == "auto":
-        wb = _grey_world(mosaic, pattern, saturation)
+        wb = _grey_world(Mosaic(path, mosaic, pattern), saturation)
     else:
         wb = (1.0, 1.0, 1.0)  # a FITS header states no white balance
     return Mosaic(

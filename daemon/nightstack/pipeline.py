@@ -30,7 +30,7 @@ from .calibrate import calibrator_from_settings
 from .combine import combine
 from .config import Settings
 from .decoder import Decoder
-from .demosaic import TileSamples, demosaic, quantise, superpixel_luminance
+from .demosaic import TileSamples, demosaic, mosaic_codes, superpixel_luminance
 from .detect import StarFinder
 from .errors import AlignmentError, DecodeError
 from .frames import IDENTITY, Alignment, FloatArray, Frame, Mosaic, MosaicFrame, Stars
@@ -394,13 +394,12 @@ class Stacker:
 
     # --- helpers --------------------------------------------------------------------------
     def _mosaic_frame(self, mosaic: Mosaic) -> MosaicFrame:
-        """The calibrated mosaic as the store keeps it (16-bit codes) and its luminance."""
+        """The calibrated mosaic as the store keeps it (16-bit codes) and its luminance, made
+        band by band (an uncalibrated raw's straight from its ADU, no float32 frame formed)."""
         bin = self.settings.bin
-        codes = quantise(mosaic.data)
+        codes, luminance = mosaic_codes(mosaic, bin if bin % 2 == 0 else None)
         method = self.settings.demosaic
-        if bin % 2 == 0:
-            luminance = superpixel_luminance(mosaic.data, bin)
-        else:  # an odd bin splits Bayer tiles: bin the demosaiced channel mean instead
+        if luminance is None:  # an odd bin splits Bayer tiles: bin the demosaiced channel mean
             rgb = demosaic(codes, mosaic.pattern, (1.0, 1.0, 1.0), method)
             luminance = superpixel_luminance(
                 np.repeat(np.repeat(rgb.mean(axis=2), 2, 0), 2, 1), 2 * bin
