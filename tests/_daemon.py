@@ -45,6 +45,7 @@ class Daemon:
                 "NIGHTSTACK_IDLE_TIMEOUT_S": "600",
                 "NIGHTSTACK_CHECKPOINT_MIN_INTERVAL_S": "0",  # checkpoints by frame count only
                 "NIGHTSTACK_CHECKPOINT_WRITE_RATIO": "0",
+                "NIGHTSTACK_LIVE_FITS_WRITE_RATIO": "0",
                 "NIGHTSTACK_WEB_ENABLED": "false",  # the web tests turn it on (--web)
                 "PYTHONPATH": os.pathsep.join(
                     [str(TESTS), *filter(None, [environment.get("PYTHONPATH")])]

@@ -460,3 +460,29 @@ def test_checkpoints_are_paced_by_the_bytes_the_store_wrote(
         d.stop(signal.SIGKILL)
     assert seen["0.5"] == 0  # 7 x 1.1 MB stored, a checkpoint is 16 MB: not yet
     assert seen["0"] >= N_FRAMES - 1  # the control: frame pacing alone
+
+
+def test_live_fits_is_paced_by_the_bytes_the_store_wrote(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """With live_fits_write_ratio 0.5 live.fits (12 bytes a pixel, 6x a stored mosaic) is
+    written with the first preview and then waits until the store wrote twice its size: not
+    within these 7 frames; with ratio 0 (the control) it follows every preview."""
+    seen = {}
+    for ratio in ("0.5", "0"):
+        watch, out = tmp_path / ratio / "watch", tmp_path / ratio / "out"
+        watch.mkdir(parents=True)
+        for f in frames:
+            shutil.copy(f, watch / f.name)
+        env = {"NIGHTSTACK_LIVE_FITS_EVERY_S": "0", "NIGHTSTACK_LIVE_FITS_WRITE_RATIO": ratio}
+        d = Daemon(watch, out, env=env)
+        daemons.append(d)
+        wait_for(lambda out=out: len(journal(out)) >= N_FRAMES, 120, "all frames", d)
+        live = next(out.glob("*/live.fits"))
+        # the last frame's preview follows its journal line
+        if ratio == "0":
+            wait_for(lambda live=live: fits.getheader(live)["NCOMBINE"] == N_FRAMES, 60, "", d)
+        seen[ratio] = fits.getheader(live)["NCOMBINE"]
+        d.stop(signal.SIGKILL)
+    assert seen["0.5"] < 3  # the first preview's, never rewritten: 7 x 2 B < 12 B / 0.5
+    assert seen["0"] == N_FRAMES

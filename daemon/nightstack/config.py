@@ -240,6 +240,13 @@ class Settings(BaseSettings):
         "often (0 = with every preview): it is 12 bytes a pixel (288 MB at 24 MP), a lot "
         "for an SD card every frame.",
     )
+    live_fits_write_ratio: float = Field(
+        0.5,
+        ge=0,
+        description="...and only once the frame store has written 1/ratio times live.fits' "
+        "bytes since the last one (live.fits then writes at most ratio x the store's bytes: SD "
+        "card wear; 0 = by time only).",
+    )
     snapshot_every_frames: int = Field(
         0,
         ge=0,

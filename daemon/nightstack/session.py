@@ -185,6 +185,8 @@ class Session:
         self.last_checkpoint = -math.inf
         self.stored_since_checkpoint = 0
         """Bytes written to the frame store since the last checkpoint (its write pacing)."""
+        self.stored_since_live_fits = 0
+        """...and since the last live.fits (its write pacing)."""
         self.last_frame = time.monotonic()
         self.accumulate_ms: float | None = None
         """How long the live stack took to add the last stored frame (after its journal line)."""
@@ -445,7 +447,9 @@ class Session:
             record.warning = self.low_space
         store = self.stacker.store
         if record.stored and store is not None and len(store):
-            self.stored_since_checkpoint += store.stored_bytes(len(store) - 1)
+            stored = store.stored_bytes(len(store) - 1)
+            self.stored_since_checkpoint += stored
+            self.stored_since_live_fits += stored
         self._append(record)
         self.last_frame = time.monotonic()
         if record.status == "accepted":
@@ -598,9 +602,23 @@ class Session:
         write_preview(self.dir / "preview.jpg", image, width=width)
         self.since_preview = 0
         self.last_preview = time.monotonic()
-        if self.last_preview - self.last_live_fits >= self.settings.live_fits_every_s:
+        if self._live_fits_due(live):
             self.write_live_fits(self.dir / "live.fits")
             self.last_live_fits = self.last_preview
+            self.stored_since_live_fits = 0
+
+    def _live_fits_due(self, live: LiveStack) -> bool:
+        """live.fits with this preview: ``live_fits_every_s`` since the last, and the store has
+        written 1 / ``live_fits_write_ratio`` times its bytes (float32, 12 bytes a pixel: 288 MB
+        at 24 MP, ~6 stored frames) since, so it adds at most that ratio to the night's writes.
+        The first is written at once; live-only sessions pace it by time alone."""
+        if self.last_preview - self.last_live_fits < self.settings.live_fits_every_s:
+            return False
+        ratio = self.settings.live_fits_write_ratio
+        if ratio <= 0 or math.isinf(self.last_live_fits) or self.stacker.live_only is not None:
+            return True
+        size = live.shape[0] * live.shape[1] * live.channels * 4
+        return self.stored_since_live_fits * ratio >= size
 
     def write_live_fits(self, path: Path) -> None:
         """The live stack as linear float32 FITS (stack.fits' grid and header conventions, with
