@@ -68,7 +68,7 @@ def combine(
     sigma: float = 3.0,
     maxiters: int = 5,
     weights: FloatArray | None = None,
-    ram_cap_bytes: int = 512 * 2**20,
+    ram_cap_bytes: int = 256 * 2**20,
     progress: Callable[[int, int], None] | None = None,
 ) -> npt.NDArray[np.float32]:
     """Combine every frame of ``store``, band of rows by band of rows, under a RAM cap.

@@ -149,7 +149,12 @@ class Settings(BaseSettings):
         "'add' (offset), 'addscale' (offset and 1/transparency), 'gradient' (a smooth surface: "
         "moving moon glow), 'none'.",
     )
-    ram_cap_mb: int = Field(512, ge=16, description="RAM cap of the final tile-by-tile combine.")
+    ram_cap_mb: int = Field(
+        256,
+        ge=16,
+        description="RAM cap of the final band-by-band combine (its float32 cube is 5 bytes a "
+        "sample: 256 MB holds bands of 64 rows of 12 x 24 MP frames, enough for its speed).",
+    )
     final: Literal["exact", "live"] = Field(
         "exact",
         description="The final stack: 'exact' (sigma clip of the stored frames; needs the frame "
