@@ -105,6 +105,7 @@ def _stack(paths: list[Path], tag: str, pin: bool = False) -> dict[str, Any]:
     steady = accepted[WARMUP:] or accepted
     ingest_s = marks.get("ingested", t0 + run.seconds) - t0
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    sharpness = _fwhm_of(work / "stack.fits", paths[0]) if not pin else {}
     shutil.rmtree(work, ignore_errors=True)
     return {
         "n": len(paths),
@@ -116,7 +117,32 @@ def _stack(paths: list[Path], tag: str, pin: bool = False) -> dict[str, Any]:
         "pss_peak_mb": run.memory.pss_peak_mb,
         "phase_pss_mb": run.memory.phase_pss_mb,
         "summary": summary,
+        "fwhm": sharpness,
     }
+
+
+def _fwhm_of(stack: Path, reference: Path) -> dict[str, float]:
+    """The median star FWHM (px) found by the pipeline's own detection on the channel mean of
+    the stack and of its reference frame decoded alone (the same demosaic): how much the warps
+    of the other frames blur the stack."""
+    import numpy as np
+    from astropy.io import fits
+
+    from nightstack.config import Settings
+    from nightstack.loaders import load
+    from nightstack.pipeline import star_finder
+
+    settings = Settings()
+    finder = star_finder(settings, settings.landscape_mask_ratio, None)
+
+    def fwhm(image: Any) -> float:
+        grey = np.nan_to_num(np.asarray(image, np.float32).mean(axis=2))
+        rows, cols = grey.shape[0] // 2 * 2, grey.shape[1] // 2 * 2
+        binned = grey[:rows, :cols].reshape(rows // 2, 2, cols // 2, 2).mean(axis=(1, 3))
+        return float(finder(binned.astype(np.float32), 2).fwhm_px)
+
+    data = np.moveaxis(np.asarray(fits.getdata(stack), np.float32), 0, -1)
+    return {"stack": fwhm(data), "single": fwhm(load(reference, demosaic="bilinear").image)}
 
 
 def _siril(paths: list[Path]) -> dict[str, Any]:
@@ -293,6 +319,14 @@ def report(data: dict[str, Any]) -> str:
         )
     out += [table(("", "2 cores", "`taskset -c 0`"), srow), ""]
     out += [f"Summary lines: `{s['summary']}`; pinned: `{p['summary']}`.", ""]
+    if s.get("fwhm"):
+        f = s["fwhm"]
+        out += [
+            f"Sharpness: median star FWHM {f['stack']:.3f} px in the stack vs {f['single']:.3f} px "
+            f"in its reference frame alone ({f['stack'] / f['single'] - 1:+.1%}; the pipeline's "
+            "detection on the channel mean, 2x2 binned).",
+            "",
+        ]
     siril = data["siril"]
     if "skipped" in siril:
         out += [f"Siril: skipped ({siril['skipped']}).", ""]
@@ -388,6 +422,15 @@ def goals(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 f"writes but live.fits <= 1.5x the mosaic a frame, {label}",
                 f"{ratio:.2f}x ({total:.2f}x with live.fits)",
                 ratio <= 1.5,
+            )
+        )
+    if data["stack"].get("fwhm"):
+        f = data["stack"]["fwhm"]
+        out.append(
+            (
+                "stack FWHM within 2 % of a single frame's",
+                f"{f['stack'] / f['single'] - 1:+.1%}",
+                f["stack"] <= 1.02 * f["single"],
             )
         )
     if "skipped" not in data["siril"]:
