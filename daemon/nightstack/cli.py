@@ -33,6 +33,7 @@ _SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--sigma": ("stack_sigma", float, "sigma of the final sigma clip"),
     "--method": ("stack_method", str, "sigma_clip, mean, median or winsorized"),
     "--transform": ("transform_model", str, "similarity or affine"),
+    "--interpolation": ("interpolation", str, "bilinear, cubic or lanczos4 (the frames' warp)"),
     "--demosaic": (
         "demosaic",
         str,

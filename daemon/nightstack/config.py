@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     transform_model: Literal["similarity", "affine"] = Field(
         "similarity", description="Registration model: similarity (rotation+shift+scale) or affine."
     )
+    interpolation: Literal["bilinear", "cubic", "lanczos4"] = Field(
+        "bilinear",
+        description="Resampling of each frame onto the reference grid: bilinear (smooths: the "
+        "stack's stars ~3 % wider than a single frame's, its noise lower) or cubic / lanczos4 "
+        "(sharper, ~1.5x the final combine's time).",
+    )
     min_inliers: int = Field(8, ge=3, description="Matched stars needed to accept an alignment.")
     min_stars: int = Field(15, ge=3, description="Reject frames with fewer stars (cloud, dawn).")
     min_star_fraction: float = Field(

@@ -555,12 +555,15 @@ class Stacker:
             self.go_live_only(why)
         assert self.live is not None
         shape = self.reference.shape
+        kernel = self.settings.interpolation
         with watch.stage("warp"):
             if isinstance(frame, MosaicFrame):
                 layout = MosaicLayout(frame.pattern, frame.white_balance, frame.demosaic)
-                warped, fp = warp_mosaic(frame.codes, layout, matrix, shape, normalization=norm)
+                warped, fp = warp_mosaic(
+                    frame.codes, layout, matrix, shape, interpolation=kernel, normalization=norm
+                )
             else:
-                warped, fp = warp(frame.image, matrix, shape)
+                warped, fp = warp(frame.image, matrix, shape, interpolation=kernel)
                 norm.apply_inside(warped, 0, shape, fp)
         with watch.stage("accumulate"):
             self.live.add(warped, fp)
@@ -580,12 +583,23 @@ class Stacker:
             layout = MosaicLayout(frame.pattern, frame.white_balance, frame.demosaic)
             with watch.stage("store"):
                 self.store.add_mosaic(
-                    frame.codes, layout, matrix, weight, frame.path.name, normalization=norm
+                    frame.codes,
+                    layout,
+                    matrix,
+                    weight,
+                    frame.path.name,
+                    interpolation=self.settings.interpolation,
+                    normalization=norm,
                 )
         else:
             with watch.stage("warp+store"):
                 self.store.add_warped(
-                    frame.image, matrix, weight=weight, name=frame.path.name, normalization=norm
+                    frame.image,
+                    matrix,
+                    weight=weight,
+                    name=frame.path.name,
+                    interpolation=self.settings.interpolation,
+                    normalization=norm,
                 )
 
     # --- landscape and products ----------------------------------------------------------
