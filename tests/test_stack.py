@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from astropy.stats import sigma_clip
 from numpy.testing import assert_allclose
+from scipy.stats import t as t_dist
 
 from nightstack.combine import Method, combine
 from nightstack.live import (
@@ -498,7 +499,7 @@ def _reference_update(
     z = terms[..., 0]
     for c in range(1, channels):
         z = z + terms[..., c]
-    reject = (z > live.quantile) & (count >= 3) & fp
+    reject = (z > live.quantiles[count]) & fp
     accept = fp & ~reject
     w = np.where(accept, np.float32(1) / (count + np.float32(1)), np.float32(0))
     w = w.astype(np.float32)[..., np.newaxis]
@@ -569,7 +570,8 @@ def _reference_batch(
     z = terms[..., 0]
     for c in range(1, channels):
         z = z + terms[..., c]
-    outside = (z > live.quantile) & (count[..., 0] - 1 >= 3) & fp
+    others = np.maximum(count[..., 0] - 1, 0).astype(np.intp)
+    outside = (z > live.quantiles[others]) & fp
     keep = valid & ~outside[..., np.newaxis]
     survivors = keep.sum(axis=0)
     total = np.sum(x, axis=0, where=keep)
@@ -743,6 +745,19 @@ def test_reload_is_bitwise_and_a_crashed_save_leaves_the_old_checkpoint(tmp_path
     assert _same_state(live, LiveStack.load(tmp_path / "ckpt", store=store))
 
 
+def test_a_checkpoint_of_another_format_version_is_refused(tmp_path: Path) -> None:
+    frames, matrices, _ = _frames(6, (16, 20), 3)
+    live, store = _run_live(frames, matrices, tmp_path / "s")
+    live.save(tmp_path / "ckpt")
+    manifest = tmp_path / "ckpt" / "live.json"
+    meta = json.loads(manifest.read_text())
+    assert meta["version"] == 2
+    meta["version"] = 1  # an older nightstack's: M2 and counts per sample
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="version 1 live-stack checkpoint, not 2"):
+        LiveStack.load(tmp_path / "ckpt", store=store)
+
+
 def test_catch_up_replays_stored_frames_like_add(tmp_path: Path) -> None:
     frames, matrices, _ = _frames(8, (20, 26), 3)
     store = FrameStore(tmp_path / "s", (20, 26), 3)
@@ -861,14 +876,38 @@ def test_the_live_state_is_6_67_bytes_a_sample_and_counts_are_per_pixel() -> Non
         count[0, 0, 0] = 1  # read-only
 
 
-def test_the_quantile_has_the_false_rejection_rate_of_a_kappa_sigma_cut() -> None:
-    assert LiveStack((4, 4), 1, kappa=3.0).quantile == np.float32(9.0)
-    q3 = float(LiveStack((4, 4), 3, kappa=3.0).quantile)
-    assert q3 == pytest.approx(14.16, abs=0.005)
-    # P(chi2(3) > q) = P(|N(0, 1)| > 3) = 0.27 %, by a closed form independent of scipy
-    tail = math.erfc(math.sqrt(q3 / 2)) + math.sqrt(2 * q3 / math.pi) * math.exp(-q3 / 2)
-    assert tail == pytest.approx(math.erfc(3 / math.sqrt(2)), rel=1e-5)
-    assert float(LiveStack((4, 4), 3, kappa=2.0).quantile) == pytest.approx(8.025, abs=0.005)
+def test_the_quantiles_have_the_false_rejection_rate_of_a_kappa_sigma_cut() -> None:
+    mono = LiveStack((4, 4), 1, kappa=3.0).quantiles
+    assert np.all(np.isinf(mono[:3])) and np.all(mono[3:] == np.float32(9.0))  # kappa^2
+    rgb = LiveStack((4, 4), 3, kappa=3.0).quantiles
+    assert np.all(np.isinf(rgb[:3])) and np.all(np.diff(rgb[3:]) <= 0)
+    # many samples: the chi2(3) quantile, P(chi2(3) > q) = P(|N(0, 1)| > 3) = 0.27 % by a
+    # closed form independent of scipy
+    q = float(rgb[-1])
+    assert q == pytest.approx(14.157, abs=0.002)
+    tail = math.erfc(math.sqrt(q / 2)) + math.sqrt(2 * q / math.pi) * math.exp(-q / 2)
+    assert tail == pytest.approx(math.erfc(3 / math.sqrt(2)), rel=1e-3)
+    # 11 samples: 3 x the F(3, 10) quantile at P(|t_10| > 3) = 1.33 %
+    assert float(rgb[11]) == pytest.approx(17.93, abs=0.01)
+    assert float(LiveStack((4, 4), 3, kappa=2.0).quantiles[-1]) == pytest.approx(8.025, abs=0.005)
+
+
+def test_few_samples_reject_no_more_clean_pixels_than_the_per_channel_test() -> None:
+    # The documented statistic on 300 000 clean Gaussian pixels judged against 11 samples
+    # each (no floor): the per-channel 3-sigma test rejected P(|t_10| > 3) = 1.33 % of the
+    # samples; the pixel test with q_11 a little less (the channels' variances are estimated
+    # apart), where the chi2(3) quantile would reject 2.1 %
+    rng = np.random.default_rng(8)
+    n, pixels = 11, 300_000
+    history = rng.standard_normal((n, pixels, 3))
+    x = rng.standard_normal((pixels, 3))
+    var = history.var(axis=0, ddof=1)
+    z = np.sum(np.square(x - history.mean(axis=0)) / ((1 + 1 / n) * var), axis=1)
+    quantiles = LiveStack((4, 4), 3).quantiles
+    per_channel = 2 * t_dist.sf(3.0, n - 1)
+    assert per_channel == pytest.approx(0.0133, abs=1e-4)
+    assert 0.6 * per_channel < np.mean(z > quantiles[n]) < per_channel  # measured 0.95 %
+    assert np.mean(z > quantiles[-1]) > 1.5 * per_channel  # chi2(3)'s 14.16: 2.1 %
 
 
 def _clean_history(
@@ -902,14 +941,14 @@ def test_a_trail_in_every_channel_and_a_one_channel_hot_sample_are_rejected() ->
     live, rng = _clean_history(shape, 60, sigma, seed=7)
     mean = live.result()
     frame = (0.2 + sigma * rng.standard_normal((*shape, 3))).astype(np.float32)
-    frame[20:23] = mean[20:23] + 2.4 * sigma  # a faint trail: 2.4 sigma in every channel
+    frame[20:23] = mean[20:23] + 2.6 * sigma  # a faint trail: 2.6 sigma in every channel
     frame[40:43, :, 1] = mean[40:43, :, 1] + 4.5 * sigma  # hot in one channel only
     frame[50:53, :, 2] = mean[50:53, :, 2] + 2.4 * sigma  # one channel at 2.4 sigma: normal
     count = live.pixel_count.copy()
     live.add(frame, np.ones(shape, bool))
     kept = live.pixel_count - count
-    # z = 3 x 2.4^2 = 17.3 and 4.5^2 = 20.3 (plus the others' noise), above q = 14.16: caught
-    # (a per-channel 3-sigma cut would have kept the trail); 2.4^2 + noise = 6.8 is not
+    # z = 3 x 2.6^2 = 20.3 and 4.5^2 = 20.3 (plus the others' noise), above q_61 = 14.8:
+    # caught (a per-channel 3-sigma cut would have kept the trail); 2.4^2 + noise = 6.8 is not
     assert np.count_nonzero(kept[20:23] == 0) >= 0.97 * 3 * 80
     assert np.count_nonzero(kept[40:43] == 0) >= 0.97 * 3 * 80
     assert np.count_nonzero(kept[50:53] == 0) <= 0.03 * 3 * 80
