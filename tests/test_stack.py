@@ -756,6 +756,11 @@ def test_a_checkpoint_of_another_format_version_is_refused(tmp_path: Path) -> No
     manifest.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="version 1 live-stack checkpoint, not 2"):
         LiveStack.load(tmp_path / "ckpt", store=store)
+    # the next save (format 2) deletes the older format's arrays
+    np.save(tmp_path / "ckpt" / "m2.1.npy", np.zeros(3, np.float32))
+    live.save(tmp_path / "ckpt")
+    assert not list((tmp_path / "ckpt").glob("m2.*"))
+    assert _same_state(live, LiveStack.load(tmp_path / "ckpt", store=store))
 
 
 def test_catch_up_replays_stored_frames_like_add(tmp_path: Path) -> None:
