@@ -197,37 +197,43 @@ class LiveStack:
     State (whatever the number of frames): per sample (pixel, channel) a float32 Welford mean
     and a 16-bit code of the population variance ``v = M2 / n``; per pixel a uint16 count of
     accepted frames, shared by the channels (a pixel's channels are accepted or rejected
-    together). 4 + 2 + 2 / C bytes a sample: 6.67 for RGB, 480 MB at 24 MP (1.16 GB at 61 MP),
-    against 10 with a float32 ``M2`` and a count per sample. Counts are uint16: at most 65535
-    frames.
+    together). 4 + 2 + 2 / C bytes a sample: 6.67 for RGB, 480 MB at 24 MP (1.20 GB at 61 MP),
+    against 10 with a float32 ``M2`` and a count per sample (720 MB and 1.81 GB). Counts are
+    uint16: at most 65535 frames. The state is what a checkpoint writes.
 
     The variance code is a float without sign bit, 5 exponent bits (2^-30 .. 4) and 11 mantissa
     bits (the float32's top bits), rounded stochastically from a fixed pseudo-random table (so
     the state is reproducible bit for bit, see :func:`_encode_spread`). Each frame decodes it
-    exactly to float32, updates ``v += w (delta (x - new mean) - v)`` with ``w = 1 / (n + 1)``
-    and re-codes it. The mean's update is Welford's in float32 as before. Measured against a
-    float64 two-pass on 20 000 pixels of a 0.5 level with 1e-3 noise: the variance's relative
-    error is 1.7e-3 rms after 300 frames, 6e-3 after 3000 (bias < 2e-5), 50 and 4 times below
-    its own statistical error sqrt(2 / n) (8 % and 2.6 %), which it enlarges by 0.03 % and
-    2.7 % in quadrature; the mean is within 2.3e-6 (float32 Welford: unchanged).
+    exactly to float32, updates it as ``v = (v + w delta^2) (1 - w)`` with ``w = 1 / (n + 1)``
+    (Welford's ``M2 += delta^2 n / (n + 1)`` over ``n + 1``) and re-codes it; the mean's update
+    is Welford's in float32. Measured against a float64 two-pass on 6000 samples of a 0.5 level
+    with 1e-3 noise (``test_running_statistics_match_a_float64_two_pass_after_300_and_3000_
+    frames``): the variance's relative error is 1.6e-3 rms (max 7e-3, bias 1e-5) after 300
+    frames and 6.0e-3 rms (max 2.1e-2, bias 2e-4) after 3000, 50 and 4.3 times below its own
+    statistical error sqrt(2 / n) (8.2 % and 2.6 %), which it enlarges by 0.04 % and 2.7 % in
+    quadrature; the mean is within 1.9e-6, as with float32 ``M2`` (the mean's precision is
+    unchanged). A float32 ``M2`` was within 6e-5; rounding the code to nearest instead would
+    bias the variance by +2 % after 3000 frames.
 
     Rejection of a new sample (its C values ``x_c``) of a pixel with ``n`` accepted samples
-    (means ``m_c``, variances ``v_c``): reject the whole sample when ``n >= 3``
-    (:data:`_MIN_TEST_COUNT`) and
+    (means ``m_c``, variances ``v_c``): reject the whole sample (all C values) when
 
-        z = sum_c (x_c - m_c)^2 / ((1 + 1/n) max(v_c n / (n - 1), floor_c^2)) > q
+        z = sum_c (x_c - m_c)^2 / ((1 + 1/n) max(v_c n / (n - 1), floor_c^2)) > q_n
 
     each term being a squared deviation over its expected variance (the sample variance, at
     least ``floor_c^2``, plus the uncertainty of the mean itself, which matters for small
-    ``n``), so ``z`` is chi-square with C degrees of freedom on clean Gaussian data and ``q``
-    its quantile with the false-rejection probability of a per-sample two-sided ``kappa``-sigma
-    cut (:func:`_chi2_quantile`: 0.27 % for kappa 3, q = 14.16 for C = 3, q = kappa^2 for one
-    channel). A satellite trail or a hot pixel, high in every channel, is caught at a lower
-    per-channel deviation (3 channels 2.17 sigma high each: z = 14.16) than one channel alone
-    needs (3.76 sigma). ``floor`` is per channel: max(1/4096, the median over pixels of the
-    sample std), fixed when the warm-up completes (see :data:`_FLOOR_FRACTION`). On Gaussian
-    noise this rejects ~0.4 % of good samples (simulated, 5..30 frames), against 0.27 % with the
-    true sigma.
+    ``n``). ``q_n`` (:func:`_quantiles`; infinite for ``n < 3``, :data:`_MIN_TEST_COUNT`) has
+    the false-rejection probability of the former per-channel ``kappa``-sigma test with ``n``
+    samples: ``kappa^2`` for one channel, and for C = 3 from 17.9 at n = 11 down to the chi2(3)
+    quantile 14.16 at which a known-variance Gaussian is rejected 0.27 % of the time for
+    kappa 3. A satellite trail or a hot pixel, high in every channel, is caught at a lower
+    per-channel deviation (2.17 sigma in each of 3 channels: z = 14.16) than one channel alone
+    needs (3.76 sigma); a sample high in one channel by 3 to 3.76 sigma, which the per-channel
+    test rejected, is now kept. ``floor`` is per channel: max(1/4096, the median over pixels of
+    the sample std), fixed when the warm-up completes (see :data:`_FLOOR_FRACTION`). Measured
+    on clean Gaussian noise: 0.26 % of the pixels rejected after 60 to 80 frames; 0.8 % and
+    0.9 % of the samples on the 16-frame simulated nights of ``test_real_skies`` (1.3 and 1.8 %
+    with the per-channel test).
 
     - Frames 1 .. ``warmup`` - 1 are accumulated without rejection.
     - When the ``warmup``-th frame arrives, the ``warmup`` frames are judged as a batch: each
