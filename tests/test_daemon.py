@@ -439,7 +439,7 @@ def test_the_live_stack_resumed_after_kill_9_equals_an_uninterrupted_one(
 def test_checkpoints_are_paced_by_the_bytes_the_store_wrote(
     frames: list[Path], tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    """With checkpoint_write_ratio 0.5 a checkpoint (10 bytes per pixel and channel, 15x a
+    """With checkpoint_write_ratio 0.5 a checkpoint (6.67 bytes per pixel and channel, 10x a
     stored mosaic's 2 bytes a pixel) waits until the store wrote twice its size: none in these
     7 frames; with ratio 0 (the control) one every frame."""
     seen = {}
@@ -458,7 +458,7 @@ def test_checkpoints_are_paced_by_the_bytes_the_store_wrote(
         states = list(out.glob("*/checkpoint/state.json"))
         seen[ratio] = json.loads(states[0].read_text())["frames"] if states else 0
         d.stop(signal.SIGKILL)
-    assert seen["0.5"] == 0  # 7 x 1.1 MB stored, a checkpoint is 16 MB: not yet
+    assert seen["0.5"] == 0  # 7 x 1.1 MB stored, a checkpoint is 10.7 MB: not yet
     assert seen["0"] >= N_FRAMES - 1  # the control: frame pacing alone
 
 

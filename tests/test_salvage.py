@@ -14,6 +14,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 from astropy.io import fits
 
@@ -128,6 +129,32 @@ def test_a_truncated_checkpoint_and_garbage_journal_lines_are_salvaged(
     assert "live stack rebuilt from the store" in d.text()
     lines = [r for r in journal(session.parent) if r["session"] == session.name]
     assert sorted(Path(r["file"]).name for r in lines) == [f.name for f in frames]
+    assert _final_count(session) == N_FRAMES
+    meta = json.loads((session / "session.json").read_text())
+    assert meta["state"] == "closed" and meta["accepted"] == N_FRAMES
+
+
+def test_an_old_format_checkpoint_is_rebuilt_from_the_store(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A checkpoint of format version 1 (an older nightstack: float32 M2 and a count per
+    sample) is not read: the live stack is rebuilt from the store and every frame is
+    stacked once."""
+    watch, session = _killed_session(frames, tmp_path, daemons)
+    live = session / "checkpoint" / "live"
+    meta = json.loads((live / "live.json").read_text())
+    generation = meta["generation"]
+    mean = np.load(live / meta["files"]["mean"])
+    for key in ("spread", "count"):
+        (live / meta["files"].pop(key)).unlink()
+    np.save(live / f"m2.{generation}.npy", np.zeros_like(mean))
+    np.save(live / f"count.{generation}.npy", np.zeros(mean.shape, np.uint16))
+    meta["files"].update(m2=f"m2.{generation}.npy", count=f"count.{generation}.npy")
+    meta["version"] = 1
+    (live / "live.json").write_text(json.dumps(meta))
+    d = _finish(watch, session.parent, frames, daemons)
+    assert "version 1 live-stack checkpoint" in d.text()
+    assert "live stack rebuilt from the store" in d.text()
     assert _final_count(session) == N_FRAMES
     meta = json.loads((session / "session.json").read_text())
     assert meta["state"] == "closed" and meta["accepted"] == N_FRAMES

@@ -3,9 +3,13 @@
 ``checkpoint/live/``: the arrays of :class:`~nightstack.live.LiveState` as ``<name>.<generation>
 .npy`` and ``live.json`` naming the generation. Arrays go to new files first, then ``live.json``
 is replaced atomically, then older generations are deleted: a crash at any point leaves a
-loadable checkpoint (the old one or the new one). A checkpoint writes 10 bytes per pixel and
-channel (720 MB at 24 MP RGB); between checkpoints a resume re-adds the later frames from the
-frame store.
+loadable checkpoint (the old one or the new one). A checkpoint writes the live state, 4 + 2 +
+2 / C bytes per pixel and channel (6.67 for RGB: 480 MB at 24 MP); between checkpoints a resume
+re-adds the later frames from the frame store.
+
+Format version 2 (per-pixel counts and coded variances); a checkpoint of another version (an
+older nightstack's 10-byte state) is refused with a ``ValueError``, like a damaged one, and the
+session rebuilds its live stack from the frame store.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ from nightstack.store import FrameStore
 from nightstack.writers import atomic_path, write_json
 
 _LIVE_MANIFEST = "live.json"
-_LIVE_FILE = re.compile(r"^(mean|m2|count|warm\d+|warmfp\d+)\.(\d+)\.npy$")
+_LIVE_FILE = re.compile(r"^(mean|spread|m2|count|warm\d+|warmfp\d+)\.(\d+)\.npy$")
+"""The arrays' files (``m2``: version 1's, deleted by the next save)."""
+
+_VERSION = 2
+"""Checkpoint format: 2 = mean, coded variance ("spread") and per-pixel count (1 = M2 and
+counts per sample, unreadable now)."""
 
 
 def save(live: LiveStack, directory: str | Path) -> None:
@@ -35,7 +44,11 @@ def save(live: LiveStack, directory: str | Path) -> None:
     if manifest.exists():
         generation = int(json.loads(manifest.read_text())["generation"]) + 1
     state = live.state()
-    arrays: dict[str, npt.NDArray[Any]] = {"mean": state.mean, "m2": state.m2, "count": state.count}
+    arrays: dict[str, npt.NDArray[Any]] = {
+        "mean": state.mean,
+        "spread": state.spread,
+        "count": state.count,
+    }
     for j, (frame, fp) in enumerate(state.pending):
         arrays[f"warm{j}"] = frame
         arrays[f"warmfp{j}"] = fp
@@ -48,7 +61,7 @@ def save(live: LiveStack, directory: str | Path) -> None:
         manifest,
         {
             "format": "nightstack-livestack",
-            "version": 1,
+            "version": _VERSION,
             "generation": generation,
             "shape": list(live.shape),
             "channels": live.channels,
@@ -80,8 +93,12 @@ def load(directory: str | Path, store: FrameStore | None = None) -> LiveStack:
     """
     d = Path(directory)
     meta = json.loads((d / _LIVE_MANIFEST).read_text())
-    if meta.get("format") != "nightstack-livestack" or meta.get("version") != 1:
+    if meta.get("format") != "nightstack-livestack":
         raise ValueError(f"{d} does not hold a nightstack live-stack checkpoint")
+    if meta.get("version") != _VERSION:
+        raise ValueError(
+            f"{d} holds a version {meta.get('version')} live-stack checkpoint, not {_VERSION}"
+        )
     stack = LiveStack(
         (meta["shape"][0], meta["shape"][1]),
         meta["channels"],
@@ -105,8 +122,8 @@ def load(directory: str | Path, store: FrameStore | None = None) -> LiveStack:
     stack.restore(
         LiveState(
             load_array("mean", np.float32, full),
-            load_array("m2", np.float32, full),
-            load_array("count", np.uint16, full),
+            load_array("spread", np.uint16, full),
+            load_array("count", np.uint16, stack.shape),
             np.array(meta["floor"], dtype=np.float32),
             pending,
             int(meta["frames"]),

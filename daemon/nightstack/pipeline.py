@@ -205,7 +205,7 @@ class Stacker:
         calibration: Calibration | None = None,
     ) -> None:
         """``live=False`` (``nightstack stack``): no live stack, only the store for the final
-        combine (saves its 10 bytes per pixel and channel and its per-frame time).
+        combine (saves its 6.67 bytes per pixel and channel and its per-frame time).
         ``calibration``: applied to every Bayer light's mosaic (default: the settings'
         masters, library and cosmetic correction, ``calibrate.calibrator_from_settings``)."""
         self.settings = settings
@@ -683,7 +683,7 @@ class Stacker:
         """The exact combine over every accepted frame (bounded RAM).
 
         Releases the live stack first: the combine reads only the frame store, and the live
-        state (10 bytes per pixel and channel, 720 MB at 24 MP) would sit idle beside it. A
+        state (6.67 bytes per pixel and channel, 480 MB at 24 MP) would sit idle beside it. A
         daemon that resumes rebuilds it from the checkpoint and the store.
         """
         if self.live_only is not None or self.store is None:

@@ -62,7 +62,6 @@ from .writers import (
 log = logging.getLogger("nightstack.session")
 
 _JOURNAL_LINE_BYTES = 2048  # a journal line, generously
-_CHECKPOINT_SAMPLE_BYTES = 10  # a checkpoint: mean, M2 (float32) and count (uint16)
 _RESERVE_MARGIN = 4 * 2**20  # preview, session.json, journal lines, file system slack
 JOURNAL = "journal.jsonl"
 SESSION = "session.json"
@@ -555,9 +554,10 @@ class Session:
         """Every ``checkpoint_every_frames`` frames, but at most once every
         ``checkpoint_min_interval_s``, and only once the frame store has written
         1 / ``checkpoint_write_ratio`` times the checkpoint's bytes since the last: a backlog or
-        a fast camera does not rewrite the 10 bytes per pixel and channel (720 MB at 24 MP)
-        every few frames, and a night writes at most 1 + ratio times what its store needs (an
-        SD card's wear); a resume replays the frames since from the store."""
+        a fast camera does not rewrite the live state (:attr:`LiveStack.state_bytes`: 6.67 bytes
+        per pixel and channel, 480 MB at 24 MP) every few frames, and a night writes at most
+        1 + ratio times what its store needs (an SD card's wear); a resume replays the frames
+        since from the store."""
         if frames - self.counted_at_checkpoint < self.settings.checkpoint_every_frames:
             return False
         if time.monotonic() - self.last_checkpoint < self.settings.checkpoint_min_interval_s:
@@ -566,8 +566,7 @@ class Session:
         live = self.stacker.live
         if ratio <= 0 or self.stacker.live_only is not None or live is None:
             return True  # live-only: the checkpoint is the live stack's only copy
-        checkpoint_bytes = live.shape[0] * live.shape[1] * live.channels * _CHECKPOINT_SAMPLE_BYTES
-        return self.stored_since_checkpoint * ratio >= checkpoint_bytes
+        return self.stored_since_checkpoint * ratio >= live.state_bytes
 
     def checkpoint(self) -> None:
         """Save the live accumulator atomically (old checkpoint stays valid until the swap)."""
