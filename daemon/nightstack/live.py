@@ -419,15 +419,16 @@ class LiveStack:
         return out
 
     def preview_image(self, width: int) -> npt.NDArray[np.float32]:
-        """The current stack shrunk to ``width`` columns by OpenCV's ``INTER_AREA``.
+        """The current stack shrunk to ``width`` columns by area averaging (OpenCV's
+        ``INTER_AREA``).
 
-        Area averaging is separable: rows are shrunk across band by band (a few MB at a time)
-        into a (rows, width, C) image, then that is shrunk down, both by ``cv2.resize`` with
-        ``INTER_AREA``, to ``height = max(1, round(rows * width / cols))`` rows. The full-size
-        :meth:`result` (288 MB at 24 MP RGB) is never formed; the intermediate is width / cols
-        of it (77 MB at 24 MP for 1600 px). NaN wherever an averaged pixel had no accepted
-        sample, as OpenCV propagates it. Never enlarges: for ``width >= cols`` this is
-        :meth:`result`.
+        Area averaging is separable, so it is done band by band (a few MB at a time): each band
+        of rows is shrunk across by ``cv2.resize`` with ``INTER_AREA``, and its rows are added
+        at once into the ``height = max(1, round(rows * width / cols))`` output rows they
+        overlap, weighted by the overlap (OpenCV's area weights). Neither the full-size
+        :meth:`result` (288 MB at 24 MP RGB) nor a (rows, width) intermediate (77 MB at 24 MP
+        for 1600 px) is ever formed. NaN wherever an averaged pixel had no accepted sample, as
+        OpenCV propagates it. Never enlarges: for ``width >= cols`` this is :meth:`result`.
 
         Returns
         -------
@@ -441,15 +442,21 @@ class LiveStack:
         if width >= cols:
             return self.result()
         height = max(1, round(rows * width / cols))
-        across = np.empty((rows, width, channels), dtype=np.float32)
+        out = np.zeros((height, width, channels), dtype=np.float32)
+        step = height / rows  # an input row spans output rows [r * step, (r + 1) * step)
         band = max(1, _PREVIEW_BAND_SAMPLES // (cols * channels))
         for r0 in range(0, rows, band):
             r1 = min(r0 + band, rows)
             mean = self.result_band(r0, r1)
             shrunk = cv2.resize(mean, (width, r1 - r0), interpolation=cv2.INTER_AREA)
-            across[r0:r1] = np.asarray(shrunk, np.float32).reshape(r1 - r0, width, channels)
-        down = cv2.resize(across, (width, height), interpolation=cv2.INTER_AREA)
-        return np.asarray(down, np.float32).reshape(height, width, channels)
+            shrunk = np.asarray(shrunk, np.float32).reshape(r1 - r0, width, channels)
+            for r in range(r0, r1):
+                top, bottom = r * step, (r + 1) * step
+                for j in range(int(top), min(height, math.ceil(bottom))):
+                    weight = min(bottom, j + 1) - max(top, j)
+                    if weight > 0:
+                        out[j] += np.float32(weight) * shrunk[r - r0]
+        return out
 
     def save(self, directory: str | Path) -> None:
         """Checkpoint the exact state into ``directory``: :func:`nightstack.checkpoint.save`."""
