@@ -211,7 +211,7 @@ def report(data: dict[str, Any]) -> str:
             [
                 ("star trails (uint16, camera frame)", f"{mb['trails']:.0f}"),
                 (
-                    "freeze: ground live stack (10 B a sample, a quarter of the rows)",
+                    "freeze: ground live stack (a quarter of the rows)",
                     f"{mb['ground_live']:.0f}",
                 ),
                 ("freeze: blend weights (float32, ground rows)", f"{mb['blend_weights']:.0f}"),

@@ -268,7 +268,7 @@ class Settings(BaseSettings):
         10,
         ge=1,
         description="Checkpoint the live stack every K accepted frames (a resume re-adds at most "
-        "K-1 frames from the frame store; a checkpoint writes 10 bytes per pixel and channel).",
+        "K-1 frames from the frame store; a checkpoint writes 6.67 bytes per pixel and channel).",
     )
     checkpoint_min_interval_s: float = Field(
         60.0,
