@@ -138,7 +138,9 @@ def combine(
     if n == 0:
         return out
     chunk = _chunk_samples(n, ram_cap_bytes)
-    scratch = _THREADS * (chunk * _CHUNK_BYTES_PER_SAMPLE + chunk // n * _CHUNK_BYTES_PER_PIXEL)
+    scratch = 0  # the sigma clip's chunks, in every thread
+    if method == "sigma_clip":
+        scratch = _THREADS * (chunk * _CHUNK_BYTES_PER_SAMPLE + chunk // n * _CHUNK_BYTES_PER_PIXEL)
     per_row = (
         cols * channels * (n * _COMBINE_BYTES_PER_SAMPLE[method] + _COMBINE_BYTES_PER_PIXEL[method])
     )
@@ -154,9 +156,9 @@ def combine(
     with ThreadPoolExecutor(_THREADS) as pool:
         for r0 in range(0, rows, band):
             r1 = min(r0 + band, rows)
-            cube, valid = _read_band(store, r0, r1, pool)
+            cube, valid, common = _read_band(store, r0, r1, pool)
             if method == "sigma_clip":
-                _clip_band(cube, valid, sigma, maxiters, w, chunk, pool, out[r0:r1])
+                _clip_band(cube, valid, common, sigma, maxiters, w, chunk, pool, out[r0:r1])
             elif method == "mean":
                 out[r0:r1] = _weighted_mean(cube, valid, w)
             elif method == "median":
@@ -173,22 +175,27 @@ def combine(
 
 def _chunk_samples(n: int, ram_cap_bytes: int) -> int:
     """Samples (a multiple of ``n``) of one sigma-clip chunk: :data:`_CHUNK_SAMPLES`, less when
-    the cap is small (a quarter of it for all threads' chunks), at least one pixel's."""
-    fit = ram_cap_bytes // (4 * _THREADS * (_CHUNK_BYTES_PER_SAMPLE + _CHUNK_BYTES_PER_PIXEL))
+    the cap is small (half of it for all threads' chunks: smaller chunks spend their time on
+    the GIL, 2^18 samples no faster in two threads than in one), at least one pixel's."""
+    per_sample = _CHUNK_BYTES_PER_SAMPLE + _CHUNK_BYTES_PER_PIXEL / n
+    fit = int(ram_cap_bytes / (2 * _THREADS * per_sample))
     return n * max(1, min(_CHUNK_SAMPLES, fit) // n)
 
 
 def _read_band(
     store: FrameStore, r0: int, r1: int, pool: ThreadPoolExecutor
-) -> tuple[npt.NDArray[np.float32], BoolArray]:
+) -> tuple[npt.NDArray[np.float32], BoolArray, tuple[int, int]]:
     """Rows r0:r1 of every frame, read in ``pool``: the (n, rows, cols, C) float32 cube (0 where
-    absent) and its (n, rows, cols, C) bool validity (the footprints)."""
+    absent), its (n, rows, cols, C) bool validity (the footprints), and the columns
+    ``first:stop`` every frame covers on every row of the band (empty when none)."""
     n, cols, channels = len(store), store.shape[1], store.channels
     cube = np.empty((n, r1 - r0, cols, channels), dtype=np.float32)
     valid = np.zeros(cube.shape, dtype=bool)
+    firsts, stops = np.zeros(n, np.int64), np.zeros(n, np.int64)
 
     def read(i: int) -> None:
         first, stop = store.footprint_spans(i, r0, r1)
+        firsts[i], stops[i] = first.max(), stop.min()
         for r in range(r1 - r0):
             valid[i, r, first[r] : stop[r]] = True
         if np.any(stop > first):
@@ -198,12 +205,14 @@ def _read_band(
 
     for _ in pool.map(read, range(n)):
         pass
-    return cube, valid
+    first, stop = int(min(max(firsts.max(), 0), cols)), int(min(stops.min(), cols))
+    return cube, valid, (first, max(first, stop))
 
 
 def _clip_band(
     cube: npt.NDArray[np.float32],
     valid: BoolArray,
+    common: tuple[int, int],
     sigma: float,
     maxiters: int,
     weights: npt.NDArray[np.float64],
@@ -211,21 +220,30 @@ def _clip_band(
     pool: ThreadPoolExecutor,
     out: npt.NDArray[np.float32],
 ) -> None:
-    """The sigma clip's mean of a band into ``out`` ((rows, cols, C) float32), in ``pool``, in
-    pieces of about ``chunk`` samples: groups of whole rows, or parts of one row."""
-    n, rows, cols, channels = cube.shape
-    width = max(1, min(cols, chunk // (n * channels)))  # columns of a piece
-    group = max(1, chunk // (n * channels * cols)) if width == cols else 1  # its rows
-    pieces = [
-        (r0, min(r0 + group, rows), c0, min(c0 + width, cols))
-        for r0 in range(0, rows, group)
-        for c0 in range(0, cols, width)
-    ]
+    """The sigma clip's mean of a band into ``out`` ((rows, cols, C) float32), in ``pool``.
 
-    def run(piece: tuple[int, int, int, int]) -> None:
-        r0, r1, c0, c1 = piece
-        x = cube[:, r0:r1, c0:c1].reshape(n, -1)
-        v = valid[:, r0:r1, c0:c1].reshape(n, -1)
+    The band's columns ``common`` (covered by every frame on every row: nearly all) go in
+    pieces of about ``chunk`` samples, each copied to one contiguous (frames, samples) array
+    (a view strided by the band would alias in the CPU cache) and clipped without validity
+    masks; the edges beside them, whole rows of the band at a time, with them."""
+    n, rows, cols, channels = cube.shape
+    first, stop = common
+    pieces: list[tuple[int, int, int, int, bool]] = []
+    for c0, c1, full in ((first, stop, True), (0, first, False), (stop, cols, False)):
+        if c1 <= c0:
+            continue
+        width = max(1, min(c1 - c0, chunk // (n * channels)))  # columns of a piece
+        group = max(1, chunk // (n * channels * (c1 - c0))) if width == c1 - c0 else 1
+        pieces += [
+            (r0, min(r0 + group, rows), a, min(a + width, c1), full)
+            for r0 in range(0, rows, group)
+            for a in range(c0, c1, width)
+        ]
+
+    def run(piece: tuple[int, int, int, int, bool]) -> None:
+        r0, r1, c0, c1, full = piece
+        x = np.ascontiguousarray(cube[:, r0:r1, c0:c1]).reshape(n, -1)
+        v = None if full else np.ascontiguousarray(valid[:, r0:r1, c0:c1]).reshape(n, -1)
         mean = _clip_chunk(x, v, sigma, maxiters, weights)
         out[r0:r1, c0:c1] = mean.reshape(r1 - r0, c1 - c0, channels)
 
@@ -239,13 +257,16 @@ def _clip_band(
 
 def _clip_chunk(
     x: npt.NDArray[np.float32],
-    valid: BoolArray,
+    valid: BoolArray | None,
     sigma: float,
     maxiters: int,
     weights: npt.NDArray[np.float64],
 ) -> npt.NDArray[np.float32]:
-    """:func:`_clip_pixels` of (n, m) ``x``, the pixels every frame covers (most) apart from the
-    rest, so those need no validity masks. Returns (m,) float32."""
+    """:func:`_clip_pixels` of (n, m) ``x`` (``valid`` None: every sample valid), the pixels
+    every frame covers apart from the rest, so those need no validity masks. Returns (m,)
+    float32."""
+    if valid is None:
+        return _clip_pixels(x, None, sigma, maxiters, weights)
     covered = valid.all(axis=0)
     if covered.all():
         return _clip_pixels(x, None, sigma, maxiters, weights)
