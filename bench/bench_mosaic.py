@@ -113,6 +113,9 @@ def _stack(paths: list[Path], tag: str, pin: bool = False) -> dict[str, Any]:
         "seconds": run.seconds,
         "ingest_s": ingest_s,
         "combine_s": run.seconds - ingest_s,
+        "combine_only_s": float(m.group(1))
+        if (m := re.search(r"final combine ([\d.]+) s", summary))
+        else None,
         "stage_s": {k: median([r["ms"].get(k, 0.0) / 1000 for r in steady]) for k in stages},
         "pss_peak_mb": run.memory.pss_peak_mb,
         "phase_pss_mb": run.memory.phase_pss_mb,
@@ -320,9 +323,14 @@ def report(data: dict[str, Any]) -> str:
         ("s a frame (wall / frames)", fmt_s(s["seconds"] / n), fmt_s(p["seconds"] / n)),
         ("ingest (until the last report line)", fmt_s(s["ingest_s"]), fmt_s(p["ingest_s"])),
         (
-            "final combine, s a frame",
+            "after the last frame (combine, output written), s a frame",
             fmt_s(s["combine_s"] / s["accepted"]),
             fmt_s(p["combine_s"] / p["accepted"]),
+        ),
+        (
+            "of which the combine itself (its own clock), s a frame",
+            fmt_s((s.get("combine_only_s") or 0) / s["accepted"]),
+            fmt_s((p.get("combine_only_s") or 0) / p["accepted"]),
         ),
         ("process tree PSS peak", f"{s['pss_peak_mb']:.0f} MB", f"{p['pss_peak_mb']:.0f} MB"),
     ]
@@ -418,7 +426,12 @@ def goals(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
             f"{data['daemon_24_b2b']['steady_latency_s'] / d['ahd']:.2f}x)",
             ingest <= 0.6,
         ),
-        ("final combine <= 0.5 s a frame", fmt_s(combine), combine <= 0.5),
+        (
+            "final combine <= 0.5 s a frame",
+            f"{fmt_s(combine)} until the output is written; the combine itself "
+            f"{fmt_s((s.get('combine_only_s') or 0) / s['accepted'])}",
+            combine <= 0.5,
+        ),
         (
             "store <= 50 MB a 24 MP frame",
             f"{d24['store_per_frame_mb']:.0f} MB",

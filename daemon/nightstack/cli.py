@@ -181,7 +181,9 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             return 1
         assert stacker.store is not None
         disk = stacker.store.disk_bytes()
+        combining = time.monotonic()
         image = stacker.final(_Progress(1, "combining") if sys.stderr.isatty() else None)
+        combined = time.monotonic() - combining
         stacker.landscape.freeze_final(image)  # landscape = "freeze": the sharp ground
         if "stack" in settings.products:
             write_output(output, image, stacker.header(), settings, stretched=args.stretched)
@@ -204,7 +206,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         f"stacked {stacker.accepted} of {len(files)} frames into {output}; "
         f"rejected {sum(stacker.rejected.values())} ({_reasons(stacker.rejected)}); "
         f"total exposure {stacker.exposure_s:.0f} s; frame store {disk / 2**20:.0f} MiB; "
-        f"{took:.1f} s"
+        f"{took:.1f} s (final combine {combined:.1f} s)"
     )
     return 0
 

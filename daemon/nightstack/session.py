@@ -456,6 +456,7 @@ class Session:
             live = self.stacker.live
             assert live is not None
             if record.stored:
+                prepared.frame = None  # stored and journaled: its pixels go before the live add
                 self._catch_up(live)
             every = self.settings.snapshot_every_frames
             if every and live.frames % every == 0:
