@@ -1,7 +1,7 @@
 """Issue 12: the frame path in the sensor's mosaic, measured in one run.
 
-- decode: on one 24 MP DNG of the benchmark night, in process, the fastest of ``repeat`` round-robin calls:
-  LibRaw's full ``postprocess`` (AHD, ``load(demosaic="AHD")``), the mosaic alone
+- decode: on one 24 MP DNG of the benchmark night, in process, the fastest of ``repeat``
+  round-robin calls: LibRaw's full ``postprocess`` (AHD, ``load(demosaic="AHD")``), the mosaic alone
   (``load_mosaic``: LibRaw unpack, black/white levels), and decode to the demosaiced frame the
   pipeline uses (``load(demosaic="bilinear" | "edge-aware")``: mosaic, 16-bit codes, OpenCV
   demosaic, white balance, superpixel luminance); ratios to the AHD postprocess;
