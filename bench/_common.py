@@ -263,14 +263,16 @@ def run_watched(
     *,
     timeout_s: float = 3600,
     phase: Callable[[], str] | None = None,
+    interval_s: float = 0.05,
     **kwargs: Any,
 ) -> RunResult:
-    """Run a command, polling its tree's memory (see ``MemoryWatch``); wall time spawn -> exit."""
+    """Run a command, polling its tree's memory every ``interval_s`` (see ``MemoryWatch``);
+    wall time spawn -> exit."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
     )
-    watch = MemoryWatch(proc.pid, phase=phase)
+    watch = MemoryWatch(proc.pid, interval_s=interval_s, phase=phase)
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
