@@ -432,7 +432,7 @@ class Daemon:
             return
         try:
             with self._fed("stacking"):  # store write and checkpoint on a slow SD card
-                record = session.ingest(item)
+                record = session.ingest(item, lambda done: self._publish(record=done))
         except OSError as err:
             self._failed(err, f"{_shown(item.path.name)} not stacked", session)
             return

@@ -426,8 +426,12 @@ class Session:
         )
 
     # --- per frame --------------------------------------------------------------------------
-    def ingest(self, prepared: Prepared) -> FrameRecord:
-        """Stack one prepared frame and journal it (fsync'd)."""
+    def ingest(
+        self, prepared: Prepared, journaled: Callable[[FrameRecord], None] | None = None
+    ) -> FrameRecord:
+        """Stack one prepared frame and journal it (fsync'd); ``journaled(record)`` is called
+        once its line is written, before the live stack reads a stored frame (the daemon's
+        status follows the journal, not the live add)."""
         had_reference = self.stacker.reference is not None
         was_live_only = self.stacker.live_only
         record = self.stacker.stack(prepared)
@@ -451,6 +455,8 @@ class Session:
             self.stored_since_live_fits += stored
         self._append(record)
         self.last_frame = time.monotonic()
+        if journaled is not None:
+            journaled(record)
         if record.status == "accepted":
             self.since_preview += 1
             live = self.stacker.live
@@ -563,11 +569,11 @@ class Session:
             return False
         if time.monotonic() - self.last_checkpoint < self.settings.checkpoint_min_interval_s:
             return False
-        ratio = self.settings.checkpoint_write_ratio
         live = self.stacker.live
-        if ratio <= 0 or self.stacker.live_only is not None or live is None:
+        if self.stacker.live_only is not None or live is None:
             return True  # live-only: the checkpoint is the live stack's only copy
-        return self.stored_since_checkpoint * ratio >= live.state_bytes
+        ratio = self.settings.checkpoint_write_ratio
+        return _paid_for(self.stored_since_checkpoint, ratio, live.state_bytes)
 
     def checkpoint(self) -> None:
         """Save the live accumulator atomically (old checkpoint stays valid until the swap)."""
@@ -614,11 +620,10 @@ class Session:
         The first is written at once; live-only sessions pace it by time alone."""
         if self.last_preview - self.last_live_fits < self.settings.live_fits_every_s:
             return False
-        ratio = self.settings.live_fits_write_ratio
-        if ratio <= 0 or math.isinf(self.last_live_fits) or self.stacker.live_only is not None:
+        if math.isinf(self.last_live_fits) or self.stacker.live_only is not None:
             return True
         size = live.shape[0] * live.shape[1] * live.channels * 4
-        return self.stored_since_live_fits * ratio >= size
+        return _paid_for(self.stored_since_live_fits, self.settings.live_fits_write_ratio, size)
 
     def write_live_fits(self, path: Path) -> None:
         """The live stack as linear float32 FITS (stack.fits' grid and header conventions, with
@@ -798,6 +803,12 @@ def _stored_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     del stored[i]
                     break
     return stored
+
+
+def _paid_for(stored: int, ratio: float, size: int) -> bool:
+    """Whether a rewrite of ``size`` bytes keeps within ``ratio`` x the ``stored`` bytes the
+    frame store wrote since the last one (ratio 0: no byte pacing)."""
+    return ratio <= 0 or stored * ratio >= size
 
 
 def _read_checkpoint(checkpoint: Path) -> dict[str, Any] | None:
