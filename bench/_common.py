@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -281,6 +282,58 @@ def run_watched(
     seconds = time.perf_counter() - t0
     watch.stop()
     return RunResult(seconds, proc.returncode, stdout, stderr, watch)
+
+
+# ----------------------------------------------------------------------------- Siril
+
+SIRIL_STACK_SCRIPT = """requires 1.0.0
+cd {lights}
+convert light -debayer -out={process}
+cd {process}
+register light
+stack r_light rej s 3 3 -nonorm -out={result}
+close
+"""
+"""The peer's batch job: convert (debayer), register, stack with a 3/3 sigma rejection."""
+
+
+@dataclass
+class SirilRun:
+    """One ``siril-cli`` run of :data:`SIRIL_STACK_SCRIPT` in ``root``: its version, the run,
+    the result file (None if it made none), the folder of its intermediates, and why it
+    failed (None when it worked)."""
+
+    version: str
+    run: RunResult
+    result: Path | None
+    process: Path
+    failure: str | None
+
+
+def siril_stack(paths: Sequence[Path], root: Path, *, timeout_s: float) -> SirilRun | str:
+    """Siril's convert + register + stack of ``paths`` in a fresh ``root`` (the raws linked
+    into ``root/lights``), or the reason it cannot run (``siril-cli`` missing)."""
+    if shutil.which("siril-cli") is None:
+        return "siril-cli not installed (`apt-get install siril` failed or not run)"
+    version = subprocess.run(
+        ["siril-cli", "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    shutil.rmtree(root, ignore_errors=True)
+    lights, process = root / "lights", root / "process"
+    lights.mkdir(parents=True)
+    for path in paths:  # Siril converts every raw of the folder
+        (lights / path.name).symlink_to(path)
+    script = root / "stack.ssf"
+    script.write_text(
+        SIRIL_STACK_SCRIPT.format(lights=lights, process=process, result=root / "result")
+    )
+    run = run_watched(["siril-cli", "-s", str(script)], timeout_s=timeout_s, cwd=root)
+    result = next(iter(sorted(root.glob("result.f*"))), None)
+    failure = None
+    if run.returncode != 0 or result is None:
+        tail = " | ".join(run.stdout.strip().splitlines()[-3:])
+        failure = f"Siril failed ({run.returncode}): {tail[:300]}"
+    return SirilRun(version, run, result, process, failure)
 
 
 # ----------------------------------------------------------------------------- data

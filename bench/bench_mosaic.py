@@ -40,6 +40,7 @@ from _common import (
     median,
     run_meta,
     run_watched,
+    siril_stack,
     table,
     time_calls,
     write_section,
@@ -50,14 +51,6 @@ STACK_N = 12
 WARMUP = 5  # the live stack's default warm-up: later frames are the steady state
 BIG_W, BIG_H = 9504, 6336  # a 61 MP sensor (Sony A7R IV / V)
 POLL_S = 0.05
-_SIRIL_SCRIPT = """requires 1.0.0
-cd {lights}
-convert light -debayer -out={process}
-cd {process}
-register light
-stack r_light rej s 3 3 -nonorm -out={result}
-close
-"""
 
 
 def _decode(path: Path, repeat: int) -> dict[str, float]:
@@ -157,27 +150,16 @@ def _fwhm_of(stack: Path, reference: Path) -> dict[str, float]:
 
 
 def _siril(paths: list[Path]) -> dict[str, Any]:
-    if shutil.which("siril-cli") is None:
-        return {"skipped": "siril-cli not installed"}
-    version = subprocess.run(
-        ["siril-cli", "--version"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     root = OUT / "mosaic_siril"
-    shutil.rmtree(root, ignore_errors=True)
-    lights, process = root / "lights", root / "process"
-    lights.mkdir(parents=True)
-    for p in paths:
-        (lights / p.name).symlink_to(p)
-    script = root / "stack.ssf"
-    script.write_text(_SIRIL_SCRIPT.format(lights=lights, process=process, result=root / "result"))
-    run = run_watched(["siril-cli", "-s", str(script)], timeout_s=7200, cwd=root)
+    siril = siril_stack(paths, root, timeout_s=7200)
+    if isinstance(siril, str):
+        return {"skipped": siril}
+    run = siril.run
     (OUT / "mosaic_siril.log").write_text(run.stdout + run.stderr)
-    result = next(iter(sorted(root.glob("result.f*"))), None)
     shutil.rmtree(root, ignore_errors=True)
-    if run.returncode != 0 or result is None:
-        tail = " | ".join(run.stdout.strip().splitlines()[-3:])
-        return {"skipped": f"Siril failed ({run.returncode}): {tail[:300]}", "version": version}
-    return {"version": version, "seconds": run.seconds, "pss_peak_mb": run.memory.pss_peak_mb}
+    if siril.failure is not None:
+        return {"skipped": siril.failure, "version": siril.version}
+    return {"version": siril.version, "seconds": run.seconds, "pss_peak_mb": run.memory.pss_peak_mb}
 
 
 def _io_write_bytes(pid: int) -> int:

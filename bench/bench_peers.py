@@ -25,7 +25,6 @@ noise and star FWHM of the two results, measured the same way on both.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from _common import (
     log,
     median,
     run_watched,
+    siril_stack,
     table,
 )
 
@@ -147,15 +147,6 @@ def _alignment(quick: bool) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- Siril
 
-_SIRIL_SCRIPT = """requires 1.0.0
-cd {lights}
-convert light -debayer -out={process}
-cd {process}
-register light
-stack r_light rej s 3 3 -nonorm -out={result}
-close
-"""
-
 
 def _measure_image(image: np.ndarray) -> dict[str, float]:
     """Background noise (relative) and median star FWHM of a stacked (rows, cols, 3) image."""
@@ -193,23 +184,14 @@ def _read_fits_rgb(path: Path) -> np.ndarray:
 
 
 def _siril(quick: bool) -> dict[str, Any]:
-    if shutil.which("siril-cli") is None:
-        return {"skipped": "siril-cli not installed (`apt-get install siril` failed or not run)"}
-    version = subprocess.run(
-        ["siril-cli", "--version"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     n = 5 if quick else 10
     paths = ensure_night(n)
     root = OUT / "siril_bench"
-    shutil.rmtree(root, ignore_errors=True)
-    lights, process = root / "lights", root / "process"
-    lights.mkdir(parents=True)
-    for p in paths:  # Siril converts every raw of the folder
-        (lights / p.name).symlink_to(p)
-    script = root / "stack.ssf"
-    script.write_text(_SIRIL_SCRIPT.format(lights=lights, process=process, result=root / "result"))
-    log(f"Siril ({version}): convert, register, stack {n} frames")
-    run = run_watched(["siril-cli", "-s", str(script)], timeout_s=3600, cwd=root)
+    log(f"Siril: convert, register, stack {n} frames")
+    siril = siril_stack(paths, root, timeout_s=3600)
+    if isinstance(siril, str):
+        return {"skipped": siril}
+    version, run, result, process = siril.version, siril.run, siril.result, siril.process
     (OUT / "siril.log").write_text(run.stdout + run.stderr)
     keys = (
         "have been stacked",
@@ -223,10 +205,8 @@ def _siril(quick: bool) -> dict[str, Any]:
         for line in run.stdout.splitlines()
         if any(k in line for k in keys) or "interpolation" in line.lower()
     ]
-    result = next(iter(sorted(root.glob("result.f*"))), None)
-    if run.returncode != 0 or result is None:
-        tail = " | ".join(run.stdout.strip().splitlines()[-3:])
-        return {"skipped": f"Siril failed ({run.returncode}): {tail[:300]}", "version": version}
+    if siril.failure is not None or result is None:
+        return {"skipped": siril.failure, "version": version}
     disk = sum(f.stat().st_size for f in process.rglob("*") if f.is_file()) / 2**30
     log(f"nightstack stack, same {n} frames")
     ours_path = root / "nightstack.fits"

@@ -80,7 +80,7 @@ def combine(
     - ``"sigma_clip"``: exactly astropy ``sigma_clip(cube, sigma=sigma, maxiters=maxiters,
       cenfunc='median', stdfunc='std', axis=0)`` of the float64 cube of the stored values
       (per pixel, so banding does not change it), then the mean of the survivors
-      (:func:`_clip_chunk` says how).
+      (:func:`_clip_pixels` says how).
     - ``"mean"``: mean of the sample.
     - ``"median"``: median of the sample (mean of the two middle values for an even count);
       weights are ignored.
@@ -244,7 +244,7 @@ def _clip_band(
         r0, r1, c0, c1, full = piece
         x = np.ascontiguousarray(cube[:, r0:r1, c0:c1]).reshape(n, -1)
         v = None if full else np.ascontiguousarray(valid[:, r0:r1, c0:c1]).reshape(n, -1)
-        mean = _clip_chunk(x, v, sigma, maxiters, weights)
+        mean = _clip_pixels(x, v, sigma, maxiters, weights)
         out[r0:r1, c0:c1] = mean.reshape(r1 - r0, c1 - c0, channels)
 
     def share(start: int) -> None:  # one task a thread (a future a piece would cost its RAM)
@@ -253,31 +253,6 @@ def _clip_band(
 
     for _ in pool.map(share, range(_THREADS)):
         pass
-
-
-def _clip_chunk(
-    x: npt.NDArray[np.float32],
-    valid: BoolArray | None,
-    sigma: float,
-    maxiters: int,
-    weights: npt.NDArray[np.float64],
-) -> npt.NDArray[np.float32]:
-    """:func:`_clip_pixels` of (n, m) ``x`` (``valid`` None: every sample valid), the pixels
-    every frame covers apart from the rest, so those need no validity masks. Returns (m,)
-    float32."""
-    if valid is None:
-        return _clip_pixels(x, None, sigma, maxiters, weights)
-    covered = valid.all(axis=0)
-    if covered.all():
-        return _clip_pixels(x, None, sigma, maxiters, weights)
-    result = np.empty(x.shape[1], dtype=np.float32)
-    edge = ~covered  # (a boolean index of axis 1 need not give C order: each frame a row)
-    xe, ve = np.ascontiguousarray(x[:, edge]), np.ascontiguousarray(valid[:, edge])
-    result[edge] = _clip_pixels(xe, ve, sigma, maxiters, weights)
-    if covered.any():
-        inner = np.ascontiguousarray(x[:, covered])
-        result[covered] = _clip_pixels(inner, None, sigma, maxiters, weights)
-    return result
 
 
 def _clip_pixels(

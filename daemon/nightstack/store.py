@@ -632,14 +632,12 @@ class MosaicReader:
         for k in range(start // rows, (stop - 1) // rows + 1):
             a, b = max(start, k * rows), min(stop, (k + 1) * rows)
             whole = a == k * rows and b == min(self._shape[0], (k + 1) * rows)
-            if whole and out.dtype == np.float32 and not self._cached(k):
+            cached = self._block is not None and self._block[0] == k
+            if whole and out.dtype == np.float32 and not cached:
                 self._compute(k, out[a - start : b - start])
                 continue
             block = self._block_of(k)
             out[a - start : b - start] = block[a - k * rows : b - k * rows]
-
-    def _cached(self, k: int) -> bool:
-        return self._block is not None and self._block[0] == k
 
     def _block_of(self, k: int) -> npt.NDArray[np.float32]:
         if self._block is not None and self._block[0] == k:
