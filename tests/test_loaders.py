@@ -484,3 +484,18 @@ def test_a_frame_without_saturated_pixels_is_not_rescaled_by_libraw(tmp_path: Pa
     sky = (slice(20, 200), slice(20, 460))
     ratio = np.median(hazy[sky][..., 1]) / np.median(clear[sky][..., 1])
     assert ratio == pytest.approx(1.0, abs=0.02)  # the same sky (1.275 with LibRaw's default)
+
+
+def test_a_libraw_demosaic_on_a_bayer_fits_is_refused_by_name(tmp_path: Path) -> None:
+    """The pipeline's decode (decode_light) does what the setting names or says why not: LibRaw
+    cannot read a FITS, so AHD on a Bayer FITS is a one-line refusal naming the setting, not a
+    silent other demosaic; a mono FITS has nothing to demosaic and decodes."""
+    from nightstack.errors import DecodeError
+    from nightstack.loaders import decode_light
+
+    bayer = _write_fits(tmp_path / "bayer.fits", _cfa_lit_at("RGGB", "R"), BAYERPAT="RGGB")
+    with pytest.raises(DecodeError, match="demosaic 'AHD' is LibRaw's.*'mhc'"):
+        decode_light(bayer, demosaic="AHD")
+    assert decode_light(bayer, demosaic="mhc").pattern == "RGGB"  # type: ignore[union-attr]
+    mono = _write_fits(tmp_path / "mono.fits", _cfa_lit_at("RGGB", "R"))
+    assert decode_light(mono, demosaic="AHD").image.shape[2] == 1  # type: ignore[union-attr]

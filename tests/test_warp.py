@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from nightstack.warp import Interpolation, footprint, warp, warp_rows
+from nightstack.warp import INTERPOLATIONS, Interpolation, footprint, warp, warp_rows
 
 MARGIN = {"bilinear": 0, "cubic": 1, "lanczos4": 3}
 
@@ -207,3 +207,36 @@ def test_bad_arguments_are_refused() -> None:
         warp(image, np.eye(2, 3), (10, 10), interpolation="nearest")
     with pytest.raises(ValueError, match="rows, cols"):
         warp(np.zeros((10, 10, 4), np.float32), np.eye(2, 3), (10, 10))
+
+
+@pytest.mark.parametrize("interpolation", ["cubic", "lanczos4"])
+def test_sharp_kernels_never_leave_the_range_of_the_four_nearest_samples(
+    interpolation: Interpolation,
+) -> None:
+    """The clamp, against an oracle (the min and max of the 2x2 source pixels around each
+    position, computed in float64): no value outside it, so no ringing halo and no negative
+    value around a saturated star (a flat-topped disc on a sky of 0.01), while the unclamped
+    OpenCV kernel does ring there."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0, 1, (120, 160, 3)).astype(np.float32)
+    matrix = np.array([[np.cos(0.1), -np.sin(0.1), 3.3], [np.sin(0.1), np.cos(0.1), -2.7]])
+    warped, inside = warp(image, matrix, (120, 160), interpolation=interpolation)
+    inverse = cv2.invertAffineTransform(matrix)
+    ys, xs = np.nonzero(inside)
+    x = inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]
+    y = inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    near = np.stack([image[y0, x0], image[y0, x0 + 1], image[y0 + 1, x0], image[y0 + 1, x0 + 1]])
+    values = warped[ys, xs]
+    assert (values >= near.min(axis=0) - 1e-6).all() and (values <= near.max(axis=0) + 1e-6).all()
+
+    rows, cols = np.mgrid[0:64, 0:64]
+    star = np.where(np.hypot(rows - 31.6, cols - 32.2) < 4, 1.0, 0.01).astype(np.float32)
+    shift = np.array([[1.0, 0.0, 0.37], [0.0, 1.0, -0.41]])
+    ringing = cv2.warpAffine(star, shift, (64, 64), flags=INTERPOLATIONS[interpolation][0])
+    assert ringing.min() < 0  # what the clamp removes
+    clamped, _ = warp(star, shift, (64, 64), interpolation=interpolation)
+    assert clamped[8:-8, 8:-8].min() >= 0.01 - 1e-6
+    assert clamped.max() <= 1.0 + 1e-6

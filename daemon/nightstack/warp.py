@@ -281,10 +281,34 @@ def _cv_warp(
     out_shape: tuple[int, int],
     flag: int,
 ) -> npt.NDArray[np.float32]:
+    """OpenCV's warp, then, for cubic and Lanczos-4, each value clamped to the range of the four
+    source pixels around its position (those bilinear would blend): the kernels' negative
+    lobes no longer ring around bright stars (dark halos, negative values), while a star's
+    profile between its samples keeps the sharper kernel's shape."""
+    size = (out_shape[1], out_shape[0])
+    out = np.asarray(_warp_affine(src, inverse, size, flag), dtype=np.float32)
+    if flag == cv2.INTER_LINEAR:
+        return out
+    # floor(x) = round(x - 1/2): a nearest-neighbour warp, shifted by half a pixel, of the 2x2
+    # minimum and maximum whose top-left pixel is that floor
+    corner = inverse.copy()
+    corner[:, 2] -= 0.5
+    square = np.ones((2, 2), np.uint8)
+    for extreme, limit in ((cv2.erode, np.fmax), (cv2.dilate, np.fmin)):
+        bound = np.asarray(
+            extreme(src, square, anchor=(0, 0), borderType=cv2.BORDER_REPLICATE), np.float32
+        )
+        limit(out, _warp_affine(bound, corner, size, cv2.INTER_NEAREST), out=out)
+    return out.reshape(out.shape)
+
+
+def _warp_affine(
+    src: npt.NDArray[np.float32], inverse: npt.NDArray[np.float64], size: tuple[int, int], flag: int
+) -> npt.NDArray[np.float32]:
     out = cv2.warpAffine(
         src,
         inverse,
-        (out_shape[1], out_shape[0]),
+        size,
         flags=flag | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=0.0,
