@@ -494,7 +494,7 @@ def test_a_libraw_demosaic_on_a_bayer_fits_is_refused_by_name(tmp_path: Path) ->
     from nightstack.loaders import decode_light
 
     bayer = _write_fits(tmp_path / "bayer.fits", _cfa_lit_at("RGGB", "R"), BAYERPAT="RGGB")
-    with pytest.raises(DecodeError, match="demosaic 'AHD' is LibRaw's.*'mhc'"):
+    with pytest.raises(DecodeError, match=r"demosaic 'AHD' is LibRaw's.*'mhc'"):
         decode_light(bayer, demosaic="AHD")
     assert decode_light(bayer, demosaic="mhc").pattern == "RGGB"  # type: ignore[union-attr]
     mono = _write_fits(tmp_path / "mono.fits", _cfa_lit_at("RGGB", "R"))

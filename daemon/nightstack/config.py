@@ -132,7 +132,16 @@ class Settings(BaseSettings):
     max_fwhm_ratio: float = Field(
         1.5, gt=1, description="Reject frames whose FWHM exceeds this times the reference's."
     )
-    max_elongation: float = Field(1.6, gt=1, description="Reject trailed frames (star a/b ratio).")
+    max_elongation: float = Field(
+        2.0, gt=1, description="Reject frames whose stars' a/b ratio exceeds this (backstop)."
+    )
+    max_trail_ratio: float = Field(
+        1.6,
+        gt=1,
+        description="Reject frames whose stars are stretched (a/b - 1) more than this x the "
+        "session's median and stand 3 robust sigma above it: trailing judged against the "
+        "camera's own star shapes.",
+    )
     max_background_ratio: float = Field(
         3.0, gt=1, description="Reject frames whose sky is this much brighter than the reference."
     )

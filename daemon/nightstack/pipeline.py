@@ -38,7 +38,7 @@ from .landscape import Landscape
 from .live import LiveStack
 from .normalize import Normalization, SkySamples, estimate
 from .products import Products
-from .quality import Quality, QualityLimits, gate, transparency
+from .quality import Quality, QualityLimits, ShapeHistory, gate, transparency
 from .store import FrameStore, MosaicLayout, warp_mosaic
 from .warp import warp
 
@@ -170,12 +170,20 @@ class _Stage:
         self.sink[self.name] = round((time.perf_counter() - self.start) * 1000.0, 1)
 
 
+def _mono_plane(frame: Frame | MosaicFrame) -> np.ndarray | None:
+    """A mono frame's full-resolution plane (its star shapes are measured there), else None."""
+    if isinstance(frame, Frame) and frame.image.ndim == 3 and frame.image.shape[2] == 1:
+        return frame.image[:, :, 0]
+    return None
+
+
 def quality_limits(settings: Settings) -> QualityLimits:
     return QualityLimits(
         min_stars=settings.min_stars,
         min_star_fraction=settings.min_star_fraction,
         max_fwhm_ratio=settings.max_fwhm_ratio,
         max_elongation=settings.max_elongation,
+        max_trail_ratio=settings.max_trail_ratio,
         max_background_ratio=settings.max_background_ratio,
         max_residual_px=settings.max_residual_px,
         min_transparency=settings.min_transparency or None,
@@ -220,6 +228,7 @@ class Stacker:
         self.landscape = Landscape(settings, workdir, image_mask=self.finder.sky_mask, live=live)
         self.products: Products | None = None
         self.limits = quality_limits(settings)
+        self.shapes = ShapeHistory()  # the session's recent elongations, for the trail gate
         self.reference: Reference | None = None
         self.store: FrameStore | None = None
         self.live: LiveStack | None = None
@@ -273,7 +282,7 @@ class Stacker:
             frame = decoded
         try:
             with watch.stage("detect"):
-                stars = self.finder(frame.luminance, frame.bin)
+                stars = self.finder(frame.luminance, frame.bin, _mono_plane(frame))
         except Exception as err:  # e.g. a sky mask of another size: reject, never stall
             reason = f"star detection failed ({type(err).__name__}: {err})"
             return Prepared(path, digest, None, None, None, reason, watch.ms)
@@ -319,7 +328,9 @@ class Stacker:
                     f"frame channels: {channels} differ from the reference's "
                     f"{self.reference.channels} (mono and colour frames do not mix)",
                 )
-            reason = gate(quality, self.limits, self.reference.quality)
+            if not len(self.shapes):  # a resumed session: the reference's shape to start from
+                self.shapes.add(self.reference.quality)
+            reason = gate(quality, self.limits, self.reference.quality, self.shapes)
             if reason is not None:
                 return self._reject(record, reason)
             try:
@@ -359,6 +370,7 @@ class Stacker:
         record.stored = self._add(frame, alignment.matrix, stars, norm, watch)
         record.ms.update(watch.ms)
         record.status = "accepted"
+        self.shapes.add(quality)
         self.count(record)
         return record
 
