@@ -25,6 +25,7 @@ import pytest
 from _daemon import Daemon, journal, wait_for
 from _web import browser_missing, chromium, request, web_base
 from nightstack.simulate import simulate_night
+from nightstack.web.render import CROPS, listed
 
 pytestmark = [
     pytest.mark.slow,
@@ -229,7 +230,8 @@ def test_the_page_follows_a_night_and_closes_it(
         )
         assert "/crop.jpg?cx=" in crop["src"] and "linked=0" in crop["src"]
         size = int(crop["src"].split("size=")[1].split("&")[0])
-        assert size == min(1024, round(crop["side"] * crop["ratio"]))  # the screen's longer side
+        side = min(1024, round(crop["side"] * crop["ratio"]))  # the screen's longer side
+        assert size == listed(side, CROPS)  # rounded up to a listed side
         assert crop["width"] == crop["height"] == size  # served at the stack's own pixels
         assert crop["css_width"] == size / crop["ratio"]  # one stack pixel per screen pixel
         driver.find_element("id", "zoom").click()

@@ -185,3 +185,13 @@ def test_one_render_at_a_time_per_session_and_json_answers_meanwhile(
     assert 200 in statuses and 503 in statuses, statuses
     assert set(statuses) <= {200, 503}
     assert sorted(times)[int(0.95 * (len(times) - 1))] < 0.25, max(times)
+
+
+def test_the_page_asks_for_listed_crop_sizes() -> None:
+    from importlib import resources
+
+    from nightstack.web.render import CROPS
+
+    script = (resources.files("nightstack.web") / "static" / "app.js").read_text()
+    line = next(x for x in script.splitlines() if x.startswith("const CROP_SIZES"))
+    assert line.split("[", 1)[1].split("]", 1)[0] == ", ".join(str(c) for c in CROPS)

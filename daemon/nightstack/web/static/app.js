@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 const TOKEN_KEY = "nightstack-token";
 const NIGHT_KEY = "nightstack-night";
+const CROP_SIZES = [128, 256, 512, 768, 1024]; // 1:1 crop sides the server renders
 
 const view = {
   status: null,      // the last /api/status
@@ -372,7 +373,8 @@ function zoom(fx, fy) {
     }
   };
   if (hasLive()) {
-    const size = Math.min(1024, Math.round(Math.max(window.innerWidth, window.innerHeight) * ratio));
+    const side = Math.min(1024, Math.round(Math.max(window.innerWidth, window.innerHeight) * ratio));
+    const size = CROP_SIZES.find((c) => c >= side) || 1024; // the server's list (render.CROPS)
     img.src = sessionUrl(view.session, "crop.jpg?cx=" + cx + "&cy=" + cy + "&size=" + size +
       "&strength=" + view.strength + "&linked=" + (view.linked ? "1" : "0") + "&v=" +
       encodeURIComponent(view.previewVersion));
