@@ -31,6 +31,10 @@ FD_RESERVE = 256
 """Descriptors kept for the frame path and outputs (the daemon uses ~60 at rest; a decode,
 a store write and a final add a few each)."""
 
+BACKLOG = 32
+"""Listen backlog, also the most connections asyncio accepts at once before the gate sees
+them: the descriptors a burst can hold for a moment beyond the caps."""
+
 REPEAT_WINDOW_S = 60.0
 """A log line repeated within this many seconds is dropped (a count of them follows later)."""
 
@@ -137,7 +141,7 @@ class GatedSite(web.BaseSite):
         self.gate = ConnectionGate(server, **self._gate_kwargs)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self.gate.factory, self._host, self._port, reuse_address=True, backlog=128
+            self.gate.factory, self._host, self._port, reuse_address=True, backlog=BACKLOG
         )
 
 
