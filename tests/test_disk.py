@@ -132,3 +132,106 @@ def test_a_live_only_session_killed_resumes_and_counts_every_frame_once(
     meta = json.loads((session / "session.json").read_text())
     assert meta["accepted"] == N_FRAMES and meta["lost"] == []
     assert fits.getheader(session / "stack.fits")["NCOMBINE"] == N_FRAMES
+
+
+# --- issue 20, item 2: a small disk, killed at random, loses nothing --------------------------
+
+KILL_FRAMES = 10
+KILL_WIDTH, KILL_HEIGHT = 600, 400  # 0.5 MB a stored mosaic; the close needs ~25 MB
+
+
+@pytest.fixture(scope="module")
+def small_frames(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    outdir = tmp_path_factory.mktemp("small-camera")
+    simulate_night(
+        outdir, frames=KILL_FRAMES, width=KILL_WIDTH, height=KILL_HEIGHT, seed=7, drift_px=1.0
+    )
+    return sorted(outdir.glob("*.DNG"))
+
+
+def _finals(out: Path) -> dict[str, int]:
+    """How many finals hold each accepted file: per session, its accepted lines less its
+    ``lost`` lines (never below zero, never above one), counted where the session is closed
+    with a final whose NCOMBINE is the session's own count. Asserts the session's bookkeeping:
+    ``lost`` lines never outnumber the accepted ones, counts are never negative."""
+    held: dict[str, int] = {}
+    for meta_path in sorted(out.glob("*/session.json")):
+        session = meta_path.parent
+        meta = json.loads(meta_path.read_text())
+        if meta["state"] == "superseded":
+            continue
+        assert meta["state"] == "closed", f"{session.name} left {meta['state']}: {meta}"
+        assert meta["accepted"] >= 0, meta
+        net: dict[str, int] = {}
+        for r in journal(session.parent):
+            if r["session"] != session.name or r.get("retry"):
+                continue
+            name = Path(r["file"]).name
+            if r["status"] == "accepted":
+                net[name] = net.get(name, 0) + 1
+            elif r["status"] == "lost":
+                net[name] = net.get(name, 0) - 1
+                assert net[name] >= 0, f"{session.name}: {name} lost more often than accepted"
+        inside = {name for name, n in net.items() if n > 0}
+        assert all(n <= 1 for n in net.values()), net
+        assert meta["accepted"] == len(inside), (meta["accepted"], sorted(inside))
+        if not inside:
+            continue
+        outputs = meta["outputs"]
+        assert "fits" in outputs, f"{session.name}: no final FITS: {outputs}"
+        with fits.open(session / "stack.fits") as hdul:
+            assert hdul[0].header["NCOMBINE"] == len(inside)
+        for name in inside:
+            held[name] = held.get(name, 0) + 1
+    return held
+
+
+@pytest.mark.parametrize("size_mb, seed", [(20, 1), (40, 2), (70, 3), (120, 4)])
+def test_a_small_disk_killed_at_random_keeps_every_frame_in_exactly_one_final(
+    small_frames: list[Path], tmp_path: Path, daemons: list[Daemon], size_mb: int, seed: int
+) -> None:
+    """Issue 20 item 2: real tmpfs of 20-120 MB, SIGTERM and kill -9 at seeded random points
+    (two interruptions; the worker stalls 0.25 s a frame so that they fall mid-night), then a
+    run to the end: every frame in exactly one final."""
+    rng = np.random.default_rng(seed)
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    env = {"NIGHTSTACK_CHECKPOINT_EVERY_FRAMES": "2", "NIGHTSTACK_MIN_FREE_FRAMES": "2"}
+    with tmpfs(tmp_path / "small", size_mb) as mount:
+        out = mount / "sessions"
+        _copy_all(small_frames, watch)
+        for _ in range(2):
+            d = Daemon(watch, out, env=env, log_dir=tmp_path, stall_s=0.25)
+            daemons.append(d)
+            wait_for(lambda: "watching" in d.text(), 60, "start-up", d)  # noqa: B023
+            time.sleep(float(rng.uniform(0.2, 3.0)))
+            d.stop(signal.SIGKILL if rng.random() < 0.5 else signal.SIGTERM, timeout=60)
+        last = Daemon(watch, out, env=env, log_dir=tmp_path)
+        daemons.append(last)
+        wait_for(lambda: "watching" in last.text(), 60, "start-up", last)
+        names = {f.name for f in small_frames}
+
+        def every_frame_stacked() -> bool:
+            net: dict[str, int] = {}
+            for r in journal(out):
+                name = Path(r["file"]).name
+                step = {"accepted": 1, "lost": -1}.get(r["status"], 0)
+                net[name] = net.get(name, 0) + step
+            return {n for n, k in net.items() if k > 0} >= names
+
+        try:
+            wait_for(every_frame_stacked, 60, "every frame stacked", last)
+            assert last.stop(timeout=60) == 0
+            held = _finals(out)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{_summary(out, tmp_path)}") from None
+        assert held == dict.fromkeys(names, 1), (held, _summary(out, tmp_path))
+
+
+def _summary(out: Path, logs: Path) -> str:
+    """The sessions' states and journals, and the daemons' logs: what a failure needs."""
+    text = [f"{m.parent.name}: {m.read_text()[:600]}" for m in sorted(out.glob("*/session.json"))]
+    text += [f"{r['session']} {Path(r['file']).name} {r['status']} {r.get('reason')} "
+             f"stored={r.get('stored')}" for r in journal(out)]  # fmt: skip
+    text += [f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(logs.glob("daemon-*.log"))]
+    return "\n".join(text)

@@ -52,11 +52,28 @@ def save(live: LiveStack, directory: str | Path) -> None:
     for j, (frame, fp) in enumerate(state.pending):
         arrays[f"warm{j}"] = frame
         arrays[f"warmfp{j}"] = fp
-    files = {}
-    for key, array in arrays.items():
-        files[key] = f"{key}.{generation}.npy"
-        with atomic_path(d / files[key]) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
+    files: dict[str, str] = {}
+    try:
+        for key, array in arrays.items():
+            files[key] = f"{key}.{generation}.npy"
+            with atomic_path(d / files[key]) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, array, allow_pickle=False)
+    except BaseException:
+        for name in files.values():  # a new generation cut short (disk full) frees its space
+            (d / name).unlink(missing_ok=True)
+        raise
+    _write_manifest(manifest, live, generation, files)  # the commit point
+    for path in d.iterdir():
+        match = _LIVE_FILE.match(path.name)
+        if match and int(match.group(2)) != generation:
+            path.unlink(missing_ok=True)
+
+
+def _write_manifest(
+    manifest: Path, live: LiveStack, generation: int, files: dict[str, str]
+) -> None:
+    """``live.json``: the commit point of a checkpoint generation."""
+    state = live.state()
     write_json(
         manifest,
         {
@@ -74,10 +91,6 @@ def save(live: LiveStack, directory: str | Path) -> None:
             "files": files,
         },
     )
-    for path in d.iterdir():
-        match = _LIVE_FILE.match(path.name)
-        if match and int(match.group(2)) != generation:
-            path.unlink(missing_ok=True)
 
 
 def load(directory: str | Path, store: FrameStore | None = None) -> LiveStack:

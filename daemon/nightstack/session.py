@@ -28,6 +28,7 @@ atomically. The daemon then drops the Session object and later reloads it with
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -189,6 +190,8 @@ class Session:
         self.last_frame = time.monotonic()
         self.accumulate_ms: float | None = None
         """How long the live stack took to add the last stored frame (after its journal line)."""
+        self._held: dict[str, int] = {}
+        """Accepted journal lines not taken back by a ``lost`` line, by content hash (resume)."""
         self._journal = os.open(directory / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     @property
@@ -391,9 +394,7 @@ class Session:
         position = {id(r): i for i, r in enumerate(stored)}
         rows = reference.shape[0]
         replayed = lost = 0
-        for record in journaled[since:]:
-            if record["status"] != "accepted":
-                continue
+        for record in _not_taken_back(journaled[since:]):
             i = position.get(id(record))
             if i is None or i >= len(store):
                 self._journal_lost(record, "not stored (live-only) and not in the checkpoint",
@@ -411,9 +412,18 @@ class Session:
 
     def _count(self, record: dict[str, Any]) -> None:
         """Count a journaled frame into the session's tallies (a first attempt waiting for its
-        retry is not counted: see :meth:`Stacker.count`)."""
+        retry is not counted: see :meth:`Stacker.count`). A ``lost`` line takes back only a
+        frame counted as accepted (a repeated one, as an older nightstack wrote at each resume,
+        counts nothing): the tallies never go negative."""
         if record.get("retry") is True:
             return
+        key = str(record.get("sha256") or record["file"])
+        if record["status"] == "accepted":
+            self._held[key] = self._held.get(key, 0) + 1
+        elif record["status"] == "lost":
+            if not self._held.get(key):
+                return
+            self._held[key] -= 1
         self.stacker.count(
             FrameRecord(
                 file=record["file"],
@@ -536,13 +546,18 @@ class Session:
         return None
 
     def reserve_bytes(self) -> int:
-        """Disk kept for the final outputs, which the frame store never uses: the TIFF (2 bytes
-        per sample), the FITS and live.fits (4 each), a checkpoint swap (10) and a margin."""
+        """Disk kept for what the close needs, which the frame store never uses (bytes): the
+        FITS (4 bytes per sample), the TIFF (2) and live.fits (4, its swap), one more checkpoint
+        generation at its largest (a live-only checkpoint written during warm-up holds up to
+        ``live_warmup`` - 1 float32 frames and their footprints beside the live state: see
+        :func:`checkpoint_bytes`), and a margin."""
         ref = self.stacker.reference
         if ref is None:
             return _RESERVE_MARGIN
-        samples = ref.shape[0] * ref.shape[1] * ref.channels
-        return samples * (2 + 4 + 4 + 10) + _RESERVE_MARGIN
+        rows, cols = ref.shape
+        samples = rows * cols * ref.channels
+        checkpoint = checkpoint_bytes(rows * cols, ref.channels, self.settings.live_warmup)
+        return samples * (4 + 2 + 4) + checkpoint + _RESERVE_MARGIN
 
     def _checkpoint_now(self) -> None:
         """Checkpoint; a failure (disk full, I/O) is logged, not raised: the previous checkpoint
@@ -637,10 +652,17 @@ class Session:
 
     # --- close ------------------------------------------------------------------------------
     def close(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """Finalize: exact combine -> stack.tif, stack.fits, preview; session.json closed.
+        """Finalize: exact combine -> stack.fits, stack.tif, preview; session.json closed.
 
         ``progress(done, total)`` is called as the combine goes (the daemon pings systemd's
         watchdog from it: the combine of a long night takes minutes on a Pi).
+
+        The outputs are written in this order, each as far as the disk allows: the final (the
+        FITS, or the TIFF without ``write_fits``), then the TIFF, the preview and the products.
+        The final must be written (an ``OSError`` propagates and the session stays "closing":
+        nothing is deleted); a later output that does not fit is skipped, said so in the log and
+        under ``outputs.skipped``. The frame store and checkpoint are deleted only once a final
+        that holds their frames exists.
         """
         self.state = "closing"
         self._write_meta()
@@ -648,50 +670,81 @@ class Session:
         if stacker.live_only is not None and stacker.live is not None:
             self._checkpoint_now()  # a close cut short (disk, kill) finishes from it
         outputs: dict[str, Any] = {}
+        skipped: list[str] = []
         stack = "stack" in self.settings.products
         has_stack = stacker.store is not None or stacker.live is not None
         if stack and stacker.accepted >= 1 and has_stack:
-            method = "live" if stacker.live_only is not None else self.settings.stack_method
-            outputs["final"] = {"method": method, "why": stacker.live_only}
-            image = stacker.final(progress)  # releases the live stack
-            sky_rows = stacker.landscape.freeze_final(image, progress)  # the frozen ground
-            header = stacker.header()
-            write_output(self.dir / "stack.tif", image, header, self.settings)
-            outputs["tiff"] = str(self.dir / "stack.tif")
-            if self.settings.write_fits:
-                if sky_rows is None:
-                    write_output(self.dir / "stack.fits", image, header, self.settings)
-                else:  # the composite, and the aligned sky stack in HDU 2 ("SKY")
-                    _write_composite_fits(self.dir / "stack.fits", image, sky_rows, header)
-                outputs["fits"] = str(self.dir / "stack.fits")
-            del sky_rows
-            write_preview(self.dir / "preview.jpg", image, width=self.settings.preview_width)
-            del image
-            outputs["preview"] = str(self.dir / "preview.jpg")
-            if stacker.store is not None:
-                outputs["frame_store_bytes"] = stacker.store.disk_bytes()
+            self._write_final(outputs, skipped, progress)
         # --- landscape and products ---
         if stacker.products is not None and stacker.accepted >= 1:
-            outputs.update(
-                stacker.products.close(
-                    preview_width=self.settings.preview_width,
-                    tiff_scale=self.settings.tiff_scale,
-                    keep_frames=self.settings.keep_frame_store,
+            try:
+                outputs.update(
+                    stacker.products.close(
+                        preview_width=self.settings.preview_width,
+                        tiff_scale=self.settings.tiff_scale,
+                        keep_frames=self.settings.keep_frame_store,
+                    )
                 )
-            )
+            except OSError as err:
+                skipped.append(f"products ({err.strerror or err})")
         outputs.update(stacker.landscape.describe())
         if (self.dir / "sky_mask.png").exists():
             outputs["sky_mask_png"] = str(self.dir / "sky_mask.png")
+        if skipped:
+            outputs["skipped"] = skipped
+            log.error("session %s: not written, the disk is full: %s", self.id, "; ".join(skipped))
         self.state = "closed"
         self._write_meta(outputs)
         self._close_journal()
-        if not self.settings.keep_frame_store:
+        final_written = "fits" in outputs or "tiff" in outputs
+        if not self.settings.keep_frame_store and (final_written or stacker.accepted < 1):
             shutil.rmtree(self.dir / "frames", ignore_errors=True)
             shutil.rmtree(self.dir / "ground", ignore_errors=True)
             shutil.rmtree(self.dir / "checkpoint", ignore_errors=True)
         log.info("session %s closed: %s", self.id, outputs or "nothing stacked")
         return outputs
 
+    def _write_final(
+        self,
+        outputs: dict[str, Any],
+        skipped: list[str],
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        """The stack's outputs in their order (see :meth:`close`): the first is the final and
+        must be written; the others are skipped (named in ``skipped``) when the disk is full."""
+        stacker = self.stacker
+        method = "live" if stacker.live_only is not None else self.settings.stack_method
+        outputs["final"] = {"method": method, "why": stacker.live_only}
+        image = stacker.final(progress)  # releases the live stack
+        sky_rows = stacker.landscape.freeze_final(image, progress)  # the frozen ground
+        header = stacker.header()
+        fits_path, tiff_path = self.dir / "stack.fits", self.dir / "stack.tif"
+
+        def write_fits() -> None:
+            if sky_rows is None:
+                write_output(fits_path, image, header, self.settings)
+            else:  # the composite, and the aligned sky stack in HDU 2 ("SKY")
+                _write_composite_fits(fits_path, image, sky_rows, header)
+
+        steps: list[tuple[str, Path, Callable[[], None]]] = [
+            ("tiff", tiff_path, lambda: write_output(tiff_path, image, header, self.settings)),
+            ("preview", self.dir / "preview.jpg",
+             lambda: write_preview(self.dir / "preview.jpg", image,
+                                   width=self.settings.preview_width)),
+        ]  # fmt: skip
+        if self.settings.write_fits:
+            steps.insert(0, ("fits", fits_path, write_fits))
+        for n, (key, path, write) in enumerate(steps):
+            try:
+                write()
+            except OSError as err:
+                if n == 0 or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise  # no final yet (or not the disk): the session stays "closing"
+                skipped.append(f"{path.name} ({err.strerror or err})")
+                continue
+            outputs[key] = str(path)
+        if stacker.store is not None:
+            outputs["frame_store_bytes"] = stacker.store.disk_bytes()
     def abandon(self) -> None:
         """Release files without finalizing (the session stays open for a later resume)."""
         self._close_journal()
@@ -803,6 +856,28 @@ def _stored_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     del stored[i]
                     break
     return stored
+
+
+def checkpoint_bytes(pixels: int, channels: int, warmup: int) -> int:
+    """The largest checkpoint generation of a stack of ``pixels`` x ``channels`` (bytes): mean
+    (float32) and spread (uint16) per sample, count (uint16) per pixel, and up to ``warmup`` - 1
+    warm-up frames (float32 per sample, a bool footprint per pixel) when it is live-only."""
+    state = pixels * (channels * (4 + 2) + 2)
+    return state + (warmup - 1) * pixels * (channels * 4 + 1)
+
+
+def _not_taken_back(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The accepted records no later ``lost`` record (same content hash) took back, in journal
+    order: a resume journals a frame's loss once, however often it runs."""
+    open_: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        key = str(record.get("sha256") or record["file"])
+        if record["status"] == "accepted" and record.get("retry") is not True:
+            open_.setdefault(key, []).append(record)
+        elif record["status"] == "lost" and open_.get(key):
+            open_[key].pop()
+    kept = {id(r) for group in open_.values() for r in group}
+    return [r for r in records if id(r) in kept]
 
 
 def _paid_for(stored: int, ratio: float, size: int) -> bool:
