@@ -18,7 +18,6 @@ applies to the next request).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -50,13 +49,11 @@ def _is_ip(name: str) -> bool:
 
 
 def own_names() -> frozenset[str]:
-    """This machine's names as a browser may send them: ``hostname``, ``hostname.local``
-    (mDNS, a Pi's usual name on a hotspot) and the fully qualified name."""
-    names = {socket.gethostname().lower()}
-    names.add(next(iter(names)).split(".", 1)[0] + ".local")
-    with contextlib.suppress(OSError):
-        names.add(socket.getfqdn().lower())
-    return frozenset(n.rstrip(".") for n in names if n)
+    """This machine's names as a browser may send them: ``hostname`` and ``hostname.local``
+    (mDNS, a Pi's usual name on a hotspot). No DNS lookup (none at a dark site): a fully
+    qualified name goes in ``web_hosts``."""
+    name = socket.gethostname().lower().rstrip(".")
+    return frozenset(n for n in (name, name.split(".", 1)[0] + ".local") if n)
 
 
 @dataclass(frozen=True)
