@@ -327,9 +327,15 @@ def test_idle_connections_from_one_client_cost_no_frame(
             except OSError:  # refused or reset by the gate: counted as held all the same
                 pass
             held.append(sock)
-        fds = len(os.listdir(f"/proc/{d.pid}/fd"))
-        # one client's 32 connections and accepts in flight (the listen backlog, 32) on top
-        assert fds - base_fds <= PER_CLIENT + 32 + 8, (base_fds, fds)
+        # one client's 32 connections and accepts in flight (the listen backlog, 32) on top,
+        # once the gate has closed what the loop accepted (a busy machine lags it a moment)
+        bound = PER_CLIENT + 32 + 8
+
+        def settled() -> int | None:
+            fds = len(os.listdir(f"/proc/{d.pid}/fd"))
+            return fds if fds - base_fds <= bound else None
+
+        wait_for(settled, 15, f"the daemon's descriptors within {bound} of {base_fds}", d)
         for f in frames[:3]:  # CLOUDY is frame 3: three good frames
             shutil.copy(f, watch / f.name)
         lines = wait_for(lambda: len(journal(out)) == 3 and journal(out), 120, "3 frames", d)
