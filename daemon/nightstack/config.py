@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -211,6 +211,16 @@ class Settings(BaseSettings):
     )
     weights: Literal["none", "fwhm"] = Field(
         "none", description="Per-frame weights in the combine."
+    )
+    drizzle: Literal["off", "1x", "2x"] = Field(
+        "off",
+        description="Bayer drizzle for the final (Bayer sensors): each frame's sensor sites "
+        "dropped onto the output grid, no demosaic; '2x' doubles the resolution (4x the "
+        "final's memory and disk). Needs a drifting or dithered night; the live stack keeps "
+        "the demosaic.",
+    )
+    drizzle_drop: float = Field(
+        1.0, gt=0, le=1, description="Side of a site's drop in sensor pixels (drizzle's pixfrac)."
     )
 
     # --- calibration ---
@@ -419,6 +429,15 @@ class Settings(BaseSettings):
         if is_seconds and value > MAX_SECONDS:
             raise ValueError(f"at most {MAX_SECONDS:g} s, not {value:g}")
         return value
+
+    @model_validator(mode="after")
+    def _drizzle_and_frozen_ground(self) -> Settings:
+        if self.drizzle == "2x" and self.landscape == "freeze":
+            raise ValueError(
+                "drizzle = '2x' and landscape = 'freeze' do not mix: the frozen ground is on "
+                "the sensor's grid (use drizzle = '1x')"
+            )
+        return self
 
     @field_validator("products")
     @classmethod

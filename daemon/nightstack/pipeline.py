@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -32,6 +33,8 @@ from .config import Settings
 from .decoder import Decoder
 from .demosaic import TileSamples, demosaic, mosaic_codes, superpixel_luminance
 from .detect import StarFinder
+from .drizzle import SCALES as DRIZZLE_SCALES
+from .drizzle import Drizzle, drizzle_combine, drizzle_holes
 from .errors import AlignmentError, DecodeError
 from .frames import IDENTITY, Alignment, FloatArray, Frame, Mosaic, MosaicFrame, Stars
 from .landscape import Landscape
@@ -682,7 +685,7 @@ class Stacker:
             "STACKSIG": s.stack_sigma,
             "STACKITR": s.stack_maxiters,
             "XFMODEL": s.transform_model,
-            "DEMOSAIC": s.demosaic,
+            "DEMOSAIC": s.demosaic if s.drizzle == "off" else f"drizzle {s.drizzle}",
             "NORMALIZ": s.normalize,
         }
         if self.first_time is not None:
@@ -701,6 +704,8 @@ class Stacker:
         if self.live_only is not None or self.store is None:
             return self._live_final()
         self.live = None
+        if self.settings.drizzle != "off" and self.store.frame(0).mosaic is not None:
+            return self._drizzled(progress)
         weights = None
         if self.settings.weights != "none":
             weights = self.store.weights()
@@ -713,6 +718,23 @@ class Stacker:
             ram_cap_bytes=self.settings.ram_cap_mb * 2**20,
             progress=progress,
         )
+
+    def _drizzled(self, progress: Callable[[int, int], None] | None) -> FloatArray:
+        """The Bayer drizzle of the store (``drizzle``), rejection as the stack method asks."""
+        assert self.store is not None
+        s = self.settings
+        plan = Drizzle(DRIZZLE_SCALES[s.drizzle], s.drizzle_drop)
+        clip = s.stack_sigma if s.stack_method in ("sigma_clip", "winsorized") else None
+        image = drizzle_combine(self.store, plan, sigma=clip, progress=progress)
+        holes = drizzle_holes(image, self.store, plan)
+        if holes.any():
+            logging.getLogger(__name__).warning(
+                "drizzle: no sample fell on %s of the output pixels (red, green, blue): too "
+                "little dither for drop %g; a larger drop or a smaller scale fills them",
+                ", ".join(f"{h:.1%}" for h in holes),
+                s.drizzle_drop,
+            )
+        return image
 
     def _live_final(self) -> FloatArray:
         """The live stack as the final (live-only sessions), released after."""
