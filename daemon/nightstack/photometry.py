@@ -107,7 +107,7 @@ def aperture_photometry(
     radius: float,
     *,
     free: npt.NDArray[np.bool_] | None = None,
-    n_random: int = 600,
+    n_random: int = 3000,
     seed: int = 0,
 ) -> Apertures:
     """Forced photometry of 2-D ``image`` at ``xy`` with an aperture of ``radius`` px and a sky
@@ -133,7 +133,12 @@ def aperture_photometry(
 
 
 def colour_noise(
-    rgb: FloatArray, radius: float, *, free: npt.NDArray[np.bool_] | None = None, seed: int = 0
+    rgb: FloatArray,
+    radius: float,
+    *,
+    free: npt.NDArray[np.bool_] | None = None,
+    n_random: int = 3000,
+    seed: int = 0,
 ) -> float:
     """Aperture-scale colour noise of a (rows, cols, 3) image: the random-aperture spread of
     R - G and B - G (their quadratic mean) over that of the luminance (R + G + B) / 3."""
@@ -145,7 +150,8 @@ def colour_noise(
     none = np.zeros((0, 2))
 
     def spread(plane: F64) -> float:
-        return aperture_photometry(plane, none, radius, free=free, seed=seed).noise
+        found = aperture_photometry(plane, none, radius, free=free, n_random=n_random, seed=seed)
+        return found.noise
 
     chroma = [spread(image[..., 0] - image[..., 1]), spread(image[..., 2] - image[..., 1])]
     return math.sqrt((chroma[0] ** 2 + chroma[1] ** 2) / 2) / spread(lum)
