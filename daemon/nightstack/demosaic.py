@@ -241,11 +241,8 @@ def _demosaic_mhc(
     window -= black
     for site, colour in enumerate(pattern):
         window[site // 2 :: 2, site % 2 :: 2] *= gains["RGB".index(colour)]
-    out = _mhc_rows(window, pattern, start - first, stop - start)
-    for c in range(3):
-        out[..., c] *= np.float32(1.0) / gains[c]
-    out += black
-    return out
+    inverse = (float(1 / gains[0]), float(1 / gains[1]), float(1 / gains[2]))
+    return _mhc_rows(window, pattern, start - first, stop - start, inverse, float(black))
 
 
 def mhc(mosaic: F32, pattern: str) -> F32:
@@ -257,26 +254,42 @@ def mhc(mosaic: F32, pattern: str) -> F32:
     return _mhc_rows(window, pattern, 0, window.shape[0])
 
 
-def _mhc_rows(window: F32, pattern: str, top: int, rows: int) -> F32:
+def _mhc_rows(
+    window: F32,
+    pattern: str,
+    top: int,
+    rows: int,
+    scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    offset: float = 0.0,
+) -> F32:
     """Rows ``top:top + rows`` of the MHC demosaic of ``window`` ((rows, cols) float32, balanced,
-    ``pattern`` at its pixel (0, 0)): the four filters run over the window (mirrored at its
-    edges, which keeps the pattern's phase) and each output site takes its own sample or the
-    filter its colour calls for. Returns (rows, cols, 3) float32."""
-    out = np.empty((rows, window.shape[1], 3), np.float32)
-    if rows == 0 or window.shape[1] == 0:
-        return out
+    ``pattern`` at its pixel (0, 0)), each channel then times ``scale[c]`` plus ``offset``: the
+    four filters run over the window (mirrored at its edges, which keeps the pattern's phase),
+    each output site takes its own sample or the filter its colour calls for, channel by
+    channel in contiguous planes. Returns (rows, cols, 3) float32."""
+    cols = window.shape[1]
+    if rows == 0 or cols == 0:
+        return np.empty((rows, cols, 3), np.float32)
     green, across, along, diagonal = (
         np.asarray(cv2.filter2D(window, -1, k, borderType=cv2.BORDER_REFLECT_101), np.float32)
         for k in _MHC_KERNELS
     )
+    # the correction overshoots beside a hot pixel or a clipped core (seen to -0.14 of the range
+    # on a real ASI224MC frame): each value clamped to the range of its 3x3 balanced samples,
+    # which still admits the sharper peak the correction restores
+    square = np.ones((3, 3), np.uint8)
+    low = cv2.erode(window, square, borderType=cv2.BORDER_REFLECT_101)[top : top + rows]
+    high = cv2.dilate(window, square, borderType=cv2.BORDER_REFLECT_101)[top : top + rows]
     colour = ["RGB".index(c) for c in pattern]  # the channel of each 2x2 site, row-major
-    for site, own in enumerate(colour):
-        dy, dx = divmod(site, 2)
-        out_rows = slice((dy - top) % 2, rows, 2)  # output rows of this site's phase
-        win_rows = slice(top + out_rows.start, top + rows, 2)
-        columns = slice(dx, None, 2)
-        beside = colour[2 * dy + 1 - dx]  # the colour of the site's left and right neighbours
-        for c in range(3):
+    planes = []
+    for c in range(3):
+        plane = np.empty((rows, cols), np.float32)
+        for site, own in enumerate(colour):
+            dy, dx = divmod(site, 2)
+            out_rows = slice((dy - top) % 2, rows, 2)  # output rows of this site's phase
+            win_rows = slice(top + out_rows.start, top + rows, 2)
+            columns = slice(dx, None, 2)
+            beside = colour[2 * dy + 1 - dx]  # the colour of the site's left/right neighbours
             if c == own:
                 source = window
             elif c == 1:
@@ -285,16 +298,15 @@ def _mhc_rows(window: F32, pattern: str, top: int, rows: int) -> F32:
                 source = across if beside == c else along
             else:
                 source = diagonal
-            out[out_rows, columns, c] = source[win_rows, columns]
-    # the correction overshoots beside a hot pixel or a clipped core (seen to -0.14 of the range
-    # on a real ASI224MC frame): each value clamped to the range of its 3x3 balanced samples,
-    # which still admits the sharper peak the correction restores
-    square = np.ones((3, 3), np.uint8)
-    low = cv2.erode(window, square, borderType=cv2.BORDER_REFLECT_101)[top : top + rows]
-    high = cv2.dilate(window, square, borderType=cv2.BORDER_REFLECT_101)[top : top + rows]
-    for c in range(3):
-        np.clip(out[..., c], low, high, out=out[..., c])
-    return out
+            plane[out_rows, columns] = source[win_rows, columns]
+        cv2.min(plane, high, dst=plane)  # np.clip's three-way pass: 3x slower
+        cv2.max(plane, low, dst=plane)
+        if scale[c] != 1:
+            plane *= np.float32(scale[c])
+        if offset:
+            plane += np.float32(offset)
+        planes.append(plane)
+    return np.asarray(cv2.merge(planes), np.float32).reshape(rows, cols, 3)
 
 
 def demosaic_image(
