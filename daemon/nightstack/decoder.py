@@ -17,7 +17,8 @@ A child that does not answer within ``timeout_s`` is killed (SIGKILL) and restar
 dies (SIGSEGV, SIGABRT, OOM kill, ...) is restarted. Either way the caller gets a
 :class:`~nightstack.errors.DecodeError` and the next ``decode`` works normally. A failure that
 may not happen again is a :class:`TransientDecodeError`: a timeout (a busy machine, a slow card), a
-child killed by SIGKILL (the kernel's OOM killer, an operator) and a read error (``EIO``); a
+child killed by SIGKILL (the kernel's OOM killer, an operator) and a read error (``EIO``, or no
+file descriptor left: ``EMFILE`` / ``ENFILE``, see :mod:`nightstack.frameio`); a
 crash by another signal (SIGSEGV: LibRaw on a corrupt file) and every reason about the file's
 content are not. Shared-memory files
 are named after the parent's pid and unlinked on every path; files left by a parent that was
@@ -27,7 +28,6 @@ itself killed are swept when the next :class:`Decoder` starts.
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib
 import importlib.util
 import mmap
@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DecodeError
+from .frameio import NotAFrameFile, open_frame, transient_error
 from .frames import Frame, FrameMeta, Mosaic
 
 DEFAULT_DECODE_FN = "nightstack.loaders:decode_light"
@@ -76,19 +77,6 @@ _DECODE_FN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 class TransientDecodeError(DecodeError):
     """A decode that failed for a reason that may pass (see the module docstring): worth one
     more try later, unlike a file that is truncated or not an image."""
-
-
-def read_error(err: BaseException) -> OSError | None:
-    """The ``EIO`` read error in ``err``'s chain of causes, if there is one (an error of the
-    storage, not of the file's content; LibRaw's own ``LibRawIOError`` is not an OSError)."""
-    seen: set[int] = set()
-    cause: BaseException | None = err
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, OSError) and cause.errno == errno.EIO:
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 @dataclass
@@ -285,7 +273,8 @@ class Decoder:
                 for name, spec in zip(names, payload["arrays"], strict=False)
             ]
         except OSError as err:
-            raise DecodeError(f"cannot map decoded frame ({type(err).__name__}: {err})") from err
+            kind = TransientDecodeError if transient_error(err) else DecodeError
+            raise kind(f"cannot map decoded frame ({type(err).__name__}: {err})") from err
         if "pattern" in payload:
             common = (payload["pattern"], payload["white_balance"], payload["saturation"])
             if "black" in payload:  # a raw: its ADU and levels, values formed when needed
@@ -362,6 +351,8 @@ def _serve(
     """Decode one file and export its arrays; ("ok", header), or ("error", reason), or
     ("transient", reason) for a read error (EIO)."""
     try:
+        with contextlib.suppress(FileNotFoundError):  # the decode function says it its way
+            os.close(open_frame(path))  # a FIFO or a device in its place: never waited on
         frame = fn(path, **load_kwargs)
         meta: FrameMeta = frame.meta
         if isinstance(frame, Mosaic):
@@ -380,10 +371,12 @@ def _serve(
             _write_segment(name, getattr(frame, a)) for name, a in zip(names, _ARRAYS, strict=True)
         ]
         return "ok", {"arrays": specs, "path": str(frame.path), "bin": frame.bin, "meta": meta}
+    except NotAFrameFile as err:
+        return "error", str(err.strerror)
     except Exception as err:
         for name in names:
             name.unlink(missing_ok=True)
-        kind = "transient" if read_error(err) is not None else "error"
+        kind = "transient" if transient_error(err) is not None else "error"
         if isinstance(err, DecodeError):
             return kind, err.reason
         if kind == "transient":
