@@ -105,6 +105,9 @@ class Decoder:
         returning a :class:`~nightstack.frames.Frame` or :class:`~nightstack.frames.Mosaic`.
     shm_dir
         Where the shared-memory files go; default ``/dev/shm`` (RAM), else the temp directory.
+    address_space_bytes
+        The child's ``RLIMIT_AS`` (bytes of virtual memory; None: no limit): a decode that
+        needs more fails with a one-line ``DecodeError`` instead of taking the machine's RAM.
 
     Use as a context manager or call :meth:`close`; one ``decode`` runs at a time (a lock
     serialises callers).
@@ -117,6 +120,7 @@ class Decoder:
         decode_fn: str = DEFAULT_DECODE_FN,
         *,
         shm_dir: str | Path | None = None,
+        address_space_bytes: int | None = None,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, not {timeout_s!r}")
@@ -128,6 +132,7 @@ class Decoder:
         self.timeout_s = float(timeout_s)
         self.decode_fn = decode_fn
         self.load_kwargs = dict(load_kwargs or {})
+        self.address_space_bytes = address_space_bytes
         self.shm_dir = Path(shm_dir) if shm_dir is not None else _default_shm_dir()
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
@@ -224,7 +229,10 @@ class Decoder:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_child_main,
-            args=(child_conn, self.decode_fn, self.load_kwargs, os.getpid()),
+            args=(
+                child_conn, self.decode_fn, self.load_kwargs, os.getpid(),
+                self.address_space_bytes,
+            ),
             name="nightstack-decoder",
             daemon=True,  # never outlives an interpreter that forgot close()
         )
@@ -316,7 +324,11 @@ class Decoder:
 
 
 def _child_main(
-    conn: Connection, decode_fn: str, load_kwargs: dict[str, Any], parent_pid: int
+    conn: Connection,
+    decode_fn: str,
+    load_kwargs: dict[str, Any],
+    parent_pid: int,
+    address_space_bytes: int | None = None,
 ) -> None:
     """The child's loop: import ``decode_fn``, then decode requests until told to stop."""
     # The parent decides when the child ends: a Ctrl-C or systemd's SIGTERM to the whole group
@@ -327,6 +339,8 @@ def _child_main(
         import resource
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no 500 MB core files on an SD card
+        if address_space_bytes is not None:  # a bomb fails here, not in the machine's RAM
+            resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes, address_space_bytes))
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
     try:
         fn = _resolve(decode_fn)
@@ -381,6 +395,8 @@ def _serve(
             return kind, err.reason
         if kind == "transient":
             return kind, f"cannot read file ({type(err).__name__}: {err})"
+        if isinstance(err, MemoryError) or "MemoryError" in str(err):
+            return "error", "out of memory while decoding (the decoder's address-space limit)"
         if isinstance(err, OSError) and err.errno == 28:  # ENOSPC
             return "error", f"no room for the decoded frame in {names[0].parent} ({err})"
         return "error", f"decoder error ({type(err).__name__}: {err})"

@@ -59,6 +59,7 @@ _TICK_S = 0.5  # worker loop period when idle: signals, close requests, watchdog
 RETRY_S = 5.0  # while the output cannot be written: how often to look for free space again
 _SPACE_MARGIN = 16 * 2**20  # free bytes wanted besides two frame-store entries before a retry
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+_DECODER_BASE_BYTES = 2 << 30  # the decoder child's virtual memory besides its frame
 FD_WAIT_S = 1.0  # no file descriptor left: how often to try a frame's file again
 STAGE_SLACK_S = 10.0
 """The prepare stage's time for one frame beyond the decode timeout (hash, detection, s)."""
@@ -80,7 +81,19 @@ def load_kwargs(settings: Settings) -> dict[str, Any]:
     balance: str | list[float] = (
         wb if wb in ("camera", "daylight", "auto") else [float(v) for v in wb.split(",")]
     )
-    return {"demosaic": settings.demosaic, "white_balance": balance, "bin": settings.bin}
+    return {
+        "demosaic": settings.demosaic,
+        "white_balance": balance,
+        "bin": settings.bin,
+        "max_pixels": settings.max_frame_pixels,
+    }
+
+
+def decoder_memory(settings: Settings) -> int:
+    """The decoder child's address-space limit (bytes): its libraries' mappings (0.75 GB on
+    this machine; more threads, more stacks) plus 32 bytes per pixel of the largest frame
+    allowed (LibRaw's buffers and the float32 RGB of its own demosaic: ~28)."""
+    return _DECODER_BASE_BYTES + 32 * settings.max_frame_pixels
 
 
 def check_startup(settings: Settings) -> tuple[Path, Path]:
@@ -238,6 +251,7 @@ class Daemon:
             timeout_s=self.settings.decode_timeout_s,
             load_kwargs=load_kwargs(self.settings),
             decode_fn=self.hooks.decode_fn,
+            address_space_bytes=decoder_memory(self.settings),
         ) as decoder:
             self.decoder = decoder
             self.output = output
