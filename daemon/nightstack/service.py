@@ -38,6 +38,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
+from .control import hold_lock, request_close, take_close_request
 from .decoder import DEFAULT_DECODE_FN, Decoder
 from .errors import ConfigError
 from .frameio import FD_ERRNOS, file_sha256, transient_error
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nightstack")
 
-CLOSE_REQUEST = "close-request"  # `nightstack close` creates this file in the output dir
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # every empty file: rejected each, not deduped
 _TICK_S = 0.5  # worker loop period when idle: signals, close requests, watchdog, previews
 RETRY_S = 5.0  # while the output cannot be written: how often to look for free space again
@@ -194,6 +194,7 @@ class Daemon:
         self._busy = threading.Event()  # the prepare thread holds a frame
         self._stage_since: float | None = None  # monotonic s: the prepare stage's frame since
         self._stuck_said = False
+        self._request_said: str | None = None  # the last complaint about the close request
         self.stage_deadline_s = settings.decode_timeout_s + STAGE_SLACK_S
         """The longest the prepare stage may hold one frame (s) before the watchdog starves:
         the decode's own timeout plus hashing and detection."""
@@ -235,12 +236,18 @@ class Daemon:
     # --- main ---------------------------------------------------------------------------------
     def run(self) -> int:
         watch, output = check_startup(self.settings)
+        try:
+            lock = hold_lock(output)  # `nightstack close` sees that a daemon is here
+        except OSError as err:
+            raise ConfigError(f"cannot lock {output} ({err.strerror}): another daemon writes "
+                              "there?") from err  # fmt: skip
         web = self._start_web(output)  # --- web ---
         try:
             return self._run(watch, output)
         finally:
             if web is not None:
                 web.stop()
+            os.close(lock)
 
     def _run(self, watch: Path, output: Path) -> int:
         if threading.current_thread() is threading.main_thread():
@@ -313,10 +320,12 @@ class Daemon:
                 self._reload()
             if self._degraded.is_set() and time.monotonic() >= self._retry_at:
                 self._recover(output)
-            request = output / CLOSE_REQUEST
-            if request.exists():
-                request.unlink(missing_ok=True)
+            request = take_close_request(output)
+            if request == "close":
                 self._close("close requested")
+            elif request is not None and request != self._request_said:
+                log.warning("%s", _shown(request))  # once, not every tick
+            self._request_said = request
             try:
                 epoch, item = self.prepared.get(timeout=tick)
             except queue.Empty:
@@ -830,7 +839,3 @@ def _preview_wanted(session: Session, *, behind: bool) -> bool:
         return False
     return not behind or time.monotonic() - session.last_preview >= session.settings.preview_every_s
 
-
-def request_close(output_dir: Path) -> None:
-    """``nightstack close``: ask the daemon watching into ``output_dir`` to close its session."""
-    (output_dir / CLOSE_REQUEST).write_bytes(b"")
