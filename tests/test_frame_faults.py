@@ -1,4 +1,4 @@
-"""Faults of a frame's file and of the machine while it is read (issue 20, items 3 and 5).
+"""Faults of a frame's file and of the machine while it is read (issue 20, items 3, 5, 11).
 
 A real daemon (``nightstack watch`` as a subprocess, real inotify, real decoder child): a
 process out of file descriptors (its ``RLIMIT_NOFILE`` lowered for real with ``prlimit``), a
@@ -175,3 +175,30 @@ def test_the_watchdog_starves_while_a_stage_is_stuck(
     assert any(t > dropped + at + longest for t in pings)  # ...and fed again after
     assert "stuck on one frame" in d.text()
     assert journal(out)[0]["status"] == "accepted"
+
+
+def test_a_writer_that_closes_after_every_chunk_gets_one_journal_line(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Item 11: a DNG appended in 30 steps, the file opened and closed for each (a real
+    IN_CLOSE_WRITE every 60 ms): no "truncated" line, the whole file accepted once."""
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    d = _start(watch, out, daemons)
+    _put(frames[0], watch)
+    wait_for(lambda: len(journal(out)) == 1, 60, "the reference", d)
+    data = frames[1].read_bytes()
+    target = watch / frames[1].name
+    steps = 30
+    for k in range(steps):
+        with target.open("ab") as fh:
+            fh.write(data[k * len(data) // steps : (k + 1) * len(data) // steps])
+        time.sleep(0.06)
+    wait_for(lambda: len(journal(out)) >= 2, 60, "the whole file", d)
+    time.sleep(1.5)  # any late report of a part would be journaled by now
+    lines = journal(out)
+    assert [(Path(r["file"]).name, r["status"]) for r in lines] == [
+        (frames[0].name, "accepted"),
+        (frames[1].name, "accepted"),
+    ], [r.get("reason") for r in lines]
+    assert d.stop() == 0

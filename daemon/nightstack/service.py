@@ -397,6 +397,7 @@ class Daemon:
             self._stage_since = time.monotonic()
             try:
                 item: _Item
+                seen = _stat_key(path)  # before the hash: what the decode will judge
                 digest, unreadable = self._hash(path)
                 with self._hash_lock:
                     epoch = self._epoch
@@ -413,6 +414,14 @@ class Daemon:
                     item = self._transient_or_not(prepared)
                 else:
                     item = self._transient_or_not(detector.prepare(path, digest))
+                    if isinstance(item, Prepared) and item.error and not self._settled(path, seen):
+                        log.info("%s: %s while still being written; decoded again once it is "
+                                 "complete", _shown(path.name), item.error)  # fmt: skip
+                        if digest is not None:
+                            with self._hash_lock:
+                                self.hashes.discard(digest)
+                        self._done(path)  # the watcher reports it again when it changes
+                        continue
                 self._stage_since = None  # done: handing over is waiting, not a stuck stage
                 while not self.stop.is_set():
                     try:
@@ -448,6 +457,22 @@ class Daemon:
                 log.info("file descriptors free again after %d tries: %s read", waited,
                          _shown(path.name))  # fmt: skip
             return digest, None
+
+    def _settled(self, path: Path, seen: tuple[int, int] | None) -> bool:
+        """Whether a file that failed to decode is complete, so the failure is final: its size
+        and mtime are still ``seen`` (as before the hash) and ``stable_s`` old. A writer that
+        opens and closes the file per chunk makes it fail while young: wait for ``stable_s``
+        after its last change; False if it changed (the watcher reports it again, complete or
+        not) or the daemon stops."""
+        while not self.stop.is_set():
+            now_key = _stat_key(path)
+            if now_key is None or now_key != seen:
+                return False
+            age = time.time() - now_key[1] / 1e9
+            if age >= self.settings.stable_s:
+                return True
+            self.stop.wait(min(self.settings.stable_s - age, _TICK_S))
+        return False
 
     def _stuck(self) -> str | None:
         """Why the watchdog must not be fed: the prepare stage has held one frame longer than
@@ -829,6 +854,15 @@ class Daemon:
         return snapshot
 
     # --- end web -----------------------------------------------------------------------------
+
+
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    """(size in bytes, mtime in ns) of ``path``, None if it cannot be stat'ed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _preview_wanted(session: Session, *, behind: bool) -> bool:
