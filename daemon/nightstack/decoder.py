@@ -345,9 +345,10 @@ def _child_main(
     try:
         fn = _resolve(decode_fn)
     except Exception as err:
-        conn.send(("failed", f"cannot import {decode_fn} ({type(err).__name__}: {err})"))
+        _reply(conn, ("failed", f"cannot import {decode_fn} ({type(err).__name__}: {err})"))
         return
-    conn.send(("ready", os.getpid()))
+    if not _reply(conn, ("ready", os.getpid())):
+        return
     while True:
         try:
             request = conn.recv()
@@ -356,7 +357,17 @@ def _child_main(
         if request is None:
             return
         path, names = request
-        conn.send(_serve(fn, path, [Path(n) for n in names], load_kwargs))
+        if not _reply(conn, _serve(fn, path, [Path(n) for n in names], load_kwargs)):
+            return
+
+
+def _reply(conn: Connection, message: tuple[str, Any]) -> bool:
+    """Send ``message`` to the parent; False (quietly, no traceback) if it is gone."""
+    try:
+        conn.send(message)
+    except (OSError, EOFError):  # BrokenPipeError: the parent was killed or stopped us
+        return False
+    return True
 
 
 def _serve(
