@@ -550,13 +550,16 @@ class Session:
         FITS (4 bytes per sample), the TIFF (2) and live.fits (4, its swap), one more checkpoint
         generation at its largest (a live-only checkpoint written during warm-up holds up to
         ``live_warmup`` - 1 float32 frames and their footprints beside the live state: see
-        :func:`checkpoint_bytes`), and a margin."""
+        :func:`checkpoint_bytes`; once the live stack is warmed up it never holds one again),
+        and a margin."""
         ref = self.stacker.reference
         if ref is None:
             return _RESERVE_MARGIN
         rows, cols = ref.shape
         samples = rows * cols * ref.channels
-        checkpoint = checkpoint_bytes(rows * cols, ref.channels, self.settings.live_warmup)
+        live = self.stacker.live
+        warmup = 1 if live is not None and live.warmed_up else self.settings.live_warmup
+        checkpoint = checkpoint_bytes(rows * cols, ref.channels, warmup)
         return samples * (4 + 2 + 4) + checkpoint + _RESERVE_MARGIN
 
     def _checkpoint_now(self) -> None:
