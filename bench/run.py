@@ -43,6 +43,11 @@ BENCHMARKS = {
         "Landscape products: trails, timelapse, freeze ground, 24 MP (issue 15)",
         "bench_landscape",
     ),
+    "quality": (
+        "Image quality on real frames: star FWHM and faint-star S/N vs a reference and Siril "
+        "(issue 19)",
+        "bench_quality",
+    ),
 }
 """Name -> (RESULTS.md section title, module with ``measure(quick)`` and ``report(data)``)."""
 

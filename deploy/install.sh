@@ -8,7 +8,8 @@
 # System install: Debian packages, a venv in /opt/nightstack/venv with nightstack[systemd],
 # the system user nightstack (no login shell, home /var/lib/nightstack, group plugdev), the
 # watch folder /srv/nightstack/incoming (group nightstack, setgid), the config
-# /etc/nightstack/nightstack.toml (an existing one is never overwritten), the unit
+# /etc/nightstack/nightstack.toml (0640 root:nightstack: it may hold web_token; an existing one
+# is never overwritten), the unit
 # /etc/systemd/system/nightstack.service, enabled but only started with --start.
 # --user: venv in ~/.local/share/nightstack/venv, config in ~/.config/nightstack/ (watching
 # ~/nightstack/incoming, writing ~/nightstack/sessions), unit in ~/.config/systemd/user/.
@@ -189,7 +190,13 @@ install_config() {
       /^output_dir = / { print "output_dir = \"" ENVIRON["NS_OUTPUT"] "\""; next }
       { print }' "$repo/deploy/nightstack.toml" >"$prefix$config.new"
   fi
-  fsrun chmod 0644 "$prefix$config.new"
+  # It may hold web_token: readable by the service's group (system) or the user only.
+  if [ "$mode" = system ]; then
+    fsrun chmod 0640 "$prefix$config.new"
+    run chown root:nightstack "$prefix$config.new"
+  else
+    fsrun chmod 0600 "$prefix$config.new"
+  fi
   fsrun mv "$prefix$config.new" "$prefix$config"
   say "installed config: $config (edit watch_dir / output_dir)"
 }

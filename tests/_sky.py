@@ -66,6 +66,7 @@ class Field:
     shape: tuple[int, int]
     windows: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     hot: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    full: np.ndarray | None = None  # (rows, cols) float32 full-resolution frame (mono only)
 
 
 def catalogue(
@@ -151,6 +152,7 @@ def render(
     landscape_rows: int = 0,
     windows: np.ndarray | None = None,
     window_flux: float = 5.0,
+    mono: bool = False,
 ) -> Field:
     """Render stars at full-res ``xy`` (n, 2) with grey ``flux`` into a CFA frame of ``shape``
     (rows, cols), add noise and features, bin 2x2.
@@ -160,6 +162,8 @@ def render(
     ``hot_value`` above its neighbours.
     ``landscape_rows``: the bottom rows are a dark landscape (stars hidden behind it) with
     star-like lit ``windows`` (k, 2) of ``window_flux``.
+    ``mono``: no colour filter array (every pixel sees the grey star); the full-resolution frame
+    is kept in ``Field.full``.
     """
     psf = psf or Psf()
     rng = np.random.default_rng(seed)
@@ -175,7 +179,7 @@ def render(
         peaks[i] = _add_star(image, xy[i], flux[i], psf, half)
     yy, xx = np.mgrid[0:rows, 0:cols]
     background = sky * (1 + gradient[0] * xx / cols + gradient[1] * yy / rows)
-    gains = np.tile(CFA_GAINS, (rows // 2, cols // 2))
+    gains = np.ones(shape) if mono else np.tile(CFA_GAINS, (rows // 2, cols // 2))
     frame = background + image * gains
     windows_xy = np.zeros((0, 2)) if windows is None else np.asarray(windows, dtype=float)
     if landscape_rows:
@@ -205,6 +209,7 @@ def render(
         shape=(rows, cols),
         windows=windows_xy,
         hot=hot,
+        full=frame.astype(np.float32) if mono else None,
     )
 
 

@@ -56,11 +56,15 @@ def request(
     headers: dict[str, str] | None = None,
     body: bytes | None = None,
     timeout: float = 30.0,
+    source: str | None = None,
 ) -> Answer:
     """One HTTP request to ``base`` (``http://host:port``), ``path`` sent exactly as given
-    (no normalisation, so traversal attempts reach the server as written)."""
+    (no normalisation, so traversal attempts reach the server as written); ``source``: the
+    client's own address (another loopback address, 127.0.0.2, is another client)."""
     parts = urlsplit(base)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    conn = http.client.HTTPConnection(
+        parts.hostname, parts.port, timeout=timeout, source_address=(source, 0) if source else None
+    )
     try:
         given = {k.lower() for k in headers or {}}
         conn.putrequest(method, path, skip_host="host" in given, skip_accept_encoding=True)
@@ -103,12 +107,20 @@ def other_address() -> str | None:
 
 
 class EventStream:
-    """Reads ``GET /api/events`` on a thread; ``events`` gets (name, data) as they arrive."""
+    """Reads ``GET /api/events`` on a thread; ``events`` gets (name, data) as they arrive;
+    ``raw`` every byte. ``source``: the client's address (see :func:`request`)."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(
+        self, base: str, source: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         parts = urlsplit(base)
-        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
-        self.conn.request("GET", "/api/events", headers={"Accept": "text/event-stream"})
+        self.conn = http.client.HTTPConnection(
+            parts.hostname, parts.port, timeout=120, source_address=(source, 0) if source else None
+        )
+        self.raw = bytearray()
+        self.conn.request(
+            "GET", "/api/events", headers={"Accept": "text/event-stream", **(headers or {})}
+        )
         self.response = self.conn.getresponse()
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.received: list[tuple[str, Any]] = []  # every event, in arrival order
@@ -122,6 +134,7 @@ class EventStream:
                 raw = self.response.readline()
                 if not raw:
                     return
+                self.raw += raw
                 line = raw.decode("utf-8").rstrip("\n")
                 if line == "":
                     if data:

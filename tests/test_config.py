@@ -161,3 +161,89 @@ def test_a_sub_folder_of_a_watch_folder_not_watched_recursively_is_fine(tmp_path
         use_default=False, overrides={"watch_dir": watch, "output_dir": sibling, "recursive": True}
     )
     assert check_startup(settings) == (watch, sibling)
+
+
+# --- issue 20 item 10: what `config show` (the install script's check) must refuse -----------
+@pytest.mark.parametrize(
+    ("env", "text", "name"),
+    [
+        ({}, "extensions = []\n", "extensions"),
+        ({}, 'extensions = ["."]\n', "extensions"),
+        ({"NIGHTSTACK_EXTENSIONS": "[]"}, "", "extensions"),
+        ({}, "poll_interval_s = inf\n", "poll_interval_s"),
+        ({}, "stack_sigma = nan\n", "stack_sigma"),
+        ({"NIGHTSTACK_POLL_INTERVAL_S": "inf"}, "", "poll_interval_s"),
+        ({}, "idle_timeout_s = 1e300\n", "idle_timeout_s"),
+        ({"NIGHTSTACK_WATCH_DIR": ""}, "", "watch_dir"),
+        ({}, 'output_dir = ""\n', "output_dir"),
+        ({}, 'sky_mask = "/no/such/mask.png"\n', "sky_mask"),
+        ({"NIGHTSTACK_EXTENSIONS": '[".dng"'}, "", "extensions"),
+    ],
+)
+def test_config_show_refuses_with_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    text: str,
+    name: str,
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["config", "show", "--config", str(_toml(tmp_path, text))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nightstack:") and name in err and "\n" not in err, err
+
+
+def test_plain_strings_in_the_environment_for_list_settings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NIGHTSTACK_EXTENSIONS", ".dng")
+    monkeypatch.setenv("NIGHTSTACK_PRODUCTS", "stack")
+    s = load_settings(use_default=False)
+    assert s.extensions == [".dng"] and s.products == ["stack"]
+    monkeypatch.setenv("NIGHTSTACK_EXTENSIONS", "DNG, .cr3")
+    monkeypatch.setenv("NIGHTSTACK_PRODUCTS", "trails,stack")
+    s = load_settings(use_default=False)
+    assert s.extensions == [".cr3", ".dng"] and s.products == ["stack", "trails"]
+    monkeypatch.setenv("NIGHTSTACK_EXTENSIONS", '[".nef"]')  # JSON still works
+    assert load_settings(use_default=False).extensions == [".nef"]
+    assert main(["config", "show"]) == 0
+
+
+def test_an_unknown_nightstack_variable_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("NIGHTSTACK_WATCHDIR", "/srv/typo")  # watch_dir misspelt
+    with caplog.at_level("WARNING", logger="nightstack"):
+        load_settings(use_default=False)
+    assert "NIGHTSTACK_WATCHDIR names no setting" in caplog.text
+
+
+# --- issue 20 item 1: the token out of the config file ------------------------------------------
+def test_the_web_token_from_a_file_or_a_systemd_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nightstack.config import redacted, web_token
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    secret = tmp_path / "token"
+    secret.write_text("file-token-123456\n")
+    s = load_settings(use_default=False, overrides={"web_token_file": secret})
+    assert web_token(s) == "file-token-123456"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "web_token").write_text("credential-token-99\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert web_token(load_settings(use_default=False)) == "credential-token-99"
+    assert web_token(s) == "file-token-123456"  # the setting wins over the credential
+    secret.write_text("short\n")
+    with pytest.raises(ConfigError, match="web_token_file"):
+        load_settings(use_default=False, overrides={"web_token_file": secret})
+    with pytest.raises(ConfigError, match="web_token_file"):
+        load_settings(use_default=False, overrides={"web_token_file": tmp_path / "missing"})
+    both = {"web_token": "inline-token-1", "web_token_file": creds / "web_token"}
+    with pytest.raises(ConfigError, match="not both"):
+        load_settings(use_default=False, overrides=both)
+    s = load_settings(use_default=False, overrides={"web_token": "inline-token-1"})
+    assert redacted(s)["web_token"] is None and "inline-token-1" not in describe(s)

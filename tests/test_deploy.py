@@ -313,3 +313,43 @@ def test_install_script_is_shellcheck_clean() -> None:
         ["shellcheck", "--shell=sh", str(INSTALL)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stdout
+
+
+# --- issue 20: the config may hold the token; descriptors; the user unit's sandbox -------------
+def test_the_installed_config_is_not_world_readable(tmp_path: Path) -> None:
+    commands, _ = _install("--prefix", str(tmp_path / "sys"), "--dry-run")
+    config = tmp_path / "sys/etc/nightstack/nightstack.toml"
+    assert config.stat().st_mode & 0o777 == 0o640  # main: 0644, token and all
+    assert _has(commands, "chown", "root:nightstack")
+    home = tmp_path / "home"
+    home.mkdir()
+    _install("--user", "--prefix", str(tmp_path / "user"), "--dry-run", home=home)
+    staged = tmp_path / "user" / home.relative_to("/") / ".config/nightstack/nightstack.toml"
+    assert staged.stat().st_mode & 0o777 == 0o600
+
+
+def test_units_set_a_descriptor_limit_and_keep_files_from_other_users() -> None:
+    for unit in (SYSTEM_UNIT, USER_UNIT):
+        limit = _directives(unit)["LimitNOFILE"]
+        assert len(limit) == 1 and int(limit[0]) >= 2048, unit  # main: systemd's 1024
+        assert _directives(unit)["UMask"][0] in ("0027", "0077"), unit
+
+
+@needs_systemd_analyze
+def test_user_unit_sandbox_exposure(tmp_path: Path) -> None:
+    """`systemd-analyze --user security` scored the user unit 9.4-9.6 UNSAFE on main."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    shutil.copy(USER_UNIT, tmp_path / "nightstack.service")
+    proc = subprocess.run(
+        [str(SYSTEMD_ANALYZE), "--user", "security", "--offline=true", "nightstack.service"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for nightstack.service: ([0-9.]+)", proc.stdout)
+    assert found is not None, proc.stdout[-500:] + proc.stderr[-500:]
+    assert float(found.group(1)) <= 2.0, proc.stdout

@@ -561,3 +561,18 @@ def test_the_decoder_child_has_an_address_space_limit(tmp_path: Path) -> None:
         assert decoder.pid is not None
         soft, hard = resource.prlimit(decoder.pid, resource.RLIMIT_AS)
     assert soft == hard == 3 << 30
+
+
+def test_a_libraw_demosaic_on_a_bayer_fits_is_refused_by_name(tmp_path: Path) -> None:
+    """The pipeline's decode (decode_light) does what the setting names or says why not: LibRaw
+    cannot read a FITS, so AHD on a Bayer FITS is a one-line refusal naming the setting, not a
+    silent other demosaic; a mono FITS has nothing to demosaic and decodes."""
+    from nightstack.errors import DecodeError
+    from nightstack.loaders import decode_light
+
+    bayer = _write_fits(tmp_path / "bayer.fits", _cfa_lit_at("RGGB", "R"), BAYERPAT="RGGB")
+    with pytest.raises(DecodeError, match=r"demosaic 'AHD' is LibRaw's.*'mhc'"):
+        decode_light(bayer, demosaic="AHD")
+    assert decode_light(bayer, demosaic="mhc").pattern == "RGGB"  # type: ignore[union-attr]
+    mono = _write_fits(tmp_path / "mono.fits", _cfa_lit_at("RGGB", "R"))
+    assert decode_light(mono, demosaic="AHD").image.shape[2] == 1  # type: ignore[union-attr]

@@ -63,7 +63,7 @@ def test_too_few_stars_relative_to_the_reference() -> None:
 
 def test_trailed() -> None:
     reason = gate(Quality.of(_stars(elongation=2.3)), LIMITS, REFERENCE)
-    assert reason == "trailed: elongation 2.30 > 1.60"
+    assert reason == "trailed: elongation 2.30 > 2.00"
 
 
 def test_fwhm_relative_to_the_reference() -> None:

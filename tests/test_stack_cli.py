@@ -251,21 +251,24 @@ def _fwhm(image: np.ndarray) -> float:
     return float(finder(binned.astype(np.float32), 2).fwhm_px)
 
 
-def test_cubic_warps_keep_the_stars_as_sharp_as_one_frame(
+def test_the_default_stack_keeps_the_stars_as_sharp_as_one_frame(
     night: tuple[Path, dict[str, Any]],
     stacked: tuple[Path, list[dict[str, Any]]],
     tmp_path: Path,
 ) -> None:
-    """Bilinear resampling of the drifting frames widens the stack's stars (its 2-tap kernel adds
-    t(1 - t) px^2 of variance at a sub-pixel offset t); cubic keeps them within 2 % of the
-    reference frame's own."""
+    """The defaults (MHC demosaic, clamped cubic warp) keep the drifting night's stack within 2 %
+    of its reference frame's own star FWHM and no wider than LibRaw's AHD decode of it; a bilinear
+    warp widens them (its 2-tap kernel adds t(1 - t) px^2 of variance at a sub-pixel offset t)."""
     outdir, _ = night
-    single = _fwhm(load(sorted(outdir.glob("*.DNG"))[0], demosaic="bilinear").image)
-    bilinear = _fwhm(_fits_image(stacked[0]))
-    cubic_path, _ = _stack(outdir, tmp_path, "--interpolation", "cubic")
-    cubic = _fwhm(_fits_image(cubic_path))
+    first = sorted(outdir.glob("*.DNG"))[0]
+    single = _fwhm(load(first, demosaic="mhc").image)
+    ahd = _fwhm(load(first, demosaic="AHD").image)
+    default = _fwhm(_fits_image(stacked[0]))
+    bilinear_path, _ = _stack(outdir, tmp_path, "--interpolation", "bilinear")
+    bilinear = _fwhm(_fits_image(bilinear_path))
     assert bilinear > 1.01 * single, (bilinear, single)
-    assert cubic < bilinear and abs(cubic / single - 1) <= 0.02, (cubic, bilinear, single)
+    assert default < bilinear and abs(default / single - 1) <= 0.02, (default, bilinear, single)
+    assert default <= 1.01 * ahd, (default, ahd)  # measured 3.45 vs 3.52 px: sharper
 
 
 def test_tiff_and_png_outputs(night: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ import pytest
 from _daemon import Daemon, journal, wait_for
 from _web import browser_missing, chromium, request, web_base
 from nightstack.simulate import simulate_night
+from nightstack.web.render import CROPS, listed
 
 pytestmark = [
     pytest.mark.slow,
@@ -229,7 +230,8 @@ def test_the_page_follows_a_night_and_closes_it(
         )
         assert "/crop.jpg?cx=" in crop["src"] and "linked=0" in crop["src"]
         size = int(crop["src"].split("size=")[1].split("&")[0])
-        assert size == min(1024, round(crop["side"] * crop["ratio"]))  # the screen's longer side
+        side = min(1024, round(crop["side"] * crop["ratio"]))  # the screen's longer side
+        assert size == listed(side, CROPS)  # rounded up to a listed side
         assert crop["width"] == crop["height"] == size  # served at the stack's own pixels
         assert crop["css_width"] == size / crop["ratio"]  # one stack pixel per screen pixel
         driver.find_element("id", "zoom").click()
@@ -288,9 +290,10 @@ def test_the_page_follows_a_night_and_closes_it(
 
 
 def test_the_page_asks_for_the_token_once(tmp_path: Path) -> None:
-    """With web_token set, the close button asks for it, sends it, and remembers it; a session
-    without live.fits zooms into its preview. (The server runs in this process; a stand-in
-    daemon counts the close requests.)"""
+    """With web_token set, reading needs it too (issue 20 item 1): the page asks for it once,
+    trades it for a read cookie, shows the session, and closes with it without asking again,
+    also on a new visit; a session without live.fits zooms into its preview. (The server
+    runs in this process; a stand-in daemon counts the close requests.)"""
     from nightstack.web.server import WebServer
 
     sid = "20261130-214502"
@@ -313,6 +316,16 @@ def test_the_page_asks_for_the_token_once(tmp_path: Path) -> None:
     try:
         with chromium(390, 844) as driver:
             driver.get(server.url)
+            form = _until(
+                driver,
+                "the token form",
+                30,
+                lambda b: (f := b.find_element("id", "token-form")).is_displayed() and f,
+            )
+            assert "web token" in driver.find_element("id", "close-note").text
+            assert _preview(driver)["width"] == 0  # nothing read without it
+            driver.find_element("id", "token").send_keys(token)
+            form.submit()
             # no live.fits: no stretch controls, and a tap shows the preview at its full size
             _until(driver, "the preview", 30, lambda b: _preview(b)["width"] == 800)
             assert not driver.find_element("id", "stretch").is_displayed()
@@ -328,40 +341,23 @@ def test_the_page_asks_for_the_token_once(tmp_path: Path) -> None:
             assert shown["css_width"] == 800 / shown["ratio"]  # its own pixels, not fitted
             driver.find_element("id", "zoom").click()
             _until(driver, "the zoom closed", 10, lambda b: not _zoom(b)["visible"])
-            close = _until(
-                driver,
-                "the close button",
-                30,
-                lambda b: (c := b.find_element("id", "close")).is_displayed() and c,
-            )
-            close.click()
-            close.click()
-            form = _until(
-                driver,
-                "the token form",
-                30,
-                lambda b: (f := b.find_element("id", "token-form")).is_displayed() and f,
-            )
-            assert not closes and "web token" in driver.find_element("id", "close-note").text
-            driver.find_element("id", "token").send_keys(token)
-            form.submit()
-            _until(driver, "the close", 30, lambda b: len(closes) == 1)
-            _until(
-                driver,
-                "the answer",
-                30,
-                lambda b: "Closing session" in b.find_element("id", "close-note").text,
-            )
-            driver.refresh()  # a new visit: the token is remembered
-            close = _until(
-                driver,
-                "the close button",
-                30,
-                lambda b: (c := b.find_element("id", "close")).is_displayed() and c,
-            )
-            close.click()
-            close.click()
-            _until(driver, "the second close", 30, lambda b: len(closes) == 2)
-            assert not driver.find_element("id", "token-form").is_displayed()
+            for expected in (1, 2):
+                close = _until(
+                    driver,
+                    "the close button",
+                    30,
+                    lambda b: (c := b.find_element("id", "close")).is_displayed() and c,
+                )
+                close.click()
+                close.click()
+                _until(driver, "the close", 30, lambda b, n=expected: len(closes) == n)
+                _until(
+                    driver,
+                    "the answer",
+                    30,
+                    lambda b: "Closing session" in b.find_element("id", "close-note").text,
+                )
+                assert not driver.find_element("id", "token-form").is_displayed()
+                driver.refresh()  # a new visit: the token is remembered
     finally:
         server.stop()

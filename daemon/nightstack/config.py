@@ -8,24 +8,47 @@ decode function, a stalled worker) are not settings: tests pass them to ``Daemon
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from .errors import ConfigError
 
+log = logging.getLogger("nightstack")
+
 SYSTEM_CONFIG = Path("/etc/nightstack/nightstack.toml")
+
+SECRET_SETTINGS = frozenset({"web_token"})
+"""Settings never written to a file the daemon makes (``session.json``) nor served."""
+
+CREDENTIAL = "web_token"
+"""The systemd credential (``LoadCredential=web_token:/path``) read as the web token:
+``$CREDENTIALS_DIRECTORY/web_token``."""
+
+MAX_SECONDS = 1e6
+"""Upper bound of every ``*_s`` setting (11.6 days): longer waits overflow thread timeouts."""
 
 # The TOML file for the Settings being built; a ContextVar because pydantic-settings builds its
 # sources in a classmethod with no per-call arguments.
 _toml_data: ContextVar[dict[str, Any] | None] = ContextVar("_toml_data", default=None)
 
-Demosaic = Literal["bilinear", "edge-aware", "AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD"]
+Demosaic = Literal[
+    "mhc", "bilinear", "edge-aware", "AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD"
+]
 StackMethod = Literal["sigma_clip", "mean", "median", "winsorized"]
 
 
@@ -33,7 +56,11 @@ class Settings(BaseSettings):
     """Every setting nightstack has. Field descriptions are the documentation."""
 
     model_config = SettingsConfigDict(
-        env_prefix="NIGHTSTACK_", extra="forbid", validate_default=True, frozen=True
+        env_prefix="NIGHTSTACK_",
+        extra="forbid",
+        validate_default=True,
+        frozen=True,
+        allow_inf_nan=False,  # every float finite: `poll_interval_s = inf` is refused
     )
 
     # --- watching ---
@@ -77,9 +104,11 @@ class Settings(BaseSettings):
 
     # --- decoding ---
     demosaic: Demosaic = Field(
-        "bilinear",
-        description="'bilinear' or 'edge-aware' (OpenCV, on the calibrated mosaic of a Bayer "
-        "sensor); or a LibRaw algorithm (AHD, LINEAR, ...) for LibRaw's full decode instead.",
+        "mhc",
+        description="Every 2x2 Bayer source (raws and Bayer FITS), on its calibrated mosaic: "
+        "'mhc' (Malvar-He-Cutler: sharp stars), 'bilinear' or 'edge-aware' (OpenCV). Or a LibRaw "
+        "algorithm (AHD, LINEAR, ...): LibRaw's full decode, raws only (a Bayer FITS is then "
+        "rejected, named). Other sensors (X-Trans, mono, RGB files) are decoded as they are.",
     )
     white_balance: str = Field(
         "camera", description="'camera', 'daylight', 'auto' or four comma-separated multipliers."
@@ -119,10 +148,10 @@ class Settings(BaseSettings):
         "similarity", description="Registration model: similarity (rotation+shift+scale) or affine."
     )
     interpolation: Literal["bilinear", "cubic", "lanczos4"] = Field(
-        "bilinear",
-        description="Resampling of each frame onto the reference grid: bilinear (smooths: the "
-        "stack's stars ~3 % wider than a single frame's, its noise lower) or cubic / lanczos4 "
-        "(sharper, ~1.5x the final combine's time).",
+        "cubic",
+        description="Resampling of each frame onto the reference grid: cubic (sharp; clamped to "
+        "the four nearest samples, so no ringing around bright stars), lanczos4 (as sharp, "
+        "slower, a little noisier at aperture scale) or bilinear (fast; widens stars ~5 %).",
     )
     min_inliers: int = Field(8, ge=3, description="Matched stars needed to accept an alignment.")
     min_stars: int = Field(15, ge=3, description="Reject frames with fewer stars (cloud, dawn).")
@@ -132,7 +161,16 @@ class Settings(BaseSettings):
     max_fwhm_ratio: float = Field(
         1.5, gt=1, description="Reject frames whose FWHM exceeds this times the reference's."
     )
-    max_elongation: float = Field(1.6, gt=1, description="Reject trailed frames (star a/b ratio).")
+    max_elongation: float = Field(
+        2.0, gt=1, description="Reject frames whose stars' a/b ratio exceeds this (backstop)."
+    )
+    max_trail_ratio: float = Field(
+        1.6,
+        gt=1,
+        description="Reject frames whose stars are stretched (a/b - 1) more than this x the "
+        "session's median and stand 3 robust sigma above it: trailing judged against the "
+        "camera's own star shapes.",
+    )
     max_background_ratio: float = Field(
         3.0, gt=1, description="Reject frames whose sky is this much brighter than the reference."
     )
@@ -177,6 +215,16 @@ class Settings(BaseSettings):
     )
     weights: Literal["none", "fwhm"] = Field(
         "none", description="Per-frame weights in the combine."
+    )
+    drizzle: Literal["off", "1x", "2x"] = Field(
+        "off",
+        description="Bayer drizzle for the final (Bayer sensors): each frame's sensor sites "
+        "dropped onto the output grid, no demosaic; '2x' doubles the resolution (4x the "
+        "final's memory and disk). Needs a drifting or dithered night; the live stack keeps "
+        "the demosaic.",
+    )
+    drizzle_drop: float = Field(
+        1.0, gt=0, le=1, description="Side of a site's drop in sensor pixels (drizzle's pixfrac)."
     )
 
     # --- calibration ---
@@ -307,8 +355,20 @@ class Settings(BaseSettings):
     )
     web_token: str | None = Field(
         None,
-        description="Bearer token the web page's actions (close) need; without one, actions are "
-        "taken only from this machine (loopback).",
+        description="Bearer token the web page needs, for reading and for actions (close); "
+        "without one, reading is open and actions are taken only from this machine (loopback). "
+        "Better kept out of this file: web_token_file, or systemd's LoadCredential=web_token.",
+    )
+    web_token_file: Path | None = Field(
+        None,
+        description="A file holding the web token (its first line; mode 0600 or 0640), read at "
+        "start and on SIGHUP; else $CREDENTIALS_DIRECTORY/web_token when systemd passes one.",
+    )
+    web_hosts: list[str] = Field(
+        default=[],
+        description="Host names the page is reached by besides this machine's own name, "
+        "name.local, localhost and IP addresses (e.g. 'nightstack.lan'); a request naming "
+        "another host is refused (DNS rebinding).",
     )
 
     @field_validator("web_listen")
@@ -324,21 +384,64 @@ class Settings(BaseSettings):
     def _check_web_token(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        if len(value) < 8 or not all(33 <= ord(ch) <= 126 for ch in value):
-            raise ValueError("expected at least 8 printable ASCII characters without spaces")
+        _check_token(value)
         return value
+
+    @field_validator("web_hosts")
+    @classmethod
+    def _lower_hosts(cls, value: list[str]) -> list[str]:
+        return sorted({h.strip().lower().rstrip(".") for h in value if h.strip()})
 
     # --- end web ---
 
     @field_validator("extensions")
     @classmethod
     def _normalise_extensions(cls, value: list[str]) -> list[str]:
-        return sorted({("." + e.lower().lstrip(".")) for e in value if e.strip()})
+        found = sorted({("." + e.strip().lower().lstrip(".")) for e in value if e.strip()})
+        if not found or "." in found:
+            raise ValueError(
+                f"expected a list of file extensions such as ['.cr3', '.dng'], not {value}"
+            )
+        return found
 
     @field_validator("sky_mask", mode="before")
     @classmethod
     def _auto_sky_mask(cls, value: Any) -> Any:
         return "auto" if str(value) == "auto" else value
+
+    @field_validator("sky_mask")
+    @classmethod
+    def _sky_mask_exists(cls, value: Any) -> Any:
+        if isinstance(value, Path) and not value.is_file():
+            raise ValueError(f"no mask image at {value}")
+        return value
+
+    @field_validator(
+        "watch_dir", "output_dir", "bias", "dark", "flat", "darkflat", "calibration_dir",
+        "web_token_file", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _no_empty_path(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty: give a path or leave the setting out (not '.')")
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _bounded_seconds(cls, value: Any, info: ValidationInfo) -> Any:
+        is_seconds = str(info.field_name).endswith("_s") and isinstance(value, float)
+        if is_seconds and value > MAX_SECONDS:
+            raise ValueError(f"at most {MAX_SECONDS:g} s, not {value:g}")
+        return value
+
+    @model_validator(mode="after")
+    def _drizzle_and_frozen_ground(self) -> Settings:
+        if self.drizzle == "2x" and self.landscape == "freeze":
+            raise ValueError(
+                "drizzle = '2x' and landscape = 'freeze' do not mix: the frozen ground is on "
+                "the sensor's grid (use drizzle = '1x')"
+            )
+        return self
 
     @field_validator("products")
     @classmethod
@@ -368,7 +471,73 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _TomlSource(settings_cls))
+        return (init_settings, _EnvSource(settings_cls), _TomlSource(settings_cls))
+
+
+def _check_token(value: str) -> None:
+    if len(value) < 8 or not all(33 <= ord(ch) <= 126 for ch in value):
+        raise ValueError("expected at least 8 printable ASCII characters without spaces")
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON-ready values with the secrets (:data:`SECRET_SETTINGS`) as None:
+    what ``session.json`` stores and the web page may serve."""
+    values: dict[str, Any] = json.loads(settings.model_dump_json())
+    return {k: (None if k in SECRET_SETTINGS else v) for k, v in values.items()}
+
+
+def web_token(settings: Settings, environ: dict[str, str] | None = None) -> str | None:
+    """The web token in force: ``web_token``, else ``web_token_file``'s first line, else the
+    systemd credential ``$CREDENTIALS_DIRECTORY/web_token`` (``LoadCredential=``), else None.
+
+    Raises ConfigError naming the setting or file when a file cannot be read or holds no
+    valid token.
+    """
+    env = os.environ if environ is None else environ
+    if settings.web_token is not None:
+        if settings.web_token_file is not None:
+            raise ConfigError("set web_token or web_token_file, not both")
+        return settings.web_token
+    path, what = settings.web_token_file, "web_token_file"
+    if path is None and env.get("CREDENTIALS_DIRECTORY"):
+        path, what = Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL, "the systemd credential"
+        if not path.exists():
+            return None
+    if path is None:
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"invalid setting '{what}': cannot read {path}: {err}") from err
+    token = lines[0].strip() if lines else ""
+    try:
+        _check_token(token)
+    except ValueError as err:
+        raise ConfigError(f"invalid setting '{what}': the token in {path}: {err}") from err
+    return token
+
+
+class _EnvSource(EnvSettingsSource):
+    """``NIGHTSTACK_*`` variables; a list setting also takes a plain comma-separated string
+    (``NIGHTSTACK_EXTENSIONS=.dng,.cr3``), not only JSON (``'[".dng"]'``)."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        if isinstance(value, str) and not value.lstrip().startswith(("[", "{")):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return super().decode_complex_value(field_name, field, value)
+
+
+def unknown_environment(environ: dict[str, str] | None = None) -> list[str]:
+    """``NIGHTSTACK_*`` variables that name no setting (a typo), sorted; the tests' own
+    ``NIGHTSTACK_TEST_*`` apart."""
+    env = os.environ if environ is None else environ
+    return sorted(
+        name
+        for name in env
+        if name.startswith("NIGHTSTACK_")
+        and not name.startswith("NIGHTSTACK_TEST_")
+        and name[len("NIGHTSTACK_") :].lower() not in Settings.model_fields
+    )
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -417,17 +586,23 @@ def load_settings(
     Raises ConfigError whose reason names the offending setting.
     """
     path = config if config is not None else (default_config_path() if use_default else None)
+    for name in unknown_environment():
+        log.warning("environment variable %s names no setting (a typo?): ignored", name)
     token = _toml_data.set(_read_toml(path) if path is not None else {})
+    where = f" (in {path})" if path is not None else ""
     try:
         flags = {k: v for k, v in (overrides or {}).items() if v is not None}
-        return Settings(**flags)
+        settings = Settings(**flags)
     except ValidationError as err:
         first = err.errors()[0]
         name = ".".join(str(p) for p in first["loc"]) or "settings"
-        where = f" (in {path})" if path is not None else ""
         raise ConfigError(f"invalid setting '{name}'{where}: {first['msg']}") from err
+    except SettingsError as err:  # an environment value that cannot be parsed at all
+        raise ConfigError(f"{str(err).splitlines()[0]}{where}") from err
     finally:
         _toml_data.reset(token)
+    web_token(settings)  # a token file that cannot be read fails here, not at the first request
+    return settings
 
 
 def describe(settings: Settings) -> str:
@@ -436,7 +611,10 @@ def describe(settings: Settings) -> str:
     for name, field in Settings.model_fields.items():
         value = getattr(settings, name)
         lines.append(f"# {field.description}")
-        lines.append(f"{name} = {_toml_value(value)}" if value is not None else f"# {name} =")
+        if name in SECRET_SETTINGS and value is not None:
+            lines.append(f"# {name} = (set; not shown)")
+        else:
+            lines.append(f"{name} = {_toml_value(value)}" if value is not None else f"# {name} =")
     return "\n".join(lines) + "\n"
 
 

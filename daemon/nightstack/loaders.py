@@ -44,7 +44,7 @@ import rawpy
 import tifffile
 from astropy.io import fits
 
-from .demosaic import METHODS, demosaic_image, mosaic_codes
+from .demosaic import METHODS, demosaic_image, mhc, mosaic_codes
 from .errors import DecodeError, NotMosaicError
 from .frames import BAYER_PATTERNS, Frame, FrameMeta, Mosaic
 
@@ -134,16 +134,6 @@ _LIBRAW_REASONS = {
     "NotSupportedError": "LibRaw lacks a feature this file needs",
 }
 
-# OpenCV names a Bayer code after the 2x2 block starting at the second row and column, so the
-# codes look shifted by one site; tests/test_loaders.py pins each with a CFA where only red is lit.
-_CV_BAYER_CODES = {
-    "RGGB": cv2.COLOR_BayerBG2RGB,
-    "BGGR": cv2.COLOR_BayerRG2RGB,
-    "GRBG": cv2.COLOR_BayerGB2RGB,
-    "GBRG": cv2.COLOR_BayerGR2RGB,
-}
-_BILINEAR_RB = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 4
-_BILINEAR_G = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], np.float32) / 4
 
 
 def load(
@@ -161,10 +151,12 @@ def load(
     path
         A raw, FITS, TIFF, JPEG or PNG file (see ``SUPPORTED_EXTENSIONS``).
     demosaic
-        ``"bilinear"`` or ``"edge-aware"``: a Bayer raw or FITS is decoded to its mosaic and
-        demosaiced by OpenCV (:func:`mosaic_to_frame`: linear camera RGB x white balance, the
-        pipeline's values); other files, and other sensors, through LibRaw's AHD. Or a LibRaw
-        algorithm (``DEMOSAIC_ALGORITHMS``) for LibRaw's full postprocess (sRGB primaries).
+        One of :data:`nightstack.demosaic.METHODS` (``"mhc"``, ``"bilinear"``,
+        ``"edge-aware"``): a Bayer raw or FITS is decoded to its mosaic and demosaiced by it
+        (:func:`mosaic_to_frame`: linear camera RGB x white balance, the pipeline's values);
+        other raws through LibRaw's AHD. Or a LibRaw algorithm (``DEMOSAIC_ALGORITHMS``) for
+        LibRaw's full postprocess of a raw (sRGB primaries); a Bayer FITS, which LibRaw cannot
+        read, is then demosaiced by MHC (:func:`decode_light`, the pipeline's path, refuses).
     white_balance
         Raws only: ``"camera"`` (as shot), ``"daylight"`` (the camera's daylight multipliers),
         ``"auto"`` (LibRaw's grey-world estimate), or four multipliers (R, G, B, G2), as a
@@ -309,8 +301,25 @@ def decode_light(
             return load_mosaic(path, white_balance=white_balance, max_pixels=max_pixels)
         except NotMosaicError as err:
             log.debug("%s: %s; LibRaw's own demosaic", path, err.reason)
+    elif Path(path).suffix.lower() in FITS_EXTENSIONS and fits_is_bayer(path):
+        raise DecodeError(
+            f"demosaic {demosaic!r} is LibRaw's, which cannot read a Bayer FITS: set demosaic "
+            f"to one of {METHODS}"
+        )
     return load(path, demosaic=demosaic, white_balance=white_balance, bin=bin,
                 max_pixels=max_pixels)  # fmt: skip
+
+
+def fits_is_bayer(path: str | Path) -> bool:
+    """Whether a FITS file's header names a Bayer pattern (``BAYERPAT``); True when the header
+    cannot be read (the loaders then give the reason)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            header = fits.getheader(path)
+    except Exception:
+        return True
+    return bool(str(header.get("BAYERPAT", "")).strip())
 
 
 def is_mosaic_source(path: str | Path) -> bool:
@@ -816,16 +825,11 @@ def _shift_pattern(pattern: str, x_offset: int, y_offset: int) -> str:
 
 
 def _debayer_fits(cfa: np.ndarray, pattern: str, bin: int, bottom_up: bool) -> tuple[F32, F32]:
-    """Demosaic a 2-D CFA (stored orientation), then flip rows if the file is bottom-up.
-
-    8/16-bit unsigned data goes through OpenCV's bilinear Bayer demosaic; other types (float,
-    32-bit) through the same bilinear interpolation done as normalised convolution in float32.
-    """
+    """Demosaic a 2-D CFA (stored orientation) by Malvar-He-Cutler, as the mosaic path's default
+    does (:func:`nightstack.demosaic.mhc`, in float32: no codes), then flip rows if the file is
+    bottom-up."""
     full_scale = np.float32(_full_scale(cfa))
-    if cfa.dtype in (np.uint8, np.uint16):
-        rgb = cv2.cvtColor(np.ascontiguousarray(cfa), _CV_BAYER_CODES[pattern])
-    else:
-        rgb = _bilinear_demosaic(np.nan_to_num(cfa.astype(np.float32)), pattern)
+    rgb = mhc(np.nan_to_num(cfa.astype(np.float32)), pattern)
     rows = slice(None, None, -1) if bottom_up else slice(None)
     image = np.divide(rgb[rows], full_scale, dtype=np.float32, order="C")
     del rgb
@@ -836,22 +840,6 @@ def _debayer_fits(cfa: np.ndarray, pattern: str, bin: int, bottom_up: bool) -> t
     else:
         luminance = _channel_mean_binned(image, bin)
     return image, luminance
-
-
-def _bilinear_demosaic(cfa: F32, pattern: str) -> F32:
-    """Bilinear demosaic of a float32 CFA: each colour's samples, normalised-convolved."""
-    rows, cols = cfa.shape
-    rgb = np.empty((rows, cols, 3), np.float32)
-    for channel, colour in enumerate("RGB"):
-        mask = np.zeros((rows, cols), np.float32)
-        for i, site in enumerate(pattern):
-            if site == colour:
-                mask[i // 2 :: 2, i % 2 :: 2] = 1.0
-        kernel = _BILINEAR_G if colour == "G" else _BILINEAR_RB
-        weight = cv2.filter2D(mask, -1, kernel, borderType=cv2.BORDER_REFLECT)
-        total = cv2.filter2D(cfa * mask, -1, kernel, borderType=cv2.BORDER_REFLECT)
-        rgb[:, :, channel] = total / np.maximum(weight, np.float32(1e-6))
-    return rgb
 
 
 def _fits_meta(header: Any) -> FrameMeta:

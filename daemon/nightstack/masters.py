@@ -436,25 +436,15 @@ def read_frame(path: str | os.PathLike[str]) -> CalibrationFrame:
 
     Raises ``DecodeError`` with a one-line reason when the file cannot be decoded.
     """
-    from .loaders import FITS_EXTENSIONS, load, load_mosaic
+    from .loaders import FITS_EXTENSIONS, fits_is_bayer, load, load_mosaic
 
     path = Path(path)
-    if path.suffix.lower() in FITS_EXTENSIONS and not _fits_is_bayer(path):
+    if path.suffix.lower() in FITS_EXTENSIONS and not fits_is_bayer(path):
         frame = load(path, bin=1)
         image = frame.image[:, :, 0] if frame.image.shape[2] == 1 else frame.image
         return CalibrationFrame(path, image, None, frame.meta)
     mosaic = load_mosaic(path)
     return CalibrationFrame(path, mosaic.data, mosaic.pattern, mosaic.meta)
-
-
-def _fits_is_bayer(path: Path) -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            header = fits.getheader(path)
-    except Exception:
-        return True  # let the mosaic loader give its reason
-    return bool(str(header.get("BAYERPAT", "")).strip())
 
 
 def write_master(path: str | os.PathLike[str], master: Master) -> Path:

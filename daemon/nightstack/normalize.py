@@ -176,6 +176,23 @@ class Normalization:
         flat += np.tile(np.asarray(self.offset, dtype=np.float32), cols)
         self.apply_surface(band, row_start, shape)
 
+    def surface_at(
+        self,
+        x: npt.NDArray[np.float64],
+        y: npt.NDArray[np.float64],
+        shape: tuple[int, int],
+        channel: npt.NDArray[np.intp],
+    ) -> npt.NDArray[np.float64]:
+        """The surface's value at reference positions (x, y) for each point's ``channel``
+        (arrays of one shape); zeros without a surface."""
+        if self.surface is None:
+            return np.zeros(np.shape(x))
+        rows, cols = shape
+        u = 2.0 * x / max(cols - 1, 1) - 1.0
+        v = 2.0 * y / max(rows - 1, 1) - 1.0
+        a, b, c, d, e = np.asarray(self.surface, dtype=np.float64)[channel].T
+        return np.asarray(a * u + b * v + c * u * u + d * u * v + e * v * v, np.float64)
+
     def apply_surface(
         self, band: npt.NDArray[np.float32], row_start: int, shape: tuple[int, int]
     ) -> None:

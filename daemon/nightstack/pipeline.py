@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import re
 import time
@@ -31,6 +32,8 @@ from .config import Settings
 from .decoder import Decoder, TransientDecodeError
 from .demosaic import TileSamples, demosaic, mosaic_codes, superpixel_luminance
 from .detect import StarFinder
+from .drizzle import SCALES as DRIZZLE_SCALES
+from .drizzle import Drizzle, drizzle_combine, drizzle_holes
 from .errors import AlignmentError, DecodeError
 from .frameio import file_sha256, transient_error
 from .frames import IDENTITY, Alignment, FloatArray, Frame, Mosaic, MosaicFrame, Stars
@@ -38,7 +41,7 @@ from .landscape import Landscape
 from .live import LiveStack
 from .normalize import Normalization, SkySamples, estimate
 from .products import Products
-from .quality import Quality, QualityLimits, gate, transparency
+from .quality import Quality, QualityLimits, ShapeHistory, gate, transparency
 from .store import FrameStore, MosaicLayout, warp_mosaic
 from .warp import warp
 
@@ -163,12 +166,20 @@ class _Stage:
         self.sink[self.name] = round((time.perf_counter() - self.start) * 1000.0, 1)
 
 
+def _mono_plane(frame: Frame | MosaicFrame) -> np.ndarray | None:
+    """A mono frame's full-resolution plane (its star shapes are measured there), else None."""
+    if isinstance(frame, Frame) and frame.image.ndim == 3 and frame.image.shape[2] == 1:
+        return frame.image[:, :, 0]
+    return None
+
+
 def quality_limits(settings: Settings) -> QualityLimits:
     return QualityLimits(
         min_stars=settings.min_stars,
         min_star_fraction=settings.min_star_fraction,
         max_fwhm_ratio=settings.max_fwhm_ratio,
         max_elongation=settings.max_elongation,
+        max_trail_ratio=settings.max_trail_ratio,
         max_background_ratio=settings.max_background_ratio,
         max_residual_px=settings.max_residual_px,
         min_transparency=settings.min_transparency or None,
@@ -213,6 +224,7 @@ class Stacker:
         self.landscape = Landscape(settings, workdir, image_mask=self.finder.sky_mask, live=live)
         self.products: Products | None = None
         self.limits = quality_limits(settings)
+        self.shapes = ShapeHistory()  # the session's recent elongations, for the trail gate
         self.reference: Reference | None = None
         self.store: FrameStore | None = None
         self.live: LiveStack | None = None
@@ -268,7 +280,7 @@ class Stacker:
             frame = decoded
         try:
             with watch.stage("detect"):
-                stars = self.finder(frame.luminance, frame.bin)
+                stars = self.finder(frame.luminance, frame.bin, _mono_plane(frame))
         except Exception as err:  # e.g. a sky mask of another size: reject, never stall
             reason = f"star detection failed ({type(err).__name__}: {err})"
             return Prepared(path, digest, None, None, None, reason, watch.ms)
@@ -314,7 +326,9 @@ class Stacker:
                     f"frame channels: {channels} differ from the reference's "
                     f"{self.reference.channels} (mono and colour frames do not mix)",
                 )
-            reason = gate(quality, self.limits, self.reference.quality)
+            if not len(self.shapes):  # a resumed session: the reference's shape to start from
+                self.shapes.add(self.reference.quality)
+            reason = gate(quality, self.limits, self.reference.quality, self.shapes)
             if reason is not None:
                 return self._reject(record, reason)
             try:
@@ -354,6 +368,7 @@ class Stacker:
         record.stored = self._add(frame, alignment.matrix, stars, norm, watch)
         record.ms.update(watch.ms)
         record.status = "accepted"
+        self.shapes.add(quality)
         self.count(record)
         return record
 
@@ -665,7 +680,7 @@ class Stacker:
             "STACKSIG": s.stack_sigma,
             "STACKITR": s.stack_maxiters,
             "XFMODEL": s.transform_model,
-            "DEMOSAIC": s.demosaic,
+            "DEMOSAIC": s.demosaic if s.drizzle == "off" else f"drizzle {s.drizzle}",
             "NORMALIZ": s.normalize,
         }
         if self.first_time is not None:
@@ -684,6 +699,8 @@ class Stacker:
         if self.live_only is not None or self.store is None:
             return self._live_final()
         self.live = None
+        if self.settings.drizzle != "off" and self.store.frame(0).mosaic is not None:
+            return self._drizzled(progress)
         weights = None
         if self.settings.weights != "none":
             weights = self.store.weights()
@@ -696,6 +713,23 @@ class Stacker:
             ram_cap_bytes=self.settings.ram_cap_mb * 2**20,
             progress=progress,
         )
+
+    def _drizzled(self, progress: Callable[[int, int], None] | None) -> FloatArray:
+        """The Bayer drizzle of the store (``drizzle``), rejection as the stack method asks."""
+        assert self.store is not None
+        s = self.settings
+        plan = Drizzle(DRIZZLE_SCALES[s.drizzle], s.drizzle_drop)
+        clip = s.stack_sigma if s.stack_method in ("sigma_clip", "winsorized") else None
+        image = drizzle_combine(self.store, plan, sigma=clip, progress=progress)
+        holes = drizzle_holes(image, self.store, plan)
+        if holes.any():
+            logging.getLogger(__name__).warning(
+                "drizzle: no sample fell on %s of the output pixels (red, green, blue): too "
+                "little dither for drop %g; a larger drop or a smaller scale fills them",
+                ", ".join(f"{h:.1%}" for h in holes),
+                s.drizzle_drop,
+            )
+        return image
 
     def _live_final(self) -> FloatArray:
         """The live stack as the final (live-only sessions), released after."""

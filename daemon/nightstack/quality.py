@@ -1,14 +1,16 @@
 """Per-frame quality measures and the accept / reject gate.
 
 ``Quality.of(stars, alignment)`` gathers what detection and alignment measured; ``gate`` compares
-it with ``QualityLimits`` (absolute, or relative to the reference frame's ``Quality``) and returns
-a one-line reason to reject the frame, or None to accept it. A measure that could not be taken
+it with ``QualityLimits`` (absolute, relative to the reference frame's ``Quality``, and for
+trailing relative to the session's own recent frames, a :class:`ShapeHistory`) and returns a
+one-line reason to reject the frame, or None to accept it. A measure that could not be taken
 (NaN, or no alignment) does not reject a frame by itself.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -81,7 +83,8 @@ class QualityLimits:
     min_star_fraction: float | None = 0.3
     max_fwhm_px: float | None = None
     max_fwhm_ratio: float | None = 1.5
-    max_elongation: float | None = 1.6
+    max_elongation: float | None = 2.0
+    max_trail_ratio: float | None = 1.6
     max_background_ratio: float | None = None
     max_residual_px: float | None = 1.0
     min_transparency: float | None = 0.6
@@ -96,6 +99,7 @@ class QualityLimits:
             "max_background_ratio": self.max_background_ratio,
             "min_star_fraction": self.min_star_fraction,
             "min_transparency": self.min_transparency,
+            "max_trail_ratio": self.max_trail_ratio,
         }
         for name, value in positive.items():
             if value is not None and not value > 0:
@@ -104,7 +108,61 @@ class QualityLimits:
             raise ValueError(f"max_elongation must be >= 1 or None, got {self.max_elongation}")
 
 
-def gate(quality: Quality, limits: QualityLimits, reference: Quality | None = None) -> str | None:
+TRAIL_Z = 3.0
+"""Robust z-scores above the session's median elongation a frame must also lie to be trailed:
+a trail that stands out of the night's own scatter, not one more draw from it."""
+TRAIL_SPREAD_FLOOR = 0.05
+"""Least spread (elongation units) of the z-score: a steady night's frame-to-frame scatter of the
+median elongation (0.03-0.06 on the real Seestar frames), so the first frames, or a night of
+identical frames, do not make any wobble a trail."""
+SHAPE_HISTORY_FRAMES = 50
+"""Accepted frames the session's elongation statistics remember (fixed memory; follows drifts
+in seeing or balance over a long night)."""
+
+
+class ShapeHistory:
+    """The elongations of the session's recent accepted frames, the reference's first: what a
+    new frame's trailing is judged against. Holds at most :data:`SHAPE_HISTORY_FRAMES`."""
+
+    def __init__(self, size: int = SHAPE_HISTORY_FRAMES) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def add(self, quality: Quality) -> None:
+        """Remember an accepted frame's elongation (an unmeasured one is skipped)."""
+        if math.isfinite(quality.elongation):
+            self._values.append(float(quality.elongation))
+
+    def trailed(self, elongation: float, max_ratio: float) -> str | None:
+        """Why a frame of this ``elongation`` is trailed compared with the session, or None.
+
+        Trailed means both: its stars' stretch beyond round (``elongation - 1``) is more than
+        ``max_ratio`` x the session's median stretch, and its elongation lies more than
+        :data:`TRAIL_Z` robust standard deviations (1.4826 MAD, at least
+        :data:`TRAIL_SPREAD_FLOOR`) above the median."""
+        if not self._values or not math.isfinite(elongation):
+            return None
+        values = np.fromiter(self._values, float)
+        median = float(np.median(values))
+        spread = max(1.4826 * float(np.median(np.abs(values - median))), TRAIL_SPREAD_FLOOR)
+        z = (elongation - median) / spread
+        ratio = (elongation - 1.0) / max(median - 1.0, 1e-3)
+        if ratio <= max_ratio or z <= TRAIL_Z:
+            return None
+        return (
+            f"trailed: elongation {elongation:.2f} vs the session's median {median:.2f} "
+            f"({ratio:.1f}x its stretch > {max_ratio:g}, z {z:.1f} > {TRAIL_Z:g})"
+        )
+
+
+def gate(
+    quality: Quality,
+    limits: QualityLimits,
+    reference: Quality | None = None,
+    history: ShapeHistory | None = None,
+) -> str | None:
     """Return a one-line reason to reject the frame, or None to accept it.
 
     Parameters
@@ -115,11 +173,17 @@ def gate(quality: Quality, limits: QualityLimits, reference: Quality | None = No
         What is acceptable.
     reference : Quality or None
         The reference frame's measures, for the relative limits (skipped when None).
+    history : ShapeHistory or None
+        The session's recent elongations, for ``max_trail_ratio`` (skipped when None).
     """
     if quality.stars < limits.min_stars:
         return f"too few stars ({quality.stars} < {limits.min_stars})"
     if _above(quality.elongation, limits.max_elongation):
         return f"trailed: elongation {quality.elongation:.2f} > {limits.max_elongation:.2f}"
+    if history is not None and limits.max_trail_ratio is not None:
+        reason = history.trailed(quality.elongation, limits.max_trail_ratio)
+        if reason is not None:
+            return reason
     if _above(quality.fwhm_px, limits.max_fwhm_px):
         return f"FWHM {quality.fwhm_px:.1f} px > {limits.max_fwhm_px:.1f} px"
     if reference is not None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .config import Settings, load_settings
+from .config import Settings, load_settings, web_token
 from .control import hold_lock, request_close, take_close_request
 from .decoder import DEFAULT_DECODE_FN, Decoder
 from .errors import ConfigError
@@ -210,6 +210,7 @@ class Daemon:
         self._close_wanted = ""  # why to close the session at _reopen once it is reloaded
         self._frame_bytes = 0  # one frame-store entry of the last session, for the space check
         # --- web ---
+        self._web: WebServer | None = None
         self._started = time.monotonic()
         self._status_lock = threading.Lock()  # guards _status: the worker swaps, the web reads
         self._status: dict[str, Any] = {
@@ -783,9 +784,10 @@ class Daemon:
         except ConfigError as err:
             log.error("reload failed, keeping the current settings: %s", err.reason)
         else:
-            self.settings = fresh
+            old, self.settings = self.settings, fresh
             logging.getLogger().setLevel(fresh.log_level)
             log.info("configuration reloaded; it applies from the next session")
+            self._reload_web(old, fresh)
         self.notifier.ready()
 
     # --- web ---------------------------------------------------------------------------------
@@ -799,7 +801,8 @@ class Daemon:
         server = WebServer(
             output,
             self.settings.web_listen,
-            token=self.settings.web_token,
+            token=web_token(self.settings),
+            hosts=self.settings.web_hosts,
             status=self.status,
             close=lambda: request_close(output),
         )
@@ -812,7 +815,18 @@ class Daemon:
                 err.strerror or err,
             )
             return None
+        self._web = server
         return server
+
+    def _reload_web(self, old: Settings, fresh: Settings) -> None:
+        """SIGHUP: the web token (also from its file or credential) and ``web_hosts`` apply
+        at once; ``web_enabled`` and ``web_listen`` only at the next start (said so)."""
+        if self._web is not None:
+            self._web.reconfigure(web_token(fresh), fresh.web_hosts)  # checked by load_settings
+            log.info("web page: token and host names reloaded")
+        moved = [n for n in ("web_enabled", "web_listen") if getattr(old, n) != getattr(fresh, n)]
+        if moved:
+            log.warning("%s changed: applies after a restart of the daemon", ", ".join(moved))
 
     def _publish(self, state: str | None = None, record: FrameRecord | None = None) -> None:
         """Worker thread: replace the snapshot :meth:`status` hands out (never waits on a

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .config import Settings
+from .config import Settings, redacted
 from .decoder import Decoder
 from .frames import Stars
 from .normalize import SkySamples
@@ -793,7 +793,7 @@ class Session:
             "first_frame_time": stacker.first_time,
             "last_frame_time": stacker.last_time,
             "outputs": outputs or {},
-            "settings": json.loads(self.settings.model_dump_json()),
+            "settings": redacted(self.settings),  # no secret in a world-readable file
         }
         if note is not None:
             meta["note"] = note

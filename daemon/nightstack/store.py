@@ -666,7 +666,9 @@ class MosaicReader:
         layout = self._layout
         # demosaic and warp the codes, then one per-channel multiply-add to values (both steps
         # are linear, and so is the normalization's offset and scale, folded into it)
-        rgb = demosaic_codes(codes, layout.pattern, layout.demosaic, y0 - w0, y1 - w0)
+        rgb = demosaic_codes(
+            codes, layout.pattern, layout.white_balance, layout.demosaic, y0 - w0, y1 - w0
+        )
         warped = warp_crop_rows(
             rgb,
             y0,

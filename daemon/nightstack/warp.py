@@ -4,22 +4,24 @@ A transform is the 2x3 matrix ``[[a, b, tx], [c, d, ty]]`` mapping a frame's pix
 reference's (x, y) (x = column, y = row, pixel centres at integers). Warping evaluates, for every
 reference pixel ``p_ref``, the frame at ``inverse(matrix) @ p_ref`` by interpolation.
 
-The footprint is purely geometric: a reference pixel is inside when every interpolation
-neighbour of its source position lies inside the frame, i.e. the source position ``(x, y)``
-satisfies ``m <= x <= cols - 1 - m`` and ``m <= y <= rows - 1 - m`` with the interpolation margin
-``m`` (0 bilinear, 1 cubic, 3 Lanczos-4). Because an affine image of a rectangle is convex, the
-footprint of each row is one run of columns, computed in O(rows) by :func:`footprint` for any band
-of rows, so it never needs to be stored. Outside the footprint the warped values are 0 and must be
-ignored.
+The footprint is purely geometric: a reference pixel is inside when its source position lies
+inside the frame, ``0 <= x <= cols - 1`` and ``0 <= y <= rows - 1`` (its four bilinear
+neighbours exist), for every kernel: the outer taps of cubic and Lanczos-4 beyond the frame's
+edge read the edge pixel repeated, and their result is clamped to the range of those four
+neighbours, so a frame's last row and column are kept (the reference frame covers its whole
+grid) with no dark or bright rim. Because an affine image of a rectangle is convex, the
+footprint of each row is one run of columns, computed in O(rows) by :func:`footprint` for any
+band of rows, so it never needs to be stored. Outside the footprint the warped values are 0 and
+must be ignored.
 
 Accuracy (OpenCV 5, measured): bilinear samples at the source position computed in float32
 (position error <= ~2.5e-4 px at x = 6000; ~1e-7 error on a linear ramp). Cubic and Lanczos-4
 quantise the sub-pixel position to 1/32 px and OpenCV's kernels (cubic a = -0.75) do not
 reproduce a linear ramp exactly: on a ramp they shift the signal by up to ~0.05 px (cubic) and
-~0.03 px (Lanczos-4) depending on the sub-pixel phase. Bilinear is therefore the default; it
-blurs noise slightly but keeps positions exact. Edge pixels: the footprint is computed in
-float64, OpenCV's position in float32, so a pixel on the footprint's edge may take up to
-~2.5e-4 of its value from the zero border.
+~0.03 px (Lanczos-4) depending on the sub-pixel phase. Bilinear blurs: it widens a stack's stars
+by 3-8 % (the real frames in ``bench/RESULTS.md``), so clamped cubic is the default. Edge pixels:
+the footprint is computed in float64, OpenCV's position in float32, so a pixel on the
+footprint's edge may take up to ~2.5e-4 of its value from beyond the frame's edge.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ INTERPOLATIONS: dict[str, tuple[int, int]] = {
     "cubic": (cv2.INTER_CUBIC, 1),
     "lanczos4": (cv2.INTER_LANCZOS4, 3),
 }
-"""Name -> (OpenCV flag, margin): neighbours used are floor(x) - margin .. floor(x) + 1 + margin."""
+"""Name -> (OpenCV flag, reach): neighbours used are floor(x) - reach .. floor(x) + 1 + reach (the
+rows a band of output needs; the footprint is the same for every kernel)."""
 
 _EDGE_EPS = 1e-6
 """Source-position slack (px) at the frame edge: absorbs float rounding of exactly-on-edge
@@ -123,7 +126,7 @@ def warp_rows(
     else:
         warped = _tiled_warp(src, inverse, (start, stop), cols, flag, margin)
     warped = warped.reshape(rows, cols, channels)
-    first, end = _spans(inverse, src.shape[:2], cols, start, stop, margin)
+    first, end = _spans(inverse, src.shape[:2], cols, start, stop)
     mask = _mask_from_spans(first, end, cols)
     for r in range(rows):  # zero outside the run: O(rows) slice writes, no image-sized temporary
         warped[r, : first[r]] = 0.0
@@ -153,18 +156,18 @@ def footprint(
     row_start, row_stop : int
         Band of reference rows (``row_stop`` None = to the end), Python slice semantics.
     interpolation : {"bilinear", "cubic", "lanczos4"}
-        Sets the margin of neighbours that must lie inside the frame.
+        Accepted for symmetry with :func:`warp`: the footprint is the same for every kernel.
 
     Returns
     -------
     ndarray
         (row_stop - row_start, out_cols) bool, identical to the rows of :func:`warp`'s footprint.
     """
-    _, margin = _interpolation(interpolation)
+    _interpolation(interpolation)
     rows, cols = int(out_shape[0]), int(out_shape[1])
     start, stop, _ = slice(row_start, row_stop).indices(rows)
     stop = max(stop, start)
-    first, end = _spans(_inverse(matrix), src_shape, cols, start, stop, margin)
+    first, end = _spans(_inverse(matrix), src_shape, cols, start, stop)
     return _mask_from_spans(first, end, cols)
 
 
@@ -182,8 +185,8 @@ def footprint_spans(
     Returns ``(first, stop)``, each (band_rows,) int64: row ``r`` is covered on columns
     ``first[r]:stop[r]`` (empty when equal), exactly :func:`footprint`'s True pixels, in O(rows).
     """
-    margin = _interpolation(interpolation)[1]
-    return _spans(_inverse(matrix), src_shape, out_cols, row_start, row_stop, margin)
+    _interpolation(interpolation)
+    return _spans(_inverse(matrix), src_shape, out_cols, row_start, row_stop)
 
 
 def source_rows(
@@ -246,7 +249,7 @@ def warp_crop_rows(
         shifted = inverse.copy()
         shifted[1, 2] -= crop_top
         warped = _tiled_warp(src, shifted, (row_start, row_stop), cols, flag, margin)
-    first, end = _spans(inverse, src_shape, cols, row_start, row_stop, margin)
+    first, end = _spans(inverse, src_shape, cols, row_start, row_stop)
     for r in range(rows):  # zero outside the run: O(rows) slice writes
         warped[r, : first[r]] = 0.0
         warped[r, end[r] :] = 0.0
@@ -281,13 +284,36 @@ def _cv_warp(
     out_shape: tuple[int, int],
     flag: int,
 ) -> npt.NDArray[np.float32]:
+    """OpenCV's warp, then, for cubic and Lanczos-4, each value clamped to the range of the four
+    source pixels around its position (those bilinear would blend): the kernels' negative
+    lobes no longer ring around bright stars (dark halos, negative values), while a star's
+    profile between its samples keeps the sharper kernel's shape."""
+    size = (out_shape[1], out_shape[0])
+    out = np.asarray(_warp_affine(src, inverse, size, flag), dtype=np.float32)
+    if flag == cv2.INTER_LINEAR:
+        return out
+    # floor(x) = round(x - 1/2): a nearest-neighbour warp, shifted by half a pixel, of the 2x2
+    # minimum and maximum whose top-left pixel is that floor
+    corner = inverse.copy()
+    corner[:, 2] -= 0.5
+    square = np.ones((2, 2), np.uint8)
+    for extreme, limit in ((cv2.erode, np.fmax), (cv2.dilate, np.fmin)):
+        bound = np.asarray(
+            extreme(src, square, anchor=(0, 0), borderType=cv2.BORDER_REPLICATE), np.float32
+        )
+        limit(out, _warp_affine(bound, corner, size, cv2.INTER_NEAREST), out=out)
+    return out.reshape(out.shape)
+
+
+def _warp_affine(
+    src: npt.NDArray[np.float32], inverse: npt.NDArray[np.float64], size: tuple[int, int], flag: int
+) -> npt.NDArray[np.float32]:
     out = cv2.warpAffine(
         src,
         inverse,
-        (out_shape[1], out_shape[0]),
+        size,
         flags=flag | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=0.0,
+        borderMode=cv2.BORDER_REPLICATE,
     )
     return np.asarray(out, dtype=np.float32)
 
@@ -343,7 +369,6 @@ def _spans(
     out_cols: int,
     row_start: int,
     row_stop: int,
-    margin: int,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Per reference row, the run of columns [first, stop) whose source lies inside the frame.
 
@@ -358,8 +383,8 @@ def _spans(
     for axis, size in limits:
         slope = float(inverse[axis, 0])
         offset = inverse[axis, 1] * r + inverse[axis, 2]
-        lo = margin - _EDGE_EPS
-        hi = size - 1 - margin + _EDGE_EPS
+        lo = -_EDGE_EPS
+        hi = size - 1 + _EDGE_EPS
         if slope == 0.0:
             inside = (offset >= lo) & (offset <= hi)
             hi_c = np.where(inside, hi_c, -1.0)

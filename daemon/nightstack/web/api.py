@@ -7,16 +7,15 @@ no directory is ever listed and nothing a client sends is joined into a path (se
 ``sessions.py``). Request lines, headers and bodies are bounded. File work (journals, stats,
 renders) runs on executor threads so the event loop always answers.
 
-Actions (``POST /api/close``) need ``Authorization: Bearer <web_token>`` when a token is set
-(compared in constant time), and without a token are taken only from a loopback peer that
-names the server by a loopback host; a request another site's page sends (``Origin`` of
-another host, ``Sec-Fetch-Site: cross-site``) is refused either way.
+Who may read and act is ``auth.py``'s: the ``Host`` must name this machine on every request;
+with a token, reads need it too (header or the page's cookie), actions need the header;
+without one, actions come only from this machine. A request another site's page sends
+(``Origin`` of another host, ``Sec-Fetch-Site: cross-site``) is refused either way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -27,17 +26,15 @@ from aiohttp import web
 
 from .. import __version__
 from .address import is_loopback_host, is_loopback_ip
+from .auth import COOKIE, COOKIE_MAX_AGE_S, Auth
 from .events import EventHub
-from .render import FORMATS, MAX_CROP, MAX_WIDTH, STRENGTH_RANGE, StretchRenderer
+from .render import CROPS, FORMATS, STRENGTH_RANGE, WIDTHS, RenderQueue, StretchRenderer, listed
 from .sessions import DOWNLOADS, SessionFiles
 
 log = logging.getLogger("nightstack.web")
 
 MAX_BODY = 4096
 """Largest request body accepted (the API's one action has none): 413 beyond."""
-
-MAX_EVENT_CLIENTS = 16
-"""Server-Sent Event streams open at once (each is a connection and a queue): 503 beyond."""
 
 KEEPALIVE_S = 15.0
 """An SSE comment this often keeps proxies and phones from dropping an idle stream."""
@@ -62,16 +59,17 @@ _SECURITY_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 
-_KEPT_ERROR_HEADERS = ("WWW-Authenticate", "Allow")  # what an error answer must still say
+_KEPT_ERROR_HEADERS = ("WWW-Authenticate", "Allow", "Retry-After")  # an error answer says them
 
 StatusFn = Callable[[], dict[str, Any]]
 
 STATUS_KEY: web.AppKey[StatusFn] = web.AppKey("status")
 CLOSE_KEY: web.AppKey[Callable[[], None]] = web.AppKey("close")
-TOKEN_KEY = web.AppKey("token", str)
+AUTH_KEY: web.AppKey[Callable[[], Auth]] = web.AppKey("auth")
 SESSIONS_KEY = web.AppKey("sessions", SessionFiles)
 HUB_KEY = web.AppKey("hub", EventHub)
 RENDER_KEY = web.AppKey("render", StretchRenderer)
+RENDERS_KEY = web.AppKey("renders", RenderQueue)
 STATIC_KEY: web.AppKey[dict[str, bytes]] = web.AppKey("static")
 
 
@@ -80,7 +78,7 @@ def build_app(
     *,
     status: StatusFn,
     close: Callable[[], None],
-    token: str | None,
+    auth: Callable[[], Auth],
 ) -> web.Application:
     """The aiohttp application over ``sessions``.
 
@@ -93,8 +91,8 @@ def build_app(
         ``last_frame``, ``uptime_s`` (thread-safe; never blocks on the worker).
     close : callable
         Asks the daemon to close its open session (returns at once).
-    token : str or None
-        ``web_token``: actions need it as a Bearer token; None: actions from loopback only.
+    auth : callable
+        The access rules now (:class:`~nightstack.web.auth.Auth`; replaced on SIGHUP).
     """
     app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY)
 
@@ -103,10 +101,11 @@ def build_app(
 
     app[STATUS_KEY] = full_status
     app[CLOSE_KEY] = close
-    app[TOKEN_KEY] = token or ""
+    app[AUTH_KEY] = auth
     app[SESSIONS_KEY] = sessions
     app[HUB_KEY] = EventHub(sessions, full_status)
     app[RENDER_KEY] = StretchRenderer()
+    app[RENDERS_KEY] = RenderQueue()
     app[STATIC_KEY] = _load_static()
     app.router.add_get("/api/status", _status)
     app.router.add_get("/api/sessions", _sessions)
@@ -118,9 +117,11 @@ def build_app(
     app.router.add_get("/api/preview.jpg", _open_preview)
     app.router.add_get("/api/events", _events)
     app.router.add_post("/api/close", _close)
+    app.router.add_post("/api/login", _login)
     for path in STATIC:
         app.router.add_get(path, _static)
     app.on_shutdown.append(_shutdown)
+    app.on_cleanup.append(_cleanup)
     return app
 
 
@@ -158,9 +159,20 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 async def _guard(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Bounds, JSON errors for everything, security headers on every answer."""
-    if (request.content_length or 0) > MAX_BODY or "Transfer-Encoding" in request.headers:
-        response: web.StreamResponse = _error(413, f"request body over {MAX_BODY} bytes")
+    """The Host rule and the read token, bounds, JSON errors for everything, security headers
+    on every answer."""
+    auth = request.app[AUTH_KEY]()
+    response: web.StreamResponse
+    if not auth.host_allowed(request.host):
+        response = _error(403, "this server is not known by that host name (add it to web_hosts)")
+    elif (request.content_length or 0) > MAX_BODY or "Transfer-Encoding" in request.headers:
+        response = _error(413, f"request body over {MAX_BODY} bytes")
+    elif not (
+        request.method == "POST"  # the actions check the header themselves
+        or request.path in STATIC  # the page's own files: no data; it asks for the token
+        or auth.may_read(request.headers.get("Authorization"), request.cookies.get(COOKIE))
+    ):
+        response = _error(401, _TOKEN_NEEDED, _CHALLENGE)
     else:
         try:
             response = await handler(request)
@@ -180,6 +192,10 @@ async def _guard(
         if request.path.startswith("/api/") and "Cache-Control" not in response.headers:
             response.headers["Cache-Control"] = "no-store"
     return response
+
+
+_TOKEN_NEEDED = "a valid 'Authorization: Bearer <web_token>' is needed"
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="nightstack"'}
 
 
 def _not_found() -> web.HTTPNotFound:
@@ -283,10 +299,16 @@ async def _rendered(request: web.Request, render: Callable[..., bytes], **kwargs
     fmt = request.query.get("format", "jpeg")
     if fmt not in FORMATS:
         raise web.HTTPBadRequest(reason="'format' must be jpeg or png")
+    renders = request.app[RENDERS_KEY]
     try:
-        image = await asyncio.to_thread(
-            render, path, strength=strength, linked=linked, fmt=fmt, **kwargs
-        )
+        image = await renders.run(
+            request.match_info["sid"], render, path, strength=strength, linked=linked, fmt=fmt,
+            **kwargs,
+        )  # fmt: skip
+    except RenderQueue.Busy as err:
+        raise web.HTTPServiceUnavailable(
+            reason=f"{err}; try again in a moment", headers={"Retry-After": "2"}
+        ) from err
     except FileNotFoundError as err:
         raise _not_found() from err
     except (OSError, ValueError) as err:  # a damaged or foreign live.fits
@@ -297,7 +319,7 @@ async def _rendered(request: web.Request, render: Callable[..., bytes], **kwargs
 
 
 async def _stretch(request: web.Request) -> web.Response:
-    width = _int_arg(request, "width", 1600, 64, MAX_WIDTH)
+    width = listed(_int_arg(request, "width", 1600, 64, WIDTHS[-1]), WIDTHS)
     renderer = request.app[RENDER_KEY]
     response: web.Response = await _rendered(request, renderer.render, width=width)
     return response
@@ -306,7 +328,7 @@ async def _stretch(request: web.Request) -> web.Response:
 async def _crop(request: web.Request) -> web.Response:
     cx = _float_arg(request, "cx", 0.5, 0.0, 1.0)
     cy = _float_arg(request, "cy", 0.5, 0.0, 1.0)
-    size = _int_arg(request, "size", 512, 16, MAX_CROP)
+    size = listed(_int_arg(request, "size", 512, 16, CROPS[-1]), CROPS)
     renderer = request.app[RENDER_KEY]
     response: web.Response = await _rendered(request, renderer.crop, cx=cx, cy=cy, size=size)
     return response
@@ -323,9 +345,7 @@ async def _static(request: web.Request) -> web.Response:
 # --- events ----------------------------------------------------------------------------------
 async def _events(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB_KEY]
-    if hub.clients >= MAX_EVENT_CLIENTS:
-        raise web.HTTPServiceUnavailable(reason="too many event streams open")
-    queue = await hub.subscribe()
+    queue = await hub.subscribe(request.remote or "")
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -357,6 +377,10 @@ async def _shutdown(app: web.Application) -> None:
     await app[HUB_KEY].close()
 
 
+async def _cleanup(app: web.Application) -> None:
+    app[RENDERS_KEY].close()
+
+
 # --- actions ---------------------------------------------------------------------------------
 def _authorize(request: web.Request) -> None:
     """Raise 401/403 unless ``request`` may take an action (see the module docstring)."""
@@ -365,17 +389,10 @@ def _authorize(request: web.Request) -> None:
         raise web.HTTPForbidden(reason="cross-site request refused")
     if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
         raise web.HTTPForbidden(reason="cross-site request refused")
-    token = request.app[TOKEN_KEY]
-    if token:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if not (
-            scheme.lower() == "bearer"
-            and hmac.compare_digest(given.strip().encode("utf-8", "replace"), token.encode())
-        ):
-            raise web.HTTPUnauthorized(
-                reason="a valid 'Authorization: Bearer <web_token>' is needed",
-                headers={"WWW-Authenticate": 'Bearer realm="nightstack"'},
-            )
+    auth = request.app[AUTH_KEY]()
+    if auth.token:
+        if not auth.bearer_ok(request.headers.get("Authorization")):
+            raise web.HTTPUnauthorized(reason=_TOKEN_NEEDED, headers=_CHALLENGE)
     elif not (is_loopback_ip(request.remote) and is_loopback_host(request.host)):
         raise web.HTTPForbidden(
             reason="actions are taken only from this machine unless web_token is set"
@@ -390,3 +407,22 @@ async def _close(request: web.Request) -> web.Response:
         raise web.HTTPConflict(reason="no open session to close")
     await asyncio.to_thread(request.app[CLOSE_KEY])
     return web.json_response({"closing": session}, status=202)
+
+
+async def _login(request: web.Request) -> web.Response:
+    """``POST /api/login`` with the Bearer header: sets the read cookie the page's images and
+    event stream carry (``{"token": false}`` and no cookie when no token is set)."""
+    auth = request.app[AUTH_KEY]()
+    if not auth.token:
+        return web.json_response({"token": False})
+    _authorize(request)
+    response = web.json_response({"token": True})
+    response.set_cookie(
+        COOKIE,
+        auth.cookie_value(),
+        max_age=COOKIE_MAX_AGE_S,
+        path="/",
+        httponly=True,
+        samesite="Strict",
+    )
+    return response

@@ -16,6 +16,7 @@ Events (``event:`` name, ``data:`` one JSON object):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 from collections.abc import Callable
@@ -30,6 +31,14 @@ shows within half a second, for a few stat calls a second."""
 QUEUE_EVENTS = 512
 """Events a slow client may fall behind by before it is dropped (it reconnects and catches up
 from the API)."""
+
+MAX_STREAMS = 16
+"""Event streams open at once (each is a connection and a queue). A new one beyond ends the
+oldest stream of the client holding the most: a newcomer is never locked out."""
+
+STREAMS_PER_CLIENT = 4
+"""Event streams of one client address (a phone and a laptop behind one NAT, or a page open
+in a few tabs); a new one beyond ends that client's oldest."""
 
 
 def encode(name: str, data: dict[str, Any]) -> bytes:
@@ -51,7 +60,8 @@ class EventHub:
     def __init__(self, sessions: SessionFiles, status: Callable[[], dict[str, Any]]) -> None:
         self.sessions = sessions
         self.status = status
-        self._clients: set[asyncio.Queue[bytes | None]] = set()
+        # the queues of the streams, oldest first, with each one's client address
+        self._clients: dict[asyncio.Queue[bytes | None], str] = {}
         self._task: asyncio.Task[None] | None = None
         self._watched: str | None = None  # session id
         self._count = 0  # journal records of the watched session already announced
@@ -62,17 +72,33 @@ class EventHub:
     def clients(self) -> int:
         return len(self._clients)
 
-    async def subscribe(self) -> asyncio.Queue[bytes | None]:
-        """A new client's queue; events after this call are delivered to it."""
+    async def subscribe(self, client: str = "") -> asyncio.Queue[bytes | None]:
+        """A new stream's queue for ``client`` (its address); events after this call are
+        delivered to it. Ends an older stream when the bounds above are reached."""
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=QUEUE_EVENTS)
         if self._task is None or self._task.done():
             await asyncio.to_thread(self._baseline)  # what exists now is not news
             self._task = asyncio.get_running_loop().create_task(self._watch())
-        self._clients.add(queue)
+        own = [q for q, c in self._clients.items() if c == client]
+        if len(own) >= STREAMS_PER_CLIENT:
+            self._end(own[0])
+        elif len(self._clients) >= MAX_STREAMS:
+            counts = collections.Counter(self._clients.values())
+            greedy = max(counts, key=lambda c: counts[c])  # first of the most: oldest stream
+            self._end(next(q for q, c in self._clients.items() if c == greedy))
+        self._clients[queue] = client
         return queue
 
+    def _end(self, queue: asyncio.Queue[bytes | None]) -> None:
+        """End one stream: its handler reads the None and returns."""
+        self._clients.pop(queue, None)
+        with contextlib.suppress(asyncio.QueueEmpty):
+            while True:
+                queue.get_nowait()
+        queue.put_nowait(None)
+
     def unsubscribe(self, queue: asyncio.Queue[bytes | None]) -> None:
-        self._clients.discard(queue)
+        self._clients.pop(queue, None)
         if not self._clients and self._task is not None:
             self._task.cancel()
             self._task = None
@@ -142,10 +168,7 @@ class EventHub:
                     try:
                         queue.put_nowait(event)
                     except asyncio.QueueFull:  # too slow: drop it, it reconnects
-                        self._clients.discard(queue)
-                        with contextlib.suppress(asyncio.QueueEmpty):
-                            queue.get_nowait()
-                        queue.put_nowait(None)
+                        self._end(queue)
 
 
 def _comparable(status: dict[str, Any]) -> dict[str, Any]:

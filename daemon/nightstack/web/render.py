@@ -15,17 +15,25 @@ top (``ROWORDER = 'TOP-DOWN'``). A render:
 
 A 1:1 crop reads only its own window at full resolution and is stretched on its own statistics.
 Shrunk stacks and JPEGs are cached by the file's inode, mtime and size, so each new live.fits is
-read once whatever the number of clients.
+read once whatever the number of clients; the cache is bounded in bytes (:data:`CACHE_BYTES`).
+
+What a render may cost is bounded: widths and crop sizes are taken from short lists
+(:data:`WIDTHS`, :data:`CROPS`: a size asked for is rounded up to the next listed one), and
+:class:`RenderQueue` runs renders on one thread of their own (at most one core, never the
+threads that answer the JSON API), one at a time per session, with a few waiting at most.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import cv2
 import numpy as np
@@ -35,18 +43,31 @@ from astropy.io import fits
 from ..writers import stretch
 
 FloatImage = npt.NDArray[np.float32]
-_V = TypeVar("_V")
 
 _BAND_OUT_ROWS = 64
 """Output rows shrunk per band: bounds the float32 temporaries to ~64 * f rows of the stack."""
 
 _JPEG_QUALITY = 88  # the preview's look at a third of PNG's size
-_CACHED_IMAGES = 2  # shrunk stacks kept (each ~20 MB at 1600 px colour)
-_CACHED_JPEGS = 24  # rendered JPEGs kept (each ~0.3 MB)
 
-MAX_WIDTH = 4096  # widest render a client may ask for
-MAX_CROP = 1024  # largest 1:1 crop side, in stack pixels
+CACHE_BYTES = 64 * 2**20
+"""Shrunk stacks and encoded images kept, in bytes all together (a 24 MP colour stack shrunk to
+1600 px is 18 MB; a JPEG of it 0.3 MB, a PNG up to 17 MB)."""
+
+WIDTHS = (200, 300, 400, 600, 800, 1200, 1600, 2400)
+"""Render widths, pixels: a width asked for is rounded up to the next one (at most 2400)."""
+
+CROPS = (128, 256, 512, 768, 1024)
+"""1:1 crop sides, stack pixels: a size asked for is rounded up to the next one."""
+
 STRENGTH_RANGE = (0.2, 3.0)  # of the midtones balance exponent; 1 = the auto-stretch
+
+RENDERS_WAITING = 2
+"""Renders of one session that may wait behind the running one: 503 (Retry-After) beyond."""
+
+
+def listed(value: int, sizes: Sequence[int]) -> int:
+    """The smallest of ``sizes`` (ascending) at least ``value``; the largest beyond them."""
+    return next((size for size in sizes if size >= value), sizes[-1])
 
 
 def _key(path: Path) -> tuple[str, int, int, int]:
@@ -138,13 +159,40 @@ def encode(shown: FloatImage, fmt: str = "jpeg") -> bytes:
     return bytes(encoded.tobytes())
 
 
+class _ByteCache:
+    """Least recently used values (arrays or bytes) up to ``limit`` bytes in all."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self._items: OrderedDict[tuple[object, ...], FloatImage | bytes] = OrderedDict()
+
+    def get(self, key: tuple[object, ...]) -> FloatImage | bytes | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[object, ...], value: FloatImage | bytes) -> None:
+        size = value.nbytes if isinstance(value, np.ndarray) else len(value)
+        if size > self.limit:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.bytes -= old.nbytes if isinstance(old, np.ndarray) else len(old)
+        self._items[key] = value
+        self.bytes += size
+        while self.bytes > self.limit:
+            _, dropped = self._items.popitem(last=False)
+            self.bytes -= dropped.nbytes if isinstance(dropped, np.ndarray) else len(dropped)
+
+
 class StretchRenderer:
     """Renders and caches stretched views of live.fits files; one render at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_bytes: int = CACHE_BYTES) -> None:
         self._lock = threading.Lock()
-        self._images: OrderedDict[tuple[object, ...], FloatImage] = OrderedDict()
-        self._jpegs: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
+        self.cache = _ByteCache(cache_bytes)
         self.reads = 0  # live.fits files read (the cache's misses), for tests and the bench
 
     def render(
@@ -154,17 +202,16 @@ class StretchRenderer:
         with self._lock:
             key = _key(path)
             jpeg_key = (*key, "full", width, strength, linked, fmt)
-            cached = self._jpegs.get(jpeg_key)
-            if cached is not None:
-                self._jpegs.move_to_end(jpeg_key)
+            cached = self.cache.get(jpeg_key)
+            if isinstance(cached, bytes):
                 return cached
             image_key = (*key, width)
-            image = self._images.get(image_key)
-            if image is None:
+            image = self.cache.get(image_key)
+            if not isinstance(image, np.ndarray):
                 image = self._read(path, lambda data: shrink(data, width))
-                self._remember(self._images, image_key, image, _CACHED_IMAGES)
+                self.cache.put(image_key, image)
             jpeg = encode(display(image, strength=strength, linked=linked), fmt)
-            self._remember(self._jpegs, jpeg_key, jpeg, _CACHED_JPEGS)
+            self.cache.put(jpeg_key, jpeg)
             return jpeg
 
     def crop(
@@ -182,8 +229,8 @@ class StretchRenderer:
         fractions (cx, cy) of its width and height (clamped inside the image)."""
         with self._lock:
             key = (*_key(path), "crop", cx, cy, size, strength, linked, fmt)
-            cached = self._jpegs.get(key)
-            if cached is not None:
+            cached = self.cache.get(key)
+            if isinstance(cached, bytes):
                 return cached
 
             def window(data: npt.NDArray[np.floating]) -> FloatImage:
@@ -198,7 +245,7 @@ class StretchRenderer:
 
             image = self._read(path, window)
             jpeg = encode(display(image, strength=strength, linked=linked), fmt)
-            self._remember(self._jpegs, key, jpeg, _CACHED_JPEGS)
+            self.cache.put(key, jpeg)
             return jpeg
 
     def _read(
@@ -219,11 +266,39 @@ class StretchRenderer:
                 raise ValueError(f"{type(err).__name__}: {err}") from err
         return result
 
-    @staticmethod
-    def _remember(
-        cache: OrderedDict[tuple[object, ...], _V], key: tuple[object, ...], value: _V, limit: int
-    ) -> None:
-        cache[key] = value
-        cache.move_to_end(key)
-        while len(cache) > limit:
-            cache.popitem(last=False)
+
+class RenderQueue:
+    """Runs renders on one thread of their own, one at a time per session (see the module
+    docstring); lives on the server's event loop."""
+
+    class Busy(Exception):
+        """Too many renders of this session wait already."""
+
+    def __init__(self, waiting: int = RENDERS_WAITING) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="nightstack-web-render"
+        )
+        self._waiting = waiting
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # session -> (lock, renders)
+
+    async def run(self, session: str, fn: Callable[..., bytes], *args: Any, **kwargs: Any) -> bytes:
+        """``fn(*args, **kwargs)`` on the render thread once this session's turn comes;
+        raises :class:`Busy` when ``waiting`` renders of the session already wait."""
+        lock, count = self._locks.get(session, (asyncio.Lock(), 0))
+        if count > self._waiting:
+            raise self.Busy(f"{count} renders of this session are under way")
+        self._locks[session] = (lock, count + 1)
+        try:
+            async with lock:
+                loop = asyncio.get_running_loop()
+                call = functools.partial(fn, *args, **kwargs)
+                return await loop.run_in_executor(self._executor, call)
+        finally:
+            lock, count = self._locks[session]
+            if count > 1:
+                self._locks[session] = (lock, count - 1)
+            else:
+                del self._locks[session]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

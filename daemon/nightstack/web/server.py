@@ -25,6 +25,8 @@ from aiohttp import web
 
 from .address import is_loopback_host, parse_listen
 from .api import build_app
+from .auth import Auth
+from .limits import PER_CLIENT, GatedSite, RepeatFilter, total_cap
 from .sessions import SessionFiles
 
 log = logging.getLogger("nightstack.web")
@@ -63,11 +65,16 @@ class WebServer:
     listen : str
         ``HOST:PORT`` (port 0: any free port; :attr:`port` tells which).
     token : str or None
-        ``web_token`` for the actions.
+        ``web_token``: reading and actions need it (see ``auth.py``).
     status : callable
         Thread-safe snapshot of the daemon (see ``api.build_app``).
     close : callable
         Asks the daemon to close its open session.
+    hosts : iterable of str
+        ``web_hosts``: extra host names the page is reached by.
+    per_client, total : int or None
+        Connection caps (default :data:`~nightstack.web.limits.PER_CLIENT` and
+        :func:`~nightstack.web.limits.total_cap`).
     """
 
     def __init__(
@@ -78,9 +85,17 @@ class WebServer:
         token: str | None,
         status: Callable[[], dict[str, Any]],
         close: Callable[[], None],
+        hosts: tuple[str, ...] | list[str] = (),
+        per_client: int | None = None,
+        total: int | None = None,
     ) -> None:
         self.host, self.port = parse_listen(listen)
-        self.token = token
+        self.auth = Auth(token, frozenset(hosts))
+        self.caps = {
+            "per_client": per_client or PER_CLIENT,
+            "total": total or total_cap(),
+        }
+        self.site: GatedSite | None = None
         self.sessions = SessionFiles(output)
         self._status, self._close = status, close
         self._thread: threading.Thread | None = None
@@ -89,6 +104,14 @@ class WebServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.app: web.Application | None = None  # while serving
+
+    @property
+    def token(self) -> str | None:
+        return self.auth.token
+
+    def reconfigure(self, token: str | None, hosts: tuple[str, ...] | list[str]) -> None:
+        """New access rules from any thread (SIGHUP); the next request follows them."""
+        self.auth = Auth(token, frozenset(hosts), self.auth.names)
 
     @property
     def url(self) -> str:
@@ -107,6 +130,10 @@ class WebServer:
             self._thread.join(_STOP_TIMEOUT_S)
             raise error
         log.info("web page at %s", self.url)
+        log.info(
+            "web: at most %d connections per client, %d in all",
+            self.caps["per_client"], self.caps["total"],
+        )  # fmt: skip
         if not self.token and not is_loopback_host(self.host):
             log.warning(
                 "web page open to the network on %s without web_token: anyone there can see "
@@ -127,6 +154,10 @@ class WebServer:
     # --- the thread -----------------------------------------------------------------------
     def _serve(self) -> None:
         _name_os_thread(THREAD_NAME)
+        for name in ("asyncio", "nightstack.web"):  # no flood of one line (accept errors)
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, RepeatFilter) for f in logger.filters):
+                logger.addFilter(RepeatFilter())
         try:
             asyncio.run(self._main())
         except BaseException as err:  # a start-up failure is reported to start()
@@ -142,7 +173,9 @@ class WebServer:
             _EXECUTOR_THREADS, thread_name_prefix="nightstack-web-io"
         )
         loop.set_default_executor(executor)
-        app = build_app(self.sessions, status=self._status, close=self._close, token=self.token)
+        app = build_app(
+            self.sessions, status=self._status, close=self._close, auth=lambda: self.auth
+        )
         self.app = app
         runner = web.AppRunner(
             app,
@@ -157,7 +190,8 @@ class WebServer:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+            site = GatedSite(runner, self.host, self.port, self.caps)
+            self.site = site
             await site.start()
             if self.port == 0 and runner.addresses:
                 self.port = int(runner.addresses[0][1])  # the port the system chose

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 const TOKEN_KEY = "nightstack-token";
 const NIGHT_KEY = "nightstack-night";
+const CROP_SIZES = [128, 256, 512, 768, 1024]; // 1:1 crop sides the server renders
 
 const view = {
   status: null,      // the last /api/status
@@ -16,6 +17,7 @@ const view = {
   frames: [],        // that session's journal records, in journal order
   loading: null,     // the frames request in flight
   previewVersion: String(Date.now()),
+  locked: false,     // reading needs the web token and the page has none that works
   strength: 1,
   linked: true,
 };
@@ -371,7 +373,8 @@ function zoom(fx, fy) {
     }
   };
   if (hasLive()) {
-    const size = Math.min(1024, Math.round(Math.max(window.innerWidth, window.innerHeight) * ratio));
+    const side = Math.min(1024, Math.round(Math.max(window.innerWidth, window.innerHeight) * ratio));
+    const size = CROP_SIZES.find((c) => c >= side) || 1024; // the server's list (render.CROPS)
     img.src = sessionUrl(view.session, "crop.jpg?cx=" + cx + "&cy=" + cy + "&size=" + size +
       "&strength=" + view.strength + "&linked=" + (view.linked ? "1" : "0") + "&v=" +
       encodeURIComponent(view.previewVersion));
@@ -403,6 +406,11 @@ function setupClose() {
     event.preventDefault();
     localStorage.setItem(TOKEN_KEY, $("token").value);
     $("token-form").hidden = true;
+    if (view.locked) { // reading needs the token: the page starts again with its cookie
+      if (await login()) location.reload();
+      else askToken("That token was refused.");
+      return;
+    }
     await requestClose();
   });
   async function requestClose() {
@@ -444,11 +452,48 @@ function setupNight() {
   button.addEventListener("click", () => apply(!document.body.classList.contains("night")));
 }
 
+// --- the token for reading ------------------------------------------------------------------
+// With a web token set, every answer but the page's files needs it: POST /api/login with it
+// once sets a cookie (images and the event stream cannot send a header).
+async function login() {
+  const token = localStorage.getItem(TOKEN_KEY);
+  if (!token) return false;
+  try {
+    const response = await fetch("/api/login", {
+      method: "POST", headers: { Authorization: "Bearer " + token },
+    });
+    return response.ok;
+  } catch (err) {
+    return false;
+  }
+}
+
+function askToken(text) {
+  view.locked = true;
+  $("close-note").textContent = text;
+  $("token-form").hidden = false;
+  $("token").focus();
+}
+
 // --- live events ---------------------------------------------------------------------------
+// EventSource gives up for good after an answer that is not 200 (a restart, a stream ended
+// by the server): then connect again after 2 s, doubling up to a minute while it fails.
+const RETRY_MIN_MS = 2000, RETRY_MAX_MS = 60000;
+let retryMs = RETRY_MIN_MS;
+
 function connect() {
   const events = new EventSource("/api/events");
-  events.addEventListener("open", () => { refreshStatus(); refreshSessions(); loadFrames(); });
-  events.addEventListener("error", () => { $("state").className = "badge offline"; });
+  events.addEventListener("open", () => {
+    retryMs = RETRY_MIN_MS;
+    refreshStatus(); refreshSessions(); loadFrames();
+  });
+  events.addEventListener("error", () => {
+    $("state").className = "badge offline";
+    if (events.readyState !== EventSource.CLOSED) return; // the browser retries by itself
+    events.close();
+    setTimeout(connect, retryMs);
+    retryMs = Math.min(RETRY_MAX_MS, retryMs * 2);
+  });
   events.addEventListener("status", (event) => {
     asked.status++; // an answer still in flight is older than this event
     applyStatus(JSON.parse(event.data));
@@ -474,6 +519,14 @@ async function start() {
   $("follow").addEventListener("click", () => {
     if (view.status && view.status.session) showSession(view.status.session, true);
   });
+  let probe = await fetch("/api/status", { cache: "no-store" }).catch(() => null);
+  if (probe && probe.status === 401 && await login()) {
+    probe = await fetch("/api/status", { cache: "no-store" }).catch(() => null);
+  }
+  if (probe && probe.status === 401) {
+    askToken("This page needs the web token.");
+    return;
+  }
   await refreshStatus();
   if (view.status && view.status.session) showSession(view.status.session, true);
   await refreshSessions();
