@@ -253,3 +253,16 @@ def test_real_m27_sequence_aligns_to_the_first_frame() -> None:
         [direct[2][:, :2] @ via[:, :2], direct[2][:, :2] @ via[:, 2] + direct[2][:, 2]]
     )
     assert transform_error(composed, direct[4], shape) <= 0.1
+
+
+def test_a_star_mapped_to_nan_matches_nothing() -> None:
+    """A degenerate candidate transform maps stars to NaN: no match for them, no ValueError
+    out of the KD-tree (seen once as an "internal error" rejecting a good frame)."""
+    from scipy.spatial import cKDTree
+
+    from nightstack.align import _match
+
+    ref = np.array([[10.0, 10.0], [50.0, 20.0]])
+    mapped = np.array([[np.nan, np.nan], [50.2, 20.1], [np.inf, 3.0]])
+    pairs = _match(mapped, cKDTree(ref), threshold=2.0)
+    assert pairs.tolist() == [[1, 1]]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from nightstack.decoder import SHM_PREFIX, Decoder, TransientDecodeError
+from nightstack.decoder import SHM_PREFIX, Decoder, TransientDecodeError, _child_main
 from nightstack.errors import DecodeError
 from nightstack.frames import Frame, Mosaic
 from nightstack.loaders import decode_light, load
@@ -333,3 +333,25 @@ def test_unimportable_function_fails_decode_with_reason(fits_frame: Path) -> Non
         pytest.raises(DecodeError, match=r"^decoder failed to start: cannot import"),
     ):
         decoder.decode(fits_frame)
+
+
+
+def test_a_child_whose_parent_is_gone_at_start_up_leaves_quietly(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20 item 12: the decoder child finishes starting after its parent's end of the pipe
+    is gone (the daemon stopped or killed while the child imported its libraries): its
+    "ready" meets a real EPIPE. Before: a BrokenPipeError traceback on the shared stderr (the
+    journal). Now it leaves quietly, exit code 0."""
+    monkeypatch.setenv("SLOW_START_S", "1")
+    spawn = multiprocessing.get_context("spawn")
+    parent_end, child_end = spawn.Pipe(duplex=True)
+    child = spawn.Process(
+        target=_child_main, args=(child_end, "_slow_start:load", {}, os.getpid()), daemon=True
+    )
+    child.start()
+    child_end.close()
+    parent_end.close()  # gone before the child says "ready"
+    child.join(30)
+    assert child.exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err

@@ -4,8 +4,11 @@ FITS/TIFF/PNG/JPEG files with known pixel values. Tolerances are stated where no
 from __future__ import annotations
 
 import os
+import resource
+import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -15,6 +18,7 @@ import tifffile
 from astropy.io import fits
 from numpy.testing import assert_allclose, assert_array_equal
 
+from nightstack.decoder import Decoder
 from nightstack.errors import DecodeError
 from nightstack.loaders import SUPPORTED_EXTENSIONS, load
 
@@ -484,6 +488,79 @@ def test_a_frame_without_saturated_pixels_is_not_rescaled_by_libraw(tmp_path: Pa
     sky = (slice(20, 200), slice(20, 460))
     ratio = np.median(hazy[sky][..., 1]) / np.median(clear[sky][..., 1])
     assert ratio == pytest.approx(1.0, abs=0.02)  # the same sky (1.275 with LibRaw's default)
+
+
+# --- issue 20, item 4: decompression bombs -----------------------------------------------------
+
+
+def _tiff_bomb(path: Path, side: int = 16000) -> Path:
+    """A deflate TIFF of ``side`` x ``side`` zeros (8-bit grey), written tile by tile: a file of
+    a few hundred kB that decodes to ``side``² bytes."""
+    tile = np.zeros((512, 512), np.uint8)
+    count = ((side + 511) // 512) ** 2
+    tifffile.imwrite(path, iter([tile] * count), shape=(side, side), dtype=np.uint8,
+                     tile=(512, 512), compression="zlib")  # fmt: skip
+    return path
+
+
+def _fits_bomb(path: Path, side: int = 30000) -> Path:
+    """A tile-compressed FITS whose header claims ``side`` x ``side`` pixels (a real 64 x 64
+    compressed image, its ZNAXISn cards rewritten: what an attacker writes)."""
+    hdu = fits.CompImageHDU(np.zeros((64, 64), np.uint16), compression_type="RICE_1")
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
+    raw = bytearray(path.read_bytes())
+    for key in (b"ZNAXIS1 =", b"ZNAXIS2 ="):
+        at = raw.index(key)
+        raw[at : at + 30] = f"{key.decode():9s}{side:>21d}".encode()
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, claim", [(_tiff_bomb, "16000 x 16000"), (_fits_bomb, "30000 x 30000")]
+)
+def test_a_decompression_bomb_is_refused_from_its_header_in_the_decoder(
+    tmp_path: Path, make: Any, claim: str
+) -> None:
+    """A small file claiming a huge image: refused in well under a second by the real decoder
+    child, whose peak memory stays flat (the header is read, no pixel)."""
+    name = "bomb.tif" if make is _tiff_bomb else "bomb.fits"
+    bomb = make(tmp_path / name)
+    assert bomb.stat().st_size < 2_000_000
+    with Decoder(address_space_bytes=4 << 30) as decoder:
+        _warm(decoder, tmp_path)
+        pid = decoder.pid
+        start = time.monotonic()
+        with pytest.raises(DecodeError) as err:
+            decoder.decode(bomb)
+        elapsed = time.monotonic() - start
+        peak_kb = _vm_hwm_kb(pid)
+    assert elapsed < 2.0
+    assert f"claims {claim} pixels" in err.value.reason and "\n" not in err.value.reason
+    assert "max_frame_pixels" in err.value.reason
+    assert peak_kb < 400_000, f"decoder peak RSS {peak_kb} kB"
+
+
+def _vm_hwm_kb(pid: int | None) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def _warm(decoder: Decoder, tmp_path: Path) -> None:
+    """One small real decode: the child is up and its libraries are loaded."""
+    small = tmp_path / "small.fits"
+    fits.PrimaryHDU(np.full((64, 64), 1000, np.uint16)).writeto(small)
+    decoder.decode(small)
+
+
+def test_the_decoder_child_has_an_address_space_limit(tmp_path: Path) -> None:
+    with Decoder(address_space_bytes=3 << 30) as decoder:
+        _warm(decoder, tmp_path)
+        assert decoder.pid is not None
+        soft, hard = resource.prlimit(decoder.pid, resource.RLIMIT_AS)
+    assert soft == hard == 3 << 30
 
 
 def test_a_libraw_demosaic_on_a_bayer_fits_is_refused_by_name(tmp_path: Path) -> None:

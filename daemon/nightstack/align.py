@@ -365,8 +365,15 @@ def _pair_variance(faintness: FloatArray, resid2: FloatArray) -> FloatArray:
 
 
 def _match(mapped: FloatArray, ref_tree: cKDTree, threshold: float) -> IntArray:
-    """One-to-one nearest pairs (frame index, reference index) closer than ``threshold``."""
-    dist, nearest = ref_tree.query(mapped, distance_upper_bound=threshold)
+    """One-to-one nearest pairs (frame index, reference index) closer than ``threshold``; a
+    star mapped to a non-finite position (a degenerate candidate transform) matches nothing."""
+    dist = np.full(len(mapped), np.inf)
+    nearest = np.full(len(mapped), ref_tree.n, dtype=np.intp)
+    finite = np.isfinite(mapped).all(axis=1)
+    if finite.any():
+        dist[finite], nearest[finite] = ref_tree.query(
+            mapped[finite], distance_upper_bound=threshold
+        )
     found = np.flatnonzero(np.isfinite(dist))
     if found.size == 0:
         return np.zeros((0, 2), dtype=np.intp)

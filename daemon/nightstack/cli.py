@@ -292,12 +292,21 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
 
 def _cmd_close(args: argparse.Namespace) -> int:
-    from .service import request_close
+    from .control import daemon_running, request_close
 
     output = args.output_dir or _settings(args).output_dir
     if output is None:
         raise ConfigError("no output folder: give --output-dir or set 'output_dir'")
-    request_close(Path(output))
+    output = Path(output)
+    if not output.is_dir():
+        raise ConfigError(f"output folder {output} does not exist")
+    if not daemon_running(output):
+        print(f"nightstack: no daemon is writing into {output}: nothing to close", file=sys.stderr)
+        return 1
+    try:
+        request_close(output)
+    except OSError as err:
+        raise ConfigError(f"cannot ask the daemon in {output}: {err.strerror}") from err
     print(f"asked the daemon writing into {output} to close its session")
     return 0
 

@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     decode_timeout_s: float = Field(
         60.0, gt=0, description="A decode taking longer is abandoned and the frame rejected."
     )
+    max_frame_pixels: int = Field(
+        120_000_000, ge=1, description="A frame whose header claims more pixels is rejected "
+        "before decoding (a decompression bomb); also sizes the decoder's memory limit."
+    )
     bin: int = Field(
         2, ge=1, le=8, description="Binning of the detection luminance (2 = CFA superpixel)."
     )

@@ -17,7 +17,8 @@ A child that does not answer within ``timeout_s`` is killed (SIGKILL) and restar
 dies (SIGSEGV, SIGABRT, OOM kill, ...) is restarted. Either way the caller gets a
 :class:`~nightstack.errors.DecodeError` and the next ``decode`` works normally. A failure that
 may not happen again is a :class:`TransientDecodeError`: a timeout (a busy machine, a slow card), a
-child killed by SIGKILL (the kernel's OOM killer, an operator) and a read error (``EIO``); a
+child killed by SIGKILL (the kernel's OOM killer, an operator) and a read error (``EIO``, or no
+file descriptor left: ``EMFILE`` / ``ENFILE``, see :mod:`nightstack.frameio`); a
 crash by another signal (SIGSEGV: LibRaw on a corrupt file) and every reason about the file's
 content are not. Shared-memory files
 are named after the parent's pid and unlinked on every path; files left by a parent that was
@@ -27,7 +28,6 @@ itself killed are swept when the next :class:`Decoder` starts.
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib
 import importlib.util
 import mmap
@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DecodeError
+from .frameio import NotAFrameFile, open_frame, transient_error
 from .frames import Frame, FrameMeta, Mosaic
 
 DEFAULT_DECODE_FN = "nightstack.loaders:decode_light"
@@ -76,19 +77,6 @@ _DECODE_FN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 class TransientDecodeError(DecodeError):
     """A decode that failed for a reason that may pass (see the module docstring): worth one
     more try later, unlike a file that is truncated or not an image."""
-
-
-def read_error(err: BaseException) -> OSError | None:
-    """The ``EIO`` read error in ``err``'s chain of causes, if there is one (an error of the
-    storage, not of the file's content; LibRaw's own ``LibRawIOError`` is not an OSError)."""
-    seen: set[int] = set()
-    cause: BaseException | None = err
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, OSError) and cause.errno == errno.EIO:
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 @dataclass
@@ -117,6 +105,9 @@ class Decoder:
         returning a :class:`~nightstack.frames.Frame` or :class:`~nightstack.frames.Mosaic`.
     shm_dir
         Where the shared-memory files go; default ``/dev/shm`` (RAM), else the temp directory.
+    address_space_bytes
+        The child's ``RLIMIT_AS`` (bytes of virtual memory; None: no limit): a decode that
+        needs more fails with a one-line ``DecodeError`` instead of taking the machine's RAM.
 
     Use as a context manager or call :meth:`close`; one ``decode`` runs at a time (a lock
     serialises callers).
@@ -129,6 +120,7 @@ class Decoder:
         decode_fn: str = DEFAULT_DECODE_FN,
         *,
         shm_dir: str | Path | None = None,
+        address_space_bytes: int | None = None,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, not {timeout_s!r}")
@@ -140,6 +132,7 @@ class Decoder:
         self.timeout_s = float(timeout_s)
         self.decode_fn = decode_fn
         self.load_kwargs = dict(load_kwargs or {})
+        self.address_space_bytes = address_space_bytes
         self.shm_dir = Path(shm_dir) if shm_dir is not None else _default_shm_dir()
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
@@ -236,7 +229,10 @@ class Decoder:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_child_main,
-            args=(child_conn, self.decode_fn, self.load_kwargs, os.getpid()),
+            args=(
+                child_conn, self.decode_fn, self.load_kwargs, os.getpid(),
+                self.address_space_bytes,
+            ),
             name="nightstack-decoder",
             daemon=True,  # never outlives an interpreter that forgot close()
         )
@@ -285,7 +281,8 @@ class Decoder:
                 for name, spec in zip(names, payload["arrays"], strict=False)
             ]
         except OSError as err:
-            raise DecodeError(f"cannot map decoded frame ({type(err).__name__}: {err})") from err
+            kind = TransientDecodeError if transient_error(err) else DecodeError
+            raise kind(f"cannot map decoded frame ({type(err).__name__}: {err})") from err
         if "pattern" in payload:
             common = (payload["pattern"], payload["white_balance"], payload["saturation"])
             if "black" in payload:  # a raw: its ADU and levels, values formed when needed
@@ -327,7 +324,11 @@ class Decoder:
 
 
 def _child_main(
-    conn: Connection, decode_fn: str, load_kwargs: dict[str, Any], parent_pid: int
+    conn: Connection,
+    decode_fn: str,
+    load_kwargs: dict[str, Any],
+    parent_pid: int,
+    address_space_bytes: int | None = None,
 ) -> None:
     """The child's loop: import ``decode_fn``, then decode requests until told to stop."""
     # The parent decides when the child ends: a Ctrl-C or systemd's SIGTERM to the whole group
@@ -338,13 +339,16 @@ def _child_main(
         import resource
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no 500 MB core files on an SD card
+        if address_space_bytes is not None:  # a bomb fails here, not in the machine's RAM
+            resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes, address_space_bytes))
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
     try:
         fn = _resolve(decode_fn)
     except Exception as err:
-        conn.send(("failed", f"cannot import {decode_fn} ({type(err).__name__}: {err})"))
+        _reply(conn, ("failed", f"cannot import {decode_fn} ({type(err).__name__}: {err})"))
         return
-    conn.send(("ready", os.getpid()))
+    if not _reply(conn, ("ready", os.getpid())):
+        return
     while True:
         try:
             request = conn.recv()
@@ -353,7 +357,17 @@ def _child_main(
         if request is None:
             return
         path, names = request
-        conn.send(_serve(fn, path, [Path(n) for n in names], load_kwargs))
+        if not _reply(conn, _serve(fn, path, [Path(n) for n in names], load_kwargs)):
+            return
+
+
+def _reply(conn: Connection, message: tuple[str, Any]) -> bool:
+    """Send ``message`` to the parent; False (quietly, no traceback) if it is gone."""
+    try:
+        conn.send(message)
+    except (OSError, EOFError):  # BrokenPipeError: the parent was killed or stopped us
+        return False
+    return True
 
 
 def _serve(
@@ -362,6 +376,8 @@ def _serve(
     """Decode one file and export its arrays; ("ok", header), or ("error", reason), or
     ("transient", reason) for a read error (EIO)."""
     try:
+        with contextlib.suppress(FileNotFoundError):  # the decode function says it its way
+            os.close(open_frame(path))  # a FIFO or a device in its place: never waited on
         frame = fn(path, **load_kwargs)
         meta: FrameMeta = frame.meta
         if isinstance(frame, Mosaic):
@@ -380,14 +396,18 @@ def _serve(
             _write_segment(name, getattr(frame, a)) for name, a in zip(names, _ARRAYS, strict=True)
         ]
         return "ok", {"arrays": specs, "path": str(frame.path), "bin": frame.bin, "meta": meta}
+    except NotAFrameFile as err:
+        return "error", str(err.strerror)
     except Exception as err:
         for name in names:
             name.unlink(missing_ok=True)
-        kind = "transient" if read_error(err) is not None else "error"
+        kind = "transient" if transient_error(err) is not None else "error"
         if isinstance(err, DecodeError):
             return kind, err.reason
         if kind == "transient":
             return kind, f"cannot read file ({type(err).__name__}: {err})"
+        if isinstance(err, MemoryError) or "MemoryError" in str(err):
+            return "error", "out of memory while decoding (the decoder's address-space limit)"
         if isinstance(err, OSError) and err.errno == 28:  # ENOSPC
             return "error", f"no room for the decoded frame in {names[0].parent} ({err})"
         return "error", f"decoder error ({type(err).__name__}: {err})"

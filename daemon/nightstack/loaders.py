@@ -31,7 +31,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -79,6 +79,9 @@ from calibration); above it, float data is assumed to be in 16-bit ADU and divid
 ADU_16BIT = 65535.0
 
 _MAX_REASON_CHARS = 300  # keep a library's chatter to one journal-sized line
+MAX_FRAME_PIXELS = 120_000_000
+"""Default limit of a frame's pixels (rows x cols) read from its header before decoding: the
+largest sensors are ~100 MP; a small compressed file claiming more is a decompression bomb."""
 
 # (offset, magic bytes, what the content is); the first match wins, so CR3 precedes generic ftyp.
 _MAGIC: tuple[tuple[int, bytes, str], ...] = (
@@ -139,6 +142,7 @@ def load(
     demosaic: str = "AHD",
     white_balance: str | Sequence[float] = "camera",
     bin: int = 2,
+    max_pixels: int = MAX_FRAME_PIXELS,
 ) -> Frame:
     """Decode one light frame.
 
@@ -161,6 +165,8 @@ def load(
         Luminance binning factor >= 1. With an even ``bin`` and a 2x2 Bayer sensor the luminance
         is the undemosaiced CFA averaged over bin x bin blocks (``bin=2``: the superpixel), black
         level subtracted; otherwise it is the block mean of the image's channel mean.
+    max_pixels
+        A frame whose header claims more pixels (rows x cols) is refused before decoding.
 
     Returns
     -------
@@ -176,10 +182,11 @@ def load(
     ValueError
         An argument is invalid (checked before the file is read).
     """
-    options = _check_options(demosaic, white_balance, bin)
+    options = replace(_check_options(demosaic, white_balance, bin), max_pixels=max_pixels)
     if demosaic in METHODS and is_mosaic_source(path):
         try:
-            return mosaic_to_frame(load_mosaic(path, white_balance=white_balance), demosaic, bin)
+            mosaic = load_mosaic(path, white_balance=white_balance, max_pixels=max_pixels)
+            return mosaic_to_frame(mosaic, demosaic, bin)
         except NotMosaicError:
             pass  # LibRaw's own demosaic
     with _decode_errors():
@@ -194,7 +201,12 @@ def check_options(
     _check_options(demosaic, white_balance, bin)
 
 
-def load_mosaic(path: str | Path, *, white_balance: str | Sequence[float] = "camera") -> Mosaic:
+def load_mosaic(
+    path: str | Path,
+    *,
+    white_balance: str | Sequence[float] = "camera",
+    max_pixels: int = MAX_FRAME_PIXELS,
+) -> Mosaic:
     """Decode one frame to its sensor mosaic, without demosaicing.
 
     Camera raws are unpacked by LibRaw (``raw_image_visible``: the visible area, sensor
@@ -210,6 +222,8 @@ def load_mosaic(path: str | Path, *, white_balance: str | Sequence[float] = "cam
         ``"daylight"``, ``"auto"`` (grey world: each colour's mean over unsaturated sites made
         equal to green's) or four multipliers (R, G, B, G2). FITS frames are 1, 1, 1 unless four
         multipliers are given. The multipliers are recorded, never applied to ``data``.
+    max_pixels
+        A frame whose header claims more pixels (rows x cols) is refused before decoding.
 
     Returns
     -------
@@ -233,7 +247,7 @@ def load_mosaic(path: str | Path, *, white_balance: str | Sequence[float] = "cam
     """
     wb = _check_options("AHD", white_balance, 2).white_balance
     with _decode_errors():
-        return _load_mosaic(Path(path), wb)
+        return _load_mosaic(Path(path), wb, max_pixels)
     raise AssertionError("unreachable")  # pragma: no cover (mypy: the context may swallow)
 
 
@@ -270,6 +284,7 @@ def decode_light(
     demosaic: str = "bilinear",
     white_balance: str | Sequence[float] = "camera",
     bin: int = 2,
+    max_pixels: int = MAX_FRAME_PIXELS,
 ) -> Mosaic | Frame:
     """What the pipeline decodes a light to (the decoder process's default function).
 
@@ -283,7 +298,7 @@ def decode_light(
     _check_options(demosaic, white_balance, bin)
     if demosaic in METHODS and is_mosaic_source(path):
         try:
-            return load_mosaic(path, white_balance=white_balance)
+            return load_mosaic(path, white_balance=white_balance, max_pixels=max_pixels)
         except NotMosaicError as err:
             log.debug("%s: %s; LibRaw's own demosaic", path, err.reason)
     elif Path(path).suffix.lower() in FITS_EXTENSIONS and fits_is_bayer(path):
@@ -291,7 +306,8 @@ def decode_light(
             f"demosaic {demosaic!r} is LibRaw's, which cannot read a Bayer FITS: set demosaic "
             f"to one of {METHODS}"
         )
-    return load(path, demosaic=demosaic, white_balance=white_balance, bin=bin)
+    return load(path, demosaic=demosaic, white_balance=white_balance, bin=bin,
+                max_pixels=max_pixels)  # fmt: skip
 
 
 def fits_is_bayer(path: str | Path) -> bool:
@@ -323,6 +339,7 @@ class _Options:
     demosaic: str
     white_balance: str | list[float]
     bin: int
+    max_pixels: int = MAX_FRAME_PIXELS
 
 
 def _check_options(demosaic: str, white_balance: str | Sequence[float], bin: int) -> _Options:
@@ -350,6 +367,18 @@ def _check_options(demosaic: str, white_balance: str | Sequence[float], bin: int
     return _Options(algorithm, wb, int(bin))
 
 
+def _check_pixels(rows: int, cols: int, limit: int, what: str) -> None:
+    """Refuse a frame whose header claims ``rows`` x ``cols`` > ``limit`` pixels (or a
+    non-positive size) before any pixel is decoded."""
+    if rows < 1 or cols < 1:
+        raise DecodeError(f"{what} claims an empty image ({cols} x {rows})")
+    if rows * cols > limit:
+        raise DecodeError(
+            f"{what} claims {cols} x {rows} pixels ({rows * cols / 1e6:.0f} MP), over the "
+            f"limit of {limit / 1e6:.0f} MP (max_frame_pixels): not decoded"
+        )
+
+
 # --- dispatch --------------------------------------------------------------------------------
 
 
@@ -371,13 +400,13 @@ def _load(path: Path, options: _Options) -> Frame:
         found = content or "not recognised as any image format"
         raise DecodeError(f"not {expected[0]}: content is {found}")
     if ext in FITS_EXTENSIONS:
-        return _load_fits(path, options.bin)
+        return _load_fits(path, options.bin, options.max_pixels)
     if ext in TIFF_EXTENSIONS:
-        return _load_tiff(path, options.bin)
+        return _load_tiff(path, options.bin, options.max_pixels)
     return _load_srgb(path, options.bin)
 
 
-def _load_mosaic(path: Path, white_balance: str | list[float]) -> Mosaic:
+def _load_mosaic(path: Path, white_balance: str | list[float], max_pixels: int) -> Mosaic:
     head = _read_head(path)
     ext = path.suffix.lower()
     content = _sniff(head)
@@ -386,11 +415,11 @@ def _load_mosaic(path: Path, white_balance: str | list[float]) -> Mosaic:
             raise DecodeError(
                 f"file content is {content}, not a {ext[1:].upper()} raw (wrong extension?)"
             )
-        return _mosaic_raw(path, content, white_balance)
+        return _mosaic_raw(path, content, white_balance, max_pixels)
     if ext in FITS_EXTENSIONS:
         if content != "a FITS file":
             raise DecodeError(f"not a FITS file: content is {content or 'not recognised'}")
-        return _mosaic_fits(path, white_balance)
+        return _mosaic_fits(path, white_balance, max_pixels)
     if ext in SUPPORTED_EXTENSIONS:
         raise NotMosaicError(f"a {ext[1:].upper()} file holds no sensor mosaic")
     shown = f"'{path.suffix}'" if path.suffix else "(none)"
@@ -447,6 +476,7 @@ def _load_raw(path: Path, content: str | None, options: _Options) -> Frame:
     luminance: F32 | None = None
     try:
         with _libraw_name(path) as name, rawpy.imread(name) as raw:
+            _check_raw_size(raw, options.max_pixels)  # opened, not unpacked yet
             cfa = raw.raw_image_visible  # a view into LibRaw's buffer: use before close
             pattern = raw.raw_pattern
             cfa_shape = None if cfa is None else tuple(cfa.shape[:2])
@@ -481,13 +511,22 @@ def _load_raw(path: Path, content: str | None, options: _Options) -> Frame:
     return Frame(path=path, image=image, luminance=luminance, bin=options.bin, meta=meta)
 
 
-def _mosaic_raw(path: Path, content: str | None, white_balance: str | list[float]) -> Mosaic:
+def _check_raw_size(raw: Any, limit: int) -> None:
+    """The raw's sensor size from LibRaw's header parse (``open_file``), before ``unpack``."""
+    sizes = raw.sizes
+    _check_pixels(int(sizes.raw_height), int(sizes.raw_width), limit, "the raw")
+
+
+def _mosaic_raw(
+    path: Path, content: str | None, white_balance: str | list[float], max_pixels: int
+) -> Mosaic:
     """The raw's visible ADU (LibRaw's own buffer, 2 bytes a pixel, not copied) with each 2x2
     site's black level and span; its float32 values are formed only when asked for."""
     try:
         with _libraw_name(path) as name, contextlib.ExitStack() as on_failure:
             raw = rawpy.imread(name)
             on_failure.callback(raw.close)
+            _check_raw_size(raw, max_pixels)  # opened, not unpacked yet
             pattern, sites = _raw_bayer(raw)
             # A view into LibRaw's buffer. Its numpy base is `raw`, which the view keeps alive
             # (LibRaw's memory is freed when the last view goes), so `raw` is closed only on
@@ -675,8 +714,8 @@ def _tag_text(tag: Any) -> str:
 # --- FITS ------------------------------------------------------------------------------------
 
 
-def _load_fits(path: Path, bin: int) -> Frame:
-    data, header = _read_fits(path)
+def _load_fits(path: Path, bin: int, max_pixels: int) -> Frame:
+    data, header = _read_fits(path, max_pixels)
     bottom_up = str(header.get("ROWORDER", "")).strip().upper() == "BOTTOM-UP"
     bayer = str(header.get("BAYERPAT", "")).strip().upper()
     if data.ndim == 3 and data.shape[0] == 1:
@@ -693,8 +732,8 @@ def _load_fits(path: Path, bin: int) -> Frame:
     return Frame(path=path, image=image, luminance=luminance, bin=bin, meta=_fits_meta(header))
 
 
-def _mosaic_fits(path: Path, white_balance: str | list[float]) -> Mosaic:
-    data, header = _read_fits(path)
+def _mosaic_fits(path: Path, white_balance: str | list[float], max_pixels: int) -> Mosaic:
+    data, header = _read_fits(path, max_pixels)
     bayer = str(header.get("BAYERPAT", "")).strip().upper()
     if data.ndim == 3 and data.shape[0] == 1:
         data = data[0]
@@ -732,16 +771,21 @@ def _fits_pattern(header: Any, bayer: str) -> str:
     return _shift_pattern(bayer, _int_card(header, "XBAYROFF"), _int_card(header, "YBAYROFF"))
 
 
-def _read_fits(path: Path) -> tuple[np.ndarray, Any]:
-    """The first image HDU's data (native byte order) and a copy of its header."""
+def _read_fits(path: Path, max_pixels: int) -> tuple[np.ndarray, Any]:
+    """The first image HDU's data (native byte order) and a copy of its header; its size
+    (``NAXISn``, or ``ZNAXISn`` of a tile-compressed image) checked before its data is read."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
                 hdu = next(
-                    (h for h in hdul if h.is_image and h.data is not None and h.data.ndim >= 2),
+                    (
+                        h for h in hdul
+                        if h.is_image and _fits_size_ok(h, max_pixels) and h.data is not None
+                        and h.data.ndim >= 2
+                    ),
                     None,
-                )
+                )  # fmt: skip
                 if hdu is None:
                     raise DecodeError("FITS file holds no image data")
                 data = np.asarray(hdu.data)
@@ -759,6 +803,19 @@ def _read_fits(path: Path) -> tuple[np.ndarray, Any]:
             raise DecodeError(f"truncated FITS file; {_warning_text(w.message)}")
         log.debug("%s: astropy: %s", path, _warning_text(w.message))
     return data, header
+
+
+def _fits_size_ok(hdu: Any, max_pixels: int) -> bool:
+    """Whether an image HDU's header claims at most ``max_pixels`` per plane (DecodeError if
+    not): ``ZNAXISn`` of a tile-compressed image (its true size), else ``NAXISn``. An HDU with
+    fewer than two axes is not a frame (False)."""
+    header = getattr(hdu, "_header", hdu.header)  # a compressed HDU's own cards: ZNAXISn
+    prefix = "ZNAXIS" if "ZNAXIS" in header else "NAXIS"
+    axes = [_int_card(header, f"{prefix}{k}") for k in range(1, _int_card(header, prefix) + 1)]
+    if len(axes) < 2:
+        return False
+    _check_pixels(axes[1], axes[0], max_pixels, "the FITS image")
+    return True
 
 
 def _shift_pattern(pattern: str, x_offset: int, y_offset: int) -> str:
@@ -840,14 +897,18 @@ def _warning_text(message: Warning | str) -> str:
 # --- TIFF, JPEG, PNG -------------------------------------------------------------------------
 
 
-def _load_tiff(path: Path, bin: int) -> Frame:
-    """A linear TIFF (8/16/32-bit integer or float, mono or RGB); first page only."""
+def _load_tiff(path: Path, bin: int, max_pixels: int) -> Frame:
+    """A linear TIFF (8/16/32-bit integer or float, mono or RGB); first page only, its size
+    (``ImageLength`` x ``ImageWidth``) checked before its strips are decoded."""
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages.first
+            _check_pixels(int(page.imagelength), int(page.imagewidth), max_pixels, "the TIFF")
             photometric = int(page.photometric)
             separate = int(page.planarconfig) == int(tifffile.PLANARCONFIG.SEPARATE)
             data = page.asarray()
+    except DecodeError:
+        raise
     except Exception as err:
         raise DecodeError(f"corrupt TIFF file ({_describe(err)})") from err
     if photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):

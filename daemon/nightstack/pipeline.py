@@ -12,7 +12,6 @@ split in two halves so the daemon can decode frame N+1 while frame N is being st
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -30,12 +29,13 @@ from .align import align
 from .calibrate import calibrator_from_settings
 from .combine import combine
 from .config import Settings
-from .decoder import Decoder
+from .decoder import Decoder, TransientDecodeError
 from .demosaic import TileSamples, demosaic, mosaic_codes, superpixel_luminance
 from .detect import StarFinder
 from .drizzle import SCALES as DRIZZLE_SCALES
 from .drizzle import Drizzle, drizzle_combine, drizzle_holes
 from .errors import AlignmentError, DecodeError
+from .frameio import file_sha256, transient_error
 from .frames import IDENTITY, Alignment, FloatArray, Frame, Mosaic, MosaicFrame, Stars
 from .landscape import Landscape
 from .live import LiveStack
@@ -58,22 +58,12 @@ def no_calibration(mosaic: Mosaic) -> tuple[Mosaic, dict[str, Any] | None]:
     return mosaic, None
 
 
-_HASH_CHUNK = 1 << 20  # read files in 1 MiB pieces while hashing
 
 REFERENCE_PROBATION = 5
 """While fewer frames than this are accepted, a new frame the reference would be rejected against
 (it has > 1 / min_star_fraction times its stars, sharper stars or a much darker sky) replaces the
 reference: see :meth:`Stacker.better_reference`. Afterwards the reference is fixed, since the
 frames stacked on it would all have to be redone."""
-
-
-def file_sha256(path: Path) -> str:
-    """Content hash of a file (the journal's identity of a frame)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -138,6 +128,9 @@ class Prepared:
     error: str | None
     ms: dict[str, float]
     calibration: dict[str, Any] | None = None
+    transient: bool = False
+    """``error`` may pass another time (a decode timeout, a read error of the card, no file
+    descriptor left: :class:`~nightstack.decoder.TransientDecodeError`); the daemon retries."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,12 +256,14 @@ class Stacker:
                     digest = file_sha256(path)
             except OSError as err:
                 reason = f"cannot read file: {err.strerror}"
-                return Prepared(path, None, None, None, None, reason, watch.ms)
+                transient = transient_error(err) is not None
+                return Prepared(path, None, None, None, None, reason, watch.ms, None, transient)
         try:
             with watch.stage("decode"):
                 decoded = self.decoder.decode(path)
         except DecodeError as err:
-            return Prepared(path, digest, None, None, None, err.reason, watch.ms)
+            transient = isinstance(err, TransientDecodeError)
+            return Prepared(path, digest, None, None, None, err.reason, watch.ms, None, transient)
         frame: Frame | MosaicFrame
         calibration: dict[str, Any] | None = None
         if isinstance(decoded, Mosaic):

@@ -38,10 +38,12 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings, web_token
-from .decoder import DEFAULT_DECODE_FN, Decoder, TransientDecodeError, read_error
+from .control import hold_lock, request_close, take_close_request
+from .decoder import DEFAULT_DECODE_FN, Decoder
 from .errors import ConfigError
+from .frameio import FD_ERRNOS, file_sha256, transient_error
 from .notify import Notifier
-from .pipeline import FrameRecord, Prepared, Stacker, file_sha256
+from .pipeline import FrameRecord, Prepared, Stacker
 from .quality import Quality
 from .retries import Retries, first_attempts
 from .session import Session, find_open, known_hashes, quarantine
@@ -52,12 +54,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nightstack")
 
-CLOSE_REQUEST = "close-request"  # `nightstack close` creates this file in the output dir
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # every empty file: rejected each, not deduped
 _TICK_S = 0.5  # worker loop period when idle: signals, close requests, watchdog, previews
 RETRY_S = 5.0  # while the output cannot be written: how often to look for free space again
 _SPACE_MARGIN = 16 * 2**20  # free bytes wanted besides two frame-store entries before a retry
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+_DECODER_BASE_BYTES = 2 << 30  # the decoder child's virtual memory besides its frame
+FD_WAIT_S = 1.0  # no file descriptor left: how often to try a frame's file again
+STAGE_SLACK_S = 10.0
+"""The prepare stage's time for one frame beyond the decode timeout (hash, detection, s)."""
 LONG_WRITE_MAX_S = 900.0
 """The longest one write (a frame into the store, a checkpoint, a preview with live.fits, the
 final combine and its files) keeps the watchdog fed: a card that slow is failing, and a write
@@ -76,7 +81,19 @@ def load_kwargs(settings: Settings) -> dict[str, Any]:
     balance: str | list[float] = (
         wb if wb in ("camera", "daylight", "auto") else [float(v) for v in wb.split(",")]
     )
-    return {"demosaic": settings.demosaic, "white_balance": balance, "bin": settings.bin}
+    return {
+        "demosaic": settings.demosaic,
+        "white_balance": balance,
+        "bin": settings.bin,
+        "max_pixels": settings.max_frame_pixels,
+    }
+
+
+def decoder_memory(settings: Settings) -> int:
+    """The decoder child's address-space limit (bytes): its libraries' mappings (0.75 GB on
+    this machine; more threads, more stacks) plus 32 bytes per pixel of the largest frame
+    allowed (LibRaw's buffers and the float32 RGB of its own demosaic: ~28)."""
+    return _DECODER_BASE_BYTES + 32 * settings.max_frame_pixels
 
 
 def check_startup(settings: Settings) -> tuple[Path, Path]:
@@ -175,6 +192,12 @@ class Daemon:
         self.retries = Retries(set())  # transient failures: tried once, waiting for the retry
         self._hash_lock = threading.Lock()
         self._busy = threading.Event()  # the prepare thread holds a frame
+        self._stage_since: float | None = None  # monotonic s: the prepare stage's frame since
+        self._stuck_said = False
+        self._request_said: str | None = None  # the last complaint about the close request
+        self.stage_deadline_s = settings.decode_timeout_s + STAGE_SLACK_S
+        """The longest the prepare stage may hold one frame (s) before the watchdog starves:
+        the decode's own timeout plus hashing and detection."""
         self.stats = {"stacked": 0, "rejected": 0}
         self._last_keepalive = 0.0
         # paths handed over by the watcher and not yet journaled or skipped, in arrival order,
@@ -214,12 +237,18 @@ class Daemon:
     # --- main ---------------------------------------------------------------------------------
     def run(self) -> int:
         watch, output = check_startup(self.settings)
+        try:
+            lock = hold_lock(output)  # `nightstack close` sees that a daemon is here
+        except OSError as err:
+            raise ConfigError(f"cannot lock {output} ({err.strerror}): another daemon writes "
+                              "there?") from err  # fmt: skip
         web = self._start_web(output)  # --- web ---
         try:
             return self._run(watch, output)
         finally:
             if web is not None:
                 web.stop()
+            os.close(lock)
 
     def _run(self, watch: Path, output: Path) -> int:
         if threading.current_thread() is threading.main_thread():
@@ -230,6 +259,7 @@ class Daemon:
             timeout_s=self.settings.decode_timeout_s,
             load_kwargs=load_kwargs(self.settings),
             decode_fn=self.hooks.decode_fn,
+            address_space_bytes=decoder_memory(self.settings),
         ) as decoder:
             self.decoder = decoder
             self.output = output
@@ -286,15 +316,17 @@ class Daemon:
         while not self.stop.is_set():
             if not self._preparer.is_alive():  # never ping the watchdog for a dead pipeline
                 raise RuntimeError("the prepare thread died; see the log above")
-            self.notifier.watchdog()
+            self._feed_watchdog()
             if self.reload.is_set():
                 self._reload()
             if self._degraded.is_set() and time.monotonic() >= self._retry_at:
                 self._recover(output)
-            request = output / CLOSE_REQUEST
-            if request.exists():
-                request.unlink(missing_ok=True)
+            request = take_close_request(output)
+            if request == "close":
                 self._close("close requested")
+            elif request is not None and request != self._request_said:
+                log.warning("%s", _shown(request))  # once, not every tick
+            self._request_said = request
             try:
                 epoch, item = self.prepared.get(timeout=tick)
             except queue.Empty:
@@ -363,14 +395,11 @@ class Daemon:
             except queue.Empty:
                 continue
             self._busy.set()
+            self._stage_since = time.monotonic()
             try:
                 item: _Item
-                unreadable: OSError | None = None
-                try:
-                    digest = file_sha256(path)
-                except OSError as err:
-                    digest = None  # unreadable: prepare() records the reason
-                    unreadable = read_error(err)  # EIO: the card, not the file, may be at fault
+                seen = _stat_key(path)  # before the hash: what the decode will judge
+                digest, unreadable = self._hash(path)
                 with self._hash_lock:
                     epoch = self._epoch
                     duplicate = digest in self.hashes and digest != EMPTY_SHA256
@@ -379,11 +408,22 @@ class Daemon:
                 detector = self._detector  # replaced by the worker when a session starts
                 if duplicate:
                     item = _Duplicate(path)
-                elif unreadable is not None:
+                elif unreadable is not None:  # EIO: the card, not the file, may be at fault
                     reason = f"cannot read file: {unreadable.strerror}"
-                    item = _Transient(Prepared(path, None, None, None, None, reason, {}))
+                    transient = transient_error(unreadable) is not None
+                    prepared = Prepared(path, None, None, None, None, reason, {}, None, transient)
+                    item = self._transient_or_not(prepared)
                 else:
                     item = self._transient_or_not(detector.prepare(path, digest))
+                    if isinstance(item, Prepared) and item.error and not self._settled(path, seen):
+                        log.info("%s: %s while still being written; decoded again once it is "
+                                 "complete", _shown(path.name), item.error)  # fmt: skip
+                        if digest is not None:
+                            with self._hash_lock:
+                                self.hashes.discard(digest)
+                        self._done(path)  # the watcher reports it again when it changes
+                        continue
+                self._stage_since = None  # done: handing over is waiting, not a stuck stage
                 while not self.stop.is_set():
                     try:
                         self.prepared.put((epoch, item), timeout=_TICK_S)
@@ -391,19 +431,73 @@ class Daemon:
                     except queue.Full:
                         continue
             finally:
+                self._stage_since = None
                 self._busy.clear()
 
-    def _transient_or_not(self, prepared: Prepared) -> Prepared | _Transient:
-        """``prepared`` as a _Transient if its decode failed for a reason that may pass."""
-        failure = self.decoder.last_error()  # the decode prepare() just ran in this thread
-        if (
-            prepared.error is not None
-            and "decode" in prepared.ms
-            and isinstance(failure, TransientDecodeError)
-            and failure.reason == prepared.error
-        ):
-            return _Transient(prepared)
-        return prepared
+    def _hash(self, path: Path) -> tuple[str | None, OSError | None]:
+        """(content hash, None), or (None, the error) when the file cannot be read. While the
+        process has no file descriptor left (``EMFILE``/``ENFILE``: a fault of the machine, not
+        of the frame) it waits and tries again every :data:`FD_WAIT_S` (one log line), so such a
+        frame is never rejected for it."""
+        waited = 0
+        while True:
+            self._stage_since = time.monotonic()  # waiting for a descriptor is progress
+            try:
+                digest = file_sha256(path)
+            except OSError as err:
+                if err.errno not in FD_ERRNOS or self.stop.is_set():
+                    return None, err
+                if not waited:
+                    log.warning("no file descriptor left to read %s (%s); waiting for one, "
+                                "checked every %g s (the frame is not rejected)",
+                                _shown(path.name), err.strerror, FD_WAIT_S)  # fmt: skip
+                waited += 1
+                self.stop.wait(FD_WAIT_S)
+                continue
+            if waited:
+                log.info("file descriptors free again after %d tries: %s read", waited,
+                         _shown(path.name))  # fmt: skip
+            return digest, None
+
+    def _settled(self, path: Path, seen: tuple[int, int] | None) -> bool:
+        """Whether a file that failed to decode is complete, so the failure is final: its size
+        and mtime are still ``seen`` (as before the hash) and ``stable_s`` old. A writer that
+        opens and closes the file per chunk makes it fail while young: wait for ``stable_s``
+        after its last change; False if it changed (the watcher reports it again, complete or
+        not) or the daemon stops."""
+        while not self.stop.is_set():
+            now_key = _stat_key(path)
+            if now_key is None or now_key != seen:
+                return False
+            age = time.time() - now_key[1] / 1e9
+            if age >= self.settings.stable_s:
+                return True
+            self.stop.wait(min(self.settings.stable_s - age, _TICK_S))
+        return False
+
+    def _stuck(self) -> str | None:
+        """Why the watchdog must not be fed: the prepare stage has held one frame longer than
+        :attr:`stage_deadline_s` (else None)."""
+        since = self._stage_since
+        if since is None or time.monotonic() - since <= self.stage_deadline_s:
+            return None
+        return f"the prepare stage is stuck on one frame for {time.monotonic() - since:.0f} s"
+
+    def _feed_watchdog(self) -> None:
+        """``WATCHDOG=1``, only while every stage makes progress (one log line when a stage
+        is stuck: systemd then restarts the daemon after ``WatchdogSec``)."""
+        stuck = self._stuck()
+        if stuck is None:
+            self._stuck_said = False
+            self.notifier.watchdog()
+        elif not self._stuck_said:
+            self._stuck_said = True
+            log.error("%s: the watchdog is no longer fed", stuck)
+
+    @staticmethod
+    def _transient_or_not(prepared: Prepared) -> Prepared | _Transient:
+        """``prepared`` as a _Transient if it failed for a reason that may pass."""
+        return _Transient(prepared) if prepared.transient else prepared
 
     def _ingest(self, item: _Item, output: Path) -> None:
         if isinstance(item, _Duplicate):
@@ -663,7 +757,7 @@ class Daemon:
         def feed() -> None:
             deadline = time.monotonic() + LONG_WRITE_MAX_S
             while not done.wait(interval) and time.monotonic() < deadline:
-                self.notifier.watchdog()
+                self._feed_watchdog()
 
         feeder = threading.Thread(target=feed, name=f"nightstack-watchdog-{what}", daemon=True)
         feeder.start()
@@ -677,7 +771,7 @@ class Daemon:
         """Long work in the worker loop (the final combine): keep systemd's timers happy."""
         now = time.monotonic()
         if now - self._last_keepalive >= (self.notifier.watchdog_interval_s or 30.0):
-            self.notifier.watchdog()
+            self._feed_watchdog()
             self.notifier.extend_timeout(90)  # only heeded while starting or stopping
             self._last_keepalive = now
 
@@ -776,6 +870,15 @@ class Daemon:
     # --- end web -----------------------------------------------------------------------------
 
 
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    """(size in bytes, mtime in ns) of ``path``, None if it cannot be stat'ed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def _preview_wanted(session: Session, *, behind: bool) -> bool:
     """Whether to rewrite the preview now: when due (``preview_every_frames`` frames or
     ``preview_every_s`` seconds since the last one), but while frames wait only by the clock,
@@ -784,7 +887,3 @@ def _preview_wanted(session: Session, *, behind: bool) -> bool:
         return False
     return not behind or time.monotonic() - session.last_preview >= session.settings.preview_every_s
 
-
-def request_close(output_dir: Path) -> None:
-    """``nightstack close``: ask the daemon watching into ``output_dir`` to close its session."""
-    (output_dir / CLOSE_REQUEST).write_bytes(b"")

@@ -28,7 +28,6 @@ atomically. The daemon then drops the Session object and later reloads it with
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -550,13 +549,16 @@ class Session:
         FITS (4 bytes per sample), the TIFF (2) and live.fits (4, its swap), one more checkpoint
         generation at its largest (a live-only checkpoint written during warm-up holds up to
         ``live_warmup`` - 1 float32 frames and their footprints beside the live state: see
-        :func:`checkpoint_bytes`), and a margin."""
+        :func:`checkpoint_bytes`; once the live stack is warmed up it never holds one again),
+        and a margin."""
         ref = self.stacker.reference
         if ref is None:
             return _RESERVE_MARGIN
         rows, cols = ref.shape
         samples = rows * cols * ref.channels
-        checkpoint = checkpoint_bytes(rows * cols, ref.channels, self.settings.live_warmup)
+        live = self.stacker.live
+        warmup = 1 if live is not None and live.warmed_up else self.settings.live_warmup
+        checkpoint = checkpoint_bytes(rows * cols, ref.channels, warmup)
         return samples * (4 + 2 + 4) + checkpoint + _RESERVE_MARGIN
 
     def _checkpoint_now(self) -> None:
@@ -660,9 +662,9 @@ class Session:
         The outputs are written in this order, each as far as the disk allows: the final (the
         FITS, or the TIFF without ``write_fits``), then the TIFF, the preview and the products.
         The final must be written (an ``OSError`` propagates and the session stays "closing":
-        nothing is deleted); a later output that does not fit is skipped, said so in the log and
-        under ``outputs.skipped``. The frame store and checkpoint are deleted only once a final
-        that holds their frames exists.
+        nothing is deleted); a later output that cannot be written (a full disk) is skipped,
+        said so in the log and under ``outputs.skipped``. The frame store and checkpoint are
+        deleted only once a final that holds their frames exists.
         """
         self.state = "closing"
         self._write_meta()
@@ -692,11 +694,12 @@ class Session:
             outputs["sky_mask_png"] = str(self.dir / "sky_mask.png")
         if skipped:
             outputs["skipped"] = skipped
-            log.error("session %s: not written, the disk is full: %s", self.id, "; ".join(skipped))
+            log.error("session %s: the final is written, these are not: %s", self.id,
+                      "; ".join(skipped))  # fmt: skip
         self.state = "closed"
         self._write_meta(outputs)
         self._close_journal()
-        final_written = "fits" in outputs or "tiff" in outputs
+        final_written = "fits" in outputs or "tiff" in outputs or not stack
         if not self.settings.keep_frame_store and (final_written or stacker.accepted < 1):
             shutil.rmtree(self.dir / "frames", ignore_errors=True)
             shutil.rmtree(self.dir / "ground", ignore_errors=True)
@@ -711,7 +714,7 @@ class Session:
         progress: Callable[[int, int], None] | None,
     ) -> None:
         """The stack's outputs in their order (see :meth:`close`): the first is the final and
-        must be written; the others are skipped (named in ``skipped``) when the disk is full."""
+        must be written; the others are skipped (named in ``skipped``) when they cannot be."""
         stacker = self.stacker
         method = "live" if stacker.live_only is not None else self.settings.stack_method
         outputs["final"] = {"method": method, "why": stacker.live_only}
@@ -738,8 +741,8 @@ class Session:
             try:
                 write()
             except OSError as err:
-                if n == 0 or err.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise  # no final yet (or not the disk): the session stays "closing"
+                if n == 0:
+                    raise  # no final yet: the session stays "closing", nothing is deleted
                 skipped.append(f"{path.name} ({err.strerror or err})")
                 continue
             outputs[key] = str(path)
