@@ -413,9 +413,9 @@ def goals(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
     ingest = d24["steady_latency_s"] / d["ahd"]
     out = [
         (
-            "decode to demosaiced <= 0.3x AHD",
-            f"{d['bilinear'] / d['ahd']:.2f}x",
-            d["bilinear"] / d["ahd"] <= 0.3,
+            "decode to demosaiced <= 0.3x AHD (the default, MHC)",
+            f"{d['mhc'] / d['ahd']:.2f}x (bilinear {d['bilinear'] / d['ahd']:.2f}x)",
+            d["mhc"] / d["ahd"] <= 0.3,
         ),
         (
             "ingest <= 0.6x AHD (daemon idle on arrival)",
