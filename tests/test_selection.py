@@ -120,3 +120,27 @@ def test_every_real_seestar_frame_is_accepted(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in report.read_text().splitlines()]
     assert len(lines) == len(paths) == 16
     assert [r["reason"] for r in lines if r["status"] != "accepted"] == []
+
+
+def test_weights_instead_of_rejection_are_journaled(tmp_path: Path) -> None:
+    """`weights = "noise"`: a frame under a sky 2.5 times brighter (sqrt(2.5) x the sky's noise,
+    within the bright-sky gate of 3) keeps its place in the stack at about 1 / 2.5 of the
+    others' weight, and every accepted line of the report says its weight; without weights no
+    line carries one."""
+    model = SkyModel(width=480, height=320, frames=5, seed=6, stars=300, nebula=False,
+                     sky_levels=(1.0, 1.0, 2.5, 1.0, 1.0))  # fmt: skip
+    paths = [str(write_frame(model, i, tmp_path / f"IMG_{i:04d}.DNG")) for i in range(5)]
+    config = tmp_path / "weights.toml"
+    config.write_text('weights = "noise"\n')
+    report = tmp_path / "report.jsonl"
+    assert cli_main(["stack", *paths, "-o", str(tmp_path / "w.fits"), "--report", str(report),
+                     "--config", str(config)]) == 0  # fmt: skip
+    lines = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [r["status"] for r in lines] == ["accepted"] * 5
+    weights = np.array([r["weight"] for r in lines])
+    clear = np.median(weights[[0, 1, 3, 4]])
+    assert weights[2] / clear == pytest.approx(1 / 2.5, rel=0.2)
+    assert np.all(np.abs(weights[[0, 1, 3, 4]] / clear - 1) < 0.1)
+    plain = tmp_path / "plain.jsonl"
+    assert cli_main(["stack", *paths, "-o", str(tmp_path / "p.fits"), "--report", str(plain)]) == 0
+    assert all(json.loads(line)["weight"] is None for line in plain.read_text().splitlines())

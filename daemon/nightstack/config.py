@@ -213,8 +213,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Warn (log, journal, status) when the free disk holds fewer frames than this.",
     )
-    weights: Literal["none", "fwhm"] = Field(
-        "none", description="Per-frame weights in the combine."
+    weights: Literal["none", "fwhm", "noise"] = Field(
+        "none",
+        description="Per-frame weights in the combine, instead of rejecting by degrees: 'fwhm' "
+        "(1 / FWHM^2: sharper frames count more) or 'noise' (1 / sky sigma^2 after "
+        "normalization: deeper frames count more); recorded per frame in the journal.",
     )
     drizzle: Literal["off", "1x", "2x"] = Field(
         "off",

@@ -82,6 +82,7 @@ class FrameRecord:
     background: float | None = None
     transparency: float | None = None
     normalization: dict[str, Any] | None = None
+    weight: float | None = None  # in the combine, with ``weights`` set (else all frames 1)
     stored: bool | None = None
     warning: str | None = None
     sha256: str | None = None
@@ -365,6 +366,8 @@ class Stacker:
         record.transform = alignment.as_list()
         record.residual_px = round(alignment.residual_px, 4)
         record.normalization = norm.as_json()
+        if self.settings.weights != "none":
+            record.weight = float(f"{_weight(self.settings, stars, norm):.6g}")
         record.stored = self._add(frame, alignment.matrix, stars, norm, watch)
         record.ms.update(watch.ms)
         record.status = "accepted"
@@ -542,7 +545,7 @@ class Stacker:
         only, the same values it would have read back from the store.
         """
         assert self.reference is not None
-        weight = _weight(self.settings, stars)
+        weight = _weight(self.settings, stars, norm)
         # --- landscape and products: the frame in the camera frame, before its sky is stored
         self._landscape_hook(frame, matrix, norm, weight, watch)
         if self.live_only is None and self.store is not None:
@@ -781,10 +784,15 @@ def _samples(frame: Frame | MosaicFrame) -> FloatArray | TileSamples:
     return frame.image
 
 
-def _weight(settings: Settings, stars: Stars) -> float:
-    """Per-frame weight: 1, or 1 / FWHM^2 (sharper frames count more)."""
+def _weight(settings: Settings, stars: Stars, norm: Normalization) -> float:
+    """Per-frame weight: 1; ``"fwhm"``: 1 / FWHM^2 (sharper frames count more); ``"noise"``:
+    1 / sigma^2 of the sky after the frame's normalization (its mean scale: deeper frames count
+    more, as Siril's noise weighting)."""
     if settings.weights == "fwhm" and math.isfinite(stars.fwhm_px) and stars.fwhm_px > 0:
         return 1.0 / stars.fwhm_px**2
+    if settings.weights == "noise" and math.isfinite(stars.noise) and stars.noise > 0:
+        sigma = stars.noise * float(np.mean(np.abs(norm.scale)))
+        return 1.0 / sigma**2 if sigma > 0 else 1.0
     return 1.0
 
 
