@@ -369,3 +369,16 @@ def test_a_mono_frame_in_a_colour_session_is_rejected_with_its_reason(
     lines = [json.loads(line) for line in report.read_text().splitlines()]
     assert [r["status"] for r in lines] == ["accepted"] * 3 + ["rejected"]
     assert "channels" in lines[3]["reason"]
+
+
+def test_a_missing_work_dir_is_one_line_not_a_traceback(
+    night: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outdir, _ = night
+    frames = [str(p) for p in sorted(outdir.glob("*.DNG"))[:2]]
+    missing = tmp_path / "no" / "such"
+    code = main(["stack", *frames, "-o", str(tmp_path / "x.fits"), "--work-dir", str(missing)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"nightstack stack: --work-dir {missing} is not a folder"
+    assert not missing.exists()

@@ -152,6 +152,9 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
+    if args.work_dir is not None and not Path(args.work_dir).is_dir():
+        print(f"nightstack stack: --work-dir {args.work_dir} is not a folder", file=sys.stderr)
+        return 2
     workdir = Path(tempfile.mkdtemp(prefix=".nightstack-", dir=args.work_dir or output.parent))
     report = args.report.open("w", encoding="utf-8") if args.report else None
     try:
