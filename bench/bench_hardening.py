@@ -155,6 +155,17 @@ def _feed(frame: Path, watch: Path, out: Path, daemon: _Daemon, timeout_s: float
     return time.monotonic() - t0
 
 
+def _rss_kinds_mb(pid: int) -> dict[str, float]:
+    """RssAnon and RssFile of ``pid`` in MB (file pages: e.g. a memory-mapped live.fits)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key = line.split(":", 1)[0]
+            if key in ("RssAnon", "RssFile"):
+                out[key] = int(line.split()[1]) / 1024
+    return out
+
+
 def _rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -334,18 +345,23 @@ def measure(quick: bool) -> dict[str, Any]:
         daemon.wait_text("watching")
         log_size: dict[str, int] = {}
         fds: dict[str, int] = {}
+        rss_kinds: dict[str, dict[str, float]] = {}  # phase -> RssAnon / RssFile peaks, MB
         frame_s: dict[str, list[float]] = {p: [] for p in PHASES}
         bounds: dict[str, float] = {}  # phase -> wall time it began
         renders: list[tuple[str, int, int, float]] = []  # (kind, status, bytes, seconds)
 
-        def fd_watch() -> None:
+        def proc_watch() -> None:  # descriptors, RssAnon and RssFile every 0.1 s
             while not stop_probe.is_set():
                 try:
                     n = len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+                    kinds = _rss_kinds_mb(daemon.proc.pid)
                 except OSError:
                     return
                 fds[phase[0]] = max(fds.get(phase[0], 0), n)
-                stop_probe.wait(0.25)
+                for kind, mb in kinds.items():
+                    peaks = rss_kinds.setdefault(phase[0], {})
+                    peaks[kind] = max(peaks.get(kind, 0.0), mb)
+                stop_probe.wait(0.1)
 
         def begin(name: str) -> None:
             log_size[name] = daemon.log.stat().st_size
@@ -354,7 +370,7 @@ def measure(quick: bool) -> dict[str, Any]:
 
         log(f"hardening: warm-up, {warm} frames of 24 MP")
         begin("warm-up")
-        threads.append(threading.Thread(target=fd_watch, daemon=True))
+        threads.append(threading.Thread(target=proc_watch, daemon=True))
         threads[-1].start()
         for f in frames[:warm]:
             frame_s["warm-up"].append(_feed(f, watch, out, daemon))
@@ -435,6 +451,7 @@ def measure(quick: bool) -> dict[str, Any]:
                 "idle after attack": rss_after,
                 **{f"peak {p}": v for p, v in memory.phase_rss_mb.items()},
             },
+            "rss_kinds_peak_mb": rss_kinds,
             "tree_pss_peak_mb": memory.phase_pss_mb,
             "log_bytes": {
                 "warm-up": log_size["calm"] - log_size["warm-up"],
@@ -607,10 +624,13 @@ def report(data: dict[str, Any]) -> str:
         )
     rss = data["rss_mb"]
     pss = data["tree_pss_peak_mb"]
+    kinds = data.get("rss_kinds_peak_mb", {})
     mem_rows = [
         (
             phase,
             f"{rss.get('peak ' + phase, float('nan')):.0f} MB",
+            f"{kinds.get(phase, {}).get('RssAnon', float('nan')):.0f} MB",
+            f"{kinds.get(phase, {}).get('RssFile', float('nan')):.0f} MB",
             f"{pss.get(phase, float('nan')):.0f} MB",
             f"{data['fds_max'].get(phase, 0)}",
             f"{data['log_bytes'].get(phase, 0) / 1024:.1f} KB",
@@ -661,12 +681,23 @@ def report(data: dict[str, Any]) -> str:
         f"{data['log_fd_errors']} lines with `Too many open files` or `out of system "
         f"resource`; {data['log_tracebacks']} tracebacks.",
         "",
-        "Per phase: the daemon's main-process VmRSS peak (sampled every 0.1 s), the process "
+        "Per phase: the daemon's main-process VmRSS peak (sampled every 0.1 s) and, sampled "
+        "apart, the peaks of its two parts, anonymous memory and mapped file pages (RssAnon, "
+        "RssFile: a memory-mapped `live.fits` read by a render counts here), the process "
         "tree's PSS peak (with the decoder child), the daemon's open descriptors (peak, every "
-        "0.25 s), the log's growth and the median time from a frame's drop to its journal line:",
+        "0.1 s), the log's growth and the median time from a frame's drop to its journal line:",
         "",
         table(
-            ("phase", "VmRSS peak", "tree PSS peak", "descriptors", "log growth", "frame time"),
+            (
+                "phase",
+                "VmRSS peak",
+                "RssAnon peak",
+                "RssFile peak",
+                "tree PSS peak",
+                "descriptors",
+                "log growth",
+                "frame time",
+            ),
             mem_rows,
         ),
         "",
