@@ -7,7 +7,8 @@ and time vs an in-RAM sigma clip), daemon (issue 4, `nightstack watch` latency a
 throughput), peers (issue 6, alignment vs astroalign; Siril if installed), skies (background
 normalization and transparency per frame), mosaic (issue 12), calibrate (issue 13, master
 building and calibration's per-frame cost), landscape (issue 15: trails, timelapse, the frozen
-ground, the automatic mask per frame). ``--quick`` runs
+ground, the automatic mask per frame), hardening (issue 20: frames, `/api/status`, memory
+and log under 2000 idle or slow connections and looping renders). ``--quick`` runs
 fewer frames and repeats (a smoke run; its figures are marked as such). Simulated frames are
 cached in bench/out/ (gitignored); a full run needs ~25 GB of free disk.
 """
@@ -47,6 +48,11 @@ BENCHMARKS = {
         "Image quality on real frames: star FWHM and faint-star S/N vs a reference and Siril "
         "(issue 19)",
         "bench_quality",
+    ),
+    "hardening": (
+        "Hardening under attack: 2000 idle or slow connections and looping renders while "
+        "stacking, 24 MP (issue 20)",
+        "bench_hardening",
     ),
 }
 """Name -> (RESULTS.md section title, module with ``measure(quick)`` and ``report(data)``)."""
