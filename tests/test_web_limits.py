@@ -195,3 +195,27 @@ def test_the_page_asks_for_listed_crop_sizes() -> None:
     script = (resources.files("nightstack.web") / "static" / "app.js").read_text()
     line = next(x for x in script.splitlines() if x.startswith("const CROP_SIZES"))
     assert line.split("[", 1)[1].split("]", 1)[0] == ", ".join(str(c) for c in CROPS)
+
+
+def test_a_render_reads_bands_from_the_file_never_a_memory_map(tmp_path: Path) -> None:
+    """A render's pages of live.fits would count in the daemon's RSS while it runs (+274 MB of
+    mapped file under looping renders, bench_hardening): the renderer reads the bands it needs
+    through astropy's section. While it reads, the file is in no mapping of this process, and
+    the shrink equals the one from the whole array."""
+    from nightstack.web.render import StretchRenderer, shrink
+
+    data = np.random.default_rng(2).uniform(0, 1, (3, 300, 420)).astype(np.float32)
+    path = tmp_path / "live.fits"
+    write_fits(path, data)
+    renderer = StretchRenderer()
+    seen: list[bool] = []
+
+    def take(section: object) -> np.ndarray:
+        with open("/proc/self/maps") as fh:
+            seen.append(str(path) in fh.read())
+        return shrink(section, 100)
+
+    small = renderer._read(path, take)
+    assert seen == [False]
+    np.testing.assert_array_equal(small, shrink(data, 100))
+    assert renderer.render(path, width=300, strength=1.0, linked=True)[:2] == b"\xff\xd8"

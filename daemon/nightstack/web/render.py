@@ -4,8 +4,9 @@
 top (``ROWORDER = 'TOP-DOWN'``). A render:
 
 1. shrinks it by an integer factor ``f = ceil(cols / width)`` with ``cv2.resize(INTER_AREA)``
-   (an exact f x f block mean), band by band from a memory map, so a 24 MP stack costs a few MB
-   of RAM, not its 288 MB;
+   (an exact f x f block mean), band by band, each band read from the file on its own (astropy's
+   ``section``: no memory map, whose pages would count in the daemon's RSS while a render runs),
+   so a 24 MP stack costs a few MB of RAM, not its 288 MB;
 2. stretches it with :func:`nightstack.writers.stretch`, the preview's own auto-stretch, over all
    channels at once ("linked", as the preview) or channel by channel ("unlinked": each channel
    its own shadows and highlights, which neutralises a colour cast of the stars too);
@@ -75,26 +76,30 @@ def _key(path: Path) -> tuple[str, int, int, int]:
     return (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _planes(data: npt.NDArray[np.floating]) -> tuple[int, int, int]:
-    """(channels, rows, cols) of a live.fits data array; ValueError for another layout."""
-    if data.ndim == 2:
-        return 1, int(data.shape[0]), int(data.shape[1])
-    if data.ndim == 3 and data.shape[0] in (1, 3):
+def _planes(data: Any) -> tuple[int, int, int]:
+    """(channels, rows, cols) of a live.fits data array or section; ValueError for another
+    layout."""
+    shape = tuple(data.shape)
+    if len(shape) == 2:
+        return 1, int(shape[0]), int(shape[1])
+    if len(shape) == 3 and shape[0] in (1, 3):
         return int(data.shape[0]), int(data.shape[1]), int(data.shape[2])
-    raise ValueError(f"live.fits must be (rows, cols) or (3, rows, cols), not {data.shape}")
+    raise ValueError(f"live.fits must be (rows, cols) or (3, rows, cols), not {shape}")
 
 
-def _plane(data: npt.NDArray[np.floating], c: int) -> npt.NDArray[np.floating]:
-    return data if data.ndim == 2 else data[c]
+def _rows(data: Any, c: int, rows: slice, cols: slice) -> npt.NDArray[np.floating]:
+    """Plane ``c``'s window ``rows`` x ``cols`` of a live.fits array or section, read then."""
+    return np.asarray(data[rows, cols] if len(data.shape) == 2 else data[c, rows, cols])
 
 
-def shrink(data: npt.NDArray[np.floating], width: int) -> FloatImage:
+def shrink(data: Any, width: int) -> FloatImage:
     """Shrink a live.fits array by ``f = ceil(cols / width)`` (f x f block means).
 
     Parameters
     ----------
-    data : ndarray
-        (rows, cols) or (C, rows, cols) float, as stored in the FITS file (any byte order).
+    data : ndarray or astropy Section
+        (rows, cols) or (C, rows, cols) float, as stored in the FITS file (any byte order); a
+        section is read band by band.
     width : int
         The widest result wanted, pixels.
 
@@ -109,12 +114,10 @@ def shrink(data: npt.NDArray[np.floating], width: int) -> FloatImage:
     out_rows, out_cols = rows // factor, cols // factor
     out = np.empty((out_rows, out_cols, channels), dtype=np.float32)
     for c in range(channels):
-        plane = _plane(data, c)
         for r0 in range(0, out_rows, _BAND_OUT_ROWS):
             r1 = min(out_rows, r0 + _BAND_OUT_ROWS)
-            band = np.asarray(
-                plane[r0 * factor : r1 * factor, : out_cols * factor], dtype=np.float32
-            )
+            window = _rows(data, c, slice(r0 * factor, r1 * factor), slice(0, out_cols * factor))
+            band = np.asarray(window, dtype=np.float32)
             if factor == 1:
                 out[r0:r1, :, c] = band
             else:
@@ -212,6 +215,7 @@ class StretchRenderer:
                 self.cache.put(image_key, image)
             jpeg = encode(display(image, strength=strength, linked=linked), fmt)
             self.cache.put(jpeg_key, jpeg)
+            _trim_heap()
             return jpeg
 
     def crop(
@@ -233,38 +237,58 @@ class StretchRenderer:
             if isinstance(cached, bytes):
                 return cached
 
-            def window(data: npt.NDArray[np.floating]) -> FloatImage:
+            def window(data: Any) -> FloatImage:
                 channels, rows, cols = _planes(data)
                 w, h = min(size, cols), min(size, rows)
                 x0 = min(max(0, round(cx * cols - w / 2)), cols - w)
                 y0 = min(max(0, round(cy * rows - h / 2)), rows - h)
                 out = np.empty((h, w, channels), dtype=np.float32)
                 for c in range(channels):
-                    out[:, :, c] = _plane(data, c)[y0 : y0 + h, x0 : x0 + w]
+                    out[:, :, c] = _rows(data, c, slice(y0, y0 + h), slice(x0, x0 + w))
                 return out
 
             image = self._read(path, window)
             jpeg = encode(display(image, strength=strength, linked=linked), fmt)
             self.cache.put(key, jpeg)
+            _trim_heap()
             return jpeg
 
-    def _read(
-        self, path: Path, take: Callable[[npt.NDArray[np.floating]], FloatImage]
-    ) -> FloatImage:
-        """Open ``path`` memory-mapped and return ``take(data)`` (a copy, never the map)."""
+    def _read(self, path: Path, take: Callable[[Any], FloatImage]) -> FloatImage:
+        """Open ``path`` and return ``take(section)``: ``section`` reads the pixels it is
+        indexed with from the file, nothing else (no memory map, no whole array)."""
         self.reads += 1
         # our own file object: closed even when astropy fails half way through a bad file
         with path.open("rb") as fh:
             try:
-                with fits.open(fh, memmap=True, lazy_load_hdus=False) as hdul:
-                    data = hdul[0].data
-                    if data is None:
+                with fits.open(fh, memmap=False, lazy_load_hdus=False) as hdul:
+                    hdu = hdul[0]
+                    if not hdu.header.get("NAXIS"):
                         raise ValueError("no image data")
-                    result: FloatImage = take(data)
-                    del data
+                    result: FloatImage = take(hdu.section)
             except (OSError, ValueError, TypeError, IndexError, KeyError, Warning) as err:
                 raise ValueError(f"{type(err).__name__}: {err}") from err
         return result
+
+
+def _trim_heap() -> None:
+    """Give the allocator's free memory back to the system after a render: glibc keeps the
+    freed temporaries of a large render (~120 MB at 2400 px) in the thread's arena otherwise,
+    and the daemon's RSS ratchets up by that much per render thread (measured: +300 MB of
+    anonymous memory under looping renders, bench_hardening)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_LIBC = _libc()
 
 
 class RenderQueue:
