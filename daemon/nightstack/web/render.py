@@ -137,12 +137,15 @@ def display(image: FloatImage, *, strength: float = 1.0, linked: bool = True) ->
         shown = stretch(image)
     else:
         shown = np.dstack([stretch(image[:, :, c]) for c in range(image.shape[2])])
-    if strength != 1.0:
+    shown = np.asarray(shown, dtype=np.float32)
+    if strength != 1.0:  # in place: a 2400 px render's temporaries are 46 MB apiece
         balance = np.float32(0.5**strength)
         # midtones transfer (m - 1) x / ((2m - 1) x - m); the denominator is < 0 on [0, 1]
-        den = shown * np.float32(2.0 * balance - 1.0) - balance
-        shown = shown * np.float32(balance - 1.0) / den
-    return np.asarray(shown, dtype=np.float32)
+        den = shown * np.float32(2.0 * balance - 1.0)
+        den -= balance
+        shown *= np.float32(balance - 1.0)
+        shown /= den
+    return shown
 
 
 FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
@@ -151,7 +154,11 @@ FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
 
 def encode(shown: FloatImage, fmt: str = "jpeg") -> bytes:
     """8-bit JPEG or PNG of a (rows, cols, C) image in [0, 1] (RGB or mono), values rounded."""
-    pixels = np.rint(np.clip(shown, 0.0, 1.0) * 255.0).astype(np.uint8)
+    values = np.clip(shown, np.float32(0.0), np.float32(1.0))  # one float copy, then in place
+    values *= np.float32(255.0)
+    np.rint(values, out=values)
+    pixels = values.astype(np.uint8)
+    del values
     pixels = np.ascontiguousarray(pixels[:, :, ::-1]) if pixels.shape[2] == 3 else pixels[:, :, 0]
     if fmt == "png":
         ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 3])
