@@ -186,7 +186,7 @@ def _finals(out: Path) -> dict[str, int]:
     return held
 
 
-@pytest.mark.parametrize("size_mb, seed", [(20, 1), (40, 2), (70, 3), (120, 4)])
+@pytest.mark.parametrize("size_mb, seed", [(20, 1), (40, 2), (120, 4)])  # 70 MB: as 40 (suite time)
 def test_a_small_disk_killed_at_random_keeps_every_frame_in_exactly_one_final(
     small_frames: list[Path], tmp_path: Path, daemons: list[Daemon], size_mb: int, seed: int
 ) -> None:
