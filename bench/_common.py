@@ -449,5 +449,35 @@ def write_section(name: str, title: str, body: str, meta: dict[str, str]) -> Non
     RESULTS.write_text(text if text.endswith("\n") else text + "\n")
 
 
+def standalone(
+    name: str,
+    title: str,
+    measure: Callable[[bool], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+    *,
+    quick: bool,
+    report_only: bool,
+) -> int:
+    """A benchmark run on its own (``python bench/bench_NAME.py``), as ``run.py --only NAME``
+    runs it: measure (or read ``bench/out/NAME.json`` back), record, rewrite its section."""
+    path = OUT / f"{name}.json"
+    if report_only:
+        data = json.loads(path.read_text())
+    else:
+        meta = run_meta(f".venv/bin/python bench/bench_{name}.py" + (" --quick" if quick else ""))
+        t0 = time.monotonic()
+        data = measure(quick)
+        data["_meta"] = {**meta, "code_after": code_version(), "quick": quick}
+        OUT.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1, default=str))
+        log(f"{name} done in {time.monotonic() - t0:.0f} s")
+    body = report(data)
+    if data["_meta"].get("quick"):
+        body = "**Quick run (`--quick`): fewer frames and repeats.**\n\n" + body
+    write_section(name, title, body, data["_meta"])
+    print(body, flush=True)
+    return 0
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)

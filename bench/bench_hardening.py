@@ -64,12 +64,10 @@ from _common import (
     FULL_W,
     OUT,
     MemoryWatch,
-    code_version,
     ensure_night,
     log,
-    run_meta,
+    standalone,
     table,
-    write_section,
 )
 from bench_web import _env
 
@@ -765,25 +763,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.attacker:
         _attacker_main(args.attacker)
         return 0
-    path = OUT / "hardening.json"
-    if args.report_only:
-        data = json.loads(path.read_text())
-    else:
-        command = ".venv/bin/python bench/bench_hardening.py" + (" --quick" if args.quick else "")
-        meta = run_meta(command)
-        t0 = time.monotonic()
-        data = measure(args.quick)
-        data["_meta"] = {**meta, "code_after": code_version(), "quick": args.quick}
-        OUT.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1, default=str))
-        log(f"hardening done in {time.monotonic() - t0:.0f} s")
-    body = report(data)
-    if data["_meta"].get("quick"):
-        body = "**Quick run (`--quick`): fewer frames.**\n\n" + body
-    write_section("hardening", TITLE, body, data["_meta"])
-    print(body, flush=True)
-    return 0
-
+    return standalone(
+        "hardening", TITLE, measure, report, quick=args.quick, report_only=args.report_only
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -42,13 +42,11 @@ from _common import (
     FULL_H,
     FULL_W,
     OUT,
-    code_version,
     ensure_night,
     fmt_s,
     log,
-    run_meta,
+    standalone,
     table,
-    write_section,
 )
 
 TITLE = "Web page: API latency while stacking, page weight, idle CPU, 24 MP (issue 14)"
@@ -482,25 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer frames, shorter idle window")
     parser.add_argument("--report-only", action="store_true", help="from bench/out/web.json")
     args = parser.parse_args(argv)
-    path = OUT / "web.json"
-    if args.report_only:
-        data = json.loads(path.read_text())
-    else:
-        command = ".venv/bin/python bench/bench_web.py" + (" --quick" if args.quick else "")
-        meta = run_meta(command)
-        t0 = time.monotonic()
-        data = measure(args.quick)
-        data["_meta"] = {**meta, "code_after": code_version(), "quick": args.quick}
-        OUT.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1, default=str))
-        log(f"web done in {time.monotonic() - t0:.0f} s")
-    body = report(data)
-    if data["_meta"].get("quick"):
-        body = "**Quick run (`--quick`): fewer frames, shorter idle window.**\n\n" + body
-    write_section("web", TITLE, body, data["_meta"])
-    print(body, flush=True)
-    return 0
-
+    return standalone(
+        "web", TITLE, measure, report, quick=args.quick, report_only=args.report_only
+    )
 
 if __name__ == "__main__":
     sys.exit(main())
