@@ -201,15 +201,16 @@ class StarFinder:
         x, y, flux, roundness, xy = x[order], y[order], flux[order], roundness[order], xy[order]
         peaks, peak_bg = peaks[order], peak_bg[order]
 
-        fwhm_b, elongation, chosen = _shape_summary(image, peaks, peak_bg, x, y, fwhm)
-        radius = APERTURE_FWHM * (fwhm_b if math.isfinite(fwhm_b) else fwhm)
-        if full is not None and bin > 1:  # shapes again, on the full-resolution pixels
+        if full is not None and bin > 1:  # shapes on the full-resolution pixels
             sharp = np.asarray(full, dtype=np.float32)
             centre = np.rint(xy).astype(np.intp)[:, ::-1]  # (row, col) of each star
-            fwhm_f, elongation, _ = _shape_summary(
+            fwhm_f, elongation, chosen = _shape_summary(
                 sharp, centre, peak_bg, xy[:, 0], xy[:, 1], fwhm * bin
             )
             fwhm_b = fwhm_f / bin
+        else:
+            fwhm_b, elongation, chosen = _shape_summary(image, peaks, peak_bg, x, y, fwhm)
+        radius = APERTURE_FWHM * (fwhm_b if math.isfinite(fwhm_b) else fwhm)
         return Stars(
             xy=xy,
             flux=flux.astype(np.float64),

@@ -33,9 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .demosaic import MOSAIC_LOW, MOSAIC_SCALE
 from .normalize import Normalization
-from .store import FrameStore, StoredFrame
+from .store import FrameStore, StoredFrame, value_gains
 from .warp import footprint_spans, source_rows
 
 F32 = npt.NDArray[np.float32]
@@ -229,15 +228,11 @@ def _values(
     x_ref: F64,
     y_ref: F64,
 ) -> F64:
-    """The crop's codes as the store's readers give them: value x white balance, normalized
-    (scale, offset and surface at each site's reference position)."""
+    """The crop's codes as the store's readers give them (:func:`~nightstack.store.value_gains`:
+    value x white balance, normalized), the surface added at each site's reference position."""
     norm = Normalization.from_json(record.normalization, 3) if record.normalization else None
-    gains = np.asarray(white_balance, np.float64)
-    scale, offset = gains.copy(), np.zeros(3)
-    if norm is not None:
-        scale *= np.asarray(norm.scale)
-        offset = np.asarray(norm.offset, np.float64)
-    values = (crop / MOSAIC_SCALE + MOSAIC_LOW) * scale[channel] + offset[channel]
+    scale, offset = value_gains(white_balance, norm)
+    values = crop * scale.astype(np.float64)[channel] + offset.astype(np.float64)[channel]
     if norm is not None and norm.surface is not None:
         values += norm.surface_at(x_ref, y_ref, reference, channel)
     return np.asarray(values, np.float64)

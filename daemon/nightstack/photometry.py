@@ -42,11 +42,8 @@ def fit_fwhm(image: FloatArray, xy: FloatArray, half: int = 7) -> F64:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     out = np.full(len(xy), np.nan)
     for i, (x, y) in enumerate(np.asarray(xy, np.float64)):
-        cx, cy = round(x), round(y)
-        if cx < half or cy < half or cx + half >= data.shape[1] or cy + half >= data.shape[0]:
-            continue
-        box = data[cy - half : cy + half + 1, cx - half : cx + half + 1]
-        if not np.all(np.isfinite(box)):
+        cx, cy, box = _box(data, x, y, half)
+        if box is None:
             continue
         sky = float(np.median(np.concatenate([box[0], box[-1], box[:, 0], box[:, -1]])))
         peak = float(box[half, half]) - sky
@@ -114,7 +111,7 @@ def aperture_photometry(
     annulus from ``radius + 3`` to ``radius + 8`` px; the noise from ``n_random`` apertures at
     random positions where ``free`` (default :func:`star_free_mask`) is True."""
     data = np.asarray(image, np.float64)
-    outer = math.ceil(radius + 8)
+    outer = _reach(radius)
     if free is None:
         free = star_free_mask(image, outer)
     inside = np.zeros_like(free)
@@ -144,7 +141,7 @@ def colour_noise(
     R - G and B - G (their quadratic mean) over that of the luminance (R + G + B) / 3."""
     image = np.asarray(rgb, np.float64)
     lum = image.mean(axis=2)
-    outer = math.ceil(radius + 8)
+    outer = _reach(radius)
     if free is None:
         free = star_free_mask(lum, outer)
     none = np.zeros((0, 2))
@@ -157,6 +154,11 @@ def colour_noise(
     return math.sqrt((chroma[0] ** 2 + chroma[1] ** 2) / 2) / spread(lum)
 
 
+def _reach(radius: float) -> int:
+    """Pixels an aperture of ``radius`` and its sky annulus (to ``radius + 8``) reach."""
+    return math.ceil(radius + 8)
+
+
 def _aperture_sums(data: F64, xy: F64, radius: float, outer: int) -> F64:
     """Aperture sums less the annulus median x the aperture's pixel count (centre-in-pixel
     membership on a grid of ``outer`` px around each integer-rounded centre's sub-pixel
@@ -165,14 +167,21 @@ def _aperture_sums(data: F64, xy: F64, radius: float, outer: int) -> F64:
     grid = np.arange(size, dtype=np.float64) - outer
     out = np.full(len(xy), np.nan)
     for i, (x, y) in enumerate(xy):
-        cx, cy = round(x), round(y)
-        if cx < outer or cy < outer or cx + outer >= data.shape[1] or cy + outer >= data.shape[0]:
-            continue
-        box = data[cy - outer : cy + outer + 1, cx - outer : cx + outer + 1]
-        if not np.all(np.isfinite(box)):
+        cx, cy, box = _box(data, x, y, outer)
+        if box is None:
             continue
         r = np.hypot(grid[np.newaxis, :] - (x - cx), grid[:, np.newaxis] - (y - cy))
         ring = (r >= radius + 3) & (r <= radius + 8)
         disc = r <= radius
         out[i] = float(box[disc].sum() - np.median(box[ring]) * disc.sum())
     return out
+
+
+def _box(data: F64, x: float, y: float, half: int) -> tuple[int, int, F64 | None]:
+    """(cx, cy, the (2 half + 1)^2 box around the pixel nearest (x, y)), the box None where it
+    leaves the image or holds a non-finite pixel."""
+    cx, cy = round(x), round(y)
+    if cx < half or cy < half or cx + half >= data.shape[1] or cy + half >= data.shape[0]:
+        return cx, cy, None
+    box = data[cy - half : cy + half + 1, cx - half : cx + half + 1]
+    return cx, cy, box if np.all(np.isfinite(box)) else None

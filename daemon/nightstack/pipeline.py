@@ -366,9 +366,10 @@ class Stacker:
         record.transform = alignment.as_list()
         record.residual_px = round(alignment.residual_px, 4)
         record.normalization = norm.as_json()
+        weight = _weight(self.settings, stars, norm)
         if self.settings.weights != "none":
-            record.weight = float(f"{_weight(self.settings, stars, norm):.6g}")
-        record.stored = self._add(frame, alignment.matrix, stars, norm, watch)
+            record.weight = float(f"{weight:.6g}")
+        record.stored = self._add(frame, alignment.matrix, weight, norm, watch)
         record.ms.update(watch.ms)
         record.status = "accepted"
         self.shapes.add(quality)
@@ -530,11 +531,12 @@ class Stacker:
         self,
         frame: Frame | MosaicFrame,
         matrix: FloatArray,
-        stars: Stars,
+        weight: float,
         norm: Normalization,
         watch: _Stopwatch,
     ) -> bool:
-        """Store the frame, then add the stored frame live; returns whether it was stored.
+        """Store the frame (with its combine ``weight``), then add the stored frame live;
+        returns whether it was stored.
 
         A mosaic frame is stored as its 16-bit mosaic (demosaiced and warped band by band when
         read); a full frame is warped band by band straight into the store. Either way nothing
@@ -545,7 +547,6 @@ class Stacker:
         only, the same values it would have read back from the store.
         """
         assert self.reference is not None
-        weight = _weight(self.settings, stars, norm)
         # --- landscape and products: the frame in the camera frame, before its sky is stored
         self._landscape_hook(frame, matrix, norm, weight, watch)
         if self.live_only is None and self.store is not None:

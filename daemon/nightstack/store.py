@@ -572,6 +572,19 @@ class WarpedReader:
                 np.multiply(part, _DEQUANT, out=out[a:b], dtype=np.float32)
 
 
+def value_gains(
+    white_balance: tuple[float, float, float], norm: Normalization | None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(scale, offset), each (3,) float32: a stored mosaic frame's ``value = code * scale +
+    offset`` per channel, its white balance and its normalization's scale and offset folded in
+    (the surface, where there is one, is added apart)."""
+    scale, offset = code_gains(white_balance)
+    if norm is not None and not norm.is_identity:
+        gain = np.asarray(norm.scale, np.float32)
+        scale, offset = scale * gain, offset * gain + np.asarray(norm.offset, np.float32)
+    return scale, offset
+
+
 class MosaicReader:
     """An open frame stored as its mosaic: demosaiced, warped and normalized when read.
 
@@ -680,11 +693,8 @@ class MosaicReader:
             interpolation=interpolation,
         )
         del rgb
-        scale, offset = code_gains(layout.white_balance)
+        scale, offset = value_gains(layout.white_balance, self._norm)
         norm = self._norm
-        if norm is not None and not norm.is_identity:
-            gain = np.asarray(norm.scale, np.float32)
-            scale, offset = scale * gain, offset * gain + np.asarray(norm.offset, np.float32)
         matrix = np.zeros((3, 4), np.float64)
         matrix[[0, 1, 2], [0, 1, 2]] = scale
         matrix[:, 3] = offset
