@@ -45,10 +45,11 @@ from . import __version__
 from .config import Settings, redacted
 from .decoder import Decoder
 from .frames import Stars
+from .live import LiveStack
 from .normalize import SkySamples
 from .pipeline import FrameRecord, Prepared, Reference, Stacker, write_output
 from .quality import Quality
-from .stack import FrameStore, LiveStack
+from .store import FrameStore
 from .writers import (
     atomic_path,
     remove_temporaries,
