@@ -45,6 +45,7 @@ def _batch_script_detection(image: np.ndarray) -> int:
 
 def measure(quick: bool) -> dict[str, Any]:
     from nightstack.align import align
+    from nightstack.checkpoint import save_live
     from nightstack.decoder import Decoder
     from nightstack.detect import StarFinder
     from nightstack.live import LiveStack
@@ -114,7 +115,7 @@ def measure(quick: bool) -> dict[str, Any]:
             store.read_band(len(store) - 1 - k, 0, store.shape[0])
     for k in range(2):
         with timed(t["checkpoint"]):
-            live.save(work / f"checkpoint{k}")
+            save_live(live, work / f"checkpoint{k}")
     log("isolated decoder")
     t["decoder_first"], t["decoder"] = [], []
     with Decoder() as dec:
@@ -167,7 +168,7 @@ _ROWS = (
     ("result", "live stack image (`LiveStack.result`)"),
     ("preview", "preview 1600 px (`write_preview` of that image)"),
     ("result+preview", "preview from the full-size stack (`result` + `write_preview`)"),
-    ("checkpoint", "checkpoint the live stack (`LiveStack.save`, 720 MB, atomic)"),
+    ("checkpoint", "checkpoint the live stack (`checkpoint.save_live`, 720 MB, atomic)"),
     ("preview_image", "preview from `LiveStack.preview_image(1600)` + `write_preview`"),
     ("batch_detect", "batch script detection: photutils `DAOStarFinder` + stats, full res"),
 )

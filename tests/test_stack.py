@@ -16,6 +16,7 @@ from astropy.stats import sigma_clip
 from numpy.testing import assert_allclose
 from scipy.stats import t as t_dist
 
+from nightstack.checkpoint import load_live, save_live
 from nightstack.combine import Method, combine
 from nightstack.live import (
     LiveStack,
@@ -738,8 +739,8 @@ def test_save_load_round_trip_is_bitwise_and_the_session_continues_identically(
         if i < split:
             resumed.add(w, fp)
         elif i == split:
-            resumed.save(tmp_path / "ckpt")
-            resumed = LiveStack.load(tmp_path / "ckpt", store=store if with_store else None)
+            save_live(resumed, tmp_path / "ckpt")
+            resumed = load_live(tmp_path / "ckpt", store=store if with_store else None)
             resumed.add(w, fp)
         else:
             resumed.add(w, fp)
@@ -750,37 +751,37 @@ def test_save_load_round_trip_is_bitwise_and_the_session_continues_identically(
 def test_reload_is_bitwise_and_a_crashed_save_leaves_the_old_checkpoint(tmp_path: Path) -> None:
     frames, matrices, _ = _frames(7, (16, 20), 3)
     live, store = _run_live(frames, matrices, tmp_path / "s")
-    live.save(tmp_path / "ckpt")
-    loaded = LiveStack.load(tmp_path / "ckpt", store=store)
+    save_live(live, tmp_path / "ckpt")
+    loaded = load_live(tmp_path / "ckpt", store=store)
     assert _same_state(live, loaded)
     # A crash during the next save: new-generation files half written, manifest not replaced.
     (tmp_path / "ckpt" / "mean.2.npy").write_bytes(b"\x93NUMPY half")
     (tmp_path / "ckpt" / ".m2.2.npy.0123456789ab.tmp").write_bytes(b"junk")
-    assert _same_state(live, LiveStack.load(tmp_path / "ckpt", store=store))
+    assert _same_state(live, load_live(tmp_path / "ckpt", store=store))
     # the next save replaces them and cleans older generations
-    live.save(tmp_path / "ckpt")
+    save_live(live, tmp_path / "ckpt")
     names = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith("."))
     assert names == ["count.2.npy", "live.json", "mean.2.npy", "spread.2.npy"]
     assert json.loads((tmp_path / "ckpt" / "live.json").read_text())["generation"] == 2
-    assert _same_state(live, LiveStack.load(tmp_path / "ckpt", store=store))
+    assert _same_state(live, load_live(tmp_path / "ckpt", store=store))
 
 
 def test_a_checkpoint_of_another_format_version_is_refused(tmp_path: Path) -> None:
     frames, matrices, _ = _frames(6, (16, 20), 3)
     live, store = _run_live(frames, matrices, tmp_path / "s")
-    live.save(tmp_path / "ckpt")
+    save_live(live, tmp_path / "ckpt")
     manifest = tmp_path / "ckpt" / "live.json"
     meta = json.loads(manifest.read_text())
     assert meta["version"] == 2
     meta["version"] = 1  # an older nightstack's: M2 and counts per sample
     manifest.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="version 1 live-stack checkpoint, not 2"):
-        LiveStack.load(tmp_path / "ckpt", store=store)
+        load_live(tmp_path / "ckpt", store=store)
     # the next save (format 2) deletes the older format's arrays
     np.save(tmp_path / "ckpt" / "m2.1.npy", np.zeros(3, np.float32))
-    live.save(tmp_path / "ckpt")
+    save_live(live, tmp_path / "ckpt")
     assert not list((tmp_path / "ckpt").glob("m2.*"))
-    assert _same_state(live, LiveStack.load(tmp_path / "ckpt", store=store))
+    assert _same_state(live, load_live(tmp_path / "ckpt", store=store))
 
 
 def test_catch_up_replays_stored_frames_like_add(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ _VERSION = 2
 counts per sample, unreadable now)."""
 
 
-def save(live: LiveStack, directory: str | Path) -> None:
+def save_live(live: LiveStack, directory: str | Path) -> None:
     """Checkpoint ``live``'s exact state into ``directory`` (created if missing)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -93,8 +93,8 @@ def _write_manifest(
     )
 
 
-def load(directory: str | Path, store: FrameStore | None = None) -> LiveStack:
-    """Restore a stack saved by :func:`save`, bit for bit.
+def load_live(directory: str | Path, store: FrameStore | None = None) -> LiveStack:
+    """Restore a stack saved by :func:`save_live`, bit for bit.
 
     Parameters
     ----------

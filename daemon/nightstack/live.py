@@ -12,7 +12,6 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -457,19 +456,6 @@ class LiveStack:
                     if weight > 0:
                         out[j] += np.float32(weight) * shrunk[r - r0]
         return out
-
-    def save(self, directory: str | Path) -> None:
-        """Checkpoint the exact state into ``directory``: :func:`nightstack.checkpoint.save`."""
-        from nightstack.checkpoint import save  # the checkpoint module builds on this one
-
-        save(self, directory)
-
-    @classmethod
-    def load(cls, directory: str | Path, store: FrameStore | None = None) -> LiveStack:
-        """Restore a stack saved by :meth:`save`, bit for bit: ``checkpoint.load``."""
-        from nightstack.checkpoint import load
-
-        return load(directory, store)
 
     def state(self) -> LiveState:
         """The stack's state (views of its arrays, not copies), for a checkpoint."""

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .checkpoint import load_live, save_live
 from .config import Settings, redacted
 from .decoder import Decoder
 from .frames import Stars
@@ -328,7 +329,7 @@ class Session:
             live: LiveStack | None = None
             if state is not None and not damaged:
                 try:
-                    live = LiveStack.load(checkpoint / "live", store=store)
+                    live = load_live(checkpoint / "live", store=store)
                 except (OSError, ValueError, KeyError, EOFError) as err:
                     notes.append(
                         f"checkpoint unreadable ({err}): live stack rebuilt from the store"
@@ -385,7 +386,7 @@ class Session:
         live, since = None, 0
         if state is not None:
             try:
-                live = LiveStack.load(checkpoint / "live")
+                live = load_live(checkpoint / "live")
                 since = int(state["records"])
             except (OSError, ValueError, KeyError, EOFError):
                 live = None
@@ -600,7 +601,7 @@ class Session:
             return
         checkpoint = self.dir / "checkpoint"
         checkpoint.mkdir(exist_ok=True)
-        live.save(checkpoint / "live")
+        save_live(live, checkpoint / "live")
         if self.stacker.products is not None:
             self.stacker.products.checkpoint()  # the star trails so far
         write_json(checkpoint / "state.json", {"records": self.records, "frames": live.frames})
