@@ -349,8 +349,8 @@ def ensure_night(n: int, width: int = FULL_W, height: int = FULL_H) -> list[Path
     The model always has ``NIGHT_FRAMES`` frames (100 unless more are asked), so frame i is the
     same file whichever benchmark asks first.
     """
-    from nightstack.dng import write_dng
     from nightstack.simulate import SkyModel
+    from nightstack.simulate.dng import write_dng
 
     total = max(NIGHT_FRAMES, n)
     directory = night_dir(width, height)

@@ -40,7 +40,7 @@ QUICK_FRAMES = 8
 
 def _darks(n: int) -> list[Path]:
     """``n`` 24 MP dark DNGs (30 s, 20 C), simulated once and cached in bench/out/data."""
-    from nightstack.dng import write_dng
+    from nightstack.simulate.dng import write_dng
     from nightstack.simulate.sensor import SensorModel
     from nightstack.simulate.sky import SkyModel
 

@@ -73,8 +73,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 
 
 def _scenario_frames(name: str, params: dict[str, Any], frames: int) -> tuple[list[Path], Any]:
-    from nightstack.dng import write_dng
     from nightstack.simulate import SkyModel
+    from nightstack.simulate.dng import write_dng
 
     model = SkyModel(width=PEER_W, height=PEER_H, frames=frames, seed=5, **params)
     directory = OUT / "data" / f"peers_{name.replace(' ', '_').replace('+', 'and')}_{frames}"

@@ -28,7 +28,6 @@ from nightstack.calibrate import (
     repair,
 )
 from nightstack.cli import main
-from nightstack.dng import write_dng
 from nightstack.errors import CalibrationError
 from nightstack.frames import FrameMeta, Mosaic
 from nightstack.loaders import load_mosaic
@@ -39,6 +38,7 @@ from nightstack.masters import (
     read_master,
     write_master,
 )
+from nightstack.simulate.dng import write_dng
 from nightstack.simulate.sensor import SensorModel, write_calibration
 from nightstack.simulate.sky import SkyModel
 

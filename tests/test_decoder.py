@@ -126,7 +126,7 @@ def test_decode_real_dng_equals_in_process_load() -> None:
 def test_raw_mosaic_crosses_as_adu(tmp_path: Path) -> None:
     """A raw's mosaic crosses from the child as its uint16 ADU (half the bytes of float32):
     the one shared-memory segment mapped is 2 bytes a pixel, and the values match in-process."""
-    from nightstack.dng import write_dng
+    from nightstack.simulate.dng import write_dng
 
     cfa = np.random.default_rng(4).integers(0, 16384, (64, 1000), dtype=np.uint16)
     path = write_dng(tmp_path / "light.dng", cfa, cfa_pattern="BGGR")

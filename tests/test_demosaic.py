@@ -168,9 +168,9 @@ def test_prepared_frame_codes_equal_the_float_formula(tmp_path: Path, calibrated
     the whole-frame formulas over the values the in-process loader gives."""
     from nightstack.config import Settings
     from nightstack.decoder import Decoder
-    from nightstack.dng import write_dng
     from nightstack.loaders import load_mosaic
     from nightstack.pipeline import Stacker, no_calibration
+    from nightstack.simulate.dng import write_dng
 
     cfa = RNG.integers(400, 16384, (480, 640), dtype=np.uint16)
     path = write_dng(tmp_path / "light.dng", cfa, black_level=512, cfa_pattern="GRBG")
@@ -349,9 +349,9 @@ def test_simulated_star_colours_through_the_mosaic_path(
     5 % of the truth for bilinear, 10 % for edge-aware (it interpolates colour differences
     across a star's steep profile: measured up to 8 %; LibRaw's AHD errs ~10 %, see
     tests/test_simulate.py). Camera RGB, the simulator's identity white balance."""
-    from nightstack.dng import write_dng
     from nightstack.loaders import load
     from nightstack.simulate import SkyModel
+    from nightstack.simulate.dng import write_dng
 
     night = SkyModel(
         width=320,

@@ -19,7 +19,6 @@ import pytest
 from nightstack.config import Settings, load_settings
 from nightstack.decoder import Decoder
 from nightstack.detect import StarFinder
-from nightstack.dng import write_dng
 from nightstack.frames import Frame
 from nightstack.landscape import (
     REFINE_FRAMES,
@@ -34,6 +33,7 @@ from nightstack.normalize import Normalization
 from nightstack.pipeline import Stacker
 from nightstack.service import load_kwargs
 from nightstack.simulate import SkyModel, simulate_night
+from nightstack.simulate.dng import write_dng
 
 FRAMES = 10
 WIDTH, HEIGHT = 1000, 700

@@ -13,10 +13,10 @@ import tifffile
 from astropy.io import fits
 from numpy.testing import assert_allclose, assert_array_equal
 
-from nightstack.dng import write_dng
 from nightstack.errors import DecodeError, NotMosaicError
 from nightstack.frames import BAYER_PATTERNS, Mosaic
 from nightstack.loaders import load, load_mosaic
+from nightstack.simulate.dng import write_dng
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 CANON = REALDATA / "raw_canon_550d" / "colorchart.dng"

@@ -30,8 +30,8 @@ import tifffile
 from astropy.io import fits
 
 from _daemon import Daemon, journal, tmpfs, wait_for
-from nightstack.dng import write_dng
 from nightstack.simulate import simulate_night
+from nightstack.simulate.dng import write_dng
 
 pytestmark = pytest.mark.slow
 

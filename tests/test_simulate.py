@@ -14,7 +14,6 @@ import rawpy
 from scipy import ndimage, optimize, special
 
 from nightstack.cli import main
-from nightstack.dng import write_dng
 from nightstack.loaders import load
 from nightstack.simulate import (
     SKY_RGB,
@@ -24,6 +23,7 @@ from nightstack.simulate import (
     sky_ramp,
     sky_step,
 )
+from nightstack.simulate.dng import write_dng
 
 BLACK, WHITE = 512, 16383
 _CFA_CHANNEL = np.array([[0, 1], [1, 2]])  # RGGB: (r, g, b) index by (row % 2, col % 2)

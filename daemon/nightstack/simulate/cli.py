@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_CFA_CHOICES = ("RGGB", "BGGR", "GRBG", "GBRG")  # as nightstack.dng.CFA_PATTERNS
+_CFA_CHOICES = ("RGGB", "BGGR", "GRBG", "GBRG")  # as nightstack.simulate.dng.CFA_PATTERNS
 
 
 def _frame_list(text: str) -> list[int]:

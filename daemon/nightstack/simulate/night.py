@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nightstack.dng import write_dng
+from nightstack.simulate.dng import write_dng
 from nightstack.simulate.sky import SkyModel, frame_indices
 from nightstack.writers import write_json
 

@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from nightstack.dng import write_dng
 from nightstack.frames import FloatArray
+from nightstack.simulate.dng import write_dng
 from nightstack.simulate.render import digitize
 from nightstack.simulate.sky import IntArray, SkyModel, UInt16Array
 

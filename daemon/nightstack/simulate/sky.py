@@ -45,8 +45,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy.special import erf
 
-from nightstack.dng import CFA_PATTERNS
 from nightstack.frames import FloatArray
+from nightstack.simulate.dng import CFA_PATTERNS
 
 UInt16Array = npt.NDArray[np.uint16]
 IntArray = npt.NDArray[np.intp]

@@ -1,7 +1,8 @@
 """A minimal DNG writer: one uncompressed CFA image that LibRaw (rawpy) decodes exactly.
 
 Hand-built rather than through tifffile because LibRaw reads ISO only from a real EXIF
-sub-IFD, which tifffile's extra tags cannot create. Used by the simulator (``nightstack.simulate``).
+sub-IFD, which tifffile's extra tags cannot create. Part of the simulator
+(``nightstack.simulate``): the daemon reads DNGs through LibRaw and never writes one.
 """
 
 from __future__ import annotations
