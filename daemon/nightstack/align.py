@@ -26,13 +26,12 @@ import math
 from typing import Literal
 
 import numpy as np
-import numpy.typing as npt
 from scipy.spatial import cKDTree
 
+from nightstack.arrays import FloatArray, IntArray
 from nightstack.errors import AlignmentError
-from nightstack.frames import Alignment, FloatArray, Stars
+from nightstack.frames import Alignment, Stars
 
-IntArray = npt.NDArray[np.intp]
 Model = Literal["similarity", "affine"]
 
 NEIGHBOURS = 5

@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-import numpy.typing as npt
 
+from .arrays import FloatArray, IntArray
 from .errors import CalibrationError, ConfigError, DecodeError
-from .frames import FloatArray, FrameMeta, Mosaic
+from .frames import FrameMeta, Mosaic
 from .masters import (
     DEFAULT_RAM_CAP,
     KINDS,
@@ -60,7 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IntArray = npt.NDArray[np.intp]
 
 EXPOSURE_TOLERANCE = 0.05  # a dark fits a light whose exposure is within 5 % of its own
 DEFECT_KAPPA = 6.0  # hot/cold: this many robust sigmas from the local same-colour median

@@ -13,10 +13,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from nightstack.arrays import BoolArray, FloatArray
 from nightstack.store import FrameStore
-
-FloatArray = npt.NDArray[np.floating]
-BoolArray = npt.NDArray[np.bool_]
 
 Method = Literal["sigma_clip", "mean", "median", "winsorized"]
 

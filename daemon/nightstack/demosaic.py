@@ -36,10 +36,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from .arrays import Float32Array, UInt16Array
 from .frames import BAYER_PATTERNS, Mosaic
-
-U16 = npt.NDArray[np.uint16]
-F32 = npt.NDArray[np.float32]
 
 METHODS = ("mhc", "bilinear", "edge-aware")
 """The mosaic path's demosaic methods (the first is the default); LibRaw's (AHD, ...) go through
@@ -117,7 +115,7 @@ def check_method(method: str) -> str:
     return method
 
 
-def quantise(data: npt.NDArray[np.floating]) -> U16:
+def quantise(data: npt.NDArray[np.floating]) -> UInt16Array:
     """(rows, cols) mosaic values -> uint16 codes (see the module docstring); NaN -> code 0,
     +inf -> 65535. Computed in bands of rows: no full-size temporaries, whatever the input's
     float type (float32 arithmetic: ``rint(clip(float32(v - MOSAIC_LOW) * MOSAIC_SCALE))``)."""
@@ -133,7 +131,9 @@ def quantise(data: npt.NDArray[np.floating]) -> U16:
     return codes.reshape(values.shape)
 
 
-def _quantise_into(values: npt.NDArray[np.floating], codes: U16, scratch: F32) -> None:
+def _quantise_into(
+    values: npt.NDArray[np.floating], codes: UInt16Array, scratch: Float32Array
+) -> None:
     """``codes[...] = quantise(values)`` through ``scratch`` (float32, values' shape; it may be
     ``values`` itself, which is then overwritten). ``fmax``/``fmin`` ignore NaN, so NaN and -inf
     land on 0 and +inf on 65535, as ``nan_to_num`` then ``clip`` would put them."""
@@ -145,7 +145,7 @@ def _quantise_into(values: npt.NDArray[np.floating], codes: U16, scratch: F32) -
     codes[...] = scratch
 
 
-def mosaic_codes(mosaic: Mosaic, bin: int | None = None) -> tuple[U16, F32 | None]:
+def mosaic_codes(mosaic: Mosaic, bin: int | None = None) -> tuple[UInt16Array, Float32Array | None]:
     """A mosaic's codes (:func:`quantise` of ``mosaic.data``) and, for an even ``bin``, its
     :func:`superpixel_luminance`, both equal bit for bit to those of the whole ``data``.
 
@@ -177,7 +177,7 @@ def mosaic_codes(mosaic: Mosaic, bin: int | None = None) -> tuple[U16, F32 | Non
     return codes, luminance
 
 
-def dequantise(codes: npt.NDArray[np.uint16]) -> F32:
+def dequantise(codes: npt.NDArray[np.uint16]) -> Float32Array:
     """uint16 codes -> float32 values, ``code / MOSAIC_SCALE + MOSAIC_LOW``."""
     values = np.multiply(codes, np.float32(1.0 / MOSAIC_SCALE), dtype=np.float32)
     values += np.float32(MOSAIC_LOW)
@@ -185,13 +185,13 @@ def dequantise(codes: npt.NDArray[np.uint16]) -> F32:
 
 
 def demosaic_codes(
-    codes: U16,
+    codes: UInt16Array,
     pattern: str,
     white_balance: tuple[float, float, float],
     method: str,
     row_start: int,
     row_stop: int,
-) -> F32:
+) -> Float32Array:
     """Rows ``row_start:row_stop`` of the demosaiced *codes*: (rows, cols, 3) float32 in code
     units, unbalanced, so that :func:`code_gains` turns them into values for every method, before
     or after a warp (both are linear). OpenCV's methods give their 16-bit output exactly; MHC
@@ -201,7 +201,9 @@ def demosaic_codes(
     return _demosaic_u16(codes, pattern, method, row_start, row_stop).astype(np.float32)
 
 
-def _window(codes: U16, pattern: str, row_start: int, row_stop: int) -> tuple[int, int, int]:
+def _window(
+    codes: UInt16Array, pattern: str, row_start: int, row_stop: int
+) -> tuple[int, int, int]:
     """(start, stop, first): the rows wanted, clipped, and the first row of the mosaic window
     read around them (even: the window keeps the pattern's phase)."""
     if pattern not in BAYER_PATTERNS:
@@ -210,7 +212,9 @@ def _window(codes: U16, pattern: str, row_start: int, row_stop: int) -> tuple[in
     return start, max(stop, start), max(0, start - _BAND_PAD) & ~1
 
 
-def _demosaic_u16(codes: U16, pattern: str, method: str, row_start: int, row_stop: int) -> U16:
+def _demosaic_u16(
+    codes: UInt16Array, pattern: str, method: str, row_start: int, row_stop: int
+) -> UInt16Array:
     """:func:`demosaic_codes` of an OpenCV method as OpenCV gives it: (rows, cols, 3) uint16."""
     cv_code = _CV_CODES[check_method(method)][pattern]
     start, stop, first = _window(codes, pattern, row_start, row_stop)
@@ -223,12 +227,12 @@ def _demosaic_u16(codes: U16, pattern: str, method: str, row_start: int, row_sto
 
 
 def _demosaic_mhc(
-    codes: U16,
+    codes: UInt16Array,
     pattern: str,
     white_balance: tuple[float, float, float],
     row_start: int,
     row_stop: int,
-) -> F32:
+) -> Float32Array:
     """:func:`demosaic_codes` by Malvar-He-Cutler, (rows, cols, 3) float32 codes: the window's
     codes become balanced values (in code steps, black at 0), :func:`_mhc_rows` demosaics them
     and each channel is unbalanced back into codes."""
@@ -245,7 +249,7 @@ def _demosaic_mhc(
     return _mhc_rows(window, pattern, start - first, stop - start, inverse, float(black))
 
 
-def mhc(mosaic: F32, pattern: str) -> F32:
+def mhc(mosaic: Float32Array, pattern: str) -> Float32Array:
     """Malvar-He-Cutler demosaic of a whole float (rows, cols) mosaic of balanced values (a
     Bayer FITS: white balance 1), ``pattern`` at pixel (0, 0): (rows, cols, 3) float32."""
     if pattern not in BAYER_PATTERNS:
@@ -255,13 +259,13 @@ def mhc(mosaic: F32, pattern: str) -> F32:
 
 
 def _mhc_rows(
-    window: F32,
+    window: Float32Array,
     pattern: str,
     top: int,
     rows: int,
     scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
     offset: float = 0.0,
-) -> F32:
+) -> Float32Array:
     """Rows ``top:top + rows`` of the MHC demosaic of ``window`` ((rows, cols) float32, balanced,
     ``pattern`` at its pixel (0, 0)), each channel then times ``scale[c]`` plus ``offset``: the
     four filters run over the window (mirrored at its edges, which keeps the pattern's phase),
@@ -310,8 +314,8 @@ def _mhc_rows(
 
 
 def demosaic_image(
-    codes: U16, pattern: str, white_balance: tuple[float, float, float], method: str
-) -> F32:
+    codes: UInt16Array, pattern: str, white_balance: tuple[float, float, float], method: str
+) -> Float32Array:
     """The whole frame demosaiced, as :func:`demosaic` gives it but faster: the demosaiced codes
     turned into values in one conversion (``code * scale + offset`` of :func:`code_gains`, in
     float32, band by band), equal to :func:`demosaic` within 2 ulp.
@@ -355,7 +359,7 @@ def code_gains(
     return scale, offset
 
 
-def apply_gains(rgb: F32, white_balance: tuple[float, float, float]) -> F32:
+def apply_gains(rgb: Float32Array, white_balance: tuple[float, float, float]) -> Float32Array:
     """Demosaiced codes -> values (:func:`code_gains`), (rows, cols, 3) float32; ``rgb`` itself
     is left as it was. One ``cv2.transform`` (8x a numpy broadcast over the channel axis)."""
     scale, offset = code_gains(white_balance)
@@ -369,13 +373,13 @@ def apply_gains(rgb: F32, white_balance: tuple[float, float, float]) -> F32:
 
 
 def demosaic_rows(
-    codes: U16,
+    codes: UInt16Array,
     pattern: str,
     white_balance: tuple[float, float, float],
     method: str,
     row_start: int,
     row_stop: int,
-) -> F32:
+) -> Float32Array:
     """Rows ``row_start:row_stop`` of the demosaiced frame.
 
     Parameters
@@ -401,13 +405,13 @@ def demosaic_rows(
 
 
 def demosaic(
-    codes: U16, pattern: str, white_balance: tuple[float, float, float], method: str
-) -> F32:
+    codes: UInt16Array, pattern: str, white_balance: tuple[float, float, float], method: str
+) -> Float32Array:
     """The whole frame: :func:`demosaic_rows` of every row, (rows, cols, 3) float32."""
     return demosaic_rows(codes, pattern, white_balance, method, 0, codes.shape[0])
 
 
-def superpixel_luminance(data: npt.NDArray[np.floating], bin: int) -> F32:
+def superpixel_luminance(data: npt.NDArray[np.floating], bin: int) -> Float32Array:
     """The detection luminance of a mosaic: the mean over bin x bin blocks (``bin`` even: each
     block holds whole 2x2 Bayer tiles), unbalanced, in the mosaic's units.
 
@@ -433,14 +437,14 @@ class TileSamples:
     normalization measures it equals the demosaiced value without demosaicing the frame.
     """
 
-    def __init__(self, codes: U16, pattern: str, white_balance: tuple[float, float, float]):
+    def __init__(self, codes: UInt16Array, pattern: str, white_balance: tuple[float, float, float]):
         self.codes = codes
         self.shape = (int(codes.shape[0]), int(codes.shape[1]), 3)
         self.ndim = 3
         self._sites = {c: [(i // 2, i % 2) for i, s in enumerate(pattern) if s == c] for c in "RGB"}
         self._gain = np.asarray(white_balance, np.float32)
 
-    def __getitem__(self, key: Any) -> F32:
+    def __getitem__(self, key: Any) -> Float32Array:
         iy, ix = (np.asarray(k, dtype=np.intp) for k in key)
         rows, cols = self.codes.shape
         ty = np.minimum(iy & ~1, (rows - 2) & ~1)  # the tile's top-left site, in the frame

@@ -36,9 +36,8 @@ from photutils.utils import NoDetectionsWarning
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from nightstack.frames import FloatArray, Stars
-
-BoolArray = npt.NDArray[np.bool_]
+from nightstack.arrays import BoolArray, FloatArray
+from nightstack.frames import Stars
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 

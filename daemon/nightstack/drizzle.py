@@ -33,12 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from .arrays import Float32Array, Float64Array
 from .normalize import Normalization
 from .store import FrameStore, StoredFrame, value_gains
 from .warp import footprint_spans, source_rows
-
-F32 = npt.NDArray[np.float32]
-F64 = npt.NDArray[np.float64]
 
 SCALES = {"1x": 1, "2x": 2}
 """The ``drizzle`` setting's output scales."""
@@ -76,7 +74,7 @@ def drizzle_frame(
     drizzle: Drizzle,
     row_start: int,
     row_stop: int,
-) -> tuple[F64, F64]:
+) -> tuple[Float64Array, Float64Array]:
     """One stored mosaic frame dropped onto output rows ``row_start:row_stop``.
 
     ``codes``: the frame's whole (rows, cols) uint16 mosaic codes (a memory map will do: only
@@ -132,7 +130,7 @@ def drizzle_combine(
     *,
     sigma: float | None = 3.0,
     progress: Callable[[int, int], None] | None = None,
-) -> F32:
+) -> Float32Array:
     """Every frame of a store of mosaics drizzled and combined (see the module docstring).
 
     Returns (rows, cols, 3) float32 on the output grid; NaN where no frame dropped a sample of
@@ -156,7 +154,7 @@ def drizzle_combine(
     return out
 
 
-def drizzle_holes(image: F32, store: FrameStore, drizzle: Drizzle) -> F64:
+def drizzle_holes(image: Float32Array, store: FrameStore, drizzle: Drizzle) -> Float64Array:
     """(3,) fraction of the output pixels every frame covers (away from the drift's edges,
     where partial colour coverage is normal) that got no sample of each colour."""
     rows, cols = store.shape
@@ -181,7 +179,7 @@ def _combine_band(
     r0: int,
     r1: int,
     sigma: float | None,
-) -> F32:
+) -> Float32Array:
     """Output rows r0:r1: each frame's value judged against the weighted mean and standard
     deviation of the *other* frames there (leave-one-out, as the live stack judges a sample:
     a lone outlier cannot hide by inflating the spread it is judged by), rejected beyond
@@ -220,14 +218,14 @@ def _combine_band(
 
 
 def _values(
-    crop: F32,
+    crop: Float32Array,
     channel: npt.NDArray[np.intp],
     white_balance: tuple[float, float, float],
     record: StoredFrame,
     reference: tuple[int, int],
-    x_ref: F64,
-    y_ref: F64,
-) -> F64:
+    x_ref: Float64Array,
+    y_ref: Float64Array,
+) -> Float64Array:
     """The crop's codes as the store's readers give them (:func:`~nightstack.store.value_gains`:
     value x white balance, normalized), the surface added at each site's reference position."""
     norm = Normalization.from_json(record.normalization, 3) if record.normalization else None
@@ -238,7 +236,7 @@ def _values(
     return np.asarray(values, np.float64)
 
 
-def _overlap(centre: F64, half: float, index: npt.NDArray[np.intp]) -> F64:
+def _overlap(centre: Float64Array, half: float, index: npt.NDArray[np.intp]) -> Float64Array:
     """Length of [centre - half, centre + half] inside output pixel ``index``'s
     [index - 1/2, index + 1/2]."""
     low = np.maximum(centre - half, index - 0.5)

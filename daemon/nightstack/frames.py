@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-FloatArray = npt.NDArray[np.floating]
+from nightstack.arrays import FloatArray
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,10 @@ import numpy as np
 import numpy.typing as npt
 from scipy.ndimage import median_filter
 
+from .arrays import BoolArray, FloatArray
 from .combine import combine
 from .config import Settings
-from .frames import IDENTITY, FloatArray, Frame, MosaicFrame
+from .frames import IDENTITY, Frame, MosaicFrame
 from .live import LiveStack
 from .normalize import Normalization
 from .store import FrameStore, MosaicLayout
@@ -49,7 +50,6 @@ from .writers import write_bytes
 
 log = logging.getLogger("nightstack.landscape")
 
-BoolArray = npt.NDArray[np.bool_]
 
 GRID_COLS = 384
 """The automatic mask's evidence grid is at most this many cells wide: a few hundred columns

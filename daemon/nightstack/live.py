@@ -19,10 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy.stats import f as f_dist
 
+from nightstack.arrays import BoolArray, FloatArray
 from nightstack.store import FrameStore, Reader
-
-FloatArray = npt.NDArray[np.floating]
-BoolArray = npt.NDArray[np.bool_]
 
 _PREVIEW_BAND_SAMPLES = 1 << 18
 """Full-size samples per band shrunk across in LiveStack.preview_image: 1 MB of the mean."""

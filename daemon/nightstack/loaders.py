@@ -39,18 +39,17 @@ from typing import Any
 
 import cv2
 import numpy as np
-import numpy.typing as npt
 import rawpy
 import tifffile
 from astropy.io import fits
 
+from .arrays import Float32Array
 from .demosaic import METHODS, demosaic_image, mhc, mosaic_codes
 from .errors import DecodeError, NotMosaicError
 from .frames import BAYER_PATTERNS, Frame, FrameMeta, Mosaic
 
 log = logging.getLogger(__name__)
 
-F32 = npt.NDArray[np.float32]
 
 RAW_EXTENSIONS = frozenset(
     {
@@ -473,7 +472,7 @@ def _load_raw(path: Path, content: str | None, options: _Options) -> Frame:
         params["use_auto_wb"] = True
     elif isinstance(options.white_balance, list):
         params["user_wb"] = options.white_balance
-    luminance: F32 | None = None
+    luminance: Float32Array | None = None
     try:
         with _libraw_name(path) as name, rawpy.imread(name) as raw:
             _check_raw_size(raw, options.max_pixels)  # opened, not unpacked yet
@@ -623,7 +622,7 @@ def _grey_world(mosaic: Mosaic, saturation: float) -> tuple[float, float, float]
     return (green / red, 1.0, green / blue)
 
 
-def _sample_sites(mosaic: Mosaic, dy: int, dx: int) -> F32:
+def _sample_sites(mosaic: Mosaic, dy: int, dx: int) -> Float32Array:
     """Every 4th site (dy, dx) of the mosaic in each direction (plenty for a mean, 16x less),
     its ``data`` values, computed from the ADU alone when the mosaic holds ADU."""
     if mosaic.has_data or mosaic.adu is None or mosaic.black is None or mosaic.span is None:
@@ -824,7 +823,9 @@ def _shift_pattern(pattern: str, x_offset: int, y_offset: int) -> str:
     return "".join(grid[(r + y_offset) % 2][(c + x_offset) % 2] for r in (0, 1) for c in (0, 1))
 
 
-def _debayer_fits(cfa: np.ndarray, pattern: str, bin: int, bottom_up: bool) -> tuple[F32, F32]:
+def _debayer_fits(
+    cfa: np.ndarray, pattern: str, bin: int, bottom_up: bool
+) -> tuple[Float32Array, Float32Array]:
     """Demosaic a 2-D CFA (stored orientation) by Malvar-He-Cutler, as the mosaic path's default
     does (:func:`nightstack.demosaic.mhc`, in float32: no codes), then flip rows if the file is
     bottom-up."""
@@ -956,7 +957,7 @@ def _load_srgb(path: Path, bin: int) -> Frame:
 
 
 @lru_cache(maxsize=2)
-def _srgb_to_linear_lut(dtype: np.dtype[Any]) -> F32:
+def _srgb_to_linear_lut(dtype: np.dtype[Any]) -> Float32Array:
     """Lookup table code -> linear value for the sRGB transfer function (IEC 61966-2-1)."""
     codes = np.arange(int(np.iinfo(dtype).max) + 1, dtype=np.float64)
     encoded = codes / codes[-1]
@@ -983,7 +984,7 @@ def _full_scale(data: np.ndarray) -> float:
     raise DecodeError(f"unsupported sample type {data.dtype}")
 
 
-def _unit_image(data: np.ndarray) -> F32:
+def _unit_image(data: np.ndarray) -> Float32Array:
     """(rows, cols, channels) of any numeric type -> C-contiguous float32 scaled to [0, 1];
     non-finite samples become 0."""
     # A true division (not a multiply by the reciprocal): k / 65535 exactly rounded.
@@ -993,7 +994,7 @@ def _unit_image(data: np.ndarray) -> F32:
     return image
 
 
-def _block_mean(plane: np.ndarray, bin: int) -> F32:
+def _block_mean(plane: np.ndarray, bin: int) -> Float32Array:
     """Mean over bin x bin blocks of a 2-D array -> (rows // bin, cols // bin) float32.
 
     The trailing rows/cols that do not fill a block are dropped, so block (u, v) covers
@@ -1008,7 +1009,7 @@ def _block_mean(plane: np.ndarray, bin: int) -> F32:
     return np.asarray(cv2.resize(cropped, (cols, rows), interpolation=cv2.INTER_AREA), np.float32)
 
 
-def _channel_mean_binned(image: F32, bin: int) -> F32:
+def _channel_mean_binned(image: Float32Array, bin: int) -> Float32Array:
     """Block mean of the channel mean of a (rows, cols, channels) float32 image."""
     channels = image.shape[2]
     total = image[:, :, 0].copy() if channels > 1 else image[:, :, 0]

@@ -40,8 +40,9 @@ from astropy.io import fits
 from astropy.stats import sigma_clip
 
 from . import __version__
+from .arrays import FloatArray
 from .errors import CalibrationError, DecodeError
-from .frames import FloatArray, FrameMeta
+from .frames import FrameMeta
 
 KINDS = ("bias", "dark", "flat", "darkflat")
 """The kinds of master, as ``nightstack master KIND`` names them."""

@@ -38,8 +38,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-FloatArray = npt.NDArray[np.floating]
-BoolArray = npt.NDArray[np.bool_]
+from nightstack.arrays import BoolArray, FloatArray
+
 Mode = Literal["none", "add", "addscale", "gradient"]
 SkyTest = Callable[[FloatArray, FloatArray], BoolArray]
 """``sky(x, y) -> bool array``: whether full-resolution frame positions are sky (not ground)."""

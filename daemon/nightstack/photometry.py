@@ -26,14 +26,13 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage, optimize
 
-FloatArray = npt.NDArray[np.floating]
-F64 = npt.NDArray[np.float64]
+from nightstack.arrays import Float64Array, FloatArray
 
 SIGMA_TO_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _MAD_TO_SIGMA = 1.4826
 
 
-def fit_fwhm(image: FloatArray, xy: FloatArray, half: int = 7) -> F64:
+def fit_fwhm(image: FloatArray, xy: FloatArray, half: int = 7) -> Float64Array:
     """FWHM (px) of each star at ``xy`` ((N, 2) x, y) in a 2-D ``image``: an elliptical Gaussian
     plus a constant fitted to the (2 half + 1)^2 box around it. NaN where the box leaves the
     image or the fit fails or lands off the star."""
@@ -50,7 +49,7 @@ def fit_fwhm(image: FloatArray, xy: FloatArray, half: int = 7) -> F64:
         if not peak > 0:
             continue
 
-        def residual(p: F64, box: F64 = box) -> F64:
+        def residual(p: Float64Array, box: Float64Array = box) -> Float64Array:
             amp, x0, y0, a, b, c, bg = p  # inverse covariance [[a, b], [b, c]]
             dx, dy = xx - x0, yy - y0
             model = bg + amp * np.exp(-0.5 * (a * dx * dx + 2 * b * dx * dy + c * dy * dy))
@@ -77,10 +76,10 @@ class Apertures:
     robust spread of the same aperture at random star-free positions, ``snr`` = flux / noise,
     and ``samples`` the random apertures' values (for other statistics)."""
 
-    flux: F64
+    flux: Float64Array
     noise: float
-    snr: F64
-    samples: F64
+    snr: Float64Array
+    samples: Float64Array
 
 
 def star_free_mask(image: FloatArray, margin: int, nsigma: float = 2.5) -> npt.NDArray[np.bool_]:
@@ -146,7 +145,7 @@ def colour_noise(
         free = star_free_mask(lum, outer)
     none = np.zeros((0, 2))
 
-    def spread(plane: F64) -> float:
+    def spread(plane: Float64Array) -> float:
         found = aperture_photometry(plane, none, radius, free=free, n_random=n_random, seed=seed)
         return found.noise
 
@@ -159,7 +158,7 @@ def _reach(radius: float) -> int:
     return math.ceil(radius + 8)
 
 
-def _aperture_sums(data: F64, xy: F64, radius: float, outer: int) -> F64:
+def _aperture_sums(data: Float64Array, xy: Float64Array, radius: float, outer: int) -> Float64Array:
     """Aperture sums less the annulus median x the aperture's pixel count (centre-in-pixel
     membership on a grid of ``outer`` px around each integer-rounded centre's sub-pixel
     position); NaN where the box leaves the image or holds a non-finite pixel."""
@@ -177,7 +176,7 @@ def _aperture_sums(data: F64, xy: F64, radius: float, outer: int) -> F64:
     return out
 
 
-def _box(data: F64, x: float, y: float, half: int) -> tuple[int, int, F64 | None]:
+def _box(data: Float64Array, x: float, y: float, half: int) -> tuple[int, int, Float64Array | None]:
     """(cx, cy, the (2 half + 1)^2 box around the pixel nearest (x, y)), the box None where it
     leaves the image or holds a non-finite pixel."""
     cx, cy = round(x), round(y)

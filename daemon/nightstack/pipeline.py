@@ -26,6 +26,7 @@ import numpy as np
 
 from . import __version__
 from .align import align
+from .arrays import FloatArray
 from .calibrate import calibrator_from_settings
 from .combine import combine
 from .config import Settings
@@ -36,7 +37,7 @@ from .drizzle import SCALES as DRIZZLE_SCALES
 from .drizzle import Drizzle, drizzle_combine, drizzle_holes
 from .errors import AlignmentError, DecodeError
 from .frameio import file_sha256, transient_error
-from .frames import IDENTITY, Alignment, FloatArray, Frame, Mosaic, MosaicFrame, Stars
+from .frames import IDENTITY, Alignment, Frame, Mosaic, MosaicFrame, Stars
 from .landscape import Landscape
 from .live import LiveStack
 from .normalize import Normalization, SkySamples, estimate

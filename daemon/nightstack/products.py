@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from .frames import FloatArray
+from .arrays import FloatArray
 from .landscape import SkyMask
 from .store import QUANT_MAX
 from .writers import atomic_path, stretch, write_bytes, write_preview, write_tiff

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from nightstack.arrays import BoolArray, FloatArray
 from nightstack.demosaic import check_method, code_gains, demosaic_codes
 from nightstack.normalize import Normalization
 from nightstack.warp import (
@@ -41,9 +42,6 @@ from nightstack.warp import (
     warp_rows,
 )
 from nightstack.writers import atomic_path, write_json
-
-FloatArray = npt.NDArray[np.floating]
-BoolArray = npt.NDArray[np.bool_]
 
 QUANT_MAX = 65535
 """Stored sample = round(clip(value, 0, 1) * 65535): a step of 1.5e-5, 4x finer than a 14-bit

@@ -33,8 +33,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-FloatArray = npt.NDArray[np.floating]
-BoolArray = npt.NDArray[np.bool_]
+from nightstack.arrays import BoolArray, FloatArray
+
 Interpolation = Literal["bilinear", "cubic", "lanczos4"]
 
 INTERPOLATIONS: dict[str, tuple[int, int]] = {

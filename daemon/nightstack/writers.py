@@ -29,8 +29,7 @@ import tifffile
 from astropy.io import fits
 
 from nightstack import __version__
-
-FloatArray = npt.NDArray[np.floating]
+from nightstack.arrays import FloatArray
 
 _TIFF_MAX = 65535
 """Full scale of a 16-bit TIFF sample."""

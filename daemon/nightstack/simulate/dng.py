@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-UInt16Array = npt.NDArray[np.uint16]
-
 _BYTE, _ASCII, _SHORT, _LONG, _RATIONAL, _UNDEFINED, _SRATIONAL = 1, 2, 3, 4, 5, 7, 10
 _TIFF_FORMAT = {
     _BYTE: "B",

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from nightstack.frames import FloatArray
+from nightstack.arrays import FloatArray
 
 GRASS_LEVEL = 0.22
 """The lit grass' brightness as a fraction of the sky level: a moonlit field, darker than the

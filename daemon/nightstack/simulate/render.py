@@ -16,8 +16,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy.special import erf
 
-from nightstack.frames import FloatArray
-from nightstack.simulate.sky import PSF_RADIUS_SIGMA, SKY_RGB, IntArray, SkyModel, UInt16Array
+from nightstack.arrays import FloatArray, IntArray, UInt16Array
+from nightstack.simulate.sky import PSF_RADIUS_SIGMA, SKY_RGB, SkyModel
 
 if TYPE_CHECKING:
     from nightstack.simulate.sensor import SensorModel

@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from nightstack.frames import FloatArray
+from nightstack.arrays import FloatArray, IntArray, UInt16Array
 from nightstack.simulate.dng import write_dng
 from nightstack.simulate.render import digitize
-from nightstack.simulate.sky import IntArray, SkyModel, UInt16Array
+from nightstack.simulate.sky import SkyModel
 
 _STREAM_SENSOR = 20  # the sensor's random streams (the sky uses 1..11)
 _STREAM_HOT, _STREAM_PRNU, _STREAM_DUST, _STREAM_BIAS, _STREAM_FRAMES = 1, 2, 3, 4, 5

@@ -45,11 +45,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy.special import erf
 
-from nightstack.frames import FloatArray
+from nightstack.arrays import FloatArray, IntArray, UInt16Array
 from nightstack.simulate.dng import CFA_PATTERNS
-
-UInt16Array = npt.NDArray[np.uint16]
-IntArray = npt.NDArray[np.intp]
 
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # Gaussian FWHM / sigma
 _STAR_CELL_PX = 256  # stars are drawn per sky cell, so a patch of sky keeps its stars whatever

@@ -41,9 +41,9 @@ import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 
-from ..writers import stretch
+from nightstack.arrays import Float32Array
 
-FloatImage = npt.NDArray[np.float32]
+from ..writers import stretch
 
 _BAND_OUT_ROWS = 64
 """Output rows shrunk per band: bounds the float32 temporaries to ~64 * f rows of the stack."""
@@ -92,7 +92,7 @@ def _rows(data: Any, c: int, rows: slice, cols: slice) -> npt.NDArray[np.floatin
     return np.asarray(data[rows, cols] if len(data.shape) == 2 else data[c, rows, cols])
 
 
-def shrink(data: Any, width: int) -> FloatImage:
+def shrink(data: Any, width: int) -> Float32Array:
     """Shrink a live.fits array by ``f = ceil(cols / width)`` (f x f block means).
 
     Parameters
@@ -126,7 +126,7 @@ def shrink(data: Any, width: int) -> FloatImage:
     return out
 
 
-def display(image: FloatImage, *, strength: float = 1.0, linked: bool = True) -> FloatImage:
+def display(image: Float32Array, *, strength: float = 1.0, linked: bool = True) -> Float32Array:
     """The stretched view of a linear (rows, cols, C) image, float32 in [0, 1].
 
     ``linked``: one :func:`~nightstack.writers.stretch` over all channels (the preview's);
@@ -152,7 +152,7 @@ FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
 """Encodings a render can be asked for: JPEG for the page, lossless PNG for scripts."""
 
 
-def encode(shown: FloatImage, fmt: str = "jpeg") -> bytes:
+def encode(shown: Float32Array, fmt: str = "jpeg") -> bytes:
     """8-bit JPEG or PNG of a (rows, cols, C) image in [0, 1] (RGB or mono), values rounded."""
     values = np.clip(shown, np.float32(0.0), np.float32(1.0))  # one float copy, then in place
     values *= np.float32(255.0)
@@ -175,15 +175,15 @@ class _ByteCache:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.bytes = 0
-        self._items: OrderedDict[tuple[object, ...], FloatImage | bytes] = OrderedDict()
+        self._items: OrderedDict[tuple[object, ...], Float32Array | bytes] = OrderedDict()
 
-    def get(self, key: tuple[object, ...]) -> FloatImage | bytes | None:
+    def get(self, key: tuple[object, ...]) -> Float32Array | bytes | None:
         value = self._items.get(key)
         if value is not None:
             self._items.move_to_end(key)
         return value
 
-    def put(self, key: tuple[object, ...], value: FloatImage | bytes) -> None:
+    def put(self, key: tuple[object, ...], value: Float32Array | bytes) -> None:
         size = value.nbytes if isinstance(value, np.ndarray) else len(value)
         if size > self.limit:
             return
@@ -244,7 +244,7 @@ class StretchRenderer:
             if isinstance(cached, bytes):
                 return cached
 
-            def window(data: Any) -> FloatImage:
+            def window(data: Any) -> Float32Array:
                 channels, rows, cols = _planes(data)
                 w, h = min(size, cols), min(size, rows)
                 x0 = min(max(0, round(cx * cols - w / 2)), cols - w)
@@ -260,7 +260,7 @@ class StretchRenderer:
             _trim_heap()
             return jpeg
 
-    def _read(self, path: Path, take: Callable[[Any], FloatImage]) -> FloatImage:
+    def _read(self, path: Path, take: Callable[[Any], Float32Array]) -> Float32Array:
         """Open ``path`` and return ``take(section)``: ``section`` reads the pixels it is
         indexed with from the file, nothing else (no memory map, no whole array)."""
         self.reads += 1
@@ -271,7 +271,7 @@ class StretchRenderer:
                     hdu = hdul[0]
                     if not hdu.header.get("NAXIS"):
                         raise ValueError("no image data")
-                    result: FloatImage = take(hdu.section)
+                    result: Float32Array = take(hdu.section)
             except (OSError, ValueError, TypeError, IndexError, KeyError, Warning) as err:
                 raise ValueError(f"{type(err).__name__}: {err}") from err
         return result
