@@ -17,7 +17,8 @@ from numpy.testing import assert_allclose
 from scipy.stats import t as t_dist
 
 from nightstack.checkpoint import load_live, save_live
-from nightstack.combine import Method, combine
+from nightstack.combine import combine
+from nightstack.config import StackMethod
 from nightstack.live import (
     LiveStack,
     _dither,
@@ -376,7 +377,7 @@ def test_weights_give_the_weighted_mean_of_survivors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("method", ["sigma_clip", "mean", "median", "winsorized"])
-def test_combine_stays_under_its_ram_cap(tmp_path: Path, method: Method) -> None:
+def test_combine_stays_under_its_ram_cap(tmp_path: Path, method: StackMethod) -> None:
     frames, matrices, _ = _frames(12, (60, 90), 3, max_shift=2.0)
     store, _, _ = _fill_store(tmp_path / "s", frames, matrices)
     cap = 600_000

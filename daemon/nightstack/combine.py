@@ -8,15 +8,13 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from nightstack.arrays import BoolArray, FloatArray
+from nightstack.config import StackMethod
 from nightstack.store import FrameStore
-
-Method = Literal["sigma_clip", "mean", "median", "winsorized"]
 
 _COMBINE_BYTES_PER_SAMPLE: dict[str, int] = {
     "sigma_clip": 5,
@@ -62,7 +60,7 @@ _THREADS = max(1, min(4, os.cpu_count() or 1))
 def combine(
     store: FrameStore,
     *,
-    method: Method = "sigma_clip",
+    method: StackMethod = "sigma_clip",
     sigma: float = 3.0,
     maxiters: int = 5,
     weights: FloatArray | None = None,
