@@ -38,6 +38,7 @@ import numpy as np
 
 from .arrays import FloatArray, IntArray
 from .errors import CalibrationError, ConfigError, DecodeError
+from .frameio import CALIBRATION_EXTENSIONS
 from .frames import FrameMeta, Mosaic
 from .masters import (
     DEFAULT_RAM_CAP,
@@ -69,10 +70,6 @@ _LOCAL_MEDIAN = 5  # cv2.medianBlur kernel on each colour's sub-plane (10 x 10 s
 _MAD_TO_SIGMA = 1.4826  # median absolute deviation -> sigma of a normal distribution
 _FLAT_FLOOR = 0.05  # a flat below 5 % of its colour's level is a dead site: repaired, not / 0
 _CACHE_DIR = ".nightstack-masters"  # masters built from raw folders, in the calibration folder
-_FRAME_EXTENSIONS = frozenset(
-    {".cr3", ".cr2", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2", ".pef", ".fit", ".fits",
-     ".fts"}
-)  # fmt: skip
 _FOLDER_KINDS = (
     ("darkflat", ("darkflat", "dark-flat", "dark_flat", "flatdark", "flat-dark", "flat_dark")),
     ("bias", ("bias", "offset")),
@@ -442,7 +439,7 @@ class Library:
             kind = folder_kind(here.name) if here != self.directory else None
             for name in sorted(files):
                 path = here / name
-                if path.suffix.lower() not in _FRAME_EXTENSIONS:
+                if path.suffix.lower() not in CALIBRATION_EXTENSIONS:
                     continue
                 if kind is not None:
                     folders.setdefault(here, []).append(path)
@@ -874,7 +871,9 @@ def load_masters(
         folder = Path(path)
         if folder.is_dir():
             frames = sorted(
-                p for p in folder.iterdir() if p.suffix.lower() in _FRAME_EXTENSIONS and p.is_file()
+                p
+                for p in folder.iterdir()
+                if p.suffix.lower() in CALIBRATION_EXTENSIONS and p.is_file()
             )
             offset = out.get("darkflat") or out.get("bias") if kind == "flat" else None
             out[kind] = cached_master(

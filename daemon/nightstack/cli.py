@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .config import Settings, describe, load_settings
 from .errors import ConfigError, NightstackError
+from .frameio import CALIBRATION_EXTENSIONS
 from .simulate import cli as simulate_cli
 from .watcher import natural_key
 
@@ -225,7 +226,7 @@ def _cmd_master(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     extensions = load_settings(args.config).extensions if args.config else None
-    files = expand_inputs(args.inputs, extensions or _CALIBRATION_EXTENSIONS)
+    files = expand_inputs(args.inputs, extensions or CALIBRATION_EXTENSIONS)
     offsets = load_masters({"bias": args.bias, "darkflat": args.darkflat})
     offset = offsets.get("darkflat") or offsets.get("bias")
     if offset is not None and args.kind != "flat":
@@ -251,12 +252,6 @@ def _cmd_master(args: argparse.Namespace) -> int:
         f"{removed}; {time.monotonic() - start:.1f} s"
     )
     return 0
-
-
-_CALIBRATION_EXTENSIONS = (
-    ".cr3", ".cr2", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2", ".pef", ".fit", ".fits",
-    ".fts",
-)  # fmt: skip
 
 
 # --- watch / close / demo ----------------------------------------------------------------

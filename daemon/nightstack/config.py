@@ -27,6 +27,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
+from .frameio import STACK_EXTENSIONS
 
 log = logging.getLogger("nightstack")
 
@@ -80,22 +81,7 @@ class Settings(BaseSettings):
     )
     ignore_existing: bool = Field(False, description="Skip files already present at start.")
     extensions: list[str] = Field(
-        default=[
-            ".cr3",
-            ".cr2",
-            ".nef",
-            ".arw",
-            ".dng",
-            ".raf",
-            ".orf",
-            ".rw2",
-            ".pef",
-            ".fit",
-            ".fits",
-            ".fts",
-            ".tif",
-            ".tiff",
-        ],
+        default=list(STACK_EXTENSIONS),
         description="File extensions to stack, case-insensitive.",
     )
     follow_symlinks: bool = Field(

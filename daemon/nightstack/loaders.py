@@ -46,23 +46,21 @@ from astropy.io import fits
 from .arrays import Float32Array
 from .demosaic import METHODS, demosaic_image, mhc, mosaic_codes
 from .errors import DecodeError, NotMosaicError
+from .frameio import CAMERA_RAW_EXTENSIONS, FITS_EXTENSIONS, TIFF_EXTENSIONS
 from .frames import BAYER_PATTERNS, Frame, FrameMeta, Mosaic
 
 log = logging.getLogger(__name__)
 
 
-RAW_EXTENSIONS = frozenset(
+RAW_EXTENSIONS = frozenset(CAMERA_RAW_EXTENSIONS).union(
     {
-        ".3fr", ".arw", ".cr2", ".cr3", ".crw", ".dcr", ".dng", ".erf", ".fff", ".iiq", ".k25",
-        ".kdc", ".mef", ".mos", ".mrw", ".nef", ".nrw", ".orf", ".pef", ".raf", ".raw", ".rw2",
-        ".rwl", ".sr2", ".srf", ".srw", ".x3f",
+        ".3fr", ".crw", ".dcr", ".erf", ".fff", ".iiq", ".k25", ".kdc", ".mef", ".mos", ".mrw",
+        ".nrw", ".raw", ".rwl", ".sr2", ".srf", ".srw", ".x3f",
     }
 )  # fmt: skip
 """Camera raw extensions handed to LibRaw (it identifies the format from the content)."""
-FITS_EXTENSIONS = frozenset({".fits", ".fit", ".fts"})
-TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
 SRGB_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png"})
-SUPPORTED_EXTENSIONS = RAW_EXTENSIONS | FITS_EXTENSIONS | TIFF_EXTENSIONS | SRGB_EXTENSIONS
+SUPPORTED_EXTENSIONS = RAW_EXTENSIONS.union(FITS_EXTENSIONS, TIFF_EXTENSIONS, SRGB_EXTENSIONS)
 """Every extension :func:`load` accepts, lowercase with the dot; compare ``path.suffix.lower()``."""
 
 DEMOSAIC_ALGORITHMS = ("AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD")

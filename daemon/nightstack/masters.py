@@ -437,7 +437,8 @@ def read_frame(path: str | os.PathLike[str]) -> CalibrationFrame:
 
     Raises ``DecodeError`` with a one-line reason when the file cannot be decoded.
     """
-    from .loaders import FITS_EXTENSIONS, fits_is_bayer, load, load_mosaic
+    from .frameio import FITS_EXTENSIONS
+    from .loaders import fits_is_bayer, load, load_mosaic
 
     path = Path(path)
     if path.suffix.lower() in FITS_EXTENSIONS and not fits_is_bayer(path):
