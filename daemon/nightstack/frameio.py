@@ -10,6 +10,9 @@ a regular file is refused with a one-line reason (:class:`NotAFrameFile`). Hashi
 Which read errors are the file's and which the machine's: ``EIO`` (the card), ``EMFILE`` /
 ``ENFILE`` (this process or the system is out of file descriptors: idle web clients, another
 program) may pass; :func:`transient_error` finds them in an exception's chain of causes.
+
+Also here, for every module that needs them: the frame files' extensions and the free space
+under a folder (:func:`free_bytes`).
 """
 
 from __future__ import annotations
@@ -73,6 +76,16 @@ def open_frame(path: str | os.PathLike[str]) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Bytes an unprivileged process may still write on the file system holding ``path``
+    (``statvfs``: available blocks x fragment size); ``None`` if that cannot be told."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def file_sha256(path: Path, limit: int = MAX_FRAME_BYTES) -> str:

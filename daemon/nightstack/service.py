@@ -41,7 +41,7 @@ from .config import Settings, load_settings, web_token
 from .control import hold_lock, request_close, take_close_request
 from .decoder import DEFAULT_DECODE_FN, Decoder
 from .errors import ConfigError
-from .frameio import FD_ERRNOS, file_sha256, transient_error
+from .frameio import FD_ERRNOS, file_sha256, free_bytes, transient_error
 from .notify import Notifier
 from .pipeline import FrameRecord, Prepared, Stacker
 from .quality import Quality
@@ -657,11 +657,7 @@ class Daemon:
 
     def _free(self) -> int:
         """Bytes free for us in the output folder (0 if that cannot be told)."""
-        try:
-            st = os.statvfs(self.output)
-        except OSError:
-            return 0
-        return st.f_bavail * st.f_frsize
+        return free_bytes(self.output) or 0
 
     def _open_again(self) -> bool:
         """Reload the session at ``_reopen`` from disk (finishing it if it was closing)."""

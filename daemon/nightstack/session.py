@@ -45,6 +45,7 @@ from . import __version__
 from .checkpoint import load_live, save_live
 from .config import Settings, redacted
 from .decoder import Decoder
+from .frameio import free_bytes
 from .frames import Stars
 from .live import LiveStack
 from .normalize import SkySamples
@@ -526,11 +527,9 @@ class Session:
         """Before a frame is stored: a reason not to (live-only), or None. The store never eats
         into the reserve for the final outputs; fewer than ``min_free_frames`` frames of room
         sets :attr:`low_space` (journal, log, status)."""
-        try:
-            st = os.statvfs(self.dir)
-        except OSError:
+        free = free_bytes(self.dir)
+        if free is None:
             return None
-        free = st.f_bavail * st.f_frsize
         reserve = self.reserve_bytes()
         room = (free - reserve) // max(frame_bytes + _JOURNAL_LINE_BYTES, 1)
         if room < 1:

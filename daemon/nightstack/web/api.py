@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from ..frameio import free_bytes
 from .address import is_loopback_host, is_loopback_ip
 from .auth import COOKIE, COOKIE_MAX_AGE_S, Auth
 from .events import EventHub
@@ -132,11 +132,7 @@ def _load_static() -> dict[str, bytes]:
 
 def _full_status(status: StatusFn, sessions: SessionFiles) -> dict[str, Any]:
     snapshot = status()
-    try:
-        st = os.statvfs(sessions.output)
-        free: int | None = st.f_bavail * st.f_frsize
-    except OSError:
-        free = None
+    free = free_bytes(sessions.output)
     return {
         "version": __version__,
         "state": snapshot.get("state"),
