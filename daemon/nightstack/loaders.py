@@ -380,6 +380,31 @@ def _check_pixels(rows: int, cols: int, limit: int, what: str) -> None:
 
 
 def _load(path: Path, options: _Options) -> Frame:
+    kind, content = _identify(path)
+    if kind == "raw":
+        return _load_raw(path, content, options)
+    if kind == "fits":
+        return _load_fits(path, options.bin, options.max_pixels)
+    if kind == "tiff":
+        return _load_tiff(path, options.bin, options.max_pixels)
+    return _load_srgb(path, options.bin)
+
+
+def _load_mosaic(path: Path, white_balance: str | list[float], max_pixels: int) -> Mosaic:
+    kind, content = _identify(path)
+    if kind == "raw":
+        return _mosaic_raw(path, content, white_balance, max_pixels)
+    if kind == "fits":
+        return _mosaic_fits(path, white_balance, max_pixels)
+    raise NotMosaicError(f"a {path.suffix[1:].upper()} file holds no sensor mosaic")
+
+
+def _identify(path: Path) -> tuple[str, str | None]:
+    """The one format dispatcher of :func:`load` and :func:`load_mosaic`: ``(kind, content)``,
+    kind ``"raw"``, ``"fits"``, ``"tiff"`` or ``"srgb"`` by the extension, content what the
+    leading bytes say (:func:`_sniff`). DecodeError for a missing, unreadable or empty file, an
+    unsupported extension, or content the extension cannot hold (a raw's content is left to
+    LibRaw unless it is something LibRaw never reads)."""
     head = _read_head(path)
     ext = path.suffix.lower()
     if ext not in SUPPORTED_EXTENSIONS:
@@ -391,36 +416,14 @@ def _load(path: Path, options: _Options) -> Frame:
             raise DecodeError(
                 f"file content is {content}, not a {ext[1:].upper()} raw (wrong extension?)"
             )
-        return _load_raw(path, content, options)
+        return "raw", content
     expected = _EXPECTED_CONTENT[ext]
     if content not in expected:
         found = content or "not recognised as any image format"
         raise DecodeError(f"not {expected[0]}: content is {found}")
     if ext in FITS_EXTENSIONS:
-        return _load_fits(path, options.bin, options.max_pixels)
-    if ext in TIFF_EXTENSIONS:
-        return _load_tiff(path, options.bin, options.max_pixels)
-    return _load_srgb(path, options.bin)
-
-
-def _load_mosaic(path: Path, white_balance: str | list[float], max_pixels: int) -> Mosaic:
-    head = _read_head(path)
-    ext = path.suffix.lower()
-    content = _sniff(head)
-    if ext in RAW_EXTENSIONS:
-        if content in _NOT_RAW:
-            raise DecodeError(
-                f"file content is {content}, not a {ext[1:].upper()} raw (wrong extension?)"
-            )
-        return _mosaic_raw(path, content, white_balance, max_pixels)
-    if ext in FITS_EXTENSIONS:
-        if content != "a FITS file":
-            raise DecodeError(f"not a FITS file: content is {content or 'not recognised'}")
-        return _mosaic_fits(path, white_balance, max_pixels)
-    if ext in SUPPORTED_EXTENSIONS:
-        raise NotMosaicError(f"a {ext[1:].upper()} file holds no sensor mosaic")
-    shown = f"'{path.suffix}'" if path.suffix else "(none)"
-    raise DecodeError(f"unsupported file extension {shown}")
+        return "fits", content
+    return ("tiff" if ext in TIFF_EXTENSIONS else "srgb"), content
 
 
 def _read_head(path: Path) -> bytes:
