@@ -1,5 +1,10 @@
 """The final combine: the exact sigma clip (or mean, median, winsorized clip) of every stored
-frame, computed in row bands under a RAM cap from the same values the live stack read."""
+frame, computed in row bands under a RAM cap from the same values the live stack read.
+
+The one banded clip driver: :func:`combine` reads any :class:`Frames` (the session's
+:class:`~nightstack.store.FrameStore`, or the calibration frames a master is built from,
+:func:`nightstack.masters.build_master`).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,13 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from nightstack.arrays import BoolArray, FloatArray
 from nightstack.config import StackMethod
-from nightstack.store import FrameStore
 
 _COMBINE_BYTES_PER_SAMPLE: dict[str, int] = {
     "sigma_clip": 5,
@@ -57,8 +62,40 @@ _THREADS = max(1, min(4, os.cpu_count() or 1))
 """Threads reading frames and clipping chunks: OpenCV and numpy release the GIL in their loops."""
 
 
+class Frames(Protocol):
+    """What :func:`combine` reads: ``len()`` frames on one (rows, cols) grid of ``channels``,
+    band of rows by band of rows, each with its coverage (a frame store's aligned frames;
+    calibration frames, which cover everything)."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def block_rows(self) -> int:
+        """Rows a frame is computed in at a time: bands are multiples of it where they can be."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def footprint_spans(
+        self, i: int, row_start: int, row_stop: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Frame ``i``'s coverage of rows row_start:row_stop: ``(first, stop)``, (band_rows,)
+        int64 each, row ``r`` covered on columns ``first[r]:stop[r]``."""
+        ...
+
+    def read_band(
+        self, i: int, row_start: int, row_stop: int, out: FloatArray | None = None
+    ) -> FloatArray:
+        """Frame ``i``'s rows row_start:row_stop, (band_rows, cols, channels), into ``out``."""
+        ...
+
+
 def combine(
-    store: FrameStore,
+    store: Frames,
     *,
     method: StackMethod = "sigma_clip",
     sigma: float = 3.0,
@@ -96,8 +133,8 @@ def combine(
 
     Parameters
     ----------
-    store : FrameStore
-        The aligned frames.
+    store : Frames
+        The aligned frames (a :class:`~nightstack.store.FrameStore`).
     method : {"sigma_clip", "mean", "median", "winsorized"}
     sigma : float
         Clipping threshold in standard deviations (> 0).
@@ -179,7 +216,7 @@ def _chunk_samples(n: int, ram_cap_bytes: int) -> int:
 
 
 def _read_band(
-    store: FrameStore, r0: int, r1: int, pool: ThreadPoolExecutor
+    store: Frames, r0: int, r1: int, pool: ThreadPoolExecutor
 ) -> tuple[npt.NDArray[np.float32], BoolArray, tuple[int, int]]:
     """Rows r0:r1 of every frame, read in ``pool``: the (n, rows, cols, C) float32 cube (0 where
     absent), its (n, rows, cols, C) bool validity (the footprints), and the columns

@@ -4,7 +4,8 @@ A master is the per-pixel combine of calibration frames in the sensor's mosaic (
 in the units of ``nightstack.loaders.load_mosaic``: black level subtracted, white level = 1.0
 (mono and 3-plane FITS in ``nightstack.loaders.load``'s units, full scale = 1). The combine is
 astropy's ``sigma_clip`` (``sigma`` 3, ``maxiters`` 5, median centre, std) then the mean of the
-survivors, per pixel, computed band of rows by band of rows:
+survivors, per pixel, computed band of rows by band of rows by the final stack's own driver
+(:func:`nightstack.combine.combine`: the same computation, here on frames that cover everything):
 
 - every frame is decoded once; when all of them fit in a quarter of the RAM cap they are kept
   in memory, otherwise each is spilled to a float32 file in a temporary folder beside the output
@@ -17,7 +18,7 @@ survivors, per pixel, computed band of rows by band of rows:
 
 The header records the kind, camera, size, CFA pattern, ISO/gain, exposure, sensor temperature
 when the frames say it, NCOMBINE, the first and last capture times and the clip settings.
-Pure numpy in the middle (:func:`clipped_mean`, :func:`normalize_flat`); files at the edges
+Pure numpy in the middle (:func:`normalize_flat`, the combine); files at the edges
 (:func:`read_frame`, :func:`read_master`, :func:`write_master`).
 """
 
@@ -36,11 +37,12 @@ from statistics import median
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from astropy.io import fits
-from astropy.stats import sigma_clip
 
 from . import __version__
 from .arrays import FloatArray
+from .combine import combine
 from .errors import CalibrationError, DecodeError
 from .frames import FrameMeta
 
@@ -58,7 +60,6 @@ CFA_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")  # the 2x2 Bayer tiles a master 
 DEFAULT_RAM_CAP = 384 * 2**20  # bytes for the band combine: with one decoded 24 MP frame and
 # the interpreter the whole build stays under 0.5 GB
 _IN_MEMORY_FRACTION = 4  # frames are kept in RAM when they fit in 1/4 of the cap, else spilled
-_BYTES_PER_SAMPLE = 40  # float64 cube + astropy's masked working copies (measured peak ~36)
 _LEVEL_STRIDE = 7  # a flat's level is the median of every 7th pixel of every 7th row: 2 % of
 # the pixels, odd so each CFA colour is sampled
 
@@ -146,39 +147,6 @@ Progress = Callable[[int, int, str], None]
 
 
 # --- the pure middle ---------------------------------------------------------------------------
-
-
-def clipped_mean(cube: FloatArray, *, sigma: float = 3.0, maxiters: int = 5) -> FloatArray:
-    """Per-pixel astropy ``sigma_clip`` (median centre, std) along axis 0, then the mean of the
-    survivors.
-
-    Parameters
-    ----------
-    cube
-        (n, ...) float64 samples, one frame per index along axis 0, all finite.
-    sigma, maxiters
-        astropy's ``sigma`` and ``maxiters``.
-
-    Returns
-    -------
-    ndarray
-        (...) float32; NaN where the clip keeps nothing (only possible for ``sigma`` < 1).
-    """
-    clipped = sigma_clip(
-        np.ma.MaskedArray(cube, mask=np.zeros(cube.shape, bool), copy=False),
-        sigma=sigma,
-        maxiters=maxiters,
-        cenfunc="median",
-        stdfunc="std",
-        axis=0,
-        copy=False,
-    )
-    keep = ~np.ma.getmaskarray(clipped)
-    count = np.count_nonzero(keep, axis=0)
-    total = np.sum(cube, axis=0, where=keep)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / count
-    return np.asarray(mean, dtype=np.float32)
 
 
 def colour_sites(pattern: str | None, shape: tuple[int, ...]) -> dict[str, tuple[slice, slice]]:
@@ -280,11 +248,7 @@ def build_master(
     first = _read(read, files[0])
     shape, pattern = first.data.shape, first.pattern
     frame_bytes = int(np.prod(shape)) * 4
-    rows = int(shape[0])
-    per_row = int(np.prod(shape[1:])) * n * _BYTES_PER_SAMPLE
-    band = max(1, ram_cap_bytes // per_row)
-    bands = math.ceil(rows / band)
-    total = n + bands
+    total = 2 * n  # progress: the frames read, then the combine's rows as n more steps
     in_memory = n * frame_bytes <= ram_cap_bytes // _IN_MEMORY_FRACTION
     metas: list[FrameMeta] = []
     spill = (
@@ -308,20 +272,16 @@ def build_master(
             del data
             if progress is not None:
                 progress(i + 1, total, path.name)
-        out = np.empty(shape, dtype=np.float32)
-        for b, r0 in enumerate(range(0, rows, band)):
-            r1 = min(r0 + band, rows)
-            cube = np.empty((n, r1 - r0, *shape[1:]), dtype=np.float64)
-            for i in range(n):
-                if spill is None:
-                    cube[i] = held[i][r0:r1]
-                else:
-                    _read_band(spill / f"{i:05d}.f32", r0, r1, shape, cube[i])
-            out[r0:r1] = clipped_mean(cube, sigma=sigma, maxiters=maxiters)
-            del cube
+
+        def rows_done(done: int, rows: int) -> None:
             if progress is not None:
-                progress(n + b + 1, total, f"rows {r1}/{rows}")
-        del held
+                progress(n + n * done // rows, total, f"rows {done}/{rows}")
+
+        frames = _Frames(shape, held, spill, n)
+        out = combine(
+            frames, sigma=sigma, maxiters=maxiters, ram_cap_bytes=ram_cap_bytes, progress=rows_done
+        ).reshape(shape)
+        del held, frames
     finally:
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)
@@ -390,8 +350,47 @@ def check_fits(info: MasterInfo, shape: tuple[int, ...], pattern: str | None) ->
         )
 
 
+class _Frames:
+    """The prepared frames as :func:`~nightstack.combine.combine` reads a frame store's: every
+    frame covers every pixel (calibration frames are not aligned), rows read from memory or from
+    the frame's spill file; a mosaic is one channel."""
+
+    block_rows = 1  # any band reads each frame's rows once
+
+    def __init__(
+        self, shape: tuple[int, ...], held: list[FloatArray], spill: Path | None, n: int
+    ) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.channels = int(shape[2]) if len(shape) == 3 else 1
+        self._frame_shape = shape
+        self._held = held
+        self._spill = spill
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def footprint_spans(
+        self, i: int, row_start: int, row_stop: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        rows = row_stop - row_start
+        return np.zeros(rows, np.int64), np.full(rows, self.shape[1], np.int64)
+
+    def read_band(
+        self, i: int, row_start: int, row_stop: int, out: FloatArray | None = None
+    ) -> FloatArray:
+        if out is None:
+            out = np.empty((row_stop - row_start, self.shape[1], self.channels), np.float32)
+        band = out[..., 0] if len(self._frame_shape) == 2 else out  # a view of ``out``
+        if self._spill is None:
+            band[...] = self._held[i][row_start:row_stop]
+        else:
+            _read_band(self._spill / f"{i:05d}.f32", row_start, row_stop, self._frame_shape, band)
+        return out
+
+
 def _read_band(path: Path, r0: int, r1: int, shape: tuple[int, ...], out: FloatArray) -> None:
-    """Rows r0:r1 of a spilled float32 frame of ``shape`` into ``out`` (float64)."""
+    """Rows r0:r1 of a spilled float32 frame of ``shape`` into ``out``."""
     row = int(np.prod(shape[1:]))
     buffer = np.empty((r1 - r0) * row, dtype=np.float32)
     with path.open("rb") as fh:
