@@ -41,12 +41,13 @@ from .config import Settings, load_settings, web_token
 from .control import hold_lock, request_close, take_close_request
 from .decoder import DEFAULT_DECODE_FN, Decoder
 from .errors import ConfigError
+from .folder import find_open, known_hashes, quarantine
 from .frameio import FD_ERRNOS, file_sha256, transient_error
 from .notify import Notifier
 from .pipeline import FrameRecord, Prepared, Stacker
 from .quality import Quality
 from .retries import Retries, first_attempts
-from .session import Session, find_open, known_hashes, quarantine
+from .session import Session
 from .watcher import FrameWatcher
 
 if TYPE_CHECKING:

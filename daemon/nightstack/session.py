@@ -1,16 +1,6 @@
 """A live-stacking session on disk: journal, checkpoint, resume, preview and close.
 
-Layout of ``OUTPUT_DIR/<session-id>/``::
-
-    session.json    settings used, reference, counts, state ("open", "closing", "closed",
-                    "superseded": started over with a better reference, its frames re-stacked in
-                    a new session; ignored by resume and by the exactly-once bookkeeping)
-    journal.jsonl   one fsync'd JSON line per frame (the ``nightstack stack --report`` fields)
-    reference.npz   the reference frame's stars (written once, when the reference is chosen)
-    frames/         the aligned-frame store (uint16) the exact final combine reads back
-    checkpoint/     the live accumulator + counters, rewritten atomically every few frames
-    preview.jpg     auto-stretched live preview, rewritten atomically
-    stack.tif, stack.fits   the final exact combine, at close
+The folder's files and the journal's reading rule: :mod:`nightstack.folder`.
 
 Order of work per accepted frame: frame store (atomic file) -> live stack -> journal line
 (fsync) -> every K frames a checkpoint. After a crash, ``Session.resume`` restores the
@@ -44,13 +34,29 @@ import numpy as np
 from . import __version__
 from .config import Settings, redacted
 from .decoder import Decoder
-from .frames import Stars
-from .normalize import SkySamples
-from .pipeline import FrameRecord, Prepared, Reference, Stacker, write_output
-from .quality import Quality
+from .folder import (
+    CHECKPOINT,
+    FRAMES,
+    GROUND,
+    JOURNAL,
+    LIVE_FITS,
+    PREVIEW,
+    REFERENCE,
+    SESSION,
+    SKY_MASK_PNG,
+    SNAPSHOTS,
+    STACK_FITS,
+    STACK_TIF,
+    load_reference,
+    new_session_dir,
+    read_journal,
+    read_journal_file,
+    read_meta,
+    save_reference,
+)
+from .pipeline import FrameRecord, Prepared, Stacker, write_output
 from .stack import FrameStore, LiveStack
 from .writers import (
-    atomic_path,
     remove_temporaries,
     write_bytes,
     write_fits_bands,
@@ -63,104 +69,6 @@ log = logging.getLogger("nightstack.session")
 
 _JOURNAL_LINE_BYTES = 2048  # a journal line, generously
 _RESERVE_MARGIN = 4 * 2**20  # preview, session.json, journal lines, file system slack
-JOURNAL = "journal.jsonl"
-SESSION = "session.json"
-
-
-def read_journal(path: Path) -> list[dict[str, Any]]:
-    """The journal's complete records; a torn last line (crash mid-write) and garbage lines (a
-    damaged card) are skipped."""
-    return _read_journal(path)[0]
-
-
-def _read_journal(path: Path) -> tuple[list[dict[str, Any]], int, int]:
-    """(records, byte length up to the end of the last newline-terminated line, garbage lines).
-
-    A line that is not valid UTF-8 JSON of a frame record (an object with ``file`` and
-    ``status``) is garbage, skipped and counted; the records after it still count. Bytes after
-    the last newline are a torn tail that was never confirmed.
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], 0, 0
-    records: list[dict[str, Any]] = []
-    good = garbage = 0
-    while True:
-        end = data.find(b"\n", good)
-        if end < 0:
-            break
-        try:
-            record = json.loads(data[good:end].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            record = None
-        if isinstance(record, dict) and "file" in record and "status" in record:
-            records.append(record)
-        else:
-            garbage += 1
-        good = end + 1
-    return records, good, garbage
-
-
-def known_hashes(output_dir: Path) -> set[str]:
-    """Content hashes of every frame any session in ``output_dir`` has journaled.
-
-    Grows by one 64-character string per frame ever seen (about 100 bytes): the only
-    per-frame memory the daemon keeps, for exactly-once processing across sessions.
-    """
-    hashes: set[str] = set()
-    for journal in sorted(output_dir.glob(f"*/{JOURNAL}")):
-        if _state(journal.parent) in ("superseded", "quarantined"):
-            continue  # its frames were handed to another session (or are to be stacked again)
-        for record in read_journal(journal):
-            digest = record.get("sha256")
-            if not digest:
-                continue
-            if record.get("status") == "lost":
-                hashes.discard(digest)  # its stored data was lost: stack it again if it comes
-            else:
-                hashes.add(digest)
-    return hashes
-
-
-def _state(directory: Path) -> str | None:
-    try:
-        state = json.loads((directory / SESSION).read_text(encoding="utf-8")).get("state")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-    return str(state) if state is not None else None
-
-
-def find_open(output_dir: Path) -> Path | None:
-    """The newest session directory that was not closed, if any: state "open" or "closing", or a
-    journal beside a missing or unreadable session.json (salvaged by :meth:`Session.resume`)."""
-    candidates = [
-        journal.parent
-        for journal in output_dir.glob(f"*/{JOURNAL}")
-        if _state(journal.parent) in ("open", "closing", None)
-    ]
-    return max(candidates, default=None)
-
-
-def quarantine(directory: Path, reason: str) -> None:
-    """Mark a session that cannot be salvaged: session.json state "quarantined" with the reason
-    (its files stay as they are, for a human to look at). Its frames no longer count as
-    processed, so those still in the watch folder are stacked in a new session."""
-    try:
-        meta = json.loads((directory / SESSION).read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            meta = {}
-    except (OSError, ValueError):
-        meta = {}
-    meta.update(
-        session=directory.name,
-        state="quarantined",
-        note=f"quarantined: {reason}",
-        updated=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-    write_json(directory / SESSION, meta)
-    log.error("session %s quarantined: %s; a new session takes the next frames", directory.name,
-              reason)  # fmt: skip
 
 
 class Session:
@@ -200,13 +108,7 @@ class Session:
     # --- life cycle -------------------------------------------------------------------------
     @classmethod
     def create(cls, output_dir: Path, settings: Settings, decoder: Decoder) -> Session:
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        directory = output_dir / stamp
-        n = 1
-        while directory.exists():
-            n += 1
-            directory = output_dir / f"{stamp}-{n}"
-        directory.mkdir(parents=True)
+        directory = new_session_dir(output_dir)
         try:
             session = cls(directory, settings, decoder)
             session._write_meta()
@@ -228,19 +130,14 @@ class Session:
         raises (the daemon then quarantines the session); OSError means the disk (full, I/O).
         """
         notes: list[str] = []
-        try:
-            meta = json.loads((directory / SESSION).read_text(encoding="utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as err:
-            meta = {"state": "open"}
-            notes.append(
-                f"session.json unreadable ({type(err).__name__}): rebuilt from the journal"
-            )
+        found = read_meta(directory)
+        if found is None:
+            notes.append("session.json unreadable: rebuilt from the journal")
+        meta = found or {"state": "open"}
         settings = _own_settings(directory.name, meta.get("settings"), settings)
         removed = remove_temporaries(directory)
         journal = directory / JOURNAL
-        records, good, garbage = _read_journal(journal)
+        records, good, garbage = read_journal_file(journal)
         if garbage:
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
             write_bytes(journal, text.encode("utf-8", "surrogateescape"))
@@ -274,22 +171,22 @@ class Session:
             log.info(
                 "session %s: removed %d temporary file(s) of an interrupted write", self.id, removed
             )
-        ref_file = directory / "reference.npz"
+        ref_file = directory / REFERENCE
         if not ref_file.exists():
             # stopped before the reference was saved: whatever the store holds was never
             # journaled (the frames are re-reported and stacked again)
-            shutil.rmtree(directory / "frames", ignore_errors=True)
-            shutil.rmtree(directory / "checkpoint", ignore_errors=True)
+            shutil.rmtree(directory / FRAMES, ignore_errors=True)
+            shutil.rmtree(directory / CHECKPOINT, ignore_errors=True)
             log.info(
                 "session %s resumed: %d journal lines, no reference yet", self.id, len(records)
             )
         else:
-            reference = _load_reference(ref_file)
+            reference = load_reference(ref_file)
             live_only = meta.get("live_only") or (
                 "final = 'live': no frame store" if settings.final == "live" else None
             )
             store = FrameStore(
-                directory / "frames", reference.shape, reference.channels, salvage=True
+                directory / FRAMES, reference.shape, reference.channels, salvage=True
             )
             stored = _stored_records(records)  # store position i holds stored[i]
             held = len(store)
@@ -322,7 +219,7 @@ class Session:
                 for record in records:
                     self._count(record)
                 return
-            checkpoint = directory / "checkpoint"
+            checkpoint = directory / CHECKPOINT
             state = _read_checkpoint(checkpoint)
             live: LiveStack | None = None
             if state is not None and not damaged:
@@ -379,7 +276,7 @@ class Session:
         stacker = self.stacker
         reference = stacker.reference
         assert reference is not None
-        checkpoint = self.dir / "checkpoint"
+        checkpoint = self.dir / CHECKPOINT
         state = _read_checkpoint(checkpoint)
         live, since = None, 0
         if state is not None:
@@ -445,7 +342,8 @@ class Session:
         was_live_only = self.stacker.live_only
         record = self.stacker.stack(prepared)
         if record.status == "accepted" and not had_reference:
-            _save_reference(self.dir / "reference.npz", self.stacker)
+            assert self.stacker.reference is not None
+            save_reference(self.dir / REFERENCE, self.stacker.reference)
             self._write_meta()
         if self.stacker.live_only is not None and was_live_only is None and had_reference:
             log.error(
@@ -495,7 +393,7 @@ class Session:
     def _snapshot(self, frames: int) -> None:
         """snapshots/live-NNNN.fits: the live stack after its NNNN-th frame, kept."""
         try:
-            self.write_live_fits(self.dir / "snapshots" / f"live-{frames:04d}.fits")
+            self.write_live_fits(self.dir / SNAPSHOTS / f"live-{frames:04d}.fits")
         except OSError as err:  # the frame is journaled: a missing snapshot loses nothing
             log.error("session %s: snapshot not written (%s)", self.id, err.strerror or err)
 
@@ -597,7 +495,7 @@ class Session:
         live = self.stacker.live
         if live is None:
             return
-        checkpoint = self.dir / "checkpoint"
+        checkpoint = self.dir / CHECKPOINT
         checkpoint.mkdir(exist_ok=True)
         live.save(checkpoint / "live")
         if self.stacker.products is not None:
@@ -622,11 +520,11 @@ class Session:
         assert live is not None
         width = self.settings.preview_width
         image = self.stacker.landscape.preview(live.preview_image(width), live)  # freeze ground
-        write_preview(self.dir / "preview.jpg", image, width=width)
+        write_preview(self.dir / PREVIEW, image, width=width)
         self.since_preview = 0
         self.last_preview = time.monotonic()
         if self._live_fits_due(live):
-            self.write_live_fits(self.dir / "live.fits")
+            self.write_live_fits(self.dir / LIVE_FITS)
             self.last_live_fits = self.last_preview
             self.stored_since_live_fits = 0
 
@@ -690,8 +588,8 @@ class Session:
             except OSError as err:
                 skipped.append(f"products ({err.strerror or err})")
         outputs.update(stacker.landscape.describe())
-        if (self.dir / "sky_mask.png").exists():
-            outputs["sky_mask_png"] = str(self.dir / "sky_mask.png")
+        if (self.dir / SKY_MASK_PNG).exists():
+            outputs["sky_mask_png"] = str(self.dir / SKY_MASK_PNG)
         if skipped:
             outputs["skipped"] = skipped
             log.error("session %s: the final is written, these are not: %s", self.id,
@@ -701,9 +599,9 @@ class Session:
         self._close_journal()
         final_written = "fits" in outputs or "tiff" in outputs or not stack
         if not self.settings.keep_frame_store and (final_written or stacker.accepted < 1):
-            shutil.rmtree(self.dir / "frames", ignore_errors=True)
-            shutil.rmtree(self.dir / "ground", ignore_errors=True)
-            shutil.rmtree(self.dir / "checkpoint", ignore_errors=True)
+            shutil.rmtree(self.dir / FRAMES, ignore_errors=True)
+            shutil.rmtree(self.dir / GROUND, ignore_errors=True)
+            shutil.rmtree(self.dir / CHECKPOINT, ignore_errors=True)
         log.info("session %s closed: %s", self.id, outputs or "nothing stacked")
         return outputs
 
@@ -721,7 +619,7 @@ class Session:
         image = stacker.final(progress)  # releases the live stack
         sky_rows = stacker.landscape.freeze_final(image, progress)  # the frozen ground
         header = stacker.header()
-        fits_path, tiff_path = self.dir / "stack.fits", self.dir / "stack.tif"
+        fits_path, tiff_path = self.dir / STACK_FITS, self.dir / STACK_TIF
 
         def write_fits() -> None:
             if sky_rows is None:
@@ -731,8 +629,8 @@ class Session:
 
         steps: list[tuple[str, Path, Callable[[], None]]] = [
             ("tiff", tiff_path, lambda: write_output(tiff_path, image, header, self.settings)),
-            ("preview", self.dir / "preview.jpg",
-             lambda: write_preview(self.dir / "preview.jpg", image,
+            ("preview", self.dir / PREVIEW,
+             lambda: write_preview(self.dir / PREVIEW, image,
                                    width=self.settings.preview_width)),
         ]  # fmt: skip
         if self.settings.write_fits:
@@ -762,10 +660,10 @@ class Session:
         self.state = "superseded"
         self._write_meta(note=f"superseded: {reason}")
         self._close_journal()
-        shutil.rmtree(self.dir / "frames", ignore_errors=True)
-        shutil.rmtree(self.dir / "ground", ignore_errors=True)  # landscape = "freeze"
-        shutil.rmtree(self.dir / "checkpoint", ignore_errors=True)
-        (self.dir / "reference.npz").unlink(missing_ok=True)
+        shutil.rmtree(self.dir / FRAMES, ignore_errors=True)
+        shutil.rmtree(self.dir / GROUND, ignore_errors=True)  # landscape = "freeze"
+        shutil.rmtree(self.dir / CHECKPOINT, ignore_errors=True)
+        (self.dir / REFERENCE).unlink(missing_ok=True)
         log.info("session %s superseded: %s", self.id, reason)
         return files
 
@@ -895,52 +793,3 @@ def _read_checkpoint(checkpoint: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return state if (checkpoint / "live").exists() else None
-
-
-def _save_reference(path: Path, stacker: Stacker) -> None:
-    ref = stacker.reference
-    assert ref is not None
-    s = ref.stars
-    aperture = s.aperture_flux if s.aperture_flux is not None else np.full(len(s), np.nan)
-    arrays: dict[str, Any] = {
-        "xy": s.xy,
-        "flux": s.flux,
-        "aperture_flux": aperture,
-        "summary": np.array([s.fwhm_px, s.roundness, s.elongation, s.background, s.noise]),
-        "detected": np.array(s.detected),
-        "exposure_s": np.array(np.nan if ref.exposure_s is None else ref.exposure_s),
-        "shape": np.array([*ref.shape, ref.channels]),
-        "reference_file": np.array(ref.file),
-        **ref.sky.arrays(),
-    }
-    with atomic_path(path) as tmp, tmp.open("wb") as fh:
-        np.savez(fh, **arrays)
-
-
-def _load_reference(path: Path) -> Reference:
-    with np.load(path) as data:
-        fwhm, roundness, elongation, background, noise = (float(v) for v in data["summary"])
-        stars = Stars(
-            data["xy"],
-            data["flux"],
-            fwhm,
-            roundness,
-            elongation,
-            background,
-            noise,
-            detected=int(data["detected"]),
-            aperture_flux=data["aperture_flux"],
-        )
-        rows, cols, channels = (int(v) for v in data["shape"])
-        file = str(data["reference_file"])
-        exposure = float(data["exposure_s"])
-        sky = SkySamples.from_arrays(data)
-    return Reference(
-        file,
-        stars,
-        Quality.of(stars),
-        (rows, cols),
-        channels,
-        sky,
-        exposure if np.isfinite(exposure) else None,
-    )
