@@ -29,11 +29,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import __version__
+from .budget import DiskBudget
 from .config import Settings, redacted
-from .decoder import Decoder
+from .detect import SkyArea
 from .folder import (
     CHECKPOINT,
     FRAMES,
@@ -54,34 +53,33 @@ from .folder import (
     read_meta,
     save_reference,
 )
-from .pipeline import FrameRecord, Prepared, Stacker, write_output
+from .pipeline import FrameRecord, Prepared, Stacker, Tally, Target, finish, load_sky_mask
 from .stack import FrameStore, LiveStack
 from .writers import (
     remove_temporaries,
     write_bytes,
     write_fits_bands,
-    write_fits_extended,
     write_json,
     write_preview,
 )
 
 log = logging.getLogger("nightstack.session")
 
-_JOURNAL_LINE_BYTES = 2048  # a journal line, generously
-_RESERVE_MARGIN = 4 * 2**20  # preview, session.json, journal lines, file system slack
-
-
 class Session:
     """One night (or part of one): frames in, journal + live preview out, final stack at close."""
 
-    def __init__(self, directory: Path, settings: Settings, decoder: Decoder) -> None:
+    def __init__(self, directory: Path, settings: Settings) -> None:
         self.dir = directory
         self.settings = settings
-        self.stacker = Stacker(settings, directory, decoder)
-        self.stacker.defer_live = True  # the live stack takes a stored frame after its journal
-        self.stacker.space_check = self._space_check
-        self.low_space: str | None = None
-        """A warning while the disk holds fewer than ``min_free_frames`` frames, else None."""
+        self.budget = DiskBudget(directory, settings.min_free_frames)
+        self.stacker = Stacker(
+            settings,
+            directory,
+            sky=SkyArea(settings.landscape_mask_ratio, load_sky_mask(settings)),
+            catch_up=False,  # the live stack takes a stored frame after its journal line
+            budget=self.budget,
+        )
+        self.tally = Tally()
         self.started = datetime.now(UTC).isoformat(timespec="seconds")
         self.state = "open"
         self.records = 0  # journal lines written
@@ -105,12 +103,17 @@ class Session:
     def id(self) -> str:
         return self.dir.name
 
+    @property
+    def low_space(self) -> str | None:
+        """A warning while the disk holds fewer than ``min_free_frames`` frames, else None."""
+        return self.budget.warning
+
     # --- life cycle -------------------------------------------------------------------------
     @classmethod
-    def create(cls, output_dir: Path, settings: Settings, decoder: Decoder) -> Session:
+    def create(cls, output_dir: Path, settings: Settings) -> Session:
         directory = new_session_dir(output_dir)
         try:
-            session = cls(directory, settings, decoder)
+            session = cls(directory, settings)
             session._write_meta()
         except OSError:
             shutil.rmtree(directory, ignore_errors=True)  # no half-made session left behind
@@ -119,7 +122,7 @@ class Session:
         return session
 
     @classmethod
-    def resume(cls, directory: Path, settings: Settings, decoder: Decoder) -> Session:
+    def resume(cls, directory: Path, settings: Settings) -> Session:
         """Reopen a session after a crash or restart (see the module docstring).
 
         A damaged session is salvaged: an unreadable session.json is rebuilt from the journal,
@@ -144,7 +147,7 @@ class Session:
             notes.append(f"{garbage} garbage journal line(s) dropped")
         elif journal.exists() and journal.stat().st_size != good:
             os.truncate(journal, good)  # drop a torn tail before appending (needs no space)
-        session = cls(directory, settings, decoder)
+        session = cls(directory, settings)
         try:
             session._restore(meta, records, removed, notes)
         except BaseException:
@@ -308,7 +311,7 @@ class Session:
 
     def _count(self, record: dict[str, Any]) -> None:
         """Count a journaled frame into the session's tallies (a first attempt waiting for its
-        retry is not counted: see :meth:`Stacker.count`). A ``lost`` line takes back only a
+        retry is not counted: see :meth:`journal_attempt`). A ``lost`` line takes back only a
         frame counted as accepted (a repeated one, as an older nightstack wrote at each resume,
         counts nothing): the tallies never go negative."""
         if record.get("retry") is True:
@@ -320,16 +323,7 @@ class Session:
             if not self._held.get(key):
                 return
             self._held[key] -= 1
-        self.stacker.count(
-            FrameRecord(
-                file=record["file"],
-                status=record["status"],
-                reason=record.get("reason"),
-                sha256=record.get("sha256"),
-                exposure_s=record.get("exposure_s"),
-                capture_time=record.get("capture_time"),
-            )
-        )
+        self.tally.count(FrameRecord.from_json(record))
 
     # --- per frame --------------------------------------------------------------------------
     def ingest(
@@ -341,6 +335,7 @@ class Session:
         had_reference = self.stacker.reference is not None
         was_live_only = self.stacker.live_only
         record = self.stacker.stack(prepared)
+        self.tally.count(record)
         if record.status == "accepted" and not had_reference:
             assert self.stacker.reference is not None
             save_reference(self.dir / REFERENCE, self.stacker.reference)
@@ -399,7 +394,12 @@ class Session:
 
     def reject(self, record: FrameRecord) -> None:
         """Journal a frame rejected outside the pipeline (and count it)."""
-        self.stacker.count(record)
+        self._append(record)
+        self.tally.count(record)
+
+    def journal_attempt(self, record: FrameRecord) -> None:
+        """Journal a first attempt that waits for its retry (``retries.RetryRecord``): not
+        counted, the tallies count files, not attempts."""
         self._append(record)
 
     def _append(self, record: FrameRecord) -> None:
@@ -418,46 +418,9 @@ class Session:
             raise
         self.records += 1
 
-    def _space_check(self, frame_bytes: int) -> str | None:
-        """Before a frame is stored: a reason not to (live-only), or None. The store never eats
-        into the reserve for the final outputs; fewer than ``min_free_frames`` frames of room
-        sets :attr:`low_space` (journal, log, status)."""
-        try:
-            st = os.statvfs(self.dir)
-        except OSError:
-            return None
-        free = st.f_bavail * st.f_frsize
-        reserve = self.reserve_bytes()
-        room = (free - reserve) // max(frame_bytes + _JOURNAL_LINE_BYTES, 1)
-        if room < 1:
-            return (
-                f"disk: {free / 2**20:.0f} MB free, the final outputs' reserve is "
-                f"{reserve / 2**20:.0f} MB"
-            )
-        warning = None
-        if room < self.settings.min_free_frames:
-            warning = f"disk: room for {room} more frame(s) ({free / 2**20:.0f} MB free)"
-            if self.low_space is None:
-                log.warning("session %s: %s", self.id, warning)
-        self.low_space = warning
-        return None
-
     def reserve_bytes(self) -> int:
-        """Disk kept for what the close needs, which the frame store never uses (bytes): the
-        FITS (4 bytes per sample), the TIFF (2) and live.fits (4, its swap), one more checkpoint
-        generation at its largest (a live-only checkpoint written during warm-up holds up to
-        ``live_warmup`` - 1 float32 frames and their footprints beside the live state: see
-        :func:`checkpoint_bytes`; once the live stack is warmed up it never holds one again),
-        and a margin."""
-        ref = self.stacker.reference
-        if ref is None:
-            return _RESERVE_MARGIN
-        rows, cols = ref.shape
-        samples = rows * cols * ref.channels
-        live = self.stacker.live
-        warmup = 1 if live is not None and live.warmed_up else self.settings.live_warmup
-        checkpoint = checkpoint_bytes(rows * cols, ref.channels, warmup)
-        return samples * (4 + 2 + 4) + checkpoint + _RESERVE_MARGIN
+        """Disk kept for what the close needs (:meth:`Stacker.reserve_bytes`)."""
+        return self.stacker.reserve_bytes()
 
     def _checkpoint_now(self) -> None:
         """Checkpoint; a failure (disk full, I/O) is logged, not raised: the previous checkpoint
@@ -546,7 +509,7 @@ class Session:
         live = self.stacker.live
         assert live is not None
         path.parent.mkdir(exist_ok=True)
-        header = {**self.stacker.header(), "NCOMBINE": live.frames, "STACKMTH": "live"}
+        header = {**self.stacker.header(self.tally), "NCOMBINE": live.frames, "STACKMTH": "live"}
         shape = (*live.shape, live.channels)
         write_fits_bands(path, shape, live.result_band, header)
 
@@ -569,24 +532,28 @@ class Session:
         stacker = self.stacker
         if stacker.live_only is not None and stacker.live is not None:
             self._checkpoint_now()  # a close cut short (disk, kill) finishes from it
-        outputs: dict[str, Any] = {}
-        skipped: list[str] = []
         stack = "stack" in self.settings.products
         has_stack = stacker.store is not None or stacker.live is not None
-        if stack and stacker.accepted >= 1 and has_stack:
-            self._write_final(outputs, skipped, progress)
-        # --- landscape and products ---
-        if stacker.products is not None and stacker.accepted >= 1:
-            try:
-                outputs.update(
-                    stacker.products.close(
-                        preview_width=self.settings.preview_width,
-                        tiff_scale=self.settings.tiff_scale,
-                        keep_frames=self.settings.keep_frame_store,
-                    )
-                )
-            except OSError as err:
-                skipped.append(f"products ({err.strerror or err})")
+        targets: list[Target] = []
+        if stack and self.tally.accepted >= 1 and has_stack:
+            targets = [Target("tiff", self.dir / STACK_TIF), Target("preview", self.dir / PREVIEW)]
+            if self.settings.write_fits:
+                targets.insert(0, Target("fits", self.dir / STACK_FITS))
+        method = "live" if stacker.live_only is not None else self.settings.stack_method
+        final = {"method": method, "why": stacker.live_only}
+        store_bytes = stacker.store.disk_bytes() if stacker.store is not None else None
+        # the final first, as far as the disk allows (see above), then the products
+        outputs, skipped = finish(
+            stacker,
+            self.tally,
+            targets,
+            progress=progress,
+            keep_frames=self.settings.keep_frame_store,
+        )
+        if targets:
+            outputs["final"] = final
+            if store_bytes is not None:
+                outputs["frame_store_bytes"] = store_bytes
         outputs.update(stacker.landscape.describe())
         if (self.dir / SKY_MASK_PNG).exists():
             outputs["sky_mask_png"] = str(self.dir / SKY_MASK_PNG)
@@ -598,54 +565,13 @@ class Session:
         self._write_meta(outputs)
         self._close_journal()
         final_written = "fits" in outputs or "tiff" in outputs or not stack
-        if not self.settings.keep_frame_store and (final_written or stacker.accepted < 1):
+        if not self.settings.keep_frame_store and (final_written or self.tally.accepted < 1):
             shutil.rmtree(self.dir / FRAMES, ignore_errors=True)
             shutil.rmtree(self.dir / GROUND, ignore_errors=True)
             shutil.rmtree(self.dir / CHECKPOINT, ignore_errors=True)
         log.info("session %s closed: %s", self.id, outputs or "nothing stacked")
         return outputs
 
-    def _write_final(
-        self,
-        outputs: dict[str, Any],
-        skipped: list[str],
-        progress: Callable[[int, int], None] | None,
-    ) -> None:
-        """The stack's outputs in their order (see :meth:`close`): the first is the final and
-        must be written; the others are skipped (named in ``skipped``) when they cannot be."""
-        stacker = self.stacker
-        method = "live" if stacker.live_only is not None else self.settings.stack_method
-        outputs["final"] = {"method": method, "why": stacker.live_only}
-        image = stacker.final(progress)  # releases the live stack
-        sky_rows = stacker.landscape.freeze_final(image, progress)  # the frozen ground
-        header = stacker.header()
-        fits_path, tiff_path = self.dir / STACK_FITS, self.dir / STACK_TIF
-
-        def write_fits() -> None:
-            if sky_rows is None:
-                write_output(fits_path, image, header, self.settings)
-            else:  # the composite, and the aligned sky stack in HDU 2 ("SKY")
-                _write_composite_fits(fits_path, image, sky_rows, header)
-
-        steps: list[tuple[str, Path, Callable[[], None]]] = [
-            ("tiff", tiff_path, lambda: write_output(tiff_path, image, header, self.settings)),
-            ("preview", self.dir / PREVIEW,
-             lambda: write_preview(self.dir / PREVIEW, image,
-                                   width=self.settings.preview_width)),
-        ]  # fmt: skip
-        if self.settings.write_fits:
-            steps.insert(0, ("fits", fits_path, write_fits))
-        for n, (key, path, write) in enumerate(steps):
-            try:
-                write()
-            except OSError as err:
-                if n == 0:
-                    raise  # no final yet: the session stays "closing", nothing is deleted
-                skipped.append(f"{path.name} ({err.strerror or err})")
-                continue
-            outputs[key] = str(path)
-        if stacker.store is not None:
-            outputs["frame_store_bytes"] = stacker.store.disk_bytes()
     def abandon(self) -> None:
         """Release files without finalizing (the session stays open for a later resume)."""
         self._close_journal()
@@ -681,38 +607,21 @@ class Session:
             "started": self.started,
             "updated": datetime.now(UTC).isoformat(timespec="seconds"),
             "reference": stacker.reference.file if stacker.reference else None,
-            "accepted": stacker.accepted,
-            "rejected": sum(stacker.rejected.values()),
-            "rejected_by_reason": dict(stacker.rejected),
-            "lost": list(stacker.lost.values()),
+            "accepted": self.tally.accepted,
+            "rejected": self.tally.rejected_total,
+            "rejected_by_reason": dict(self.tally.rejected),
+            "lost": list(self.tally.lost.values()),
             "live_only": stacker.live_only,
             "disk": {"warning": self.low_space, "reserve_bytes": self.reserve_bytes()},
-            "total_exposure_s": round(stacker.exposure_s, 3),
-            "first_frame_time": stacker.first_time,
-            "last_frame_time": stacker.last_time,
+            "total_exposure_s": round(self.tally.exposure_s, 3),
+            "first_frame_time": self.tally.first_time,
+            "last_frame_time": self.tally.last_time,
             "outputs": outputs or {},
             "settings": redacted(self.settings),  # no secret in a world-readable file
         }
         if note is not None:
             meta["note"] = note
         write_json(self.dir / SESSION, meta)
-
-
-def _write_composite_fits(
-    path: Path, image: np.ndarray, sky_rows: np.ndarray, header: dict[str, Any]
-) -> None:
-    """stack.fits of a freeze-ground session: the composite, then the aligned sky ("SKY")."""
-    top = image.shape[0] - sky_rows.shape[0]
-
-    def sky(r0: int, r1: int) -> np.ndarray:
-        if r1 <= top:
-            return np.asarray(image[r0:r1])
-        if r0 >= top:
-            return np.asarray(sky_rows[r0 - top : r1 - top])
-        return np.concatenate([image[r0:top], sky_rows[: r1 - top]])
-
-    shape = (int(image.shape[0]), int(image.shape[1]), int(image.shape[2]))
-    write_fits_extended(path, shape, lambda r0, r1: image[r0:r1], header, sky, "SKY")
 
 
 _SESSION_ONLY_FIELDS = frozenset({"watch_dir", "output_dir", "log_level", "idle_timeout_s"})
@@ -757,14 +666,6 @@ def _stored_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     del stored[i]
                     break
     return stored
-
-
-def checkpoint_bytes(pixels: int, channels: int, warmup: int) -> int:
-    """The largest checkpoint generation of a stack of ``pixels`` x ``channels`` (bytes): mean
-    (float32) and spread (uint16) per sample, count (uint16) per pixel, and up to ``warmup`` - 1
-    warm-up frames (float32 per sample, a bool footprint per pixel) when it is live-only."""
-    state = pixels * (channels * (4 + 2) + 2)
-    return state + (warmup - 1) * pixels * (channels * 4 + 1)
 
 
 def _not_taken_back(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
