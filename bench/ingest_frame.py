@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -60,12 +59,12 @@ def _poll_pss(pids: tuple[int, int], stop: threading.Event, peak: list[float]) -
 def frames(paths: list[Path]) -> list[dict[str, Any]]:
     from nightstack.config import Settings
     from nightstack.decoder import Decoder
-    from nightstack.pipeline import Stacker
+    from nightstack.pipeline import Preparer
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, Decoder() as decoder:
-        stacker = Stacker(Settings(), Path(tmp), decoder, live=False)
-        stacker.prepare(paths[0])  # warm: imports, the child's first decode
+    with Decoder() as decoder:
+        preparer = Preparer(Settings(), decoder)
+        preparer.prepare(paths[0])  # warm: imports, the child's first decode
         for path in paths:
             parent, child = os.getpid(), decoder.pid
             assert child is not None
@@ -76,7 +75,7 @@ def frames(paths: list[Path]) -> list[dict[str, Any]]:
             peak: list[float] = [0.0]
             thread = threading.Thread(target=_poll_pss, args=((parent, child), stop, peak))
             thread.start()
-            prepared = stacker.prepare(path)
+            prepared = preparer.prepare(path)
             stop.set()
             thread.join()
             rows.append(

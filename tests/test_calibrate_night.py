@@ -19,6 +19,7 @@ import pytest
 from astropy.io import fits
 
 from _daemon import Daemon, journal, wait_for
+from nightstack.calibrate import DEFECT_FRAMES
 from nightstack.cli import main
 from nightstack.masters import Master, MasterInfo, write_master
 from nightstack.simulate import simulate_night
@@ -206,3 +207,36 @@ def test_the_daemon_calibrates_and_journals_the_masters(night: Path, daemons: li
         used = line["calibration"]["masters"]
         assert used["flat"] == "flat.fits", "the explicit flat wins over the library's"
         assert used["dark"].startswith("dark-darks-"), used
+
+
+def test_defects_learned_from_the_lights_are_the_session_s_own(
+    night: Path, daemons: list[Daemon]
+) -> None:
+    """cosmetic_from_lights through the daemon: a new session learns its defect map afresh from
+    its own first lights (none repaired before DEFECT_FRAMES were seen), as the first did."""
+    watch, out = night / "watch-defects", night / "defects-out"
+    watch.mkdir()
+    lights = sorted((night / "lights").glob("IMG_*.DNG"))
+    env = {"NIGHTSTACK_COSMETIC_FROM_LIGHTS": "true"}
+    daemon = Daemon(watch, out, env=env)
+    daemons.append(daemon)
+    def closed() -> bool:
+        states = [json.loads(p.read_text())["state"] for p in out.glob("*/session.json")]
+        return bool(states) and all(state == "closed" for state in states)
+
+    sessions: list[list[dict]] = []
+    for batch in (lights[:4], lights[4:8]):
+        for light in batch:
+            shutil.copy(light, watch / light.name)
+        done = 4 * (len(sessions) + 1)
+        wait_for(lambda: len(journal(out)) >= done, 120, "the batch", daemon)  # noqa: B023
+        assert main(["close", "--output-dir", str(out)]) == 0
+        wait_for(closed, 120, "the close", daemon)
+        newest = sorted(out.glob("*/journal.jsonl"))[-1]
+        sessions.append([json.loads(line) for line in newest.read_text().splitlines()])
+    assert daemon.stop() == 0
+    assert len(list(out.glob("*/session.json"))) == 2
+    for records in sessions:
+        repaired = [r["calibration"]["repaired"] for r in records]
+        assert repaired[: DEFECT_FRAMES - 1] == [0] * (DEFECT_FRAMES - 1), repaired
+        assert min(repaired[DEFECT_FRAMES - 1 :]) > 20, repaired

@@ -169,7 +169,7 @@ def test_prepared_frame_codes_equal_the_float_formula(tmp_path: Path, calibrated
     from nightstack.config import Settings
     from nightstack.decoder import Decoder
     from nightstack.loaders import load_mosaic
-    from nightstack.pipeline import Stacker, no_calibration
+    from nightstack.pipeline import Preparer, no_calibration
     from nightstack.simulate.dng import write_dng
 
     cfa = RNG.integers(400, 16384, (480, 640), dtype=np.uint16)
@@ -185,11 +185,10 @@ def test_prepared_frame_codes_equal_the_float_formula(tmp_path: Path, calibrated
     if calibrated:
         expected = expected - dark
     with Decoder(timeout_s=60) as decoder:
-        stacker = Stacker(
-            Settings(), tmp_path, decoder, live=False,
-            calibration=subtract_dark if calibrated else no_calibration,
-        )  # fmt: skip
-        prepared = stacker.prepare(path)
+        preparer = Preparer(
+            Settings(), decoder, calibration=subtract_dark if calibrated else no_calibration
+        )
+        prepared = preparer.prepare(path)
     assert prepared.error is None and prepared.frame is not None
     assert seen == ([False] if calibrated else [])
     frame = prepared.frame

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ import cv2
 import numpy as np
 import pytest
 
+from _daemon import Daemon, journal, wait_for
+from nightstack.cli import main
 from nightstack.config import Settings, load_settings
 from nightstack.decoder import Decoder
-from nightstack.detect import StarFinder
+from nightstack.detect import SkyArea, StarFinder
 from nightstack.frames import Frame
 from nightstack.landscape import (
     REFINE_FRAMES,
@@ -30,7 +33,7 @@ from nightstack.landscape import (
 )
 from nightstack.loaders import load
 from nightstack.normalize import Normalization
-from nightstack.pipeline import Stacker
+from nightstack.pipeline import Preparer, Stacker
 from nightstack.service import load_kwargs
 from nightstack.simulate import SkyModel, simulate_night
 from nightstack.simulate.dng import write_dng
@@ -47,9 +50,10 @@ def _settings(**extra: Any) -> Settings:
 def _stack(night: Path, work: Path, settings: Settings) -> tuple[Stacker, np.ndarray]:
     work.mkdir()
     with Decoder(timeout_s=60, load_kwargs=load_kwargs(settings)) as decoder:
-        stacker = Stacker(settings, work, decoder)
+        preparer = Preparer(settings, decoder)
+        stacker = Stacker(settings, work, sky=preparer.sky)
         for path in sorted(night.glob("*.DNG")):
-            record = stacker.process(path)
+            record = stacker.stack(preparer.prepare(path, sky=stacker.sky))
             assert record.status == "accepted", record.reason
         image = stacker.final()
         stacker.landscape.freeze_final(image)
@@ -153,7 +157,7 @@ def test_the_automatic_sky_mask_matches_the_true_horizon(night: dict[str, Any]) 
     assert wrong.any() and distance[wrong].max() <= 3.0
     assert stacker.landscape.mask is not None and stacker.landscape.mask.source == "auto"
     # detection follows it: no star found on the ground of the last frame
-    assert stacker.finder.sky_mask is not None and (stacker.finder.sky_mask == mask).all()
+    assert stacker.sky.mask is not None and (stacker.sky.mask == mask).all()
 
 
 def test_freeze_keeps_the_ground_sharp_where_blur_smears_it(night: dict[str, Any]) -> None:
@@ -259,7 +263,7 @@ def test_no_star_light_on_the_ground_side_and_no_seam(night: dict[str, Any]) -> 
 
 
 def test_the_fits_keeps_the_aligned_sky_in_a_second_hdu(
-    night: dict[str, Any], tmp_path: Path
+    night: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from astropy.io import fits
 
@@ -268,9 +272,11 @@ def test_the_fits_keeps_the_aligned_sky_in_a_second_hdu(
     settings = _settings(landscape="freeze", products=["stack"], output_dir=tmp_path)
     raws = sorted((night["root"] / "night").glob("*.DNG"))[:5]
     with Decoder(timeout_s=60, load_kwargs=load_kwargs(settings)) as decoder:
-        session = Session.create(tmp_path, settings, decoder)
+        preparer = Preparer(settings, decoder)
+        session = Session.create(tmp_path, settings)
         for path in raws:
-            assert session.ingest(session.stacker.prepare(path)).status == "accepted"
+            prepared = preparer.prepare(path, sky=session.stacker.sky)
+            assert session.ingest(prepared).status == "accepted"
         session.write_preview()
         outputs = session.close()
     meta = json.loads((session.dir / "session.json").read_text())
@@ -284,9 +290,20 @@ def test_the_fits_keeps_the_aligned_sky_in_a_second_hdu(
         np.testing.assert_array_equal(composite[:, :top], aligned[:, :top])
         ground = ~_true_sky(night["truth"])
         assert not np.allclose(composite[:, ground], aligned[:, ground], atol=1e-3)
+        composite, aligned = composite.copy(), aligned.copy()
     tiff = cv2.imread(str(session.dir / "stack.tif"), cv2.IMREAD_UNCHANGED)
     linear = composite.transpose(1, 2, 0)[:, :, ::-1] * 65535
     assert np.abs(tiff.astype(float) - np.clip(np.rint(linear), 1, 65535)).max() <= 1
+    # `nightstack stack` finishes the same way: the same two HDUs from the same frames
+    monkeypatch.setenv("NIGHTSTACK_LANDSCAPE", "freeze")
+    monkeypatch.setenv("NIGHTSTACK_SKY_MASK", "auto")
+    monkeypatch.setenv("NIGHTSTACK_LANDSCAPE_MASK_RATIO", "0.6")
+    batch = tmp_path / "batch.fits"
+    assert main(["stack", *map(str, raws), "-o", str(batch)]) == 0
+    with fits.open(batch) as hdus:
+        assert [h.name for h in hdus] == ["PRIMARY", "SKY"]
+        np.testing.assert_allclose(hdus[0].data, composite, atol=1e-6)
+        np.testing.assert_allclose(hdus[1].data, aligned, atol=1e-6)
 
 
 # --- units: no clear answer, the blend, the rebased normalization ---------------------------
@@ -360,3 +377,40 @@ def test_the_preview_composite_is_the_shrunk_full_composite(tmp_path: Path) -> N
     small = cv2.resize(sky, (100, 75), interpolation=cv2.INTER_AREA)
     shown = preview_composite(small, lambda r0, r1: sky[r0:r1], stack.live, weight, top, rows)
     np.testing.assert_allclose(shown, expected, atol=2e-3)  # exact up to uint16 storage
+
+
+# --- the daemon's detection follows the learned mask ------------------------------------------
+
+
+def test_the_daemon_detects_inside_the_learned_sky_mask(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """sky_mask = "auto" through the daemon (its own prepare thread): once the mask is fixed
+    (after REFINE_FRAMES), a frame's stars are those inside the learned mask, not inside the
+    configured landscape line (the control: that count differs)."""
+    frames = REFINE_FRAMES + 3
+    simulate_night(tmp_path / "raws", frames=frames, width=640, height=420, seed=9,
+                   rotation_deg=0.3, drift_px=0.0, stars=300, nebula=False, scenery=True,
+                   landscape_fraction=0.15)  # fmt: skip
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    raws = sorted((tmp_path / "raws").glob("*.DNG"))
+    for raw in raws:
+        shutil.copy(raw, watch / raw.name)
+    daemon = Daemon(watch, out, env={"NIGHTSTACK_SKY_MASK": "auto",
+                                     "NIGHTSTACK_LANDSCAPE_MASK_RATIO": "0.6"})  # fmt: skip
+    daemons.append(daemon)
+    wait_for(lambda: len(journal(out)) >= frames, 240, "every frame", daemon)
+    assert daemon.stop() == 0
+    last = journal(out)[-1]
+    assert last["status"] == "accepted" and Path(last["file"]).name == raws[-1].name
+    png = cv2.imread(str(next(out.glob("*/sky_mask.png"))), cv2.IMREAD_GRAYSCALE)
+    settings = _settings()
+    with Decoder(timeout_s=60, load_kwargs=load_kwargs(settings)) as decoder:
+        preparer = Preparer(settings, decoder)
+        frame = preparer.prepare(raws[-1]).frame
+        assert frame is not None
+        in_mask = preparer.detect(frame, SkyArea(1.0, png > 127)).detected
+        below_line = preparer.detect(frame).detected
+    assert in_mask != below_line, "the control: the mask must change the detection"
+    assert last["stars"] == in_mask

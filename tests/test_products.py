@@ -16,6 +16,7 @@ import tifffile
 from nightstack.cli import main
 from nightstack.config import load_settings
 from nightstack.decoder import Decoder
+from nightstack.pipeline import Preparer
 from nightstack.products import FOURCC
 from nightstack.service import load_kwargs
 from nightstack.session import Session
@@ -160,9 +161,10 @@ def test_a_session_lists_its_products_and_can_skip_the_stack(
         use_default=False,
     )
     with Decoder(timeout_s=60, load_kwargs=load_kwargs(settings)) as decoder:
-        session = Session.create(tmp_path, settings, decoder)
+        preparer = Preparer(settings, decoder)
+        session = Session.create(tmp_path, settings)
         for path in sorted(raws.glob("*.DNG")):
-            assert session.ingest(session.stacker.prepare(path)).status == "accepted"
+            assert session.ingest(preparer.prepare(path)).status == "accepted"
         session.close()
     meta = json.loads((session.dir / "session.json").read_text())
     outputs = meta["outputs"]
@@ -196,17 +198,18 @@ def test_a_resumed_session_keeps_its_products_and_its_ground(
     )
     paths = sorted(raws.glob("*.DNG"))
     with Decoder(timeout_s=60, load_kwargs=load_kwargs(settings)) as decoder:
-        session = Session.create(tmp_path, settings, decoder)
+        preparer = Preparer(settings, decoder)
+        session = Session.create(tmp_path, settings)
         for path in paths[:5]:
-            assert session.ingest(session.stacker.prepare(path)).status == "accepted"
+            assert session.ingest(preparer.prepare(path)).status == "accepted"
         session.abandon()  # as a kill -9 would leave it
-        resumed = Session.resume(session.dir, settings, decoder)
+        resumed = Session.resume(session.dir, settings)
         ground = resumed.stacker.landscape.ground
         assert ground is not None and len(ground.store) == 5
         assert resumed.stacker.products is not None
         assert resumed.stacker.products.timelapse is not None
         assert resumed.stacker.products.timelapse.frames == 5
-        assert resumed.ingest(resumed.stacker.prepare(paths[5])).status == "accepted"
+        assert resumed.ingest(preparer.prepare(paths[5])).status == "accepted"
         outputs = resumed.close()
     assert outputs["timelapse_frames"] == FRAMES and outputs["ground_frames"] == FRAMES
     assert outputs["trails_frames"] == FRAMES - 1

@@ -21,7 +21,7 @@ from _daemon import Daemon, journal, wait_for
 from nightstack.cli import main
 from nightstack.config import load_settings
 from nightstack.decoder import Decoder
-from nightstack.pipeline import Stacker
+from nightstack.pipeline import Preparer, Stacker
 from nightstack.service import load_kwargs
 from nightstack.simulate import simulate_night, sky_ramp, sky_step
 
@@ -96,8 +96,9 @@ def _stack(files: list[Path], workdir: Path, normalize: str) -> tuple[Stacker, n
     """Stack in-process with a live stack (the daemon's path); returns it and the live result."""
     settings = load_settings(None, {"normalize": normalize}, use_default=False)
     with Decoder(load_kwargs=load_kwargs(settings)) as decoder:
-        stacker = Stacker(settings, workdir, decoder)
-        records = [stacker.process(f) for f in files]
+        preparer = Preparer(settings, decoder)
+        stacker = Stacker(settings, workdir, sky=preparer.sky)
+        records = [stacker.stack(preparer.prepare(f)) for f in files]
     assert [r.status for r in records] == ["accepted"] * len(files), [r.reason for r in records]
     assert stacker.live is not None
     return stacker, stacker.live.result()

@@ -247,7 +247,7 @@ def _fwhm(image: np.ndarray) -> float:
     grey = np.nan_to_num(image.mean(axis=2))
     rows, cols = grey.shape[0] // 2 * 2, grey.shape[1] // 2 * 2
     binned = grey[:rows, :cols].reshape(rows // 2, 2, cols // 2, 2).mean(axis=(1, 3))
-    finder = star_finder(settings, settings.landscape_mask_ratio, None)
+    finder = star_finder(settings)
     return float(finder(binned.astype(np.float32), 2).fwhm_px)
 
 

@@ -5,7 +5,8 @@ The preview appears and changes by itself after a new frame; a rejected frame's 
 frame named like an HTML tag show as text in the table; each chart has one point per frame;
 night mode turns the page red; the close button closes the session. Screenshots at phone
 (390 px) and desktop width are taken on the way; with ``NIGHTSTACK_SCREENSHOTS=1`` they are
-written to ``docs/`` (the README's pictures), else next to the test's other files.
+written to ``docs/`` (the pictures of README.md and docs/web.md), else next to the test's other
+files.
 """
 
 from __future__ import annotations

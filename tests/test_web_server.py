@@ -22,6 +22,7 @@ import pytest
 from _web import EventStream, request, sky_stack, write_fits
 from nightstack.config import load_settings
 from nightstack.errors import ConfigError
+from nightstack.folder import read_journal
 from nightstack.web.address import is_loopback_host, is_loopback_ip, parse_listen
 from nightstack.web.server import WebServer
 from nightstack.writers import stretch
@@ -232,7 +233,7 @@ def test_render_without_or_with_a_broken_live_fits(
 
 
 # --- the journal as it grows ---------------------------------------------------------------
-def test_frames_stop_at_a_torn_line_and_read_on(
+def test_frames_wait_for_a_torn_line_skip_garbage_and_read_on(
     served: tuple[str, Path, Daemonish, WebServer],
 ) -> None:
     base, out, _, _ = served
@@ -248,7 +249,9 @@ def test_frames_stop_at_a_torn_line_and_read_on(
     assert frames[1]["reason"] == "cloud"
     with journal.open("ab") as fh:
         fh.write(b"not json\n" + json.dumps({"file": "x", "status": "accepted"}).encode() + b"\n")
-    assert len(request(base, f"/api/sessions/{SID}/frames").json()) == 4  # stops at the bad line
+    served_frames = request(base, f"/api/sessions/{SID}/frames").json()
+    assert len(served_frames) == 5  # the garbage line is skipped, the record after it counts
+    assert served_frames == read_journal(journal)  # the daemon's rule, the same records
     journal.write_bytes(journal.read_bytes()[:20])  # cut short (a resume truncates): read anew
     assert request(base, f"/api/sessions/{SID}/frames").json() == []
     for bad in ("x", "-1", "%C2%B2", "1" * 12):  # %C2%B2: a superscript two, a digit to str

@@ -714,6 +714,13 @@ class Calibrator:
         self._warned: set[str] = set()
         self._lock = threading.Lock()  # the daemon's prepare and salvage threads share it
 
+    def new_session(self) -> None:
+        """Forget the defects learned from the lights (``from_lights``): a new session learns
+        its own from its first lights."""
+        with self._lock:
+            if self.frame_defects is not None:
+                self.frame_defects = FrameDefects(kappa=self.kappa)
+
     @property
     def active(self) -> bool:
         """Whether anything would be done to a light."""
@@ -894,7 +901,7 @@ def load_masters(
 
 
 def calibrator_from_settings(settings: Settings) -> Calibrator | None:
-    """The session's :class:`Calibrator` from its settings (``bias``, ``dark``, ``flat``,
+    """The :class:`Calibrator` of the settings (``bias``, ``dark``, ``flat``,
     ``darkflat``, ``calibration_dir``, ``dark_scaling``, ``temperature_tolerance_c``,
     ``cosmetic``, ``cosmetic_from_lights``, ``cosmetic_kappa``), masters read and library
     folders built now; ``None`` when nothing is configured.
@@ -916,49 +923,23 @@ def calibrator_from_settings(settings: Settings) -> Calibrator | None:
     )
 
 
-_CONFIGURED: dict[tuple[Any, ...], tuple[dict[str, Master], Library | None]] = {}
-_CONFIGURED_LOCK = threading.Lock()
-
-
-def _stamp(path: Path | None) -> tuple[Any, ...]:
-    """A path with its modification time and size: a master rewritten in place is read again."""
-    if path is None:
-        return (None,)
-    try:
-        stat = path.stat()
-    except OSError:
-        return (str(path),)
-    return (str(path), stat.st_mtime_ns, stat.st_size)
-
-
 def _configured(settings: Settings) -> tuple[dict[str, Master], Library | None]:
-    """The settings' explicit masters and library, read (and built) once per configuration:
-    the daemon makes a ``Stacker`` per session and for its prepare thread, and the masters are
-    immutable, so they are shared; each ``Calibrator`` keeps its own per-session state."""
-    key = (
-        *(_stamp(getattr(settings, kind)) for kind in KINDS),
-        _stamp(settings.calibration_dir),
-        settings.temperature_tolerance_c,
-        settings.dark_scaling,
-    )
-    with _CONFIGURED_LOCK:
-        if key in _CONFIGURED:
-            return _CONFIGURED[key]
-        paths = {kind: getattr(settings, kind) for kind in KINDS}
+    """The settings' explicit masters and library, read (and built) now. The daemon calls this
+    once per configuration (its :class:`~nightstack.pipeline.Preparer`), not per session."""
+    paths = {kind: getattr(settings, kind) for kind in KINDS}
+    try:
+        masters = load_masters(paths, ram_cap_bytes=settings.ram_cap_mb * 2**20)
+    except CalibrationError as err:
+        raise ConfigError(f"calibration master: {err.reason}") from err
+    library = None
+    if settings.calibration_dir is not None:
         try:
-            masters = load_masters(paths, ram_cap_bytes=settings.ram_cap_mb * 2**20)
+            library = Library(
+                settings.calibration_dir,
+                temperature_tolerance_c=settings.temperature_tolerance_c,
+                dark_scaling=settings.dark_scaling,
+                ram_cap_bytes=settings.ram_cap_mb * 2**20,
+            )
         except CalibrationError as err:
-            raise ConfigError(f"calibration master: {err.reason}") from err
-        library = None
-        if settings.calibration_dir is not None:
-            try:
-                library = Library(
-                    settings.calibration_dir,
-                    temperature_tolerance_c=settings.temperature_tolerance_c,
-                    dark_scaling=settings.dark_scaling,
-                    ram_cap_bytes=settings.ram_cap_mb * 2**20,
-                )
-            except CalibrationError as err:
-                raise ConfigError(f"invalid setting 'calibration_dir': {err.reason}") from err
-        _CONFIGURED[key] = (masters, library)
-        return masters, library
+            raise ConfigError(f"invalid setting 'calibration_dir': {err.reason}") from err
+    return masters, library

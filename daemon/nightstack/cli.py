@@ -139,7 +139,7 @@ class _Progress:
 
 def _cmd_stack(args: argparse.Namespace) -> int:
     from .decoder import Decoder
-    from .pipeline import Stacker, write_output
+    from .pipeline import Preparer, Stacker, Tally, Target, finish
     from .service import load_kwargs
 
     settings = _settings(args)
@@ -158,12 +158,15 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix=".nightstack-", dir=args.work_dir or output.parent))
     report = args.report.open("w", encoding="utf-8") if args.report else None
+    tally = Tally()
     try:
         with Decoder(timeout_s=settings.decode_timeout_s, load_kwargs=load_kwargs(settings)) as dec:
-            stacker = Stacker(settings, workdir, dec, live=False)  # batch: the final only
+            preparer = Preparer(settings, dec)
+            stacker = Stacker(settings, workdir, sky=preparer.sky, live=False)  # the final only
             progress = _Progress(len(files), "stacking")
             for n, path in enumerate(files, 1):
-                record = stacker.process(path)
+                record = stacker.stack(preparer.prepare(path, sky=stacker.sky))
+                tally.count(record)
                 if args.reference is not None and n == 1 and not record.reference:
                     print(
                         f"nightstack stack: reference {path} unusable: {record.reason}",
@@ -176,40 +179,38 @@ def _cmd_stack(args: argparse.Namespace) -> int:
                 note = record.status if record.reason is None else record.reason
                 log.info("%s: %s", path.name, note)
                 progress(n, note=f"{path.name}: {note}")
-        if stacker.accepted < 2:
+        if tally.accepted < 2:
             print(
-                f"nightstack stack: only {stacker.accepted} frame(s) could be stacked; "
-                f"rejected: {_reasons(stacker.rejected)}",
+                f"nightstack stack: only {tally.accepted} frame(s) could be stacked; "
+                f"rejected: {_reasons(tally.rejected)}",
                 file=sys.stderr,
             )
             return 1
         assert stacker.store is not None
         disk = stacker.store.disk_bytes()
         combining = time.monotonic()
-        image = stacker.final(_Progress(1, "combining") if sys.stderr.isatty() else None)
+        targets = [Target("stack", output, stretched=args.stretched)]
+        made, _ = finish(
+            stacker,
+            tally,
+            targets if "stack" in settings.products else [],
+            progress=_Progress(1, "combining") if sys.stderr.isatty() else None,
+        )
         combined = time.monotonic() - combining
-        stacker.landscape.freeze_final(image)  # landscape = "freeze": the sharp ground
-        if "stack" in settings.products:
-            write_output(output, image, stacker.header(), settings, stretched=args.stretched)
-        del image
-        if stacker.products is not None:  # trails.tif/.jpg, timelapse.mp4 beside the output
-            made = stacker.products.close(
-                preview_width=settings.preview_width, tiff_scale=settings.tiff_scale
-            )
-            for key, value in made.items():
-                if isinstance(value, str):
-                    moved = output.parent / Path(value).name
-                    shutil.move(value, moved)
-                    log.info("%s: %s", key, moved)
+        for key, value in made.items():  # trails.tif/.jpg, timelapse.mp4 beside the output
+            if key != "stack" and isinstance(value, str):
+                moved = output.parent / Path(value).name
+                shutil.move(value, moved)
+                log.info("%s: %s", key, moved)
     finally:
         if report is not None:
             report.close()
         shutil.rmtree(workdir, ignore_errors=True)
     took = time.monotonic() - start
     print(
-        f"stacked {stacker.accepted} of {len(files)} frames into {output}; "
-        f"rejected {sum(stacker.rejected.values())} ({_reasons(stacker.rejected)}); "
-        f"total exposure {stacker.exposure_s:.0f} s; frame store {disk / 2**20:.0f} MiB; "
+        f"stacked {tally.accepted} of {len(files)} frames into {output}; "
+        f"rejected {tally.rejected_total} ({_reasons(tally.rejected)}); "
+        f"total exposure {tally.exposure_s:.0f} s; frame store {disk / 2**20:.0f} MiB; "
         f"{took:.1f} s (final combine {combined:.1f} s)"
     )
     return 0

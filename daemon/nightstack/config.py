@@ -8,13 +8,17 @@ decode function, a stalled worker) are not settings: tests pass them to ``Daemon
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import re
+import sys
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -615,3 +619,75 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --- the configuration reference, docs/configuration.md ---
+
+REFERENCE_MARK = (
+    "<!-- Generated from the settings' descriptions in daemon/nightstack/config.py by\n"
+    "     .venv/bin/python -m nightstack.config docs/configuration.md\n"
+    "     Edit the descriptions there, not the text below. -->"
+)
+
+
+def reference() -> str:
+    """Every setting as Markdown tables, one per section of :class:`Settings` (the
+    ``# --- name ---`` comments in its body): name, environment variable, type, default and
+    description."""
+    lines = []
+    for section, names in _sections():
+        lines += [f"## {section[0].upper()}{section[1:]}", ""]
+        lines += ["| setting | environment | type | default | description |"]
+        lines += ["| --- | --- | --- | --- | --- |"]
+        for name in names:
+            field = Settings.model_fields[name]
+            default = field.get_default(call_default_factory=True)
+            cells = [
+                f"`{name}`",
+                f"`NIGHTSTACK_{name.upper()}`",
+                _type_text(field.annotation),
+                "unset" if default is None else f"`{_toml_value(default)}`",
+                str(field.description),
+            ]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_document(current: str) -> str:
+    """``current`` (the page) with everything below :data:`REFERENCE_MARK` rendered again."""
+    head, mark, _ = current.partition(REFERENCE_MARK)
+    if not mark:
+        raise ValueError("the page has no generated part (its marker comment is missing)")
+    return f"{head}{REFERENCE_MARK}\n\n{reference()}"
+
+
+def _sections() -> list[tuple[str, list[str]]]:
+    """The settings in the order and sections of the class body; a setting declared before
+    the first section comment is under "general"."""
+    sections: list[tuple[str, list[str]]] = [("general", [])]
+    for line in inspect.getsource(Settings).splitlines():
+        heading = re.fullmatch(r"\s*# --- (.+) ---", line)
+        setting = re.match(r" {4}(\w+):", line)
+        if heading and not heading[1].startswith("end "):
+            sections.append((heading[1], []))
+        elif setting and setting[1] in Settings.model_fields:
+            sections[-1][1].append(setting[1])
+    return [(title, names) for title, names in sections if names]
+
+
+def _type_text(annotation: Any) -> str:
+    """A type as a reader says it: ``Path | None`` is "path", a Literal its values."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return " or ".join(f"`{a}`" for a in args)
+    if get_origin(annotation) in (Union, UnionType):
+        return " or ".join(_type_text(a) for a in args if a is not type(None))
+    if get_origin(annotation) is list:
+        return f"list of {_type_text(args[0])}"
+    return "path" if annotation is Path else str(annotation.__name__)
+
+
+if __name__ == "__main__":  # python -m nightstack.config docs/configuration.md
+    for page in map(Path, sys.argv[1:]):
+        page.write_text(reference_document(page.read_text(encoding="utf-8")), encoding="utf-8")

@@ -76,6 +76,80 @@ APERTURE_FWHM = 1.5
 so the flux ratio of two frames does not depend on their seeing."""
 
 
+class SkyArea:
+    """Where stars may be in a frame: the rows above a landscape line and, optionally, a
+    full-resolution mask image. Immutable; the daemon passes a session's learned one per call.
+
+    Parameters
+    ----------
+    ratio : float
+        Fraction (0, 1] of the rows, from the top, that is sky; 0.9 ignores the bottom 10 %.
+    mask : bool ndarray (rows, cols) or None
+        Optional full-resolution mask, True = sky.
+    """
+
+    def __init__(self, ratio: float = 0.9, mask: npt.ArrayLike | None = None) -> None:
+        if not 0 < ratio <= 1:
+            raise ValueError(f"landscape_mask_ratio must be in (0, 1], got {ratio}")
+        self.ratio = float(ratio)
+        self.mask: BoolArray | None = None
+        if mask is not None:
+            self.mask = np.asarray(mask, dtype=bool)
+            if self.mask.ndim != 2:
+                raise ValueError(f"sky_mask must be 2-D (rows, cols), got shape {self.mask.shape}")
+        self._binned: tuple[tuple[int, int, int], BoolArray] | None = None
+
+    def __repr__(self) -> str:
+        mask = "None" if self.mask is None else self.mask.shape
+        return f"SkyArea(ratio={self.ratio}, mask={mask})"
+
+    def binned(self, shape: tuple[int, ...], bin: int) -> BoolArray:
+        """(rows, cols) bool of a luminance binned by ``bin``: pixels that are entirely sky."""
+        key = (int(shape[0]), int(shape[1]), int(bin))
+        if self._binned is not None and self._binned[0] == key:
+            return self._binned[1]
+        rows, cols = key[0], key[1]
+        sky = np.zeros((rows, cols), dtype=bool)
+        sky[: self._sky_rows(rows)] = True
+        if self.mask is not None:
+            full = self.mask
+            if full.shape[0] // bin != rows or full.shape[1] // bin != cols:
+                raise ValueError(
+                    f"sky_mask shape {full.shape} does not match luminance {(rows, cols)} "
+                    f"binned by {bin}"
+                )
+            blocks = full[: rows * bin, : cols * bin].reshape(rows, bin, cols, bin)
+            sky &= blocks.all(axis=(1, 3))
+        self._binned = (key, sky)  # one frame geometry per session: keep the last only
+        return sky
+
+    def _sky_rows(self, rows: int) -> int:
+        """Number of binned rows, from the top, that are sky."""
+        return math.floor(self.ratio * rows + 1e-9)
+
+    def in_sky(self, x: FloatArray, y: FloatArray, rows: int) -> BoolArray:
+        """Whether full-resolution positions (x, y) of a frame of ``rows`` rows are sky: above
+        the landscape line and inside the mask image (if any)."""
+        above = np.asarray(y, dtype=np.float64) < self.ratio * rows - 0.5
+        return self._in_mask(x, y, above)
+
+    def in_binned_sky(
+        self, x: FloatArray, y: FloatArray, shape: tuple[int, ...], bin: int
+    ) -> BoolArray:
+        """Whether full-resolution positions (x, y) are in the sky of a luminance of ``shape``
+        binned by ``bin`` (its landscape line falls on whole binned rows)."""
+        return self._in_mask(x, y, y < bin * self._sky_rows(int(shape[0])) - 0.5)
+
+    def _in_mask(self, x: FloatArray, y: FloatArray, ok: BoolArray) -> BoolArray:
+        """``ok`` and, with a mask image, the mask at the nearest pixel of (x, y)."""
+        if self.mask is not None:
+            full = self.mask
+            col = np.clip(np.rint(np.nan_to_num(x)).astype(np.intp), 0, full.shape[1] - 1)
+            row = np.clip(np.rint(np.nan_to_num(y)).astype(np.intp), 0, full.shape[0] - 1)
+            ok = ok & full[row, col]
+        return ok
+
+
 class StarFinder:
     """Find stars in the binned luminance of a frame, inside the sky.
 
@@ -111,33 +185,35 @@ class StarFinder:
             raise ValueError(f"threshold_sigma must be > 0, got {threshold_sigma}")
         if not sigma_clip > 0:
             raise ValueError(f"sigma_clip must be > 0, got {sigma_clip}")
-        if not 0 < landscape_mask_ratio <= 1:
-            raise ValueError(f"landscape_mask_ratio must be in (0, 1], got {landscape_mask_ratio}")
         if max_stars < 1:
             raise ValueError(f"max_stars must be >= 1, got {max_stars}")
-        mask = None
-        if sky_mask is not None:
-            mask = np.asarray(sky_mask, dtype=bool)
-            if mask.ndim != 2:
-                raise ValueError(f"sky_mask must be 2-D (rows, cols), got shape {mask.shape}")
         self.fwhm_px = float(fwhm_px)
         self.threshold_sigma = float(threshold_sigma)
         self.sigma_clip = float(sigma_clip)
-        self.landscape_mask_ratio = float(landscape_mask_ratio)
-        self.sky_mask = mask
+        self.sky = SkyArea(landscape_mask_ratio, sky_mask)
         self.max_stars = int(max_stars)
-        self._binned_masks: dict[tuple[int, int, int], BoolArray] = {}
 
     def __repr__(self) -> str:
         return (
             f"StarFinder(fwhm_px={self.fwhm_px}, threshold_sigma={self.threshold_sigma}, "
-            f"sigma_clip={self.sigma_clip}, landscape_mask_ratio={self.landscape_mask_ratio}, "
-            f"sky_mask={'None' if self.sky_mask is None else self.sky_mask.shape}, "
-            f"max_stars={self.max_stars})"
+            f"sigma_clip={self.sigma_clip}, sky={self.sky!r}, max_stars={self.max_stars})"
         )
 
+    @property
+    def sky_mask(self) -> BoolArray | None:
+        """The default sky area's mask image (True = sky), if any."""
+        return self.sky.mask
+
+    def in_sky(self, x: FloatArray, y: FloatArray, rows: int) -> BoolArray:
+        """:meth:`SkyArea.in_sky` of the default sky area."""
+        return self.sky.in_sky(x, y, rows)
+
     def __call__(
-        self, luminance: npt.ArrayLike, bin: int, full: npt.ArrayLike | None = None
+        self,
+        luminance: npt.ArrayLike,
+        bin: int,
+        full: npt.ArrayLike | None = None,
+        sky: SkyArea | None = None,
     ) -> Stars:
         """Detect the stars of one frame.
 
@@ -152,6 +228,9 @@ class StarFinder:
             The full-resolution image of a mono sensor: star shapes (FWHM, elongation) are
             then measured on it, since a binned image rounds off small stars (a trail of 1.6-1.9
             reads as 1.2-1.4 at bin 2).
+        sky : SkyArea, optional
+            Where stars may be, for this frame (a session's learned sky mask); default: the
+            finder's own (its ``landscape_mask_ratio`` and ``sky_mask``).
 
         Returns
         -------
@@ -164,9 +243,10 @@ class StarFinder:
         if bin < 1:
             raise ValueError(f"bin must be >= 1, got {bin}")
         fwhm = max(self.fwhm_px / bin, MIN_BINNED_FWHM_PX)
-        sky = self._sky(image.shape, bin)
-        grid, block = _background_grid(image, sky, bin)
-        background, noise = self._sky_stats(image, sky, grid, block)
+        area = self.sky if sky is None else sky
+        sky_px = area.binned(image.shape, bin)
+        grid, block = _background_grid(image, sky_px, bin)
+        background, noise = self._sky_stats(image, sky_px, grid, block)
         empty = _no_stars(background, noise)
         if not (np.isfinite(noise) and noise > 0):
             return empty
@@ -175,7 +255,7 @@ class StarFinder:
         kernel = dao.kernel
         margin = 2 * max(kernel.x_radius, kernel.y_radius)
         peaks, found = _candidates(
-            image, sky, kernel.data, dao.threshold_eff, 2.5 * fwhm, margin,
+            image, sky_px, kernel.data, dao.threshold_eff, 2.5 * fwhm, margin,
             max(MAX_CANDIDATES_PER_STAR * self.max_stars, MIN_CANDIDATES),
         )  # fmt: skip
         if peaks.shape[0] == 0:
@@ -190,7 +270,7 @@ class StarFinder:
         x, y = _windowed_centroid(image, peaks, peak_bg, x, y, fwhm * FWHM_TO_SIGMA)
         xy = np.column_stack([x, y]) * bin + (bin - 1) / 2.0  # full-resolution (x, y)
         ok = np.isfinite(xy).all(axis=1) & (flux > 0)
-        ok &= self._in_sky(xy[:, 0], xy[:, 1], image.shape, bin)
+        ok &= area.in_binned_sky(xy[:, 0], xy[:, 1], image.shape, bin)
         # stars the frame shows before any cap: when the candidates were cut at `limit`, the
         # measured ones' success rate scales the count of all peaks above the threshold
         detected = round(np.count_nonzero(ok) * max(found, measured_peaks) / measured_peaks)
@@ -222,52 +302,7 @@ class StarFinder:
             aperture_flux=_aperture_flux(image, peaks, peak_bg, x, y, radius) * float(bin * bin),
         )
 
-    # --- masks and sky statistics -------------------------------------------------------------
-
-    def _sky(self, shape: tuple[int, ...], bin: int) -> BoolArray:
-        """(rows // bin, cols // bin) bool: binned pixels that are entirely sky."""
-        key = (int(shape[0]), int(shape[1]), int(bin))
-        cached = self._binned_masks.get(key)
-        if cached is not None:
-            return cached
-        rows, cols = key[0], key[1]
-        sky = np.zeros((rows, cols), dtype=bool)
-        sky[: self._sky_rows(rows)] = True
-        if self.sky_mask is not None:
-            full = self.sky_mask
-            if full.shape[0] // bin != rows or full.shape[1] // bin != cols:
-                raise ValueError(
-                    f"sky_mask shape {full.shape} does not match luminance {(rows, cols)} "
-                    f"binned by {bin}"
-                )
-            blocks = full[: rows * bin, : cols * bin].reshape(rows, bin, cols, bin)
-            sky &= blocks.all(axis=(1, 3))
-        self._binned_masks = {key: sky}  # one frame geometry per session: keep the last only
-        return sky
-
-    def _sky_rows(self, rows: int) -> int:
-        """Number of binned rows, from the top, that are sky."""
-        return math.floor(self.landscape_mask_ratio * rows + 1e-9)
-
-    def in_sky(self, x: FloatArray, y: FloatArray, rows: int) -> BoolArray:
-        """Whether full-resolution positions (x, y) of a frame of ``rows`` rows are sky: above
-        the landscape line and inside the sky-mask image (if any)."""
-        above = np.asarray(y, dtype=np.float64) < self.landscape_mask_ratio * rows - 0.5
-        return self._in_mask(x, y, above)
-
-    def _in_sky(self, x: FloatArray, y: FloatArray, shape: tuple[int, ...], bin: int) -> BoolArray:
-        """Whether full-resolution positions (x, y) are in the sky."""
-        return self._in_mask(x, y, y < bin * self._sky_rows(int(shape[0])) - 0.5)
-
-    def _in_mask(self, x: FloatArray, y: FloatArray, ok: BoolArray) -> BoolArray:
-        """``ok`` and, with a sky-mask image, the mask at the nearest pixel of (x, y)."""
-        if self.sky_mask is not None:
-            full = self.sky_mask
-            col = np.clip(np.rint(np.nan_to_num(x)).astype(np.intp), 0, full.shape[1] - 1)
-            row = np.clip(np.rint(np.nan_to_num(y)).astype(np.intp), 0, full.shape[0] - 1)
-            ok = ok & full[row, col]
-        return ok
-
+    # --- sky statistics ------------------------------------------------------------------------
     def _sky_stats(
         self, image: FloatArray, sky: BoolArray, grid: FloatArray, block: int
     ) -> tuple[float, float]:

@@ -1,12 +1,15 @@
 """One frame through the pipeline: decode -> detect -> measure -> align -> gate -> warp -> stack.
 
-``Stacker`` is shared by ``nightstack stack`` and the live daemon, so a daemon session and a batch
-stack of the same files in the same order with the same reference give the same result. It is
-split in two halves so the daemon can decode frame N+1 while frame N is being stacked:
+``nightstack stack`` and the live daemon share both halves, so a daemon session and a batch
+stack of the same files in the same order with the same reference give the same result. The
+halves are apart so the daemon can decode frame N+1 while frame N is being stacked:
 
-- ``prepare(path)``: hash, decode (in the isolated decoder process), detect stars, measure;
-- ``stack(prepared)``: choose or use the reference, align, gate, warp, add to the live stack and
-  the frame store. Returns the ``FrameRecord`` that becomes one journal / report line.
+- :class:`Preparer` (one per process, configured once): hash, decode (in the isolated decoder
+  process), calibrate, detect stars; where the sky is comes with each call (a session's
+  learned sky mask);
+- :class:`Stacker` (one per session): choose or use the reference, align, gate, warp, add to
+  the frame store and the live stack. Returns the ``FrameRecord`` that becomes one journal /
+  report line; the caller counts it into its :class:`Tally`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,12 +30,13 @@ import numpy as np
 from . import __version__
 from .align import align
 from .arrays import FloatArray
+from .budget import DiskBudget, close_reserve
 from .calibrate import calibrator_from_settings
 from .combine import combine
 from .config import Settings
 from .decoder import Decoder, TransientDecodeError
 from .demosaic import TileSamples, demosaic, mosaic_codes, superpixel_luminance
-from .detect import StarFinder
+from .detect import SkyArea, StarFinder
 from .drizzle import SCALES as DRIZZLE_SCALES
 from .drizzle import Drizzle, drizzle_combine, drizzle_holes
 from .errors import AlignmentError, DecodeError
@@ -99,6 +103,55 @@ class FrameRecord:
         data = {k: _finite(v) for k, v in asdict(self).items()}
         text = json.dumps(data, ensure_ascii=False)
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FrameRecord:
+        """A record from a parsed journal line (fields it does not know are ignored)."""
+        return cls(**{k: v for k, v in data.items() if k in _RECORD_FIELDS})
+
+
+_RECORD_FIELDS = frozenset(FrameRecord.__dataclass_fields__)
+
+
+@dataclass
+class Tally:
+    """A session's (or a batch run's) counts, from its records in journal order."""
+
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # by :func:`reason_kind`
+    lost: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Frames whose stored data a damaged session lost, by content hash: {file, reason}; one
+    stacked again later (its raw still in the watch folder) leaves this."""
+    exposure_s: float = 0.0
+    first_time: str | None = None  # ISO capture times of the first and last frame
+    last_time: str | None = None
+
+    def count(self, record: FrameRecord) -> None:
+        """Add one finished record. A ``"lost"`` record (written by a salvage) takes back an
+        earlier accepted frame whose stored data was lost."""
+        if record.status == "lost":
+            self.accepted -= 1
+            self.exposure_s -= record.exposure_s or 0.0
+            self.lost[record.sha256 or record.file] = {
+                "file": record.file,
+                "reason": record.reason or "lost",
+            }
+            return
+        if record.status == "accepted":
+            self.lost.pop(record.sha256 or record.file, None)
+            self.accepted += 1
+            self.exposure_s += record.exposure_s or 0.0
+            if record.capture_time is not None:
+                when = record.capture_time
+                self.first_time = min(self.first_time or when, when)
+                self.last_time = max(self.last_time or when, when)
+        else:
+            key = reason_kind(record.reason or "rejected")
+            self.rejected[key] = self.rejected.get(key, 0) + 1
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
 
 
 def reason_kind(reason: str) -> str:
@@ -198,59 +251,39 @@ def load_sky_mask(settings: Settings) -> np.ndarray | None:
     return np.asarray(frame.image.mean(axis=2) > 0.5)
 
 
-class Stacker:
-    """Frames in, a stack out. Owns the reference, the live stack and the frame store."""
+class Preparer:
+    """Decode, calibrate and detect one frame at a time: one per process (the daemon's prepare
+    thread, a batch run), configured once from the settings.
+
+    Owns the calibration (masters read once; defects learned from the lights kept until
+    :meth:`new_session`) and the star finder; where the sky is comes with each call
+    (:meth:`prepare`'s ``sky``: a session's learned mask), the configured one by default.
+    """
 
     def __init__(
-        self,
-        settings: Settings,
-        workdir: Path,
-        decoder: Decoder,
-        *,
-        live: bool = True,
-        calibration: Calibration | None = None,
+        self, settings: Settings, decoder: Decoder, *, calibration: Calibration | None = None
     ) -> None:
-        """``live=False`` (``nightstack stack``): no live stack, only the store for the final
-        combine (saves its 6.67 bytes per pixel and channel and its per-frame time).
-        ``calibration``: applied to every Bayer light's mosaic (default: the settings'
-        masters, library and cosmetic correction, ``calibrate.calibrator_from_settings``)."""
+        """``calibration``: applied to every Bayer light's mosaic (default: the settings'
+        masters, library and cosmetic correction, ``calibrate.calibrator_from_settings``, which
+        raises ``ConfigError`` for one that cannot be used)."""
         self.settings = settings
-        self.workdir = workdir
         self.decoder = decoder
-        self.with_live = live
-        self.calibration: Calibration = (
-            calibration or calibrator_from_settings(settings) or no_calibration
-        )
-        self.finder = star_finder(settings, settings.landscape_mask_ratio, load_sky_mask(settings))
-        # --- landscape and products (landscape.py, products.py) ---
-        self.landscape = Landscape(settings, workdir, image_mask=self.finder.sky_mask, live=live)
-        self.products: Products | None = None
-        self.limits = quality_limits(settings)
-        self.shapes = ShapeHistory()  # the session's recent elongations, for the trail gate
-        self.reference: Reference | None = None
-        self.store: FrameStore | None = None
-        self.live: LiveStack | None = None
-        self.live_only: str | None = None
-        """Why frames are no longer stored (the final is then the live stack), or None."""
-        self.defer_live = False
-        """Set by a session: a stored frame is added to the live stack by the session after its
-        journal line (:meth:`LiveStack.catch_up`), not in :meth:`stack`: the frame is safe once
-        stored and journaled, and a resume adds it from the store anyway."""
-        self.space_check: Callable[[int], str | None] | None = None
-        """Set by a session: called with a frame's store bytes before storing it; a reason not to
-        store it (the disk's reserve for the final outputs would be touched) or None."""
-        self.accepted = 0
-        self.rejected: dict[str, int] = {}
-        self.lost: dict[str, dict[str, str]] = {}
-        """Frames whose stored data a damaged session lost, by content hash: {file, reason};
-        one stacked again later (its raw still in the watch folder) leaves this."""
-        self.exposure_s = 0.0
-        self.first_time: str | None = None  # ISO capture times of the first and last frame
-        self.last_time: str | None = None
+        self.calibrator = calibrator_from_settings(settings) if calibration is None else None
+        self.calibration: Calibration = calibration or self.calibrator or no_calibration
+        self.sky = SkyArea(settings.landscape_mask_ratio, load_sky_mask(settings))
+        """The configured sky (``landscape_mask_ratio``, ``sky_mask``)."""
+        self.finder = star_finder(settings)
 
-    # --- the two halves -------------------------------------------------------------------
-    def prepare(self, path: Path, digest: str | None = None) -> Prepared:
-        """Hash (unless ``digest`` is given), decode and detect; never raises for a bad file."""
+    def new_session(self) -> None:
+        """Forget what was learned from the last session's lights (their defect map)."""
+        if self.calibrator is not None:
+            self.calibrator.new_session()
+
+    def prepare(
+        self, path: Path, digest: str | None = None, sky: SkyArea | None = None
+    ) -> Prepared:
+        """Hash (unless ``digest`` is given), decode, calibrate and detect stars inside ``sky``
+        (default: the configured one); never raises for a bad file."""
         watch = _Stopwatch()
         if digest is None:
             try:
@@ -276,17 +309,62 @@ class Stacker:
                 reason = f"calibration failed ({type(err).__name__}: {err})"
                 return Prepared(path, digest, None, None, None, reason, watch.ms)
             with watch.stage("mosaic"):
-                frame = self._mosaic_frame(calibrated)
+                frame = mosaic_frame(calibrated, self.settings)
             del decoded, calibrated
         else:
             frame = decoded
         try:
             with watch.stage("detect"):
-                stars = self.finder(frame.luminance, frame.bin, _mono_plane(frame))
+                stars = self.detect(frame, sky)
         except Exception as err:  # e.g. a sky mask of another size: reject, never stall
             reason = f"star detection failed ({type(err).__name__}: {err})"
             return Prepared(path, digest, None, None, None, reason, watch.ms)
         return Prepared(path, digest, frame, stars, Quality.of(stars), None, watch.ms, calibration)
+
+    def detect(self, frame: Frame | MosaicFrame, sky: SkyArea | None = None) -> Stars:
+        """The stars of a decoded frame inside ``sky`` (default: the configured one)."""
+        return self.finder(frame.luminance, frame.bin, _mono_plane(frame), sky or self.sky)
+
+
+class Stacker:
+    """A session's frames in, its stack out: owns the reference, the frame store, the live
+    stack, the landscape and the products. Built with everything it uses; it calls nothing
+    back."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        workdir: Path,
+        *,
+        sky: SkyArea,
+        live: bool = True,
+        catch_up: bool = True,
+        budget: DiskBudget | None = None,
+    ) -> None:
+        """``sky``: where the sky is at the start (the :class:`Preparer`'s); an automatic
+        landscape mask, once learned, replaces it (:attr:`sky`: pass it to the preparer).
+        ``live=False`` (``nightstack stack``): no live stack, only the store for the final
+        combine (saves its 6.67 bytes per pixel and channel and its per-frame time).
+        ``catch_up=False`` (a session): a stored frame is not added to the live stack here but
+        by the caller after its journal line (:meth:`LiveStack.catch_up`): the frame is safe
+        once stored and journaled, and a resume adds it from the store anyway.
+        ``budget``: the disk's, asked before each frame is stored (else nothing is checked)."""
+        self.settings = settings
+        self.workdir = workdir
+        self.with_live = live
+        self.catch_up = catch_up
+        self.budget = budget
+        self.sky = sky
+        # --- landscape and products (landscape.py, products.py) ---
+        self.landscape = Landscape(settings, workdir, image_mask=sky.mask, live=live)
+        self.products: Products | None = None
+        self.limits = quality_limits(settings)
+        self.shapes = ShapeHistory()  # the session's recent elongations, for the trail gate
+        self.reference: Reference | None = None
+        self.store: FrameStore | None = None
+        self.live: LiveStack | None = None
+        self.live_only: str | None = None
+        """Why frames are no longer stored (the final is then the live stack), or None."""
 
     def stack(self, prepared: Prepared) -> FrameRecord:
         """Align, gate, warp and add one prepared frame; returns its record."""
@@ -374,17 +452,13 @@ class Stacker:
         record.ms.update(watch.ms)
         record.status = "accepted"
         self.shapes.add(quality)
-        self.count(record)
         return record
 
-    def process(self, path: Path) -> FrameRecord:
-        """Both halves in a row (batch use)."""
-        return self.stack(self.prepare(path))
-
-    def better_reference(self, prepared: Prepared) -> str | None:
+    def better_reference(self, prepared: Prepared, accepted: int) -> str | None:
         """Why ``prepared`` should replace the reference, or None (the usual answer).
 
-        Only while the reference is young (fewer than ``REFERENCE_PROBATION`` frames accepted):
+        Only while the reference is young (``accepted``, the frames stacked on it, fewer than
+        ``REFERENCE_PROBATION``):
         when ``prepared`` would itself be a valid reference, passes the gates against the
         reference, and the reference would be rejected against it by the relative gates, the
         first frame was a poor choice (thin cloud, haze, dew, twilight: enough stars to pass on
@@ -396,7 +470,7 @@ class Stacker:
         quality = prepared.quality
         if ref is None or quality is None or prepared.frame is None or prepared.error is not None:
             return None
-        if self.accepted >= REFERENCE_PROBATION or prepared.frame.shape != ref.shape:
+        if accepted >= REFERENCE_PROBATION or prepared.frame.shape != ref.shape:
             return None
         if reference_flaw(quality, self.limits) is not None:
             return None
@@ -408,29 +482,6 @@ class Stacker:
         return f"reference {Path(ref.file).name} is worse than {prepared.path.name}: {flaw}"
 
     # --- helpers --------------------------------------------------------------------------
-    def _mosaic_frame(self, mosaic: Mosaic) -> MosaicFrame:
-        """The calibrated mosaic as the store keeps it (16-bit codes) and its luminance, made
-        band by band (an uncalibrated raw's straight from its ADU, no float32 frame formed)."""
-        bin = self.settings.bin
-        codes, luminance = mosaic_codes(mosaic, bin if bin % 2 == 0 else None)
-        method = self.settings.demosaic
-        if luminance is None:  # an odd bin splits Bayer tiles: bin the demosaiced channel mean
-            rgb = demosaic(codes, mosaic.pattern, (1.0, 1.0, 1.0), method)
-            luminance = superpixel_luminance(
-                np.repeat(np.repeat(rgb.mean(axis=2), 2, 0), 2, 1), 2 * bin
-            )
-            del rgb
-        return MosaicFrame(
-            path=mosaic.path,
-            codes=codes,
-            pattern=mosaic.pattern,
-            white_balance=mosaic.white_balance,
-            demosaic=method,
-            luminance=luminance,
-            bin=bin,
-            meta=mosaic.meta,
-        )
-
     @property
     def reference_channels(self) -> int:
         assert self.reference is not None
@@ -438,8 +489,8 @@ class Stacker:
 
     def _sky_test(self, rows: int) -> Callable[[FloatArray, FloatArray], np.ndarray]:
         """Sky (not ground) at full-resolution frame positions, for the normalization."""
-        finder = self.finder
-        return lambda x, y: finder.in_sky(x, y, rows)
+        sky = self.sky
+        return lambda x, y: sky.in_sky(x, y, rows)
 
     def _transparency(
         self, frame: Frame | MosaicFrame, stars: Stars, alignment: Alignment
@@ -455,36 +506,7 @@ class Stacker:
 
     def _reject(self, record: FrameRecord, reason: str) -> FrameRecord:
         record.status, record.reason = "rejected", reason
-        self.count(record)
         return record
-
-    def count(self, record: FrameRecord) -> None:
-        """Add a finished record to the session's tallies (also used when resuming).
-
-        A ``"lost"`` record (written by a salvage) takes back an earlier accepted frame whose
-        stored data was lost; a first attempt that waits for its retry (``retry`` true) is not a
-        rejection yet (the tallies count files, not attempts)."""
-        if getattr(record, "retry", False) is True:
-            return
-        if record.status == "lost":
-            self.accepted -= 1
-            self.exposure_s -= record.exposure_s or 0.0
-            self.lost[record.sha256 or record.file] = {
-                "file": record.file,
-                "reason": record.reason or "lost",
-            }
-            return
-        if record.status == "accepted":
-            self.lost.pop(record.sha256 or record.file, None)
-            self.accepted += 1
-            self.exposure_s += record.exposure_s or 0.0
-            if record.capture_time is not None:
-                when = record.capture_time
-                self.first_time = min(self.first_time or when, when)
-                self.last_time = max(self.last_time or when, when)
-        else:
-            key = reason_kind(record.reason or "rejected")
-            self.rejected[key] = self.rejected.get(key, 0) + 1
 
     def _start(self, prepared: Prepared) -> None:
         frame = prepared.frame
@@ -507,6 +529,14 @@ class Stacker:
         if not self.with_live:
             return
         self.live = self.new_live(self.store)
+
+    def reserve_bytes(self) -> int:
+        """Disk kept for what this stack's close needs (:func:`budget.close_reserve`)."""
+        ref = self.reference
+        if ref is None:
+            return close_reserve(None, 0, 1)
+        warmed = self.live is not None and self.live.warmed_up
+        return close_reserve(ref.shape, ref.channels, 1 if warmed else self.settings.live_warmup)
 
     def new_live(self, store: FrameStore | None) -> LiveStack:
         """An empty live stack on the reference grid with the session's rejection settings."""
@@ -554,7 +584,7 @@ class Stacker:
             bytes_needed = self.store.frame_bytes
             if isinstance(frame, MosaicFrame):
                 bytes_needed = int(frame.codes.size) * 2
-            why = self.space_check(bytes_needed) if self.space_check else None
+            why = self.budget.check(bytes_needed, self.reserve_bytes()) if self.budget else None
             if why is None:
                 try:
                     self._store(frame, matrix, weight, norm, watch)
@@ -563,7 +593,7 @@ class Stacker:
                         raise
                     why = f"disk full while storing {frame.path.name}"
             if why is None:
-                if self.live is not None and not self.defer_live:
+                if self.live is not None and self.catch_up:
                     with watch.stage("accumulate"):
                         self.live.catch_up()
                 return True
@@ -665,20 +695,21 @@ class Stacker:
         mask = self.landscape.mask
         if mask is None or mask.source != "auto" or self.reference is None:
             return
-        self.finder = star_finder(self.settings, 1.0, mask.sky)
+        self.sky = SkyArea(1.0, mask.sky)
         ref = self.reference
         gx, gy = np.meshgrid(ref.sky.xs.astype(np.float64), ref.sky.ys.astype(np.float64))
         inside = mask.in_sky(gx.ravel(), gy.ravel()).reshape(gx.shape)
         sky = replace(ref.sky, sky=ref.sky.sky & inside)
         self.reference = replace(ref, sky=sky)
 
-    def header(self) -> dict[str, Any]:
-        """FITS header cards describing the stack (NCOMBINE, EXPTIME, dates, settings)."""
+    def header(self, tally: Tally) -> dict[str, Any]:
+        """FITS header cards describing the stack of ``tally``'s frames (NCOMBINE, EXPTIME,
+        dates, settings)."""
         assert self.reference is not None
         s = self.settings
         cards: dict[str, Any] = {
-            "NCOMBINE": self.accepted,
-            "EXPTIME": round(self.exposure_s, 3),
+            "NCOMBINE": tally.accepted,
+            "EXPTIME": round(tally.exposure_s, 3),
             "SWCREATE": f"nightstack {__version__}",
             "REFFRAME": Path(self.reference.file).name[:68],
             "STACKMTH": "live" if self.live_only is not None else s.stack_method,
@@ -688,10 +719,10 @@ class Stacker:
             "DEMOSAIC": s.demosaic if s.drizzle == "off" else f"drizzle {s.drizzle}",
             "NORMALIZ": s.normalize,
         }
-        if self.first_time is not None:
-            cards["DATE-OBS"] = self.first_time
-        if self.last_time is not None:
-            cards["DATE-END"] = self.last_time
+        if tally.first_time is not None:
+            cards["DATE-OBS"] = tally.first_time
+        if tally.last_time is not None:
+            cards["DATE-END"] = tally.last_time
         return cards
 
     def final(self, progress: Callable[[int, int], None] | None = None) -> FloatArray:
@@ -744,6 +775,30 @@ class Stacker:
         return image
 
 
+def mosaic_frame(mosaic: Mosaic, settings: Settings) -> MosaicFrame:
+        """The calibrated mosaic as the store keeps it (16-bit codes) and its luminance, made
+        band by band (an uncalibrated raw's straight from its ADU, no float32 frame formed)."""
+        bin = settings.bin
+        codes, luminance = mosaic_codes(mosaic, bin if bin % 2 == 0 else None)
+        method = settings.demosaic
+        if luminance is None:  # an odd bin splits Bayer tiles: bin the demosaiced channel mean
+            rgb = demosaic(codes, mosaic.pattern, (1.0, 1.0, 1.0), method)
+            luminance = superpixel_luminance(
+                np.repeat(np.repeat(rgb.mean(axis=2), 2, 0), 2, 1), 2 * bin
+            )
+            del rgb
+        return MosaicFrame(
+            path=mosaic.path,
+            codes=codes,
+            pattern=mosaic.pattern,
+            white_balance=mosaic.white_balance,
+            demosaic=method,
+            luminance=luminance,
+            bin=bin,
+            meta=mosaic.meta,
+        )
+
+
 def _camera_rgb(frame: MosaicFrame) -> FloatArray:
     """A mosaic frame demosaiced on its own (camera) grid: (rows, cols, 3) float32."""
     layout = MosaicLayout(frame.pattern, frame.white_balance, frame.demosaic)
@@ -751,14 +806,13 @@ def _camera_rgb(frame: MosaicFrame) -> FloatArray:
     return image
 
 
-def star_finder(settings: Settings, ratio: float, sky_mask: np.ndarray | None) -> StarFinder:
-    """The detection of ``settings`` with the landscape line at ``ratio`` and a sky mask."""
+def star_finder(settings: Settings) -> StarFinder:
+    """The detection of ``settings`` (the sky comes with each call: :class:`SkyArea`)."""
     return StarFinder(
         fwhm_px=settings.star_fwhm_px,
         threshold_sigma=settings.star_threshold_sigma,
         sigma_clip=settings.detection_sigma_clip,
-        landscape_mask_ratio=ratio,
-        sky_mask=sky_mask,
+        landscape_mask_ratio=settings.landscape_mask_ratio,
         max_stars=settings.max_stars,
     )
 
@@ -798,6 +852,64 @@ def _weight(settings: Settings, stars: Stars, norm: Normalization) -> float:
     return 1.0
 
 
+@dataclass(frozen=True)
+class Target:
+    """One output of the final: its key in the outputs (``"fits"``, ``"tiff"``, ...) and path;
+    the format is the path's extension (:func:`write_output`)."""
+
+    key: str
+    path: Path
+    stretched: bool = False  # a TIFF with the preview's auto-stretch instead of linear data
+
+
+def finish(
+    stacker: Stacker,
+    tally: Tally,
+    targets: Sequence[Target],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    keep_frames: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
+    """The end of a stack, for ``nightstack stack`` and a session's close alike: the final
+    combine (with the landscape's frozen ground), written to each target in order, then the
+    products. Returns (outputs: key -> path and the products' entries, skipped outputs).
+
+    The first target is the final and must be written (an ``OSError`` propagates); a later one
+    that cannot be written (a full disk) is skipped and named in the second list. A FITS of a
+    frozen-ground stack holds the composite and, in HDU 2 (``SKY``), the aligned sky.
+    """
+    settings = stacker.settings
+    outputs: dict[str, Any] = {}
+    skipped: list[str] = []
+    if targets:
+        image = stacker.final(progress)  # releases the live stack
+        sky_rows = stacker.landscape.freeze_final(image, progress)  # the frozen ground
+        header = stacker.header(tally)
+        for n, target in enumerate(targets):
+            try:
+                write_output(target.path, image, header, settings, stretched=target.stretched,
+                             sky_rows=sky_rows)  # fmt: skip
+            except OSError as err:
+                if n == 0:
+                    raise  # no final yet
+                skipped.append(f"{target.path.name} ({err.strerror or err})")
+                continue
+            outputs[target.key] = str(target.path)
+        del image
+    if stacker.products is not None and tally.accepted >= 1:
+        try:
+            outputs.update(
+                stacker.products.close(
+                    preview_width=settings.preview_width,
+                    tiff_scale=settings.tiff_scale,
+                    keep_frames=keep_frames,
+                )
+            )
+        except OSError as err:
+            skipped.append(f"products ({err.strerror or err})")
+    return outputs, skipped
+
+
 def write_output(
     path: Path,
     image: FloatArray,
@@ -805,19 +917,44 @@ def write_output(
     settings: Settings,
     *,
     stretched: bool = False,
+    sky_rows: FloatArray | None = None,
 ) -> None:
     """Write a stack in the format its extension names (.tif/.tiff, .fits/.fit/.fts, .jpg/.png).
 
-    ``stretched``: a TIFF gets the preview's auto-stretch instead of linear data.
+    ``stretched``: a TIFF gets the preview's auto-stretch instead of linear data. ``sky_rows``
+    (a frozen-ground stack: the aligned sky's rows from the ground's top): a FITS gets them as
+    its second HDU, ``SKY``.
     """
     from .writers import write_fits, write_preview, write_tiff
 
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
         write_tiff(path, image, stretched=stretched, scale=settings.tiff_scale)
-    elif suffix in (".fits", ".fit", ".fts"):
+    elif suffix in (".fits", ".fit", ".fts") and sky_rows is None:
         write_fits(path, image, header)
+    elif suffix in (".fits", ".fit", ".fts"):
+        assert sky_rows is not None
+        _write_composite_fits(path, image, sky_rows, header)
     elif suffix in (".jpg", ".jpeg", ".png"):
         write_preview(path, image, width=settings.preview_width)
     else:
         raise ValueError(f"unknown output format {suffix!r}: use .tif, .fits, .jpg or .png")
+
+
+def _write_composite_fits(
+    path: Path, image: FloatArray, sky_rows: FloatArray, header: dict[str, Any]
+) -> None:
+    """The FITS of a frozen-ground stack: the composite, then the aligned sky (HDU ``SKY``)."""
+    from .writers import write_fits_extended
+
+    top = image.shape[0] - sky_rows.shape[0]
+
+    def sky(r0: int, r1: int) -> FloatArray:
+        if r1 <= top:
+            return np.asarray(image[r0:r1])
+        if r0 >= top:
+            return np.asarray(sky_rows[r0 - top : r1 - top])
+        return np.concatenate([image[r0:top], sky_rows[: r1 - top]])
+
+    shape = (int(image.shape[0]), int(image.shape[1]), int(image.shape[2]))
+    write_fits_extended(path, shape, lambda r0, r1: image[r0:r1], header, sky, "SKY")

@@ -11,7 +11,7 @@ Exactly-once bookkeeping, also across a restart. A frame's *key* is its content 
 
 - First attempt: journaled as ``rejected`` with its reason + ``"; retried once the queue is
   empty"``, ``retry: true``, and its hash under ``retry_sha256`` — not ``sha256``, so
-  ``session.known_hashes`` (the frames processed for good) does not hold it and the retry is not
+  ``folder.known_hashes`` (the frames processed for good) does not hold it and the retry is not
   skipped as a duplicate. Its key joins :attr:`Retries.tried`.
 - Second attempt (the key is in ``tried``): journaled as any frame, with its ``sha256``:
   accepted, or rejected for good. Either way the frame is then known and never tried again.
@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .folder import journals
 from .pipeline import FrameRecord, Prepared
-from .session import JOURNAL, read_journal
 
 RETRY_NOTE = "retried once the queue is empty"  # appended to a first attempt's reason
 AGAIN_NOTE = "again on the retry"  # appended to a second attempt's transient reason
@@ -52,8 +52,8 @@ def retry_key(sha256: str | None, path: Path) -> str:
 def first_attempts(output_dir: Path) -> set[str]:
     """Keys of every frame whose first, transient attempt a journal in ``output_dir`` holds."""
     keys: set[str] = set()
-    for journal in sorted(output_dir.glob(f"*/{JOURNAL}")):
-        for record in read_journal(journal):
+    for _, records in journals(output_dir, processed=False):
+        for record in records:
             if record.get("retry") is True and isinstance(record.get("file"), str):
                 keys.add(retry_key(record.get("retry_sha256"), Path(record["file"])))
     return keys

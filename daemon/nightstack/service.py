@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -40,13 +40,15 @@ from typing import TYPE_CHECKING, Any
 from .config import Settings, load_settings, web_token
 from .control import hold_lock, request_close, take_close_request
 from .decoder import DEFAULT_DECODE_FN, Decoder
+from .detect import SkyArea
 from .errors import ConfigError
+from .folder import find_open, known_hashes, quarantine
 from .frameio import FD_ERRNOS, file_sha256, free_bytes, transient_error
 from .notify import Notifier
-from .pipeline import FrameRecord, Prepared, Stacker
+from .pipeline import FrameRecord, Prepared, Preparer
 from .quality import Quality
 from .retries import Retries, first_attempts
-from .session import Session, find_open, known_hashes, quarantine
+from .session import Session
 from .watcher import FrameWatcher
 
 if TYPE_CHECKING:
@@ -149,6 +151,27 @@ class Hooks:
     stall_s: float = 0.0  # the worker sleeps this long before each frame (a stuck worker)
 
 
+@dataclass(frozen=True)
+class LastFrame:
+    """The last frame journaled, as the page shows it."""
+
+    file: str  # its name
+    status: str
+    reason: str | None
+    at: str  # ISO UTC time it was journaled
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the daemon is doing, for the web page: replaced whole by the worker thread."""
+
+    state: str  # starting, waiting, stacking, closing, degraded, stopping
+    session: str | None = None  # the open session's id (or the one waiting to be reloaded)
+    accepted: int = 0
+    rejected: int = 0
+    last_frame: LastFrame | None = None
+
+
 @dataclass
 class _Duplicate:
     path: Path
@@ -213,13 +236,7 @@ class Daemon:
         self._web: WebServer | None = None
         self._started = time.monotonic()
         self._status_lock = threading.Lock()  # guards _status: the worker swaps, the web reads
-        self._status: dict[str, Any] = {
-            "state": "starting",
-            "session": None,
-            "accepted": 0,
-            "rejected": 0,
-            "last_frame": None,
-        }
+        self._status = Snapshot("starting")
         # --- end web ---
 
     # --- signals ------------------------------------------------------------------------------
@@ -263,11 +280,11 @@ class Daemon:
         ) as decoder:
             self.decoder = decoder
             self.output = output
+            self.preparer = Preparer(self.settings, decoder)
             open_dir = find_open(output)
             if open_dir is not None:
                 self._reopen = open_dir
                 self._open_again()
-            self._detector = Stacker(self.settings, output, decoder)  # prepare() only
             preparer = threading.Thread(
                 target=self._prepare_loop, name="nightstack-prepare", daemon=True
             )
@@ -405,7 +422,7 @@ class Daemon:
                     duplicate = digest in self.hashes and digest != EMPTY_SHA256
                     if digest is not None:
                         self.hashes.add(digest)
-                detector = self._detector  # replaced by the worker when a session starts
+                preparer, sky = self.preparer, self._sky()  # the worker may replace them
                 if duplicate:
                     item = _Duplicate(path)
                 elif unreadable is not None:  # EIO: the card, not the file, may be at fault
@@ -414,7 +431,7 @@ class Daemon:
                     prepared = Prepared(path, None, None, None, None, reason, {}, None, transient)
                     item = self._transient_or_not(prepared)
                 else:
-                    item = self._transient_or_not(detector.prepare(path, digest))
+                    item = self._transient_or_not(preparer.prepare(path, digest, sky))
                     if isinstance(item, Prepared) and item.error and not self._settled(path, seen):
                         log.info("%s: %s while still being written; decoded again once it is "
                                  "complete", _shown(path.name), item.error)  # fmt: skip
@@ -494,6 +511,12 @@ class Daemon:
             self._stuck_said = True
             log.error("%s: the watchdog is no longer fed", stuck)
 
+    def _sky(self) -> SkyArea:
+        """Where the stars are for the next frame: the open session's sky (an automatic
+        landscape mask once learned), else the configured one."""
+        session = self.session
+        return session.stacker.sky if session is not None else self.preparer.sky
+
     @staticmethod
     def _transient_or_not(prepared: Prepared) -> Prepared | _Transient:
         """``prepared`` as a _Transient if it failed for a reason that may pass."""
@@ -507,24 +530,16 @@ class Daemon:
         transient = isinstance(item, _Transient)
         if isinstance(item, _Transient):
             item = item.prepared
-        if self.session is None:
-            if self._detector.settings is not self.settings:  # reloaded (SIGHUP) since
-                self._detector = Stacker(self.settings, output, self.decoder)
-                if item.frame is not None:  # detected with the old settings: detect again
-                    item.stars = self._detector.finder(item.frame.luminance, item.frame.bin)
-                    item.quality = Quality.of(item.stars)
-            try:
-                self.session = Session.create(output, self.settings, self.decoder)
-            except OSError as err:
-                self._failed(err, f"cannot open a session for {_shown(item.path.name)}")
-                return
-        session = self.session
+        session = self.session or self._open_session(item, output)
+        if session is None:
+            return
         if transient and self._retry_later(session, item):
             return
-        better = session.stacker.better_reference(item)
+        better = session.stacker.better_reference(item, session.tally.accepted)
         if better is not None:
-            self._start_over(session, better, item, output)
-            return
+            session = self._start_over(session, better, item, output)
+            if session is None:
+                return
         try:
             with self._fed("stacking"):  # store write and checkpoint on a slow SD card
                 record = session.ingest(item, lambda done: self._publish(record=done))
@@ -546,7 +561,7 @@ class Daemon:
         if record is None:
             return False
         try:
-            session.reject(record)
+            session.journal_attempt(record)
         except OSError as err:
             self._failed(err, f"{_shown(item.path.name)} not journaled", session)
             return True
@@ -583,7 +598,7 @@ class Daemon:
         fwhm = session.stacker.reference.stars.fwhm_px if session.stacker.reference else None
         notes = "".join(f"; {n}" for n in (session.low_space, session.stacker.live_only) if n)
         self.notifier.status(
-            f"{session.stacker.accepted} stacked, {sum(session.stacker.rejected.values())} "
+            f"{session.tally.accepted} stacked, {session.tally.rejected_total} "
             f"rejected, FWHM {record.fwhm if record.fwhm is not None else fwhm or 0:.2f} px, "
             f"queue {depth}{notes}"
         )
@@ -595,7 +610,7 @@ class Daemon:
         """Reload ``session`` from disk (its memory may be half-updated) and journal ``item`` as
         rejected, so the frame is not retried after a restart."""
         session.abandon()
-        self.session = session = Session.resume(session.dir, self.settings, self.decoder)
+        self.session = session = Session.resume(session.dir, self.settings)
         record = FrameRecord(
             file=str(item.path),
             status="rejected",
@@ -605,19 +620,36 @@ class Daemon:
         session.reject(record)
         return record
 
-    def _start_over(self, session: Session, why: str, item: Prepared, output: Path) -> None:
+    def _open_session(self, item: Prepared, output: Path) -> Session | None:
+        """A new session for ``item`` (settings reloaded since it was detected: detected
+        again), or None when the disk refuses one."""
+        if self.preparer.settings is not self.settings:  # reloaded (SIGHUP) since
+            self.preparer = Preparer(self.settings, self.decoder)
+            if item.frame is not None:  # detected with the old settings: detect again
+                item.stars = self.preparer.detect(item.frame)
+                item.quality = Quality.of(item.stars)
+        try:
+            self.session = Session.create(output, self.settings)
+        except OSError as err:
+            self._failed(err, f"cannot open a session for {_shown(item.path.name)}")
+        return self.session
+
+    def _start_over(
+        self, session: Session, why: str, item: Prepared, output: Path
+    ) -> Session | None:
         """A much better reference arrived early: supersede the session and stack its frames
-        again in a new one, ``item`` first (it becomes the reference)."""
+        again in a new one, ``item`` first (it becomes the reference). Returns the new session
+        (None when a write failed)."""
         log.warning("%s; starting the session over with it as the reference", _shown(why))
         try:
             files = session.supersede(why)
         except OSError as err:
             self._failed(err, f"session {session.id} not superseded", session)
-            return
+            return None
         self.session = None
         queued = self._requeue(output, [Path(f) for f in files], current=item)
         log.info("%d frame(s) queued again for the new session", queued)
-        self._ingest(item, output)
+        return self._open_session(item, output)
 
     def _failed(self, err: OSError, what: str, session: Session | None = None) -> None:
         """A write failed. Nothing is journaled for the frame; ``session`` (whose in-memory state
@@ -663,7 +695,7 @@ class Daemon:
         """Reload the session at ``_reopen`` from disk (finishing it if it was closing)."""
         assert self._reopen is not None
         try:
-            session = Session.resume(self._reopen, self.settings, self.decoder)
+            session = Session.resume(self._reopen, self.settings)
         except OSError as err:
             self._failed(err, f"session {self._reopen.name} cannot be reloaded")
             return False
@@ -675,7 +707,7 @@ class Daemon:
         self._reopen = None
         self.session = session
         self._publish()  # --- web ---
-        if session.stacker.lost:  # frames to stack again when their raw files come back
+        if session.tally.lost:  # frames to stack again when their raw files come back
             self._requeue(self.output)
         if session.stacker.store is not None:
             self._frame_bytes = session.stacker.store.frame_bytes
@@ -723,7 +755,7 @@ class Daemon:
         self._close_wanted = ""
         log.info("closing session %s: %s", session.id, why)
         self._publish("closing")  # --- web ---
-        self.notifier.status(f"finalizing session {session.id} ({session.stacker.accepted} frames)")
+        self.notifier.status(f"finalizing session {session.id} ({session.tally.accepted} frames)")
         try:
             with self._fed("finalizing"):  # the combine, then the TIFF and FITS writes
                 outputs = session.close(self._keepalive)
@@ -735,6 +767,7 @@ class Daemon:
             )
             return
         self.session = None
+        self.preparer.new_session()  # the next session learns from its own lights
         self._publish()  # --- web ---
         if self.on_close is not None:
             self.on_close(session, outputs)
@@ -835,22 +868,17 @@ class Daemon:
                 state = "degraded"
             else:
                 state = "waiting" if session is None else "stacking"
-        last = self._status["last_frame"]
+        last = self._status.last_frame
         if record is not None:
-            last = {
-                "file": Path(record.file).name,
-                "status": record.status,
-                "reason": record.reason,
-                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-        pending = self._reopen.name if self._reopen is not None else None
-        snapshot = {
-            "state": state,
-            "session": session.id if session is not None else pending,
-            "accepted": session.stacker.accepted if session is not None else 0,
-            "rejected": sum(session.stacker.rejected.values()) if session is not None else 0,
-            "last_frame": last,
-        }
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            last = LastFrame(Path(record.file).name, record.status, record.reason, at)
+        if session is not None:
+            snapshot = Snapshot(
+                state, session.id, session.tally.accepted, session.tally.rejected_total, last
+            )
+        else:
+            pending = self._reopen.name if self._reopen is not None else None
+            snapshot = Snapshot(state, pending, last_frame=last)
         with self._status_lock:
             self._status = snapshot
 
@@ -858,7 +886,7 @@ class Daemon:
         """Any thread: the worker's last snapshot (state, session id or None, accepted,
         rejected, last_frame) with the queue depth and uptime (s) read now."""
         with self._status_lock:
-            snapshot = dict(self._status)
+            snapshot = asdict(self._status)
         snapshot["queue"] = self.paths.qsize() + self.prepared.qsize()
         snapshot["uptime_s"] = round(time.monotonic() - self._started, 1)
         return snapshot

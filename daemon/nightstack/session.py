@@ -1,16 +1,6 @@
 """A live-stacking session on disk: journal, checkpoint, resume, preview and close.
 
-Layout of ``OUTPUT_DIR/<session-id>/``::
-
-    session.json    settings used, reference, counts, state ("open", "closing", "closed",
-                    "superseded": started over with a better reference, its frames re-stacked in
-                    a new session; ignored by resume and by the exactly-once bookkeeping)
-    journal.jsonl   one fsync'd JSON line per frame (the ``nightstack stack --report`` fields)
-    reference.npz   the reference frame's stars (written once, when the reference is chosen)
-    frames/         the aligned-frame store (uint16) the exact final combine reads back
-    checkpoint/     the live accumulator + counters, rewritten atomically every few frames
-    preview.jpg     auto-stretched live preview, rewritten atomically
-    stack.tif, stack.fits   the final exact combine, at close
+The folder's files and the journal's reading rule: :mod:`nightstack.folder`.
 
 Order of work per accepted frame: frame store (atomic file) -> live stack -> journal line
 (fsync) -> every K frames a checkpoint. After a crash, ``Session.resume`` restores the
@@ -39,144 +29,59 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import __version__
+from .budget import DiskBudget
 from .checkpoint import load_live, save_live
 from .config import Settings, redacted
-from .decoder import Decoder
-from .frameio import free_bytes
-from .frames import Stars
+from .detect import SkyArea
+from .folder import (
+    CHECKPOINT,
+    FRAMES,
+    GROUND,
+    JOURNAL,
+    LIVE_FITS,
+    PREVIEW,
+    REFERENCE,
+    SESSION,
+    SKY_MASK_PNG,
+    SNAPSHOTS,
+    STACK_FITS,
+    STACK_TIF,
+    load_reference,
+    new_session_dir,
+    read_journal,
+    read_journal_file,
+    read_meta,
+    save_reference,
+)
 from .live import LiveStack
-from .normalize import SkySamples
-from .pipeline import FrameRecord, Prepared, Reference, Stacker, write_output
-from .quality import Quality
+from .pipeline import FrameRecord, Prepared, Stacker, Tally, Target, finish, load_sky_mask
 from .store import FrameStore
 from .writers import (
-    atomic_path,
     remove_temporaries,
     write_bytes,
     write_fits_bands,
-    write_fits_extended,
     write_json,
     write_preview,
 )
 
 log = logging.getLogger("nightstack.session")
 
-_JOURNAL_LINE_BYTES = 2048  # a journal line, generously
-_RESERVE_MARGIN = 4 * 2**20  # preview, session.json, journal lines, file system slack
-JOURNAL = "journal.jsonl"
-SESSION = "session.json"
-
-
-def read_journal(path: Path) -> list[dict[str, Any]]:
-    """The journal's complete records; a torn last line (crash mid-write) and garbage lines (a
-    damaged card) are skipped."""
-    return _read_journal(path)[0]
-
-
-def _read_journal(path: Path) -> tuple[list[dict[str, Any]], int, int]:
-    """(records, byte length up to the end of the last newline-terminated line, garbage lines).
-
-    A line that is not valid UTF-8 JSON of a frame record (an object with ``file`` and
-    ``status``) is garbage, skipped and counted; the records after it still count. Bytes after
-    the last newline are a torn tail that was never confirmed.
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], 0, 0
-    records: list[dict[str, Any]] = []
-    good = garbage = 0
-    while True:
-        end = data.find(b"\n", good)
-        if end < 0:
-            break
-        try:
-            record = json.loads(data[good:end].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            record = None
-        if isinstance(record, dict) and "file" in record and "status" in record:
-            records.append(record)
-        else:
-            garbage += 1
-        good = end + 1
-    return records, good, garbage
-
-
-def known_hashes(output_dir: Path) -> set[str]:
-    """Content hashes of every frame any session in ``output_dir`` has journaled.
-
-    Grows by one 64-character string per frame ever seen (about 100 bytes): the only
-    per-frame memory the daemon keeps, for exactly-once processing across sessions.
-    """
-    hashes: set[str] = set()
-    for journal in sorted(output_dir.glob(f"*/{JOURNAL}")):
-        if _state(journal.parent) in ("superseded", "quarantined"):
-            continue  # its frames were handed to another session (or are to be stacked again)
-        for record in read_journal(journal):
-            digest = record.get("sha256")
-            if not digest:
-                continue
-            if record.get("status") == "lost":
-                hashes.discard(digest)  # its stored data was lost: stack it again if it comes
-            else:
-                hashes.add(digest)
-    return hashes
-
-
-def _state(directory: Path) -> str | None:
-    try:
-        state = json.loads((directory / SESSION).read_text(encoding="utf-8")).get("state")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-    return str(state) if state is not None else None
-
-
-def find_open(output_dir: Path) -> Path | None:
-    """The newest session directory that was not closed, if any: state "open" or "closing", or a
-    journal beside a missing or unreadable session.json (salvaged by :meth:`Session.resume`)."""
-    candidates = [
-        journal.parent
-        for journal in output_dir.glob(f"*/{JOURNAL}")
-        if _state(journal.parent) in ("open", "closing", None)
-    ]
-    return max(candidates, default=None)
-
-
-def quarantine(directory: Path, reason: str) -> None:
-    """Mark a session that cannot be salvaged: session.json state "quarantined" with the reason
-    (its files stay as they are, for a human to look at). Its frames no longer count as
-    processed, so those still in the watch folder are stacked in a new session."""
-    try:
-        meta = json.loads((directory / SESSION).read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            meta = {}
-    except (OSError, ValueError):
-        meta = {}
-    meta.update(
-        session=directory.name,
-        state="quarantined",
-        note=f"quarantined: {reason}",
-        updated=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-    write_json(directory / SESSION, meta)
-    log.error("session %s quarantined: %s; a new session takes the next frames", directory.name,
-              reason)  # fmt: skip
-
-
 class Session:
     """One night (or part of one): frames in, journal + live preview out, final stack at close."""
 
-    def __init__(self, directory: Path, settings: Settings, decoder: Decoder) -> None:
+    def __init__(self, directory: Path, settings: Settings) -> None:
         self.dir = directory
         self.settings = settings
-        self.stacker = Stacker(settings, directory, decoder)
-        self.stacker.defer_live = True  # the live stack takes a stored frame after its journal
-        self.stacker.space_check = self._space_check
-        self.low_space: str | None = None
-        """A warning while the disk holds fewer than ``min_free_frames`` frames, else None."""
+        self.budget = DiskBudget(directory, settings.min_free_frames)
+        self.stacker = Stacker(
+            settings,
+            directory,
+            sky=SkyArea(settings.landscape_mask_ratio, load_sky_mask(settings)),
+            catch_up=False,  # the live stack takes a stored frame after its journal line
+            budget=self.budget,
+        )
+        self.tally = Tally()
         self.started = datetime.now(UTC).isoformat(timespec="seconds")
         self.state = "open"
         self.records = 0  # journal lines written
@@ -200,18 +105,17 @@ class Session:
     def id(self) -> str:
         return self.dir.name
 
+    @property
+    def low_space(self) -> str | None:
+        """A warning while the disk holds fewer than ``min_free_frames`` frames, else None."""
+        return self.budget.warning
+
     # --- life cycle -------------------------------------------------------------------------
     @classmethod
-    def create(cls, output_dir: Path, settings: Settings, decoder: Decoder) -> Session:
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        directory = output_dir / stamp
-        n = 1
-        while directory.exists():
-            n += 1
-            directory = output_dir / f"{stamp}-{n}"
-        directory.mkdir(parents=True)
+    def create(cls, output_dir: Path, settings: Settings) -> Session:
+        directory = new_session_dir(output_dir)
         try:
-            session = cls(directory, settings, decoder)
+            session = cls(directory, settings)
             session._write_meta()
         except OSError:
             shutil.rmtree(directory, ignore_errors=True)  # no half-made session left behind
@@ -220,7 +124,7 @@ class Session:
         return session
 
     @classmethod
-    def resume(cls, directory: Path, settings: Settings, decoder: Decoder) -> Session:
+    def resume(cls, directory: Path, settings: Settings) -> Session:
         """Reopen a session after a crash or restart (see the module docstring).
 
         A damaged session is salvaged: an unreadable session.json is rebuilt from the journal,
@@ -231,26 +135,21 @@ class Session:
         raises (the daemon then quarantines the session); OSError means the disk (full, I/O).
         """
         notes: list[str] = []
-        try:
-            meta = json.loads((directory / SESSION).read_text(encoding="utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as err:
-            meta = {"state": "open"}
-            notes.append(
-                f"session.json unreadable ({type(err).__name__}): rebuilt from the journal"
-            )
+        found = read_meta(directory)
+        if found is None:
+            notes.append("session.json unreadable: rebuilt from the journal")
+        meta = found or {"state": "open"}
         settings = _own_settings(directory.name, meta.get("settings"), settings)
         removed = remove_temporaries(directory)
         journal = directory / JOURNAL
-        records, good, garbage = _read_journal(journal)
+        records, good, garbage = read_journal_file(journal)
         if garbage:
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
             write_bytes(journal, text.encode("utf-8", "surrogateescape"))
             notes.append(f"{garbage} garbage journal line(s) dropped")
         elif journal.exists() and journal.stat().st_size != good:
             os.truncate(journal, good)  # drop a torn tail before appending (needs no space)
-        session = cls(directory, settings, decoder)
+        session = cls(directory, settings)
         try:
             session._restore(meta, records, removed, notes)
         except BaseException:
@@ -277,22 +176,22 @@ class Session:
             log.info(
                 "session %s: removed %d temporary file(s) of an interrupted write", self.id, removed
             )
-        ref_file = directory / "reference.npz"
+        ref_file = directory / REFERENCE
         if not ref_file.exists():
             # stopped before the reference was saved: whatever the store holds was never
             # journaled (the frames are re-reported and stacked again)
-            shutil.rmtree(directory / "frames", ignore_errors=True)
-            shutil.rmtree(directory / "checkpoint", ignore_errors=True)
+            shutil.rmtree(directory / FRAMES, ignore_errors=True)
+            shutil.rmtree(directory / CHECKPOINT, ignore_errors=True)
             log.info(
                 "session %s resumed: %d journal lines, no reference yet", self.id, len(records)
             )
         else:
-            reference = _load_reference(ref_file)
+            reference = load_reference(ref_file)
             live_only = meta.get("live_only") or (
                 "final = 'live': no frame store" if settings.final == "live" else None
             )
             store = FrameStore(
-                directory / "frames", reference.shape, reference.channels, salvage=True
+                directory / FRAMES, reference.shape, reference.channels, salvage=True
             )
             stored = _stored_records(records)  # store position i holds stored[i]
             held = len(store)
@@ -325,7 +224,7 @@ class Session:
                 for record in records:
                     self._count(record)
                 return
-            checkpoint = directory / "checkpoint"
+            checkpoint = directory / CHECKPOINT
             state = _read_checkpoint(checkpoint)
             live: LiveStack | None = None
             if state is not None and not damaged:
@@ -382,7 +281,7 @@ class Session:
         stacker = self.stacker
         reference = stacker.reference
         assert reference is not None
-        checkpoint = self.dir / "checkpoint"
+        checkpoint = self.dir / CHECKPOINT
         state = _read_checkpoint(checkpoint)
         live, since = None, 0
         if state is not None:
@@ -414,7 +313,7 @@ class Session:
 
     def _count(self, record: dict[str, Any]) -> None:
         """Count a journaled frame into the session's tallies (a first attempt waiting for its
-        retry is not counted: see :meth:`Stacker.count`). A ``lost`` line takes back only a
+        retry is not counted: see :meth:`journal_attempt`). A ``lost`` line takes back only a
         frame counted as accepted (a repeated one, as an older nightstack wrote at each resume,
         counts nothing): the tallies never go negative."""
         if record.get("retry") is True:
@@ -426,16 +325,7 @@ class Session:
             if not self._held.get(key):
                 return
             self._held[key] -= 1
-        self.stacker.count(
-            FrameRecord(
-                file=record["file"],
-                status=record["status"],
-                reason=record.get("reason"),
-                sha256=record.get("sha256"),
-                exposure_s=record.get("exposure_s"),
-                capture_time=record.get("capture_time"),
-            )
-        )
+        self.tally.count(FrameRecord.from_json(record))
 
     # --- per frame --------------------------------------------------------------------------
     def ingest(
@@ -447,8 +337,10 @@ class Session:
         had_reference = self.stacker.reference is not None
         was_live_only = self.stacker.live_only
         record = self.stacker.stack(prepared)
+        self.tally.count(record)
         if record.status == "accepted" and not had_reference:
-            _save_reference(self.dir / "reference.npz", self.stacker)
+            assert self.stacker.reference is not None
+            save_reference(self.dir / REFERENCE, self.stacker.reference)
             self._write_meta()
         if self.stacker.live_only is not None and was_live_only is None and had_reference:
             log.error(
@@ -498,13 +390,18 @@ class Session:
     def _snapshot(self, frames: int) -> None:
         """snapshots/live-NNNN.fits: the live stack after its NNNN-th frame, kept."""
         try:
-            self.write_live_fits(self.dir / "snapshots" / f"live-{frames:04d}.fits")
+            self.write_live_fits(self.dir / SNAPSHOTS / f"live-{frames:04d}.fits")
         except OSError as err:  # the frame is journaled: a missing snapshot loses nothing
             log.error("session %s: snapshot not written (%s)", self.id, err.strerror or err)
 
     def reject(self, record: FrameRecord) -> None:
         """Journal a frame rejected outside the pipeline (and count it)."""
-        self.stacker.count(record)
+        self._append(record)
+        self.tally.count(record)
+
+    def journal_attempt(self, record: FrameRecord) -> None:
+        """Journal a first attempt that waits for its retry (``retries.RetryRecord``): not
+        counted, the tallies count files, not attempts."""
         self._append(record)
 
     def _append(self, record: FrameRecord) -> None:
@@ -523,44 +420,9 @@ class Session:
             raise
         self.records += 1
 
-    def _space_check(self, frame_bytes: int) -> str | None:
-        """Before a frame is stored: a reason not to (live-only), or None. The store never eats
-        into the reserve for the final outputs; fewer than ``min_free_frames`` frames of room
-        sets :attr:`low_space` (journal, log, status)."""
-        free = free_bytes(self.dir)
-        if free is None:
-            return None
-        reserve = self.reserve_bytes()
-        room = (free - reserve) // max(frame_bytes + _JOURNAL_LINE_BYTES, 1)
-        if room < 1:
-            return (
-                f"disk: {free / 2**20:.0f} MB free, the final outputs' reserve is "
-                f"{reserve / 2**20:.0f} MB"
-            )
-        warning = None
-        if room < self.settings.min_free_frames:
-            warning = f"disk: room for {room} more frame(s) ({free / 2**20:.0f} MB free)"
-            if self.low_space is None:
-                log.warning("session %s: %s", self.id, warning)
-        self.low_space = warning
-        return None
-
     def reserve_bytes(self) -> int:
-        """Disk kept for what the close needs, which the frame store never uses (bytes): the
-        FITS (4 bytes per sample), the TIFF (2) and live.fits (4, its swap), one more checkpoint
-        generation at its largest (a live-only checkpoint written during warm-up holds up to
-        ``live_warmup`` - 1 float32 frames and their footprints beside the live state: see
-        :func:`checkpoint_bytes`; once the live stack is warmed up it never holds one again),
-        and a margin."""
-        ref = self.stacker.reference
-        if ref is None:
-            return _RESERVE_MARGIN
-        rows, cols = ref.shape
-        samples = rows * cols * ref.channels
-        live = self.stacker.live
-        warmup = 1 if live is not None and live.warmed_up else self.settings.live_warmup
-        checkpoint = checkpoint_bytes(rows * cols, ref.channels, warmup)
-        return samples * (4 + 2 + 4) + checkpoint + _RESERVE_MARGIN
+        """Disk kept for what the close needs (:meth:`Stacker.reserve_bytes`)."""
+        return self.stacker.reserve_bytes()
 
     def _checkpoint_now(self) -> None:
         """Checkpoint; a failure (disk full, I/O) is logged, not raised: the previous checkpoint
@@ -598,7 +460,7 @@ class Session:
         live = self.stacker.live
         if live is None:
             return
-        checkpoint = self.dir / "checkpoint"
+        checkpoint = self.dir / CHECKPOINT
         checkpoint.mkdir(exist_ok=True)
         save_live(live, checkpoint / "live")
         if self.stacker.products is not None:
@@ -623,11 +485,11 @@ class Session:
         assert live is not None
         width = self.settings.preview_width
         image = self.stacker.landscape.preview(live.preview_image(width), live)  # freeze ground
-        write_preview(self.dir / "preview.jpg", image, width=width)
+        write_preview(self.dir / PREVIEW, image, width=width)
         self.since_preview = 0
         self.last_preview = time.monotonic()
         if self._live_fits_due(live):
-            self.write_live_fits(self.dir / "live.fits")
+            self.write_live_fits(self.dir / LIVE_FITS)
             self.last_live_fits = self.last_preview
             self.stored_since_live_fits = 0
 
@@ -649,7 +511,7 @@ class Session:
         live = self.stacker.live
         assert live is not None
         path.parent.mkdir(exist_ok=True)
-        header = {**self.stacker.header(), "NCOMBINE": live.frames, "STACKMTH": "live"}
+        header = {**self.stacker.header(self.tally), "NCOMBINE": live.frames, "STACKMTH": "live"}
         shape = (*live.shape, live.channels)
         write_fits_bands(path, shape, live.result_band, header)
 
@@ -672,27 +534,31 @@ class Session:
         stacker = self.stacker
         if stacker.live_only is not None and stacker.live is not None:
             self._checkpoint_now()  # a close cut short (disk, kill) finishes from it
-        outputs: dict[str, Any] = {}
-        skipped: list[str] = []
         stack = "stack" in self.settings.products
         has_stack = stacker.store is not None or stacker.live is not None
-        if stack and stacker.accepted >= 1 and has_stack:
-            self._write_final(outputs, skipped, progress)
-        # --- landscape and products ---
-        if stacker.products is not None and stacker.accepted >= 1:
-            try:
-                outputs.update(
-                    stacker.products.close(
-                        preview_width=self.settings.preview_width,
-                        tiff_scale=self.settings.tiff_scale,
-                        keep_frames=self.settings.keep_frame_store,
-                    )
-                )
-            except OSError as err:
-                skipped.append(f"products ({err.strerror or err})")
+        targets: list[Target] = []
+        if stack and self.tally.accepted >= 1 and has_stack:
+            targets = [Target("tiff", self.dir / STACK_TIF), Target("preview", self.dir / PREVIEW)]
+            if self.settings.write_fits:
+                targets.insert(0, Target("fits", self.dir / STACK_FITS))
+        method = "live" if stacker.live_only is not None else self.settings.stack_method
+        final = {"method": method, "why": stacker.live_only}
+        store_bytes = stacker.store.disk_bytes() if stacker.store is not None else None
+        # the final first, as far as the disk allows (see above), then the products
+        outputs, skipped = finish(
+            stacker,
+            self.tally,
+            targets,
+            progress=progress,
+            keep_frames=self.settings.keep_frame_store,
+        )
+        if targets:
+            outputs["final"] = final
+            if store_bytes is not None:
+                outputs["frame_store_bytes"] = store_bytes
         outputs.update(stacker.landscape.describe())
-        if (self.dir / "sky_mask.png").exists():
-            outputs["sky_mask_png"] = str(self.dir / "sky_mask.png")
+        if (self.dir / SKY_MASK_PNG).exists():
+            outputs["sky_mask_png"] = str(self.dir / SKY_MASK_PNG)
         if skipped:
             outputs["skipped"] = skipped
             log.error("session %s: the final is written, these are not: %s", self.id,
@@ -701,54 +567,13 @@ class Session:
         self._write_meta(outputs)
         self._close_journal()
         final_written = "fits" in outputs or "tiff" in outputs or not stack
-        if not self.settings.keep_frame_store and (final_written or stacker.accepted < 1):
-            shutil.rmtree(self.dir / "frames", ignore_errors=True)
-            shutil.rmtree(self.dir / "ground", ignore_errors=True)
-            shutil.rmtree(self.dir / "checkpoint", ignore_errors=True)
+        if not self.settings.keep_frame_store and (final_written or self.tally.accepted < 1):
+            shutil.rmtree(self.dir / FRAMES, ignore_errors=True)
+            shutil.rmtree(self.dir / GROUND, ignore_errors=True)
+            shutil.rmtree(self.dir / CHECKPOINT, ignore_errors=True)
         log.info("session %s closed: %s", self.id, outputs or "nothing stacked")
         return outputs
 
-    def _write_final(
-        self,
-        outputs: dict[str, Any],
-        skipped: list[str],
-        progress: Callable[[int, int], None] | None,
-    ) -> None:
-        """The stack's outputs in their order (see :meth:`close`): the first is the final and
-        must be written; the others are skipped (named in ``skipped``) when they cannot be."""
-        stacker = self.stacker
-        method = "live" if stacker.live_only is not None else self.settings.stack_method
-        outputs["final"] = {"method": method, "why": stacker.live_only}
-        image = stacker.final(progress)  # releases the live stack
-        sky_rows = stacker.landscape.freeze_final(image, progress)  # the frozen ground
-        header = stacker.header()
-        fits_path, tiff_path = self.dir / "stack.fits", self.dir / "stack.tif"
-
-        def write_fits() -> None:
-            if sky_rows is None:
-                write_output(fits_path, image, header, self.settings)
-            else:  # the composite, and the aligned sky stack in HDU 2 ("SKY")
-                _write_composite_fits(fits_path, image, sky_rows, header)
-
-        steps: list[tuple[str, Path, Callable[[], None]]] = [
-            ("tiff", tiff_path, lambda: write_output(tiff_path, image, header, self.settings)),
-            ("preview", self.dir / "preview.jpg",
-             lambda: write_preview(self.dir / "preview.jpg", image,
-                                   width=self.settings.preview_width)),
-        ]  # fmt: skip
-        if self.settings.write_fits:
-            steps.insert(0, ("fits", fits_path, write_fits))
-        for n, (key, path, write) in enumerate(steps):
-            try:
-                write()
-            except OSError as err:
-                if n == 0:
-                    raise  # no final yet: the session stays "closing", nothing is deleted
-                skipped.append(f"{path.name} ({err.strerror or err})")
-                continue
-            outputs[key] = str(path)
-        if stacker.store is not None:
-            outputs["frame_store_bytes"] = stacker.store.disk_bytes()
     def abandon(self) -> None:
         """Release files without finalizing (the session stays open for a later resume)."""
         self._close_journal()
@@ -763,10 +588,10 @@ class Session:
         self.state = "superseded"
         self._write_meta(note=f"superseded: {reason}")
         self._close_journal()
-        shutil.rmtree(self.dir / "frames", ignore_errors=True)
-        shutil.rmtree(self.dir / "ground", ignore_errors=True)  # landscape = "freeze"
-        shutil.rmtree(self.dir / "checkpoint", ignore_errors=True)
-        (self.dir / "reference.npz").unlink(missing_ok=True)
+        shutil.rmtree(self.dir / FRAMES, ignore_errors=True)
+        shutil.rmtree(self.dir / GROUND, ignore_errors=True)  # landscape = "freeze"
+        shutil.rmtree(self.dir / CHECKPOINT, ignore_errors=True)
+        (self.dir / REFERENCE).unlink(missing_ok=True)
         log.info("session %s superseded: %s", self.id, reason)
         return files
 
@@ -784,38 +609,21 @@ class Session:
             "started": self.started,
             "updated": datetime.now(UTC).isoformat(timespec="seconds"),
             "reference": stacker.reference.file if stacker.reference else None,
-            "accepted": stacker.accepted,
-            "rejected": sum(stacker.rejected.values()),
-            "rejected_by_reason": dict(stacker.rejected),
-            "lost": list(stacker.lost.values()),
+            "accepted": self.tally.accepted,
+            "rejected": self.tally.rejected_total,
+            "rejected_by_reason": dict(self.tally.rejected),
+            "lost": list(self.tally.lost.values()),
             "live_only": stacker.live_only,
             "disk": {"warning": self.low_space, "reserve_bytes": self.reserve_bytes()},
-            "total_exposure_s": round(stacker.exposure_s, 3),
-            "first_frame_time": stacker.first_time,
-            "last_frame_time": stacker.last_time,
+            "total_exposure_s": round(self.tally.exposure_s, 3),
+            "first_frame_time": self.tally.first_time,
+            "last_frame_time": self.tally.last_time,
             "outputs": outputs or {},
             "settings": redacted(self.settings),  # no secret in a world-readable file
         }
         if note is not None:
             meta["note"] = note
         write_json(self.dir / SESSION, meta)
-
-
-def _write_composite_fits(
-    path: Path, image: np.ndarray, sky_rows: np.ndarray, header: dict[str, Any]
-) -> None:
-    """stack.fits of a freeze-ground session: the composite, then the aligned sky ("SKY")."""
-    top = image.shape[0] - sky_rows.shape[0]
-
-    def sky(r0: int, r1: int) -> np.ndarray:
-        if r1 <= top:
-            return np.asarray(image[r0:r1])
-        if r0 >= top:
-            return np.asarray(sky_rows[r0 - top : r1 - top])
-        return np.concatenate([image[r0:top], sky_rows[: r1 - top]])
-
-    shape = (int(image.shape[0]), int(image.shape[1]), int(image.shape[2]))
-    write_fits_extended(path, shape, lambda r0, r1: image[r0:r1], header, sky, "SKY")
 
 
 _SESSION_ONLY_FIELDS = frozenset({"watch_dir", "output_dir", "log_level", "idle_timeout_s"})
@@ -862,14 +670,6 @@ def _stored_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return stored
 
 
-def checkpoint_bytes(pixels: int, channels: int, warmup: int) -> int:
-    """The largest checkpoint generation of a stack of ``pixels`` x ``channels`` (bytes): mean
-    (float32) and spread (uint16) per sample, count (uint16) per pixel, and up to ``warmup`` - 1
-    warm-up frames (float32 per sample, a bool footprint per pixel) when it is live-only."""
-    state = pixels * (channels * (4 + 2) + 2)
-    return state + (warmup - 1) * pixels * (channels * 4 + 1)
-
-
 def _not_taken_back(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The accepted records no later ``lost`` record (same content hash) took back, in journal
     order: a resume journals a frame's loss once, however often it runs."""
@@ -896,52 +696,3 @@ def _read_checkpoint(checkpoint: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return state if (checkpoint / "live").exists() else None
-
-
-def _save_reference(path: Path, stacker: Stacker) -> None:
-    ref = stacker.reference
-    assert ref is not None
-    s = ref.stars
-    aperture = s.aperture_flux if s.aperture_flux is not None else np.full(len(s), np.nan)
-    arrays: dict[str, Any] = {
-        "xy": s.xy,
-        "flux": s.flux,
-        "aperture_flux": aperture,
-        "summary": np.array([s.fwhm_px, s.roundness, s.elongation, s.background, s.noise]),
-        "detected": np.array(s.detected),
-        "exposure_s": np.array(np.nan if ref.exposure_s is None else ref.exposure_s),
-        "shape": np.array([*ref.shape, ref.channels]),
-        "reference_file": np.array(ref.file),
-        **ref.sky.arrays(),
-    }
-    with atomic_path(path) as tmp, tmp.open("wb") as fh:
-        np.savez(fh, **arrays)
-
-
-def _load_reference(path: Path) -> Reference:
-    with np.load(path) as data:
-        fwhm, roundness, elongation, background, noise = (float(v) for v in data["summary"])
-        stars = Stars(
-            data["xy"],
-            data["flux"],
-            fwhm,
-            roundness,
-            elongation,
-            background,
-            noise,
-            detected=int(data["detected"]),
-            aperture_flux=data["aperture_flux"],
-        )
-        rows, cols, channels = (int(v) for v in data["shape"])
-        file = str(data["reference_file"])
-        exposure = float(data["exposure_s"])
-        sky = SkySamples.from_arrays(data)
-    return Reference(
-        file,
-        stars,
-        Quality.of(stars),
-        (rows, cols),
-        channels,
-        sky,
-        exposure if np.isfinite(exposure) else None,
-    )

@@ -12,23 +12,27 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-SESSION_ID = re.compile(r"\A[0-9A-Za-z][0-9A-Za-z_-]{0,63}\Z")
-"""What a session id looks like (``Session.create`` names folders ``YYYYmmdd-HHMMSS[-n]``)."""
-
-SESSION_FILE = "session.json"
-JOURNAL_FILE = "journal.jsonl"
+from ..folder import (
+    JOURNAL,
+    LIVE_FITS,
+    PREVIEW,
+    SESSION,
+    SESSION_ID,
+    STACK_FITS,
+    STACK_TIF,
+    parse_journal,
+)
 
 DOWNLOADS = {
-    "preview.jpg": "image/jpeg",
-    "live.fits": "application/fits",
-    "stack.tif": "image/tiff",
-    "stack.fits": "application/fits",
+    PREVIEW: "image/jpeg",
+    LIVE_FITS: "application/fits",
+    STACK_TIF: "image/tiff",
+    STACK_FITS: "application/fits",
 }
 """The only files of a session the server hands out, with their media types."""
 
@@ -52,9 +56,9 @@ class _Journal:
     def refresh(self) -> list[dict[str, Any]]:
         """The records now, reading only what was appended since the last call.
 
-        Same rule as ``session.read_journal``: reading stops at the first line that is not
-        newline-terminated, UTF-8 and a JSON object (a torn tail, not confirmed yet). A journal
-        that shrank or was replaced (a resume cuts a torn tail off) is read again from the top.
+        The journal's one reading rule (:func:`nightstack.folder.parse_journal`): a torn tail
+        waits for its newline, garbage lines are skipped. A journal that shrank or was replaced
+        (a resume cuts a torn tail off or drops garbage lines) is read again from the top.
         """
         with self.lock:
             try:
@@ -73,30 +77,13 @@ class _Journal:
                     if not chunk:
                         break
                     position += len(chunk)
-                    pending += chunk
-                    if not self._parse(pending):
-                        break
-                    pending = pending[pending.rfind(b"\n") + 1 :]
+                    records, good, _ = parse_journal(pending + chunk)
+                    self.records.extend(records)
+                    self.offset += good
+                    pending = (pending + chunk)[good:]
             finally:
                 os.close(fd)
             return self.records
-
-    def _parse(self, data: bytes) -> bool:
-        """Append the complete records at the start of ``data``; False at a bad line."""
-        start = 0
-        while True:
-            end = data.find(b"\n", start)
-            if end < 0:
-                return True
-            try:
-                record = json.loads(data[start:end].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                return False
-            if not isinstance(record, dict):
-                return False
-            self.records.append(record)
-            self.offset += end + 1 - start
-            start = end + 1
 
 
 class SessionFiles:
@@ -122,7 +109,7 @@ class SessionFiles:
         path = self.output / session_id
         if path.is_symlink() or not path.is_dir():
             return None
-        meta = path / SESSION_FILE
+        meta = path / SESSION
         if meta.is_symlink() or not meta.is_file():
             return None
         return path
@@ -143,7 +130,7 @@ class SessionFiles:
         directory = self.directory(session_id)
         if directory is None:
             return None
-        path = directory / SESSION_FILE
+        path = directory / SESSION
         try:
             st = path.stat()
         except OSError:
@@ -172,7 +159,7 @@ class SessionFiles:
         with self._lock:
             journal = self._journals.get(session_id)
             if journal is None:
-                journal = _Journal(directory / JOURNAL_FILE)
+                journal = _Journal(directory / JOURNAL)
                 self._journals[session_id] = journal
                 while len(self._journals) > _JOURNALS_CACHED:
                     self._journals.popitem(last=False)
