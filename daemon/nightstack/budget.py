@@ -9,8 +9,9 @@ live-only and still writes a final) and warns while fewer than ``min_free_frames
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
+
+from .frameio import free_bytes
 
 log = logging.getLogger("nightstack.session")
 
@@ -51,11 +52,9 @@ class DiskBudget:
     def check(self, frame_bytes: int, reserve: int) -> str | None:
         """Before a frame of ``frame_bytes`` is stored: a reason not to (the ``reserve`` would
         be touched), or None. Sets or clears :attr:`warning` (logged once when it starts)."""
-        try:
-            st = os.statvfs(self.directory)
-        except OSError:
+        free = free_bytes(self.directory)
+        if free is None:
             return None
-        free = st.f_bavail * st.f_frsize
         room = (free - reserve) // max(frame_bytes + JOURNAL_LINE_BYTES, 1)
         if room < 1:
             return (
