@@ -9,6 +9,8 @@ run).
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -29,28 +31,31 @@ def _modules() -> dict[str, Path]:
     return modules
 
 
-def _type_checking_nodes(tree: ast.Module) -> set[int]:
-    """ids of the nodes inside ``if TYPE_CHECKING:`` blocks."""
-    inside: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for statement in node.body:
-                inside.update(id(n) for n in ast.walk(statement))
-    return inside
+def _import_statements(statements: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import statement among ``statements`` and the statements nested in them (function
+    and class bodies, branches, ``try``, ``with``), but not under ``if TYPE_CHECKING:``; only
+    statements are visited (an import is one), which keeps the walk fast."""
+    for node in statements:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from _import_statements(node.orelse)
+        else:
+            for block in ("body", "orelse", "finalbody"):
+                yield from _import_statements(getattr(node, block, []))
+            for clause in [*getattr(node, "handlers", []), *getattr(node, "cases", [])]:
+                yield from _import_statements(clause.body)  # except ...: and case ...:
 
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The package's modules that module ``name`` imports."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(), str(path))
-    skip = _type_checking_nodes(tree)
     found: set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
+    for node in _import_statements(tree.body):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
+        else:
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
@@ -104,9 +109,17 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
+@cache
+def _package_graph() -> dict[str, frozenset[str]]:
+    """Module -> the package's modules it imports (parsed once for every test)."""
+    modules = _modules()
+    return {name: frozenset(_imports(name, path, modules)) for name, path in modules.items()}
+
+
 def _graph(prefix: str) -> dict[str, set[str]]:
-    modules = {name: path for name, path in _modules().items() if name.startswith(prefix)}
-    return {name: _imports(name, path, modules) for name, path in modules.items()}
+    """The import graph among the modules whose names start with ``prefix``."""
+    graph = _package_graph()
+    return {m: {i for i in graph[m] if i.startswith(prefix)} for m in graph if m.startswith(prefix)}
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
