@@ -269,3 +269,9 @@ def _is_console_handler(handler: logging.Handler) -> bool:
         sys.__stderr__,
         sys.__stdout__,
     )
+
+
+def shown(text: str) -> str:
+    """``text`` fit for one log line: control characters (a newline in a file name) and bytes
+    that were not UTF-8 are written as escapes."""
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))

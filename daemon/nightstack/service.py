@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -42,9 +40,10 @@ from .control import hold_lock, request_close, take_close_request
 from .decoder import DEFAULT_DECODE_FN, Decoder
 from .detect import SkyArea
 from .errors import ConfigError
-from .folder import find_open, known_hashes, quarantine
-from .frameio import FD_ERRNOS, file_sha256, free_bytes, transient_error
-from .notify import Notifier
+from .folder import find_open, quarantine
+from .frameio import free_bytes
+from .intake import TICK_S, Duplicate, Intake, Item, Transient
+from .notify import Notifier, shown
 from .pipeline import FrameRecord, Prepared, Preparer
 from .quality import Quality
 from .retries import Retries, first_attempts
@@ -56,25 +55,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nightstack")
 
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # every empty file: rejected each, not deduped
-_TICK_S = 0.5  # worker loop period when idle: signals, close requests, watchdog, previews
 RETRY_S = 5.0  # while the output cannot be written: how often to look for free space again
 _SPACE_MARGIN = 16 * 2**20  # free bytes wanted besides two frame-store entries before a retry
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _DECODER_BASE_BYTES = 2 << 30  # the decoder child's virtual memory besides its frame
-FD_WAIT_S = 1.0  # no file descriptor left: how often to try a frame's file again
-STAGE_SLACK_S = 10.0
-"""The prepare stage's time for one frame beyond the decode timeout (hash, detection, s)."""
 LONG_WRITE_MAX_S = 900.0
 """The longest one write (a frame into the store, a checkpoint, a preview with live.fits, the
 final combine and its files) keeps the watchdog fed: a card that slow is failing, and a write
 that never ends is a hang the watchdog must see."""
-
-
-def _shown(text: str) -> str:
-    """``text`` fit for one log line: control characters (a newline in a file name) and bytes
-    that were not UTF-8 are written as escapes."""
-    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))
 
 
 def load_kwargs(settings: Settings) -> dict[str, Any]:
@@ -172,21 +160,6 @@ class Snapshot:
     last_frame: LastFrame | None = None
 
 
-@dataclass
-class _Duplicate:
-    path: Path
-
-
-@dataclass
-class _Transient:
-    """A frame that failed for a reason that may pass (``decoder.TransientDecodeError``)."""
-
-    prepared: Prepared
-
-
-_Item = Prepared | _Duplicate | _Transient  # what the prepare thread hands the worker
-
-
 class Daemon:
     """``nightstack watch``. ``run()`` returns the process exit code."""
 
@@ -206,28 +179,16 @@ class Daemon:
         self.exit_when_closed = exit_when_closed
         self.on_close = on_close
         self.notifier = Notifier()
-        self.paths: queue.Queue[Path] = queue.Queue()
-        self.prepared: queue.Queue[tuple[int, _Item]] = queue.Queue(maxsize=1)
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.session: Session | None = None
-        self.hashes: set[str] = set()
+        self._degraded = threading.Event()  # the output cannot be written: wait for space
+        self.intake = Intake(settings, self._sky, self.stop, self._degraded)
         self.retries = Retries(set())  # transient failures: tried once, waiting for the retry
-        self._hash_lock = threading.Lock()
-        self._busy = threading.Event()  # the prepare thread holds a frame
-        self._stage_since: float | None = None  # monotonic s: the prepare stage's frame since
         self._stuck_said = False
         self._request_said: str | None = None  # the last complaint about the close request
-        self.stage_deadline_s = settings.decode_timeout_s + STAGE_SLACK_S
-        """The longest the prepare stage may hold one frame (s) before the watchdog starves:
-        the decode's own timeout plus hashing and detection."""
         self.stats = {"stacked": 0, "rejected": 0}
         self._last_keepalive = 0.0
-        # paths handed over by the watcher and not yet journaled or skipped, in arrival order,
-        # with how many times each is queued; guarded by _hash_lock like hashes and _epoch
-        self._outstanding: dict[Path, int] = {}
-        self._epoch = 0  # bumped when the queues are rebuilt: older prepared items are dropped
-        self._degraded = threading.Event()  # the output cannot be written: wait for space
         self._retry_at = 0.0
         self._reopen: Path | None = None  # a session to reload from disk before going on
         self._close_wanted = ""  # why to close the session at _reopen once it is reloaded
@@ -270,7 +231,6 @@ class Daemon:
     def _run(self, watch: Path, output: Path) -> int:
         if threading.current_thread() is threading.main_thread():
             self._install_signals()
-        self.hashes = known_hashes(output)
         self.retries = Retries(first_attempts(output))
         with Decoder(
             timeout_s=self.settings.decode_timeout_s,
@@ -285,14 +245,10 @@ class Daemon:
             if open_dir is not None:
                 self._reopen = open_dir
                 self._open_again()
-            preparer = threading.Thread(
-                target=self._prepare_loop, name="nightstack-prepare", daemon=True
-            )
-            preparer.start()
-            self._preparer = preparer
+            self.intake.start(output, self.preparer)
             watcher = FrameWatcher(
                 watch,
-                self._enqueue,
+                self.intake.enqueue,
                 extensions=self.settings.extensions,
                 recursive=self.settings.recursive,
                 polling=self.settings.polling,
@@ -301,7 +257,7 @@ class Daemon:
                 follow_symlinks=self.settings.follow_symlinks,
                 # after a crash, frames in flight must be found again: scan the backlog
                 ignore_existing=self.settings.ignore_existing and open_dir is None,
-                on_problem=lambda text: log.warning("%s", _shown(text)),
+                on_problem=lambda text: log.warning("%s", shown(text)),
             )
             watcher.start()
             self.notifier.ready(status="waiting for frames")
@@ -324,14 +280,14 @@ class Daemon:
                 if self.session is not None and self.session.state != "closed":
                     self._close("stopping")
                 self.stop.set()
-                preparer.join(timeout=self.settings.decode_timeout_s + 5)
+                self.intake.join(timeout=self.settings.decode_timeout_s + 5)
         return 0
 
     def _loop(self, output: Path) -> None:
         interval = self.notifier.watchdog_interval_s
-        tick = min(_TICK_S, interval) if interval else _TICK_S
+        tick = min(TICK_S, interval) if interval else TICK_S
         while not self.stop.is_set():
-            if not self._preparer.is_alive():  # never ping the watchdog for a dead pipeline
+            if not self.intake.alive():  # never ping the watchdog for a dead pipeline
                 raise RuntimeError("the prepare thread died; see the log above")
             self._feed_watchdog()
             if self.reload.is_set():
@@ -342,168 +298,24 @@ class Daemon:
             if request == "close":
                 self._close("close requested")
             elif request is not None and request != self._request_said:
-                log.warning("%s", _shown(request))  # once, not every tick
+                log.warning("%s", shown(request))  # once, not every tick
             self._request_said = request
-            try:
-                epoch, item = self.prepared.get(timeout=tick)
-            except queue.Empty:
+            item = self.intake.take(tick)
+            if item is None:
                 self._idle()
                 if self.exit_when_closed and self.session is None and self.stats["stacked"]:
                     return
                 continue
-            if epoch != self._epoch or self._degraded.is_set():
+            if self._degraded.is_set():
                 continue  # still outstanding: queued again by the recovery
             if self.hooks.stall_s:
                 time.sleep(self.hooks.stall_s)  # a test's stuck worker
             self._ingest(item, output)
 
-    def _enqueue(self, path: Path) -> None:
-        """The watcher's on_ready: remember the path as outstanding, queue it."""
-        with self._hash_lock:
-            self._outstanding[path] = self._outstanding.get(path, 0) + 1
-        self.paths.put(path)
-
-    def _done(self, path: Path) -> None:
-        """``path`` was journaled (or skipped as a duplicate): no longer outstanding."""
-        with self._hash_lock:
-            left = self._outstanding.pop(path, 0) - 1
-            if left > 0:
-                self._outstanding[path] = left
-
-    def _requeue(
-        self, output: Path, first: list[Path] | None = None, current: Prepared | None = None
-    ) -> int:
-        """Rebuild the queues from the disk: hashes from the journals, then every outstanding
-        path (after ``first``) queued once, in arrival order; prepared items of the old epoch
-        are dropped. ``current``, the frame the worker is about to stack, is not queued again.
-        Returns the number of paths queued."""
-        with self._hash_lock:
-            self.hashes = known_hashes(output)
-            self._epoch += 1
-            while True:
-                try:
-                    self.paths.get_nowait()
-                except queue.Empty:
-                    break
-            order = dict.fromkeys([*(first or []), *self._outstanding], 1)
-            if current is not None:
-                order.pop(current.path, None)
-            for path in order:
-                self.paths.put(path)
-            queued = len(order)
-            if current is not None:
-                order[current.path] = 1
-                if current.sha256 is not None:
-                    self.hashes.add(current.sha256)
-            self._outstanding = order
-        return queued
-
-    def _prepare_loop(self) -> None:
-        """Hash, skip known frames, decode and detect; hand over one frame at a time."""
-        while not self.stop.is_set():
-            if self._degraded.is_set():  # nothing can be stored: do not decode in vain
-                self.stop.wait(_TICK_S)
-                continue
-            if not self.prepared.empty():  # one frame waits already: at most two in memory
-                self.stop.wait(0.02)
-                continue
-            try:
-                path = self.paths.get(timeout=_TICK_S)
-            except queue.Empty:
-                continue
-            self._busy.set()
-            self._stage_since = time.monotonic()
-            try:
-                item: _Item
-                seen = _stat_key(path)  # before the hash: what the decode will judge
-                digest, unreadable = self._hash(path)
-                with self._hash_lock:
-                    epoch = self._epoch
-                    duplicate = digest in self.hashes and digest != EMPTY_SHA256
-                    if digest is not None:
-                        self.hashes.add(digest)
-                preparer, sky = self.preparer, self._sky()  # the worker may replace them
-                if duplicate:
-                    item = _Duplicate(path)
-                elif unreadable is not None:  # EIO: the card, not the file, may be at fault
-                    reason = f"cannot read file: {unreadable.strerror}"
-                    transient = transient_error(unreadable) is not None
-                    prepared = Prepared(path, None, None, None, None, reason, {}, None, transient)
-                    item = self._transient_or_not(prepared)
-                else:
-                    item = self._transient_or_not(preparer.prepare(path, digest, sky))
-                    if isinstance(item, Prepared) and item.error and not self._settled(path, seen):
-                        log.info("%s: %s while still being written; decoded again once it is "
-                                 "complete", _shown(path.name), item.error)  # fmt: skip
-                        if digest is not None:
-                            with self._hash_lock:
-                                self.hashes.discard(digest)
-                        self._done(path)  # the watcher reports it again when it changes
-                        continue
-                self._stage_since = None  # done: handing over is waiting, not a stuck stage
-                while not self.stop.is_set():
-                    try:
-                        self.prepared.put((epoch, item), timeout=_TICK_S)
-                        break
-                    except queue.Full:
-                        continue
-            finally:
-                self._stage_since = None
-                self._busy.clear()
-
-    def _hash(self, path: Path) -> tuple[str | None, OSError | None]:
-        """(content hash, None), or (None, the error) when the file cannot be read. While the
-        process has no file descriptor left (``EMFILE``/``ENFILE``: a fault of the machine, not
-        of the frame) it waits and tries again every :data:`FD_WAIT_S` (one log line), so such a
-        frame is never rejected for it."""
-        waited = 0
-        while True:
-            self._stage_since = time.monotonic()  # waiting for a descriptor is progress
-            try:
-                digest = file_sha256(path)
-            except OSError as err:
-                if err.errno not in FD_ERRNOS or self.stop.is_set():
-                    return None, err
-                if not waited:
-                    log.warning("no file descriptor left to read %s (%s); waiting for one, "
-                                "checked every %g s (the frame is not rejected)",
-                                _shown(path.name), err.strerror, FD_WAIT_S)  # fmt: skip
-                waited += 1
-                self.stop.wait(FD_WAIT_S)
-                continue
-            if waited:
-                log.info("file descriptors free again after %d tries: %s read", waited,
-                         _shown(path.name))  # fmt: skip
-            return digest, None
-
-    def _settled(self, path: Path, seen: tuple[int, int] | None) -> bool:
-        """Whether a file that failed to decode is complete, so the failure is final: its size
-        and mtime are still ``seen`` (as before the hash) and ``stable_s`` old. A writer that
-        opens and closes the file per chunk makes it fail while young: wait for ``stable_s``
-        after its last change; False if it changed (the watcher reports it again, complete or
-        not) or the daemon stops."""
-        while not self.stop.is_set():
-            now_key = _stat_key(path)
-            if now_key is None or now_key != seen:
-                return False
-            age = time.time() - now_key[1] / 1e9
-            if age >= self.settings.stable_s:
-                return True
-            self.stop.wait(min(self.settings.stable_s - age, _TICK_S))
-        return False
-
-    def _stuck(self) -> str | None:
-        """Why the watchdog must not be fed: the prepare stage has held one frame longer than
-        :attr:`stage_deadline_s` (else None)."""
-        since = self._stage_since
-        if since is None or time.monotonic() - since <= self.stage_deadline_s:
-            return None
-        return f"the prepare stage is stuck on one frame for {time.monotonic() - since:.0f} s"
-
     def _feed_watchdog(self) -> None:
         """``WATCHDOG=1``, only while every stage makes progress (one log line when a stage
         is stuck: systemd then restarts the daemon after ``WatchdogSec``)."""
-        stuck = self._stuck()
+        stuck = self.intake.stuck()
         if stuck is None:
             self._stuck_said = False
             self.notifier.watchdog()
@@ -517,18 +329,13 @@ class Daemon:
         session = self.session
         return session.stacker.sky if session is not None else self.preparer.sky
 
-    @staticmethod
-    def _transient_or_not(prepared: Prepared) -> Prepared | _Transient:
-        """``prepared`` as a _Transient if it failed for a reason that may pass."""
-        return _Transient(prepared) if prepared.transient else prepared
-
-    def _ingest(self, item: _Item, output: Path) -> None:
-        if isinstance(item, _Duplicate):
-            log.info("%s: already processed (same content), skipped", _shown(item.path.name))
-            self._done(item.path)
+    def _ingest(self, item: Item, output: Path) -> None:
+        if isinstance(item, Duplicate):
+            log.info("%s: already processed (same content), skipped", shown(item.path.name))
+            self.intake.done(item.path)
             return
-        transient = isinstance(item, _Transient)
-        if isinstance(item, _Transient):
+        transient = isinstance(item, Transient)
+        if isinstance(item, Transient):
             item = item.prepared
         session = self.session or self._open_session(item, output)
         if session is None:
@@ -544,12 +351,12 @@ class Daemon:
             with self._fed("stacking"):  # store write and checkpoint on a slow SD card
                 record = session.ingest(item, lambda done: self._publish(record=done))
         except OSError as err:
-            self._failed(err, f"{_shown(item.path.name)} not stacked", session)
+            self._failed(err, f"{shown(item.path.name)} not stacked", session)
             return
         except Exception as err:  # a bug must not end the night, nor loop on restart
-            log.exception("internal error while stacking %s", _shown(item.path.name))
+            log.exception("internal error while stacking %s", shown(item.path.name))
             record = self._reject_after_error(session, item, err)
-        self._done(item.path)
+        self.intake.done(item.path)
         if session.stacker.store is not None:
             self._frame_bytes = session.stacker.store.frame_bytes
         self._report(session, record)
@@ -563,13 +370,12 @@ class Daemon:
         try:
             session.journal_attempt(record)
         except OSError as err:
-            self._failed(err, f"{_shown(item.path.name)} not journaled", session)
+            self._failed(err, f"{shown(item.path.name)} not journaled", session)
             return True
         self.retries.wait(record)
         if item.sha256 is not None:
-            with self._hash_lock:
-                self.hashes.discard(item.sha256)  # not processed for good: let the retry in
-        self._done(item.path)
+            self.intake.forget(item.sha256)  # not processed for good: let the retry in
+        self.intake.done(item.path)
         self._report(session, record)
         return True
 
@@ -579,13 +385,13 @@ class Daemon:
             self.stats["stacked"] += 1
         else:
             self.stats["rejected"] += 1
-        depth = self.paths.qsize() + self.prepared.qsize()
+        depth = self.intake.depth()
         timings = " ".join(f"{k}={v:.0f}ms" for k, v in record.ms.items())
         if record.stored and session.accumulate_ms is not None:  # after the journal line
             timings += f" live={session.accumulate_ms:.0f}ms"
         log.info(
             "%s %s%s stars=%s fwhm=%s residual=%s %s queue=%d",
-            _shown(Path(record.file).name),
+            shown(Path(record.file).name),
             record.status,
             f" ({record.reason})" if record.reason else "",
             record.stars,
@@ -625,13 +431,14 @@ class Daemon:
         again), or None when the disk refuses one."""
         if self.preparer.settings is not self.settings:  # reloaded (SIGHUP) since
             self.preparer = Preparer(self.settings, self.decoder)
+            self.intake.use(self.preparer)
             if item.frame is not None:  # detected with the old settings: detect again
                 item.stars = self.preparer.detect(item.frame)
                 item.quality = Quality.of(item.stars)
         try:
             self.session = Session.create(output, self.settings)
         except OSError as err:
-            self._failed(err, f"cannot open a session for {_shown(item.path.name)}")
+            self._failed(err, f"cannot open a session for {shown(item.path.name)}")
         return self.session
 
     def _start_over(
@@ -640,14 +447,14 @@ class Daemon:
         """A much better reference arrived early: supersede the session and stack its frames
         again in a new one, ``item`` first (it becomes the reference). Returns the new session
         (None when a write failed)."""
-        log.warning("%s; starting the session over with it as the reference", _shown(why))
+        log.warning("%s; starting the session over with it as the reference", shown(why))
         try:
             files = session.supersede(why)
         except OSError as err:
             self._failed(err, f"session {session.id} not superseded", session)
             return None
         self.session = None
-        queued = self._requeue(output, [Path(f) for f in files], current=item)
+        queued = self.intake.requeue(output, [Path(f) for f in files], current=item)
         log.info("%d frame(s) queued again for the new session", queued)
         return self._open_session(item, output)
 
@@ -682,7 +489,7 @@ class Daemon:
             return
         if self._reopen is not None and not self._open_again():
             return
-        queued = self._requeue(output)
+        queued = self.intake.requeue(output)
         self._degraded.clear()
         self._publish()  # --- web ---
         log.info("%s can be written again: %d waiting frame(s) queued", output, queued)
@@ -702,13 +509,13 @@ class Daemon:
         except Exception as err:  # damaged beyond salvage: never a crash loop
             quarantine(self._reopen, f"cannot be resumed ({type(err).__name__}: {err})")
             self._reopen, self._close_wanted = None, ""
-            self._requeue(self.output)  # its frames are not processed any more
+            self.intake.requeue(self.output)  # its frames are not processed any more
             return True
         self._reopen = None
         self.session = session
         self._publish()  # --- web ---
         if session.tally.lost:  # frames to stack again when their raw files come back
-            self._requeue(self.output)
+            self.intake.requeue(self.output)
         if session.stacker.store is not None:
             self._frame_bytes = session.stacker.store.frame_bytes
         if session.state == "closing":  # stopped while finalizing: finish it
@@ -718,7 +525,7 @@ class Daemon:
         return self._reopen is None
 
     def _behind(self) -> bool:
-        return bool(self.paths.qsize() or self.prepared.qsize() or self._busy.is_set())
+        return self.intake.behind()
 
     def _idle(self) -> None:
         behind = self._behind()  # frames wait, but the worker waits for the next decode
@@ -726,7 +533,7 @@ class Daemon:
             paths = self.retries.take()
             log.info("retrying %d frame(s) that failed for a reason that may pass", len(paths))
             for path in paths:
-                self._enqueue(path)
+                self.intake.enqueue(path)
             return
         session = self.session
         if session is None:
@@ -887,20 +694,11 @@ class Daemon:
         rejected, last_frame) with the queue depth and uptime (s) read now."""
         with self._status_lock:
             snapshot = asdict(self._status)
-        snapshot["queue"] = self.paths.qsize() + self.prepared.qsize()
+        snapshot["queue"] = self.intake.depth()
         snapshot["uptime_s"] = round(time.monotonic() - self._started, 1)
         return snapshot
 
     # --- end web -----------------------------------------------------------------------------
-
-
-def _stat_key(path: Path) -> tuple[int, int] | None:
-    """(size in bytes, mtime in ns) of ``path``, None if it cannot be stat'ed."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
 
 
 def _preview_wanted(session: Session, *, behind: bool) -> bool:

@@ -626,8 +626,21 @@ class Session:
         write_json(self.dir / SESSION, meta)
 
 
-_SESSION_ONLY_FIELDS = frozenset({"watch_dir", "output_dir", "log_level", "idle_timeout_s"})
-"""Settings of the daemon, not of a session's stack: a resumed session takes today's."""
+_SESSION_ONLY_FIELDS = frozenset(
+    {
+        "watch_dir",
+        "output_dir",
+        "log_level",
+        "idle_timeout_s",
+        "web_enabled",
+        "web_listen",
+        "web_token",
+        "web_token_file",
+        "web_hosts",
+    }
+)
+"""Settings of the daemon, not of a session's stack: a resumed session takes today's (and a
+secret, redacted in session.json, is never compared with its redaction)."""
 
 
 def _own_settings(session: str, saved: Any, current: Settings) -> Settings:
