@@ -23,7 +23,6 @@ recovery carry an older ``epoch`` and are dropped, so each frame is stacked exac
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -41,11 +40,11 @@ from .decoder import DEFAULT_DECODE_FN, Decoder
 from .detect import SkyArea
 from .errors import ConfigError
 from .folder import find_open, quarantine
-from .frameio import free_bytes
 from .intake import TICK_S, Duplicate, Intake, Item, Transient
 from .notify import Notifier, shown
 from .pipeline import FrameRecord, Prepared, Preparer
 from .quality import Quality
+from .recovery import Recovery
 from .retries import Retries, first_attempts
 from .session import Session
 from .watcher import FrameWatcher
@@ -55,9 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nightstack")
 
-RETRY_S = 5.0  # while the output cannot be written: how often to look for free space again
-_SPACE_MARGIN = 16 * 2**20  # free bytes wanted besides two frame-store entries before a retry
-_FULL = (errno.ENOSPC, errno.EDQUOT)
 _DECODER_BASE_BYTES = 2 << 30  # the decoder child's virtual memory besides its frame
 LONG_WRITE_MAX_S = 900.0
 """The longest one write (a frame into the store, a checkpoint, a preview with live.fits, the
@@ -182,17 +178,13 @@ class Daemon:
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.session: Session | None = None
-        self._degraded = threading.Event()  # the output cannot be written: wait for space
-        self.intake = Intake(settings, self._sky, self.stop, self._degraded)
+        self._paused = threading.Event()  # the output cannot be written: wait for space
+        self.intake = Intake(settings, self._sky, self.stop, self._paused)
         self.retries = Retries(set())  # transient failures: tried once, waiting for the retry
         self._stuck_said = False
         self._request_said: str | None = None  # the last complaint about the close request
         self.stats = {"stacked": 0, "rejected": 0}
         self._last_keepalive = 0.0
-        self._retry_at = 0.0
-        self._reopen: Path | None = None  # a session to reload from disk before going on
-        self._close_wanted = ""  # why to close the session at _reopen once it is reloaded
-        self._frame_bytes = 0  # one frame-store entry of the last session, for the space check
         # --- web ---
         self._web: WebServer | None = None
         self._started = time.monotonic()
@@ -240,10 +232,11 @@ class Daemon:
         ) as decoder:
             self.decoder = decoder
             self.output = output
+            self.recovery = Recovery(output, self._paused)
             self.preparer = Preparer(self.settings, decoder)
             open_dir = find_open(output)
             if open_dir is not None:
-                self._reopen = open_dir
+                self.recovery.reopen = open_dir
                 self._open_again()
             self.intake.start(output, self.preparer)
             watcher = FrameWatcher(
@@ -275,7 +268,7 @@ class Daemon:
                         "(its start-up scan finds them again)",
                         len(self.retries.waiting),
                     )
-                if self.session is None and self._reopen is not None:
+                if self.session is None and self.recovery.reopen is not None:
                     self._open_again()  # a session a failed write left on disk: finish it too
                 if self.session is not None and self.session.state != "closed":
                     self._close("stopping")
@@ -292,7 +285,7 @@ class Daemon:
             self._feed_watchdog()
             if self.reload.is_set():
                 self._reload()
-            if self._degraded.is_set() and time.monotonic() >= self._retry_at:
+            if self.recovery.due():
                 self._recover(output)
             request = take_close_request(output)
             if request == "close":
@@ -306,7 +299,7 @@ class Daemon:
                 if self.exit_when_closed and self.session is None and self.stats["stacked"]:
                     return
                 continue
-            if self._degraded.is_set():
+            if self._paused.is_set():
                 continue  # still outstanding: queued again by the recovery
             if self.hooks.stall_s:
                 time.sleep(self.hooks.stall_s)  # a test's stuck worker
@@ -327,7 +320,7 @@ class Daemon:
         """Where the stars are for the next frame: the open session's sky (an automatic
         landscape mask once learned), else the configured one."""
         session = self.session
-        return session.stacker.sky if session is not None else self.preparer.sky
+        return session.sky if session is not None else self.preparer.sky
 
     def _ingest(self, item: Item, output: Path) -> None:
         if isinstance(item, Duplicate):
@@ -342,7 +335,7 @@ class Daemon:
             return
         if transient and self._retry_later(session, item):
             return
-        better = session.stacker.better_reference(item, session.tally.accepted)
+        better = session.better_reference(item)
         if better is not None:
             session = self._start_over(session, better, item, output)
             if session is None:
@@ -357,8 +350,7 @@ class Daemon:
             log.exception("internal error while stacking %s", shown(item.path.name))
             record = self._reject_after_error(session, item, err)
         self.intake.done(item.path)
-        if session.stacker.store is not None:
-            self._frame_bytes = session.stacker.store.frame_bytes
+        self.recovery.frame_bytes = session.frame_bytes or self.recovery.frame_bytes
         self._report(session, record)
 
     def _retry_later(self, session: Session, item: Prepared) -> bool:
@@ -401,8 +393,8 @@ class Daemon:
             depth,
             extra={"SESSION": session.id, "FRAME": record.file, "STATUS": record.status},
         )
-        fwhm = session.stacker.reference.stars.fwhm_px if session.stacker.reference else None
-        notes = "".join(f"; {n}" for n in (session.low_space, session.stacker.live_only) if n)
+        fwhm = session.reference_fwhm
+        notes = "".join(f"; {n}" for n in session.notes)
         self.notifier.status(
             f"{session.tally.accepted} stacked, {session.tally.rejected_total} "
             f"rejected, FWHM {record.fwhm if record.fwhm is not None else fwhm or 0:.2f} px, "
@@ -463,66 +455,46 @@ class Daemon:
         may be ahead of its journal) is dropped and reloaded from disk when space returns."""
         if session is not None:
             session.abandon()
-            self._reopen = session.dir
             if self.session is session:
                 self.session = None
-        kind = "disk full" if err.errno in _FULL or self._free() < _SPACE_MARGIN else "write failed"
-        if not self._degraded.is_set():
-            log.error(
-                "%s: %s (%s); decoding paused, frames wait and are stacked when %s can be "
-                "written again (checked every %g s); nothing is lost",
-                kind,
-                what,
-                err.strerror or err,
-                self.output,
-                RETRY_S,
-            )
-            self.notifier.status(f"{kind}: waiting for space in {self.output}")
-        self._degraded.set()
-        self._retry_at = time.monotonic() + RETRY_S
+        status = self.recovery.failed(err, what, session.dir if session is not None else None)
+        if status is not None:
+            self.notifier.status(status)
         self._publish()  # --- web ---
 
     def _recover(self, output: Path) -> None:
-        """Degraded: when there is room again, reload the session and queue the waiting frames."""
-        self._retry_at = time.monotonic() + RETRY_S
-        if self._free() < _SPACE_MARGIN + 2 * self._frame_bytes:
+        """Paused: when there is room again, reload the session and queue the waiting frames."""
+        if not self.recovery.room():
             return
-        if self._reopen is not None and not self._open_again():
+        if self.recovery.reopen is not None and not self._open_again():
             return
-        queued = self.intake.requeue(output)
-        self._degraded.clear()
+        self.recovery.resumed(self.intake.requeue(output))
         self._publish()  # --- web ---
-        log.info("%s can be written again: %d waiting frame(s) queued", output, queued)
-
-    def _free(self) -> int:
-        """Bytes free for us in the output folder (0 if that cannot be told)."""
-        return free_bytes(self.output) or 0
 
     def _open_again(self) -> bool:
         """Reload the session at ``_reopen`` from disk (finishing it if it was closing)."""
-        assert self._reopen is not None
+        assert self.recovery.reopen is not None
         try:
-            session = Session.resume(self._reopen, self.settings)
+            session = Session.resume(self.recovery.reopen, self.settings)
         except OSError as err:
-            self._failed(err, f"session {self._reopen.name} cannot be reloaded")
+            self._failed(err, f"session {self.recovery.reopen.name} cannot be reloaded")
             return False
         except Exception as err:  # damaged beyond salvage: never a crash loop
-            quarantine(self._reopen, f"cannot be resumed ({type(err).__name__}: {err})")
-            self._reopen, self._close_wanted = None, ""
+            quarantine(self.recovery.reopen, f"cannot be resumed ({type(err).__name__}: {err})")
+            self.recovery.reopen, self.recovery.close_wanted = None, ""
             self.intake.requeue(self.output)  # its frames are not processed any more
             return True
-        self._reopen = None
+        self.recovery.reopen = None
         self.session = session
         self._publish()  # --- web ---
         if session.tally.lost:  # frames to stack again when their raw files come back
             self.intake.requeue(self.output)
-        if session.stacker.store is not None:
-            self._frame_bytes = session.stacker.store.frame_bytes
+        self.recovery.frame_bytes = session.frame_bytes or self.recovery.frame_bytes
         if session.state == "closing":  # stopped while finalizing: finish it
             self._close("resumed while closing")
-        elif self._close_wanted:
-            self._close(self._close_wanted)
-        return self._reopen is None
+        elif self.recovery.close_wanted:
+            self._close(self.recovery.close_wanted)
+        return self.recovery.reopen is None
 
     def _behind(self) -> bool:
         return self.intake.behind()
@@ -554,12 +526,13 @@ class Daemon:
 
     def _close(self, why: str) -> None:
         session = self.session
+        recovery = self.recovery
         if session is None:
-            if self._reopen is not None and not self._close_wanted:
-                self._close_wanted = why  # a session waiting for space: close it once reloaded
-                log.info("session %s will be closed when it can be reloaded", self._reopen.name)
+            if recovery.reopen is not None and not recovery.close_wanted:
+                recovery.close_wanted = why  # a session waiting for space: close it once reloaded
+                log.info("session %s will be closed when it can be reloaded", recovery.reopen.name)
             return
-        self._close_wanted = ""
+        recovery.close_wanted = ""
         log.info("closing session %s: %s", session.id, why)
         self._publish("closing")  # --- web ---
         self.notifier.status(f"finalizing session {session.id} ({session.tally.accepted} frames)")
@@ -671,7 +644,7 @@ class Daemon:
         if state is None:
             if self.stop.is_set():
                 state = "stopping"
-            elif self._degraded.is_set():
+            elif self._paused.is_set():
                 state = "degraded"
             else:
                 state = "waiting" if session is None else "stacking"
@@ -684,7 +657,7 @@ class Daemon:
                 state, session.id, session.tally.accepted, session.tally.rejected_total, last
             )
         else:
-            pending = self._reopen.name if self._reopen is not None else None
+            pending = self.recovery.reopen.name if self.recovery.reopen is not None else None
             snapshot = Snapshot(state, pending, last_frame=last)
         with self._status_lock:
             self._status = snapshot

@@ -110,6 +110,33 @@ class Session:
         """A warning while the disk holds fewer than ``min_free_frames`` frames, else None."""
         return self.budget.warning
 
+    @property
+    def sky(self) -> SkyArea:
+        """Where the stars are for the next frame (an automatic landscape mask once learned)."""
+        return self.stacker.sky
+
+    @property
+    def frame_bytes(self) -> int:
+        """The bytes of one frame-store entry (0 before the reference)."""
+        store = self.stacker.store
+        return store.frame_bytes if store is not None else 0
+
+    @property
+    def notes(self) -> list[str]:
+        """What the status line must say besides the counts: low disk, live-only."""
+        return [n for n in (self.low_space, self.stacker.live_only) if n]
+
+    @property
+    def reference_fwhm(self) -> float | None:
+        """The reference's star FWHM (px), once there is one."""
+        ref = self.stacker.reference
+        return ref.stars.fwhm_px if ref is not None else None
+
+    def better_reference(self, prepared: Prepared) -> str | None:
+        """Why ``prepared`` should start the session over as its reference, or None
+        (:meth:`Stacker.better_reference`)."""
+        return self.stacker.better_reference(prepared, self.tally.accepted)
+
     # --- life cycle -------------------------------------------------------------------------
     @classmethod
     def create(cls, output_dir: Path, settings: Settings) -> Session:
