@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import threading
 import time
 from pathlib import Path
+
+from .frameio import free_bytes
 
 log = logging.getLogger("nightstack")
 
@@ -71,8 +72,4 @@ class Recovery:
 
     def free(self) -> int:
         """Bytes free for us in the output folder (0 if that cannot be told)."""
-        try:
-            st = os.statvfs(self.output)
-        except OSError:
-            return 0
-        return st.f_bavail * st.f_frsize
+        return free_bytes(self.output) or 0
