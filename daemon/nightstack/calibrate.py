@@ -38,7 +38,7 @@ import numpy as np
 
 from .arrays import FloatArray, IntArray
 from .errors import CalibrationError, ConfigError, DecodeError
-from .frameio import CALIBRATION_EXTENSIONS
+from .frameio import CALIBRATION_EXTENSIONS, FITS_EXTENSIONS
 from .frames import FrameMeta, Mosaic
 from .masters import (
     DEFAULT_RAM_CAP,
@@ -443,7 +443,7 @@ class Library:
                     continue
                 if kind is not None:
                     folders.setdefault(here, []).append(path)
-                elif path.suffix.lower() in (".fit", ".fits", ".fts"):
+                elif path.suffix.lower() in FITS_EXTENSIONS:
                     self._add_master(path)
         listing = {folder: _listing(paths) for folder, paths in folders.items()}
         offsets = "".join(  # a flat folder's masters depend on the offsets they had removed
