@@ -20,7 +20,7 @@ import pytest
 from _daemon import Daemon, journal, wait_for
 from nightstack.cli import main
 from nightstack.config import Settings, load_settings
-from nightstack.decoder import Decoder
+from nightstack.decoder import Decoder, load_kwargs
 from nightstack.detect import SkyArea, StarFinder
 from nightstack.frames import Frame
 from nightstack.landscape import (
@@ -34,7 +34,6 @@ from nightstack.landscape import (
 from nightstack.loaders import load
 from nightstack.normalize import Normalization
 from nightstack.pipeline import Preparer, Stacker
-from nightstack.service import load_kwargs
 from nightstack.simulate import SkyModel, simulate_night
 from nightstack.simulate.dng import write_dng
 

@@ -15,10 +15,9 @@ import tifffile
 
 from nightstack.cli import main
 from nightstack.config import load_settings
-from nightstack.decoder import Decoder
+from nightstack.decoder import Decoder, load_kwargs
 from nightstack.pipeline import Preparer
 from nightstack.products import FOURCC
-from nightstack.service import load_kwargs
 from nightstack.session import Session
 from nightstack.simulate import SkyModel, simulate_night
 

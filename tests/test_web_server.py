@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from _web import EventStream, request, sky_stack, write_fits
+from nightstack.address import is_loopback_host, is_loopback_ip, parse_listen
 from nightstack.config import load_settings
 from nightstack.errors import ConfigError
 from nightstack.folder import read_journal
-from nightstack.web.address import is_loopback_host, is_loopback_ip, parse_listen
 from nightstack.web.server import WebServer
 from nightstack.writers import stretch
 

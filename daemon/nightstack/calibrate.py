@@ -38,7 +38,7 @@ import numpy as np
 
 from .arrays import FloatArray, IntArray
 from .errors import CalibrationError, ConfigError, DecodeError
-from .frameio import CALIBRATION_EXTENSIONS, FITS_EXTENSIONS
+from .formats import CALIBRATION_EXTENSIONS, FITS_EXTENSIONS
 from .frames import FrameMeta, Mosaic
 from .masters import (
     DEFAULT_RAM_CAP,

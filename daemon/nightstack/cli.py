@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .config import Settings, describe, load_settings
 from .errors import ConfigError, NightstackError
-from .frameio import CALIBRATION_EXTENSIONS
+from .formats import CALIBRATION_EXTENSIONS
 from .simulate import cli as simulate_cli
 from .watcher import natural_key
 
@@ -138,9 +138,8 @@ class _Progress:
 
 
 def _cmd_stack(args: argparse.Namespace) -> int:
-    from .decoder import Decoder
+    from .decoder import Decoder, load_kwargs
     from .pipeline import Preparer, Stacker, Tally, Target, finish
-    from .service import load_kwargs
 
     settings = _settings(args)
     files = expand_inputs(args.inputs, settings.extensions)
@@ -280,12 +279,14 @@ def _watch_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_watch(args: argparse.Namespace) -> int:
     from .notify import setup_logging
     from .service import Daemon
+    from .web.server import start_web
 
     extra = _watch_overrides(args)
     settings = _settings(args, extra)
     setup_logging("DEBUG" if args.verbose else settings.log_level)
+    overrides = _overrides(args, extra)
     daemon = Daemon(
-        settings, config=args.config, overrides=_overrides(args, extra), hooks=args.hooks
+        settings, config=args.config, overrides=overrides, hooks=args.hooks, web=start_web
     )
     return daemon.run()
 

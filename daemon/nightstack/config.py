@@ -31,7 +31,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
-from .frameio import STACK_EXTENSIONS
+from .formats import STACK_EXTENSIONS
 
 log = logging.getLogger("nightstack")
 
@@ -367,7 +367,7 @@ class Settings(BaseSettings):
     @field_validator("web_listen")
     @classmethod
     def _check_web_listen(cls, value: str) -> str:
-        from .web.address import parse_listen  # the one parser, shared with the server
+        from .address import parse_listen  # the one parser, shared with the server
 
         parse_listen(value)
         return value

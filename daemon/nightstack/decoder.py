@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import Settings
 from .errors import DecodeError
 from .frameio import NotAFrameFile, open_frame, transient_error
 from .frames import Frame, FrameMeta, Mosaic
@@ -525,3 +526,27 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+_DECODER_BASE_BYTES = 2 << 30  # the decoder child's virtual memory besides its frame
+
+
+def load_kwargs(settings: Settings) -> dict[str, Any]:
+    """The decoder options of a Settings."""
+    wb = settings.white_balance
+    balance: str | list[float] = (
+        wb if wb in ("camera", "daylight", "auto") else [float(v) for v in wb.split(",")]
+    )
+    return {
+        "demosaic": settings.demosaic,
+        "white_balance": balance,
+        "bin": settings.bin,
+        "max_pixels": settings.max_frame_pixels,
+    }
+
+
+def decoder_memory(settings: Settings) -> int:
+    """The decoder child's address-space limit (bytes): its libraries' mappings (0.75 GB on
+    this machine; more threads, more stacks) plus 32 bytes per pixel of the largest frame
+    allowed (LibRaw's buffers and the float32 RGB of its own demosaic: ~28)."""
+    return _DECODER_BASE_BYTES + 32 * settings.max_frame_pixels

@@ -13,6 +13,7 @@ from .config import load_settings
 from .service import Daemon
 from .session import Session
 from .simulate import simulate_night
+from .web.server import start_web
 
 log = logging.getLogger("nightstack.demo")
 
@@ -64,7 +65,8 @@ def run_demo(
     shooter = threading.Thread(target=camera, name="nightstack-demo-camera", daemon=True)
     shooter.start()
     try:
-        code = Daemon(settings, exit_when_closed=True, on_close=on_close).run()
+        daemon = Daemon(settings, exit_when_closed=True, on_close=on_close, web=start_web)
+        code = daemon.run()
     finally:
         shooter.join(timeout=5)
         shutil.rmtree(watch, ignore_errors=True)

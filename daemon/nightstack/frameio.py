@@ -28,16 +28,6 @@ MAX_FRAME_BYTES = 4 << 30
 float32 FITS ~730 MB; a larger "frame" is refused rather than hashed for minutes."""
 _HASH_CHUNK = 1 << 20  # read files in 1 MiB pieces while hashing
 
-CAMERA_RAW_EXTENSIONS = (".cr3", ".cr2", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2", ".pef")
-"""The common cameras' raws (LibRaw reads more: :data:`nightstack.loaders.RAW_EXTENSIONS`)."""
-FITS_EXTENSIONS = (".fit", ".fits", ".fts")
-TIFF_EXTENSIONS = (".tif", ".tiff")
-CALIBRATION_EXTENSIONS = CAMERA_RAW_EXTENSIONS + FITS_EXTENSIONS
-"""Files a calibration folder's frames are read from: mosaics, raw or FITS (a TIFF is an
-already demosaiced image)."""
-STACK_EXTENSIONS = CALIBRATION_EXTENSIONS + TIFF_EXTENSIONS
-"""The ``extensions`` setting's default: the lights a session stacks. All lowercase with the dot;
-compare ``path.suffix.lower()``."""
 
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EMFILE, errno.ENFILE})
 """Read errors of the storage or the process, not of the file's content: worth another try."""

@@ -46,7 +46,7 @@ from astropy.io import fits
 from .arrays import Float32Array
 from .demosaic import METHODS, demosaic_image, mhc, mosaic_codes
 from .errors import DecodeError, NotMosaicError
-from .frameio import CAMERA_RAW_EXTENSIONS, FITS_EXTENSIONS, TIFF_EXTENSIONS
+from .formats import CAMERA_RAW_EXTENSIONS, FITS_EXTENSIONS, TIFF_EXTENSIONS
 from .frames import BAYER_PATTERNS, Frame, FrameMeta, Mosaic
 
 log = logging.getLogger(__name__)

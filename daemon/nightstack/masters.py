@@ -436,7 +436,7 @@ def read_frame(path: str | os.PathLike[str]) -> CalibrationFrame:
 
     Raises ``DecodeError`` with a one-line reason when the file cannot be decoded.
     """
-    from .frameio import FITS_EXTENSIONS
+    from .formats import FITS_EXTENSIONS
     from .loaders import fits_is_bayer, load, load_mosaic
 
     path = Path(path)

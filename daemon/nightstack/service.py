@@ -32,11 +32,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .config import Settings, load_settings, web_token
-from .control import hold_lock, request_close, take_close_request
-from .decoder import DEFAULT_DECODE_FN, Decoder
+from .control import hold_lock, take_close_request
+from .decoder import DEFAULT_DECODE_FN, Decoder, decoder_memory, load_kwargs
 from .detect import SkyArea
 from .errors import ConfigError
 from .folder import find_open, quarantine
@@ -49,37 +49,25 @@ from .retries import Retries, first_attempts
 from .session import Session
 from .watcher import FrameWatcher
 
-if TYPE_CHECKING:
-    from .web.server import WebServer
+
+class WebPage(Protocol):
+    """The web page as the daemon sees it (``web.server.WebServer``)."""
+
+    def stop(self) -> None: ...
+
+    def reconfigure(self, token: str | None, hosts: tuple[str, ...] | list[str]) -> None: ...
+
+
+WebStarter = Callable[[Settings, Path, Callable[[], dict[str, Any]]], WebPage | None]
+"""Starts the web page of a daemon writing into a folder, given its status (None: no page);
+``web.server.start_web``. Given by the caller, so the service does not import the web page."""
 
 log = logging.getLogger("nightstack")
 
-_DECODER_BASE_BYTES = 2 << 30  # the decoder child's virtual memory besides its frame
 LONG_WRITE_MAX_S = 900.0
 """The longest one write (a frame into the store, a checkpoint, a preview with live.fits, the
 final combine and its files) keeps the watchdog fed: a card that slow is failing, and a write
 that never ends is a hang the watchdog must see."""
-
-
-def load_kwargs(settings: Settings) -> dict[str, Any]:
-    """The decoder options of a Settings."""
-    wb = settings.white_balance
-    balance: str | list[float] = (
-        wb if wb in ("camera", "daylight", "auto") else [float(v) for v in wb.split(",")]
-    )
-    return {
-        "demosaic": settings.demosaic,
-        "white_balance": balance,
-        "bin": settings.bin,
-        "max_pixels": settings.max_frame_pixels,
-    }
-
-
-def decoder_memory(settings: Settings) -> int:
-    """The decoder child's address-space limit (bytes): its libraries' mappings (0.75 GB on
-    this machine; more threads, more stacks) plus 32 bytes per pixel of the largest frame
-    allowed (LibRaw's buffers and the float32 RGB of its own demosaic: ~28)."""
-    return _DECODER_BASE_BYTES + 32 * settings.max_frame_pixels
 
 
 def check_startup(settings: Settings) -> tuple[Path, Path]:
@@ -168,12 +156,14 @@ class Daemon:
         exit_when_closed: bool = False,
         on_close: Callable[[Session, dict[str, Any]], None] | None = None,
         hooks: Hooks | None = None,
+        web: WebStarter | None = None,
     ) -> None:
         self.settings = settings
         self.hooks = hooks or Hooks()
         self.config, self.overrides = config, overrides
         self.exit_when_closed = exit_when_closed
         self.on_close = on_close
+        self.web = web
         self.notifier = Notifier()
         self.stop = threading.Event()
         self.reload = threading.Event()
@@ -186,7 +176,7 @@ class Daemon:
         self.stats = {"stacked": 0, "rejected": 0}
         self._last_keepalive = 0.0
         # --- web ---
-        self._web: WebServer | None = None
+        self._web: WebPage | None = None
         self._started = time.monotonic()
         self._status_lock = threading.Lock()  # guards _status: the worker swaps, the web reads
         self._status = Snapshot("starting")
@@ -600,32 +590,10 @@ class Daemon:
         self.notifier.ready()
 
     # --- web ---------------------------------------------------------------------------------
-    def _start_web(self, output: Path) -> WebServer | None:
-        """Serve the web page and API on their own thread. A port that cannot be bound costs
-        the page, not the night: the error is logged and stacking goes on."""
-        if not self.settings.web_enabled:
-            return None
-        from .web.server import WebServer
-
-        server = WebServer(
-            output,
-            self.settings.web_listen,
-            token=web_token(self.settings),
-            hosts=self.settings.web_hosts,
-            status=self.status,
-            close=lambda: request_close(output),
-        )
-        try:
-            server.start()
-        except OSError as err:
-            log.error(
-                "web page not started: cannot listen on %s (%s); stacking goes on without it",
-                self.settings.web_listen,
-                err.strerror or err,
-            )
-            return None
-        self._web = server
-        return server
+    def _start_web(self, output: Path) -> WebPage | None:
+        """The web page (:attr:`web` starts it on its own thread), if the daemon has one."""
+        self._web = self.web(self.settings, output, self.status) if self.web else None
+        return self._web
 
     def _reload_web(self, old: Settings, fresh: Settings) -> None:
         """SIGHUP: the web token (also from its file or credential) and ``web_hosts`` apply

@@ -24,8 +24,8 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from ..address import is_loopback_host, is_loopback_ip
 from ..frameio import free_bytes
-from .address import is_loopback_host, is_loopback_ip
 from .auth import COOKIE, COOKIE_MAX_AGE_S, Auth
 from .events import EventHub
 from .render import CROPS, FORMATS, STRENGTH_RANGE, WIDTHS, RenderQueue, StretchRenderer, listed

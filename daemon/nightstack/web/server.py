@@ -23,7 +23,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .address import is_loopback_host, parse_listen
+from ..address import is_loopback_host, parse_listen
+from ..config import Settings, web_token
+from ..control import request_close
 from .api import build_app
 from .auth import Auth
 from .limits import PER_CLIENT, GatedSite, RepeatFilter, total_cap
@@ -202,3 +204,31 @@ class WebServer:
         finally:
             await runner.cleanup()
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+def start_web(
+    settings: Settings, output: Path, status: Callable[[], dict[str, Any]]
+) -> WebServer | None:
+    """Serve the page and API of the daemon writing into ``output`` on their own thread (None
+    with ``web_enabled`` false). A port that cannot be bound costs the page, not the night: the
+    error is logged and stacking goes on (None)."""
+    if not settings.web_enabled:
+        return None
+    server = WebServer(
+        output,
+        settings.web_listen,
+        token=web_token(settings),
+        hosts=settings.web_hosts,
+        status=status,
+        close=lambda: request_close(output),
+    )
+    try:
+        server.start()
+    except OSError as err:
+        log.error(
+            "web page not started: cannot listen on %s (%s); stacking goes on without it",
+            settings.web_listen,
+            err.strerror or err,
+        )
+        return None
+    return server

@@ -1,4 +1,5 @@
-"""``HOST:PORT`` of the web server, and which peers and host names are this machine."""
+"""``HOST:PORT`` of the web server, and which peers and host names are this machine (shared by
+the settings' validation and the web server)."""
 
 from __future__ import annotations
 
