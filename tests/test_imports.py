@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-import pytest
-
 import nightstack
 
 PACKAGE = Path(nightstack.__file__).parent
@@ -129,15 +127,42 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 def test_the_package_modules_import_each_other_without_a_cycle() -> None:
     graph = _graph("nightstack")
-    assert "nightstack.live" in graph and "nightstack.web.server" in graph
-    cycles = [c for c in _cycles(graph) if not all(m.startswith("nightstack.simulate.") for m in c)]
-    assert cycles == []
+    assert "nightstack.stacking.live" in graph and "nightstack.web.server" in graph
+    assert _cycles(graph) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="simulate: SkyModel.render/electrons call back into simulate.render, which imports "
-    "sky (issue 21 item 7, subpackages by stage)",
-)
-def test_the_simulator_modules_import_each_other_without_a_cycle() -> None:
-    assert _cycles(_graph("nightstack.simulate")) == []
+STAGES = [
+    ("nightstack", "nightstack.arrays", "nightstack.errors", "nightstack.formats",
+     "nightstack.address", "nightstack.config", "nightstack.frames"),
+    ("nightstack.io",),
+    ("nightstack.registration",),
+    ("nightstack.stacking",),
+    ("nightstack.calibration",),
+    ("nightstack.products",),
+    ("nightstack.pipeline",),
+    ("nightstack.service",),
+    ("nightstack.web", "nightstack.simulate"),
+    ("nightstack.cli", "nightstack.demo"),
+]  # fmt: skip
+"""The package's layers, bottom first (docs/architecture.md): a module imports only from its
+own layer's packages or the layers below."""
+
+
+def _stage(module: str) -> int:
+    best, found = -1, -1
+    for n, names in enumerate(STAGES):
+        for name in names:
+            inside = module.startswith(name + ".") and name != "nightstack"
+            if (module == name or inside) and len(name) > best:
+                best, found = len(name), n
+    return found
+
+
+def test_every_module_has_a_stage_and_imports_only_downward() -> None:
+    graph = _graph("nightstack")
+    unplaced = [m for m in graph if _stage(m) < 0]
+    assert unplaced == []
+    upward = sorted(
+        f"{m} -> {i}" for m, imports in graph.items() for i in imports if _stage(i) > _stage(m)
+    )
+    assert upward == []

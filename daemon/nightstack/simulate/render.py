@@ -17,10 +17,10 @@ import numpy.typing as npt
 from scipy.special import erf
 
 from nightstack.arrays import FloatArray, IntArray, UInt16Array
-from nightstack.simulate.sky import PSF_RADIUS_SIGMA, SKY_RGB, SkyModel
 
 if TYPE_CHECKING:
     from nightstack.simulate.sensor import SensorModel
+    from nightstack.simulate.sky import SkyModel
 
 _STAMP_BATCH = 1024  # stars per vectorised stamp batch (bounds temporary memory)
 _TRAIL_STEP_PX = 0.5  # trailed stars are summed from PSFs this far apart: a smooth line
@@ -28,6 +28,8 @@ _NEBULA_RADIUS_SIGMA = 3.5  # nebula drawn within this many major-axis sigmas
 _WINDOW_E = 6000.0  # electrons per pixel of a lit window (bright, below saturation)
 _WINDOW_RGB = (1.3, 1.0, 0.5)  # warm tungsten light
 _BAND_ROWS = 256  # rows of noise (or nebula) computed at a time (bounds temporary memory)
+PSF_RADIUS_SIGMA = 6.0  # star stamp half-size, sigmas: the Gaussian beyond holds < 1e-8 of the flux
+SKY_RGB = (1.1, 1.0, 0.8)  # light-polluted sky: a little warm (sky colour weights r, g, b)
 
 
 def expected_electrons(model: SkyModel, i: int) -> FloatArray:

@@ -47,6 +47,7 @@ from scipy.special import erf
 
 from nightstack.arrays import FloatArray, IntArray, UInt16Array
 from nightstack.simulate.dng import CFA_PATTERNS
+from nightstack.simulate.render import PSF_RADIUS_SIGMA, SKY_RGB, expected_electrons, raw_frame
 
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # Gaussian FWHM / sigma
 _STAR_CELL_PX = 256  # stars are drawn per sky cell, so a patch of sky keeps its stars whatever
@@ -56,9 +57,7 @@ _FLUX_SLOPE = 0.6  # N(>F) ∝ F^-0.6: many faint stars, few bright ones
 _FAINTEST_PEAK_SNR = 2.0  # the faintest stars sit below detection, as on a real sky
 _BRIGHTEST_PEAK_SNR = 20_000.0  # the brightest ones saturate hard
 _STAR_COLOUR_SPREAD = 0.35  # colour weights (1 + s c, 1, 1 - s c) with c in [-1, 1]
-PSF_RADIUS_SIGMA = 6.0  # star stamp half-size, sigmas: the Gaussian beyond holds < 1e-8 of the flux
 _APERTURE_FWHM = 1.0  # aperture radius (in FWHM) of the flux-to-noise ratio in the truth
-SKY_RGB = (1.1, 1.0, 0.8)  # light-polluted sky: a little warm (sky colour weights r, g, b)
 _NEBULA_RGB = (1.5, 0.7, 0.9)  # emission nebula: H-alpha red with some OIII
 _NEBULA_PEAK = 0.25  # nebula peak as a fraction of the sky level: faint, needs a stretch
 _GROUND_LEVEL = 0.02  # the landscape's own glow as a fraction of the sky: a dark silhouette
@@ -756,16 +755,12 @@ class SkyModel:
     def electrons(self, i: int) -> FloatArray:
         """Noise-free expected signal of frame ``i``, (height, width) float32 electrons per CFA
         site (``cfa_pattern``), hot pixels not included."""
-        from nightstack.simulate.render import expected_electrons  # render imports this module
-
         return expected_electrons(self, i)
 
     def render(self, i: int, *, noise: bool = True) -> UInt16Array:
         """Raw CFA of frame ``i``: (height, width) uint16 ADU laid out as ``cfa_pattern``,
         black level included, clipped at the white level; hot pixels added. ``noise=False``
         gives the rounded expectation (no shot or read noise)."""
-        from nightstack.simulate.render import raw_frame  # render imports this module
-
         return raw_frame(self, i, noise=noise)
 
     # ---- the sky background ----------------------------------------------------------------
