@@ -382,7 +382,7 @@ def ensure_night(n: int, width: int = FULL_W, height: int = FULL_H) -> list[Path
 
 def decode_seconds(path: Path, repeat: int) -> float:
     """Median in-process decode (``loaders.load``) time of ``path``: the unit of every ratio."""
-    from nightstack.loaders import load
+    from nightstack.io.loaders import load
 
     return median(time_calls(lambda: load(path), repeat))
 

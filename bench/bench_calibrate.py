@@ -64,9 +64,9 @@ def _darks(n: int) -> list[Path]:
 
 
 def measure(quick: bool) -> dict[str, Any]:
-    from nightstack.calibrate import Calibrator
-    from nightstack.loaders import load, load_mosaic
-    from nightstack.masters import Master, MasterInfo, read_master
+    from nightstack.calibration.calibrate import Calibrator
+    from nightstack.calibration.masters import Master, MasterInfo, read_master
+    from nightstack.io.loaders import load, load_mosaic
     from nightstack.simulate.sensor import SensorModel
     from nightstack.simulate.sky import SkyModel
 

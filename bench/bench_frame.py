@@ -44,16 +44,16 @@ def _batch_script_detection(image: np.ndarray) -> int:
 
 
 def measure(quick: bool) -> dict[str, Any]:
-    from nightstack.align import align
-    from nightstack.checkpoint import save_live
-    from nightstack.decoder import Decoder
-    from nightstack.detect import StarFinder
-    from nightstack.live import LiveStack
-    from nightstack.loaders import load
-    from nightstack.pipeline import file_sha256
-    from nightstack.store import FrameStore
-    from nightstack.warp import warp
-    from nightstack.writers import write_preview
+    from nightstack.io.decoder import Decoder
+    from nightstack.io.frameio import file_sha256
+    from nightstack.io.loaders import load
+    from nightstack.io.writers import write_preview
+    from nightstack.registration.align import align
+    from nightstack.registration.detect import StarFinder
+    from nightstack.registration.warp import warp
+    from nightstack.stacking.checkpoint import save_live
+    from nightstack.stacking.live import LiveStack
+    from nightstack.stacking.store import FrameStore
 
     frames = WARMUP + (2 if quick else 4)
     paths = ensure_night(frames)

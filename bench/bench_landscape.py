@@ -39,7 +39,9 @@ def _peak_mb(call: Callable[[], Any]) -> float:
 def measure(quick: bool) -> dict[str, Any]:
     import cv2
 
-    from nightstack.landscape import (
+    from nightstack.io.loaders import load
+    from nightstack.products.extras import StarTrails, Timelapse
+    from nightstack.products.landscape import (
         GroundStack,
         HorizonFinder,
         SkyMask,
@@ -47,9 +49,7 @@ def measure(quick: bool) -> dict[str, Any]:
         ground_top,
         preview_composite,
     )
-    from nightstack.loaders import load
-    from nightstack.normalize import Normalization
-    from nightstack.products import StarTrails, Timelapse
+    from nightstack.registration.normalize import Normalization
     from nightstack.simulate import SkyModel
 
     frames = 4 if quick else FRAMES
@@ -118,8 +118,8 @@ def measure(quick: bool) -> dict[str, Any]:
     peaks["timelapse"] = _peak_mb(lambda: timelapse.add(image))
     peaks["fill"] = _peak_mb(lambda: fill_ground(image, mask))
     peaks["horizon_estimate"] = _peak_mb(finder.estimate)
-    from nightstack.landscape import blend_weights
-    from nightstack.writers import write_preview
+    from nightstack.io.writers import write_preview
+    from nightstack.products.landscape import blend_weights
 
     weight = blend_weights(mask, ground.top, 12.0)
     small = np.asarray(cv2.resize(image, (1600, 1067), interpolation=cv2.INTER_AREA))

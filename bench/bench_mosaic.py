@@ -54,7 +54,7 @@ POLL_S = 0.05
 
 
 def _decode(path: Path, repeat: int) -> dict[str, float]:
-    from nightstack.loaders import load, load_mosaic
+    from nightstack.io.loaders import load, load_mosaic
 
     calls = {
         "mosaic": lambda: load_mosaic(path),
@@ -134,8 +134,8 @@ def _fwhm_of(stack: Path, reference: Path) -> dict[str, float]:
     from astropy.io import fits
 
     from nightstack.config import Settings
-    from nightstack.loaders import load
-    from nightstack.pipeline import star_finder
+    from nightstack.io.loaders import load
+    from nightstack.pipeline.prepare import star_finder
 
     settings = Settings()
     finder = star_finder(settings, settings.landscape_mask_ratio, None)

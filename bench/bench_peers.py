@@ -104,10 +104,10 @@ def _grid_rms(estimate: np.ndarray, truth: np.ndarray) -> float:
 def _alignment(quick: bool) -> dict[str, Any]:
     import astroalign
 
-    from nightstack.align import align
-    from nightstack.detect import StarFinder
     from nightstack.errors import AlignmentError
-    from nightstack.loaders import load
+    from nightstack.io.loaders import load
+    from nightstack.registration.align import align
+    from nightstack.registration.detect import StarFinder
 
     frames = 6 if quick else 12
     finder = StarFinder()
@@ -150,7 +150,7 @@ def _alignment(quick: bool) -> dict[str, Any]:
 
 def _measure_image(image: np.ndarray) -> dict[str, float]:
     """Background noise (relative) and median star FWHM of a stacked (rows, cols, 3) image."""
-    from nightstack.detect import StarFinder
+    from nightstack.registration.detect import StarFinder
 
     gray = np.nan_to_num(image.mean(axis=2).astype(np.float32))
     rows, cols = gray.shape

@@ -75,7 +75,7 @@ def _reference(paths: list[Path], report: Path) -> np.ndarray:
     from colour_demosaicing import demosaicing_CFA_Bayer_Menon2007
 
     _drop_mocks()
-    from nightstack.loaders import load_mosaic
+    from nightstack.io.loaders import load_mosaic
 
     records = {Path(r["file"]).name: r for r in map(json.loads, report.read_text().splitlines())}
     planes, ref_level = [], None
@@ -88,7 +88,7 @@ def _reference(paths: list[Path], report: Path) -> np.ndarray:
             cfa = np.asarray(mosaic.data, np.float64)
             image = demosaicing_CFA_Bayer_Menon2007(cfa, mosaic.pattern).astype(np.float32)
         except Exception:  # a mono frame: no mosaic
-            from nightstack.loaders import load
+            from nightstack.io.loaders import load
 
             image = load(path).image
         matrix = np.asarray(record["transform"], np.float64)
@@ -119,8 +119,8 @@ def _positions(
 ) -> np.ndarray | None:
     """``xy`` of the base stack mapped into ``image`` (``scale`` x finer, for a drizzle) by a
     similarity fit of their stars."""
-    from nightstack.align import align
-    from nightstack.detect import StarFinder
+    from nightstack.registration.align import align
+    from nightstack.registration.detect import StarFinder
 
     finder = StarFinder(landscape_mask_ratio=1.0, fwhm_px=4.0 * scale)
     try:
@@ -133,13 +133,13 @@ def _positions(
 
 
 def _measure_set(name: str, folder: str, glob: str) -> dict[str, Any]:
-    from nightstack.detect import StarFinder
-    from nightstack.photometry import (
+    from nightstack.products.photometry import (
         aperture_photometry,
         colour_noise,
         fit_fwhm,
         star_free_mask,
     )
+    from nightstack.registration.detect import StarFinder
 
     paths = _paths(folder, glob)
     if not paths:

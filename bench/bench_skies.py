@@ -19,12 +19,12 @@ MODES = ("add", "addscale", "gradient")
 
 
 def measure(quick: bool) -> dict[str, Any]:
-    from nightstack.align import align
-    from nightstack.detect import StarFinder
-    from nightstack.loaders import load
-    from nightstack.normalize import SkySamples, estimate
-    from nightstack.quality import transparency
-    from nightstack.store import FrameStore
+    from nightstack.io.loaders import load
+    from nightstack.registration.align import align
+    from nightstack.registration.detect import StarFinder
+    from nightstack.registration.normalize import SkySamples, estimate
+    from nightstack.registration.quality import transparency
+    from nightstack.stacking.store import FrameStore
 
     frames = 3 if quick else 5
     paths = ensure_night(frames)

@@ -1,7 +1,7 @@
 """Fuzz the frame loaders with mutated real headers, for a bounded time (not part of the tests).
 
-Every input goes through the daemon's own isolation, a :class:`nightstack.decoder.Decoder`
-child process running ``nightstack.loaders:load``, so a LibRaw segfault or hang is caught and
+Every input goes through the daemon's own isolation, a :class:`nightstack.io.decoder.Decoder`
+child process running ``nightstack.io.loaders:load``, so a LibRaw segfault or hang is caught and
 reported instead of killing the fuzzer. The property is the loaders' contract:
 
 - a decoded frame has ``image`` (rows, cols, 1 | 3) float32 and ``luminance``
@@ -42,8 +42,8 @@ import numpy as np
 import tifffile
 from astropy.io import fits
 
-from nightstack.decoder import Decoder
 from nightstack.errors import DecodeError
+from nightstack.io.decoder import Decoder
 from nightstack.simulate import simulate_night
 
 try:

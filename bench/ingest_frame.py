@@ -3,7 +3,7 @@
     PYTHONPATH=TREE/daemon python bench/ingest_frame.py frames RAW [RAW ...]
     PYTHONPATH=TREE/daemon python bench/ingest_frame.py decode RAW [--repeat N]
 
-``frames``: a real :class:`~nightstack.decoder.Decoder` and ``Stacker.prepare`` (hash, decode in
+``frames``: a real :class:`~nightstack.io.decoder.Decoder` and ``Stacker.prepare`` (hash, decode in
 the child, calibrate, mosaic, detect) of each file after one warm-up, one JSON line a file: the
 stage times (``ms``, as ``nightstack stack --report`` records them), each process's resident
 set before and its peak during the frame (VmHWM, reset through ``/proc/PID/clear_refs`` just
@@ -58,8 +58,8 @@ def _poll_pss(pids: tuple[int, int], stop: threading.Event, peak: list[float]) -
 
 def frames(paths: list[Path]) -> list[dict[str, Any]]:
     from nightstack.config import Settings
-    from nightstack.decoder import Decoder
-    from nightstack.pipeline import Preparer
+    from nightstack.io.decoder import Decoder
+    from nightstack.pipeline.prepare import Preparer
 
     rows = []
     with Decoder() as decoder:
@@ -96,7 +96,7 @@ def frames(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def decode(path: Path, repeat: int) -> dict[str, float]:
-    from nightstack.loaders import load, load_mosaic
+    from nightstack.io.loaders import load, load_mosaic
 
     calls: dict[str, Callable[[], object]] = {
         "ahd": lambda: load(path, demosaic="AHD"),

@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from astropy.stats import sigma_clip
 
-    from nightstack.loaders import load
-    from nightstack.warp import warp
+    from nightstack.io.loaders import load
+    from nightstack.registration.warp import warp
 
     records = [json.loads(line) for line in args.report.read_text().splitlines()]
     accepted = [r for r in records if r["status"] == "accepted"]

@@ -23,7 +23,8 @@ class Daemon:
 
     ``decode_fn`` (the decoder child's ``module:function``, e.g. ``_faulty_decode:load``) and
     ``stall_s`` (the worker sleeps this long before each frame) are the daemon's test hooks
-    (``nightstack.service.Hooks``); with either, the daemon runs through ``tests/_launch.py``.
+    (``nightstack.service.daemon.Hooks``); with either, the daemon runs through
+    ``tests/_launch.py``.
     """
 
     def __init__(

@@ -12,7 +12,7 @@ By the file's name (the files need not exist for the faults):
   ``STALL_S`` longer (a test waits for that file and kills the child with SIGKILL meanwhile);
 - ``lag``: takes ``LAG_S`` longer (frames that keep a queue waiting).
 
-Everything else is decoded by ``nightstack.loaders.decode_light``. "First attempt" is
+Everything else is decoded by ``nightstack.io.loaders.decode_light``. "First attempt" is
 remembered in the folder named by the environment variable ``FAULTY_DECODE_STATE`` (the child is
 restarted after a timeout, so memory would not do); it is read here only, never by nightstack.
 """

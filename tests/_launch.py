@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from nightstack.cli import main
-from nightstack.service import Hooks
+from nightstack.service.daemon import Hooks
 
 
 def launch(argv: Sequence[str] | None = None) -> int:

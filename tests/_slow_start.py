@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from nightstack.loaders import decode_light as load
+from nightstack.io.loaders import decode_light as load
 
 time.sleep(float(os.environ.get("SLOW_START_S", "20")))
 

@@ -11,10 +11,10 @@ import pytest
 from scipy.spatial import cKDTree
 
 from _sky import BIN, apply, catalogue, invert, render, similarity, transform_error
-from nightstack.align import align
-from nightstack.detect import StarFinder
 from nightstack.errors import AlignmentError
 from nightstack.frames import Alignment, Stars
+from nightstack.registration.align import align
+from nightstack.registration.detect import StarFinder
 
 WIDTH, HEIGHT = 1800.0, 1200.0  # full-res frame (catalogue tests)
 CENTRE = (WIDTH / 2, HEIGHT / 2)
@@ -260,7 +260,7 @@ def test_a_star_mapped_to_nan_matches_nothing() -> None:
     out of the KD-tree (seen once as an "internal error" rejecting a good frame)."""
     from scipy.spatial import cKDTree
 
-    from nightstack.align import _match
+    from nightstack.registration.align import _match
 
     ref = np.array([[10.0, 10.0], [50.0, 20.0]])
     mapped = np.array([[np.nan, np.nan], [50.2, 20.1], [np.inf, 3.0]])

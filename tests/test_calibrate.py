@@ -16,7 +16,7 @@ from astropy.io import fits
 from astropy.stats import sigma_clip
 from numpy.testing import assert_allclose
 
-from nightstack.calibrate import (
+from nightstack.calibration.calibrate import (
     Calibration,
     Calibrator,
     FrameDefects,
@@ -27,17 +27,17 @@ from nightstack.calibrate import (
     load_masters,
     repair,
 )
-from nightstack.cli import main
-from nightstack.errors import CalibrationError
-from nightstack.frames import FrameMeta, Mosaic
-from nightstack.loaders import load_mosaic
-from nightstack.masters import (
+from nightstack.calibration.masters import (
     Master,
     MasterInfo,
     build_master,
     read_master,
     write_master,
 )
+from nightstack.cli import main
+from nightstack.errors import CalibrationError
+from nightstack.frames import FrameMeta, Mosaic
+from nightstack.io.loaders import load_mosaic
 from nightstack.simulate.dng import write_dng
 from nightstack.simulate.sensor import SensorModel, write_calibration
 from nightstack.simulate.sky import SkyModel
@@ -365,7 +365,7 @@ def test_library_builds_masters_from_raw_folders_once(
     def no_decoding(path: Path) -> None:
         raise AssertionError(f"{path} decoded again")
 
-    monkeypatch.setattr("nightstack.calibrate.read_frame", no_decoding)
+    monkeypatch.setattr("nightstack.calibration.calibrate.read_frame", no_decoding)
     again = Library(tmp_path / "lib")  # opened again: from the cache, no frame decoded
     assert len(again.masters) == 7 and not again.problems
     assert [p.stat().st_mtime_ns for p in sorted(cache_dir.glob("*.fits"))] == stamps

@@ -19,9 +19,9 @@ import pytest
 from astropy.io import fits
 
 from _daemon import Daemon, journal, wait_for
-from nightstack.calibrate import DEFECT_FRAMES
+from nightstack.calibration.calibrate import DEFECT_FRAMES
+from nightstack.calibration.masters import Master, MasterInfo, write_master
 from nightstack.cli import main
-from nightstack.masters import Master, MasterInfo, write_master
 from nightstack.simulate import simulate_night
 from nightstack.simulate.sensor import SensorModel
 from nightstack.simulate.sky import SKY_RGB, SkyModel

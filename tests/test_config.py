@@ -15,7 +15,7 @@ import pytest
 from nightstack.cli import main
 from nightstack.config import Settings, describe, load_settings
 from nightstack.errors import ConfigError
-from nightstack.service import check_startup
+from nightstack.service.daemon import check_startup
 
 
 def _toml(tmp_path: Path, text: str) -> Path:

@@ -1,4 +1,4 @@
-"""nightstack.decoder: decoding in a child process, with real hangs, real SIGSEGVs and real
+"""nightstack.io.decoder: decoding in a child process, with real hangs, real SIGSEGVs and real
 process/shared-memory bookkeeping (the faults come from tests/_faulty_decode.py, run in the child).
 """
 
@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from nightstack.decoder import SHM_PREFIX, Decoder, TransientDecodeError, _child_main
 from nightstack.errors import DecodeError
 from nightstack.frames import Frame, Mosaic
-from nightstack.loaders import decode_light, load
+from nightstack.io.decoder import SHM_PREFIX, Decoder, TransientDecodeError, _child_main
+from nightstack.io.loaders import decode_light, load
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 M27 = REALDATA / "seq_als_m27_asi224mc" / "Light_1069.fits"
@@ -99,7 +99,8 @@ def fits_frame(tmp_path: Path) -> Path:
 
 def test_decode_equals_in_process_load(fits_frame: Path) -> None:
     kwargs = {"bin": 4, "demosaic": "AHD"}  # load() demosaics a Bayer FITS by MHC whatever the
-    with Decoder(timeout_s=30, load_kwargs=kwargs, decode_fn="nightstack.loaders:load") as decoder:
+    load_fn = "nightstack.io.loaders:load"
+    with Decoder(timeout_s=30, load_kwargs=kwargs, decode_fn=load_fn) as decoder:
         frame = decoder.decode(fits_frame)  # LibRaw name (decode_light refuses it: the setting)
         _assert_same_frame(frame, load(fits_frame, bin=4))
         assert isinstance(frame, Frame)
@@ -287,7 +288,7 @@ def test_stale_segments_of_dead_parents_are_swept(tmp_path: Path) -> None:
 def test_child_exits_when_parent_is_killed_mid_hang(tmp_path: Path) -> None:
     script = (
         "import contextlib\n"
-        "from nightstack.decoder import Decoder\n"
+        "from nightstack.io.decoder import Decoder\n"
         "from nightstack.errors import DecodeError\n"
         "if __name__ == '__main__':\n"
         f"    d = Decoder(timeout_s=600, decode_fn={FAULTY!r})\n"
@@ -320,7 +321,7 @@ def test_child_exits_when_parent_is_killed_mid_hang(tmp_path: Path) -> None:
 
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="module:function"):
-        Decoder(decode_fn="nightstack.loaders.load")
+        Decoder(decode_fn="nightstack.io.loaders.load")
     with pytest.raises(ValueError, match="cannot be found"):
         Decoder(decode_fn="no_such_module_here:load")
     with pytest.raises(ValueError, match="timeout_s"):
@@ -329,7 +330,7 @@ def test_invalid_arguments() -> None:
 
 def test_unimportable_function_fails_decode_with_reason(fits_frame: Path) -> None:
     with (
-        Decoder(decode_fn="nightstack.loaders:no_such_function") as decoder,
+        Decoder(decode_fn="nightstack.io.loaders:no_such_function") as decoder,
         pytest.raises(DecodeError, match=r"^decoder failed to start: cannot import"),
     ):
         decoder.decode(fits_frame)

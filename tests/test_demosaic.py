@@ -1,4 +1,4 @@
-"""nightstack.demosaic and the mosaic frame store: band demosaics equal the whole frame's, the
+"""nightstack.io.demosaic and the mosaic frame store: band demosaics equal the whole frame's, the
 16-bit codes' error, colour through every pattern, point samples, and a store of mosaics whose
 readers (any band partition), live stack and final combine see one set of values."""
 
@@ -11,8 +11,8 @@ import pytest
 from astropy.stats import sigma_clip
 from numpy.testing import assert_allclose, assert_array_equal
 
-from nightstack.combine import combine
-from nightstack.demosaic import (
+from nightstack.frames import BAYER_PATTERNS, Mosaic, MosaicFrame
+from nightstack.io.demosaic import (
     METHODS,
     MOSAIC_HIGH,
     MOSAIC_LOW,
@@ -26,11 +26,11 @@ from nightstack.demosaic import (
     quantise,
     superpixel_luminance,
 )
-from nightstack.frames import BAYER_PATTERNS, Mosaic, MosaicFrame
-from nightstack.live import LiveStack
-from nightstack.normalize import Normalization
-from nightstack.store import FrameStore, MosaicLayout, warp_mosaic
-from nightstack.warp import warp_rows
+from nightstack.registration.normalize import Normalization
+from nightstack.registration.warp import warp_rows
+from nightstack.stacking.combine import combine
+from nightstack.stacking.live import LiveStack
+from nightstack.stacking.store import FrameStore, MosaicLayout, warp_mosaic
 
 RNG = np.random.default_rng(5)
 
@@ -167,9 +167,9 @@ def test_prepared_frame_codes_equal_the_float_formula(tmp_path: Path, calibrated
     straight to codes and luminance, a calibrated one through its float32 mosaic; both equal
     the whole-frame formulas over the values the in-process loader gives."""
     from nightstack.config import Settings
-    from nightstack.decoder import Decoder
-    from nightstack.loaders import load_mosaic
-    from nightstack.pipeline import Preparer, no_calibration
+    from nightstack.io.decoder import Decoder
+    from nightstack.io.loaders import load_mosaic
+    from nightstack.pipeline.prepare import Preparer, no_calibration
     from nightstack.simulate.dng import write_dng
 
     cfa = RNG.integers(400, 16384, (480, 640), dtype=np.uint16)
@@ -348,7 +348,7 @@ def test_simulated_star_colours_through_the_mosaic_path(
     5 % of the truth for bilinear, 10 % for edge-aware (it interpolates colour differences
     across a star's steep profile: measured up to 8 %; LibRaw's AHD errs ~10 %, see
     tests/test_simulate.py). Camera RGB, the simulator's identity white balance."""
-    from nightstack.loaders import load
+    from nightstack.io.loaders import load
     from nightstack.simulate import SkyModel
     from nightstack.simulate.dng import write_dng
 
@@ -406,7 +406,7 @@ def test_mhc_keeps_small_stars_sharp_where_bilinear_widens_them(pattern: str) ->
     """The issue's measure: star FWHM fitted on the same stars. Seestar-sized stars (FWHM 1.9
     px): MHC within 8 % of the truth (the pixel-integrated profile fitted the same way), OpenCV's
     bilinear over 20 % wider (measured on the real Seestar frames: +36-40 %)."""
-    from nightstack.photometry import fit_fwhm
+    from nightstack.products.photometry import fit_fwhm
 
     mosaic, centres = _bayer_stars(pattern, sigma=0.8, seed=BAYER_PATTERNS.index(pattern))
     wb = (2.0, 1.0, 1 / 0.7)

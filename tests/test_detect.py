@@ -10,8 +10,8 @@ import pytest
 from scipy.spatial import cKDTree
 
 from _sky import BIN, Field, Psf, catalogue, render
-from nightstack.detect import StarFinder
 from nightstack.frames import Stars
+from nightstack.registration.detect import StarFinder
 
 SHAPE = (1200, 1800)  # full-resolution rows, cols (binned 600 x 900)
 MATCH_PX = 1.5  # a detection within this many full-res px of a true star is that star

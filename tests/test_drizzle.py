@@ -1,8 +1,8 @@
-"""Bayer drizzle (nightstack.drizzle): each CFA site dropped onto the output grid through its
-frame's transform. Oracles: the identity drop is the mosaic itself, per colour; a flat field
-stays flat through shifts, rotation, normalization and both scales; a satellite in one frame is
-rejected; star positions agree with the demosaiced stack; `nightstack stack` honours the
-setting."""
+"""Bayer drizzle (nightstack.stacking.drizzle): each CFA site dropped onto the output grid
+through its frame's transform. Oracles: the identity drop is the mosaic itself, per colour; a
+flat field stays flat through shifts, rotation, normalization and both scales; a satellite in
+one frame is rejected; star positions agree with the demosaiced stack; `nightstack stack`
+honours the setting."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 from numpy.testing import assert_allclose
 
 from nightstack.config import Settings
-from nightstack.demosaic import MOSAIC_SCALE, quantise
-from nightstack.drizzle import Drizzle, drizzle_combine, drizzle_frame
 from nightstack.frames import BAYER_PATTERNS
-from nightstack.normalize import Normalization
-from nightstack.store import FrameStore, MosaicLayout
+from nightstack.io.demosaic import MOSAIC_SCALE, quantise
+from nightstack.registration.normalize import Normalization
+from nightstack.stacking.drizzle import Drizzle, drizzle_combine, drizzle_frame
+from nightstack.stacking.store import FrameStore, MosaicLayout
 
 STEP = 1 / MOSAIC_SCALE
 WB = (1.8, 1.0, 1.4)
@@ -125,7 +125,7 @@ def test_nightstack_stack_drizzles_a_drifting_night(tmp_path: Path) -> None:
     from scipy.spatial import cKDTree
 
     from nightstack.cli import main
-    from nightstack.detect import StarFinder
+    from nightstack.registration.detect import StarFinder
     from nightstack.simulate import SkyModel, simulate_night
 
     night = tmp_path / "night"
@@ -160,7 +160,7 @@ def test_nightstack_stack_drizzles_a_drifting_night(tmp_path: Path) -> None:
 def test_holes_are_counted_where_every_frame_covers(tmp_path: Path) -> None:
     """A night with no dither (every frame on the same grid) leaves 3/4 of the output without
     red and blue at a drop of 1/2; the same frames dithered by sub-pixel steps fill them."""
-    from nightstack.drizzle import drizzle_holes
+    from nightstack.stacking.drizzle import drizzle_holes
 
     flat = np.full((30, 30), 0.2)
     still = _store(tmp_path / "still", [flat] * 4, [np.eye(2, 3)] * 4)

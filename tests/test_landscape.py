@@ -20,10 +20,12 @@ import pytest
 from _daemon import Daemon, journal, wait_for
 from nightstack.cli import main
 from nightstack.config import Settings, load_settings
-from nightstack.decoder import Decoder, load_kwargs
-from nightstack.detect import SkyArea, StarFinder
 from nightstack.frames import Frame
-from nightstack.landscape import (
+from nightstack.io.decoder import Decoder, load_kwargs
+from nightstack.io.loaders import load
+from nightstack.pipeline.prepare import Preparer
+from nightstack.pipeline.stacker import Stacker
+from nightstack.products.landscape import (
     REFINE_FRAMES,
     HorizonFinder,
     Landscape,
@@ -31,9 +33,8 @@ from nightstack.landscape import (
     blend_weights,
     rebase,
 )
-from nightstack.loaders import load
-from nightstack.normalize import Normalization
-from nightstack.pipeline import Preparer, Stacker
+from nightstack.registration.detect import SkyArea, StarFinder
+from nightstack.registration.normalize import Normalization
 from nightstack.simulate import SkyModel, simulate_night
 from nightstack.simulate.dng import write_dng
 
@@ -266,7 +267,7 @@ def test_the_fits_keeps_the_aligned_sky_in_a_second_hdu(
 ) -> None:
     from astropy.io import fits
 
-    from nightstack.session import Session
+    from nightstack.service.session import Session
 
     settings = _settings(landscape="freeze", products=["stack"], output_dir=tmp_path)
     raws = sorted((night["root"] / "night").glob("*.DNG"))[:5]
@@ -319,7 +320,7 @@ def test_a_tracked_mount_gives_no_answer_and_the_ratio_is_used(
     landscape.start(shape, 3, 2)
     assert landscape.mask is None
     image = np.zeros((*shape, 3), np.float32)
-    with caplog.at_level(logging.WARNING, logger="nightstack.landscape"):
+    with caplog.at_level(logging.WARNING, logger="nightstack.products.landscape"):
         for _ in range(REFINE_FRAMES):
             lum = sky + rng.normal(0, 0.003, sky.shape).astype(np.float32)
             frame = Frame(tmp_path / "f.dng", image, lum, 2)
@@ -357,7 +358,7 @@ def test_a_rebased_gradient_normalization_gives_the_same_values() -> None:
 
 
 def test_the_preview_composite_is_the_shrunk_full_composite(tmp_path: Path) -> None:
-    from nightstack.landscape import GroundStack, composite, preview_composite
+    from nightstack.products.landscape import GroundStack, composite, preview_composite
 
     rng = np.random.default_rng(4)
     rows, cols, top = 300, 400, 180

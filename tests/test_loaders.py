@@ -1,4 +1,4 @@
-"""nightstack.loaders: real frames (ALS M27 FITS, Blackmagic DNG, truncated CR3s) and synthetic
+"""nightstack.io.loaders: real frames (ALS M27 FITS, Blackmagic DNG, truncated CR3s) and synthetic
 FITS/TIFF/PNG/JPEG files with known pixel values. Tolerances are stated where not exact."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import tifffile
 from astropy.io import fits
 from numpy.testing import assert_allclose, assert_array_equal
 
-from nightstack.decoder import Decoder
 from nightstack.errors import DecodeError
-from nightstack.loaders import SUPPORTED_EXTENSIONS, load
+from nightstack.io.decoder import Decoder
+from nightstack.io.loaders import SUPPORTED_EXTENSIONS, load
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 M27 = REALDATA / "seq_als_m27_asi224mc" / "Light_1069.fits"
@@ -568,7 +568,7 @@ def test_a_libraw_demosaic_on_a_bayer_fits_is_refused_by_name(tmp_path: Path) ->
     cannot read a FITS, so AHD on a Bayer FITS is a one-line refusal naming the setting, not a
     silent other demosaic; a mono FITS has nothing to demosaic and decodes."""
     from nightstack.errors import DecodeError
-    from nightstack.loaders import decode_light
+    from nightstack.io.loaders import decode_light
 
     bayer = _write_fits(tmp_path / "bayer.fits", _cfa_lit_at("RGGB", "R"), BAYERPAT="RGGB")
     with pytest.raises(DecodeError, match=r"demosaic 'AHD' is LibRaw's.*'mhc'"):

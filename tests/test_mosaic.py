@@ -1,4 +1,4 @@
-"""nightstack.loaders.load_mosaic: the sensor mosaic of simulated DNGs (every Bayer phase),
+"""nightstack.io.loaders.load_mosaic: the sensor mosaic of simulated DNGs (every Bayer phase),
 Bayer FITS (offsets, bottom-up rows), the real Canon 550D and ALS M27 frames, and the files that
 hold no mosaic. Values are exact (float32 of an integer difference over an integer span)."""
 
@@ -15,7 +15,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from nightstack.errors import DecodeError, NotMosaicError
 from nightstack.frames import BAYER_PATTERNS, Mosaic
-from nightstack.loaders import load, load_mosaic
+from nightstack.io.loaders import load, load_mosaic
 from nightstack.simulate.dng import write_dng
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"

@@ -1,4 +1,4 @@
-"""Background normalization against known sky changes (nightstack.normalize)."""
+"""Background normalization against known sky changes (nightstack.registration.normalize)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from nightstack.normalize import Normalization, SkySamples, clipped_median, estimate
+from nightstack.registration.normalize import Normalization, SkySamples, clipped_median, estimate
 
 ROWS, COLS = 400, 600
 NOISE = 0.004

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from nightstack.notify import Notifier, running_under_systemd, setup_logging
+from nightstack.service.notify import Notifier, running_under_systemd, setup_logging
 
 HAVE_LIBRARY = importlib.util.find_spec("systemd") is not None
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,12 +220,12 @@ def test_a_vanished_manager_is_logged_once_and_never_raises(
     try:
         clean_env.setenv("NOTIFY_SOCKET", os.path.join(directory, "gone.sock"))
         notifier = Notifier(use_library=use_library)
-        with caplog.at_level(logging.WARNING, logger="nightstack.notify"):
+        with caplog.at_level(logging.WARNING, logger="nightstack.service.notify"):
             assert not notifier.ready()
             assert not notifier.status("still running")
     finally:
         shutil.rmtree(directory)
-    warnings = [r for r in caplog.records if r.name == "nightstack.notify"]
+    warnings = [r for r in caplog.records if r.name == "nightstack.service.notify"]
     assert len(warnings) == 1
     assert "notification failed" in warnings[0].getMessage()
 
@@ -233,7 +233,7 @@ def test_a_vanished_manager_is_logged_once_and_never_raises(
 _CHILD = textwrap.dedent(
     """
     import json, os, sys
-    from nightstack.notify import Notifier
+    from nightstack.service.notify import Notifier
     notifier = Notifier(use_library=sys.argv[1] == "1")
     result = {
         "pid": os.getpid(),
@@ -356,9 +356,9 @@ _JOURNAL_CHILD = textwrap.dedent(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind("/run/systemd/journal/socket")
     sock.settimeout(5)
-    from nightstack.notify import setup_logging
+    from nightstack.service.notify import setup_logging
     setup_logging("INFO")  # detected: INVOCATION_ID is set and stderr is a pipe
-    log = logging.getLogger("nightstack.service")
+    log = logging.getLogger("nightstack.service.daemon")
     log.info("frame %d accepted", 7,
              extra={"SESSION": "2024-08-12T21-40", "FRAME": 7, "STATUS": "accepted"})
     log.warning("frame 8 rejected: trailed")
@@ -408,7 +408,7 @@ def test_structured_fields_reach_the_journal_socket() -> None:
     assert first["MESSAGE"] == "frame 7 accepted"
     assert first["PRIORITY"] == "6"
     assert first["SYSLOG_IDENTIFIER"] == "nightstack"
-    assert first["LOGGER"] == "nightstack.service"
+    assert first["LOGGER"] == "nightstack.service.daemon"
     assert (first["SESSION"], first["FRAME"], first["STATUS"]) == (
         "2024-08-12T21-40",
         "7",

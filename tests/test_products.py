@@ -15,10 +15,10 @@ import tifffile
 
 from nightstack.cli import main
 from nightstack.config import load_settings
-from nightstack.decoder import Decoder, load_kwargs
-from nightstack.pipeline import Preparer
-from nightstack.products import FOURCC
-from nightstack.session import Session
+from nightstack.io.decoder import Decoder, load_kwargs
+from nightstack.pipeline.prepare import Preparer
+from nightstack.products.extras import FOURCC
+from nightstack.service.session import Session
 from nightstack.simulate import SkyModel, simulate_night
 
 FRAMES = 6

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nightstack.frames import Alignment, Stars
-from nightstack.quality import Quality, QualityLimits, gate
+from nightstack.registration.quality import Quality, QualityLimits, gate
 
 
 def _stars(n: int = 120, **summaries: float) -> Stars:

@@ -20,8 +20,9 @@ from scipy import ndimage
 from _daemon import Daemon, journal, wait_for
 from nightstack.cli import main
 from nightstack.config import load_settings
-from nightstack.decoder import Decoder, load_kwargs
-from nightstack.pipeline import Preparer, Stacker
+from nightstack.io.decoder import Decoder, load_kwargs
+from nightstack.pipeline.prepare import Preparer
+from nightstack.pipeline.stacker import Stacker
 from nightstack.simulate import simulate_night, sky_ramp, sky_step
 
 pytestmark = pytest.mark.slow

@@ -550,8 +550,8 @@ def test_a_hazy_first_frame_that_passes_alone_is_replaced_as_reference(
 
 
 def test_a_reference_needs_measurable_star_shapes() -> None:
-    from nightstack.pipeline import reference_flaw
-    from nightstack.quality import Quality, QualityLimits
+    from nightstack.pipeline.stacker import reference_flaw
+    from nightstack.registration.quality import Quality, QualityLimits
 
     limits = QualityLimits()
     # a wind-trailed 2400 x 1600 frame: 31 detections, no FWHM or elongation could be measured

@@ -14,8 +14,8 @@ import pytest
 
 from _sky import Psf, catalogue, render
 from nightstack.cli import main as cli_main
-from nightstack.detect import StarFinder
-from nightstack.quality import TRAIL_Z, Quality, QualityLimits, ShapeHistory, gate
+from nightstack.registration.detect import StarFinder
+from nightstack.registration.quality import TRAIL_Z, Quality, QualityLimits, ShapeHistory, gate
 from nightstack.simulate import SkyModel
 from nightstack.simulate.night import write_frame
 

@@ -14,7 +14,7 @@ import rawpy
 from scipy import ndimage, optimize, special
 
 from nightstack.cli import main
-from nightstack.loaders import load
+from nightstack.io.loaders import load
 from nightstack.simulate import (
     SKY_RGB,
     SkyModel,
@@ -451,7 +451,7 @@ def test_full_size_frame_renders_in_seconds() -> None:
 
 
 def _decoded(truth_path: Path, i: int) -> np.ndarray:
-    """Frame i of a simulated night decoded by LibRaw like ``nightstack.loaders.load`` does
+    """Frame i of a simulated night decoded by LibRaw like ``nightstack.io.loaders.load`` does
     (linear AHD, camera white balance), but with LibRaw's ``adjust_maximum_thr`` off, then
     converted to electrons above black: (rows, cols, 3) float64.
 

@@ -16,19 +16,19 @@ from astropy.stats import sigma_clip
 from numpy.testing import assert_allclose
 from scipy.stats import t as t_dist
 
-from nightstack.checkpoint import load_live, save_live
-from nightstack.combine import combine
 from nightstack.config import StackMethod
-from nightstack.live import (
+from nightstack.io.writers import write_preview
+from nightstack.registration.warp import warp
+from nightstack.stacking.checkpoint import load_live, save_live
+from nightstack.stacking.combine import combine
+from nightstack.stacking.live import (
     LiveStack,
     _dither,
     _dither_start,
     _encode_spread,
     _warmup_band_rows,
 )
-from nightstack.store import QUANT_MAX, FrameStore
-from nightstack.warp import warp
-from nightstack.writers import write_preview
+from nightstack.stacking.store import QUANT_MAX, FrameStore
 
 SKY_NOISE = 0.01
 

@@ -14,7 +14,7 @@ from astropy.stats import sigma_clipped_stats
 
 from nightstack.cli import main, natural_key
 from nightstack.config import Settings
-from nightstack.loaders import load
+from nightstack.io.loaders import load
 from nightstack.simulate import simulate_night
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
@@ -241,7 +241,7 @@ def test_hot_pixels_are_removed(
 
 def _fwhm(image: np.ndarray) -> float:
     """Median star FWHM (px) by the pipeline's detection on the 2x2-binned channel mean."""
-    from nightstack.pipeline import star_finder
+    from nightstack.pipeline.prepare import star_finder
 
     settings = Settings()
     grey = np.nan_to_num(image.mean(axis=2))

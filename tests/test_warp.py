@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from nightstack.warp import INTERPOLATIONS, Interpolation, footprint, warp, warp_rows
+from nightstack.registration.warp import INTERPOLATIONS, Interpolation, footprint, warp, warp_rows
 
 
 def _rigid(angle_deg: float, tx: float, ty: float, scale: float = 1.0) -> np.ndarray:

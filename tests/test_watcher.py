@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from nightstack.watcher import FrameWatcher, natural_key
+from nightstack.service.watcher import FrameWatcher, natural_key
 
 EXTS = [".cr3", ".dng", ".fits"]
 WAIT_S = 5.0  # generous upper bound for an event that must arrive (busy 2-core machine)
@@ -366,7 +366,7 @@ def test_on_ready_exception_is_logged_not_fatal(
         events.on_ready(path)
 
     with (
-        caplog.at_level(logging.ERROR, logger="nightstack.watcher"),
+        caplog.at_level(logging.ERROR, logger="nightstack.service.watcher"),
         FrameWatcher(folder, explode_once, extensions=EXTS, stable_s=STABLE_S),
     ):
         write(folder / "bad.cr3")

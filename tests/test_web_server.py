@@ -23,9 +23,9 @@ from _web import EventStream, request, sky_stack, write_fits
 from nightstack.address import is_loopback_host, is_loopback_ip, parse_listen
 from nightstack.config import load_settings
 from nightstack.errors import ConfigError
-from nightstack.folder import read_journal
+from nightstack.io.writers import stretch
+from nightstack.service.folder import read_journal
 from nightstack.web.server import WebServer
-from nightstack.writers import stretch
 
 SID = "20261130-214502"
 ROWS, COLS = 400, 600

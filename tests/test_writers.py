@@ -14,7 +14,7 @@ import tifffile
 from astropy.io import fits
 from numpy.testing import assert_allclose
 
-from nightstack.writers import atomic_path, stretch, write_fits, write_preview, write_tiff
+from nightstack.io.writers import atomic_path, stretch, write_fits, write_preview, write_tiff
 
 
 def _leftovers(directory: Path) -> list[str]:

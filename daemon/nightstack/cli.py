@@ -13,15 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .config import Settings, describe, load_settings
-from .errors import ConfigError, NightstackError
-from .formats import CALIBRATION_EXTENSIONS
-from .simulate import cli as simulate_cli
-from .watcher import natural_key
+from nightstack import __version__
+from nightstack.config import Settings, describe, load_settings
+from nightstack.errors import ConfigError, NightstackError
+from nightstack.formats import CALIBRATION_EXTENSIONS
+from nightstack.service.watcher import natural_key
+from nightstack.simulate import cli as simulate_cli
 
 if TYPE_CHECKING:
-    from .service import Hooks
+    from nightstack.service.daemon import Hooks
 
 log = logging.getLogger("nightstack")
 
@@ -138,8 +138,11 @@ class _Progress:
 
 
 def _cmd_stack(args: argparse.Namespace) -> int:
-    from .decoder import Decoder, load_kwargs
-    from .pipeline import Preparer, Stacker, Tally, Target, finish
+    from nightstack.io.decoder import Decoder, load_kwargs
+    from nightstack.pipeline.finish import Target, finish
+    from nightstack.pipeline.prepare import Preparer
+    from nightstack.pipeline.records import Tally
+    from nightstack.pipeline.stacker import Stacker
 
     settings = _settings(args)
     files = expand_inputs(args.inputs, settings.extensions)
@@ -221,8 +224,8 @@ def _reasons(rejected: dict[str, int]) -> str:
 
 # --- master ------------------------------------------------------------------------------
 def _cmd_master(args: argparse.Namespace) -> int:
-    from .calibrate import load_masters
-    from .masters import build_master, write_master
+    from nightstack.calibration.calibrate import load_masters
+    from nightstack.calibration.masters import build_master, write_master
 
     start = time.monotonic()
     extensions = load_settings(args.config).extensions if args.config else None
@@ -277,9 +280,9 @@ def _watch_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
-    from .notify import setup_logging
-    from .service import Daemon
-    from .web.server import start_web
+    from nightstack.service.daemon import Daemon
+    from nightstack.service.notify import setup_logging
+    from nightstack.web.server import start_web
 
     extra = _watch_overrides(args)
     settings = _settings(args, extra)
@@ -292,7 +295,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
 
 def _cmd_close(args: argparse.Namespace) -> int:
-    from .control import daemon_running, request_close
+    from nightstack.service.control import daemon_running, request_close
 
     output = args.output_dir or _settings(args).output_dir
     if output is None:
@@ -312,8 +315,8 @@ def _cmd_close(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .notify import setup_logging
+    from nightstack.demo import run_demo
+    from nightstack.service.notify import setup_logging
 
     setup_logging("DEBUG" if args.verbose else "INFO")
     return run_demo(

@@ -4,6 +4,9 @@ Precedence, lowest to highest: built-in defaults, the TOML file, the environment
 Nothing else in nightstack reads ``os.environ`` for settings. Test hooks (the decoder child's
 decode function, a stalled worker) are not settings: tests pass them to ``Daemon`` / ``Decoder``
 (``service.Hooks``).
+
+Why one module of this size: the one settings model: a description per field (the configuration
+reference is generated from them), its validators and the reference generator.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from .errors import ConfigError
-from .formats import STACK_EXTENSIONS
+from nightstack.errors import ConfigError
+from nightstack.formats import STACK_EXTENSIONS
 
 log = logging.getLogger("nightstack")
 
@@ -367,7 +370,7 @@ class Settings(BaseSettings):
     @field_validator("web_listen")
     @classmethod
     def _check_web_listen(cls, value: str) -> str:
-        from .address import parse_listen  # the one parser, shared with the server
+        from nightstack.address import parse_listen  # the one parser, shared with the server
 
         parse_listen(value)
         return value

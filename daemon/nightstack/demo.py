@@ -9,11 +9,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .config import load_settings
-from .service import Daemon
-from .session import Session
-from .simulate import simulate_night
-from .web.server import start_web
+from nightstack.config import load_settings
+from nightstack.service.daemon import Daemon
+from nightstack.service.session import Session
+from nightstack.simulate import simulate_night
+from nightstack.web.server import start_web
 
 log = logging.getLogger("nightstack.demo")
 

@@ -28,4 +28,4 @@ class CalibrationError(NightstackError):
 class NotMosaicError(DecodeError):
     """The file decodes, but not to a 2x2 Bayer mosaic: an X-Trans, Foveon, 4-colour or linear
     (already demosaiced) raw, a mono or RGB FITS, a TIFF or JPEG. Decode it to a full image with
-    :func:`nightstack.loaders.load` (LibRaw's own demosaic for raws) instead."""
+    :func:`nightstack.io.loaders.load` (LibRaw's own demosaic for raws) instead."""

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 CAMERA_RAW_EXTENSIONS = (".cr3", ".cr2", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2", ".pef")
-"""The common cameras' raws (LibRaw reads more: :data:`nightstack.loaders.RAW_EXTENSIONS`)."""
+"""The common cameras' raws (LibRaw reads more: :data:`nightstack.io.loaders.RAW_EXTENSIONS`)."""
 FITS_EXTENSIONS = (".fit", ".fits", ".fts")
 TIFF_EXTENSIONS = (".tif", ".tiff")
 CALIBRATION_EXTENSIONS = CAMERA_RAW_EXTENSIONS + FITS_EXTENSIONS

@@ -49,7 +49,7 @@ class Mosaic:
     black level of that site's colour is 0 and its white (clipping) level is 1.0 -- the same
     units as :attr:`Frame.image` before white balance. Noise below the black level stays negative
     (nothing is clipped), so the mean of many dark frames is unbiased. FITS files, which carry no
-    black level, are ``value / full scale`` (see :mod:`nightstack.loaders`).
+    black level, are ``value / full scale`` (see :mod:`nightstack.io.loaders`).
 
     A camera raw's mosaic is held as what the sensor gave (:meth:`from_adu`): ``adu`` (rows,
     cols) uint16 with ``black`` and ``span`` (white - black) per site of the 2x2 tile
@@ -233,9 +233,9 @@ class MosaicFrame:
     """A calibrated light kept in its sensor mosaic: what the pipeline stacks for Bayer sensors.
 
     ``codes``: (rows, cols) uint16, the calibrated mosaic quantised as the frame store keeps it
-    (:mod:`nightstack.demosaic`: ``value = code / MOSAIC_SCALE + MOSAIC_LOW``); ``pattern`` and
+    (:mod:`nightstack.io.demosaic`: ``value = code / MOSAIC_SCALE + MOSAIC_LOW``); ``pattern`` and
     ``white_balance`` as in :class:`Mosaic`; ``demosaic`` the OpenCV method that turns it into
-    RGB (``nightstack.demosaic.METHODS``); ``luminance`` and ``bin`` as in :class:`Frame` (the
+    RGB (``nightstack.io.demosaic.METHODS``); ``luminance`` and ``bin`` as in :class:`Frame` (the
     2x2 superpixel mean of the calibrated mosaic for ``bin=2``). Demosaiced it is 3 channels.
     """
 

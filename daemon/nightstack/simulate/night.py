@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nightstack.io.writers import write_json
 from nightstack.simulate.dng import write_dng
 from nightstack.simulate.sky import SkyModel, frame_indices
-from nightstack.writers import write_json
 
 if TYPE_CHECKING:
     from nightstack.simulate.sensor import SensorModel

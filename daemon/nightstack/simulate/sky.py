@@ -27,6 +27,9 @@ Every later test and the demo rely on it, so it states its truth exactly:
 
 Rendering (``nightstack.simulate.render``) is pure in (model, frame index): ``render(i)``
 always returns the same array.
+
+Why one module of this size: the sky model is the one seeded truth every rendered frame and
+every test's oracle reads.
 """
 
 from __future__ import annotations
@@ -809,7 +812,7 @@ class SkyModel:
 
         Multiply by the sky colour (``SKY_RGB``, also in truth as ``sky_rgb``) for the red
         and blue channels, divide by ``gain_e_per_adu`` for ADU above black, and further by
-        ``white_level - black_level`` for ``nightstack.loaders.load``'s units. It holds the
+        ``white_level - black_level`` for ``nightstack.io.loaders.load``'s units. It holds the
         light-pollution gradient, the sky level, the moon glow and a cloudy frame's glow; not
         stars, nebula, satellites, hot pixels, or the landscape that hides the sky.
 

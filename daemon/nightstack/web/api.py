@@ -23,13 +23,21 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import __version__
-from ..address import is_loopback_host, is_loopback_ip
-from ..frameio import free_bytes
-from .auth import COOKIE, COOKIE_MAX_AGE_S, Auth
-from .events import EventHub
-from .render import CROPS, FORMATS, STRENGTH_RANGE, WIDTHS, RenderQueue, StretchRenderer, listed
-from .sessions import DOWNLOADS, SessionFiles
+from nightstack import __version__
+from nightstack.address import is_loopback_host, is_loopback_ip
+from nightstack.io.frameio import free_bytes
+from nightstack.web.auth import COOKIE, COOKIE_MAX_AGE_S, Auth
+from nightstack.web.events import EventHub
+from nightstack.web.render import (
+    CROPS,
+    FORMATS,
+    STRENGTH_RANGE,
+    WIDTHS,
+    RenderQueue,
+    StretchRenderer,
+    listed,
+)
+from nightstack.web.sessions import DOWNLOADS, SessionFiles
 
 log = logging.getLogger("nightstack.web")
 

@@ -24,7 +24,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
-from ..address import is_loopback_host
+from nightstack.address import is_loopback_host
 
 COOKIE = "nightstack"
 """Name of the read cookie set by ``POST /api/login``."""

@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from .sessions import SessionFiles
+from nightstack.web.sessions import SessionFiles
 
 POLL_S = 0.5
 """How often the journal and the preview are looked at while a client listens: a new frame

@@ -7,7 +7,7 @@ top (``ROWORDER = 'TOP-DOWN'``). A render:
    (an exact f x f block mean), band by band, each band read from the file on its own (astropy's
    ``section``: no memory map, whose pages would count in the daemon's RSS while a render runs),
    so a 24 MP stack costs a few MB of RAM, not its 288 MB;
-2. stretches it with :func:`nightstack.writers.stretch`, the preview's own auto-stretch, over all
+2. stretches it with :func:`nightstack.io.writers.stretch`, the preview's own auto-stretch, over all
    channels at once ("linked", as the preview) or channel by channel ("unlinked": each channel
    its own shadows and highlights, which neutralises a colour cast of the stars too);
 3. applies the strength as a midtones transfer on the stretched values: balance
@@ -42,8 +42,7 @@ import numpy.typing as npt
 from astropy.io import fits
 
 from nightstack.arrays import Float32Array
-
-from ..writers import stretch
+from nightstack.io.writers import stretch
 
 _BAND_OUT_ROWS = 64
 """Output rows shrunk per band: bounds the float32 temporaries to ~64 * f rows of the stack."""
@@ -129,7 +128,7 @@ def shrink(data: Any, width: int) -> Float32Array:
 def display(image: Float32Array, *, strength: float = 1.0, linked: bool = True) -> Float32Array:
     """The stretched view of a linear (rows, cols, C) image, float32 in [0, 1].
 
-    ``linked``: one :func:`~nightstack.writers.stretch` over all channels (the preview's);
+    ``linked``: one :func:`~nightstack.io.writers.stretch` over all channels (the preview's);
     else each channel stretched alone. ``strength``: midtones balance ``0.5 ** strength`` on
     top (1 = unchanged).
     """

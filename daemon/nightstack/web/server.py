@@ -23,13 +23,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ..address import is_loopback_host, parse_listen
-from ..config import Settings, web_token
-from ..control import request_close
-from .api import build_app
-from .auth import Auth
-from .limits import PER_CLIENT, GatedSite, RepeatFilter, total_cap
-from .sessions import SessionFiles
+from nightstack.address import is_loopback_host, parse_listen
+from nightstack.config import Settings, web_token
+from nightstack.service.control import request_close
+from nightstack.web.api import build_app
+from nightstack.web.auth import Auth
+from nightstack.web.limits import PER_CLIENT, GatedSite, RepeatFilter, total_cap
+from nightstack.web.sessions import SessionFiles
 
 log = logging.getLogger("nightstack.web")
 

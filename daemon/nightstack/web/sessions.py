@@ -17,7 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from ..folder import (
+from nightstack.service.folder import (
     JOURNAL,
     LIVE_FITS,
     PREVIEW,
@@ -56,8 +56,8 @@ class _Journal:
     def refresh(self) -> list[dict[str, Any]]:
         """The records now, reading only what was appended since the last call.
 
-        The journal's one reading rule (:func:`nightstack.folder.parse_journal`): a torn tail
-        waits for its newline, garbage lines are skipped. A journal that shrank or was replaced
+        The journal's one reading rule (:func:`nightstack.service.folder.parse_journal`): a torn
+        tail waits for its newline, garbage lines are skipped. A journal that shrank or was replaced
         (a resume cuts a torn tail off or drops garbage lines) is read again from the top.
         """
         with self.lock:

@@ -18,6 +18,11 @@ drops its in-memory session, says so once, pauses decoding and checks every ``RE
 for free space; then it reloads the session from disk exactly as after a kill -9 and re-queues
 every frame that was handed over but never journaled ("outstanding"). Items prepared before such a
 recovery carry an older ``epoch`` and are dropped, so each frame is stacked exactly once.
+
+Why one module of this size: the worker loop and what it reacts to (frames, signals, close
+requests, previews, the close, the watchdog, the web status) share the daemon's state; the
+prepare thread (``intake``), the disk-full recovery (``recovery``) and the session (``session``)
+are apart.
 """
 
 from __future__ import annotations
@@ -34,20 +39,21 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from .config import Settings, load_settings, web_token
-from .control import hold_lock, take_close_request
-from .decoder import DEFAULT_DECODE_FN, Decoder, decoder_memory, load_kwargs
-from .detect import SkyArea
-from .errors import ConfigError
-from .folder import find_open, quarantine
-from .intake import TICK_S, Duplicate, Intake, Item, Transient
-from .notify import Notifier, shown
-from .pipeline import FrameRecord, Prepared, Preparer
-from .quality import Quality
-from .recovery import Recovery
-from .retries import Retries, first_attempts
-from .session import Session
-from .watcher import FrameWatcher
+from nightstack.config import Settings, load_settings, web_token
+from nightstack.errors import ConfigError
+from nightstack.io.decoder import DEFAULT_DECODE_FN, Decoder, decoder_memory, load_kwargs
+from nightstack.pipeline.prepare import Prepared, Preparer
+from nightstack.pipeline.records import FrameRecord
+from nightstack.registration.detect import SkyArea
+from nightstack.registration.quality import Quality
+from nightstack.service.control import hold_lock, take_close_request
+from nightstack.service.folder import find_open, quarantine
+from nightstack.service.intake import TICK_S, Duplicate, Intake, Item, Transient
+from nightstack.service.notify import Notifier, shown
+from nightstack.service.recovery import Recovery
+from nightstack.service.retries import Retries, first_attempts
+from nightstack.service.session import Session
+from nightstack.service.watcher import FrameWatcher
 
 
 class WebPage(Protocol):

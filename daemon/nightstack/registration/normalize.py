@@ -16,8 +16,8 @@ Modes (``Settings.normalize``):
 - ``"add"`` (default): offset = sky(reference) - sky(frame), the sigma-clipped medians of the two
   over the same sky samples.
 - ``"addscale"``: scale = 1 / transparency (the stars' flux ratio to the reference, measured by
-  :func:`nightstack.quality.transparency`: it restores the celestial signal that haze or airmass
-  dimmed), then the offset that matches the scaled sky to the reference's.
+  :func:`nightstack.registration.quality.transparency`: it restores the celestial signal that
+  haze or airmass dimmed), then the offset that matches the scaled sky to the reference's.
 - ``"gradient"``: scale 1 and a smooth surface (a 2-D polynomial of degree 2 in the reference's
   pixel coordinates) fitted robustly to the difference of the two skies' block medians: a moon
   glow that moves, light pollution that changes with altitude.
@@ -50,7 +50,7 @@ MODES: tuple[str, ...] = ("none", "add", "addscale", "gradient")
 class Sampled(Protocol):
     """What the estimates read a frame through: a (rows, cols, C) ``shape`` and point samples
     ``image[iy, ix]`` with broadcasting integer index arrays -> (..., C). A numpy image is one;
-    so is :class:`nightstack.demosaic.TileSamples` (a mosaic, never demosaiced whole)."""
+    so is :class:`nightstack.io.demosaic.TileSamples` (a mosaic, never demosaiced whole)."""
 
     @property
     def shape(self) -> tuple[int, ...]: ...

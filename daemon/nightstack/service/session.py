@@ -1,6 +1,6 @@
 """A live-stacking session on disk: journal, checkpoint, resume, preview and close.
 
-The folder's files and the journal's reading rule: :mod:`nightstack.folder`.
+The folder's files and the journal's reading rule: :mod:`nightstack.service.folder`.
 
 Order of work per accepted frame: frame store (atomic file) -> live stack -> journal line
 (fsync) -> every K frames a checkpoint. After a crash, ``Session.resume`` restores the
@@ -13,6 +13,9 @@ A failed write (disk full, I/O error) raises ``OSError`` out of :meth:`Session.i
 written whole or not at all (a partial append is cut off again), every other file is replaced
 atomically. The daemon then drops the Session object and later reloads it with
 :meth:`Session.resume`, exactly as after a kill -9; temporary files a crash left are removed there.
+
+Why one module of this size: resume and salvage must mirror, step for step, the write order of
+``ingest`` and ``close`` in the same class; split apart they would drift.
 """
 
 from __future__ import annotations
@@ -29,12 +32,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .budget import DiskBudget
-from .checkpoint import load_live, save_live
-from .config import Settings, redacted
-from .detect import SkyArea
-from .folder import (
+from nightstack import __version__
+from nightstack.config import Settings, redacted
+from nightstack.io.writers import (
+    remove_temporaries,
+    write_bytes,
+    write_fits_bands,
+    write_json,
+    write_preview,
+)
+from nightstack.pipeline.finish import Target, finish
+from nightstack.pipeline.prepare import Prepared, load_sky_mask
+from nightstack.pipeline.records import FrameRecord, Tally
+from nightstack.pipeline.stacker import Stacker
+from nightstack.registration.detect import SkyArea
+from nightstack.service.folder import (
     CHECKPOINT,
     FRAMES,
     GROUND,
@@ -54,18 +66,12 @@ from .folder import (
     read_meta,
     save_reference,
 )
-from .live import LiveStack
-from .pipeline import FrameRecord, Prepared, Stacker, Tally, Target, finish, load_sky_mask
-from .store import FrameStore
-from .writers import (
-    remove_temporaries,
-    write_bytes,
-    write_fits_bands,
-    write_json,
-    write_preview,
-)
+from nightstack.stacking.budget import DiskBudget
+from nightstack.stacking.checkpoint import load_live, save_live
+from nightstack.stacking.live import LiveStack
+from nightstack.stacking.store import FrameStore
 
-log = logging.getLogger("nightstack.session")
+log = logging.getLogger("nightstack.service.session")
 
 class Session:
     """One night (or part of one): frames in, journal + live preview out, final stack at close."""

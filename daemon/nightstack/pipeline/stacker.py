@@ -1,191 +1,45 @@
-"""One frame through the pipeline: decode -> detect -> measure -> align -> gate -> warp -> stack.
-
-``nightstack stack`` and the live daemon share both halves, so a daemon session and a batch
-stack of the same files in the same order with the same reference give the same result. The
-halves are apart so the daemon can decode frame N+1 while frame N is being stacked:
-
-- :class:`Preparer` (one per process, configured once): hash, decode (in the isolated decoder
-  process), calibrate, detect stars; where the sky is comes with each call (a session's
-  learned sky mask);
-- :class:`Stacker` (one per session): choose or use the reference, align, gate, warp, add to
-  the frame store and the live stack. Returns the ``FrameRecord`` that becomes one journal /
-  report line; the caller counts it into its :class:`Tally`.
-"""
+"""The second half: a session's :class:`Stacker` chooses or uses the reference, aligns, gates,
+normalizes, warps and adds each prepared frame to the frame store and the live stack."""
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
-import re
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .align import align
-from .arrays import FloatArray
-from .budget import DiskBudget, close_reserve
-from .calibrate import calibrator_from_settings
-from .combine import combine
-from .config import Settings
-from .decoder import Decoder, TransientDecodeError
-from .demosaic import TileSamples, demosaic, mosaic_codes, superpixel_luminance
-from .detect import SkyArea, StarFinder
-from .drizzle import SCALES as DRIZZLE_SCALES
-from .drizzle import Drizzle, drizzle_combine, drizzle_holes
-from .errors import AlignmentError, DecodeError
-from .frameio import file_sha256, transient_error
-from .frames import IDENTITY, Alignment, Frame, Mosaic, MosaicFrame, Stars
-from .landscape import Landscape
-from .live import LiveStack
-from .normalize import Normalization, SkySamples, estimate
-from .products import Products
-from .quality import Quality, QualityLimits, ShapeHistory, gate, transparency
-from .store import FrameStore, MosaicLayout, warp_mosaic
-from .warp import warp
-
-Calibration = Callable[[Mosaic], tuple[Mosaic, dict[str, Any] | None]]
-"""The calibration stage: a decoded light's mosaic in, the calibrated mosaic out (same shape,
-pattern and units; see :class:`~nightstack.frames.Mosaic`) with what the journal says of it
-(``calibrate.Calibrator``: the masters used, the pixels repaired, warnings). It runs before
-anything else looks at the pixels; raising rejects the frame with the exception's message as
-the reason."""
-
-
-def no_calibration(mosaic: Mosaic) -> tuple[Mosaic, dict[str, Any] | None]:
-    """The identity calibration (nothing configured)."""
-    return mosaic, None
-
-
+from nightstack import __version__
+from nightstack.arrays import FloatArray
+from nightstack.config import Settings
+from nightstack.errors import AlignmentError
+from nightstack.frames import IDENTITY, Alignment, Frame, MosaicFrame, Stars
+from nightstack.io.demosaic import TileSamples
+from nightstack.pipeline.prepare import Prepared, Stopwatch
+from nightstack.pipeline.records import FrameRecord, Tally, finite
+from nightstack.products.extras import Products
+from nightstack.products.landscape import Landscape
+from nightstack.registration.align import align
+from nightstack.registration.detect import SkyArea
+from nightstack.registration.normalize import Normalization, SkySamples, estimate
+from nightstack.registration.quality import Quality, QualityLimits, ShapeHistory, gate, transparency
+from nightstack.registration.warp import warp
+from nightstack.stacking.budget import DiskBudget, close_reserve
+from nightstack.stacking.combine import combine
+from nightstack.stacking.drizzle import SCALES as DRIZZLE_SCALES
+from nightstack.stacking.drizzle import Drizzle, drizzle_combine, drizzle_holes
+from nightstack.stacking.live import LiveStack
+from nightstack.stacking.store import FrameStore, MosaicLayout, warp_mosaic
 
 REFERENCE_PROBATION = 5
 """While fewer frames than this are accepted, a new frame the reference would be rejected against
 (it has > 1 / min_star_fraction times its stars, sharper stars or a much darker sky) replaces the
 reference: see :meth:`Stacker.better_reference`. Afterwards the reference is fixed, since the
 frames stacked on it would all have to be redone."""
-
-
-@dataclass
-class FrameRecord:
-    """One journal / ``--report`` line. ``transform`` is the 2x3 frame->reference matrix."""
-
-    file: str
-    status: str  # "accepted" or "rejected"
-    reason: str | None = None
-    reference: bool = False
-    transform: list[list[float]] | None = None
-    stars: int | None = None
-    fwhm: float | None = None
-    residual_px: float | None = None
-    elongation: float | None = None
-    background: float | None = None
-    transparency: float | None = None
-    normalization: dict[str, Any] | None = None
-    weight: float | None = None  # in the combine, with ``weights`` set (else all frames 1)
-    stored: bool | None = None
-    warning: str | None = None
-    sha256: str | None = None
-    exposure_s: float | None = None
-    capture_time: str | None = None
-    calibration: dict[str, Any] | None = None
-    ms: dict[str, float] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        """One line of JSON. A file name that is not valid UTF-8 (a card written elsewhere)
-        keeps its undecodable bytes as ``\\udcXX`` escapes, so the line is always valid UTF-8
-        and reads back to the same ``str`` (``os.fsencode`` of it gives the original bytes)."""
-        data = {k: _finite(v) for k, v in asdict(self).items()}
-        text = json.dumps(data, ensure_ascii=False)
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> FrameRecord:
-        """A record from a parsed journal line (fields it does not know are ignored)."""
-        return cls(**{k: v for k, v in data.items() if k in _RECORD_FIELDS})
-
-
-_RECORD_FIELDS = frozenset(FrameRecord.__dataclass_fields__)
-
-
-@dataclass
-class Tally:
-    """A session's (or a batch run's) counts, from its records in journal order."""
-
-    accepted: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)  # by :func:`reason_kind`
-    lost: dict[str, dict[str, str]] = field(default_factory=dict)
-    """Frames whose stored data a damaged session lost, by content hash: {file, reason}; one
-    stacked again later (its raw still in the watch folder) leaves this."""
-    exposure_s: float = 0.0
-    first_time: str | None = None  # ISO capture times of the first and last frame
-    last_time: str | None = None
-
-    def count(self, record: FrameRecord) -> None:
-        """Add one finished record. A ``"lost"`` record (written by a salvage) takes back an
-        earlier accepted frame whose stored data was lost."""
-        if record.status == "lost":
-            self.accepted -= 1
-            self.exposure_s -= record.exposure_s or 0.0
-            self.lost[record.sha256 or record.file] = {
-                "file": record.file,
-                "reason": record.reason or "lost",
-            }
-            return
-        if record.status == "accepted":
-            self.lost.pop(record.sha256 or record.file, None)
-            self.accepted += 1
-            self.exposure_s += record.exposure_s or 0.0
-            if record.capture_time is not None:
-                when = record.capture_time
-                self.first_time = min(self.first_time or when, when)
-                self.last_time = max(self.last_time or when, when)
-        else:
-            key = reason_kind(record.reason or "rejected")
-            self.rejected[key] = self.rejected.get(key, 0) + 1
-
-    @property
-    def rejected_total(self) -> int:
-        return sum(self.rejected.values())
-
-
-def reason_kind(reason: str) -> str:
-    """The kind of a rejection, for tallies: its words before any number, ':' or '('.
-
-    "too few stars (4 < 15)" -> "too few stars"; "FWHM 5.1 px > ..." -> "FWHM";
-    "trailed: elongation 2.3 > 1.6" -> "trailed".
-    """
-    kind = re.split(r"[:(\d]", reason, maxsplit=1)[0].strip(" ,;")
-    return kind or reason
-
-
-def _finite(value: Any) -> Any:
-    """NaN is not JSON: report it as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-@dataclass(eq=False)
-class Prepared:
-    """A decoded frame with its stars: the output of ``Stacker.prepare``."""
-
-    path: Path
-    sha256: str | None
-    frame: Frame | MosaicFrame | None
-    stars: Stars | None
-    quality: Quality | None
-    error: str | None
-    ms: dict[str, float]
-    calibration: dict[str, Any] | None = None
-    transient: bool = False
-    """``error`` may pass another time (a decode timeout, a read error of the card, no file
-    descriptor left: :class:`~nightstack.decoder.TransientDecodeError`); the daemon retries."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,32 +56,6 @@ class Reference:
     exposure_s: float | None = None
 
 
-class _Stopwatch:
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
-
-    def stage(self, name: str) -> _Stage:
-        return _Stage(self.ms, name)
-
-
-class _Stage:
-    def __init__(self, sink: dict[str, float], name: str) -> None:
-        self.sink, self.name = sink, name
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.sink[self.name] = round((time.perf_counter() - self.start) * 1000.0, 1)
-
-
-def _mono_plane(frame: Frame | MosaicFrame) -> np.ndarray | None:
-    """A mono frame's full-resolution plane (its star shapes are measured there), else None."""
-    if isinstance(frame, Frame) and frame.image.ndim == 3 and frame.image.shape[2] == 1:
-        return frame.image[:, :, 0]
-    return None
-
-
 def quality_limits(settings: Settings) -> QualityLimits:
     return QualityLimits(
         min_stars=settings.min_stars,
@@ -239,91 +67,6 @@ def quality_limits(settings: Settings) -> QualityLimits:
         max_residual_px=settings.max_residual_px,
         min_transparency=settings.min_transparency or None,
     )
-
-
-def load_sky_mask(settings: Settings) -> np.ndarray | None:
-    """The optional sky-mask image as a bool (rows, cols) array, True = sky."""
-    if settings.sky_mask is None or settings.sky_mask == "auto":
-        return None
-    from .loaders import load
-
-    frame = load(settings.sky_mask, bin=1)
-    return np.asarray(frame.image.mean(axis=2) > 0.5)
-
-
-class Preparer:
-    """Decode, calibrate and detect one frame at a time: one per process (the daemon's prepare
-    thread, a batch run), configured once from the settings.
-
-    Owns the calibration (masters read once; defects learned from the lights kept until
-    :meth:`new_session`) and the star finder; where the sky is comes with each call
-    (:meth:`prepare`'s ``sky``: a session's learned mask), the configured one by default.
-    """
-
-    def __init__(
-        self, settings: Settings, decoder: Decoder, *, calibration: Calibration | None = None
-    ) -> None:
-        """``calibration``: applied to every Bayer light's mosaic (default: the settings'
-        masters, library and cosmetic correction, ``calibrate.calibrator_from_settings``, which
-        raises ``ConfigError`` for one that cannot be used)."""
-        self.settings = settings
-        self.decoder = decoder
-        self.calibrator = calibrator_from_settings(settings) if calibration is None else None
-        self.calibration: Calibration = calibration or self.calibrator or no_calibration
-        self.sky = SkyArea(settings.landscape_mask_ratio, load_sky_mask(settings))
-        """The configured sky (``landscape_mask_ratio``, ``sky_mask``)."""
-        self.finder = star_finder(settings)
-
-    def new_session(self) -> None:
-        """Forget what was learned from the last session's lights (their defect map)."""
-        if self.calibrator is not None:
-            self.calibrator.new_session()
-
-    def prepare(
-        self, path: Path, digest: str | None = None, sky: SkyArea | None = None
-    ) -> Prepared:
-        """Hash (unless ``digest`` is given), decode, calibrate and detect stars inside ``sky``
-        (default: the configured one); never raises for a bad file."""
-        watch = _Stopwatch()
-        if digest is None:
-            try:
-                with watch.stage("hash"):
-                    digest = file_sha256(path)
-            except OSError as err:
-                reason = f"cannot read file: {err.strerror}"
-                transient = transient_error(err) is not None
-                return Prepared(path, None, None, None, None, reason, watch.ms, None, transient)
-        try:
-            with watch.stage("decode"):
-                decoded = self.decoder.decode(path)
-        except DecodeError as err:
-            transient = isinstance(err, TransientDecodeError)
-            return Prepared(path, digest, None, None, None, err.reason, watch.ms, None, transient)
-        frame: Frame | MosaicFrame
-        calibration: dict[str, Any] | None = None
-        if isinstance(decoded, Mosaic):
-            try:
-                with watch.stage("calibrate"):
-                    calibrated, calibration = self.calibration(decoded)
-            except Exception as err:
-                reason = f"calibration failed ({type(err).__name__}: {err})"
-                return Prepared(path, digest, None, None, None, reason, watch.ms)
-            with watch.stage("mosaic"):
-                frame = mosaic_frame(calibrated, self.settings)
-            del decoded, calibrated
-        else:
-            frame = decoded
-        try:
-            with watch.stage("detect"):
-                stars = self.detect(frame, sky)
-        except Exception as err:  # e.g. a sky mask of another size: reject, never stall
-            reason = f"star detection failed ({type(err).__name__}: {err})"
-            return Prepared(path, digest, None, None, None, reason, watch.ms)
-        return Prepared(path, digest, frame, stars, Quality.of(stars), None, watch.ms, calibration)
-
-    def detect(self, frame: Frame | MosaicFrame, sky: SkyArea | None = None) -> Stars:
-        """The stars of a decoded frame inside ``sky`` (default: the configured one)."""
-        return self.finder(frame.luminance, frame.bin, _mono_plane(frame), sky or self.sky)
 
 
 class Stacker:
@@ -375,14 +118,14 @@ class Stacker:
             return self._reject(record, prepared.error or "not decoded")
         frame, stars, quality = prepared.frame, prepared.stars, prepared.quality
         assert quality is not None
-        record.stars, record.fwhm = stars.detected, _finite(round(stars.fwhm_px, 3))
-        record.elongation = _finite(round(stars.elongation, 3))
-        record.background = _finite(float(stars.background))
+        record.stars, record.fwhm = stars.detected, finite(round(stars.fwhm_px, 3))
+        record.elongation = finite(round(stars.elongation, 3))
+        record.background = finite(float(stars.background))
         record.exposure_s = frame.meta.exposure_s
         if frame.meta.capture_time is not None:
             record.capture_time = frame.meta.capture_time.isoformat()
 
-        watch = _Stopwatch()
+        watch = Stopwatch()
         if self.reference is None:
             reason = reference_flaw(quality, self.limits)
             if reason is not None:
@@ -564,7 +307,7 @@ class Stacker:
         matrix: FloatArray,
         weight: float,
         norm: Normalization,
-        watch: _Stopwatch,
+        watch: Stopwatch,
     ) -> bool:
         """Store the frame (with its combine ``weight``), then add the stored frame live;
         returns whether it was stored.
@@ -620,7 +363,7 @@ class Stacker:
         matrix: FloatArray,
         weight: float,
         norm: Normalization,
-        watch: _Stopwatch,
+        watch: Stopwatch,
     ) -> None:
         """Append the frame to the store: its mosaic, or the frame warped band by band."""
         assert self.store is not None
@@ -654,7 +397,7 @@ class Stacker:
         matrix: FloatArray,
         norm: Normalization,
         weight: float,
-        watch: _Stopwatch,
+        watch: Stopwatch,
     ) -> None:
         """Products fed with the camera-frame frame; the ground stacked (freeze) and filled
         before the sky is stored; an automatic mask learnt. A mosaic frame is demosaiced in the
@@ -775,46 +518,11 @@ class Stacker:
         return image
 
 
-def mosaic_frame(mosaic: Mosaic, settings: Settings) -> MosaicFrame:
-        """The calibrated mosaic as the store keeps it (16-bit codes) and its luminance, made
-        band by band (an uncalibrated raw's straight from its ADU, no float32 frame formed)."""
-        bin = settings.bin
-        codes, luminance = mosaic_codes(mosaic, bin if bin % 2 == 0 else None)
-        method = settings.demosaic
-        if luminance is None:  # an odd bin splits Bayer tiles: bin the demosaiced channel mean
-            rgb = demosaic(codes, mosaic.pattern, (1.0, 1.0, 1.0), method)
-            luminance = superpixel_luminance(
-                np.repeat(np.repeat(rgb.mean(axis=2), 2, 0), 2, 1), 2 * bin
-            )
-            del rgb
-        return MosaicFrame(
-            path=mosaic.path,
-            codes=codes,
-            pattern=mosaic.pattern,
-            white_balance=mosaic.white_balance,
-            demosaic=method,
-            luminance=luminance,
-            bin=bin,
-            meta=mosaic.meta,
-        )
-
-
 def _camera_rgb(frame: MosaicFrame) -> FloatArray:
     """A mosaic frame demosaiced on its own (camera) grid: (rows, cols, 3) float32."""
     layout = MosaicLayout(frame.pattern, frame.white_balance, frame.demosaic)
     image, _ = warp_mosaic(frame.codes, layout, IDENTITY, frame.shape)
     return image
-
-
-def star_finder(settings: Settings) -> StarFinder:
-    """The detection of ``settings`` (the sky comes with each call: :class:`SkyArea`)."""
-    return StarFinder(
-        fwhm_px=settings.star_fwhm_px,
-        threshold_sigma=settings.star_threshold_sigma,
-        sigma_clip=settings.detection_sigma_clip,
-        landscape_mask_ratio=settings.landscape_mask_ratio,
-        max_stars=settings.max_stars,
-    )
 
 
 def reference_flaw(quality: Quality, limits: QualityLimits) -> str | None:
@@ -850,111 +558,3 @@ def _weight(settings: Settings, stars: Stars, norm: Normalization) -> float:
         sigma = stars.noise * float(np.mean(np.abs(norm.scale)))
         return 1.0 / sigma**2 if sigma > 0 else 1.0
     return 1.0
-
-
-@dataclass(frozen=True)
-class Target:
-    """One output of the final: its key in the outputs (``"fits"``, ``"tiff"``, ...) and path;
-    the format is the path's extension (:func:`write_output`)."""
-
-    key: str
-    path: Path
-    stretched: bool = False  # a TIFF with the preview's auto-stretch instead of linear data
-
-
-def finish(
-    stacker: Stacker,
-    tally: Tally,
-    targets: Sequence[Target],
-    *,
-    progress: Callable[[int, int], None] | None = None,
-    keep_frames: bool = False,
-) -> tuple[dict[str, Any], list[str]]:
-    """The end of a stack, for ``nightstack stack`` and a session's close alike: the final
-    combine (with the landscape's frozen ground), written to each target in order, then the
-    products. Returns (outputs: key -> path and the products' entries, skipped outputs).
-
-    The first target is the final and must be written (an ``OSError`` propagates); a later one
-    that cannot be written (a full disk) is skipped and named in the second list. A FITS of a
-    frozen-ground stack holds the composite and, in HDU 2 (``SKY``), the aligned sky.
-    """
-    settings = stacker.settings
-    outputs: dict[str, Any] = {}
-    skipped: list[str] = []
-    if targets:
-        image = stacker.final(progress)  # releases the live stack
-        sky_rows = stacker.landscape.freeze_final(image, progress)  # the frozen ground
-        header = stacker.header(tally)
-        for n, target in enumerate(targets):
-            try:
-                write_output(target.path, image, header, settings, stretched=target.stretched,
-                             sky_rows=sky_rows)  # fmt: skip
-            except OSError as err:
-                if n == 0:
-                    raise  # no final yet
-                skipped.append(f"{target.path.name} ({err.strerror or err})")
-                continue
-            outputs[target.key] = str(target.path)
-        del image
-    if stacker.products is not None and tally.accepted >= 1:
-        try:
-            outputs.update(
-                stacker.products.close(
-                    preview_width=settings.preview_width,
-                    tiff_scale=settings.tiff_scale,
-                    keep_frames=keep_frames,
-                )
-            )
-        except OSError as err:
-            skipped.append(f"products ({err.strerror or err})")
-    return outputs, skipped
-
-
-def write_output(
-    path: Path,
-    image: FloatArray,
-    header: dict[str, Any],
-    settings: Settings,
-    *,
-    stretched: bool = False,
-    sky_rows: FloatArray | None = None,
-) -> None:
-    """Write a stack in the format its extension names (.tif/.tiff, .fits/.fit/.fts, .jpg/.png).
-
-    ``stretched``: a TIFF gets the preview's auto-stretch instead of linear data. ``sky_rows``
-    (a frozen-ground stack: the aligned sky's rows from the ground's top): a FITS gets them as
-    its second HDU, ``SKY``.
-    """
-    from .writers import write_fits, write_preview, write_tiff
-
-    suffix = path.suffix.lower()
-    if suffix in (".tif", ".tiff"):
-        write_tiff(path, image, stretched=stretched, scale=settings.tiff_scale)
-    elif suffix in (".fits", ".fit", ".fts") and sky_rows is None:
-        write_fits(path, image, header)
-    elif suffix in (".fits", ".fit", ".fts"):
-        assert sky_rows is not None
-        _write_composite_fits(path, image, sky_rows, header)
-    elif suffix in (".jpg", ".jpeg", ".png"):
-        write_preview(path, image, width=settings.preview_width)
-    else:
-        raise ValueError(f"unknown output format {suffix!r}: use .tif, .fits, .jpg or .png")
-
-
-def _write_composite_fits(
-    path: Path, image: FloatArray, sky_rows: FloatArray, header: dict[str, Any]
-) -> None:
-    """The FITS of a frozen-ground stack: the composite, then the aligned sky (HDU ``SKY``)."""
-    from .writers import write_fits_extended
-
-    top = image.shape[0] - sky_rows.shape[0]
-
-    def sky(r0: int, r1: int) -> FloatArray:
-        if r1 <= top:
-            return np.asarray(image[r0:r1])
-        if r0 >= top:
-            return np.asarray(sky_rows[r0 - top : r1 - top])
-        return np.concatenate([image[r0:top], sky_rows[: r1 - top]])
-
-    shape = (int(image.shape[0]), int(image.shape[1]), int(image.shape[2]))
-    write_fits_extended(path, shape, lambda r0, r1: image[r0:r1], header, sky, "SKY")

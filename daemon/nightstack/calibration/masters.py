@@ -1,11 +1,12 @@
 """Calibration masters: bias, dark, flat and dark-flat, built tile by tile in bounded memory.
 
 A master is the per-pixel combine of calibration frames in the sensor's mosaic (CFA) domain,
-in the units of ``nightstack.loaders.load_mosaic``: black level subtracted, white level = 1.0
-(mono and 3-plane FITS in ``nightstack.loaders.load``'s units, full scale = 1). The combine is
+in the units of ``nightstack.io.loaders.load_mosaic``: black level subtracted, white level = 1.0
+(mono and 3-plane FITS in ``nightstack.io.loaders.load``'s units, full scale = 1). The combine is
 astropy's ``sigma_clip`` (``sigma`` 3, ``maxiters`` 5, median centre, std) then the mean of the
 survivors, per pixel, computed band of rows by band of rows by the final stack's own driver
-(:func:`nightstack.combine.combine`: the same computation, here on frames that cover everything):
+(:func:`nightstack.stacking.combine.combine`: the same computation, here on frames that cover
+everything):
 
 - every frame is decoded once; when all of them fit in a quarter of the RAM cap they are kept
   in memory, otherwise each is spilled to a float32 file in a temporary folder beside the output
@@ -40,11 +41,11 @@ import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 
-from . import __version__
-from .arrays import FloatArray
-from .combine import combine
-from .errors import CalibrationError, DecodeError
-from .frames import FrameMeta
+from nightstack import __version__
+from nightstack.arrays import FloatArray
+from nightstack.errors import CalibrationError, DecodeError
+from nightstack.frames import FrameMeta
+from nightstack.stacking.combine import combine
 
 KINDS = ("bias", "dark", "flat", "darkflat")
 """The kinds of master, as ``nightstack master KIND`` names them."""
@@ -351,9 +352,9 @@ def check_fits(info: MasterInfo, shape: tuple[int, ...], pattern: str | None) ->
 
 
 class _Frames:
-    """The prepared frames as :func:`~nightstack.combine.combine` reads a frame store's: every
-    frame covers every pixel (calibration frames are not aligned), rows read from memory or from
-    the frame's spill file; a mosaic is one channel."""
+    """The prepared frames as :func:`~nightstack.stacking.combine.combine` reads a frame
+    store's: every frame covers every pixel (calibration frames are not aligned), rows read from
+    memory or from the frame's spill file; a mosaic is one channel."""
 
     block_rows = 1  # any band reads each frame's rows once
 
@@ -436,8 +437,8 @@ def read_frame(path: str | os.PathLike[str]) -> CalibrationFrame:
 
     Raises ``DecodeError`` with a one-line reason when the file cannot be decoded.
     """
-    from .formats import FITS_EXTENSIONS
-    from .loaders import fits_is_bayer, load, load_mosaic
+    from nightstack.formats import FITS_EXTENSIONS
+    from nightstack.io.loaders import fits_is_bayer, load, load_mosaic
 
     path = Path(path)
     if path.suffix.lower() in FITS_EXTENSIONS and not fits_is_bayer(path):
@@ -451,7 +452,7 @@ def read_frame(path: str | os.PathLike[str]) -> CalibrationFrame:
 def write_master(path: str | os.PathLike[str], master: Master) -> Path:
     """Write a master as float32 FITS (atomically), its description in the header; returns the
     path. Colour planes are written (planes, rows, cols) as ``writers.write_fits`` does."""
-    from .writers import write_fits
+    from nightstack.io.writers import write_fits
 
     path = Path(path)
     write_fits(path, master.data, master.info.header())

@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from .frames import Stars
-from .normalize import SkySamples
-from .pipeline import Reference
-from .quality import Quality
-from .writers import atomic_path, write_json
+from nightstack.frames import Stars
+from nightstack.io.writers import atomic_path, write_json
+from nightstack.pipeline.stacker import Reference
+from nightstack.registration.normalize import SkySamples
+from nightstack.registration.quality import Quality
 
-log = logging.getLogger("nightstack.session")
+log = logging.getLogger("nightstack.service.session")
 
 SESSION = "session.json"
 JOURNAL = "journal.jsonl"

@@ -21,6 +21,9 @@ Any failure to decode a file raises :class:`~nightstack.errors.DecodeError` with
 reason; no other exception type escapes :func:`load` for a bad file. Invalid *arguments* (an
 unknown demosaic name, ``bin < 1``) are a caller's bug and raise ``ValueError`` before the file is
 touched.
+
+Why one module of this size: every input format's way to the mosaic or frame (LibRaw raws, FITS,
+TIFF, sRGB) behind one dispatcher, with the same metadata and refusals.
 """
 
 from __future__ import annotations
@@ -43,11 +46,11 @@ import rawpy
 import tifffile
 from astropy.io import fits
 
-from .arrays import Float32Array
-from .demosaic import METHODS, demosaic_image, mhc, mosaic_codes
-from .errors import DecodeError, NotMosaicError
-from .formats import CAMERA_RAW_EXTENSIONS, FITS_EXTENSIONS, TIFF_EXTENSIONS
-from .frames import BAYER_PATTERNS, Frame, FrameMeta, Mosaic
+from nightstack.arrays import Float32Array
+from nightstack.errors import DecodeError, NotMosaicError
+from nightstack.formats import CAMERA_RAW_EXTENSIONS, FITS_EXTENSIONS, TIFF_EXTENSIONS
+from nightstack.frames import BAYER_PATTERNS, Frame, FrameMeta, Mosaic
+from nightstack.io.demosaic import METHODS, demosaic_image, mhc, mosaic_codes
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ SUPPORTED_EXTENSIONS = RAW_EXTENSIONS.union(FITS_EXTENSIONS, TIFF_EXTENSIONS, SR
 DEMOSAIC_ALGORITHMS = ("AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD")
 """LibRaw demosaic algorithms available in every rawpy wheel (the GPL demosaic packs are not)."""
 DEMOSAIC_METHODS = (*METHODS, *DEMOSAIC_ALGORITHMS)
-"""Every ``demosaic`` option: OpenCV's on the mosaic (:mod:`nightstack.demosaic`, the pipeline's
+"""Every ``demosaic`` option: OpenCV's on the mosaic (:mod:`nightstack.io.demosaic`, the pipeline's
 path for Bayer sensors), or LibRaw's full postprocess (:func:`load`)."""
 WHITE_BALANCE_MODES = ("camera", "daylight", "auto")
 
@@ -148,7 +151,7 @@ def load(
     path
         A raw, FITS, TIFF, JPEG or PNG file (see ``SUPPORTED_EXTENSIONS``).
     demosaic
-        One of :data:`nightstack.demosaic.METHODS` (``"mhc"``, ``"bilinear"``,
+        One of :data:`nightstack.io.demosaic.METHODS` (``"mhc"``, ``"bilinear"``,
         ``"edge-aware"``): a Bayer raw or FITS is decoded to its mosaic and demosaiced by it
         (:func:`mosaic_to_frame`: linear camera RGB x white balance, the pipeline's values);
         other raws through LibRaw's AHD. Or a LibRaw algorithm (``DEMOSAIC_ALGORITHMS``) for
@@ -266,7 +269,7 @@ def mosaic_to_frame(mosaic: Mosaic, demosaic: str = "bilinear", bin: int = 2) ->
     """A mosaic demosaiced whole, as the frame store demosaics it (16-bit codes, OpenCV
     ``demosaic``, white balance): ``image`` (rows, cols, 3) float32 linear camera RGB x WB;
     ``luminance`` the superpixel mean of the mosaic for an even ``bin``. A raw's mosaic held
-    as ADU is never formed as float32 (:func:`nightstack.demosaic.mosaic_codes`)."""
+    as ADU is never formed as float32 (:func:`nightstack.io.demosaic.mosaic_codes`)."""
     codes, luminance = mosaic_codes(mosaic, bin if bin % 2 == 0 else None)
     image = demosaic_image(codes, mosaic.pattern, mosaic.white_balance, demosaic)
     del codes
@@ -285,7 +288,7 @@ def decode_light(
 ) -> Mosaic | Frame:
     """What the pipeline decodes a light to (the decoder process's default function).
 
-    With an OpenCV ``demosaic`` (:data:`nightstack.demosaic.METHODS`) a Bayer raw or FITS file
+    With an OpenCV ``demosaic`` (:data:`nightstack.io.demosaic.METHODS`) a Bayer raw or FITS file
     comes back as its :class:`~nightstack.frames.Mosaic` (:func:`load_mosaic`), for calibration
     and the OpenCV demosaic after it; anything else (X-Trans, Foveon, linear DNG, mono or RGB
     FITS, TIFF, JPEG, PNG) as a :class:`~nightstack.frames.Frame` from :func:`load`, raws
@@ -828,7 +831,7 @@ def _debayer_fits(
     cfa: np.ndarray, pattern: str, bin: int, bottom_up: bool
 ) -> tuple[Float32Array, Float32Array]:
     """Demosaic a 2-D CFA (stored orientation) by Malvar-He-Cutler, as the mosaic path's default
-    does (:func:`nightstack.demosaic.mhc`, in float32: no codes), then flip rows if the file is
+    does (:func:`nightstack.io.demosaic.mhc`, in float32: no codes), then flip rows if the file is
     bottom-up."""
     full_scale = np.float32(_full_scale(cfa))
     rgb = mhc(np.nan_to_num(cfa.astype(np.float32)), pattern)

@@ -18,7 +18,7 @@ dies (SIGSEGV, SIGABRT, OOM kill, ...) is restarted. Either way the caller gets 
 :class:`~nightstack.errors.DecodeError` and the next ``decode`` works normally. A failure that
 may not happen again is a :class:`TransientDecodeError`: a timeout (a busy machine, a slow card), a
 child killed by SIGKILL (the kernel's OOM killer, an operator) and a read error (``EIO``, or no
-file descriptor left: ``EMFILE`` / ``ENFILE``, see :mod:`nightstack.frameio`); a
+file descriptor left: ``EMFILE`` / ``ENFILE``, see :mod:`nightstack.io.frameio`); a
 crash by another signal (SIGSEGV: LibRaw on a corrupt file) and every reason about the file's
 content are not. Shared-memory files
 are named after the parent's pid and unlinked on every path; files left by a parent that was
@@ -51,12 +51,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import Settings
-from .errors import DecodeError
-from .frameio import NotAFrameFile, open_frame, transient_error
-from .frames import Frame, FrameMeta, Mosaic
+from nightstack.config import Settings
+from nightstack.errors import DecodeError
+from nightstack.frames import Frame, FrameMeta, Mosaic
+from nightstack.io.frameio import NotAFrameFile, open_frame, transient_error
 
-DEFAULT_DECODE_FN = "nightstack.loaders:decode_light"
+DEFAULT_DECODE_FN = "nightstack.io.loaders:decode_light"
 SHM_PREFIX = "nightstack-decode-"
 """Shared-memory file names: ``nightstack-decode-<parent pid>-<n>-<array>``."""
 

@@ -1,11 +1,11 @@
 """The live stack's crash state on disk: a checkpoint that a resume restores bit for bit.
 
-``checkpoint/live/``: the arrays of :class:`~nightstack.live.LiveState` as ``<name>.<generation>
-.npy`` and ``live.json`` naming the generation. Arrays go to new files first, then ``live.json``
-is replaced atomically, then older generations are deleted: a crash at any point leaves a
-loadable checkpoint (the old one or the new one). A checkpoint writes the live state, 4 + 2 +
-2 / C bytes per pixel and channel (6.67 for RGB: 480 MB at 24 MP); between checkpoints a resume
-re-adds the later frames from the frame store.
+``checkpoint/live/``: the arrays of :class:`~nightstack.stacking.live.LiveState` as
+``<name>.<generation>.npy`` and ``live.json`` naming the generation. Arrays go to new files
+first, then ``live.json`` is replaced atomically, then older generations are deleted: a crash at
+any point leaves a loadable checkpoint (the old one or the new one). A checkpoint writes the
+live state, 4 + 2 + 2 / C bytes per pixel and channel (6.67 for RGB: 480 MB at 24 MP); between
+checkpoints a resume re-adds the later frames from the frame store.
 
 Format version 2 (per-pixel counts and coded variances); a checkpoint of another version (an
 older nightstack's 10-byte state) is refused with a ``ValueError``, like a damaged one, and the
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from nightstack.live import LiveStack, LiveState
-from nightstack.store import FrameStore
-from nightstack.writers import atomic_path, write_json
+from nightstack.io.writers import atomic_path, write_json
+from nightstack.stacking.live import LiveStack, LiveState
+from nightstack.stacking.store import FrameStore
 
 _LIVE_MANIFEST = "live.json"
 _LIVE_FILE = re.compile(r"^(mean|spread|m2|count|warm\d+|warmfp\d+)\.(\d+)\.npy$")

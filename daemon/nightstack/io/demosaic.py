@@ -36,8 +36,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from .arrays import Float32Array, UInt16Array
-from .frames import BAYER_PATTERNS, Mosaic
+from nightstack.arrays import Float32Array, UInt16Array
+from nightstack.frames import BAYER_PATTERNS, Mosaic
 
 METHODS = ("mhc", "bilinear", "edge-aware")
 """The mosaic path's demosaic methods (the first is the default); LibRaw's (AHD, ...) go through

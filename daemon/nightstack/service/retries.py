@@ -2,9 +2,9 @@
 
 A decode that timed out (a busy machine, a slow card), a decoder child killed by SIGKILL (the
 kernel's OOM killer) or a read error (``EIO``) may work another time
-(:class:`~nightstack.decoder.TransientDecodeError`); a file that is truncated or not an image would
-fail the same way again and is rejected at once. The daemon retries a transient failure once,
-when its queue is empty (frames that wait go first).
+(:class:`~nightstack.io.decoder.TransientDecodeError`); a file that is truncated or not an
+image would fail the same way again and is rejected at once. The daemon retries a transient
+failure once, when its queue is empty (frames that wait go first).
 
 Exactly-once bookkeeping, also across a restart. A frame's *key* is its content hash (or
 ``file:PATH`` when the file could not even be read to hash).
@@ -29,8 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .folder import journals
-from .pipeline import FrameRecord, Prepared
+from nightstack.pipeline.prepare import Prepared
+from nightstack.pipeline.records import FrameRecord
+from nightstack.service.folder import journals
 
 RETRY_NOTE = "retried once the queue is empty"  # appended to a first attempt's reason
 AGAIN_NOTE = "again on the retry"  # appended to a second attempt's transient reason

@@ -32,12 +32,12 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from .arrays import FloatArray
-from .landscape import SkyMask
-from .store import QUANT_MAX
-from .writers import atomic_path, stretch, write_bytes, write_preview, write_tiff
+from nightstack.arrays import FloatArray
+from nightstack.io.writers import atomic_path, stretch, write_bytes, write_preview, write_tiff
+from nightstack.products.landscape import SkyMask
+from nightstack.stacking.store import QUANT_MAX
 
-log = logging.getLogger("nightstack.products")
+log = logging.getLogger("nightstack.products.extras")
 
 PRODUCTS = ("stack", "trails", "timelapse")
 

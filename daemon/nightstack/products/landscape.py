@@ -22,6 +22,9 @@ reference is stacked unwarped), and blends the two along the horizon.
 - :func:`blend_weights`, :func:`composite`, :func:`fill_ground`: the feathered blend (sky
   weight 0 on the ground, rising to 1 over ``feather_px`` on the sky side, so no sky-stack
   light lands on the ground) and the fill that keeps the moving ground out of the sky stack.
+
+Why one module of this size: the automatic sky mask, the frozen ground and their composite share
+one mask geometry and one life cycle (start, add, resume, final).
 """
 
 from __future__ import annotations
@@ -39,16 +42,16 @@ import numpy as np
 import numpy.typing as npt
 from scipy.ndimage import median_filter
 
-from .arrays import BoolArray, FloatArray
-from .combine import combine
-from .config import Settings
-from .frames import IDENTITY, Frame, MosaicFrame
-from .live import LiveStack
-from .normalize import Normalization
-from .store import FrameStore, MosaicLayout
-from .writers import write_bytes
+from nightstack.arrays import BoolArray, FloatArray
+from nightstack.config import Settings
+from nightstack.frames import IDENTITY, Frame, MosaicFrame
+from nightstack.io.writers import write_bytes
+from nightstack.registration.normalize import Normalization
+from nightstack.stacking.combine import combine
+from nightstack.stacking.live import LiveStack
+from nightstack.stacking.store import FrameStore, MosaicLayout
 
-log = logging.getLogger("nightstack.landscape")
+log = logging.getLogger("nightstack.products.landscape")
 
 
 GRID_COLS = 384

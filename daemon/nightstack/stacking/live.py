@@ -1,9 +1,12 @@
 """The live stack: running per-pixel statistics with k-sigma rejection, O(pixels) a frame.
 
 A few image-sized arrays whatever the number of frames (see :class:`LiveStack`); frames come
-from a :class:`~nightstack.store.FrameStore` (band by band, never a full warped copy) or, without
-a store (live-only sessions), as in-memory warped frames (:meth:`LiveStack.add`). Its crash
-state goes to disk through :mod:`nightstack.checkpoint`.
+from a :class:`~nightstack.stacking.store.FrameStore` (band by band, never a full warped copy)
+or, without a store (live-only sessions), as in-memory warped frames (:meth:`LiveStack.add`).
+Its crash state goes to disk through :mod:`nightstack.stacking.checkpoint`.
+
+Why one module of this size: the live stack's state and its arithmetic (the warm-up batch clip,
+the running k-sigma, the catch-up from the store) keep one invariant together.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy.typing as npt
 from scipy.stats import f as f_dist
 
 from nightstack.arrays import BoolArray, FloatArray
-from nightstack.store import FrameStore, Reader
+from nightstack.stacking.store import FrameStore, Reader
 
 _PREVIEW_BAND_SAMPLES = 1 << 18
 """Full-size samples per band shrunk across in LiveStack.preview_image: 1 MB of the mean."""

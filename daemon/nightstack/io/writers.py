@@ -427,7 +427,7 @@ def write_preview(
     The image is first shrunk to ``width`` pixels wide with area averaging (never enlarged), then
     stretched with :func:`stretch` on the small image, so the cost is dominated by one pass over
     the full-size data. An image already at most ``width`` pixels wide is not resized: pass
-    :meth:`nightstack.live.LiveStack.preview_image` ``(width)`` to avoid forming the
+    :meth:`nightstack.stacking.live.LiveStack.preview_image` ``(width)`` to avoid forming the
     full-size live stack at all (the same preview, from a few MB instead of 288 MB at 24 MP).
 
     Parameters

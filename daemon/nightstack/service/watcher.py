@@ -29,6 +29,9 @@ re-arms the observer and scans it for frames not yet reported.
 Threads: one watchdog observer (observer, emitter and, for inotify, a reader thread) plus one
 supervisor thread of ours that checks the folder, scans new sub-folders and times the polling
 stability. ``on_ready`` and ``on_problem`` run in those threads and must be quick.
+
+Why one module of this size: the readiness rules (inotify and polling, settle times, symlinks,
+odd names, the start-up scan) are one policy that both observers must apply alike.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from .frameio import free_bytes
+from nightstack.io.frameio import free_bytes
 
 log = logging.getLogger("nightstack")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .frameio import free_bytes
+from nightstack.io.frameio import free_bytes
 
-log = logging.getLogger("nightstack.session")
+log = logging.getLogger("nightstack.service.session")
 
 JOURNAL_LINE_BYTES = 2048  # a journal line, generously
 RESERVE_MARGIN = 4 * 2**20  # preview, session.json, journal lines, file system slack

@@ -2,8 +2,8 @@
 frame, computed in row bands under a RAM cap from the same values the live stack read.
 
 The one banded clip driver: :func:`combine` reads any :class:`Frames` (the session's
-:class:`~nightstack.store.FrameStore`, or the calibration frames a master is built from,
-:func:`nightstack.masters.build_master`).
+:class:`~nightstack.stacking.store.FrameStore`, or the calibration frames a master is built from,
+:func:`nightstack.calibration.masters.build_master`).
 """
 
 from __future__ import annotations
@@ -128,13 +128,14 @@ def combine(
     end), ``w`` the per-frame weights; the clip itself is unweighted.
 
     Frames are read by :data:`_THREADS` threads and the sigma clip works on chunks in as many;
-    bands are whole multiples of the store's :attr:`~nightstack.store.FrameStore.block_rows`
-    where the cap allows, so no frame's block is demosaiced and warped twice.
+    bands are whole multiples of the store's
+    :attr:`~nightstack.stacking.store.FrameStore.block_rows` where the cap allows, so no frame's
+    block is demosaiced and warped twice.
 
     Parameters
     ----------
     store : Frames
-        The aligned frames (a :class:`~nightstack.store.FrameStore`).
+        The aligned frames (a :class:`~nightstack.stacking.store.FrameStore`).
     method : {"sigma_clip", "mean", "median", "winsorized"}
     sigma : float
         Clipping threshold in standard deviations (> 0).

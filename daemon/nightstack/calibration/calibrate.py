@@ -16,6 +16,9 @@
   CFA pattern, ISO/gain, exposure (darks within 5 %) and nearest sensor temperature.
 - :class:`Calibrator`: configured once (explicit masters and/or a library, the options); called
   per light mosaic, it returns the calibrated mosaic and what the journal says of it.
+
+Why one module of this size: applying masters, matching them from a library and cosmetic
+correction share the CFA-site geometry and the per-light decision of what applies.
 """
 
 from __future__ import annotations
@@ -36,11 +39,8 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from .arrays import FloatArray, IntArray
-from .errors import CalibrationError, ConfigError, DecodeError
-from .formats import CALIBRATION_EXTENSIONS, FITS_EXTENSIONS
-from .frames import FrameMeta, Mosaic
-from .masters import (
+from nightstack.arrays import FloatArray, IntArray
+from nightstack.calibration.masters import (
     DEFAULT_RAM_CAP,
     KINDS,
     Master,
@@ -54,10 +54,13 @@ from .masters import (
     with_path,
     write_master,
 )
-from .writers import write_json
+from nightstack.errors import CalibrationError, ConfigError, DecodeError
+from nightstack.formats import CALIBRATION_EXTENSIONS, FITS_EXTENSIONS
+from nightstack.frames import FrameMeta, Mosaic
+from nightstack.io.writers import write_json
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from nightstack.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -642,7 +645,7 @@ def _rounded(value: float | None) -> float | None:
 
 
 def _epoch(text: str | None) -> float:
-    from .masters import parse_time
+    from nightstack.calibration.masters import parse_time
 
     when = parse_time(text)
     return when.timestamp() if when is not None else 0.0
@@ -825,7 +828,7 @@ def cached_master(
     The cache name hashes the frames' names, sizes and modification times (and the offset
     master's name), so changed frames are built again. A cache folder that cannot be written
     keeps the master in memory (``problem`` is told). Raises ``CalibrationError`` as
-    :func:`~nightstack.masters.build_master`.
+    :func:`~nightstack.calibration.masters.build_master`.
     """
     if len(paths) < 2:
         raise CalibrationError(f"a {kind} master needs 2 frames or more, found {len(paths)}")
@@ -925,7 +928,7 @@ def calibrator_from_settings(settings: Settings) -> Calibrator | None:
 
 def _configured(settings: Settings) -> tuple[dict[str, Master], Library | None]:
     """The settings' explicit masters and library, read (and built) now. The daemon calls this
-    once per configuration (its :class:`~nightstack.pipeline.Preparer`), not per session."""
+    once per configuration (its :class:`~nightstack.pipeline.prepare.Preparer`), not per session."""
     paths = {kind: getattr(settings, kind) for kind in KINDS}
     try:
         masters = load_masters(paths, ram_cap_bytes=settings.ram_cap_mb * 2**20)

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .arrays import Float32Array, Float64Array
-from .normalize import Normalization
-from .store import FrameStore, StoredFrame, value_gains
-from .warp import footprint_spans, source_rows
+from nightstack.arrays import Float32Array, Float64Array
+from nightstack.registration.normalize import Normalization
+from nightstack.registration.warp import footprint_spans, source_rows
+from nightstack.stacking.store import FrameStore, StoredFrame, value_gains
 
 SCALES = {"1x": 1, "2x": 2}
 """The ``drizzle`` setting's output scales."""
@@ -226,8 +226,9 @@ def _values(
     x_ref: Float64Array,
     y_ref: Float64Array,
 ) -> Float64Array:
-    """The crop's codes as the store's readers give them (:func:`~nightstack.store.value_gains`:
-    value x white balance, normalized), the surface added at each site's reference position."""
+    """The crop's codes as the store's readers give them
+    (:func:`~nightstack.stacking.store.value_gains`: value x white balance, normalized), the
+    surface added at each site's reference position."""
     norm = Normalization.from_json(record.normalization, 3) if record.normalization else None
     scale, offset = value_gains(white_balance, norm)
     values = crop * scale.astype(np.float64)[channel] + offset.astype(np.float64)[channel]

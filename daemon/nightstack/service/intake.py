@@ -12,7 +12,7 @@ prepared frame at a time handed to the worker.
 - ``prepared``: a queue of one, so at most two frames are in memory (one being stacked, one
   waiting) and decoding frame N+1 overlaps stacking frame N.
 
-Its thread hashes, skips known frames and runs the :class:`~nightstack.pipeline.Preparer`
+Its thread hashes, skips known frames and runs the :class:`~nightstack.pipeline.prepare.Preparer`
 (decode, calibrate, detect) with the open session's sky. It pauses while ``paused`` is set
 (the output cannot be written: nothing could be stored) and reports a stage stuck on one frame
 (:meth:`stuck`: the daemon then stops feeding systemd's watchdog).
@@ -29,12 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Settings
-from .detect import SkyArea
-from .folder import known_hashes
-from .frameio import FD_ERRNOS, file_sha256, transient_error
-from .notify import shown
-from .pipeline import Prepared, Preparer
+from nightstack.config import Settings
+from nightstack.io.frameio import FD_ERRNOS, file_sha256, transient_error
+from nightstack.pipeline.prepare import Prepared, Preparer
+from nightstack.registration.detect import SkyArea
+from nightstack.service.folder import known_hashes
+from nightstack.service.notify import shown
 
 log = logging.getLogger("nightstack")
 

@@ -3,7 +3,7 @@
 Two kinds of frame (one file each, ``frame_000000.u16``, and a line in ``index.json``):
 
 - a *mosaic* (:meth:`FrameStore.add_mosaic`, Bayer sensors): the calibrated sensor mosaic as
-  16-bit codes (:mod:`nightstack.demosaic`), unwarped, 2 bytes a sensor pixel (48 MB at 24 MP),
+  16-bit codes (:mod:`nightstack.io.demosaic`), unwarped, 2 bytes a sensor pixel (48 MB at 24 MP),
   with its transform, normalization, pattern, white balance and demosaic method. A reader
   demosaics, warps and normalizes it in fixed blocks of rows, so every reader (the live stack,
   the final combine, a resume) sees the same values bit for bit;
@@ -12,7 +12,10 @@ Two kinds of frame (one file each, ``frame_000000.u16``, and a line in ``index.j
   24 MP RGB), value = round(clip(v, 0, 1) * 65535).
 
 All read-back images are (rows, cols, C) on the reference grid, float32 linear, C = 1 or 3, 0
-outside the frame's footprint (:mod:`nightstack.warp`), where the frame is *absent*.
+outside the frame's footprint (:mod:`nightstack.registration.warp`), where the frame is *absent*.
+
+Why one module of this size: the frame store's on-disk format, its writers and its band readers
+(mosaic and warped frames) must agree byte for byte.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ import numpy as np
 import numpy.typing as npt
 
 from nightstack.arrays import BoolArray, FloatArray
-from nightstack.demosaic import check_method, code_gains, demosaic_codes
-from nightstack.normalize import Normalization
-from nightstack.warp import (
+from nightstack.io.demosaic import check_method, code_gains, demosaic_codes
+from nightstack.io.writers import atomic_path, write_json
+from nightstack.registration.normalize import Normalization
+from nightstack.registration.warp import (
     Interpolation,
     footprint,
     footprint_spans,
@@ -41,7 +45,6 @@ from nightstack.warp import (
     warp_crop_rows,
     warp_rows,
 )
-from nightstack.writers import atomic_path, write_json
 
 QUANT_MAX = 65535
 """Stored sample = round(clip(value, 0, 1) * 65535): a step of 1.5e-5, 4x finer than a 14-bit
@@ -123,7 +126,7 @@ class StoredFrame:
 @dataclass(frozen=True)
 class MosaicLayout:
     """How a frame stored as its mosaic becomes RGB: its Bayer ``pattern`` at pixel (0, 0),
-    ``white_balance`` (r, g, b) and OpenCV ``demosaic`` method (:mod:`nightstack.demosaic`)."""
+    ``white_balance`` (r, g, b) and OpenCV ``demosaic`` method (:mod:`nightstack.io.demosaic`)."""
 
     pattern: str
     white_balance: tuple[float, float, float]
@@ -341,7 +344,7 @@ class FrameStore:
         Parameters
         ----------
         codes : ndarray
-            (rows, cols) uint16 mosaic codes (:func:`nightstack.demosaic.quantise`).
+            (rows, cols) uint16 mosaic codes (:func:`nightstack.io.demosaic.quantise`).
         layout : MosaicLayout
             Pattern, white balance and demosaic method.
         matrix, weight, name, interpolation
@@ -723,7 +726,7 @@ def warp_mosaic(
 ) -> tuple[npt.NDArray[np.float32], BoolArray]:
     """A mosaic frame demosaiced, warped onto the reference grid and normalized, as a whole:
     exactly what :meth:`FrameStore.read_band` gives for it once stored (the same blocks), for a
-    live stack without a store (:meth:`nightstack.live.LiveStack.add`).
+    live stack without a store (:meth:`nightstack.stacking.live.LiveStack.add`).
 
     Returns ``(warped, footprint)``: (rows, cols, 3) float32, 0 outside the footprint, and
     (rows, cols) bool.

@@ -1,0 +1,1 @@
+"""Calibration: masters (built and matched) and their application to each light."""
