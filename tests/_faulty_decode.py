@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nightstack import loaders
+from nightstack.io import loaders
 from nightstack.frames import Frame, Mosaic
 
 STATE_ENV = "FAULTY_DECODE_STATE"

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nightstack import loaders
+from nightstack.io import loaders
 from nightstack.frames import Frame, Mosaic
 
 DELAY_S = 0.4  # a Pi decodes a 24 MP CR3 in a few seconds; 0.4 s is enough to be hit
