@@ -18,7 +18,7 @@ The shrunk image is never held whole: a first pass over the file takes the stret
 statistics (:func:`statistics`: its subsample and largest values), a second shrinks again and
 runs steps 2 and 3 band by band (:data:`_PIXEL_ROWS` rows) into the 8-bit image handed to the
 encoder, the same bytes as stretching the whole image. A render holds the 8-bit image, the
-statistics' sample and a few MB of bands: ~20 MB at any width of a 24 MP stack (the former
+statistics' sample and a few MB of bands: 7-28 MB at any width of a 24 MP stack (the former
 render held the shrunk float image and three float copies of it, 4 x 31 MB at 2400 px, and read
 a 200 px render 1920 rows at a time: the daemon's RSS grew by 253 MB under looping renders,
 bench_hardening). The statistics are kept per file and width (a few numbers), so another
