@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nightstack.io import loaders
 from nightstack.frames import Frame, Mosaic
+from nightstack.io import loaders
 
 STATE_ENV = "FAULTY_DECODE_STATE"
 STALL_S = 2.0  # long enough for a test to see the marker and kill the child

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nightstack.io import loaders
 from nightstack.frames import Frame, Mosaic
+from nightstack.io import loaders
 
 DELAY_S = 0.4  # a Pi decodes a 24 MP CR3 in a few seconds; 0.4 s is enough to be hit
 

@@ -201,13 +201,13 @@ def test_renders_are_cached_until_live_fits_changes(
     first = request(base, f"/api/sessions/{SID}/stretch.jpg?width=300").body
     renderer = _renderer(server)
     assert renderer.reads == 1
-    for strength in (1.0, 1.5, 1.0):  # other strengths reuse the shrunk stack
+    for strength in (1.0, 1.5, 1.0):  # the encoded images are cached, not the shrunk stack
         request(base, f"/api/sessions/{SID}/stretch.jpg?width=300&strength={strength}")
-    assert renderer.reads == 1
+    assert renderer.reads == 2
     assert request(base, f"/api/sessions/{SID}/stretch.jpg?width=300").body == first
     write_fits(path, _sky(seed=2))  # a new live stack (new inode and mtime)
     second = request(base, f"/api/sessions/{SID}/stretch.jpg?width=300").body
-    assert renderer.reads == 2 and second != first
+    assert renderer.reads == 3 and second != first
 
 
 def _renderer(server: WebServer) -> Any:
