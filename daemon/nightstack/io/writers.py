@@ -46,7 +46,7 @@ STF_TARGET_BACKGROUND = 0.25
 _MAD_TO_SIGMA = 1.4826
 """Normalised MAD: 1.4826 * MAD estimates the standard deviation of Gaussian noise."""
 
-_STATS_SAMPLES = 250_000
+STATS_SAMPLES = 250_000
 """Pixels per channel used for the stretch statistics: medians to ~0.3 % of the noise, fast."""
 
 _PREVIEW_FORMATS = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png"}
@@ -356,29 +356,49 @@ def stretch(image: FloatArray) -> npt.NDArray[np.float32]:
     data = np.asarray(image)
     squeeze = data.ndim == 2
     data3 = _as_image(data)
-    medians, sigmas, high = _stretch_stats(data3)
+    medians, sigmas, high = stretch_stats(data3)
+    params = None if medians is None else stretch_params(medians, sigmas, high)
     out = np.empty(data3.shape, dtype=np.float32)
-    if medians is None:
-        out.fill(0.0)
-        return out[:, :, 0] if squeeze else out
-    shadows = -STF_SHADOWS_SIGMA * float(np.mean(sigmas))
-    span = high - shadows
-    background = -shadows / span if span > 0 else 0.0
-    balance = _mtf(STF_TARGET_BACKGROUND, background) if 0.0 < background < 1.0 else None
-    offsets = (medians + shadows).astype(np.float32)
     for start in range(0, data3.shape[0], _BAND_ROWS):
-        band = out[start : start + _BAND_ROWS]
-        np.subtract(data3[start : start + _BAND_ROWS], offsets, out=band, dtype=np.float32)
-        if span > 0:
-            band /= np.float32(span)
-        np.clip(band, 0.0, 1.0, out=band)
-        if balance is not None:
-            _mtf_inplace(balance, band)
-        np.nan_to_num(band, copy=False, nan=0.0)
+        stretch_band(params, data3[start : start + _BAND_ROWS], out[start : start + _BAND_ROWS])
     return out[:, :, 0] if squeeze else out
 
 
-def _stretch_stats(
+StretchParams = tuple[npt.NDArray[np.float32], float, float | None] | None
+"""What :func:`stretch` derives from its statistics: the per-channel offsets (background
+median plus shadows), the span and the midtones balance (None: none); None for an image
+without a finite value."""
+
+
+def stretch_params(
+    medians: npt.NDArray[np.float64], sigmas: npt.NDArray[np.float64], high: float
+) -> StretchParams:
+    """:func:`stretch`'s parameters from the channels' background medians, normalised MADs and
+    the highlight point (steps 2-4 of its definition)."""
+    shadows = -STF_SHADOWS_SIGMA * float(np.mean(sigmas))
+    span = high - shadows
+    background = -shadows / span if span > 0 else 0.0
+    balance = mtf(STF_TARGET_BACKGROUND, background) if 0.0 < background < 1.0 else None
+    return (medians + shadows).astype(np.float32), span, balance
+
+
+def stretch_band(params: StretchParams, values: FloatArray, out: npt.NDArray[np.float32]) -> None:
+    """``out`` = :func:`stretch` of a band of rows ``values`` with ``params`` (float32, in
+    place: the same values to the bit whatever the banding)."""
+    if params is None:
+        out.fill(0.0)
+        return
+    offsets, span, balance = params
+    np.subtract(values, offsets, out=out, dtype=np.float32)
+    if span > 0:
+        out /= np.float32(span)
+    np.clip(out, 0.0, 1.0, out=out)
+    if balance is not None:
+        _mtf_inplace(balance, out)
+    np.nan_to_num(out, copy=False, nan=0.0)
+
+
+def stretch_stats(
     image: FloatArray,
 ) -> tuple[npt.NDArray[np.float64] | None, npt.NDArray[np.float64], float]:
     """Per-channel background median, normalised MAD (from a subsample) and the highlight point.
@@ -386,7 +406,7 @@ def _stretch_stats(
     Returns ``(None, ..., ...)`` when the image has no finite value.
     """
     rows, cols, channels = image.shape
-    step = max(1, int(math.sqrt(rows * cols / _STATS_SAMPLES)))
+    step = max(1, int(math.sqrt(rows * cols / STATS_SAMPLES)))
     sample = image[::step, ::step].reshape(-1, channels)
     medians = np.zeros(channels)
     sigmas = np.zeros(channels)
@@ -406,13 +426,13 @@ def _stretch_stats(
     return medians, sigmas, high
 
 
-def _mtf(balance: float, x: float) -> float:
+def mtf(balance: float, x: float) -> float:
     """Midtones transfer function of one value: 0 -> 0, balance -> 0.5, 1 -> 1."""
     return (balance - 1.0) * x / ((2.0 * balance - 1.0) * x - balance)
 
 
 def _mtf_inplace(balance: float, x: npt.NDArray[np.float32]) -> None:
-    """Apply :func:`_mtf` in place to values in [0, 1]; the denominator is < 0 for 0 < m < 1."""
+    """Apply :func:`mtf` in place to values in [0, 1]; the denominator is < 0 for 0 < m < 1."""
     den = np.multiply(x, np.float32(2.0 * balance - 1.0))
     den -= np.float32(balance)
     x *= np.float32(balance - 1.0)

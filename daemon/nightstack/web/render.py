@@ -7,7 +7,7 @@ top (``ROWORDER = 'TOP-DOWN'``). A render:
    (an exact f x f block mean), band by band, each band's :data:`_READ_ROWS` stack rows read
    from the file then (:class:`LiveFits`: into buffers reused band after band; no memory map,
    whose pages would count in the daemon's RSS while a render runs);
-2. stretches it as :func:`nightstack.writers.stretch` does, the preview's own auto-stretch, over
+2. stretches it as :func:`nightstack.io.writers.stretch` does, the preview's own auto-stretch, over
    all channels at once ("linked", as the preview) or channel by channel ("unlinked": each
    channel its own shadows and highlights, which neutralises a colour cast of the stars too);
 3. applies the strength as a midtones transfer on the stretched values: balance
@@ -53,12 +53,11 @@ from astropy.io import fits
 
 from nightstack.arrays import Float32Array
 from nightstack.io.writers import (
-    _STATS_SAMPLES,
-    STF_SHADOWS_SIGMA,
-    STF_TARGET_BACKGROUND,
-    _mtf,
-    _mtf_inplace,
-    _stretch_stats,
+    STATS_SAMPLES,
+    StretchParams,
+    stretch_band,
+    stretch_params,
+    stretch_stats,
 )
 
 Pixels = npt.NDArray[np.uint8]
@@ -226,7 +225,7 @@ def shrink(data: Any, width: int) -> Float32Array:
 
 
 class Statistics(NamedTuple):
-    """What :func:`nightstack.writers.stretch` measures of an image, channel by channel: the
+    """What :func:`nightstack.io.writers.stretch` measures of an image, channel by channel: the
     background median (None: no finite value in its subsample) and normalised MAD of the
     subsample, and the largest finite value (-inf: none). A few numbers: a renderer keeps
     them per file and width, so another strength or view of the same stack is one pass."""
@@ -236,49 +235,23 @@ class Statistics(NamedTuple):
     maxima: tuple[float, ...]
 
 
-_Stretch = tuple[npt.NDArray[np.float32], float, float | None] | None
-"""What :func:`nightstack.writers.stretch` derives from the statistics: the per-channel
-offsets (background median plus shadows), the span and the midtones balance (None: none);
-None for an image without a finite value."""
-
-
-def _stretch_of(stats: Statistics, chans: slice) -> _Stretch:
-    """:func:`nightstack.writers.stretch`'s parameters for the channels ``chans`` stretched
+def _stretch_of(stats: Statistics, chans: slice) -> StretchParams:
+    """:func:`nightstack.io.writers.stretch`'s parameters for the channels ``chans`` stretched
     together: the same shadows, highlights and background balance, to the bit."""
     if any(median is None for median in stats.medians[chans]):
         return None
     medians = np.array(stats.medians[chans], dtype=np.float64)
     high = max(top - median for top, median in zip(stats.maxima[chans], medians, strict=True))
-    shadows = -STF_SHADOWS_SIGMA * float(np.mean(np.array(stats.sigmas[chans])))
-    span = high - shadows
-    background = -shadows / span if span > 0 else 0.0
-    balance = _mtf(STF_TARGET_BACKGROUND, background) if 0.0 < background < 1.0 else None
-    return (medians + shadows).astype(np.float32), span, balance
-
-
-def _stretch_band(params: _Stretch, values: Float32Array, out: Float32Array) -> None:
-    """``out`` = :func:`nightstack.writers.stretch` of the band ``values`` with ``params``
-    (float32, the same operations in the same order: the same values to the bit)."""
-    if params is None:
-        out.fill(0.0)
-        return
-    offsets, span, balance = params
-    np.subtract(values, offsets, out=out, dtype=np.float32)
-    if span > 0:
-        out /= np.float32(span)
-    np.clip(out, 0.0, 1.0, out=out)
-    if balance is not None:
-        _mtf_inplace(balance, out)
-    np.nan_to_num(out, copy=False, nan=0.0)
+    return stretch_params(medians, np.array(stats.sigmas[chans], dtype=np.float64), high)
 
 
 def statistics(bands: Bands, shape: tuple[int, int, int]) -> Statistics:
     """One pass over the bands of a (rows, cols, C) image: the :class:`Statistics` that
-    :func:`nightstack.writers.stretch` takes of it (its subsample: every ``step``-th row and
+    :func:`nightstack.io.writers.stretch` takes of it (its subsample: every ``step``-th row and
     column, ``step`` from ``rows * cols``; given that subsample, stretch's own statistics take
-    all of it again: the sample has fewer than 4 x ``_STATS_SAMPLES`` pixels)."""
+    all of it again: the sample has fewer than 4 x ``STATS_SAMPLES`` pixels)."""
     rows, cols, channels = shape
-    step = max(1, int(math.sqrt(rows * cols / _STATS_SAMPLES)))
+    step = max(1, int(math.sqrt(rows * cols / STATS_SAMPLES)))
     sample = np.empty((-(-rows // step), -(-cols // step), channels), dtype=np.float32)
     maxima = [-math.inf] * channels
     for r0, band in bands():
@@ -294,7 +267,7 @@ def statistics(bands: Bands, shape: tuple[int, int, int]) -> Statistics:
     medians: list[float | None] = []
     sigmas: list[float] = []
     for c in range(channels):  # each channel's statistics are its own, linked or not
-        median, sigma, _ = _stretch_stats(sample[:, :, c : c + 1])
+        median, sigma, _ = stretch_stats(sample[:, :, c : c + 1])
         medians.append(None if median is None else float(median[0]))
         sigmas.append(float(sigma[0]))
     return Statistics(tuple(medians), tuple(sigmas), tuple(maxima))
@@ -327,7 +300,7 @@ def _pixels(
             values = band[b0 : b0 + _PIXEL_ROWS]
             shown = work[: len(values)]
             for chans, params in plans:
-                _stretch_band(params, values[:, :, chans], shown[:, :, chans])
+                stretch_band(params, values[:, :, chans], shown[:, :, chans])
             if strength != 1.0:
                 # midtones transfer (m - 1) x / ((2m - 1) x - m); the denominator is < 0 on [0, 1]
                 under = np.multiply(shown, np.float32(2.0 * balance - 1.0), out=den[: len(shown)])
