@@ -57,5 +57,6 @@ case "$job" in
   test)
     .venv/bin/ruff check daemon tests bench
     .venv/bin/mypy
-    exec .venv/bin/pytest "$@" ;;
+    # two workers, each test file in one of them (its module fixtures built once)
+    exec .venv/bin/pytest -n 2 --dist loadfile "$@" ;;
 esac
