@@ -240,9 +240,9 @@ class Camera:
         """The values a radio/menu setting offers; [] when the camera has no such setting."""
         try:
             widget = self._cam.get_single_config(name)
+            return [widget.get_choice(i) for i in range(widget.count_choices())]
         except gp.GPhoto2Error:
-            return []
-        return [widget.get_choice(i) for i in range(widget.count_choices())]
+            return []  # no such setting, or not one with choices (a toggle, a text)
 
     def has(self, name: str) -> bool:
         return self._text(name) is not None
@@ -286,7 +286,9 @@ class Camera:
         press, release = ("Press Full", "Release Full") if canon else (1, 0)
         try:
             self.set(name, press)
-        except CaptureError as err:
+        except CameraLost as err:
+            if self._text("serialnumber") is None:
+                raise  # the camera is gone: a reconnect may cure it
             raise CaptureError(f"the camera refused to open a bulb exposure: {err.reason}") from err
         try:
             cancel.wait(seconds)

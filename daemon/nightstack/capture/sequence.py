@@ -78,6 +78,8 @@ class Sequence:
         self._last_bytes = 0
         self._model = plan.model
         self._serial = plan.serial
+        self._lost_since: float | None = None  # the first failure of the frame being taken
+        self._losses = 0  # failures since the last frame
 
     # --- commands (any thread) ---
     @property
@@ -260,6 +262,7 @@ class Sequence:
             "download_s": round(placed - completed, 4),
         })  # fmt: skip
         log.info("capture: frame %d -> %s (%d bytes)", frame, final.name, size)
+        self._lost_since, self._losses = None, 0
         self._update(frame=frame, last_file=final.name)
         self._check_card(camera)
 
@@ -296,37 +299,37 @@ class Sequence:
             raise CaptureError(f"the camera's card is full ({_size(free)} free)")
 
     def _reconnect(self, reason: str) -> bool:
-        """Find the camera again (model and serial) after ``reason``; False when stopped."""
+        """Find the camera again (model and serial) after ``reason``; False when stopped.
+        The backoff grows and the ``reconnect_s`` budget runs from the first failure of the
+        frame being taken, across reconnects that do not cure it (a camera that answers but
+        cannot shoot); a frame in the watch folder resets both."""
         log.warning("capture: %s; finding the camera again", reason)
         self._write_journal({"event": "lost", "frame": self.status.frame + 1, "reason": reason})
         if self._camera is not None:
             self._camera.close()
             self._camera = None
-        deadline = time.monotonic() + self.reconnect_s
-        attempt = 0
+        if self._lost_since is None:
+            self._lost_since = time.monotonic()
+        deadline = self._lost_since + self.reconnect_s
         while not self._stop.is_set():
-            wait = self.backoff_s[min(attempt, len(self.backoff_s) - 1)]
+            if time.monotonic() > deadline:
+                took = f"{self.reconnect_s:g} s"
+                raise CaptureError(f"the camera did not recover in {took}: {reason}")
+            wait = self.backoff_s[min(self._losses, len(self.backoff_s) - 1)]
+            self._losses += 1
             self._update(
-                state="reconnecting",
-                connected=False,
-                reason=reason,
-                exposure_ends=None,
+                state="reconnecting", connected=False, reason=reason, exposure_ends=None,
                 next_start=time.time() + wait,
-            )
+            )  # fmt: skip
             if self._stop.wait(wait):
                 return False
-            attempt += 1
             try:
                 self._connect()
             except CameraLost as err:
                 reason = err.reason
-                if time.monotonic() > deadline:
-                    raise CaptureError(
-                        f"the camera did not come back in {self.reconnect_s:g} s: {reason}"
-                    ) from err
                 continue
-            log.info("capture: the camera is back after %d attempt(s)", attempt)
-            self._write_journal({"event": "reconnected", "attempts": attempt})
+            log.info("capture: the camera is back (attempt %d)", self._losses)
+            self._write_journal({"event": "reconnected", "attempt": self._losses})
             self._update(reconnects=self.status.reconnects + 1, reason=None)
             return True
         return False

@@ -1,0 +1,228 @@
+"""``nightstack capture`` against libgphoto2's own virtual camera (tests/_vcam.py).
+
+Each test runs the command as a real process with ``VCAMERADIR`` in its environment (libgphoto2
+reads it when the module is first imported), so the whole PTP stack runs as with a camera on
+USB: detection, settings, capture, download, delete, events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from _vcam import FRAME_BYTES, Feeder, VirtualCamera
+
+NIGHTSTACK = [sys.executable, "-m", "nightstack.cli"]
+
+
+def _capture(camera: VirtualCamera, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*NIGHTSTACK, "capture", *args], env=camera.env(), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def _journal(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _frames(watch: Path) -> list[Path]:
+    return sorted(watch.glob("*.jpg"))
+
+
+@pytest.fixture
+def camera(tmp_path: Path) -> VirtualCamera:
+    return VirtualCamera(tmp_path / "vcamera")
+
+
+def test_frames_land_complete_distinct_journaled_on_time(tmp_path, camera):
+    watch, journal = tmp_path / "incoming", tmp_path / "capture.jsonl"
+    feeder = Feeder(camera, watch)
+    feeder.start()
+    try:
+        done = _capture(
+            camera,
+            str(watch),
+            "--count",
+            "4",
+            "--exposure",
+            "0.1",
+            "--interval",
+            "1.0",
+            "--delay",
+            "0.5",
+            "--journal",
+            str(journal),
+        )
+    finally:
+        feeder.close()
+    assert done.returncode == 0, done.stderr
+    assert "captured 4 frame(s)" in done.stdout
+    frames = _frames(watch)
+    assert len(frames) == 4
+    assert [p for p in watch.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in frames}
+    assert len(digests) == 4  # four exposures, not one file four times
+    for path in frames:
+        assert path.stat().st_size == FRAME_BYTES
+        image = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_GRAYSCALE)
+        assert image is not None and image.shape == (360, 480)
+    lines = _journal(journal)
+    shots = [line for line in lines if line["event"] == "frame"]
+    assert [s["frame"] for s in shots] == [1, 2, 3, 4]
+    assert [s["file"] for s in shots] == [p.name for p in frames]
+    assert all(s["model"] == "VC" and s["serial"] == "0.1" for s in shots)
+    assert all(s["settings"]["shutterspeed"] == "0.1000s" for s in shots)
+    assert all(s["camera_clock"] and s["camera_file"].endswith(".JPG") for s in shots)
+    assert lines[-1] == {"at": lines[-1]["at"], "event": "done", "frames": 4}
+    starts = [datetime.fromisoformat(s["time"]).timestamp() for s in shots]
+    gaps = np.diff(starts)
+    assert np.all(np.abs(gaps - 1.0) < 0.5), gaps  # start to start, within 0.5 s
+
+
+def test_camera_fault_mid_sequence_reconnects_nothing_lost_or_doubled(tmp_path, camera):
+    """After frame 2 the camera fails its captures (a real PTP error in libgphoto2) until the
+    sequence has noticed: it closes the camera, finds it again by model and serial, and goes
+    on with frame 3."""
+    watch, journal = tmp_path / "incoming", tmp_path / "capture.jsonl"
+    feeder = Feeder(camera, watch, faults=(2,), journal=journal)
+    feeder.start()
+    try:
+        done = _capture(
+            camera,
+            str(watch),
+            "--count",
+            "5",
+            "--exposure",
+            "0.01",
+            "--interval",
+            "0.3",
+            "--journal",
+            str(journal),
+            "--reconnect",
+            "30",
+        )
+    finally:
+        feeder.close()
+    assert done.returncode == 0, done.stderr
+    frames = _frames(watch)
+    assert len(frames) == 5
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in frames}) == 5
+    lines = _journal(journal)
+    events = [line["event"] for line in lines]
+    assert events == ["frame", "frame", "lost", "reconnected", "frame", "frame", "frame", "done"]
+    assert lines[2]["frame"] == 3 and "libgphoto2 -1" in lines[2]["reason"]
+    assert [x["frame"] for x in lines if x["event"] == "frame"] == [1, 2, 3, 4, 5]
+    assert "finding the camera again" in done.stderr
+
+
+def test_list_reports_the_camera(camera):
+    done = _capture(camera, "--list")
+    assert done.returncode == 0, done.stderr
+    assert "VC serial 0.1 on usb:001,001: battery 50%" in done.stdout
+    assert "capturetarget Internal RAM" in done.stdout
+
+
+def test_card_target_keeps_the_file_on_the_card(tmp_path, camera):
+    watch, journal = tmp_path / "incoming", tmp_path / "capture.jsonl"
+    done = _capture(
+        camera,
+        str(watch),
+        "--count",
+        "1",
+        "--exposure",
+        "1",
+        "--target",
+        "card",
+        "--keep-on-card",
+        "--journal",
+        str(journal),
+    )
+    assert done.returncode == 0, done.stderr
+    (shot,) = [x for x in _journal(journal) if x["event"] == "frame"]
+    assert shot["settings"] == {"shutterspeed": "1.0000s", "capturetarget": "Memory card"}
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        # over the longest timed speed (1 s): bulb; the virtual camera has a 'bulb' setting but
+        # refuses to open the exposure (no InitiateOpenCapture)
+        (["--exposure", "2"], "the camera refused to open a bulb exposure"),
+        (["--exposure", "0.3"], "the camera has no shutter speed of 0.3 s (nearest:"),
+        (["--exposure", "0.1", "--serial", "12345"], "no camera serial 12345 on USB (found: VC"),
+        (["--exposure", "-1"], "exposure: 0 to 3600 s, not -1"),
+    ],
+)
+def test_refusals_are_one_line_reasons(tmp_path, camera, args, reason):
+    done = _capture(camera, str(tmp_path / "incoming"), "--count", "1", *args)
+    assert done.returncode in (1, 2)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("nightstack capture: ") and reason in last, done.stderr
+    assert _frames(tmp_path / "incoming") == [] if (tmp_path / "incoming").exists() else True
+
+
+def test_sigterm_stops_an_endless_sequence_cleanly(tmp_path, camera):
+    watch, journal = tmp_path / "incoming", tmp_path / "capture.jsonl"
+    proc = subprocess.Popen(
+        [*NIGHTSTACK, "capture", str(watch), "--exposure", "0.01", "--interval", "0.2",
+         "--journal", str(journal)],
+        env=camera.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    feeder = Feeder(camera, watch)
+    feeder.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(_frames(watch)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        feeder.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "(stopped)" in out
+    lines = _journal(journal)
+    shots = [x for x in lines if x["event"] == "frame"]
+    assert lines[-1]["event"] == "stopped" and lines[-1]["frames"] == len(shots) >= 2
+    assert len(_frames(watch)) == len(shots)
+
+
+def test_the_daemon_does_not_load_libgphoto2():
+    code = (
+        "import sys, nightstack.cli, nightstack.capture, nightstack.capture.status;"
+        "sys.exit('gphoto2' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_a_real_camera_if_one_is_plugged_in(tmp_path):
+    """Runs only with a real camera on USB (no VCAMERADIR): one frame of 1 s."""
+    env = {k: v for k, v in os.environ.items() if k != "VCAMERADIR"}
+    listed = subprocess.run(
+        [*NIGHTSTACK, "capture", "--list"], env=env, capture_output=True, text=True, timeout=60
+    )
+    if listed.returncode != 0:
+        pytest.skip("no real camera on USB")
+    done = subprocess.run(
+        [*NIGHTSTACK, "capture", str(tmp_path), "--count", "1", "--exposure", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len([p for p in tmp_path.iterdir() if not p.name.endswith(".jsonl")]) == 1
