@@ -33,6 +33,18 @@ def _capture(camera: VirtualCamera, *args: str, timeout: float = 60) -> subproce
     )  # fmt: skip
 
 
+def _fed(
+    camera: VirtualCamera, watch: Path, journal: Path, *args: str, faults: tuple[int, ...] = ()
+) -> subprocess.CompletedProcess:
+    """``nightstack capture WATCH ARGS --journal JOURNAL`` with a new sky for every frame."""
+    feeder = Feeder(camera, watch, faults=faults, journal=journal)
+    feeder.start()
+    try:
+        return _capture(camera, str(watch), *args, "--journal", str(journal))
+    finally:
+        feeder.close()
+
+
 def _journal(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -48,25 +60,19 @@ def camera(tmp_path: Path) -> VirtualCamera:
 
 def test_frames_land_complete_distinct_journaled_on_time(tmp_path, camera):
     watch, journal = tmp_path / "incoming", tmp_path / "capture.jsonl"
-    feeder = Feeder(camera, watch)
-    feeder.start()
-    try:
-        done = _capture(
-            camera,
-            str(watch),
-            "--count",
-            "4",
-            "--exposure",
-            "0.1",
-            "--interval",
-            "1.0",
-            "--delay",
-            "0.5",
-            "--journal",
-            str(journal),
-        )
-    finally:
-        feeder.close()
+    done = _fed(
+        camera,
+        watch,
+        journal,
+        "--count",
+        "4",
+        "--exposure",
+        "0.1",
+        "--interval",
+        "1.0",
+        "--delay",
+        "0.5",
+    )
     assert done.returncode == 0, done.stderr
     assert "captured 4 frame(s)" in done.stdout
     frames = _frames(watch)
@@ -96,25 +102,20 @@ def test_camera_fault_mid_sequence_reconnects_nothing_lost_or_doubled(tmp_path, 
     sequence has noticed: it closes the camera, finds it again by model and serial, and goes
     on with frame 3."""
     watch, journal = tmp_path / "incoming", tmp_path / "capture.jsonl"
-    feeder = Feeder(camera, watch, faults=(2,), journal=journal)
-    feeder.start()
-    try:
-        done = _capture(
-            camera,
-            str(watch),
-            "--count",
-            "5",
-            "--exposure",
-            "0.01",
-            "--interval",
-            "0.3",
-            "--journal",
-            str(journal),
-            "--reconnect",
-            "30",
-        )
-    finally:
-        feeder.close()
+    done = _fed(
+        camera,
+        watch,
+        journal,
+        "--count",
+        "5",
+        "--exposure",
+        "0.01",
+        "--interval",
+        "0.3",
+        "--reconnect",
+        "30",
+        faults=(2,),
+    )
     assert done.returncode == 0, done.stderr
     frames = _frames(watch)
     assert len(frames) == 5
