@@ -21,7 +21,9 @@ import cv2
 import numpy as np
 import pytest
 
+from _daemon import Daemon, journal, wait_for
 from _vcam import FRAME_BYTES, Feeder, VirtualCamera
+from _web import EventStream, get_json, request, web_base
 
 NIGHTSTACK = [sys.executable, "-m", "nightstack.cli"]
 
@@ -227,3 +229,96 @@ def test_a_real_camera_if_one_is_plugged_in(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert len([p for p in tmp_path.iterdir() if not p.name.endswith(".jsonl")]) == 1
+
+
+# --- inside `nightstack watch`: one service shoots and stacks --------------------------------
+def test_watch_shoots_and_stacks_and_the_page_drives_the_camera(tmp_path, camera):
+    """``capture_*`` settings start a sequence in the daemon; its frames are stacked; the
+    page's API reports it (also in the event stream) and starts another, behind the action
+    rules; a bad start is a one-line 400 and the daemon goes on."""
+    watch, out = tmp_path / "incoming", tmp_path / "out"
+    watch.mkdir()
+    out.mkdir()
+    env = {
+        **camera.env(),
+        "NIGHTSTACK_EXTENSIONS": ".jpg",
+        "NIGHTSTACK_CAPTURE_EXPOSURE_S": "0.1",
+        "NIGHTSTACK_CAPTURE_COUNT": "3",
+        "NIGHTSTACK_CAPTURE_INTERVAL_S": "0.4",
+    }
+    feeder = Feeder(camera, watch)
+    feeder.start()
+    daemon = Daemon(watch, out, "--web", "127.0.0.1:0", env=env)
+    try:
+        base = web_base(daemon)
+        events = EventStream(base)
+        try:
+            accepted = lambda n: len([r for r in journal(out) if r["status"] == "accepted"]) >= n  # noqa: E731
+            wait_for(lambda: accepted(3), 60, "3 frames stacked", daemon)
+            done = events.find("status", 20, lambda s: s.get("capture", {}).get("state") == "done")
+            assert done["capture"]["frame"] == 3
+            status = get_json(base, "/api/capture")
+            assert status["state"] == "done" and not status["running"]
+            assert status["camera"]["model"] == "VC" and status["camera"]["battery"] == "50%"
+            assert status["plan"]["count"] == 3
+
+            bad = request(base, "/api/capture/start", method="POST", body=b'{"exposure_s": "x"}')
+            assert bad.status == 400 and "exposure_s: a number" in bad.json()["error"]
+            foreign = request(
+                base,
+                "/api/capture/start",
+                method="POST",
+                body=b"{}",
+                headers={"Origin": "http://evil.example"},
+            )
+            assert foreign.status == 403
+            started = request(
+                base,
+                "/api/capture/start",
+                method="POST",
+                body=b'{"count": 2, "exposure_s": 0.01, "interval_s": 0.3}',
+            )
+            assert started.status == 202, started.body
+            wait_for(lambda: accepted(5), 60, "5 frames stacked", daemon)
+        finally:
+            events.close()
+        assert daemon.alive()
+    finally:
+        assert daemon.stop() == 0
+        feeder.close()
+    records = journal(out)
+    assert [r["status"] for r in records] == ["accepted"] * 5
+    assert len({r["file"] for r in records}) == 5
+    shots = [x for j in sorted((out / "capture").glob("*.jsonl")) for x in _journal(j)]
+    assert [x["frame"] for x in shots if x["event"] == "frame"] == [1, 2, 3, 1, 2]
+
+
+def test_a_frame_never_replaces_a_file(tmp_path):
+    from nightstack.capture.files import place, rename_noreplace
+
+    (tmp_path / "n_0001.cr3").write_bytes(b"theirs")
+    temp = tmp_path / ".n_0001.cr3.part"
+    temp.write_bytes(b"ours")
+    final = place(temp, tmp_path, "n_0001", ".cr3")
+    assert final.name == "n_0001-2.cr3" and final.read_bytes() == b"ours"
+    assert (tmp_path / "n_0001.cr3").read_bytes() == b"theirs" and not temp.exists()
+    with pytest.raises(FileExistsError):
+        rename_noreplace(final, tmp_path / "n_0001.cr3")
+
+
+def test_a_capture_that_fails_costs_the_daemon_nothing(tmp_path, camera):
+    watch, out = tmp_path / "incoming", tmp_path / "out"
+    watch.mkdir()
+    out.mkdir()
+    env = {**camera.env(), "NIGHTSTACK_CAPTURE_EXPOSURE_S": "0.3"}  # no such shutter speed
+    daemon = Daemon(watch, out, "--web", "127.0.0.1:0", env=env)
+    try:
+        base = web_base(daemon)
+        reason = "the camera has no shutter speed of 0.3 s (nearest: 0.1000s, 0.0500s"
+        wait_for(lambda: reason in daemon.text(), 30, "the capture's reason", daemon)
+        status = get_json(base, "/api/capture")
+        assert status["state"] == "failed" and reason in status["reason"]
+        assert get_json(base, "/api/status")["capture"]["state"] == "failed"
+        assert daemon.alive()
+    finally:
+        assert daemon.stop() == 0

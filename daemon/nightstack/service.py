@@ -37,6 +37,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from .capture.control import start_in_daemon
 from .config import Settings, load_settings, web_token
 from .control import hold_lock, request_close, take_close_request
 from .decoder import DEFAULT_DECODE_FN, Decoder
@@ -242,10 +243,12 @@ class Daemon:
         except OSError as err:
             raise ConfigError(f"cannot lock {output} ({err.strerror}): another daemon writes "
                               "there?") from err  # fmt: skip
+        self.capture = start_in_daemon(self.settings, watch, output)  # --- capture ---
         web = self._start_web(output)  # --- web ---
         try:
             return self._run(watch, output)
         finally:
+            self.capture.close()  # --- capture ---
             if web is not None:
                 web.stop()
             os.close(lock)
@@ -805,6 +808,7 @@ class Daemon:
             hosts=self.settings.web_hosts,
             status=self.status,
             close=lambda: request_close(output),
+            capture=self.capture,  # --- capture ---
         )
         try:
             server.start()

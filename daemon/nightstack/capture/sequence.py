@@ -2,8 +2,8 @@
 
 A producer beside the camera, like the tether tool it replaces: each frame is downloaded at once
 into the watch folder under a hidden temporary name (``.NAME.part``, which the watcher ignores)
-and linked into place under its final name, so the watcher only ever sees complete files and no
-file is ever overwritten; each frame is then one fsync'd line of the sequence's own journal
+and renamed into place under its final name (never over an existing file), so the watcher only
+ever sees complete files; each frame is then one fsync'd line of the sequence's own journal
 (``capture.jsonl`` lines: time, settings, file, the camera's clock). The stacking side does not
 know it exists.
 
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .camera import Camera, CameraLost, CaptureError
+from .files import place
 from .status import CaptureStatus, Plan
 
 log = logging.getLogger("nightstack.capture")
@@ -267,14 +268,14 @@ class Sequence:
         self._check_card(camera)
 
     def _download(self, camera: Camera, folder: str, name: str, frame: int) -> Path:
-        """The camera's file into the watch folder: a hidden temporary name first, then linked
-        under ``PREFIX_NNNN.ext`` (never over an existing file) and the temporary name removed."""
+        """The camera's file into the watch folder: a hidden temporary name first, then renamed
+        to ``PREFIX_NNNN.ext`` (never over an existing file)."""
         ext = Path(name).suffix.lower()
         temp = self.watch_dir / f".{self._prefix}_{frame:04d}{ext}.part"
         temp.unlink(missing_ok=True)  # ours, from a download a lost camera cut short
         try:
             camera.download(folder, name, temp)
-            return _place(temp, self.watch_dir, f"{self._prefix}_{frame:04d}", ext)
+            return place(temp, self.watch_dir, f"{self._prefix}_{frame:04d}", ext)
         except OSError as err:
             temp.unlink(missing_ok=True)
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -342,28 +343,6 @@ class Sequence:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _place(temp: Path, folder: Path, stem: str, ext: str) -> Path:
-    """Give ``temp`` its final name in ``folder`` atomically, never over an existing file
-    (``stem-2.ext``, ... if taken). A hard link where the file system has them, else a rename
-    after a check (FAT/exFAT cards)."""
-    for n in range(1, 1000):
-        final = folder / (f"{stem}{ext}" if n == 1 else f"{stem}-{n}{ext}")
-        try:
-            os.link(temp, final)
-        except FileExistsError:
-            continue
-        except OSError as err:
-            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                raise
-            if final.exists():
-                continue
-            os.rename(temp, final)
-            return final
-        temp.unlink()
-        return final
-    raise CaptureError(f"no free name for {stem}{ext} in {folder}")
 
 
 def _is_raw(choice: str) -> bool:

@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -30,6 +30,9 @@ from .auth import COOKIE, COOKIE_MAX_AGE_S, Auth
 from .events import EventHub
 from .render import CROPS, FORMATS, STRENGTH_RANGE, WIDTHS, RenderQueue, StretchRenderer, listed
 from .sessions import DOWNLOADS, SessionFiles
+
+if TYPE_CHECKING:
+    from ..capture.control import CaptureControl
 
 log = logging.getLogger("nightstack.web")
 
@@ -79,6 +82,7 @@ def build_app(
     status: StatusFn,
     close: Callable[[], None],
     auth: Callable[[], Auth],
+    capture: CaptureControl | None = None,
 ) -> web.Application:
     """The aiohttp application over ``sessions``.
 
@@ -93,11 +97,18 @@ def build_app(
         Asks the daemon to close its open session (returns at once).
     auth : callable
         The access rules now (:class:`~nightstack.web.auth.Auth`; replaced on SIGHUP).
+    capture : CaptureControl or None
+        The tethered capture: its routes and its status under ``capture`` (``web/capture.py``).
     """
     app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY)
 
     def full_status() -> dict[str, Any]:
         return _full_status(status, sessions)
+
+    if capture is not None:  # --- capture ---
+        from .capture import add_capture_routes
+
+        full_status = add_capture_routes(app, capture, full_status)
 
     app[STATUS_KEY] = full_status
     app[CLOSE_KEY] = close

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -28,6 +28,9 @@ from .api import build_app
 from .auth import Auth
 from .limits import PER_CLIENT, GatedSite, RepeatFilter, total_cap
 from .sessions import SessionFiles
+
+if TYPE_CHECKING:
+    from ..capture.control import CaptureControl
 
 log = logging.getLogger("nightstack.web")
 
@@ -75,6 +78,8 @@ class WebServer:
     per_client, total : int or None
         Connection caps (default :data:`~nightstack.web.limits.PER_CLIENT` and
         :func:`~nightstack.web.limits.total_cap`).
+    capture : CaptureControl or None
+        The tethered capture, for its routes (``web/capture.py``).
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class WebServer:
         hosts: tuple[str, ...] | list[str] = (),
         per_client: int | None = None,
         total: int | None = None,
+        capture: CaptureControl | None = None,
     ) -> None:
         self.host, self.port = parse_listen(listen)
         self.auth = Auth(token, frozenset(hosts))
@@ -98,6 +104,7 @@ class WebServer:
         self.site: GatedSite | None = None
         self.sessions = SessionFiles(output)
         self._status, self._close = status, close
+        self.capture = capture  # --- capture ---
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -174,8 +181,9 @@ class WebServer:
         )
         loop.set_default_executor(executor)
         app = build_app(
-            self.sessions, status=self._status, close=self._close, auth=lambda: self.auth
-        )
+            self.sessions, status=self._status, close=self._close, auth=lambda: self.auth,
+            capture=self.capture,
+        )  # fmt: skip
         self.app = app
         runner = web.AppRunner(
             app,
