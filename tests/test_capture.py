@@ -234,8 +234,9 @@ def test_a_real_camera_if_one_is_plugged_in(tmp_path):
 # --- inside `nightstack watch`: one service shoots and stacks --------------------------------
 def test_watch_shoots_and_stacks_and_the_page_drives_the_camera(tmp_path, camera):
     """``capture_*`` settings start a sequence in the daemon; its frames are stacked; the
-    page's API reports it (also in the event stream) and starts another, behind the action
-    rules; a bad start is a one-line 400 and the daemon goes on."""
+    page's API reports it (also in the event stream), starts another (until stopped), pauses,
+    resumes and stops it, behind the action rules; a bad start is a one-line 400, a second
+    start a 409, and the daemon goes on."""
     watch, out = tmp_path / "incoming", tmp_path / "out"
     watch.mkdir()
     out.mkdir()
@@ -276,10 +277,24 @@ def test_watch_shoots_and_stacks_and_the_page_drives_the_camera(tmp_path, camera
                 base,
                 "/api/capture/start",
                 method="POST",
-                body=b'{"count": 2, "exposure_s": 0.01, "interval_s": 0.3}',
+                body=b'{"count": 0, "exposure_s": 0.01, "interval_s": 0.3}',  # until stopped
             )
             assert started.status == 202, started.body
-            wait_for(lambda: accepted(5), 60, "5 frames stacked", daemon)
+            again = request(base, "/api/capture/start", method="POST", body=b"{}")
+            assert again.status == 409
+            wait_for(lambda: accepted(4), 60, "4 frames stacked", daemon)
+            assert _post(base, "pause") == 202
+            wait_for(lambda: _state(base) == "paused", 10, "paused", daemon)
+            held = get_json(base, "/api/capture")["frame"]
+            time.sleep(1.0)  # three intervals
+            assert get_json(base, "/api/capture")["frame"] == held
+            assert _post(base, "resume") == 202
+            wait_for(lambda: get_json(base, "/api/capture")["frame"] > held, 10, "a frame", daemon)
+            assert _post(base, "stop") == 202
+            wait_for(lambda: _state(base) == "stopped", 10, "stopped", daemon)
+            assert _post(base, "stop") == 409  # nothing runs
+            total = 3 + get_json(base, "/api/capture")["frame"]
+            wait_for(lambda: accepted(total), 60, f"{total} frames stacked", daemon)
         finally:
             events.close()
         assert daemon.alive()
@@ -287,10 +302,19 @@ def test_watch_shoots_and_stacks_and_the_page_drives_the_camera(tmp_path, camera
         assert daemon.stop() == 0
         feeder.close()
     records = journal(out)
-    assert [r["status"] for r in records] == ["accepted"] * 5
-    assert len({r["file"] for r in records}) == 5
+    assert [r["status"] for r in records] == ["accepted"] * total
+    assert len({r["file"] for r in records}) == total
     shots = [x for j in sorted((out / "capture").glob("*.jsonl")) for x in _journal(j)]
-    assert [x["frame"] for x in shots if x["event"] == "frame"] == [1, 2, 3, 1, 2]
+    numbers = [x["frame"] for x in shots if x["event"] == "frame"]
+    assert numbers == [1, 2, 3, *range(1, total - 2)]
+
+
+def _post(base: str, action: str) -> int:
+    return request(base, f"/api/capture/{action}", method="POST", body=b"").status
+
+
+def _state(base: str) -> str:
+    return str(get_json(base, "/api/capture")["state"])
 
 
 def test_a_frame_never_replaces_a_file(tmp_path):

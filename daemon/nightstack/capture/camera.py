@@ -47,6 +47,7 @@ _TRANSIENT_CODES = {
     gp.GP_ERROR_MODEL_NOT_FOUND,  # -105: not on the bus (any more)
     gp.GP_ERROR_CORRUPTED_DATA,  # -102: a USB transfer cut short
     gp.GP_ERROR,  # -1: a PTP error the camera gave no name
+    gp.GP_ERROR_NO_MEMORY,  # -3: libgphoto2's session state (a new session cures it)
 }
 
 
@@ -165,12 +166,7 @@ class Camera:
         name) and serial match; None matches any. Raises CameraLost when none is found."""
         tried: list[str] = []
         for det in list_cameras():
-            cam = _open_port(det)
-            try:
-                camera = cls(cam, det)
-            except gp.GPhoto2Error as err:
-                _exit(cam)
-                raise explain(err, f"cannot read the camera on {det.port}", det.port) from err
+            camera = cls.at(det)
             if model is not None and model not in (camera.model, det.driver):
                 tried.append(f"{camera.model} on {det.port}")
                 camera.close()
@@ -183,6 +179,16 @@ class Camera:
         wanted = " ".join(x for x in (model, f"serial {serial}" if serial else None) if x)
         others = f" (found: {', '.join(tried)})" if tried else ""
         raise CameraLost(f"no camera {wanted or 'at all'} on USB{others}")
+
+    @classmethod
+    def at(cls, detected: Detected) -> Camera:
+        """Open the camera ``detected`` on its port (``--list``: each camera once)."""
+        cam = _open_port(detected)
+        try:
+            return cls(cam, detected)
+        except gp.GPhoto2Error as err:
+            _exit(cam)
+            raise explain(err, f"cannot read the camera on {detected.port}", detected.port) from err
 
     def close(self) -> None:
         _exit(self._cam)

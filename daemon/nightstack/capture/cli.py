@@ -102,7 +102,7 @@ def _list() -> int:
         return 1
     for det in found:
         try:
-            camera = Camera.open(det.driver)
+            camera = Camera.at(det)
         except CaptureError as err:
             print(f"{det.driver} on {det.port}: {err.reason}")
             continue

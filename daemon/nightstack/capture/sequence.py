@@ -249,9 +249,8 @@ class Sequence:
         self._update(state="downloading", exposure_ends=None)
         final = self._download(camera, folder, name, frame)
         placed = time.time()
-        if not self.plan.keep_on_card:
-            camera.delete(folder, name)
-        camera.drain_events()
+        # the frame is in the watch folder: it counts now (nothing below raises CameraLost, so
+        # a camera lost from here on never has this frame taken twice)
         size = final.stat().st_size
         self._last_bytes = size
         self._write_journal({
@@ -261,10 +260,14 @@ class Sequence:
             "settings": self.status.settings, "camera_clock": camera.clock(),
             "model": camera.model, "serial": camera.serial,
             "download_s": round(placed - completed, 4),
+            "journal_s": round(time.time() - completed, 4),
         })  # fmt: skip
         log.info("capture: frame %d -> %s (%d bytes)", frame, final.name, size)
         self._lost_since, self._losses = None, 0
         self._update(frame=frame, last_file=final.name)
+        if not self.plan.keep_on_card:
+            camera.delete(folder, name)
+        camera.drain_events()  # a camera with unread events may stall the next capture
         self._check_card(camera)
 
     def _download(self, camera: Camera, folder: str, name: str, frame: int) -> Path:
