@@ -1,7 +1,7 @@
 """Issue 22's numbers, against libgphoto2's virtual camera (tests/_vcam.py; no real camera):
 
-- sequences with an injected camera fault each (every capture fails inside libgphoto2's PTP
-  driver until the sequence has noticed, closed the camera and found it again): files in the
+- sequences with an injected camera fault each (captures fail inside libgphoto2's PTP driver
+  until the sequence has noticed, closed the camera and found it again): files in the
   watch folder, distinct contents, journal lines, duplicates, frames lost, reconnections.
   Sequences of 20 frames, one process each: the virtual camera fails every 27th capture of a
   process and does not always come back after it (docs/capture.md), so one 200-frame
@@ -29,12 +29,13 @@ from typing import Any
 
 from _common import log, median, table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _vcam import Feeder, VirtualCamera  # the tests' virtual camera
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path.insert(0, str(TESTS))
+from _vcam import VirtualCamera  # noqa: E402  (the tests' virtual camera)
 
 NIGHTSTACK = [sys.executable, "-m", "nightstack.cli", "capture"]
+LAUNCH = [sys.executable, "-m", "_capture_launch"]
 RUN_FRAMES = 20  # frames per process: the virtual camera is not reliable past 26 captures
-INTERVAL_S = 0.3  # the sequence's: time for the feeder to show the camera a new sky
 WAIT_S = 5.0  # the interval of the CPU run: a wait of ~5 s between frames
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -44,21 +45,19 @@ def _journal(path: Path) -> list[dict[str, Any]]:
 
 
 def _run(root: Path, frames: int, fault: int) -> dict[str, Any]:
-    """One ``nightstack capture`` process of ``frames`` frames, the camera failing after frame
-    ``fault`` until the sequence notices."""
+    """One ``nightstack capture`` process of ``frames`` frames (tests/_capture_launch.py: the
+    camera shown a new sky before each exposure), the camera failing at frame ``fault`` until
+    the sequence has lost it and found it again."""
     camera = VirtualCamera(root / "vcamera", seed=fault)
     watch, journal = root / "incoming", root / "capture.jsonl"
-    feeder = Feeder(camera, watch, faults=(fault,), journal=journal)
-    feeder.start()
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    env = {**camera.env(), "PYTHONPATH": path}
     t0 = time.monotonic()
-    try:
-        done = subprocess.run(
-            [*NIGHTSTACK, str(watch), "--count", str(frames), "--exposure", "0.01",
-             "--interval", str(INTERVAL_S), "--journal", str(journal)],
-            env=camera.env(), capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-    finally:
-        feeder.close()
+    done = subprocess.run(
+        [*LAUNCH, "--seed", str(fault), "--faults", str(fault), "--", str(watch),
+         "--count", str(frames), "--exposure", "0.01", "--journal", str(journal)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     files = sorted(watch.glob("*.jpg"))
     lines = _journal(journal)
     shots = [x for x in lines if x["event"] == "frame"]
@@ -102,10 +101,8 @@ def _cpu_s(pid: int) -> float:
 def _waiting_cpu(root: Path, waits: int) -> dict[str, Any]:
     """CPU of ``nightstack capture`` from its first frame to its last, ``waits`` waits of
     WAIT_S seconds between frames."""
-    camera = VirtualCamera(root / "vcamera")
+    camera = VirtualCamera(root / "vcamera")  # one sky: the frames need not differ here
     watch = root / "incoming"
-    feeder = Feeder(camera, watch)
-    feeder.start()
     proc = subprocess.Popen(
         [*NIGHTSTACK, str(watch), "--count", str(waits + 1), "--exposure", "0.01",
          "--interval", str(WAIT_S), "--journal", str(root / "capture.jsonl")],
@@ -120,7 +117,6 @@ def _waiting_cpu(root: Path, waits: int) -> dict[str, Any]:
         cpu1, t1 = _cpu_s(proc.pid), time.monotonic()
         proc.wait(timeout=60)
     finally:
-        feeder.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -169,7 +165,9 @@ def report(data: dict[str, Any]) -> str:
         "sequence has journaled the loss; the sequence closes the camera, finds it again by "
         "model and serial (after its 1 s backoff) and takes frame k+1. Sequences of 20 frames "
         "in a process each: the virtual camera fails every 27th capture of a process and does "
-        "not always recover (docs/capture.md), so no single 200-frame sequence. It "
+        "not always recover (docs/capture.md), so no single 200-frame sequence. The camera "
+        "is shown a new sky before each exposure (tests/_capture_launch.py), frames follow "
+        "each other at once (no interval). It "
         "takes no time to expose and sends 120 kB JPEGs: a raw's USB download is not in "
         "these times.\n\n" + table(("measure", "value"), rows)
     )

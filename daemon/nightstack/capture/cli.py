@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -52,8 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``nightstack capture``; the exit code (0 done or stopped, 1 failed, 2 bad input)."""
+def run(
+    args: argparse.Namespace, *, before_exposure: Callable[[int, int], None] | None = None
+) -> int:
+    """Run ``nightstack capture``; the exit code (0 done or stopped, 1 failed, 2 bad input).
+    ``before_exposure``: a test's hook (see ``Sequence``); never a setting."""
     logging.getLogger("nightstack").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.list:
         return _list()
@@ -72,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     from .sequence import Sequence  # imports libgphoto2
 
     journal = args.journal or args.watch_dir / f"capture-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    sequence = Sequence(plan, args.watch_dir, journal, reconnect_s=args.reconnect)
+    sequence = Sequence(
+        plan, args.watch_dir, journal, reconnect_s=args.reconnect, before_exposure=before_exposure
+    )
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         sequence.stop()

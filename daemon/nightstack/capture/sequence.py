@@ -51,7 +51,9 @@ class Sequence:
     a fault ends it; it returns the final status. ``watch_dir``: where frames go;
     ``journal``: the journal file; ``reconnect_s``: give up finding a lost camera after this
     long; ``listeners`` are called (on the capture thread) with each new status; keep them
-    short. ``backoff_s``: the waits between reconnect attempts."""
+    short. ``backoff_s``: the waits between reconnect attempts. ``before_exposure(frame,
+    failures)``: a test's hook, called before each exposure with the frame's number and the
+    failed attempts at it so far (tests/_capture_launch.py shows the virtual camera its sky)."""
 
     def __init__(
         self,
@@ -62,8 +64,10 @@ class Sequence:
         reconnect_s: float = 600.0,
         listeners: list[Listener] | None = None,
         backoff_s: tuple[float, ...] = BACKOFF_S,
+        before_exposure: Callable[[int, int], None] | None = None,
     ) -> None:
         self.plan = plan
+        self.before_exposure = before_exposure
         self.watch_dir = Path(watch_dir)
         self.journal = Path(journal)
         self.reconnect_s = reconnect_s
@@ -238,6 +242,8 @@ class Sequence:
         camera = self._camera
         assert camera is not None
         self._check_disk()
+        if self.before_exposure is not None:
+            self.before_exposure(frame, self._losses)
         began = time.time()
         ends = began + self.plan.exposure_s
         self._update(state="exposing", exposure_ends=ends, next_start=None)
