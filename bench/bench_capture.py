@@ -160,10 +160,10 @@ def report(data: dict[str, Any]) -> str:
     ]  # fmt: skip
     return (
         "`nightstack capture` against libgphoto2's virtual camera (python-gphoto2's wheel; see "
-        "docs/capture.md for what it does). A fault: after frame k the camera fails every "
+        "docs/capture.md for what it does). A fault: at frame k (5 to 14) the camera fails the "
         "capture inside libgphoto2's PTP driver (a picture of another size) until the "
-        "sequence has journaled the loss; the sequence closes the camera, finds it again by "
-        "model and serial (after its 1 s backoff) and takes frame k+1. Sequences of 20 frames "
+        "sequence has lost it; the sequence closes the camera, finds it again by model and "
+        "serial (after its 1 s backoff) and takes frame k again. Sequences of 20 frames "
         "in a process each: the virtual camera fails every 27th capture of a process and does "
         "not always recover (docs/capture.md), so no single 200-frame sequence. The camera "
         "is shown a new sky before each exposure (tests/_capture_launch.py), frames follow "

@@ -364,3 +364,25 @@ def test_a_capture_that_fails_costs_the_daemon_nothing(tmp_path, camera):
         assert daemon.alive()
     finally:
         assert daemon.stop() == 0
+
+
+def test_libgphoto2_errors_read_as_one_line_reasons():
+    """A desktop's gvfs holding the camera, a camera gone, a full card (libgphoto2's codes, in
+    a process of their own: importing gphoto2 sets its library paths for the process)."""
+    code = (
+        "import gphoto2 as gp\n"
+        "from nightstack.capture.camera import CameraLost, explain\n"
+        "for c in (-53, -7, -3, -115, -6):\n"
+        "    e = explain(gp.GPhoto2Error(c), 'the capture failed')\n"
+        "    print(type(e) is CameraLost, e.reason)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    claim, io, memory, full, unsupported = done.stdout.splitlines()
+    assert claim.startswith("True the capture failed: could not claim the USB device: another")
+    assert "gio mount -s gphoto2" in claim
+    assert io == "True the capture failed: I/O problem (libgphoto2 -7)"
+    assert memory.startswith("True ") and "(libgphoto2 -3)" in memory
+    assert full == "False the capture failed: the camera's card is full"
+    assert unsupported.startswith("False ") and "(libgphoto2 -6)" in unsupported
