@@ -386,3 +386,18 @@ def test_libgphoto2_errors_read_as_one_line_reasons():
     assert memory.startswith("True ") and "(libgphoto2 -3)" in memory
     assert full == "False the capture failed: the camera's card is full"
     assert unsupported.startswith("False ") and "(libgphoto2 -6)" in unsupported
+
+
+def test_without_python_gphoto2_a_one_line_reason(tmp_path):
+    code = (
+        "import sys; sys.modules['gphoto2'] = None\n"  # as if it were not installed
+        "from nightstack.cli import main\n"
+        f"sys.exit(main(['capture', {str(tmp_path)!r}, '--exposure', '1']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        "nightstack capture: capture needs python-gphoto2: pip install 'nightstack[capture]'"
+    )
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -15,6 +15,8 @@ from .status import Plan
 
 log = logging.getLogger("nightstack.capture")
 
+NEEDS_GPHOTO2 = "capture needs python-gphoto2: pip install 'nightstack[capture]'"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("watch_dir", type=Path, nargs="?", help="the folder the frames go into")
@@ -73,7 +75,11 @@ def run(
     except ValueError as err:
         print(f"nightstack capture: {err}", file=sys.stderr)
         return 2
-    from .sequence import Sequence  # imports libgphoto2
+    try:
+        from .sequence import Sequence  # imports libgphoto2
+    except ImportError as err:
+        print(f"nightstack capture: {NEEDS_GPHOTO2}: {err}", file=sys.stderr)
+        return 2
 
     journal = args.journal or args.watch_dir / f"capture-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     sequence = Sequence(
@@ -100,7 +106,11 @@ def run(
 
 
 def _list() -> int:
-    from .camera import Camera, CaptureError, list_cameras
+    try:
+        from .camera import Camera, CaptureError, list_cameras
+    except ImportError as err:
+        print(f"nightstack capture: {NEEDS_GPHOTO2}: {err}", file=sys.stderr)
+        return 2
 
     found = list_cameras()
     if not found:

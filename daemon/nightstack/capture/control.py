@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
+from .cli import NEEDS_GPHOTO2
 from .status import FINISHED, CaptureStatus, Plan
 
 if TYPE_CHECKING:
@@ -84,9 +85,7 @@ class CaptureControl:
             try:
                 from .sequence import Sequence  # imports libgphoto2
             except ImportError as err:
-                raise ValueError(
-                    f"capture needs python-gphoto2 (pip install 'nightstack[capture]'): {err}"
-                ) from err
+                raise ValueError(f"{NEEDS_GPHOTO2}: {err}") from err
             journal = self.journal_dir / f"capture-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
             self._sequence = sequence = Sequence(
                 plan, self.watch_dir, journal, reconnect_s=self.reconnect_s,

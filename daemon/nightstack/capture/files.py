@@ -1,12 +1,36 @@
-"""The watch folder's side of a capture: a frame gets its final name by a rename (the watcher
-takes a rename into place as a complete file, never a half-written one), never over a file."""
+"""The files a capture writes, in one place: a frame's names in the watch folder (a hidden
+temporary name while it downloads, then its final name by a rename, which the watcher takes as
+a complete file, never over an existing file) and the sequence's journal lines."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+
+def frame_stem(prefix: str, frame: int) -> str:
+    """``PREFIX_NNNN``: the sequence's start time and the frame's number (the camera's own
+    names repeat: Canon's ``capt0000.cr3`` for every frame captured to RAM)."""
+    return f"{prefix}_{frame:04d}"
+
+
+def temp_path(folder: Path, stem: str, ext: str) -> Path:
+    """``.STEM.ext.part``: hidden and of another extension, so the watcher never takes it."""
+    return folder / f".{stem}{ext}.part"
+
+
+def append_line(journal: Path, line: dict[str, Any]) -> None:
+    """Append one JSON line to ``journal`` and fsync it (a line is whole or absent)."""
+    fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(line) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def place(temp: Path, folder: Path, stem: str, ext: str) -> Path:

@@ -17,9 +17,7 @@ a one-line reason. Waits are ``Event.wait``: no CPU between frames or during a b
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -29,13 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from .camera import Camera, CameraLost, CaptureError
-from .files import place
+from .files import append_line, frame_stem, place, temp_path
 from .status import CaptureStatus, Plan
 
 log = logging.getLogger("nightstack.capture")
-
-JOURNAL = "capture.jsonl"
-"""The sequence's journal in its journal folder: one JSON line per frame and per fault."""
 
 MIN_FREE_BYTES = 64 * 2**20
 """Stop before a frame when the watch folder's disk has less than this (or 2 frames) free."""
@@ -280,11 +275,12 @@ class Sequence:
         """The camera's file into the watch folder: a hidden temporary name first, then renamed
         to ``PREFIX_NNNN.ext`` (never over an existing file)."""
         ext = Path(name).suffix.lower()
-        temp = self.watch_dir / f".{self._prefix}_{frame:04d}{ext}.part"
+        stem = frame_stem(self._prefix, frame)
+        temp = temp_path(self.watch_dir, stem, ext)
         temp.unlink(missing_ok=True)  # ours, from a download a lost camera cut short
         try:
             camera.download(folder, name, temp)
-            return place(temp, self.watch_dir, f"{self._prefix}_{frame:04d}", ext)
+            return place(temp, self.watch_dir, stem, ext)
         except OSError as err:
             temp.unlink(missing_ok=True)
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -345,13 +341,7 @@ class Sequence:
         return False
 
     def _write_journal(self, line: dict[str, Any]) -> None:
-        line = {"at": _iso(time.time()), **line}
-        fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (json.dumps(line) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.journal, {"at": _iso(time.time()), **line})
 
 
 def _is_raw(choice: str) -> bool:
