@@ -8,7 +8,9 @@ throughput), peers (issue 6, alignment vs astroalign; Siril if installed), skies
 normalization and transparency per frame), mosaic (issue 12), calibrate (issue 13, master
 building and calibration's per-frame cost), landscape (issue 15: trails, timelapse, the frozen
 ground, the automatic mask per frame), hardening (issue 20: frames, `/api/status`, memory
-and log under 2000 idle or slow connections and looping renders). ``--quick`` runs
+and log under 2000 idle or slow connections and looping renders), capture (issue 22:
+a sequence with injected camera faults, capture-to-file latency, CPU while waiting, with
+libgphoto2's virtual camera). ``--quick`` runs
 fewer frames and repeats (a smoke run; its figures are marked as such). Simulated frames are
 cached in bench/out/ (gitignored); a full run needs ~25 GB of free disk.
 """
@@ -53,6 +55,10 @@ BENCHMARKS = {
         "Hardening under attack: 2000 idle or slow connections and looping renders while "
         "stacking, 24 MP (issue 20)",
         "bench_hardening",
+    ),
+    "capture": (
+        "Tethered capture against libgphoto2's virtual camera: faults; latency; CPU (issue 22)",
+        "bench_capture",
     ),
 }
 """Name -> (RESULTS.md section title, module with ``measure(quick)`` and ``report(data)``)."""

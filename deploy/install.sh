@@ -20,7 +20,8 @@
 # Options:
 #   --user         per-user install instead of the system service
 #   --start        start the service after enabling it
-#   --gphoto2      also install gphoto2 (USB tethering of the camera)
+#   --gphoto2      also install gphoto2 (USB tethering of the camera) and python-gphoto2
+#                  (nightstack capture; docs/capture.md)
 #   --uninstall    remove instead of install
 #   --prefix DIR   staging root, like DESTDIR: every installed path goes under DIR; file
 #                  contents, the user's home and systemd keep the final paths
@@ -288,7 +289,9 @@ else
   run "$python" -m venv "$prefix$venv"
 fi
 run "$prefix$venv/bin/python" -m pip install -q --upgrade pip
-run "$prefix$venv/bin/python" -m pip install -q "${repo}[systemd]"
+extras=systemd
+[ "$gphoto2" = 0 ] || extras="systemd,capture"  # python-gphoto2: nightstack capture
+run "$prefix$venv/bin/python" -m pip install -q "${repo}[$extras]"
 run "$prefix$venv/bin/nightstack" --version
 
 # 4. Config and folders.

@@ -239,3 +239,15 @@ def write_fits(path: Path, data: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     hdu.writeto(tmp, overwrite=True)
     tmp.replace(path)
+
+
+def page_until(driver: Any, what: str, timeout: float, check: Any) -> Any:
+    """Poll ``check(driver)`` until it is truthy; the page's state in the failure message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check(driver)
+        if value:
+            return value
+        time.sleep(0.1)
+    body = driver.execute_script("return document.body.innerText")
+    raise AssertionError(f"page: timed out waiting for {what}; it shows:\n{body[:3000]}")

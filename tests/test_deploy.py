@@ -239,6 +239,7 @@ def test_install_is_idempotent_and_keeps_an_edited_config(tmp_path: Path) -> Non
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files
     assert "kept existing config" in messages
     assert _has(commands, "apt-get", "install", "gphoto2")
+    assert _has(commands, "pip", "install", f"'{ROOT}[systemd,capture]'")  # nightstack capture
     assert _has(commands, "systemctl", "start", "nightstack.service")
 
     unit.write_text("[Service]\nExecStart=/bin/false\n", encoding="utf-8")  # a stale unit

@@ -139,7 +139,7 @@ STAGES = [
     ("nightstack.stacking",),
     ("nightstack.calibration",),
     ("nightstack.products",),
-    ("nightstack.pipeline",),
+    ("nightstack.pipeline", "nightstack.capture"),
     ("nightstack.service",),
     ("nightstack.web", "nightstack.simulate"),
     ("nightstack.cli", "nightstack.demo"),

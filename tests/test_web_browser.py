@@ -25,6 +25,7 @@ import pytest
 
 from _daemon import Daemon, journal, wait_for
 from _web import browser_missing, chromium, request, web_base
+from _web import page_until as _until
 from nightstack.simulate import simulate_night
 from nightstack.web.render import CROPS, listed
 
@@ -43,18 +44,6 @@ def frames(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     outdir = tmp_path_factory.mktemp("camera")
     simulate_night(outdir, frames=6, width=1200, height=800, seed=21, cloudy=CLOUDY)
     return sorted(outdir.glob("*.DNG"))
-
-
-def _until(driver: Any, what: str, timeout: float, check: Any) -> Any:
-    """Poll ``check(driver)`` until it is truthy; the page's state in the failure message."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check(driver)
-        if value:
-            return value
-        time.sleep(0.1)
-    body = driver.execute_script("return document.body.innerText")
-    raise AssertionError(f"page: timed out waiting for {what}; it shows:\n{body[:3000]}")
 
 
 def _preview(driver: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The ``nightstack`` command: simulate, stack, watch, demo, close, config."""
+"""The ``nightstack`` command: simulate, stack, watch, demo, close, capture, config."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nightstack import __version__
+from nightstack.capture import cli as capture_cli
 from nightstack.config import Settings, describe, load_settings
 from nightstack.errors import ConfigError, NightstackError
 from nightstack.formats import CALIBRATION_EXTENSIONS
@@ -401,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=1066)
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=_cmd_demo)
+
+    # --- capture (issue 22) ---
+    p = sub.add_parser("capture", help="shoot a sequence over USB into a folder (gphoto2)")
+    capture_cli.add_arguments(p)
+    p.set_defaults(func=capture_cli.run)
+    # --- end capture ---
 
     p = sub.add_parser("config", help="configuration")
     p.add_argument("action", choices=["show"])

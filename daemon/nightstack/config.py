@@ -367,6 +367,41 @@ class Settings(BaseSettings):
         "another host is refused (DNS rebinding).",
     )
 
+    # --- capture (tethered, over USB; issue 22) ---
+    capture_exposure_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="Tethered capture from `nightstack watch`: shoot frames of this many seconds "
+        "over USB (gphoto2) into watch_dir, and stack them (unset = off; above the camera's "
+        "longest timed speed: bulb). See docs/capture.md.",
+    )
+    capture_count: int = Field(0, ge=0, description="Capture: frames to take (0 = until stopped).")
+    capture_iso: int | None = Field(
+        None, ge=1, description="Capture: ISO (unset = as the camera is set)."
+    )
+    capture_interval_s: float = Field(
+        0.0, ge=0, description="Capture: seconds from an exposure's start to the next's, at least."
+    )
+    capture_delay_s: float = Field(
+        0.0, ge=0, description="Capture: seconds before the first frame."
+    )
+    capture_raw: bool = Field(True, description="Capture: set the camera's RAW image format.")
+    capture_target: Literal["ram", "card"] = Field(
+        "ram", description="Capture: where the camera keeps a frame until it is downloaded."
+    )
+    capture_keep_on_card: bool = Field(
+        False, description="Capture: leave each frame on the camera's card after the download."
+    )
+    capture_model: str | None = Field(
+        None, description="Capture: the camera's model (unset = the first camera found)."
+    )
+    capture_serial: str | None = Field(None, description="Capture: the camera's serial number.")
+    capture_reconnect_s: float = Field(
+        600.0, gt=0, description="Capture: give up finding a lost camera again after this long."
+    )
+    # --- end capture ---
+
     @field_validator("web_listen")
     @classmethod
     def _check_web_listen(cls, value: str) -> str:

@@ -39,6 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
+from nightstack.capture.control import CaptureControl, start_in_daemon
 from nightstack.config import Settings, load_settings, web_token
 from nightstack.errors import ConfigError
 from nightstack.io.decoder import DEFAULT_DECODE_FN, Decoder, decoder_memory, load_kwargs
@@ -64,9 +65,12 @@ class WebPage(Protocol):
     def reconfigure(self, token: str | None, hosts: tuple[str, ...] | list[str]) -> None: ...
 
 
-WebStarter = Callable[[Settings, Path, Callable[[], dict[str, Any]]], WebPage | None]
-"""Starts the web page of a daemon writing into a folder, given its status (None: no page);
-``web.server.start_web``. Given by the caller, so the service does not import the web page."""
+WebStarter = Callable[
+    [Settings, Path, Callable[[], dict[str, Any]], CaptureControl | None], WebPage | None
+]
+"""Starts the web page of a daemon writing into a folder, given its status and its tethered
+capture (None: no page); ``web.server.start_web``. Given by the caller, so the service does not
+import the web page."""
 
 log = logging.getLogger("nightstack")
 
@@ -208,10 +212,12 @@ class Daemon:
         except OSError as err:
             raise ConfigError(f"cannot lock {output} ({err.strerror}): another daemon writes "
                               "there?") from err  # fmt: skip
+        self.capture = start_in_daemon(self.settings, watch, output)  # camera: its own thread
         web = self._start_web(output)  # --- web ---
         try:
             return self._run(watch, output)
         finally:
+            self.capture.close()
             if web is not None:
                 web.stop()
             os.close(lock)
@@ -598,7 +604,8 @@ class Daemon:
     # --- web ---------------------------------------------------------------------------------
     def _start_web(self, output: Path) -> WebPage | None:
         """The web page (:attr:`web` starts it on its own thread), if the daemon has one."""
-        self._web = self.web(self.settings, output, self.status) if self.web else None
+        page = self.web(self.settings, output, self.status, self.capture) if self.web else None
+        self._web = page
         return self._web
 
     def _reload_web(self, old: Settings, fresh: Settings) -> None:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -27,6 +27,7 @@ from nightstack import __version__
 from nightstack.address import is_loopback_host, is_loopback_ip
 from nightstack.io.frameio import free_bytes
 from nightstack.web.auth import COOKIE, COOKIE_MAX_AGE_S, Auth
+from nightstack.web.capture import add_capture_routes
 from nightstack.web.events import EventHub
 from nightstack.web.render import (
     CROPS,
@@ -38,6 +39,9 @@ from nightstack.web.render import (
     listed,
 )
 from nightstack.web.sessions import DOWNLOADS, SessionFiles
+
+if TYPE_CHECKING:
+    from nightstack.capture.control import CaptureControl
 
 log = logging.getLogger("nightstack.web")
 
@@ -87,6 +91,7 @@ def build_app(
     status: StatusFn,
     close: Callable[[], None],
     auth: Callable[[], Auth],
+    capture: CaptureControl | None = None,
 ) -> web.Application:
     """The aiohttp application over ``sessions``.
 
@@ -101,11 +106,16 @@ def build_app(
         Asks the daemon to close its open session (returns at once).
     auth : callable
         The access rules now (:class:`~nightstack.web.auth.Auth`; replaced on SIGHUP).
+    capture : CaptureControl or None
+        The tethered capture: its routes and its status under ``capture`` (``web/capture.py``).
     """
     app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY)
 
     def full_status() -> dict[str, Any]:
         return _full_status(status, sessions)
+
+    if capture is not None:  # --- capture ---
+        full_status = add_capture_routes(app, capture, full_status, _authorize)
 
     app[STATUS_KEY] = full_status
     app[CLOSE_KEY] = close

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -30,6 +30,9 @@ from nightstack.web.api import build_app
 from nightstack.web.auth import Auth
 from nightstack.web.limits import PER_CLIENT, GatedSite, RepeatFilter, total_cap
 from nightstack.web.sessions import SessionFiles
+
+if TYPE_CHECKING:
+    from nightstack.capture.control import CaptureControl
 
 log = logging.getLogger("nightstack.web")
 
@@ -77,6 +80,8 @@ class WebServer:
     per_client, total : int or None
         Connection caps (default :data:`~nightstack.web.limits.PER_CLIENT` and
         :func:`~nightstack.web.limits.total_cap`).
+    capture : CaptureControl or None
+        The tethered capture, for its routes (``web/capture.py``).
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class WebServer:
         hosts: tuple[str, ...] | list[str] = (),
         per_client: int | None = None,
         total: int | None = None,
+        capture: CaptureControl | None = None,
     ) -> None:
         self.host, self.port = parse_listen(listen)
         self.auth = Auth(token, frozenset(hosts))
@@ -100,6 +106,7 @@ class WebServer:
         self.site: GatedSite | None = None
         self.sessions = SessionFiles(output)
         self._status, self._close = status, close
+        self.capture = capture  # --- capture ---
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -176,8 +183,9 @@ class WebServer:
         )
         loop.set_default_executor(executor)
         app = build_app(
-            self.sessions, status=self._status, close=self._close, auth=lambda: self.auth
-        )
+            self.sessions, status=self._status, close=self._close, auth=lambda: self.auth,
+            capture=self.capture,
+        )  # fmt: skip
         self.app = app
         runner = web.AppRunner(
             app,
@@ -207,11 +215,14 @@ class WebServer:
 
 
 def start_web(
-    settings: Settings, output: Path, status: Callable[[], dict[str, Any]]
+    settings: Settings,
+    output: Path,
+    status: Callable[[], dict[str, Any]],
+    capture: CaptureControl | None = None,
 ) -> WebServer | None:
-    """Serve the page and API of the daemon writing into ``output`` on their own thread (None
-    with ``web_enabled`` false). A port that cannot be bound costs the page, not the night: the
-    error is logged and stacking goes on (None)."""
+    """Serve the page and API of the daemon writing into ``output`` (and of its tethered
+    ``capture``) on their own thread (None with ``web_enabled`` false). A port that cannot be
+    bound costs the page, not the night: the error is logged and stacking goes on (None)."""
     if not settings.web_enabled:
         return None
     server = WebServer(
@@ -221,6 +232,7 @@ def start_web(
         hosts=settings.web_hosts,
         status=status,
         close=lambda: request_close(output),
+        capture=capture,
     )
     try:
         server.start()

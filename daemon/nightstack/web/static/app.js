@@ -20,6 +20,7 @@ const view = {
   locked: false,     // reading needs the web token and the page has none that works
   strength: 1,
   linked: true,
+  capture: null,     // the last capture status (status.capture), for the countdowns
 };
 
 // --- small helpers ------------------------------------------------------------------------
@@ -114,6 +115,102 @@ function showStatus() {
   $("follow").hidden = view.follow || !open;
   if (view.follow && open && open !== view.session) showSession(open, true);
   showCounts();
+  showCapture(s.capture);
+}
+
+// --- capture (the camera over USB: docs/capture.md) -----------------------------------------
+// The status comes with /api/status (and its events) under "capture"; the countdowns tick
+// here from its wall-clock times. Actions send the token like the close button.
+const ACTIVE = ["starting", "waiting", "exposing", "downloading", "paused", "reconnecting"];
+
+function showCapture(c) {
+  $("capture-section").hidden = !c;
+  view.capture = c || null;
+  if (!c) return;
+  const cam = c.camera;
+  $("cap-camera").textContent = cam
+    ? cam.model + " (serial " + (cam.serial || "?") + ")" + (cam.lens ? ", " + cam.lens : "") +
+      (c.connected ? "" : " — not connected")
+    : "No camera yet.";
+  $("cap-battery").textContent = cam && cam.battery ? cam.battery : "–";
+  $("cap-card").textContent = cam && cam.free_bytes != null ? bytes(cam.free_bytes) : "–";
+  $("cap-state").textContent = c.state;
+  $("cap-frame").textContent = c.count ? c.frame + " of " + c.count : String(c.frame);
+  $("cap-reason").textContent = c.reason || "";
+  const active = ACTIVE.includes(c.state);
+  $("cap-start").hidden = active;
+  $("cap-pause").hidden = !active || c.state === "paused";
+  $("cap-resume").hidden = c.state !== "paused";
+  $("cap-stop").hidden = !active;
+  const plan = c.plan;
+  const exposure = $("cap-exposure");
+  if (plan && !exposure.value && document.activeElement !== exposure) {
+    exposure.value = plan.exposure_s;
+    $("cap-iso").value = plan.iso === null ? "" : plan.iso;
+    $("cap-count").value = plan.count;
+    $("cap-interval").value = plan.interval_s;
+  }
+  tickCapture();
+}
+
+function tickCapture() {
+  const c = view.capture;
+  if (!c) return;
+  const left = (t) => (t === null || t === undefined) ? "–"
+    : Math.max(0, Math.round(t - Date.now() / 1000)) + " s";
+  $("cap-ends").textContent = left(c.exposure_ends);
+  $("cap-next").textContent = left(c.next_start);
+}
+
+async function captureAction(action, body) {
+  const note = $("cap-note");
+  note.textContent = "";
+  const answer = await postAction("/api/capture/" + action, body, note);
+  if (answer) showCapture(answer);
+}
+
+// POST an action with the token (JSON ``body`` or none); the answer of a 202, else null with
+// the reason in ``note`` (and the token form shown when the token is needed).
+async function postAction(path, body, note) {
+  const headers = {};
+  const token = localStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = "Bearer " + token;
+  if (body) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, { method: "POST", headers, body: body ? JSON.stringify(body) : null });
+  } catch (err) {
+    note.textContent = "The daemon cannot be reached.";
+    return null;
+  }
+  let answer = {};
+  try { answer = await response.json(); } catch (err) { answer = {}; }
+  refreshStatus();
+  if (response.status === 202) return answer;
+  if (response.status === 401) {
+    note.textContent = "This needs the web token.";
+    $("token-form").hidden = false;
+    $("token").focus();
+  } else {
+    note.textContent = answer.error || ("Refused (" + response.status + ")");
+  }
+  return null;
+}
+
+function setupCapture() {
+  const number = (id) => { const v = $(id).value; return v === "" ? null : Number(v); };
+  $("cap-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const body = { exposure_s: number("cap-exposure"), count: number("cap-count") || 0,
+                   interval_s: number("cap-interval") || 0 };
+    const iso = number("cap-iso");
+    if (iso !== null) body.iso = iso;
+    captureAction("start", body);
+  });
+  for (const action of ["pause", "resume", "stop"]) {
+    $("cap-" + action).addEventListener("click", () => captureAction(action));
+  }
+  setInterval(() => { if (!document.hidden) tickCapture(); }, 1000);
 }
 
 function showCounts() {
@@ -414,29 +511,11 @@ function setupClose() {
     await requestClose();
   });
   async function requestClose() {
-    const headers = {};
-    const token = localStorage.getItem(TOKEN_KEY);
-    if (token) headers.Authorization = "Bearer " + token;
     note.textContent = "Asking the daemon to close…";
-    let response;
-    try {
-      response = await fetch("/api/close", { method: "POST", headers });
-    } catch (err) {
-      note.textContent = "The daemon cannot be reached.";
-      return;
-    }
-    let answer = {};
-    try { answer = await response.json(); } catch (err) { answer = {}; }
-    if (response.status === 202) {
+    const answer = await postAction("/api/close", null, note);
+    if (answer) {
       note.textContent = "Closing session " + answer.closing + ": the final stack is being written.";
-    } else if (response.status === 401) {
-      note.textContent = "This needs the web token.";
-      $("token-form").hidden = false;
-      $("token").focus();
-    } else {
-      note.textContent = answer.error || ("Refused (" + response.status + ")");
     }
-    refreshStatus();
   }
 }
 
@@ -516,6 +595,7 @@ async function start() {
   setupNight();
   setupPreview();
   setupClose();
+  setupCapture();
   $("follow").addEventListener("click", () => {
     if (view.status && view.status.session) showSession(view.status.session, true);
   });

@@ -1,0 +1,48 @@
+"""Test-only entry point: ``nightstack capture`` with the virtual camera shown its sky by the
+sequence itself, before each exposure (no race with a feeder thread).
+
+``python -m _capture_launch [--faults K ...] -- WATCH_DIR --count N ...`` runs the CLI's own
+code path (``nightstack.capture.cli.run``) with a ``before_exposure`` hook: frame k is sky
+k - 1 of tests/_vcam.py's night; a frame in ``--faults`` first finds the camera failing (a
+picture of another size: libgphoto2's PTP driver fails the capture) until the sequence has
+lost it once and reconnected. ``VCAMERADIR`` must be set (the camera's folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from _vcam import VirtualCamera
+from nightstack.cli import build_parser
+
+
+def launch(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m _capture_launch")
+    parser.add_argument("--faults", type=int, nargs="*", default=[], help="frames that fail once")
+    parser.add_argument("--seed", type=int, default=5, help="the night's stars")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then capture's arguments")
+    known = parser.parse_args(argv)
+    rest = known.args[1:] if known.args[:1] == ["--"] else known.args
+    camera = VirtualCamera(Path(os.environ["VCAMERADIR"]), seed=known.seed)
+    faults = set(known.faults)
+
+    def before_exposure(frame: int, failures: int) -> None:
+        if frame in faults and failures == 0:
+            camera.fault()
+        else:
+            camera.show(frame - 1)
+
+    import nightstack.capture.cli as capture_cli
+
+    args = build_parser().parse_args(["capture", *rest])
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    return capture_cli.run(args, before_exposure=before_exposure)
+
+
+if __name__ == "__main__":
+    sys.exit(launch())
