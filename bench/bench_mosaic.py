@@ -138,7 +138,7 @@ def _fwhm_of(stack: Path, reference: Path) -> dict[str, float]:
     from nightstack.pipeline.prepare import star_finder
 
     settings = Settings()
-    finder = star_finder(settings, settings.landscape_mask_ratio, None)
+    finder = star_finder(settings)
 
     def fwhm(image: Any) -> float:
         grey = np.nan_to_num(np.asarray(image, np.float32).mean(axis=2))
