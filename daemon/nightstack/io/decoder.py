@@ -47,14 +47,16 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nightstack.config import Settings
 from nightstack.errors import DecodeError
 from nightstack.frames import Frame, FrameMeta, Mosaic
 from nightstack.io.frameio import NotAFrameFile, open_frame, transient_error
+
+if TYPE_CHECKING:
+    from nightstack.config import Settings  # not at run time: the child need not load it
 
 DEFAULT_DECODE_FN = "nightstack.io.loaders:decode_light"
 SHM_PREFIX = "nightstack-decode-"
