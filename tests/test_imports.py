@@ -133,7 +133,7 @@ def test_the_package_modules_import_each_other_without_a_cycle() -> None:
 
 STAGES = [
     ("nightstack", "nightstack.arrays", "nightstack.errors", "nightstack.formats",
-     "nightstack.address", "nightstack.config", "nightstack.frames"),
+     "nightstack.memory", "nightstack.address", "nightstack.config", "nightstack.frames"),
     ("nightstack.io",),
     ("nightstack.registration",),
     ("nightstack.stacking",),

@@ -43,6 +43,7 @@ from nightstack.capture.control import CaptureControl, start_in_daemon
 from nightstack.config import Settings, load_settings, web_token
 from nightstack.errors import ConfigError
 from nightstack.io.decoder import DEFAULT_DECODE_FN, Decoder, decoder_memory, load_kwargs
+from nightstack.memory import trim_heap
 from nightstack.pipeline.prepare import Prepared, Preparer
 from nightstack.pipeline.records import FrameRecord
 from nightstack.registration.detect import SkyArea
@@ -354,6 +355,7 @@ class Daemon:
         self.intake.done(item.path)
         self.recovery.frame_bytes = session.frame_bytes or self.recovery.frame_bytes
         self._report(session, record)
+        trim_heap()  # the frame's freed temporaries back to the system, not kept in an arena
 
     def _retry_later(self, session: Session, item: Prepared) -> bool:
         """A transient failure: journal its first attempt and keep it for a retry (True), or,

@@ -59,6 +59,7 @@ from nightstack.io.writers import (
     stretch_params,
     stretch_stats,
 )
+from nightstack.memory import trim_heap
 
 Pixels = npt.NDArray[np.uint8]
 _T = TypeVar("_T")
@@ -440,7 +441,7 @@ class StretchRenderer:
                 encoded = encode(self._read(path, view), fmt)
                 self.cache.put(key, encoded)
             finally:
-                _trim_heap()
+                trim_heap()
             return encoded
 
     def _read(self, path: Path, take: Callable[[LiveFits], _T]) -> _T:
@@ -460,25 +461,7 @@ class StretchRenderer:
         return result
 
 
-def _trim_heap() -> None:
-    """Give the allocator's free memory back to the system after a render: glibc keeps the
-    freed temporaries of a render (~20 MB) in the thread's arena otherwise,
-    and the daemon's RSS ratchets up by that much per render thread (measured: +300 MB of
-    anonymous memory under looping renders, bench_hardening)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
-
-def _libc() -> Any:
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, macOS): nothing to trim
-        return None
-
-
-_LIBC = _libc()
 
 
 class RenderQueue:
