@@ -12,6 +12,7 @@ import numpy as np
 
 from nightstack.arrays import FloatArray
 from nightstack.config import Settings
+from nightstack.formats import FITS_EXTENSIONS, TIFF_EXTENSIONS
 from nightstack.pipeline.records import Tally
 from nightstack.pipeline.stacker import Stacker
 
@@ -92,13 +93,13 @@ def write_output(
     from nightstack.io.writers import write_fits, write_preview, write_tiff
 
     suffix = path.suffix.lower()
-    if suffix in (".tif", ".tiff"):
+    if suffix in TIFF_EXTENSIONS:
         write_tiff(path, image, stretched=stretched, scale=settings.tiff_scale)
-    elif suffix in (".fits", ".fit", ".fts") and sky_rows is None:
-        write_fits(path, image, header)
-    elif suffix in (".fits", ".fit", ".fts"):
-        assert sky_rows is not None
-        _write_composite_fits(path, image, sky_rows, header)
+    elif suffix in FITS_EXTENSIONS:
+        if sky_rows is None:
+            write_fits(path, image, header)
+        else:
+            _write_composite_fits(path, image, sky_rows, header)
     elif suffix in (".jpg", ".jpeg", ".png"):
         write_preview(path, image, width=settings.preview_width)
     else:

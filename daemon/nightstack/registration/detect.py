@@ -202,11 +202,6 @@ class StarFinder:
             f"sigma_clip={self.sigma_clip}, sky={self.sky!r}, max_stars={self.max_stars})"
         )
 
-    @property
-    def sky_mask(self) -> BoolArray | None:
-        """The default sky area's mask image (True = sky), if any."""
-        return self.sky.mask
-
     def in_sky(self, x: FloatArray, y: FloatArray, rows: int) -> BoolArray:
         """:meth:`SkyArea.in_sky` of the default sky area."""
         return self.sky.in_sky(x, y, rows)
