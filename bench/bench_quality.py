@@ -14,6 +14,10 @@ pipeline and Siril, in one run.
   the 2x stack's FWHM is given in sensor pixels (halved) and its S/N measured with an aperture
   twice as wide.
 
+Per colour (colour sets): each stack's R, G, B planes fitted at the same stars, and each colour's
+own PSF fitted on its raw sites alone in the first three frames (no interpolation: a demosaic
+lends every plane the other colours' detail, a drizzle keeps each colour's own samples).
+
 Stars: detected on the reference pipeline's stack (nightstack's StarFinder), the brightest third
 (unsaturated: peak below half the stack's maximum) for the FWHM, the rest for the S/N. Every other
 stack's star positions come through a similarity fit of its own detections onto those.
@@ -203,6 +207,11 @@ def _measure_set(name: str, folder: str, glob: str) -> dict[str, Any]:
                 continue
             at_b, at_f = mapped[: len(bright)], mapped[len(bright) :]
         fwhm = fit_fwhm(lum, at_b, half=7 * scale) / scale
+        per_colour = None
+        if image.shape[2] == 3 and "mono" not in name:
+            per_colour = [float(np.nanmedian(fit_fwhm(np.nan_to_num(image[..., c]), at_b,
+                                                      half=7 * scale) / scale))
+                          for c in range(3)]  # fmt: skip
         grown = np.repeat(np.repeat(free, scale, 0), scale, 1)
         snr = aperture_photometry(lum, at_f, APERTURE_PX * scale, free=grown).snr
         if ref_snr is None:
@@ -215,13 +224,41 @@ def _measure_set(name: str, folder: str, glob: str) -> dict[str, Any]:
             "fwhm_stars": int(np.isfinite(fwhm).sum()),
             "snr_median": float(np.nanmedian(snr[ok])) if ok.any() else math.nan,
             "snr_vs_reference": float(np.median(ratio[ok])) if ok.any() else math.nan,
+            "fwhm_rgb": per_colour,
             "colour_noise": (
                 colour_noise(image, APERTURE_PX * scale, free=grown)
                 if image.shape[2] == 3 and "mono" not in name
                 else None
             ),
         }
+    if "mono" not in name:
+        results["raw_sites_fwhm"] = _raw_site_fwhm(paths[:3])
     return results
+
+
+def _raw_site_fwhm(paths: list[Path]) -> list[float]:
+    """Each colour's own star FWHM (px): a fit on that colour's sites of the raw mosaic alone
+    (nothing interpolated, nothing lent by the other colours), median over the stars of
+    ``paths`` (unsaturated ones, found on the frame's own MHC luminance)."""
+    from nightstack.io.demosaic import mhc
+    from nightstack.io.loaders import load_mosaic
+    from nightstack.products.photometry import fit_fwhm
+    from nightstack.registration.detect import StarFinder
+
+    found: list[list[float]] = [[], [], []]
+    for path in paths:
+        mosaic = load_mosaic(path)
+        cfa = np.asarray(mosaic.data, np.float32)
+        lum = mhc(cfa, mosaic.pattern).mean(axis=2)
+        xy = np.asarray(StarFinder(landscape_mask_ratio=1.0)(lum, 1).xy)
+        peaks = np.array([lum[round(y), round(x)] for x, y in xy])
+        xy = xy[peaks < 0.5 * float(lum.max())][:60]
+        for c, colour in enumerate("RGB"):
+            sites = np.zeros(cfa.shape, bool)
+            for i, site in enumerate(mosaic.pattern):
+                sites[i // 2 :: 2, i % 2 :: 2] |= site == colour
+            found[c].extend(fit_fwhm(cfa, xy, sites=sites))
+    return [float(np.nanmedian(values)) for values in found]
 
 
 def measure(quick: bool) -> dict[str, Any]:
@@ -253,6 +290,13 @@ def report(data: dict[str, Any]) -> str:
             + table(["stack", "frames", "star FWHM px (vs reference)", "faint-star S/N",
                      "S/N vs reference (median per star)", "colour noise / luminance"], rows)
         )  # fmt: skip
+        raw = result.get("raw_sites_fwhm")
+        if raw:
+            colours = [["raw sites (3 frames, each colour alone)", *(f"{v:.2f}" for v in raw)]]
+            colours += [[label, *(f"{v:.2f}" for v in m["fwhm_rgb"])]
+                        for label, m in result["methods"].items() if m.get("fwhm_rgb")]  # fmt: skip
+            parts.append(f"Star FWHM per colour, px ({name.split(' (')[0]})\n\n"
+                         + table(["measured on", "red", "green", "blue"], colours))  # fmt: skip
     return "\n\n".join(parts) + (
         "\nSiril's `convert -debayer` also debayers the mono ASI290MM frames (its FWHM and S/N "
         "are of that image's luminance). Pixel-to-pixel noise is not reported: it rewards blur.\n"

@@ -32,11 +32,21 @@ SIGMA_TO_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _MAD_TO_SIGMA = 1.4826
 
 
-def fit_fwhm(image: FloatArray, xy: FloatArray, half: int = 7) -> Float64Array:
+def fit_fwhm(
+    image: FloatArray,
+    xy: FloatArray,
+    half: int = 7,
+    *,
+    sites: npt.NDArray[np.bool_] | None = None,
+) -> Float64Array:
     """FWHM (px) of each star at ``xy`` ((N, 2) x, y) in a 2-D ``image``: an elliptical Gaussian
     plus a constant fitted to the (2 half + 1)^2 box around it. NaN where the box leaves the
-    image or the fit fails or lands off the star."""
+    image or the fit fails or lands off the star.
+
+    ``sites``: (rows, cols) bool, fit only the pixels where it is True, e.g. one colour's sites
+    of a raw mosaic: that colour's own PSF, nothing interpolated or borrowed from the others."""
     data = np.asarray(image, np.float64)
+    chosen = None if sites is None else np.asarray(sites, bool)
     size = 2 * half + 1
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     out = np.full(len(xy), np.nan)
@@ -44,18 +54,28 @@ def fit_fwhm(image: FloatArray, xy: FloatArray, half: int = 7) -> Float64Array:
         cx, cy, box = _box(data, x, y, half)
         if box is None:
             continue
-        sky = float(np.median(np.concatenate([box[0], box[-1], box[:, 0], box[:, -1]])))
-        peak = float(box[half, half]) - sky
-        if not peak > 0:
+        if chosen is None:
+            use = np.ones(box.shape, bool)
+            sky = float(np.median(np.concatenate([box[0], box[-1], box[:, 0], box[:, -1]])))
+            peak = float(box[half, half])
+        else:
+            use = chosen[cy - half : cy + half + 1, cx - half : cx + half + 1]
+            rim = np.maximum(abs(yy - half), abs(xx - half)) >= half - 1  # two pixels wide:
+            sky = float(np.median(box[rim & use]))  # every colour has sites in it
+            core = (slice(half - 1, half + 2), slice(half - 1, half + 2))
+            peak = float(box[core][use[core]].max())
+        if not peak - sky > 0:
             continue
 
-        def residual(p: Float64Array, box: Float64Array = box) -> Float64Array:
+        def residual(
+            p: Float64Array, box: Float64Array = box, use: npt.NDArray[np.bool_] = use
+        ) -> Float64Array:
             amp, x0, y0, a, b, c, bg = p  # inverse covariance [[a, b], [b, c]]
-            dx, dy = xx - x0, yy - y0
+            dx, dy = xx[use] - x0, yy[use] - y0
             model = bg + amp * np.exp(-0.5 * (a * dx * dx + 2 * b * dx * dy + c * dy * dy))
-            return (model - box).ravel()
+            return model - box[use]
 
-        start = np.array([peak, x - cx + half, y - cy + half, 0.5, 0.0, 0.5, sky])
+        start = np.array([peak - sky, x - cx + half, y - cy + half, 0.5, 0.0, 0.5, sky])
         try:
             fit = optimize.least_squares(residual, start, method="lm", max_nfev=400)
         except (ValueError, RuntimeError):
