@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from _daemon import Daemon, journal, wait_for
-from _vcam import FRAME_BYTES, Feeder, VirtualCamera
+from _vcam import FRAME_BYTES, Feeder, VirtualCamera, star_jpeg
 from _web import EventStream, get_json, request, web_base
 
 NIGHTSTACK = [sys.executable, "-m", "nightstack.cli"]
@@ -401,3 +401,50 @@ def test_without_python_gphoto2_a_one_line_reason(tmp_path):
         "nightstack capture: capture needs python-gphoto2: pip install 'nightstack[capture]'"
     )
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_watch_waits_for_a_camera_plugged_in_later_and_stacks_meanwhile(tmp_path, camera):
+    """``nightstack watch`` with capture settings and no camera on USB (tests/_usb_plug.py:
+    libgphoto2 finds no port until the test plugs the virtual camera in): one log line, the
+    page says it waits; a frame copied into the folder meanwhile is stacked; once plugged in,
+    the sequence starts by itself and its frames are stacked too."""
+    from _usb_plug import plug, unplugged
+
+    watch, out, ports = tmp_path / "incoming", tmp_path / "out", unplugged(tmp_path / "ports")
+    watch.mkdir()
+    out.mkdir()
+    env = {
+        **camera.env(),
+        "NIGHTSTACK_EXTENSIONS": ".jpg",
+        "NIGHTSTACK_CAPTURE_EXPOSURE_S": "0.1",
+        "NIGHTSTACK_CAPTURE_COUNT": "2",
+        "NIGHTSTACK_CAPTURE_INTERVAL_S": "0.5",
+    }
+    wrap = [sys.executable, "-m", "_usb_plug", str(ports), "--"]
+    daemon = Daemon(watch, out, "--web", "127.0.0.1:0", env=env, wrap=wrap)
+    feeder = None
+    try:
+        base = web_base(daemon)
+        reason = "no camera at all on USB; waiting for the camera"
+        wait_for(lambda: reason in daemon.text(), 30, "the wait's log line", daemon)
+        status = get_json(base, "/api/capture")
+        assert status["state"] == "reconnecting" and status["running"], status
+        assert status["reason"] == "waiting for the camera: no camera at all on USB"
+        (watch / "by-hand.jpg").write_bytes(star_jpeg(40))  # another program's frame
+        wait_for(lambda: len(journal(out)) == 1, 60, "the frame stacked meanwhile", daemon)
+        time.sleep(3.5)  # backoff 1 + 2 s: more attempts, still one line
+        assert daemon.text().count("waiting for the camera") == 1
+        camera.show(0)
+        feeder = Feeder(camera, watch)  # a new sky after each frame
+        feeder.start()
+        plug(ports)
+        wait_for(lambda: _state(base) == "done", 60, "the sequence, done", daemon)
+        assert "the camera is here after" in daemon.text()
+        wait_for(lambda: _all_stacked(out, watch), 60, "3 frames stacked", daemon)
+    finally:
+        assert daemon.stop() == 0
+        if feeder is not None:
+            feeder.close()
+    assert [r["status"] for r in journal(out)] == ["accepted"] * 3
+    (shots,) = [_journal(j) for j in (out / "capture").glob("*.jsonl")]
+    assert [x["event"] for x in shots] == ["frame", "frame", "done"]

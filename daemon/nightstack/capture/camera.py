@@ -145,7 +145,10 @@ def parse_speed(text: str) -> float | None:
 
 def list_cameras() -> list[Detected]:
     """The cameras libgphoto2 finds on the bus (no session is opened)."""
-    found = gp.Camera.autodetect()
+    try:
+        found = gp.Camera.autodetect()
+    except gp.GPhoto2Error as err:
+        raise explain(err, "cannot list the cameras on USB") from err
     return [Detected(found.get_name(i), found.get_value(i)) for i in range(found.count())]
 
 
