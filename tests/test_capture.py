@@ -108,34 +108,29 @@ def test_frames_land_complete_distinct_journaled_on_time(tmp_path, camera):
     assert np.all(np.abs(gaps - 1.0) < 0.5), gaps  # start to start, within 0.5 s
 
 
-def test_camera_fault_mid_sequence_reconnects_nothing_lost_or_doubled(tmp_path, camera):
-    """After frame 2 the camera fails its captures (a real PTP error in libgphoto2) until the
-    sequence has noticed: it closes the camera, finds it again by model and serial, and goes
-    on with frame 3."""
+def test_camera_faults_mid_sequence_reconnect_nothing_lost_or_doubled(tmp_path, camera):
+    """At frame 3 the camera fails its capture (a real PTP error in libgphoto2) until the
+    sequence has noticed: it closes the camera, finds it again by model and serial, and takes
+    frame 3. At its 27th capture since it was opened (frame 29) the virtual camera declares its
+    store full (libgphoto2 -3: its capture counter, 98 stepping by 2, passed 150): a reconnect
+    frees libgphoto2's camera and port driver, which starts it afresh (main kept the driver
+    loaded across reconnects, so every capture after the 26th failed for good)."""
     watch, journal = tmp_path / "incoming", tmp_path / "capture.jsonl"
     done = _fed(
-        camera,
-        watch,
-        journal,
-        "--count",
-        "5",
-        "--exposure",
-        "0.01",
-        "--interval",
-        "0.5",
-        "--reconnect",
-        "30",
+        camera, watch, journal, "--count", "30", "--exposure", "0.01", "--reconnect", "30",
         faults=(3,),
-    )
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     frames = _frames(watch)
-    assert len(frames) == 5
-    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in frames}) == 5
+    assert len(frames) == 30
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in frames}) == 30
     lines = _journal(journal)
     events = [line["event"] for line in lines]
-    assert events == ["frame", "frame", "lost", "reconnected", "frame", "frame", "frame", "done"]
+    expected = ["frame"] * 2 + ["lost", "reconnected"] + ["frame"] * 26
+    assert events == [*expected, "lost", "reconnected", "frame", "frame", "done"]
     assert lines[2]["frame"] == 3 and "libgphoto2 -1" in lines[2]["reason"]
-    assert [x["frame"] for x in lines if x["event"] == "frame"] == [1, 2, 3, 4, 5]
+    assert lines[30]["frame"] == 29 and "libgphoto2 -3" in lines[30]["reason"]
+    assert [x["frame"] for x in lines if x["event"] == "frame"] == list(range(1, 31))
     assert "finding the camera again" in done.stderr
 
 

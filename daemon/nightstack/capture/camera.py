@@ -194,7 +194,12 @@ class Camera:
             raise explain(err, f"cannot read the camera on {detected.port}", detected.port) from err
 
     def close(self) -> None:
-        _exit(self._cam)
+        """End the session and let libgphoto2 free the camera and its port (the USB handle,
+        libusb's context, the port driver): a camera opened again starts from scratch, as after
+        a replug, not on the handle of a device that may be gone. Closing twice is harmless."""
+        if self._cam is not None:
+            _exit(self._cam)
+            self._cam = None  # the last reference: gp_camera_free, gp_port_free
 
     # --- reading ---
     def _text(self, name: str) -> str | None:

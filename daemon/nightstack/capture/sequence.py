@@ -299,7 +299,8 @@ class Sequence:
         size = final.stat().st_size
         self._last_bytes = size
         self._write_journal({
-            "event": "frame", "frame": frame, "time": _iso(began), "file": final.name,
+            "event": "frame", "frame": frame, "time": _iso(began), "completed": _iso(completed),
+            "file": final.name,
             "camera_file": f"{folder.rstrip('/')}/{name}", "bytes": size,
             "exposure_s": self.plan.exposure_s, "iso": self.status.settings.get("iso"),
             "settings": self.status.settings, "camera_clock": camera.clock(),
