@@ -100,7 +100,9 @@ def test_frames_land_complete_distinct_journaled_on_time(tmp_path, camera):
     assert [s["frame"] for s in shots] == [1, 2, 3, 4]
     assert [s["file"] for s in shots] == [p.name for p in frames]
     assert all(s["model"] == "VC" and s["serial"] == "0.1" for s in shots)
-    assert all(s["settings"]["shutterspeed"] == "0.1000s" for s in shots)
+    # the default target: the camera's RAM (Canon's capt0000.cr3), downloaded at once
+    ram = {"shutterspeed": "0.1000s", "capturetarget": "Internal RAM"}
+    assert all(s["settings"] == ram for s in shots)
     assert all(s["camera_clock"] and s["camera_file"].endswith(".JPG") for s in shots)
     assert lines[-1] == {"at": lines[-1]["at"], "event": "done", "frames": 4}
     starts = [datetime.fromisoformat(s["time"]).timestamp() for s in shots]
@@ -443,3 +445,61 @@ def test_watch_waits_for_a_camera_plugged_in_later_and_stacks_meanwhile(tmp_path
     assert [r["status"] for r in journal(out)] == ["accepted"] * 3
     (shots,) = [_journal(j) for j in (out / "capture").glob("*.jsonl")]
     assert [x["event"] for x in shots] == ["frame", "frame", "done"]
+
+
+def test_bulb_press_hold_release_and_the_file_it_makes():
+    """The bulb handshake (the virtual camera has no open capture: tests/_bulb_camera.py stands
+    in for libgphoto2's camera object): 'bulb' 1, held the exposure, 0, then the FILE_ADDED;
+    Canon's eosremoterelease the same; a stop ends the exposure early; a camera without bulb
+    is refused above its longest timed speed. In a process of its own (gphoto2 is imported)."""
+    code = """
+import threading, time
+from pathlib import Path
+from _bulb_camera import BulbCamera
+from nightstack.capture.camera import Camera, CaptureError, Detected
+from nightstack.capture.sequence import Sequence
+from nightstack.capture.status import Plan
+
+for release, press, let_go in (("bulb", 1, 0), ("eosremoterelease", "Press Full", "Release Full")):
+    stand_in = BulbCamera(release, readout_s=0.2)
+    camera = Camera(stand_in, Detected("Test", "usb:001,002"))
+    t0 = time.monotonic()
+    found = camera.capture_bulb(1.0, threading.Event())
+    (t1, n1, v1), (t2, n2, v2) = stand_in.writes
+    print(release, found, n1 == n2 == release, v1 == press, v2 == let_go,
+          round(t2 - t1, 2), round(time.monotonic() - t2, 2))
+
+stand_in = BulbCamera("bulb")
+stop = threading.Event()
+threading.Timer(0.3, stop.set).start()
+Camera(stand_in, Detected("Test", "usb:001,002")).capture_bulb(5.0, stop)
+(t1, _, _), (t2, _, _) = stand_in.writes
+print("stopped", round(t2 - t1, 2))
+
+timed = BulbCamera("none", timed=("1/100", "1", "30"))
+camera = Camera(timed, Detected("Test", "usb:001,002"))
+sequence = Sequence(Plan(exposure_s=60), Path("."), Path("j.jsonl"))
+try:
+    sequence._apply_shutter(camera)
+except CaptureError as err:
+    print("refused", err.reason)
+print("bulb", sequence._apply_shutter(Camera(BulbCamera("bulb", timed=("1", "30")),
+                                              Detected("Test", "usb:001,002"))))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    plain, canon, stopped, refused, bulb = done.stdout.splitlines()
+    folder = "('/store_00010001/DCIM/100CANON', 'IMG_0001.CR3')"
+    for line, release in ((plain, "bulb"), (canon, "eosremoterelease")):
+        assert line.startswith(f"{release} {folder} True True True "), line
+        held, readout = map(float, line.split()[-2:])
+        assert abs(held - 1.0) < 0.15 and 0.15 < readout < 0.45, line  # the file after 0.2 s
+    assert abs(float(stopped.split()[1]) - 0.3) < 0.15, stopped  # a 5 s exposure, stopped
+    assert refused == (
+        "refused an exposure of 60 s needs bulb, which this camera cannot do over USB: its "
+        "longest timed speed is 30 s"
+    )
+    assert bulb == "bulb {'shutterspeed': 'bulb', 'bulb_s': 60}"
