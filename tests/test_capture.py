@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -503,3 +504,43 @@ print("bulb", sequence._apply_shutter(Camera(BulbCamera("bulb", timed=("1", "30"
         "longest timed speed is 30 s"
     )
     assert bulb == "bulb {'shutterspeed': 'bulb', 'bulb_s': 60}"
+
+
+CLOSE_WATCH = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+int close(int fd) {
+  static int (*real)(int);
+  if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "close");
+  int done = real(fd);
+  if (done == -1 && errno == EBADF) dprintf(2, "closed twice: fd %d\n", fd);
+  return done;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the close() watcher")
+def test_a_download_closes_its_file_once(tmp_path, camera):
+    """libgphoto2 owns the descriptor a CameraFile is made from and closes it when the file is
+    freed; main closed it too, so each download closed a descriptor number twice, the second
+    time possibly another thread's file (a 200-frame run lost its journal's descriptor that
+    way). A close() that finds its descriptor closed already is reported by an LD_PRELOAD
+    watcher: main reported one per frame."""
+    (tmp_path / "watch.c").write_text(CLOSE_WATCH)
+    library = tmp_path / "watch.so"
+    subprocess.run(
+        ["cc", "-shared", "-fPIC", "-o", str(library), str(tmp_path / "watch.c"), "-ldl"],
+        check=True, timeout=60,
+    )  # fmt: skip
+    done = subprocess.run(
+        [*NIGHTSTACK, "capture", str(tmp_path / "incoming"), "--count", "3", "--exposure",
+         "0.01"],
+        env={**camera.env(), "LD_PRELOAD": str(library)}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "closed twice" not in done.stderr, done.stderr
+    frames = _frames(tmp_path / "incoming")
+    assert [p.stat().st_size for p in frames] == [FRAME_BYTES] * 3

@@ -325,12 +325,20 @@ class Camera:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             target = gp.CameraFile(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        # libgphoto2 owns the descriptor now (gp_file_new_from_fd) and closes it when the
+        # CameraFile is freed: closing it here too closed it twice, and the second close could
+        # hit a file another thread had opened meanwhile under the same number (the session's
+        # journal: seen as EBADF in a 200-frame run)
+        try:
             self._cam.file_get(folder, name, gp.GP_FILE_TYPE_NORMAL, target)
             os.fsync(fd)
         except gp.GPhoto2Error as err:
             raise explain(err, f"the download of {name} failed", self.detected.port) from err
         finally:
-            os.close(fd)
+            del target  # the last reference: gp_file_free closes fd, here, once
 
     def delete(self, folder: str, name: str) -> None:
         """Delete the file on the camera (a RAM capture is gone already: that is fine)."""
