@@ -544,3 +544,37 @@ def test_a_download_closes_its_file_once(tmp_path, camera):
     assert "closed twice" not in done.stderr, done.stderr
     frames = _frames(tmp_path / "incoming")
     assert [p.stat().st_size for p in frames] == [FRAME_BYTES] * 3
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (the capture's reserve: MIN_FREE_BYTES); skips where mounting is not
+    allowed (not root)."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True, timeout=60)
+
+
+def test_a_full_watch_disk_stops_the_sequence_with_a_reason(tmp_path, camera, small_disk):
+    """The watch folder's disk keeps the capture's reserve (64 MiB, or two frames): the frame
+    that would eat into it is not taken, the sequence stops with the reason, nothing half
+    written is left."""
+    watch, journal = small_disk / "incoming", tmp_path / "capture.jsonl"
+    done = _capture(
+        camera, str(watch), "--count", "5", "--exposure", "0.01", "--journal", str(journal)
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("nightstack capture: the watch folder's disk is full: "), last
+    assert f"MiB free in {watch}" in last
+    lines = _journal(journal)
+    assert [x["event"] for x in lines] == ["frame", "failed"]  # 64 MiB free before frame 1 only
+    assert [p.name for p in watch.iterdir()] == [lines[0]["file"]]
