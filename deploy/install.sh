@@ -20,8 +20,10 @@
 # Options:
 #   --user         per-user install instead of the system service
 #   --start        start the service after enabling it
-#   --gphoto2      also install gphoto2 (USB tethering of the camera) and python-gphoto2
-#                  (nightstack capture; docs/capture.md)
+#   --gphoto2      also install gphoto2 (with libgphoto2's udev rules) and python-gphoto2
+#                  (tethered capture: nightstack capture, capture_* settings; docs/capture.md)
+#                  and, system install, the udev rule /etc/udev/rules.d/61-nightstack-camera.rules
+#                  that gives cameras to the group plugdev
 #   --uninstall    remove instead of install
 #   --prefix DIR   staging root, like DESTDIR: every installed path goes under DIR; file
 #                  contents, the user's home and systemd keep the final paths
@@ -215,6 +217,10 @@ if [ "$action" = uninstall ]; then
     say "removed: $unit"
   fi
   if have_systemd; then sctl daemon-reload; fi
+  if [ "$mode" = system ] && [ -e "$prefix/etc/udev/rules.d/61-nightstack-camera.rules" ]; then
+    fsrun rm -f "$prefix/etc/udev/rules.d/61-nightstack-camera.rules"
+    say "removed: /etc/udev/rules.d/61-nightstack-camera.rules"
+  fi
   if [ -e "$prefix$venv" ]; then
     fsrun rm -rf "$prefix$venv"
     say "removed: $venv"
@@ -313,7 +319,23 @@ fi
 # The config must parse (also a kept, older one): fail here, not at service start.
 run_quiet "$prefix$venv/bin/nightstack" config show --config "$prefix$config"
 
-# 5. The unit.
+# 5. The camera (--gphoto2, system install): its USB device node to plugdev, which the service
+#    user is in; a desktop's gvfs would claim the camera first.
+camera_rules=/etc/udev/rules.d/61-nightstack-camera.rules
+if [ "$gphoto2" = 1 ] && [ "$mode" = system ]; then
+  install_file "$repo/deploy/61-nightstack-camera.rules" "$camera_rules"
+  if [ -z "$prefix" ] && { [ "$dry_run" = 1 ] || [ -d /run/udev ]; }; then
+    run udevadm control --reload-rules
+    run udevadm trigger --subsystem-match=usb --action=add
+  fi
+fi
+if [ "$gphoto2" = 1 ] && [ -e /usr/libexec/gvfs-gphoto2-volume-monitor ]; then
+  say "warning: gvfs is installed and claims cameras (\"Could not claim the USB device\");"
+  say "  each desktop user: systemctl --user mask --now gvfs-gphoto2-volume-monitor.service"
+  say "  (docs/capture.md, \"A desktop holding the camera\")"
+fi
+
+# 6. The unit.
 install_file "$unit_src" "$unit"
 if have_systemd; then
   sctl daemon-reload

@@ -5,7 +5,9 @@ sequence itself, before each exposure (no race with a feeder thread).
 code path (``nightstack.capture.cli.run``) with a ``before_exposure`` hook: frame k is sky
 k - 1 of tests/_vcam.py's night; a frame in ``--faults`` first finds the camera failing (a
 picture of another size: libgphoto2's PTP driver fails the capture) until the sequence has
-lost it once and reconnected. ``VCAMERADIR`` must be set (the camera's folder).
+lost it once (its ``lost`` line in the journal, ``--journal`` required then): the picture is put
+right at once, before the sequence opens the camera again (the virtual camera reads its
+pictures' sizes when it is opened). ``VCAMERADIR`` must be set (the camera's folder).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,7 +44,26 @@ def launch(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(["capture", *rest])
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    return capture_cli.run(args, before_exposure=before_exposure)
+    done = threading.Event()
+    if faults:
+        if args.journal is None:
+            parser.error("--faults needs capture's --journal")
+        threading.Thread(target=_cure, args=(camera, args.journal, done), daemon=True).start()
+    try:
+        return capture_cli.run(args, before_exposure=before_exposure)
+    finally:
+        done.set()
+
+
+def _cure(camera: VirtualCamera, journal: Path, done: threading.Event) -> None:
+    """Put the picture right as soon as the journal has a new ``lost`` line (the sequence waits
+    its backoff, >= 1 s, before it opens the camera again)."""
+    cured = 0
+    while not done.wait(0.005):
+        lost = journal.read_text().count('"event": "lost"') if journal.exists() else 0
+        if lost > cured:
+            camera.show(camera.shown)
+            cured = lost
 
 
 if __name__ == "__main__":

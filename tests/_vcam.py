@@ -8,13 +8,13 @@ read at capture time, at the size the file had when the camera was opened. So:
 
 - :meth:`VirtualCamera.show` replaces the picture (temp + rename) by another of the same size:
   the next capture is a new frame;
-- :meth:`VirtualCamera.fault` shows a picture of another size: the next capture fails inside
+- :meth:`VirtualCamera.fault` shows a smaller picture: the next capture fails inside
   libgphoto2's PTP driver (error -1), and so does every capture until the picture has its
-  size again (:meth:`show`), even on a camera opened again (the virtual camera's state lives
-  as long as the process): a camera that stopped answering until it is back.
-- by itself, every 27th capture of a session fails (libgphoto2 -3, "Out of memory"); a camera
-  opened again goes on, but not always: with the picture rewritten between captures, every
-  capture of the process then fails (-1). Keep a process under 26 captures.
+  size again (:meth:`show`): a camera that stopped answering until it is back. Put it right
+  before the camera is opened again (the driver reads the sizes when it is loaded);
+- by itself, it declares its store full at its 27th capture since it was opened (libgphoto2
+  -3, then -1): a reconnection that frees libgphoto2's camera and port driver (as
+  ``Camera.close`` does) starts it afresh.
 
 Frames are JPEGs of a star field drifting a little per frame, padded with JPEG comment segments
 to one byte size, so they stack (``extensions = [".jpg"]``).

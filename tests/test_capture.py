@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 from _daemon import Daemon, journal, wait_for
-from _vcam import FRAME_BYTES, Feeder, VirtualCamera
+from _vcam import FRAME_BYTES, Feeder, VirtualCamera, star_jpeg
 from _web import EventStream, get_json, request, web_base
 
 NIGHTSTACK = [sys.executable, "-m", "nightstack.cli"]
@@ -100,7 +101,9 @@ def test_frames_land_complete_distinct_journaled_on_time(tmp_path, camera):
     assert [s["frame"] for s in shots] == [1, 2, 3, 4]
     assert [s["file"] for s in shots] == [p.name for p in frames]
     assert all(s["model"] == "VC" and s["serial"] == "0.1" for s in shots)
-    assert all(s["settings"]["shutterspeed"] == "0.1000s" for s in shots)
+    # the default target: the camera's RAM (Canon's capt0000.cr3), downloaded at once
+    ram = {"shutterspeed": "0.1000s", "capturetarget": "Internal RAM"}
+    assert all(s["settings"] == ram for s in shots)
     assert all(s["camera_clock"] and s["camera_file"].endswith(".JPG") for s in shots)
     assert lines[-1] == {"at": lines[-1]["at"], "event": "done", "frames": 4}
     starts = [datetime.fromisoformat(s["time"]).timestamp() for s in shots]
@@ -108,34 +111,29 @@ def test_frames_land_complete_distinct_journaled_on_time(tmp_path, camera):
     assert np.all(np.abs(gaps - 1.0) < 0.5), gaps  # start to start, within 0.5 s
 
 
-def test_camera_fault_mid_sequence_reconnects_nothing_lost_or_doubled(tmp_path, camera):
-    """After frame 2 the camera fails its captures (a real PTP error in libgphoto2) until the
-    sequence has noticed: it closes the camera, finds it again by model and serial, and goes
-    on with frame 3."""
+def test_camera_faults_mid_sequence_reconnect_nothing_lost_or_doubled(tmp_path, camera):
+    """At frame 3 the camera fails its capture (a real PTP error in libgphoto2) until the
+    sequence has noticed: it closes the camera, finds it again by model and serial, and takes
+    frame 3. At its 27th capture since it was opened (frame 29) the virtual camera declares its
+    store full (libgphoto2 -3: its capture counter, 98 stepping by 2, passed 150): a reconnect
+    frees libgphoto2's camera and port driver, which starts it afresh (main kept the driver
+    loaded across reconnects, so every capture after the 26th failed for good)."""
     watch, journal = tmp_path / "incoming", tmp_path / "capture.jsonl"
     done = _fed(
-        camera,
-        watch,
-        journal,
-        "--count",
-        "5",
-        "--exposure",
-        "0.01",
-        "--interval",
-        "0.5",
-        "--reconnect",
-        "30",
+        camera, watch, journal, "--count", "30", "--exposure", "0.01", "--reconnect", "30",
         faults=(3,),
-    )
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     frames = _frames(watch)
-    assert len(frames) == 5
-    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in frames}) == 5
+    assert len(frames) == 30
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in frames}) == 30
     lines = _journal(journal)
     events = [line["event"] for line in lines]
-    assert events == ["frame", "frame", "lost", "reconnected", "frame", "frame", "frame", "done"]
+    expected = ["frame"] * 2 + ["lost", "reconnected"] + ["frame"] * 26
+    assert events == [*expected, "lost", "reconnected", "frame", "frame", "done"]
     assert lines[2]["frame"] == 3 and "libgphoto2 -1" in lines[2]["reason"]
-    assert [x["frame"] for x in lines if x["event"] == "frame"] == [1, 2, 3, 4, 5]
+    assert lines[30]["frame"] == 29 and "libgphoto2 -3" in lines[30]["reason"]
+    assert [x["frame"] for x in lines if x["event"] == "frame"] == list(range(1, 31))
     assert "finding the camera again" in done.stderr
 
 
@@ -401,3 +399,182 @@ def test_without_python_gphoto2_a_one_line_reason(tmp_path):
         "nightstack capture: capture needs python-gphoto2: pip install 'nightstack[capture]'"
     )
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_watch_waits_for_a_camera_plugged_in_later_and_stacks_meanwhile(tmp_path, camera):
+    """``nightstack watch`` with capture settings and no camera on USB (tests/_usb_plug.py:
+    libgphoto2 finds no port until the test plugs the virtual camera in): one log line, the
+    page says it waits; a frame copied into the folder meanwhile is stacked; once plugged in,
+    the sequence starts by itself and its frames are stacked too."""
+    from _usb_plug import plug, unplugged
+
+    watch, out, ports = tmp_path / "incoming", tmp_path / "out", unplugged(tmp_path / "ports")
+    watch.mkdir()
+    out.mkdir()
+    env = {
+        **camera.env(),
+        "NIGHTSTACK_EXTENSIONS": ".jpg",
+        "NIGHTSTACK_CAPTURE_EXPOSURE_S": "0.1",
+        "NIGHTSTACK_CAPTURE_COUNT": "2",
+        "NIGHTSTACK_CAPTURE_INTERVAL_S": "0.5",
+    }
+    wrap = [sys.executable, "-m", "_usb_plug", str(ports), "--"]
+    daemon = Daemon(watch, out, "--web", "127.0.0.1:0", env=env, wrap=wrap)
+    feeder = None
+    try:
+        base = web_base(daemon)
+        reason = "no camera at all on USB; waiting for the camera"
+        wait_for(lambda: reason in daemon.text(), 30, "the wait's log line", daemon)
+        status = get_json(base, "/api/capture")
+        assert status["state"] == "reconnecting" and status["running"], status
+        assert status["reason"] == "waiting for the camera: no camera at all on USB"
+        (watch / "by-hand.jpg").write_bytes(star_jpeg(40))  # another program's frame
+        wait_for(lambda: len(journal(out)) == 1, 60, "the frame stacked meanwhile", daemon)
+        time.sleep(3.5)  # backoff 1 + 2 s: more attempts, still one line
+        assert daemon.text().count("waiting for the camera") == 1
+        camera.show(0)
+        feeder = Feeder(camera, watch)  # a new sky after each frame
+        feeder.start()
+        plug(ports)
+        wait_for(lambda: _state(base) == "done", 60, "the sequence, done", daemon)
+        assert "the camera is here after" in daemon.text()
+        wait_for(lambda: _all_stacked(out, watch), 60, "3 frames stacked", daemon)
+    finally:
+        assert daemon.stop() == 0
+        if feeder is not None:
+            feeder.close()
+    assert [r["status"] for r in journal(out)] == ["accepted"] * 3
+    (shots,) = [_journal(j) for j in (out / "capture").glob("*.jsonl")]
+    assert [x["event"] for x in shots] == ["frame", "frame", "done"]
+
+
+def test_bulb_press_hold_release_and_the_file_it_makes():
+    """The bulb handshake (the virtual camera has no open capture: tests/_bulb_camera.py stands
+    in for libgphoto2's camera object): 'bulb' 1, held the exposure, 0, then the FILE_ADDED;
+    Canon's eosremoterelease the same; a stop ends the exposure early; a camera without bulb
+    is refused above its longest timed speed. In a process of its own (gphoto2 is imported)."""
+    code = """
+import threading, time
+from pathlib import Path
+from _bulb_camera import BulbCamera
+from nightstack.capture.camera import Camera, CaptureError, Detected
+from nightstack.capture.sequence import Sequence
+from nightstack.capture.status import Plan
+
+for release, press, let_go in (("bulb", 1, 0), ("eosremoterelease", "Press Full", "Release Full")):
+    stand_in = BulbCamera(release, readout_s=0.2)
+    camera = Camera(stand_in, Detected("Test", "usb:001,002"))
+    t0 = time.monotonic()
+    found = camera.capture_bulb(1.0, threading.Event())
+    (t1, n1, v1), (t2, n2, v2) = stand_in.writes
+    print(release, found, n1 == n2 == release, v1 == press, v2 == let_go,
+          round(t2 - t1, 2), round(time.monotonic() - t2, 2))
+
+stand_in = BulbCamera("bulb")
+stop = threading.Event()
+threading.Timer(0.3, stop.set).start()
+Camera(stand_in, Detected("Test", "usb:001,002")).capture_bulb(5.0, stop)
+(t1, _, _), (t2, _, _) = stand_in.writes
+print("stopped", round(t2 - t1, 2))
+
+timed = BulbCamera("none", timed=("1/100", "1", "30"))
+camera = Camera(timed, Detected("Test", "usb:001,002"))
+sequence = Sequence(Plan(exposure_s=60), Path("."), Path("j.jsonl"))
+try:
+    sequence._apply_shutter(camera)
+except CaptureError as err:
+    print("refused", err.reason)
+print("bulb", sequence._apply_shutter(Camera(BulbCamera("bulb", timed=("1", "30")),
+                                              Detected("Test", "usb:001,002"))))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    plain, canon, stopped, refused, bulb = done.stdout.splitlines()
+    folder = "('/store_00010001/DCIM/100CANON', 'IMG_0001.CR3')"
+    for line, release in ((plain, "bulb"), (canon, "eosremoterelease")):
+        assert line.startswith(f"{release} {folder} True True True "), line
+        held, readout = map(float, line.split()[-2:])
+        assert abs(held - 1.0) < 0.15 and 0.15 < readout < 0.45, line  # the file after 0.2 s
+    assert abs(float(stopped.split()[1]) - 0.3) < 0.15, stopped  # a 5 s exposure, stopped
+    assert refused == (
+        "refused an exposure of 60 s needs bulb, which this camera cannot do over USB: its "
+        "longest timed speed is 30 s"
+    )
+    assert bulb == "bulb {'shutterspeed': 'bulb', 'bulb_s': 60}"
+
+
+CLOSE_WATCH = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+int close(int fd) {
+  static int (*real)(int);
+  if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "close");
+  int done = real(fd);
+  if (done == -1 && errno == EBADF) dprintf(2, "closed twice: fd %d\n", fd);
+  return done;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the close() watcher")
+def test_a_download_closes_its_file_once(tmp_path, camera):
+    """libgphoto2 owns the descriptor a CameraFile is made from and closes it when the file is
+    freed; main closed it too, so each download closed a descriptor number twice, the second
+    time possibly another thread's file (a 200-frame run lost its journal's descriptor that
+    way). A close() that finds its descriptor closed already is reported by an LD_PRELOAD
+    watcher: main reported one per frame."""
+    (tmp_path / "watch.c").write_text(CLOSE_WATCH)
+    library = tmp_path / "watch.so"
+    subprocess.run(
+        ["cc", "-shared", "-fPIC", "-o", str(library), str(tmp_path / "watch.c"), "-ldl"],
+        check=True, timeout=60,
+    )  # fmt: skip
+    done = subprocess.run(
+        [*NIGHTSTACK, "capture", str(tmp_path / "incoming"), "--count", "3", "--exposure",
+         "0.01"],
+        env={**camera.env(), "LD_PRELOAD": str(library)}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "closed twice" not in done.stderr, done.stderr
+    frames = _frames(tmp_path / "incoming")
+    assert [p.stat().st_size for p in frames] == [FRAME_BYTES] * 3
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (the capture's reserve: MIN_FREE_BYTES); skips where mounting is not
+    allowed (not root)."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True, timeout=60)
+
+
+def test_a_full_watch_disk_stops_the_sequence_with_a_reason(tmp_path, camera, small_disk):
+    """The watch folder's disk keeps the capture's reserve (64 MiB, or two frames): the frame
+    that would eat into it is not taken, the sequence stops with the reason, nothing half
+    written is left."""
+    watch, journal = small_disk / "incoming", tmp_path / "capture.jsonl"
+    done = _capture(
+        camera, str(watch), "--count", "5", "--exposure", "0.01", "--journal", str(journal)
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("nightstack capture: the watch folder's disk is full: "), last
+    assert f"MiB free in {watch}" in last
+    lines = _journal(journal)
+    assert [x["event"] for x in lines] == ["frame", "failed"]  # 64 MiB free before frame 1 only
+    assert [p.name for p in watch.iterdir()] == [lines[0]["file"]]

@@ -236,7 +236,9 @@ def test_install_is_idempotent_and_keeps_an_edited_config(tmp_path: Path) -> Non
     assert config.read_text(encoding="utf-8") == edited
     assert load_settings(config).log_level == "DEBUG"
     assert unit.stat().st_mtime_ns == unit_mtime  # identical content: not rewritten
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files
+    rules = Path("etc/udev/rules.d/61-nightstack-camera.rules")  # --gphoto2's one new file
+    added = {*(rules.parents[i] for i in range(2)), rules}
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == sorted({*files, *added})
     assert "kept existing config" in messages
     assert _has(commands, "apt-get", "install", "gphoto2")
     assert _has(commands, "pip", "install", f"'{ROOT}[systemd,capture]'")  # nightstack capture
@@ -354,3 +356,58 @@ def test_user_unit_sandbox_exposure(tmp_path: Path) -> None:
     found = re.search(r"Overall exposure level for nightstack.service: ([0-9.]+)", proc.stdout)
     assert found is not None, proc.stdout[-500:] + proc.stderr[-500:]
     assert float(found.group(1)) <= 2.0, proc.stdout
+
+
+# --- issue 22: the service captures from a camera on USB ------------------------------------
+CAMERA_RULES = DEPLOY / "61-nightstack-camera.rules"
+
+
+def test_units_let_the_capture_open_a_usb_camera() -> None:
+    """The capture inside the service opens /dev/bus/usb/BBB/DDD (group plugdev) read-write and
+    libusb needs a netlink socket for udev's events (without one, libgphoto2 lists no usb: port
+    at all: checked with socket(AF_NETLINK) failing under LD_PRELOAD). Main's units had
+    PrivateDevices=yes, which hides /dev/bus/usb."""
+    system = _directives(SYSTEM_UNIT)
+    assert system["SupplementaryGroups"] == ["plugdev"]
+    assert system["PrivateDevices"] == ["no"]
+    assert system["DevicePolicy"] == ["closed"]  # the pseudo devices and what DeviceAllow= lists
+    assert system["DeviceAllow"] == ["char-usb_device rw"]
+    watch = load_settings(EXAMPLE).watch_dir
+    assert watch is not None
+    writable = [Path(p.lstrip("-")) for p in system["ReadWritePaths"][0].split()]
+    assert watch in writable  # the frames are downloaded into it
+    user = _directives(USER_UNIT)
+    assert user["PrivateDevices"] == ["no"]
+    for unit in (system, user):
+        assert "AF_NETLINK" in unit["RestrictAddressFamilies"][0].split()
+
+
+def test_the_camera_udev_rule_is_well_formed() -> None:
+    """Every rule line is KEY[{attr}] OP "value" items, comma-separated; the labels match; the
+    rule gives PTP-class and libgphoto2-known devices to plugdev."""
+    item = re.compile(r'\s*[A-Z]+(\{[A-Za-z0-9_]+\})?(==|!=|=|\+=)"[^"]*"\s*')
+    labels, gotos = set(), set()
+    for line in CAMERA_RULES.read_text(encoding="utf-8").splitlines():
+        if not line or line.startswith("#"):
+            continue
+        for part in line.split(","):
+            assert item.fullmatch(part), f"not a udev match or assignment: {part!r}"
+        labels.update(re.findall(r'LABEL="([^"]+)"', line))
+        gotos.update(re.findall(r'GOTO="([^"]+)"', line))
+    assert gotos == labels == {"nightstack_camera_end"}
+    text = CAMERA_RULES.read_text(encoding="utf-8")
+    assert 'ENV{ID_USB_INTERFACES}=="*:060101:*", ENV{ID_GPHOTO2}="1"' in text
+    assert 'ENV{ID_GPHOTO2}=="1", MODE="0664", GROUP="plugdev"' in text
+
+
+def test_install_gphoto2_installs_the_camera_rule(tmp_path: Path) -> None:
+    rules = tmp_path / "etc/udev/rules.d/61-nightstack-camera.rules"
+    _install("--prefix", str(tmp_path), "--dry-run")
+    assert not rules.exists()  # no capture asked for: no rule
+    _install("--prefix", str(tmp_path), "--dry-run", "--gphoto2")
+    assert rules.read_bytes() == CAMERA_RULES.read_bytes()
+    commands, _ = _install("--dry-run", "--gphoto2")  # no prefix: udev is told, nothing written
+    assert _has(commands, "udevadm", "control", "--reload-rules")
+    assert _has(commands, "udevadm", "trigger", "--subsystem-match=usb", "--action=add")
+    _install("--uninstall", "--prefix", str(tmp_path), "--dry-run")
+    assert not rules.exists()

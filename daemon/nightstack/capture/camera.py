@@ -145,7 +145,10 @@ def parse_speed(text: str) -> float | None:
 
 def list_cameras() -> list[Detected]:
     """The cameras libgphoto2 finds on the bus (no session is opened)."""
-    found = gp.Camera.autodetect()
+    try:
+        found = gp.Camera.autodetect()
+    except gp.GPhoto2Error as err:
+        raise explain(err, "cannot list the cameras on USB") from err
     return [Detected(found.get_name(i), found.get_value(i)) for i in range(found.count())]
 
 
@@ -191,7 +194,12 @@ class Camera:
             raise explain(err, f"cannot read the camera on {detected.port}", detected.port) from err
 
     def close(self) -> None:
-        _exit(self._cam)
+        """End the session and let libgphoto2 free the camera and its port (the USB handle,
+        libusb's context, the port driver): a camera opened again starts from scratch, as after
+        a replug, not on the handle of a device that may be gone. Closing twice is harmless."""
+        if self._cam is not None:
+            _exit(self._cam)
+            self._cam = None  # the last reference: gp_camera_free, gp_port_free
 
     # --- reading ---
     def _text(self, name: str) -> str | None:
@@ -317,12 +325,20 @@ class Camera:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             target = gp.CameraFile(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        # libgphoto2 owns the descriptor now (gp_file_new_from_fd) and closes it when the
+        # CameraFile is freed: closing it here too closed it twice, and the second close could
+        # hit a file another thread had opened meanwhile under the same number (the session's
+        # journal: seen as EBADF in a 200-frame run)
+        try:
             self._cam.file_get(folder, name, gp.GP_FILE_TYPE_NORMAL, target)
             os.fsync(fd)
         except gp.GPhoto2Error as err:
             raise explain(err, f"the download of {name} failed", self.detected.port) from err
         finally:
-            os.close(fd)
+            del target  # the last reference: gp_file_free closes fd, here, once
 
     def delete(self, folder: str, name: str) -> None:
         """Delete the file on the camera (a RAM capture is gone already: that is fine)."""

@@ -89,7 +89,7 @@ class CaptureControl:
             journal = self.journal_dir / f"capture-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
             self._sequence = sequence = Sequence(
                 plan, self.watch_dir, journal, reconnect_s=self.reconnect_s,
-                listeners=[self._published],
+                listeners=[self._published], wait_for_camera=True,
             )  # fmt: skip
             self.plan = plan
             self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)

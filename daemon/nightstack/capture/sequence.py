@@ -48,7 +48,10 @@ class Sequence:
     long; ``listeners`` are called (on the capture thread) with each new status; keep them
     short. ``backoff_s``: the waits between reconnect attempts. ``before_exposure(frame,
     failures)``: a test's hook, called before each exposure with the frame's number and the
-    failed attempts at it so far (tests/_capture_launch.py shows the virtual camera its sky)."""
+    failed attempts at it so far (tests/_capture_launch.py shows the virtual camera its sky).
+    ``wait_for_camera``: a camera not on USB at the start is waited for (with the backoff, until
+    stopped) instead of failing the sequence: the daemon's capture, started before the camera
+    is plugged in or switched on."""
 
     def __init__(
         self,
@@ -60,8 +63,10 @@ class Sequence:
         listeners: list[Listener] | None = None,
         backoff_s: tuple[float, ...] = BACKOFF_S,
         before_exposure: Callable[[int, int], None] | None = None,
+        wait_for_camera: bool = False,
     ) -> None:
         self.plan = plan
+        self.wait_for_camera = wait_for_camera
         self.before_exposure = before_exposure
         self.watch_dir = Path(watch_dir)
         self.journal = Path(journal)
@@ -116,7 +121,8 @@ class Sequence:
         try:
             self.watch_dir.mkdir(parents=True, exist_ok=True)
             self.journal.parent.mkdir(parents=True, exist_ok=True)
-            self._connect()
+            if not self._first_connect():
+                return self._finish()
             self._shoot_all()
         except CaptureError as err:
             log.error("capture: %s", err.reason)
@@ -132,9 +138,47 @@ class Sequence:
             if self._camera is not None:
                 self._camera.close()
                 self._camera = None
+        return self._finish()
+
+    def _finish(self) -> CaptureStatus:
         state = "stopped" if self._stop.is_set() else "done"
         self._write_journal({"event": state, "frames": self.status.frame})
         return self._update(state=state, connected=False, exposure_ends=None, next_start=None)
+
+    def _first_connect(self) -> bool:
+        """Open the camera; with ``wait_for_camera``, one absent (CameraLost) is looked for
+        again with the backoff until it is there (True) or the sequence is stopped (False).
+        One log line when the wait starts (and when its reason changes), one when it ends."""
+        if not self.wait_for_camera:
+            self._connect()
+            return True
+        began, attempt, said = time.monotonic(), 0, None
+        while True:
+            try:
+                self._connect()
+            except CameraLost as err:
+                if self._camera is not None:  # found, then lost while being set up
+                    self._camera.close()
+                    self._camera = None
+                if err.reason != said:
+                    log.warning(
+                        "capture: %s; waiting for the camera (looking again every %g to %g s)",
+                        err.reason, self.backoff_s[0], self.backoff_s[-1],
+                    )  # fmt: skip
+                    said = err.reason
+                wait = self.backoff_s[min(attempt, len(self.backoff_s) - 1)]
+                attempt += 1
+                self._update(
+                    state="reconnecting", connected=False, next_start=time.time() + wait,
+                    reason=f"waiting for the camera: {err.reason}",
+                )  # fmt: skip
+                if self._stop.wait(wait):
+                    return False
+                continue
+            if attempt:
+                log.info("capture: the camera is here after %.0f s", time.monotonic() - began)
+                self._update(reason=None)
+            return True
 
     def _connect(self) -> None:
         camera = Camera.open(self._model, self._serial)
@@ -255,7 +299,8 @@ class Sequence:
         size = final.stat().st_size
         self._last_bytes = size
         self._write_journal({
-            "event": "frame", "frame": frame, "time": _iso(began), "file": final.name,
+            "event": "frame", "frame": frame, "time": _iso(began), "completed": _iso(completed),
+            "file": final.name,
             "camera_file": f"{folder.rstrip('/')}/{name}", "bytes": size,
             "exposure_s": self.plan.exposure_s, "iso": self.status.settings.get("iso"),
             "settings": self.status.settings, "camera_clock": camera.clock(),
