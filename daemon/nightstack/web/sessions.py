@@ -17,6 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from nightstack.products.views import LAST_FRAME, LINEAR_PREVIEW
 from nightstack.service.folder import (
     JOURNAL,
     LIVE_FITS,
@@ -34,7 +35,15 @@ DOWNLOADS = {
     STACK_TIF: "image/tiff",
     STACK_FITS: "application/fits",
 }
-"""The only files of a session the server hands out, with their media types."""
+"""The files of a session the server hands out as downloads, with their media types."""
+
+VIEWS = {
+    LAST_FRAME: "image/jpeg",
+}
+"""Files the page shows inline besides the downloads (listed under ``views``)."""
+
+SERVED = {**DOWNLOADS, **VIEWS}
+"""Every file of a session the server hands out: nothing else is ever read for a client."""
 
 _JOURNALS_CACHED = 4
 """Journals whose parsed records are kept (the open session and a few being browsed): about
@@ -115,14 +124,25 @@ class SessionFiles:
         return path
 
     def file(self, session_id: str, name: str) -> Path | None:
-        """The download ``name`` (one of :data:`DOWNLOADS`) of a session, or None if absent."""
+        """The file ``name`` (one of :data:`SERVED`) of a session, or None if absent."""
         directory = self.directory(session_id)
-        if directory is None or name not in DOWNLOADS:
+        if directory is None or name not in SERVED:
             return None
-        path = directory / name
-        if path.is_symlink() or not path.is_file():
+        return _regular(directory / name)
+
+    def linear(self, session_id: str, *, full: bool = False) -> Path | None:
+        """The linear image the stretch controls render: a closed session's ``stack.fits``
+        (the final), else the ``preview_linear.fits`` written with every preview (as fresh as
+        ``preview.jpg``), else ``live.fits``; with ``full`` (a 1:1 crop) the final or
+        ``live.fits`` only. None when the session has none."""
+        directory = self.directory(session_id)
+        if directory is None:
             return None
-        return path
+        meta = self.meta(session_id) or {}
+        names = [LINEAR_PREVIEW, LIVE_FITS] if not full else [LIVE_FITS]
+        if meta.get("state") == "closed":
+            names.insert(0, STACK_FITS)
+        return next((p for n in names if (p := _regular(directory / n)) is not None), None)
 
     # --- content --------------------------------------------------------------------------
     def meta(self, session_id: str) -> dict[str, Any] | None:
@@ -187,6 +207,7 @@ class SessionFiles:
             if meta is None:
                 continue
             files = [n for n in DOWNLOADS if self.file(entry.name, n) is not None]
+            views = [n for n in VIEWS if self.file(entry.name, n) is not None]
             found.append(
                 {
                     "session": entry.name,
@@ -199,7 +220,17 @@ class SessionFiles:
                     "first_frame_time": meta.get("first_frame_time"),
                     "last_frame_time": meta.get("last_frame_time"),
                     "files": files,
+                    "views": views,
+                    "stretch": self.linear(entry.name) is not None,
+                    "crop": self.linear(entry.name, full=True) is not None,
                 }
             )
         found.sort(key=lambda s: (str(s["started"] or ""), s["session"]), reverse=True)
         return found
+
+
+def _regular(path: Path) -> Path | None:
+    """``path`` if it is a regular file (not a symlink), else None."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    return path

@@ -255,9 +255,16 @@ function currentMeta() {
   return view.sessions.find((s) => s.session === view.session) || null;
 }
 
-function hasLive() {
+// the server has linear data to stretch (the linear preview, live.fits or the final)
+function hasLinear() {
   const meta = currentMeta();
-  return !!meta && meta.files.includes("live.fits");
+  return !!meta && !!meta.stretch;
+}
+
+// ...and at full resolution, for a 1:1 crop (live.fits or the final)
+function hasFull() {
+  const meta = currentMeta();
+  return !!meta && !!meta.crop;
 }
 
 function showSessions() {
@@ -288,9 +295,9 @@ function showSessions() {
   const meta = currentMeta();
   $("session-name").textContent = view.session || "no session";
   $("session-state").textContent = meta ? meta.state : "";
-  const live = hasLive();
-  $("stretch").hidden = !live;
-  $("stretch-note").hidden = live || !view.session;
+  const linear = hasLinear();
+  $("stretch").hidden = !linear;
+  $("stretch-note").hidden = linear || !view.session;
 }
 
 async function refreshSessions() {
@@ -427,7 +434,7 @@ function chart(metric, records) {
 // --- preview, stretch, zoom ----------------------------------------------------------------
 function previewSrc() {
   const v = "v=" + encodeURIComponent(view.previewVersion);
-  if (hasLive() && (view.strength !== 1 || !view.linked)) {
+  if (hasLinear() && (view.strength !== 1 || !view.linked)) {
     return sessionUrl(view.session, "stretch.jpg?strength=" + view.strength + "&linked=" +
       (view.linked ? "1" : "0") + "&" + v);
   }
@@ -464,12 +471,12 @@ function zoom(fx, fy) {
   const ratio = window.devicePixelRatio || 1;
   img.onload = () => {
     img.style.width = (img.naturalWidth / ratio) + "px"; // one stack pixel per screen pixel
-    if (!hasLive()) {
+    if (!hasFull()) {
       scroller.scrollLeft = fx * img.clientWidth - scroller.clientWidth / 2;
       scroller.scrollTop = fy * img.clientHeight - scroller.clientHeight / 2;
     }
   };
-  if (hasLive()) {
+  if (hasFull()) {
     const side = Math.min(1024, Math.round(Math.max(window.innerWidth, window.innerHeight) * ratio));
     const size = CROP_SIZES.find((c) => c >= side) || 1024; // the server's list (render.CROPS)
     img.src = sessionUrl(view.session, "crop.jpg?cx=" + cx + "&cy=" + cy + "&size=" + size +
