@@ -1,15 +1,22 @@
-"""The page's views of a night (issue 24) in a real headless Chromium against a real
-``nightstack watch``: the stretched view follows the stack frame by frame (from the linear
-preview written with every preview, not the paced live.fits).
+"""The page's views of a night (issue 24) in a real headless Chromium: against a real
+``nightstack watch``, the stretched view follows the stack frame by frame (from the linear
+preview written with every preview, not the paced live.fits) and the last single frame shows;
+against the server alone over session folders written here, the morning after (no session
+open: the newest session with a picture, its frames and charts), the charts' axes, the name,
+field and counts over the image and the plate solve's objects.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
+from astropy.io import fits
 
 from _daemon import Daemon, journal, wait_for
 from _web import browser_missing, chromium, request, web_base
@@ -88,4 +95,178 @@ def test_the_stretched_view_follows_every_frame(
         assert len(set(pictures)) == 3  # the picture changed twice
         assert (session / "live.fits").stat().st_mtime_ns == live  # not from live.fits
         assert (session / LINEAR_PREVIEW).exists()
+
+        # over the image: the frames' folder (DNGs have no OBJECT), count and exposure
+        texts = _until(driver, "the overlay", 30, lambda b: (t := _texts(b))["count"] and t)
+        assert texts["name"] == "watch"
+        exposure = sum(r["exposure_s"] for r in journal(out) if r["status"] == "accepted")
+        assert texts["count"].startswith(f"4 frames · {int(exposure // 60)} min")
+        # the last single frame: its luminance (binned 2x2), stretched, in place of the stack
+        driver.find_element("id", "show-last").click()
+        last = _loaded(driver, "the last frame", first["src"])
+        assert f"/api/sessions/{session.name}/last.jpg?" in last["src"]
+        assert last["width"] == 600
+        assert request(base, last["src"]).body == (session / "last.jpg").read_bytes()
+        assert not driver.find_element("id", "stretch").is_displayed()
+        assert driver.find_element("id", "ov-mode").is_displayed()
+        driver.find_element("id", "show-last").click()
+        _loaded(driver, "the stack again", last["src"])
+        assert "stretch.jpg?strength=2" in _image(driver)["src"]
     assert d.stop() == 0
+
+
+def _write_session(
+    out: Path, sid: str, meta: dict[str, Any], records: list[dict[str, Any]] | None
+) -> Path:
+    folder = out / sid
+    folder.mkdir(parents=True)
+    (folder / "session.json").write_text(json.dumps({"session": sid, **meta}))
+    if records is not None:
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        (folder / "journal.jsonl").write_text(lines)
+    return folder
+
+
+def _record(i: int, fwhm: float, status: str = "accepted") -> dict[str, Any]:
+    return {
+        "file": f"/lights/IMG_{i:04d}.fits",
+        "status": status,
+        "reason": None if status == "accepted" else "clouds",
+        "reference": i == 0,
+        "transform": [[1, 0, 0.5 * i], [0, 1, 0.2 * i]],
+        "stars": 150 + i,
+        "fwhm": fwhm,
+        "background": 0.037 + 0.0002 * i,
+        "transparency": 0.98 - 0.01 * i,
+        "exposure_s": 30.0,
+        "capture_time": f"2026-11-30T22:{i:02d}:00+00:00",
+    }
+
+
+def _texts(driver: Any) -> dict[str, Any]:
+    result: dict[str, Any] = driver.execute_script(
+        "const t = (id) => { const e = document.getElementById(id);"
+        " return e && !e.hidden && e.offsetParent !== null ? e.textContent : null; };"
+        "return {session: t('session-name'), name: t('ov-name'), count: t('ov-count'),"
+        " overlay: !document.getElementById('overlay').hidden,"
+        " rows: document.querySelectorAll('#frames tbody tr').length,"
+        " src: document.getElementById('preview').getAttribute('src') || '',"
+        " width: document.getElementById('preview').naturalWidth};"
+    )
+    return result
+
+
+def _axis(driver: Any, metric: str) -> tuple[float, float]:
+    lo, hi = driver.execute_script(
+        "const s = document.querySelector(arguments[0]); return [s.dataset.lo, s.dataset.hi];",
+        f'#charts svg[data-metric="{metric}"]',
+    )
+    return float(lo), float(hi)
+
+
+def test_the_morning_after_opens_the_last_night_with_its_name_axes_and_objects(
+    tmp_path: Path,
+) -> None:
+    """No session open: the page opens on the newest session with a picture (a later empty
+    one is skipped), with its preview, frames and charts; FWHM 3.67-3.72 px is drawn on a
+    0-5 px axis; the name comes from session.json's target (plate solving), else the frames'
+    FITS OBJECT, else their folder; the solve's objects are drawn where they are."""
+    from nightstack.web.server import WebServer
+
+    out = tmp_path / "out"
+    lights = tmp_path / "M 27 lights"
+    lights.mkdir()
+    reference = lights / "IMG_0000.fits"
+    hdu = fits.PrimaryHDU(np.zeros((4, 6), np.float32))
+    hdu.header["OBJECT"] = "M27 Dumbbell"
+    hdu.writeto(reference)
+    fwhms = [3.67, 3.72, 3.69, 3.70, 3.68]
+    records = [_record(i, f) for i, f in enumerate(fwhms)]
+    records.append(_record(5, 3.71, "rejected"))
+    solve = {
+        "ra_deg": 299.9, "dec_deg": 22.72, "scale_arcsec": 3.6, "rotation_deg": 1.0,
+        "field_w_deg": 1.2, "field_h_deg": 0.8,  # 1200 x 800 px at 3.6"/px
+        "objects": [{"name": "M 27", "kind": "PN", "x": 600.0, "y": 400.0, "radius_px": 40.0}],
+    }  # fmt: skip
+    night = _write_session(
+        out,
+        "20261130-214502",
+        {"state": "closed", "started": "2026-11-30T21:45:02+00:00", "accepted": 5,
+         "rejected": 1, "reference": str(reference), "target": "M 27", "solve": solve},
+        records,
+    )  # fmt: skip
+    picture = np.zeros((400, 600, 3), np.uint8)
+    picture[150:250, 250:350] = (90, 160, 220)
+    cv2.imwrite(str(night / "preview.jpg"), picture)
+    _write_session(
+        out, "20261129-200000", {"state": "closed", "started": "2026-11-29T20:00:00"}, []
+    )
+    _write_session(  # the newest: opened by a stray file and closed with nothing stacked
+        out, "20261201-060000", {"state": "closed", "started": "2026-12-01T06:00:00"}, []
+    )
+    status = {"state": "waiting", "session": None, "accepted": 0, "rejected": 0, "queue": 0}
+    server = WebServer(
+        out, "127.0.0.1:0", token=None, status=lambda: dict(status, uptime_s=1.0, last_frame=None),
+        close=lambda: None,
+    )  # fmt: skip
+    server.start()
+    try:
+        with chromium(390, 844) as driver:
+            driver.get(server.url)
+            shown = _until(
+                driver,
+                "the last night",
+                30,
+                lambda b: (t := _texts(b))["width"] and t["rows"] == 6 and t["overlay"] and t,
+            )
+            assert shown["session"] == "20261130-214502"
+            assert "/20261130-214502/preview.jpg" in shown["src"] and shown["width"] == 600
+            assert shown["name"] == "M 27 · 1.2° × 0.8°"
+            assert shown["count"] == "5 frames · 2 min 30 s"  # accepted only
+            # axes from sensible ranges in their units, not the data's own min-max
+            assert _axis(driver, "fwhm") == (0, 5)
+            assert _axis(driver, "transparency") == (0, 100)
+            assert _axis(driver, "background") == (0, 5)  # % of full scale
+            assert _axis(driver, "stars") == (0, 200)
+            heads = driver.execute_script(
+                "return [...document.querySelectorAll('#charts h3')].map(h => h.firstChild"
+                ".textContent)"
+            )
+            assert heads[0] == "FWHM (px)" and "Transparency (%)" in heads
+            # the plate solve's objects, scaled from 1200 x 800 stack px to the preview
+            assert not driver.find_element("id", "objects").is_displayed()
+            driver.find_element("id", "show-objects").click()
+            circle = _until(
+                driver,
+                "the objects",
+                10,
+                lambda b: b.execute_script(
+                    "const c = document.querySelector('#objects circle');"
+                    "if (!c) return null; const r = c.getBoundingClientRect(),"
+                    " i = document.getElementById('preview').getBoundingClientRect();"
+                    "return {x: (r.left + r.width / 2 - i.left) / i.width,"
+                    " y: (r.top + r.height / 2 - i.top) / i.height, w: r.width / i.width,"
+                    " name: c.parentNode.dataset.name};"
+                ),
+            )
+            assert circle["name"] == "M 27"
+            assert abs(circle["x"] - 0.5) < 0.01 and abs(circle["y"] - 0.5) < 0.01
+            assert abs(circle["w"] - 80 / 1200) < 0.01
+
+            # without a solve: the reference frame's OBJECT, then its folder's name
+            meta = json.loads((night / "session.json").read_text())
+            del meta["target"], meta["solve"]
+            meta["updated"] = "later"
+            (night / "session.json").write_text(json.dumps(meta))
+            driver.refresh()
+            _until(driver, "the OBJECT", 30, lambda b: _texts(b)["name"] == "M27 Dumbbell")
+            assert not driver.find_element("id", "objects-toggle").is_displayed()
+            reference.unlink()
+            meta["reference"] = str(lights / "IMG_0001.cr2")
+            (night / "session.json").write_text(json.dumps(meta))
+            driver.refresh()
+            _until(driver, "the folder", 30, lambda b: _texts(b)["name"] == "M 27 lights")
+            errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            assert not errors, errors
+    finally:
+        server.stop()

@@ -11,12 +11,18 @@ Safe to call from several threads at once (the server's executor threads).
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from astropy.io import fits
+
+from nightstack.formats import FITS_EXTENSIONS
 from nightstack.products.views import LAST_FRAME, LINEAR_PREVIEW
 from nightstack.service.folder import (
     JOURNAL,
@@ -50,6 +56,10 @@ _JOURNALS_CACHED = 4
 1 KB per frame each."""
 
 _READ_CHUNK = 1 << 20  # bytes of new journal read at a time
+
+log = logging.getLogger("nightstack.web")
+
+_NAME_CHARS = 80  # a target name longer than this is cut (it is shown on the image)
 
 
 class _Journal:
@@ -108,6 +118,7 @@ class SessionFiles:
         self.output = Path(output)
         self._journals: OrderedDict[str, _Journal] = OrderedDict()
         self._metas: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        self._objects: dict[str, tuple[str | None]] = {}  # reference file -> its OBJECT
         self._lock = threading.Lock()
 
     # --- lookup ---------------------------------------------------------------------------
@@ -170,6 +181,32 @@ class SessionFiles:
             self._metas[session_id] = (key, meta)
         return meta
 
+    def target(self, session_id: str) -> dict[str, Any]:
+        """What the page writes on the image: ``name`` (``session.json``'s ``target``, which
+        plate solving writes; else the reference frame's FITS ``OBJECT``; else the name of the
+        folder the frames came from; else None), where it came from (``name_from``), and the
+        solved field ``field_deg`` ([width, height] in degrees, or None)."""
+        meta = self.meta(session_id) or {}
+        name, source = _text(meta.get("target")), "solve"
+        reference = meta.get("reference")
+        if name is None and isinstance(reference, str) and reference:
+            with self._lock:
+                cached = self._objects.get(reference)
+            if cached is None:
+                cached = (_fits_object(Path(reference)),)
+                with self._lock:
+                    self._objects[reference] = cached
+            name, source = cached[0], "fits"
+            if name is None:
+                name, source = _text(Path(reference).parent.name), "folder"
+        solve = meta.get("solve")
+        field = None
+        if isinstance(solve, dict):
+            w, h = solve.get("field_w_deg"), solve.get("field_h_deg")
+            if isinstance(w, int | float) and isinstance(h, int | float) and _positive(w, h):
+                field = [float(w), float(h)]
+        return {"name": name, "name_from": source if name else None, "field_deg": field}
+
     def frames(self, session_id: str, since: int = 0) -> list[dict[str, Any]] | None:
         """The journal records of a session from index ``since`` on (journal order), or None
         when there is no such session. A session without a journal yet has no records."""
@@ -223,6 +260,7 @@ class SessionFiles:
                     "views": views,
                     "stretch": self.linear(entry.name) is not None,
                     "crop": self.linear(entry.name, full=True) is not None,
+                    "target": self.target(entry.name),
                 }
             )
         found.sort(key=lambda s: (str(s["started"] or ""), s["session"]), reverse=True)
@@ -234,3 +272,30 @@ def _regular(path: Path) -> Path | None:
     if path.is_symlink() or not path.is_file():
         return None
     return path
+
+
+def _text(value: Any) -> str | None:
+    """A non-empty one-line string of at most ``_NAME_CHARS``, or None."""
+    if not isinstance(value, str):
+        return None
+    text = " ".join(value.split())[:_NAME_CHARS]
+    return text or None
+
+
+def _positive(*values: float) -> bool:
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
+def _fits_object(path: Path) -> str | None:
+    """The ``OBJECT`` card of a FITS frame's primary header, or None (not FITS, gone,
+    unreadable: said once in the log, at debug level)."""
+    if path.suffix.lower() not in FITS_EXTENSIONS:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            header = fits.getheader(path)
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        log.debug("web: no OBJECT from %s (%s)", path.name, err)
+        return None
+    return _text(header.get("OBJECT"))
