@@ -8,6 +8,12 @@
   writes) are compared with the frame's 16-bit mosaic (48 MB). Goal: <= 0.05x.
 - **Last frame** (``last.jpg``): the frame's luminance shrunk to 1600 px, stretched, JPEG,
   per accepted frame; its time as a ratio to the decode.
+- **Timelapse** (``Timelapse.add`` at the default 1920 px): the frame shrunk, stretched, kept
+  as a JPEG and encoded in H.264 (PyAV's x264, ``X264_OPTIONS``); the encoder's share alone
+  (``Timelapse._write``: the BGR frame into the video) and the whole call, as ratios to the
+  decode. Goal: the encoding <= 0.1x the decode. Each decoded frame is encoded ``REPEAT`` more
+  times, shifted and with new noise (3 DN: as hard to predict as a new frame's sky), so the
+  encoder's cost is a median over many frames, not the first ones (an I-frame's).
 
 Run alone: ``.venv/bin/python bench/bench_page.py [--quick]`` (writes its RESULTS.md section).
 """
@@ -25,6 +31,9 @@ TITLE = "Web page views: linear preview writes, last frame, timelapse encode, 24
 LINEAR_GOAL = 0.05  # x the frame's mosaic bytes, a frame
 FRAMES = 4
 PREVIEW_WIDTH = 1600
+TIMELAPSE_WIDTH = 1920
+ENCODE_GOAL = 0.1  # x the decode of a 24 MP frame
+REPEAT = 6  # timelapse frames encoded per decoded frame
 
 
 def measure(quick: bool) -> dict[str, Any]:
@@ -32,6 +41,7 @@ def measure(quick: bool) -> dict[str, Any]:
     import numpy as np
 
     from nightstack.io.loaders import load
+    from nightstack.products.extras import Timelapse
     from nightstack.products.views import linear_width, write_last_frame, write_linear_preview
 
     frames = 2 if quick else FRAMES
@@ -39,7 +49,9 @@ def measure(quick: bool) -> dict[str, Any]:
     work = OUT / "page_bench"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    t: dict[str, list[float]] = {k: [] for k in ("decode", "linear", "last")}
+    t: dict[str, list[float]] = {k: [] for k in ("decode", "linear", "last", "timelapse", "encode")}
+    timelapse: Timelapse | None = None
+    rng = np.random.default_rng(24)
     written: list[int] = []
     shape: tuple[int, int, int] = (0, 0, 0)
     for i, path in enumerate(paths):
@@ -60,6 +72,19 @@ def measure(quick: bool) -> dict[str, Any]:
             )
         with timed(t["last"]):
             write_last_frame(work / "last.jpg", frame.luminance, width=PREVIEW_WIDTH)
+        if timelapse is None:
+            timelapse = Timelapse(work, (rows, cols), width=TIMELAPSE_WIDTH, fps=24.0)
+        with timed(t["timelapse"]):
+            timelapse.add(frame.image)
+        kept = cv2.imread(str(work / "timelapse" / f"frame_{timelapse.frames - 1:06d}.jpg"))
+        for k in range(REPEAT):  # the encoder alone: this frame shifted, with new noise
+            noise = rng.normal(0.0, 3.0, kept.shape)
+            shifted = np.roll(kept, 4 * (k + 1), axis=1) + noise
+            shifted = np.clip(shifted, 0, 255).astype(np.uint8)
+            with timed(t["encode"]):
+                timelapse._write(shifted)
+    assert timelapse is not None
+    video = timelapse.close()
     rows, cols, channels = shape
     return {
         "times": t,
@@ -68,6 +93,9 @@ def measure(quick: bool) -> dict[str, Any]:
         "mosaic_bytes": rows * cols * 2,
         "shape": list(shape),
         "last_jpg_bytes": (work / "last.jpg").stat().st_size,
+        "timelapse_size": list(timelapse.size),
+        "timelapse_frames": video["timelapse_frames"],
+        "timelapse_bytes": (work / "timelapse.mp4").stat().st_size,
     }
 
 
@@ -80,6 +108,7 @@ def report(data: dict[str, Any]) -> str:
     decode = median(t["decode"])
     rows, cols, channels = data["shape"]
     ratio = _linear_ratio(data)
+    tw, th = data["timelapse_size"]
     body = [
         f"A {cols} x {rows} frame ({channels} channels after demosaic; its 16-bit mosaic "
         f"{data['mosaic_bytes'] / 1e6:.0f} MB), decoded in process; the preview image at "
@@ -105,6 +134,22 @@ def report(data: dict[str, Any]) -> str:
                     len(t["linear"]),
                 ),
                 (
+                    f"timelapse: H.264 encode alone ({tw} x {th}, `Timelapse._write`)",
+                    "",
+                    "",
+                    fmt_s(median(t["encode"])),
+                    f"{_encode_ratio(data):.3f}x",
+                    len(t["encode"]),
+                ),
+                (
+                    "timelapse: the whole `Timelapse.add` (shrink, stretch, JPEG kept, encode)",
+                    "",
+                    "",
+                    fmt_s(median(t["timelapse"])),
+                    f"{median(t['timelapse']) / decode:.3f}x",
+                    len(t["timelapse"]),
+                ),
+                (
                     f"`last.jpg` (luminance, {PREVIEW_WIDTH} px)",
                     f"{data['last_jpg_bytes'] / 1e6:.2f} MB",
                     "",
@@ -116,16 +161,30 @@ def report(data: dict[str, Any]) -> str:
         ),
         "",
         "`preview_linear.fits` is written with every preview (by default every frame), before "
-        "`preview.jpg`; `last.jpg` with every accepted frame. Goals: "
+        "`preview.jpg`; `last.jpg` with every accepted frame. The timelapse: "
+        f"{data['timelapse_frames']} frames, {data['timelapse_bytes'] / 1e6:.1f} MB "
+        f"({data['timelapse_bytes'] / data['timelapse_frames'] / 1e3:.0f} KB a frame; the "
+        "encoded frames beyond the decoded ones are the same frame shifted, with new noise). "
+        "Goals: "
         + "; ".join(f"{g}: {'met' if ok else '**missed**'} ({m})" for g, m, ok in goals(data))
         + ".",
     ]
     return "\n".join(body)
 
 
+def _encode_ratio(data: dict[str, Any]) -> float:
+    return float(median(data["times"]["encode"]) / median(data["times"]["decode"]))
+
+
 def goals(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
     ratio = _linear_ratio(data)
+    encode = _encode_ratio(data)
     return [
+        (
+            f"timelapse H.264 encode <= {ENCODE_GOAL}x the decode of a 24 MP frame",
+            f"{encode:.3f}x ({fmt_s(median(data['times']['encode']))})",
+            encode <= ENCODE_GOAL,
+        ),
         (
             f"stretch view's extra writes <= {LINEAR_GOAL}x the mosaic a frame (24 MP)",
             f"{ratio:.4f}x ({max(data['linear_bytes']) / 1e6:.2f} MB)",

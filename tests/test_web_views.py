@@ -270,3 +270,66 @@ def test_the_morning_after_opens_the_last_night_with_its_name_axes_and_objects(
             assert not errors, errors
     finally:
         server.stop()
+
+
+def test_the_timelapse_plays_in_the_page(tmp_path: Path) -> None:
+    """A session's timelapse, encoded by the session's own encoder (H.264 in MP4), plays in
+    the page's <video> in Chromium: its data loads and its time advances."""
+    from nightstack.products.extras import TIMELAPSE, Timelapse
+    from nightstack.web.server import WebServer
+
+    sid = "20261130-214502"
+    folder = _write_session(tmp_path, sid, {"state": "closed", "updated": "1"}, [])
+    video = Timelapse(folder, (400, 600), width=320, fps=12.0)
+    rng = np.random.default_rng(7)
+    for i in range(24):  # two seconds: a bright block crossing a noisy sky
+        sky = rng.normal(0.1, 0.01, (400, 600, 3)).astype(np.float32)
+        sky[150:250, 20 * i : 20 * i + 60] = 0.8
+        video.add(sky)
+    assert video.close()["timelapse_frames"] == 24
+    assert (folder / TIMELAPSE).exists()
+    cv2.imwrite(str(folder / "preview.jpg"), np.zeros((200, 300, 3), np.uint8))
+    status = {"state": "waiting", "session": None, "accepted": 0, "rejected": 0, "queue": 0}
+    server = WebServer(
+        tmp_path,
+        "127.0.0.1:0",
+        token=None,
+        status=lambda: dict(status, uptime_s=1.0, last_frame=None),
+        close=lambda: None,
+    )
+    server.start()
+    try:
+        with chromium(390, 844) as driver:
+            driver.get(server.url)
+            _until(driver, "the player", 30, lambda b: b.find_element("id", "timelapse")
+                   .is_displayed())  # fmt: skip
+            state = _until(
+                driver,
+                "the video's data",
+                30,
+                lambda b: b.execute_script(
+                    "const v = document.getElementById('timelapse');"
+                    "return v.readyState >= 2 && {src: v.currentSrc, w: v.videoWidth,"
+                    " h: v.videoHeight, duration: v.duration,"
+                    " mp4: v.canPlayType('video/mp4; codecs=\"avc1.64001E\"')};"
+                ),
+            )
+            assert f"/api/sessions/{sid}/{TIMELAPSE}?" in state["src"]
+            assert (state["w"], state["h"]) == (320, 212)
+            assert state["duration"] == pytest.approx(2.0, abs=0.1)
+            assert state["mp4"] in ("probably", "maybe")
+            driver.execute_script("document.getElementById('timelapse').play()")
+            played = _until(
+                driver,
+                "the video playing",
+                20,
+                lambda b: b.execute_script(
+                    "const v = document.getElementById('timelapse');"
+                    "return !v.error && v.currentTime > 0.5 && v.currentTime;"
+                ),
+            )
+            assert played > 0.5
+            errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            assert not errors, errors
+    finally:
+        server.stop()

@@ -23,6 +23,7 @@ from typing import Any
 from astropy.io import fits
 
 from nightstack.formats import FITS_EXTENSIONS
+from nightstack.products.extras import TIMELAPSE
 from nightstack.products.views import LAST_FRAME, LINEAR_PREVIEW
 from nightstack.service.folder import (
     JOURNAL,
@@ -45,6 +46,7 @@ DOWNLOADS = {
 
 VIEWS = {
     LAST_FRAME: "image/jpeg",
+    TIMELAPSE: "video/mp4",
 }
 """Files the page shows inline besides the downloads (listed under ``views``)."""
 
