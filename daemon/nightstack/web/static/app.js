@@ -56,13 +56,6 @@ function bytes(n) {
   return (n / 2 ** 20).toFixed(0) + " MB";
 }
 
-function duration(seconds) {
-  if (!seconds) return "0 s";
-  if (seconds < 120) return seconds.toFixed(0) + " s";
-  const m = Math.round(seconds / 60);
-  return m < 120 ? m + " min" : (m / 60).toFixed(1) + " h";
-}
-
 // Total exposure to the second or minute: "45 s", "2 min 30 s", "3 h 05 min".
 function exposureText(seconds) {
   const total = Math.round(seconds || 0);
@@ -111,11 +104,13 @@ const METRICS = [
     floor: 0, top: 5, room: 1.1 },
 ];
 
-// The least "round" number (1, 2, 2.5 or 5 times a power of ten) at or above v.
+// The least "round" number (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of ten) at or
+// above v: a top a little above the data (transparency 100.5 % tops at 120 %, not 200 %).
+const ROUND = [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10];
 function roundUp(v) {
   if (!(v > 0)) return 1;
   const power = 10 ** Math.floor(Math.log10(v));
-  for (const step of [1, 2, 2.5, 5, 10]) if (step * power >= v * (1 - 1e-9)) return step * power;
+  for (const step of ROUND) if (step * power >= v * (1 - 1e-9)) return Number((step * power).toPrecision(6));
   return 10 * power;
 }
 
@@ -261,7 +256,7 @@ function showCounts() {
   $("n-accepted").textContent = String(accepted.length);
   $("n-rejected").textContent = String(rejected);
   const exposure = accepted.reduce((sum, r) => sum + (r.exposure_s || 0), 0);
-  $("n-exposure").textContent = duration(exposure);
+  $("n-exposure").textContent = exposureText(exposure);
   $("ov-count").textContent = accepted.length + (accepted.length === 1 ? " frame" : " frames") +
     " · " + exposureText(exposure);
   $("frames-count").textContent = view.frames.length ? "(" + view.frames.length + ")" : "";
