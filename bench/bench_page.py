@@ -6,6 +6,9 @@
   written the way ``Session.write_preview`` writes it (:func:`linear_width`,
   :func:`write_linear_preview`), and the bytes of the file (what one preview adds to the disk's
   writes) are compared with the frame's 16-bit mosaic (48 MB). Goal: <= 0.05x.
+- **Its render**: what the page asks for when the strength slider moves (``stretch.jpg``,
+  1600 px, strength 2, linked) rendered from that file by ``web/render.StretchRenderer`` (a
+  new file each preview: no cache hit), the stretched view's delay after a preview.
 - **Last frame** (``last.jpg``): the frame's luminance shrunk to 1600 px, stretched, JPEG,
   per accepted frame; its time as a ratio to the decode.
 - **Timelapse** (``Timelapse.add`` at the default 1920 px): the frame shrunk, stretched, kept
@@ -43,13 +46,15 @@ def measure(quick: bool) -> dict[str, Any]:
     from nightstack.io.loaders import load
     from nightstack.products.extras import Timelapse
     from nightstack.products.views import linear_width, write_last_frame, write_linear_preview
+    from nightstack.web.render import StretchRenderer
 
     frames = 2 if quick else FRAMES
     paths = ensure_night(frames)
     work = OUT / "page_bench"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    t: dict[str, list[float]] = {k: [] for k in ("decode", "linear", "last", "timelapse", "encode")}
+    names = ("decode", "linear", "render", "last", "timelapse", "encode")
+    t: dict[str, list[float]] = {k: [] for k in names}
     timelapse: Timelapse | None = None
     rng = np.random.default_rng(24)
     written: list[int] = []
@@ -69,6 +74,11 @@ def measure(quick: bool) -> dict[str, Any]:
         with timed(t["linear"]):
             written.append(
                 write_linear_preview(work / "preview_linear.fits", image, width=width, header={})
+            )
+        renderer = StretchRenderer()  # a fresh one: no cached statistics or image
+        with timed(t["render"]):
+            renderer.render(
+                work / "preview_linear.fits", width=PREVIEW_WIDTH, strength=2.0, linked=True
             )
         with timed(t["last"]):
             write_last_frame(work / "last.jpg", frame.luminance, width=PREVIEW_WIDTH)
@@ -132,6 +142,14 @@ def report(data: dict[str, Any]) -> str:
                     fmt_s(median(t["linear"])),
                     f"{median(t['linear']) / decode:.3f}x",
                     len(t["linear"]),
+                ),
+                (
+                    "its render: `stretch.jpg` at strength 2 (`StretchRenderer.render`)",
+                    "",
+                    "",
+                    fmt_s(median(t["render"])),
+                    f"{median(t['render']) / decode:.3f}x",
+                    len(t["render"]),
                 ),
                 (
                     f"timelapse: H.264 encode alone ({tw} x {th}, `Timelapse._write`)",
