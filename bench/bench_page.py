@@ -16,7 +16,8 @@
   (``Timelapse._write``: the BGR frame into the video) and the whole call, as ratios to the
   decode. Goal: the encoding <= 0.1x the decode. Each decoded frame is encoded ``REPEAT`` more
   times, shifted and with new noise (3 DN: as hard to predict as a new frame's sky), so the
-  encoder's cost is a median over many frames, not the first ones (an I-frame's).
+  encoder's cost is a median over many frames, not the first ones (an I-frame's). OpenCV's
+  mp4v writer, the encoder before, encodes the same frames for comparison.
 
 Run alone: ``.venv/bin/python bench/bench_page.py [--quick]`` (writes its RESULTS.md section).
 """
@@ -53,7 +54,8 @@ def measure(quick: bool) -> dict[str, Any]:
     work = OUT / "page_bench"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    names = ("decode", "linear", "render", "last", "timelapse", "encode")
+    names = ("decode", "linear", "render", "last", "timelapse", "encode", "mp4v")
+    mp4v: cv2.VideoWriter | None = None
     t: dict[str, list[float]] = {k: [] for k in names}
     timelapse: Timelapse | None = None
     rng = np.random.default_rng(24)
@@ -93,7 +95,14 @@ def measure(quick: bool) -> dict[str, Any]:
             shifted = np.clip(shifted, 0, 255).astype(np.uint8)
             with timed(t["encode"]):
                 timelapse._write(shifted)
-    assert timelapse is not None
+            if mp4v is None:
+                mp4v = cv2.VideoWriter(
+                    str(work / "mp4v.mp4"), cv2.VideoWriter.fourcc(*"mp4v"), 24.0, timelapse.size
+                )
+            with timed(t["mp4v"]):  # the encoder before issue 24, on the same frames
+                mp4v.write(shifted)
+    assert timelapse is not None and mp4v is not None
+    mp4v.release()
     video = timelapse.close()
     rows, cols, channels = shape
     return {
@@ -158,6 +167,14 @@ def report(data: dict[str, Any]) -> str:
                     fmt_s(median(t["encode"])),
                     f"{_encode_ratio(data):.3f}x",
                     len(t["encode"]),
+                ),
+                (
+                    "(before: OpenCV's mp4v, same frames; no browser plays it)",
+                    "",
+                    "",
+                    fmt_s(median(t["mp4v"])),
+                    f"{median(t['mp4v']) / decode:.3f}x",
+                    len(t["mp4v"]),
                 ),
                 (
                     "timelapse: the whole `Timelapse.add` (shrink, stretch, JPEG kept, encode)",

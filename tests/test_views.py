@@ -1,5 +1,6 @@
 """The small files the page shows (products/views.py): the linear preview's size budget and
-its round trip through FITS, and the last frame's JPEG."""
+its round trip through FITS, the last frame's JPEG, and a session writing both (only when
+the web page is on)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,21 @@ import cv2
 import numpy as np
 from astropy.io import fits
 
+from nightstack.config import load_settings
+from nightstack.io.decoder import Decoder, load_kwargs
+from nightstack.io.writers import stretch
+from nightstack.pipeline.prepare import Preparer
 from nightstack.products.views import (
+    LAST_FRAME,
     LINEAR_MIN_WIDTH,
+    LINEAR_PREVIEW,
     LINEAR_RATIO,
     linear_width,
     write_last_frame,
     write_linear_preview,
 )
+from nightstack.service.session import Session
+from nightstack.simulate import simulate_night
 
 
 def test_the_linear_preview_of_a_24_mp_stack_costs_at_most_a_twentieth_of_its_mosaic(
@@ -61,3 +70,34 @@ def test_the_last_frame_is_a_stretched_preview_wide_jpeg(tmp_path: Path) -> None
     shown = cv2.imread(str(tmp_path / "last.jpg"), cv2.IMREAD_UNCHANGED)
     assert shown.shape == (250, 400)
     assert shown[102, 152] > 200 and shown[20, 20] < 120
+
+
+def test_a_session_writes_them_with_its_preview_for_the_page_only(tmp_path: Path) -> None:
+    raws = tmp_path / "raws"
+    simulate_night(raws, frames=2, width=600, height=400, seed=3)
+    sessions = {}
+    for web in (True, False):
+        settings = load_settings(
+            None, {"output_dir": tmp_path / str(web), "web_enabled": web}, use_default=False
+        )
+        with Decoder(timeout_s=60, load_kwargs=load_kwargs(settings)) as decoder:
+            preparer = Preparer(settings, decoder)
+            session = Session.create(tmp_path / str(web), settings)
+            for path in sorted(raws.glob("*.DNG")):
+                assert session.ingest(preparer.prepare(path)).status == "accepted"
+            session.write_preview()
+            session.abandon()
+        sessions[web] = session
+    assert not (sessions[False].dir / LINEAR_PREVIEW).exists()  # no page, no extra writes
+    assert not (sessions[False].dir / LAST_FRAME).exists()
+    session = sessions[True]
+    live = session.stacker.live
+    assert live is not None
+    image = live.preview_image(1600)
+    # the live stack as the preview shows it, linear: its stretch is the preview's
+    linear = np.moveaxis(fits.getdata(session.dir / LINEAR_PREVIEW).astype(np.float32), 0, 2)
+    assert linear.shape == image.shape == (400, 600, 3)  # a small stack: not shrunk
+    assert fits.getheader(session.dir / LINEAR_PREVIEW)["NCOMBINE"] == 2
+    assert np.abs(stretch(linear) - stretch(image)).max() < 0.01
+    last = cv2.imread(str(session.dir / LAST_FRAME), cv2.IMREAD_UNCHANGED)
+    assert last.ndim == 2 and last.shape == (200, 300)  # the 2x2 binned luminance

@@ -12,7 +12,7 @@
   PyAV's wheels, which carry it for x86-64 and aarch64 alike) in an MP4 container with its
   index at the front (``+faststart``), 4:2:0: what every browser's ``<video>`` plays (Chromium,
   Firefox, Safari; tested in headless Chromium), as do VLC, mpv and the phones' players. The
-  encoder is set for the frame path (:data:`X264_OPTIONS`): ``veryfast``, ``zerolatency``
+  encoder is set for the frame path (:data:`X264_OPTIONS`): ``superfast``, ``zerolatency``
   (no lookahead and no B-frames: it holds no queue of frames, a few MB whatever the width),
   one thread, CRF 20. Each frame is also kept as a JPEG in ``timelapse/`` so a restarted
   session re-encodes the video so far and goes on.
@@ -64,7 +64,7 @@ _GAP_STRIDE = 2  # their statistics from every 2nd pixel each way
 CODEC = "libx264"
 """The timelapse's encoder: H.264, as PyAV's wheels ship it (see the module notes)."""
 
-X264_OPTIONS = {"preset": "veryfast", "tune": "zerolatency", "crf": "20", "threads": "1"}
+X264_OPTIONS = {"preset": "superfast", "tune": "zerolatency", "crf": "20", "threads": "1"}
 """x264's settings: cheap on the frame path, no frames held back (see the module notes)."""
 
 _SPOOL = "timelapse"  # the timelapse's kept frames (JPEG), for a restart
@@ -321,7 +321,10 @@ class Timelapse:
             stream.pix_fmt = "yuv420p"
             self._video = (container, stream)
         container, stream = self._video
-        frame = av.VideoFrame.from_ndarray(bgr, format="bgr24")
+        # OpenCV's BT.601 limited-range I420 (what players assume untagged): 15x faster
+        # than FFmpeg's own conversion of bgr24 (swscale), a tenth of the encode
+        yuv = np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420), dtype=np.uint8)
+        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = self.frames
         frame.time_base = 1 / Fraction(stream.average_rate)
         for packet in stream.encode(frame):

@@ -80,7 +80,6 @@ from nightstack.stacking.store import FrameStore
 
 log = logging.getLogger("nightstack.service.session")
 
-
 class Session:
     """One night (or part of one): frames in, journal + live preview out, final stack at close."""
 
@@ -102,7 +101,6 @@ class Session:
         self.counted_at_checkpoint = 0
         self.since_preview = 0
         self.last_preview = 0.0
-        self.linear_bytes = 0  # of the last preview_linear.fits (bench_page)
         self.last_live_fits = -math.inf
         self.last_checkpoint = -math.inf
         self.stored_since_checkpoint = 0
@@ -407,7 +405,8 @@ class Session:
             self.since_preview += 1
             live = self.stacker.live
             assert live is not None
-            self._write_last_frame(prepared)
+            if self.settings.web_enabled:
+                self._write_last_frame(prepared)
             if record.stored:
                 prepared.frame = None  # stored and journaled: its pixels go before the live add
                 self._catch_up(live)
@@ -523,17 +522,16 @@ class Session:
         )
 
     def write_preview(self) -> None:
-        """preview.jpg, and live.fits when ``live_fits_every_s`` has passed since the last."""
+        """preview.jpg (and, for the web page, preview_linear.fits), and live.fits when
+        ``live_fits_every_s`` has passed since the last."""
         live = self.stacker.live
         assert live is not None
         width = self.settings.preview_width
         image = self.stacker.landscape.preview(live.preview_image(width), live)  # freeze ground
-        # the stretch controls' linear data first: a page told of the preview finds both new
-        narrow = linear_width(*live.shape, live.channels, width)
-        header = {"NCOMBINE": live.frames, "STACKMTH": "live"}
-        self.linear_bytes = write_linear_preview(
-            self.dir / LINEAR_PREVIEW, image, width=narrow, header=header
-        )
+        if self.settings.web_enabled:  # the page's stretch data first: it finds both new
+            narrow = linear_width(*live.shape, live.channels, width)
+            header = {"NCOMBINE": live.frames, "STACKMTH": "live"}
+            write_linear_preview(self.dir / LINEAR_PREVIEW, image, width=narrow, header=header)
         write_preview(self.dir / PREVIEW, image, width=width)
         self.since_preview = 0
         self.last_preview = time.monotonic()
