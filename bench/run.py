@@ -60,6 +60,10 @@ BENCHMARKS = {
         "Tethered capture against libgphoto2's virtual camera: faults; latency; CPU (issue 22)",
         "bench_capture",
     ),
+    "page": (
+        "Web page views: linear preview writes, last frame, timelapse encode, 24 MP (issue 24)",
+        "bench_page",
+    ),
 }
 """Name -> (RESULTS.md section title, module with ``measure(quick)`` and ``report(data)``)."""
 

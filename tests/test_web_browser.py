@@ -26,6 +26,7 @@ import pytest
 from _daemon import Daemon, journal, wait_for
 from _web import browser_missing, chromium, request, web_base
 from _web import page_until as _until
+from nightstack.products.views import linear_width
 from nightstack.simulate import simulate_night
 from nightstack.web.render import CROPS, listed
 
@@ -208,7 +209,8 @@ def test_the_page_follows_a_night_and_closes_it(
                 and p
             ),
         )
-        assert stretched["width"] == 1200  # from the 1200 px wide live.fits, not enlarged
+        # from the linear preview written with every preview (products/views.py), not enlarged
+        assert stretched["width"] == linear_width(800, 1200, 3, 1600) == 640
         driver.find_element("id", "stretch-linked").click()
         _until(driver, "unlinked", 30, lambda b: "linked=0" in _preview(b)["src"])
         driver.find_element("id", "preview").click()

@@ -45,6 +45,13 @@ from nightstack.pipeline.finish import Target, finish
 from nightstack.pipeline.prepare import Prepared, load_sky_mask
 from nightstack.pipeline.records import FrameRecord, Tally
 from nightstack.pipeline.stacker import Stacker
+from nightstack.products.views import (
+    LAST_FRAME,
+    LINEAR_PREVIEW,
+    linear_width,
+    write_last_frame,
+    write_linear_preview,
+)
 from nightstack.registration.detect import SkyArea
 from nightstack.service.folder import (
     CHECKPOINT,
@@ -398,6 +405,8 @@ class Session:
             self.since_preview += 1
             live = self.stacker.live
             assert live is not None
+            if self.settings.web_enabled:
+                self._write_last_frame(prepared)
             if record.stored:
                 prepared.frame = None  # stored and journaled: its pixels go before the live add
                 self._catch_up(live)
@@ -513,11 +522,16 @@ class Session:
         )
 
     def write_preview(self) -> None:
-        """preview.jpg, and live.fits when ``live_fits_every_s`` has passed since the last."""
+        """preview.jpg (and, for the web page, preview_linear.fits), and live.fits when
+        ``live_fits_every_s`` has passed since the last."""
         live = self.stacker.live
         assert live is not None
         width = self.settings.preview_width
         image = self.stacker.landscape.preview(live.preview_image(width), live)  # freeze ground
+        if self.settings.web_enabled:  # the page's stretch data first: it finds both new
+            narrow = linear_width(*live.shape, live.channels, width)
+            header = {"NCOMBINE": live.frames, "STACKMTH": "live"}
+            write_linear_preview(self.dir / LINEAR_PREVIEW, image, width=narrow, header=header)
         write_preview(self.dir / PREVIEW, image, width=width)
         self.since_preview = 0
         self.last_preview = time.monotonic()
@@ -525,6 +539,19 @@ class Session:
             self.write_live_fits(self.dir / LIVE_FITS)
             self.last_live_fits = self.last_preview
             self.stored_since_live_fits = 0
+
+    def _write_last_frame(self, prepared: Prepared) -> None:
+        """last.jpg: the frame just accepted, for the page's "last frame" view (a failed
+        write is logged: the frame is journaled)."""
+        frame = prepared.frame
+        if frame is None:
+            return
+        try:
+            write_last_frame(
+                self.dir / LAST_FRAME, frame.luminance, width=self.settings.preview_width
+            )
+        except (OSError, ValueError) as err:
+            log.error("session %s: last.jpg not written (%s)", self.id, err)
 
     def _live_fits_due(self, live: LiveStack) -> bool:
         """live.fits with this preview: ``live_fits_every_s`` since the last, and the store has

@@ -38,7 +38,7 @@ from nightstack.web.render import (
     StretchRenderer,
     listed,
 )
-from nightstack.web.sessions import DOWNLOADS, SessionFiles
+from nightstack.web.sessions import DOWNLOADS, SERVED, SessionFiles
 
 if TYPE_CHECKING:
     from nightstack.capture.control import CaptureControl
@@ -62,6 +62,7 @@ STATIC = {
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+        "media-src 'self'; "
         "connect-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; "
         "frame-ancestors 'none'"
     ),
@@ -275,8 +276,8 @@ async def _frames(request: web.Request) -> web.Response:
 
 
 def _file_response(path: Any, name: str) -> web.FileResponse:
-    headers = {"Content-Type": DOWNLOADS[name], "Cache-Control": "no-cache"}
-    if name != "preview.jpg":
+    headers = {"Content-Type": SERVED[name], "Cache-Control": "no-cache"}
+    if name in DOWNLOADS and name != "preview.jpg":
         headers["Content-Disposition"] = f'attachment; filename="{name}"'
     return web.FileResponse(path, headers=headers)
 
@@ -300,12 +301,14 @@ async def _open_preview(request: web.Request) -> web.StreamResponse:
     return _file_response(path, "preview.jpg")
 
 
-async def _rendered(request: web.Request, render: Callable[..., bytes], **kwargs: Any) -> Any:
-    """Run a renderer of ``live.fits`` on an executor thread (``?strength=``, ``linked=``,
-    ``format=jpeg|png``); 404 when the session has no live.fits."""
-    path = await asyncio.to_thread(
-        request.app[SESSIONS_KEY].file, request.match_info["sid"], "live.fits"
-    )
+async def _rendered(
+    request: web.Request, render: Callable[..., bytes], *, full: bool = False, **kwargs: Any
+) -> Any:
+    """Run a renderer of the session's linear image (:meth:`SessionFiles.linear`: the final,
+    the linear preview or ``live.fits``; ``full``: at full resolution) on an executor thread
+    (``?strength=``, ``linked=``, ``format=jpeg|png``); 404 when the session has none."""
+    sessions = request.app[SESSIONS_KEY]
+    path = await asyncio.to_thread(sessions.linear, request.match_info["sid"], full=full)
     if path is None:
         raise _not_found()
     strength = _float_arg(request, "strength", 1.0, *STRENGTH_RANGE)
@@ -325,8 +328,8 @@ async def _rendered(request: web.Request, render: Callable[..., bytes], **kwargs
         ) from err
     except FileNotFoundError as err:
         raise _not_found() from err
-    except (OSError, ValueError) as err:  # a damaged or foreign live.fits
-        raise web.HTTPUnprocessableEntity(reason=f"live.fits cannot be rendered: {err}") from err
+    except (OSError, ValueError) as err:  # a damaged or foreign file
+        raise web.HTTPUnprocessableEntity(reason=f"{path.name} cannot be rendered: {err}") from err
     return web.Response(
         body=image, content_type=FORMATS[fmt], headers={"Cache-Control": "no-cache"}
     )
@@ -344,7 +347,9 @@ async def _crop(request: web.Request) -> web.Response:
     cy = _float_arg(request, "cy", 0.5, 0.0, 1.0)
     size = listed(_int_arg(request, "size", 512, 16, CROPS[-1]), CROPS)
     renderer = request.app[RENDER_KEY]
-    response: web.Response = await _rendered(request, renderer.crop, cx=cx, cy=cy, size=size)
+    response: web.Response = await _rendered(
+        request, renderer.crop, full=True, cx=cx, cy=cy, size=size
+    )
     return response
 
 

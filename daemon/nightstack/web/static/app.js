@@ -21,6 +21,10 @@ const view = {
   strength: 1,
   linked: true,
   capture: null,     // the last capture status (status.capture), for the countdowns
+  lastFrame: false,  // show the last single frame instead of the stack
+  objects: false,    // draw the plate solve's objects over the stack
+  solve: null,       // the shown session's session.json "solve", or null
+  solveKey: "",      // which session.json that was read from (id and its "updated")
 };
 
 // --- small helpers ------------------------------------------------------------------------
@@ -52,11 +56,13 @@ function bytes(n) {
   return (n / 2 ** 20).toFixed(0) + " MB";
 }
 
-function duration(seconds) {
-  if (!seconds) return "0 s";
-  if (seconds < 120) return seconds.toFixed(0) + " s";
-  const m = Math.round(seconds / 60);
-  return m < 120 ? m + " min" : (m / 60).toFixed(1) + " h";
+// Total exposure to the second or minute: "45 s", "2 min 30 s", "3 h 05 min".
+function exposureText(seconds) {
+  const total = Math.round(seconds || 0);
+  const h = Math.floor(total / 3600), m = Math.floor((total % 3600) / 60), s = total % 60;
+  if (h) return h + " h " + String(m).padStart(2, "0") + " min";
+  if (m) return m + " min" + (s ? " " + s + " s" : "");
+  return s + " s";
 }
 
 function basename(path) {
@@ -81,17 +87,48 @@ function drift(record) {
   return Math.hypot(t[0][2], t[1][2]);
 }
 
+// Each chart's y axis starts from a sensible range in its own unit, not the data's own
+// minimum and maximum (FWHM 3.67-3.72 px is a flat line near 4 px, not wild swings):
+// ``floor`` is the axis' bottom, ``top`` the least top it has (it grows to a round number
+// above the data, with ``room`` to spare). ``scale`` turns the journal's value into the unit.
 const METRICS = [
-  { key: "fwhm", title: "FWHM", unit: "px", digits: 2, get: (r) => r.fwhm },
-  { key: "stars", title: "Stars", unit: "", digits: 0, get: (r) => r.stars },
-  { key: "background", title: "Background", unit: "", digits: 4, get: (r) => r.background },
-  { key: "transparency", title: "Transparency", unit: "", digits: 3, get: (r) => r.transparency },
-  { key: "drift", title: "Drift", unit: "px", digits: 1, get: drift },
+  { key: "fwhm", title: "FWHM", unit: "px", digits: 2, get: (r) => r.fwhm,
+    floor: 0, top: 4, room: 1.25 },
+  { key: "stars", title: "Stars", unit: "", digits: 0, get: (r) => r.stars,
+    floor: 0, top: 10, room: 1.1 },
+  { key: "background", title: "Background", unit: "% of full scale", digits: 2,
+    get: (r) => r.background, scale: 100, floor: 0, top: 1, room: 1.25 },
+  { key: "transparency", title: "Transparency", unit: "%", digits: 0,
+    get: (r) => r.transparency, scale: 100, floor: 0, top: 100, room: 1 },
+  { key: "drift", title: "Drift", unit: "px", digits: 1, get: drift,
+    floor: 0, top: 5, room: 1.1 },
 ];
+
+// The least "round" number (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of ten) at or
+// above v: a top a little above the data (transparency 100.5 % tops at 120 %, not 200 %).
+const ROUND = [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10];
+function roundUp(v) {
+  if (!(v > 0)) return 1;
+  const power = 10 ** Math.floor(Math.log10(v));
+  for (const step of ROUND) if (step * power >= v * (1 - 1e-9)) return Number((step * power).toPrecision(6));
+  return 10 * power;
+}
+
+// [bottom, top] of a metric's y axis for these values (in its unit).
+function axisRange(metric, values) {
+  const hi = values.length ? Math.max(...values) : 0;
+  const lo = values.length ? Math.min(...values) : 0;
+  const bottom = Math.min(metric.floor, roundDown(lo));
+  return [bottom, Math.max(metric.top, roundUp(hi * metric.room))];
+}
+
+function roundDown(v) {
+  return v >= 0 ? 0 : -roundUp(-v);
+}
 
 function value(metric, record) {
   const v = metric.get(record);
-  return typeof v === "number" && Number.isFinite(v) ? v : null;
+  return typeof v === "number" && Number.isFinite(v) ? v * (metric.scale || 1) : null;
 }
 
 // --- status --------------------------------------------------------------------------------
@@ -219,7 +256,9 @@ function showCounts() {
   $("n-accepted").textContent = String(accepted.length);
   $("n-rejected").textContent = String(rejected);
   const exposure = accepted.reduce((sum, r) => sum + (r.exposure_s || 0), 0);
-  $("n-exposure").textContent = duration(exposure);
+  $("n-exposure").textContent = exposureText(exposure);
+  $("ov-count").textContent = accepted.length + (accepted.length === 1 ? " frame" : " frames") +
+    " · " + exposureText(exposure);
   $("frames-count").textContent = view.frames.length ? "(" + view.frames.length + ")" : "";
 }
 
@@ -255,9 +294,16 @@ function currentMeta() {
   return view.sessions.find((s) => s.session === view.session) || null;
 }
 
-function hasLive() {
+// the server has linear data to stretch (the linear preview, live.fits or the final)
+function hasLinear() {
   const meta = currentMeta();
-  return !!meta && meta.files.includes("live.fits");
+  return !!meta && !!meta.stretch;
+}
+
+// ...and at full resolution, for a 1:1 crop (live.fits or the final)
+function hasFull() {
+  const meta = currentMeta();
+  return !!meta && !!meta.crop;
 }
 
 function showSessions() {
@@ -288,9 +334,80 @@ function showSessions() {
   const meta = currentMeta();
   $("session-name").textContent = view.session || "no session";
   $("session-state").textContent = meta ? meta.state : "";
-  const live = hasLive();
-  $("stretch").hidden = !live;
-  $("stretch-note").hidden = live || !view.session;
+  const linear = hasLinear();
+  $("stretch").hidden = !linear || view.lastFrame;
+  $("stretch-note").hidden = linear || !view.session || view.lastFrame;
+  showOverlay(meta);
+  showTimelapse(meta);
+}
+
+function hasView(name) {
+  const meta = currentMeta();
+  return !!meta && Array.isArray(meta.views) && meta.views.includes(name);
+}
+
+// The name, the field and the counts written over the image (HTML: the files stay clean).
+function showOverlay(meta) {
+  const target = meta && meta.target ? meta.target : {};
+  let name = target.name || "";
+  const field = target.field_deg;
+  if (Array.isArray(field) && field.length === 2) {
+    const degrees = Math.max(field[0], field[1]) >= 1; // both in one unit: ° or ′
+    const size = (deg) => degrees ? deg.toFixed(1) + "°" : (deg * 60).toFixed(0) + "′";
+    name = (name ? name + " · " : "") + size(field[0]) + " × " + size(field[1]);
+  }
+  $("ov-name").textContent = name;
+  $("ov-name").hidden = !name;
+  $("overlay").hidden = !view.session || $("preview").hidden;
+  $("ov-mode").hidden = !view.lastFrame;
+  const last = hasView("last.jpg");
+  $("last-toggle").hidden = !last;
+  if (!last && view.lastFrame) { view.lastFrame = false; $("show-last").checked = false; showPreview(); }
+  $("objects-toggle").hidden = !solveObjects().length;
+}
+
+function showTimelapse(meta) {
+  const name = meta && Array.isArray(meta.views) ? meta.views.find((n) => n.startsWith("timelapse.")) : null;
+  const video = $("timelapse");
+  $("timelapse-section").hidden = !name;
+  const src = name ? sessionUrl(meta.session, name + "?v=" + encodeURIComponent(meta.updated || "")) : "";
+  if (!name) {
+    if (video.getAttribute("src")) { video.removeAttribute("src"); video.load(); }
+  } else if (video.getAttribute("src") !== src) {
+    video.setAttribute("src", src);
+  }
+}
+
+// --- plate-solve objects over the stack -------------------------------------------------------
+function solveObjects() {
+  const solve = view.solve;
+  return solve && Array.isArray(solve.objects) ? solve.objects.filter((o) => o &&
+    Number.isFinite(o.x) && Number.isFinite(o.y)) : [];
+}
+
+// The objects in the stack's full-resolution pixels (the reference frame's), drawn scaled to
+// the preview: its size in those pixels is the solved field over the plate scale.
+function showObjects() {
+  const box = $("objects");
+  const solve = view.solve, objects = solveObjects();
+  const W = solve ? solve.field_w_deg * 3600 / solve.scale_arcsec : NaN;
+  const H = solve ? solve.field_h_deg * 3600 / solve.scale_arcsec : NaN;
+  const on = view.objects && !view.lastFrame && objects.length > 0 && W > 0 && H > 0 &&
+    Number.isFinite(W) && Number.isFinite(H) && !$("preview").hidden;
+  box.toggleAttribute("hidden", !on); // an SVG element has no .hidden property
+  box.replaceChildren();
+  if (!on) return;
+  box.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  box.setAttribute("preserveAspectRatio", "none");
+  const least = W / 150, font = W / 40;
+  for (const o of objects) {
+    const r = Math.max(Number.isFinite(o.radius_px) ? o.radius_px : 0, least);
+    const group = svg("g", { "data-name": String(o.name || "") });
+    group.append(svg("circle", { cx: o.x, cy: o.y, r }));
+    group.append(svg("text", { x: o.x + r * 0.8, y: o.y - r * 0.8, "font-size": font },
+      String(o.name || "")));
+    box.append(group);
+  }
 }
 
 async function refreshSessions() {
@@ -303,8 +420,33 @@ async function refreshSessions() {
   }
   if (seq !== asked.sessions) return;
   view.sessions = sessions;
-  if (!view.session && view.sessions.length) showSession(view.sessions[0].session, view.follow);
+  if (!view.session && view.sessions.length) {
+    // nothing open (the morning after): the newest session with a picture, else the newest
+    const shown = view.sessions.find((s) => s.files.includes("preview.jpg")) || view.sessions[0];
+    showSession(shown.session, view.follow);
+  }
   showSessions();
+  loadSolve();
+}
+
+// session.json's "solve" (plate solving: docs/web.md), read again when the file changes.
+async function loadSolve() {
+  const meta = currentMeta();
+  const key = meta ? meta.session + "|" + (meta.updated || "") : "";
+  if (key === view.solveKey) return;
+  view.solveKey = key;
+  view.solve = null;
+  showObjects();
+  if (!meta || !meta.target || !meta.target.field_deg) return; // no solve in session.json
+  try {
+    const full = await getJSON("/api/sessions/" + encodeURIComponent(meta.session));
+    if (key !== view.solveKey) return;
+    view.solve = full.solve && typeof full.solve === "object" ? full.solve : null;
+  } catch (err) {
+    view.solve = null;
+  }
+  showSessions();
+  showObjects();
 }
 
 function showSession(id, follow) {
@@ -321,6 +463,7 @@ function showSession(id, follow) {
   }
   showSessions();
   showPreview();
+  loadSolve();
 }
 
 // --- frames: table and charts --------------------------------------------------------------
@@ -353,6 +496,7 @@ function addFrames(records) {
   });
   showCounts();
   showCharts();
+  if (view.lastFrame) showPreview();
 }
 
 function frameRow(r, index) {
@@ -391,8 +535,8 @@ function chart(metric, records) {
     if (v !== null) points.push({ i, v, ok: r.status === "accepted" });
   });
   const latest = points.length ? points[points.length - 1].v : null;
-  const head = el("h3", {}, metric.title);
-  head.append(el("span", {}, latest === null ? "" : num(latest, metric.digits) + (metric.unit ? " " + metric.unit : "")));
+  const head = el("h3", {}, metric.title + (metric.unit ? " (" + metric.unit + ")" : ""));
+  head.append(el("span", {}, latest === null ? "" : num(latest, metric.digits)));
   card.append(head);
   const plot = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": metric.title + " per frame", "data-metric": metric.key });
   plot.append(svg("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }));
@@ -402,13 +546,18 @@ function chart(metric, records) {
     card.append(plot);
     return card;
   }
-  let lo = Math.min(...points.map((p) => p.v)), hi = Math.max(...points.map((p) => p.v));
-  if (hi - lo < 1e-12) { const pad = Math.abs(hi) * 0.05 || 1; lo -= pad; hi += pad; }
+  const [lo, hi] = axisRange(metric, points.map((p) => p.v));
+  plot.dataset.lo = String(lo);
+  plot.dataset.hi = String(hi);
   const n = Math.max(records.length - 1, 1);
   const x = (i) => L + (W - L - R) * (records.length === 1 ? 0.5 : i / n);
   const y = (v) => T + (H - T - B) * (1 - (v - lo) / (hi - lo));
-  plot.append(svg("text", { class: "label", x: L - 4, y: T + 8, "text-anchor": "end" }, num(hi, metric.digits)));
-  plot.append(svg("text", { class: "label", x: L - 4, y: H - B, "text-anchor": "end" }, num(lo, metric.digits)));
+  const mid = (lo + hi) / 2;
+  plot.append(svg("line", { class: "grid", x1: L, y1: y(mid), x2: W - R, y2: y(mid) }));
+  const tick = (v) => String(Number(v.toPrecision(3)));
+  plot.append(svg("text", { class: "label", x: L - 4, y: T + 8, "text-anchor": "end" }, tick(hi)));
+  plot.append(svg("text", { class: "label", x: L - 4, y: y(mid) + 3, "text-anchor": "end" }, tick(mid)));
+  plot.append(svg("text", { class: "label", x: L - 4, y: H - B, "text-anchor": "end" }, tick(lo)));
   plot.append(svg("text", { class: "label", x: L, y: H - 3 }, "1"));
   plot.append(svg("text", { class: "label", x: W - R, y: H - 3, "text-anchor": "end" }, String(records.length)));
   const accepted = points.filter((p) => p.ok);
@@ -417,7 +566,7 @@ function chart(metric, records) {
   }
   for (const p of points) {
     const dot = svg("circle", { cx: x(p.i).toFixed(1), cy: y(p.v).toFixed(1), r: 2.6, class: p.ok ? "accepted" : "rejected", "data-index": p.i });
-    dot.append(svg("title", {}, "#" + (p.i + 1) + ": " + num(p.v, metric.digits)));
+    dot.append(svg("title", {}, "#" + (p.i + 1) + ": " + num(p.v, metric.digits) + (metric.unit ? " " + metric.unit : "")));
     plot.append(dot);
   }
   card.append(plot);
@@ -427,7 +576,10 @@ function chart(metric, records) {
 // --- preview, stretch, zoom ----------------------------------------------------------------
 function previewSrc() {
   const v = "v=" + encodeURIComponent(view.previewVersion);
-  if (hasLive() && (view.strength !== 1 || !view.linked)) {
+  if (view.lastFrame && hasView("last.jpg")) {
+    return sessionUrl(view.session, "last.jpg?" + v + "." + view.frames.length);
+  }
+  if (hasLinear() && (view.strength !== 1 || !view.linked)) {
     return sessionUrl(view.session, "stretch.jpg?strength=" + view.strength + "&linked=" +
       (view.linked ? "1" : "0") + "&" + v);
   }
@@ -443,8 +595,17 @@ function showPreview() {
 
 function setupPreview() {
   const img = $("preview");
-  img.addEventListener("load", () => { img.hidden = false; $("no-preview").hidden = true; });
-  img.addEventListener("error", () => { img.hidden = true; $("no-preview").hidden = false; });
+  const shown = (ok) => {
+    img.hidden = !ok; $("no-preview").hidden = ok; $("overlay").hidden = !ok; showObjects();
+  };
+  img.addEventListener("load", () => shown(true));
+  img.addEventListener("error", () => shown(false));
+  $("show-last").addEventListener("change", () => {
+    view.lastFrame = $("show-last").checked; showSessions(); showPreview(); showObjects();
+  });
+  $("show-objects").addEventListener("change", () => {
+    view.objects = $("show-objects").checked; showObjects();
+  });
   img.addEventListener("click", (event) => {
     const box = img.getBoundingClientRect();
     zoom((event.clientX - box.left) / box.width, (event.clientY - box.top) / box.height);
@@ -464,12 +625,12 @@ function zoom(fx, fy) {
   const ratio = window.devicePixelRatio || 1;
   img.onload = () => {
     img.style.width = (img.naturalWidth / ratio) + "px"; // one stack pixel per screen pixel
-    if (!hasLive()) {
+    if (!hasFull() || view.lastFrame) {
       scroller.scrollLeft = fx * img.clientWidth - scroller.clientWidth / 2;
       scroller.scrollTop = fy * img.clientHeight - scroller.clientHeight / 2;
     }
   };
-  if (hasLive()) {
+  if (hasFull() && !view.lastFrame) {
     const side = Math.min(1024, Math.round(Math.max(window.innerWidth, window.innerHeight) * ratio));
     const size = CROP_SIZES.find((c) => c >= side) || 1024; // the server's list (render.CROPS)
     img.src = sessionUrl(view.session, "crop.jpg?cx=" + cx + "&cy=" + cy + "&size=" + size +
