@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from _receivers import Receiver, Silent, Subscriber, broker, free_port, mosquitto_binary
+from nightstack.capture.status import CaptureStatus
 from nightstack.config import Settings, redacted
 from nightstack.service import channels as channels_module
+from nightstack.service.alerts import Alerts, ErrorForwarder
 from nightstack.service.channels import Channels, Event, discovery_configs, node_name, where
 
 SECRET = "s3cret-Pa55"
@@ -282,3 +284,53 @@ def test_a_full_queue_drops_the_oldest() -> None:
     finally:
         ch.close(2)
         silent.close()
+
+
+def _alerts(receiver: Receiver, **values: object) -> Alerts:
+    return Alerts.start(_settings(notify_webhook_url=receiver.url(), **values), None)
+
+
+def test_capture_events_camera_lost_back_and_done(receiver: Receiver) -> None:
+    alerts = _alerts(receiver)
+    try:
+        for status in (
+            CaptureStatus("exposing", frame=3, count=10),
+            CaptureStatus("exposing", frame=4, count=10),  # no change of state: nothing
+            CaptureStatus("reconnecting", frame=4, count=10, reason="USB: no camera"),
+            CaptureStatus("exposing", frame=5, count=10),
+            CaptureStatus("done", frame=10, count=10),
+        ):
+            alerts.capture(status)
+        got = receiver.wait(3)
+    finally:
+        alerts.close()
+    bodies = [g.json() for g in got]
+    assert [b["event"] for b in bodies] == ["camera_lost", "camera_back", "capture_done"]
+    assert "USB: no camera" in bodies[0]["message"] and bodies[0]["priority"] == 4
+    assert bodies[2]["data"]["frame"] == 10
+
+
+def test_errors_are_forwarded_and_rate_limited(receiver: Receiver) -> None:
+    alerts = _alerts(receiver, notify_min_interval_s=0.5)
+    forwarder = ErrorForwarder(alerts)
+    logger = logging.getLogger("nightstack")
+    logger.addHandler(forwarder)
+    try:
+        logger.error("preview not written: %s", "No space left on device")
+        logger.error("a second error at once: held back")
+        logger.warning("a warning: not an event")
+        logging.getLogger("nightstack.notify").error("the notifier's own: never forwarded")
+        logger.error("disk full: IMG_0001.DNG not stacked", extra={"ALERT": "disk_full"})
+        time.sleep(0.6)
+        logger.error("a third, after the interval")
+        got = receiver.wait(2)
+        time.sleep(0.2)
+        got = receiver.wait(3, 0)
+    finally:
+        logger.removeHandler(forwarder)
+        alerts.close()
+    bodies = [g.json() for g in got]
+    assert [b["message"] for b in bodies] == [
+        "preview not written: No space left on device", "a third, after the interval"
+    ]
+    assert bodies[1]["data"] == {"suppressed": 1}
