@@ -90,6 +90,9 @@ def _night(
     assert closed["data"]["accepted"] == 4 and closed["data"]["rejected"] == 3
     assert "4 frames stacked" in closed["message"] and closed["data"]["why"].startswith("idle")
     assert "stack.tif" in closed["data"]["files"] and closed["page"] == "http://scope.lan:8080/"
+    assert closed["data"]["preview_url"] == (
+        f"http://scope.lan:8080/api/sessions/{session}/preview.jpg"
+    )
 
     # ntfy: the same events; the close with the session's preview attached
     at_ntfy = ntfy.wait(len(kinds), 5)

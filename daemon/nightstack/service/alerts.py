@@ -26,6 +26,7 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 from nightstack.capture.status import CaptureStatus
 from nightstack.config import Settings
@@ -59,7 +60,11 @@ class Alerts:
     @classmethod
     def start(cls, settings: Settings, output: Path | None) -> Alerts:
         """The daemon's alerts, its channels' threads started (none: every call a no-op)."""
-        return cls(settings, Channels.from_settings(settings), output)
+        alerts = cls(settings, Channels.from_settings(settings), output)
+        free = alerts._free_bytes()
+        alerts.state({"state": "starting", "camera": "off",
+                      "free_disk": None if free is None else round(free / GB, 2)})  # fmt: skip
+        return alerts
 
     @classmethod
     def off(cls, settings: Settings) -> Alerts:
@@ -90,6 +95,7 @@ class Alerts:
             + ("." if outputs.get("final") else "; nothing stacked.")
         )
         preview = session.dir / PREVIEW
+        shown = bool(outputs.get("final")) and preview.exists()
         data = {
             "why": why, "accepted": tally.accepted, "rejected": tally.rejected_total,
             "rejected_by": dict(tally.rejected), "exposure_s": round(tally.exposure_s, 1),
@@ -97,10 +103,13 @@ class Alerts:
             "files": sorted(Path(str(v)).name for k, v in outputs.items()
                             if k in ("fits", "tiff", "preview", "trails", "timelapse")),
         }  # fmt: skip
+        page = self.settings.notify_page_url
+        if page and shown:  # the web page serves it (behind its token, if any)
+            data["preview_url"] = urljoin(page, f"api/sessions/{session.id}/{PREVIEW}")
         self._emit(Event(
             "session_closed", "Session closed", text, priority=3, tags=("white_check_mark",),
             session=session.id, data=data,
-            attachment=preview if outputs.get("final") and preview.exists() else None,
+            attachment=preview if shown else None,
         ))  # fmt: skip
         self._reset()
         self.state({"state": "waiting"})
