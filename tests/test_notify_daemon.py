@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from _daemon import Daemon, journal, wait_for
+from _daemon import Daemon, journal, tmpfs, wait_for
 from _receivers import Received, Receiver, Subscriber, broker, mosquitto_binary
+from _vcam import Feeder, VirtualCamera
 from nightstack.simulate import simulate_night
+from test_reliability import fill
 
 pytestmark = pytest.mark.slow
 
@@ -177,3 +179,72 @@ def test_seeing_and_haze_trends_are_said_once_each_way(
     hazy = next(b for b in bodies if b["event"] == "transparency_warning")
     assert hazy["data"]["transparency"] < 0.8
     assert kinds[0] == "session_opened" and kinds[-1] == "session_closed", kinds
+
+
+def test_a_full_disk_is_told_once_and_so_is_its_end(
+    frames: list[Path], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    hook = Receiver()
+    with contextlib.ExitStack() as stack:
+        stack.callback(hook.close)
+        disk = stack.enter_context(tmpfs(tmp_path / "disk", 48))  # less than 2 GB: disk_low
+        watch, out = tmp_path / "watch", disk / "out"
+        watch.mkdir()
+        d = Daemon(watch, out, log_dir=tmp_path,
+                   env={"NIGHTSTACK_NOTIFY_WEBHOOK_URL": hook.url()})  # fmt: skip
+        daemons.append(d)
+        wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
+        _feed(frames[:1], watch, out, d)
+        filler = fill(disk)
+        shutil.copy(frames[1], watch / frames[1].name)
+        wait_for(lambda: "disk_full" in _kinds(hook.wait(0, 0)), 60, "the disk_full event", d)
+        filler.unlink()  # space returns
+        wait_for(lambda: len(journal(out)) >= 2, 90, "the deferred frame", d)
+        wait_for(lambda: "disk_ok" in _kinds(hook.wait(0, 0)), 30, "the disk_ok event", d)
+        assert d.stop() == 0
+    got = hook.wait(0, 0)
+    kinds = _kinds(got)
+    assert kinds.count("disk_full") == 1 and kinds.count("disk_ok") == 1, kinds
+    assert kinds.count("disk_low") == 1, kinds  # said once, not at every frame
+    assert kinds.index("disk_low") < kinds.index("disk_full") < kinds.index("disk_ok")
+    full = next(g.json() for g in got if g.json()["event"] == "disk_full")
+    assert full["priority"] == 5 and frames[1].name in full["message"]
+    assert full["data"]["reason"] == "No space left on device"
+    # the recovery's log line is not sent a second time as an 'error'
+    errors = [g.json()["message"] for g in got if g.json()["event"] == "error"]
+    assert not any(line.startswith("disk full") for line in errors), errors
+    for g in got:
+        assert g.at - g.json()["timestamp"] < LATENCY_S, g.json()
+
+
+def test_capture_events_from_the_daemons_camera(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """libgphoto2's virtual camera (tests/_vcam.py) stops answering after 2 frames and never
+    comes back: the camera is lost, then the sequence fails (``capture_reconnect_s``)."""
+    camera = VirtualCamera(tmp_path / "vcamera")
+    watch, out = tmp_path / "incoming", tmp_path / "out"
+    watch.mkdir()
+    hook = Receiver()
+    feeder = Feeder(camera, watch, faults=(2,))  # no journal: the fault is never cured
+    feeder.start()
+    try:
+        env = {
+            **camera.env(), "NIGHTSTACK_EXTENSIONS": ".jpg", "NIGHTSTACK_CAPTURE_EXPOSURE_S": "0.1",
+            "NIGHTSTACK_CAPTURE_COUNT": "5", "NIGHTSTACK_CAPTURE_INTERVAL_S": "0.5",
+            "NIGHTSTACK_CAPTURE_RECONNECT_S": "3", "NIGHTSTACK_NOTIFY_WEBHOOK_URL": hook.url(),
+        }  # fmt: skip
+        d = Daemon(watch, out, env=env)
+        daemons.append(d)
+        wait_for(lambda: "capture_failed" in _kinds(hook.wait(0, 0)), 60, "capture_failed", d)
+        assert d.stop() == 0
+    finally:
+        feeder.close()
+        hook.close()
+    got = hook.wait(0, 0)
+    kinds = _kinds(got)
+    assert kinds.count("camera_lost") == 1 and kinds.index("camera_lost") < kinds.index(
+        "capture_failed"
+    ), kinds
+    lost = next(g.json() for g in got if g.json()["event"] == "camera_lost")
+    assert lost["data"]["frame"] == 2 and lost["priority"] == 4
+    for g in got:
+        assert g.at - g.json()["timestamp"] < LATENCY_S, g.json()
