@@ -151,14 +151,15 @@ def make_certs(folder: Path) -> tuple[Path, Path, Path]:
 
 
 @contextlib.contextmanager
-def broker(folder: Path, *, tls: bool = False, user: str = "", password: str = "") -> Iterator[
-    Broker
-]:
-    """A mosquitto started for the test (see :class:`Broker`), stopped after it."""
+def broker(
+    folder: Path, *, tls: bool = False, user: str = "", password: str = "", port: int = 0
+) -> Iterator[Broker]:
+    """A mosquitto started for the test (see :class:`Broker`) on ``port`` (0: a free one),
+    stopped after it."""
     binary = mosquitto_binary()
     assert binary is not None
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     lines = ["per_listener_settings true", "user root", f"listener {port} 127.0.0.1",
              "allow_anonymous true"]  # fmt: skip
     tls_port, ca = None, None

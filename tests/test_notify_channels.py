@@ -241,6 +241,30 @@ def test_mqtt_state_events_and_home_assistant_discovery(tmp_path: Path) -> None:
 
 
 @needs_mosquitto
+def test_a_broker_that_starts_late_gets_the_events_and_the_state(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens yet
+    settings = _settings(notify_mqtt_url=f"mqtt://127.0.0.1:{port}", notify_mqtt_topic="late")
+    ch = Channels.from_settings(settings)
+    try:
+        ch.event(Event("session_opened", "Session opened", "before the broker"))
+        for n in range(20):  # frames go on meanwhile: the state is kept, the event waits
+            ch.state({"accepted": n})
+            time.sleep(0.05)
+        with broker(tmp_path / "broker", port=port):
+            watch = Subscriber(port, ["late/#"])
+            try:
+                assert watch.wait(lambda s: "late/event" in s.last, timeout=15)
+                assert watch.wait(lambda s: s.last.get("late/accepted", (b"",))[0] == b"19")
+                last = watch.last
+            finally:
+                watch.close()
+    finally:
+        ch.close(3)
+    assert json.loads(last["late/event"][0])["message"] == "before the broker"
+    assert last["late/availability"][0] == b"online"
+
+
+@needs_mosquitto
 def test_mqtts_with_a_password(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with broker(tmp_path / "broker", tls=True, user="scope", password=SECRET) as b:
         url = f"mqtts://scope:{SECRET}@127.0.0.1:{b.tls_port}"

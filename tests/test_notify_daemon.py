@@ -144,7 +144,7 @@ def _kinds(got: list[Received]) -> list[str]:
 def test_seeing_and_haze_trends_are_said_once_each_way(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    clear, bad = 4, 6  # frames of a clear start, then worse seeing under haze, then clear
+    clear, bad = 3, 4  # frames of a clear start, then worse seeing under haze, then clear
     n = clear + 2 * bad
     camera = tmp_path / "camera"
     simulate_night(

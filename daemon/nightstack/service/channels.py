@@ -417,12 +417,15 @@ class Sender:
             if self._stopping and not (self._events or self._state):
                 return None
             wait = self._retry_at - time.monotonic()
-            if (self._events or self._state is not None) and wait <= 0:
+            if self._events and wait <= 0:
                 state, self._state = self._state, None
-                return (self._events[0] if self._events else None), state
-            if self._stopping and wait > 0:
+                return self._events[0], state
+            if self._state is not None:  # the state is kept, not sent (MQTT): never held back
+                state, self._state = self._state, None
+                return None, state
+            if self._stopping and self._events:
                 return None  # a receiver down at shutdown: do not wait out the back-off
-            self._cond.wait(wait if wait > 0 and (self._events or self._state) else None)
+            self._cond.wait(wait if self._events else None)
 
     def _run(self) -> None:
         while True:
@@ -445,9 +448,10 @@ class Sender:
                 self._failed(err)
             else:
                 self._done(event)
-                if self._failing:
-                    log.info("%s: delivering again", self.channel.describe())
-                self._failing, self._backoff = False, 0.0
+                if event is not None:  # a state kept is no sign the receiver is back
+                    if self._failing:
+                        log.info("%s: delivering again", self.channel.describe())
+                    self._failing, self._backoff = False, 0.0
             finally:
                 with self._cond:
                     self._busy = False
