@@ -15,7 +15,7 @@ import pytest
 
 from _receivers import Receiver, Silent, Subscriber, broker, free_port, mosquitto_binary
 from nightstack.capture.status import CaptureStatus
-from nightstack.config import Settings, redacted
+from nightstack.config import Settings, describe, redacted
 from nightstack.service import channels as channels_module
 from nightstack.service.alerts import Alerts, ErrorForwarder
 from nightstack.service.channels import Channels, Event, discovery_configs, node_name, where
@@ -182,7 +182,8 @@ def test_secret_urls_are_not_in_session_json_nor_the_log_form() -> None:
         notify_mqtt_url=f"mqtts://me:{SECRET}@broker.lan:8883",
         notify_webhook_url=f"https://hooks.example/{SECRET}",
     )
-    assert SECRET not in json.dumps(redacted(settings))
+    assert SECRET not in json.dumps(redacted(settings))  # what session.json and the page get
+    assert SECRET not in describe(settings)  # nightstack config show
     assert where(settings.notify_webhook_url or "") == "https://hooks.example"
     assert where(settings.notify_mqtt_url or "") == "mqtts://broker.lan:8883"
 
