@@ -386,7 +386,6 @@ class Sender:
         self._events: deque[Event] = deque()
         self._state: dict[str, Any] | None = None
         self._stopping = False
-        self._busy = False
         self.dropped = 0
         self.sent = 0
         self._failing = False
@@ -433,7 +432,6 @@ class Sender:
                 work = self._next()
                 if work is None:
                     return
-                self._busy = True
             event, state = work
             try:
                 if state is not None:
@@ -452,10 +450,6 @@ class Sender:
                     if self._failing:
                         log.info("%s: delivering again", self.channel.describe())
                     self._failing, self._backoff = False, 0.0
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
 
     def _done(self, event: Event | None) -> None:
         with self._cond:
