@@ -15,9 +15,10 @@ shift
 
 # Debian packages: a venv, a compiler and headers for wheels that may need building
 # (photutils and systemd-python on aarch64), libsystemd for systemd-python; for the tests also
-# chromium and chromium-driver (the web page's browser tests, tests/test_web_browser.py).
+# chromium and chromium-driver (the web page's browser tests, tests/test_web_browser.py), mosquitto
+# and openssl (the MQTT notifications' broker, with TLS, tests/test_notify_channels.py).
 pkgs="python3-venv python3-dev build-essential pkg-config libsystemd-dev"
-if [ "$job" = test ]; then pkgs="$pkgs chromium chromium-driver"; fi
+if [ "$job" = test ]; then pkgs="$pkgs chromium chromium-driver mosquitto openssl"; fi
 missing=""
 if command -v dpkg-query >/dev/null 2>&1; then
   for p in $pkgs; do

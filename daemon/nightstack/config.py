@@ -40,7 +40,9 @@ log = logging.getLogger("nightstack")
 
 SYSTEM_CONFIG = Path("/etc/nightstack/nightstack.toml")
 
-SECRET_SETTINGS = frozenset({"web_token"})
+SECRET_SETTINGS = frozenset(
+    {"web_token", "notify_ntfy_url", "notify_mqtt_url", "notify_webhook_url"}
+)
 """Settings never written to a file the daemon makes (``session.json``) nor served."""
 
 CREDENTIAL = "web_token"
@@ -402,12 +404,89 @@ class Settings(BaseSettings):
     )
     # --- end capture ---
 
+    # --- notifications (issue 24; docs/notifications.md) ---
+    notify_ntfy_url: str | None = Field(
+        None,
+        description="ntfy: the server and topic to publish to, e.g. http://ntfy.lan/nightstack "
+        "(user:password@ or :token@ allowed; unset = off). A secret: never logged or served.",
+    )
+    notify_mqtt_url: str | None = Field(
+        None,
+        description="MQTT broker: mqtt://user:password@host:1883 or mqtts://... (TLS); retained "
+        "state topics, events and Home Assistant discovery (unset = off). A secret.",
+    )
+    notify_webhook_url: str | None = Field(
+        None,
+        description="Webhook: each event as a JSON POST to this URL (unset = off). A secret.",
+    )
+    notify_mqtt_topic: str | None = Field(
+        None, description="MQTT topic prefix (unset = nightstack/<hostname>)."
+    )
+    notify_mqtt_ca: Path | None = Field(
+        None, description="mqtts: a CA certificate file (PEM) to trust (unset = the system's)."
+    )
+    notify_mqtt_discovery: bool = Field(
+        True, description="MQTT: publish Home Assistant discovery configs (sensors appear)."
+    )
+    notify_page_url: str | None = Field(
+        None,
+        description="The web page's address as a phone reaches it (ntfy's click action, the "
+        "webhook's 'page'); unset = none.",
+    )
+    notify_rejected_in_row: int = Field(
+        5, ge=1, description="Notify when this many frames in a row are rejected (clouds, dew)."
+    )
+    notify_fwhm_ratio: float = Field(
+        1.3,
+        gt=1,
+        description="Notify when the FWHM of the last 5 frames (median) exceeds this times the "
+        "reference's (focus drift, seeing), and again once it is back below.",
+    )
+    notify_transparency_below: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Notify when the transparency of the last 5 frames (median, starlight "
+        "relative to the reference) falls below this (haze, dew), and once it recovers.",
+    )
+    notify_disk_low_gb: float = Field(
+        2.0, ge=0, description="Notify when the output disk has less free space than this (GB)."
+    )
+    notify_min_interval_s: float = Field(
+        300.0,
+        ge=0,
+        description="Rate limit: one event of a kind (errors, rejections, trends, camera) at "
+        "most this often; session opened/closed are always sent.",
+    )
+    notify_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="Timeout of one delivery (connect, send, answer)."
+    )
+    # --- end notifications ---
+
     @field_validator("web_listen")
     @classmethod
     def _check_web_listen(cls, value: str) -> str:
         from nightstack.address import parse_listen  # the one parser, shared with the server
 
         parse_listen(value)
+        return value
+
+    @field_validator("notify_ntfy_url", "notify_webhook_url", "notify_mqtt_url")
+    @classmethod
+    def _check_notify_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value == "":
+            return None
+        from urllib.parse import urlsplit  # the value is a secret: never echoed in the error
+
+        mqtt = info.field_name == "notify_mqtt_url"
+        schemes = ("mqtt", "mqtts") if mqtt else ("http", "https")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+        except ValueError:
+            raise ValueError("not a valid URL") from None
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"expected {' or '.join(s + '://host...' for s in schemes)}")
         return value
 
     @field_validator("web_token")

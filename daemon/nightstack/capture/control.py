@@ -142,10 +142,15 @@ class CaptureControl:
         return body
 
 
-def start_in_daemon(settings: Settings, watch_dir: Path, output: Path) -> CaptureControl:
+def start_in_daemon(
+    settings: Settings, watch_dir: Path, output: Path,
+    on_status: Callable[[CaptureStatus], None] | None = None,
+) -> CaptureControl:  # fmt: skip
     """The daemon's capture: started now when the ``capture_*`` settings ask for it; a start
-    that fails is logged (one line) and the daemon goes on stacking."""
+    that fails is logged (one line) and the daemon goes on stacking. ``on_status``: each new
+    status of a sequence (the daemon's notifications)."""
     control = CaptureControl.from_settings(settings, watch_dir, output)
+    control.on_status = on_status
     if control.plan is not None:
         try:
             control.start()

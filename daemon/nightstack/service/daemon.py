@@ -48,6 +48,7 @@ from nightstack.pipeline.prepare import Prepared, Preparer
 from nightstack.pipeline.records import FrameRecord
 from nightstack.registration.detect import SkyArea
 from nightstack.registration.quality import Quality
+from nightstack.service.alerts import Alerts, ErrorForwarder
 from nightstack.service.control import hold_lock, take_close_request
 from nightstack.service.folder import find_open, quarantine
 from nightstack.service.intake import TICK_S, Duplicate, Intake, Item, Transient
@@ -176,6 +177,7 @@ class Daemon:
         self.on_close = on_close
         self.web = web
         self.notifier = Notifier()
+        self.alerts = Alerts.off(settings)  # notifications: started by run()
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.session: Session | None = None
@@ -213,7 +215,11 @@ class Daemon:
         except OSError as err:
             raise ConfigError(f"cannot lock {output} ({err.strerror}): another daemon writes "
                               "there?") from err  # fmt: skip
-        self.capture = start_in_daemon(self.settings, watch, output)  # camera: its own thread
+        self.alerts = Alerts.start(self.settings, output)  # ntfy, MQTT, webhook: own threads
+        errors = ErrorForwarder(self.alerts)
+        log.addHandler(errors)
+        # camera: its own thread
+        self.capture = start_in_daemon(self.settings, watch, output, self.alerts.capture)
         web = self._start_web(output)  # --- web ---
         try:
             return self._run(watch, output)
@@ -221,6 +227,8 @@ class Daemon:
             self.capture.close()
             if web is not None:
                 web.stop()
+            log.removeHandler(errors)
+            self.alerts.close()  # what is queued (session closed) for at most two timeouts
             os.close(lock)
 
     def _run(self, watch: Path, output: Path) -> int:
@@ -405,6 +413,7 @@ class Daemon:
             f"queue {depth}{notes}"
         )
         self._publish(record=record)  # --- web ---
+        self.alerts.frame(session, record, depth)
         if _preview_wanted(session, behind=depth > 0):
             self._preview(session)
 
@@ -435,6 +444,8 @@ class Daemon:
             self.session = Session.create(output, self.settings)
         except OSError as err:
             self._failed(err, f"cannot open a session for {shown(item.path.name)}")
+        else:
+            self.alerts.opened(self.session, item.path.name)
         return self.session
 
     def _start_over(
@@ -464,6 +475,7 @@ class Daemon:
         status = self.recovery.failed(err, what, session.dir if session is not None else None)
         if status is not None:
             self.notifier.status(status)
+            self.alerts.disk_full(what, str(err.strerror or err))
         self._publish()  # --- web ---
 
     def _recover(self, output: Path) -> None:
@@ -473,6 +485,7 @@ class Daemon:
         if self.recovery.reopen is not None and not self._open_again():
             return
         self.recovery.resumed(self.intake.requeue(output))
+        self.alerts.disk_back()
         self._publish()  # --- web ---
 
     def _open_again(self) -> bool:
@@ -553,6 +566,7 @@ class Daemon:
         self.session = None
         self.preparer.new_session()  # the next session learns from its own lights
         self._publish()  # --- web ---
+        self.alerts.closed(session, outputs, why)
         if self.on_close is not None:
             self.on_close(session, outputs)
 
@@ -601,6 +615,9 @@ class Daemon:
             logging.getLogger().setLevel(fresh.log_level)
             log.info("configuration reloaded; it applies from the next session")
             self._reload_web(old, fresh)
+            if any(getattr(old, n) != getattr(fresh, n) for n in type(fresh).model_fields
+                   if n.startswith("notify_")):  # fmt: skip
+                log.warning("notify_* settings changed: they apply after a restart of the daemon")
         self.notifier.ready()
 
     # --- web ---------------------------------------------------------------------------------
@@ -644,6 +661,7 @@ class Daemon:
             snapshot = Snapshot(state, pending, last_frame=last)
         with self._status_lock:
             self._status = snapshot
+        self.alerts.state({"state": state, "session": snapshot.session})
 
     def status(self) -> dict[str, Any]:
         """Any thread: the worker's last snapshot (state, session id or None, accepted,

@@ -52,6 +52,7 @@ class Recovery:
             "%s: %s (%s); decoding paused, frames wait and are stacked when %s can be written "
             "again (checked every %g s); nothing is lost",
             kind, what, err.strerror or err, self.output, RETRY_S,
+            extra={"ALERT": "disk_full"},  # its own notification (service.alerts), not 'error'
         )  # fmt: skip
         return f"{kind}: waiting for space in {self.output}"
 
