@@ -152,6 +152,28 @@ def test_a_night_of_three_targets_splits_at_the_right_frames(
     assert [m.get("opened_by") for m in opened] == why
 
 
+def test_one_frame_of_another_exposure_is_a_session_of_its_own(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """30 s, one 60 s frame, 30 s again: the 60 s frame is the second session's reference and
+    first frame for the rules, so the next 30 s frame splits again (one line each)."""
+    legs = [Leg("A", 11, 3, (0.0, 0.0)), Leg("B", 12, 1, (0.0, 0.0), exposure_s=60.0),
+            Leg("C", 13, 2, (0.0, 0.0))]  # fmt: skip
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    write_night(watch, legs)
+    assert expected_splits(legs, GAP_S) == [0, 3, 4]
+    d = Daemon(watch, out)
+    daemons.append(d)
+    wait_for(lambda: len(journal(out)) >= 6, 120, "every frame journaled", d)
+    assert d.stop() == 0
+    sessions = _sessions(out)
+    assert [_index(s[0]) for s in sessions] == [0, 3, 4]
+    assert [s[0].get("split") for s in sessions] == [None, "exposure 30 s -> 60 s",
+                                                     "exposure 60 s -> 30 s"]  # fmt: skip
+    assert all(line["status"] == "accepted" for s in sessions for line in s)
+    assert d.text().count("new session: exposure") == 2
+
+
 def test_clouds_and_stray_frames_do_not_split(tmp_path: Path, daemons: list[Daemon]) -> None:
     """A cloudy stretch (few stars) and three frames of three unrelated fields (they align
     neither with the reference nor with each other) stay rejected in the one session."""

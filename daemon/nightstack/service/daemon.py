@@ -400,6 +400,7 @@ class Daemon:
         session = self._open_session(item, output)
         if session is not None:
             session.opened_by = self.split.watch(session.id)
+            self.split.before(item)  # its first frame, for the next frame's rules
         return session
 
     def _off_target(self, session: Session, item: Prepared, off: OffTarget, output: Path) -> None:
@@ -609,7 +610,7 @@ class Daemon:
                 log.info("session %s will be closed when it can be reloaded", recovery.reopen.name)
             return
         recovery.close_wanted = ""
-        self._reject_held(session, self.split.release())  # --- split ---
+        self._reject_held(session, self.split.release(session.id))  # --- split ---
         if self.session is not session:
             return  # a held frame could not be journaled: closed once space returns
         log.info("closing session %s: %s", session.id, why)

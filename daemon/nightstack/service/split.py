@@ -222,9 +222,10 @@ class Splitter:
         rejected (journal them)."""
         return self._release()
 
-    def release(self) -> list[FrameRecord]:
-        """The session closes: the held frames stay rejected in it (journal them first)."""
-        return self._release()
+    def release(self, session: str) -> list[FrameRecord]:
+        """``session`` closes: the frames held for it stay rejected in it (journal them
+        first)."""
+        return self._release() if session == self.session else []
 
     def _release(self) -> list[FrameRecord]:
         records = [h.record for h in self.held]
