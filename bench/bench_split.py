@@ -185,8 +185,11 @@ def report(data: dict[str, Any]) -> str:
         f"Latency at a split (from the log's time stamps): the time from the previous frame's "
         f"journal line to the split frame's, against the median between two frames of one "
         f"session ({fmt_s(steady)}). The close (the old session's final combine and files) "
-        "is what the idle timeout would cost anyway; the rest is the split's own. The held "
-        "run's split decodes its three frames again.",
+        "is what the idle timeout would cost anyway; the rest is the split's own (below 0: the "
+        "next frame's decode overlapped the close). The held run's split decodes its three "
+        "frames again. Live, a new target found by the alignment alone is stacked once its "
+        "third frame has arrived: its first waits two of the camera's frame intervals (64 s "
+        "at 30 s exposures); a solver, a setting change or a pause splits at the first frame.",
         "",
         table(
             ("frame", "why (journal `split`)", "previous line -> this", "old session's close",

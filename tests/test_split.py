@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from nightstack.frames import Frame, FrameMeta
 from nightstack.pipeline.prepare import Prepared
 from nightstack.service.daemon import Daemon as LiveDaemon
 from nightstack.service.split import Splitter, _separation_deg
+from nightstack.simulate.sky import SkyModel
 from nightstack.simulate.targets import Leg, expected_splits, three_targets, write_night
 
 pytestmark = pytest.mark.slow
@@ -150,6 +152,37 @@ def test_a_night_of_three_targets_splits_at_the_right_frames(
     assert _closed(out, 4)
     opened = [json.loads((out / s[0]["session"] / "session.json").read_text()) for s in sessions]
     assert [m.get("opened_by") for m in opened] == why
+
+
+def test_a_jump_within_the_field_splits_a_slow_drift_does_not(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A: 4 frames; B: the same sky ~260 px away (a mosaic panel: it still aligns with A, half
+    the field shared); C: a slew, then 25 px a frame for 10 frames (225 px in all, more than
+    half the 320 px short side, as a tripod's turning sky): splits at B's and C's first frames
+    only, every frame accepted."""
+    legs = [
+        Leg("A", 11, 4, (0.0, 0.0)),
+        Leg("B", 11, 4, (0.0, 0.0), first=80),
+        Leg("C", 44, 10, (0.0, 0.0), model={"drift_px": 25.0}),
+    ]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    write_night(watch, legs)
+    assert expected_splits(legs, GAP_S) == [0, 4, 8]
+    d = Daemon(watch, out)
+    daemons.append(d)
+    wait_for(lambda: len(journal(out)) >= 18, 120, "every frame journaled", d)
+    assert d.stop() == 0
+    sessions = _sessions(out)
+    assert [_index(s[0]) for s in sessions] == [0, 4, 8]
+    assert all(line["status"] == "accepted" for s in sessions for line in s)
+    moved = sessions[1][0]["split"]
+    found = re.fullmatch(r"pointing moved (\d+) px \(> 160 px, half the frame's short side\)",
+                         moved)  # fmt: skip
+    model = SkyModel(width=480, height=320, seed=11)  # write_night's size; the truth's drift
+    centre = np.array([[239.5, 159.5, 1.0]])
+    truth = np.hypot(*((model.transform(80) - model.transform(3)) @ centre.T).ravel())
+    assert found is not None and abs(int(found.group(1)) - truth) <= 2, (moved, truth)
 
 
 def test_one_frame_of_another_exposure_is_a_session_of_its_own(

@@ -345,8 +345,9 @@ class Settings(BaseSettings):
         gt=0,
         description="A move of the pointing beyond this starts a new session (degrees; "
         "judged on frames a plate solver locates). Unset: half the field's short side, "
-        "judged in pixels from the alignment (a frame whose centre lands more than half the "
-        "frame's short side from the reference's), and 0.5 degrees for located frames.",
+        "judged in pixels from the alignment (a frame whose centre jumps more than half the "
+        "frame's short side from the last frame's: a slow drift never splits), and 0.5 "
+        "degrees for located frames.",
     )
     split_gap_s: float = Field(
         1200.0,

@@ -45,8 +45,9 @@ frames stacked on it would all have to be redone."""
 class OffTarget(Exception):
     """Raised by :meth:`Stacker.stack`, when it follows the pointing (:attr:`Stacker.follow`),
     for a frame that may show another target: it failed to align (``moved_px`` None; ``record``
-    is its rejection, not journaled yet), or its centre lands ``moved_px`` from the reference's,
-    beyond the limit. Nothing of the session changed; the caller decides (``service.split``)."""
+    is its rejection, not journaled yet), or its centre lands ``moved_px`` from the last
+    accepted frame's, beyond the limit (a jump: a slow drift, or a tripod's turning sky, never
+    is one). Nothing of the session changed; the caller decides (``service.split``)."""
 
     def __init__(self, record: FrameRecord, moved_px: float | None = None) -> None:
         super().__init__(record.reason if moved_px is None else f"moved {moved_px:.0f} px")
@@ -122,7 +123,10 @@ class Stacker:
         """Why frames are no longer stored (the final is then the live stack), or None."""
         self.follow: float | None = None
         """None: a frame that fails to align is rejected. A number (pixels, may be inf): such a
-        frame, and one whose centre moved more than this, raise :class:`OffTarget`."""
+        frame, and one whose centre jumped more than this from the last accepted frame's,
+        raise :class:`OffTarget`."""
+        self.centre: tuple[float, float] | None = None
+        """Where the last accepted frame's centre lands on the reference (px), once known."""
 
     def stack(self, prepared: Prepared) -> FrameRecord:
         """Align, gate, warp and add one prepared frame; returns its record."""
@@ -182,7 +186,9 @@ class Stacker:
                 if self.follow is not None:
                     raise OffTarget(self._reject(record, err.reason)) from err
                 return self._reject(record, err.reason)
-            moved = _moved_px(alignment.matrix, frame.shape, self.reference.shape)
+            centre = _centre(alignment.matrix, frame.shape)
+            last = self.centre or _centre(IDENTITY, self.reference.shape)
+            moved = math.hypot(centre[0] - last[0], centre[1] - last[1])
             if self.follow is not None and moved > self.follow:
                 record.ms.update(watch.ms)
                 raise OffTarget(record, moved)
@@ -216,6 +222,7 @@ class Stacker:
         record.ms.update(watch.ms)
         record.status = "accepted"
         self.shapes.add(quality)
+        self.centre = _centre(alignment.matrix, frame.shape)
         return record
 
     def better_reference(self, prepared: Prepared, accepted: int) -> str | None:
@@ -557,12 +564,11 @@ def reference_flaw(quality: Quality, limits: QualityLimits) -> str | None:
     return reason
 
 
-def _moved_px(matrix: FloatArray, shape: tuple[int, int], ref_shape: tuple[int, int]) -> float:
-    """How far (px) the frame's centre lands from the reference's centre: the pointing's move."""
+def _centre(matrix: FloatArray, shape: tuple[int, int]) -> tuple[float, float]:
+    """Where the centre of a frame of ``shape`` lands on the reference through ``matrix``."""
     x, y = (shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0
-    cx = matrix[0, 0] * x + matrix[0, 1] * y + matrix[0, 2]
-    cy = matrix[1, 0] * x + matrix[1, 1] * y + matrix[1, 2]
-    return float(math.hypot(cx - (ref_shape[1] - 1) / 2.0, cy - (ref_shape[0] - 1) / 2.0))
+    return (float(matrix[0, 0] * x + matrix[0, 1] * y + matrix[0, 2]),
+            float(matrix[1, 0] * x + matrix[1, 1] * y + matrix[1, 2]))  # fmt: skip
 
 
 def _channels(frame: Frame | MosaicFrame) -> int:

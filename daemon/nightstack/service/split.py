@@ -7,10 +7,10 @@ reference, when
 - the exposure, ISO/gain or filter differs from the session's first frame's (:meth:`before`);
 - more than ``split_gap_s`` passed since the last frame ended (capture times from the files,
   else their modification times: a backlog copied in later splits as the live night would);
-- the pointing moved: an aligned frame whose centre lands beyond the move limit from the
-  reference's (the stacker raises :class:`~nightstack.pipeline.stacker.OffTarget`, judged in
-  pixels); a frame that fails to align and that a plate solver (``locate``) places more than
-  the limit from the reference (degrees);
+- the pointing moved: an aligned frame whose centre jumps beyond the move limit from the last
+  accepted frame's (the stacker raises :class:`~nightstack.pipeline.stacker.OffTarget`, judged
+  in pixels; a slow drift never splits); a frame that fails to align and that a plate solver
+  (``locate``) places more than the limit from the reference (degrees);
 - without a solver (or one that cannot place the frame): ``split_unaligned_frames`` frames in a
   row fail to align with the reference but align with each other. They are held, not journaled,
   until that is known, then stacked again in the new session, the first as its reference.
@@ -41,8 +41,8 @@ from nightstack.registration.align import align
 log = logging.getLogger("nightstack")
 
 MOVE_FIELD_FRACTION = 0.5
-"""Without ``split_move_deg``: the pointing moved when the frame's centre lands more than this
-fraction of the frame's short side from the reference's (a mosaic panel, the next target;
+"""Without ``split_move_deg``: the pointing moved when the frame's centre jumps more than this
+fraction of the frame's short side from the last frame's (a mosaic panel, the next target;
 dithering and a re-centred meridian flip stay well inside)."""
 
 LOCATED_MOVE_DEG = 0.5

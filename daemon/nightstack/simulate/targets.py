@@ -42,6 +42,9 @@ class Leg:
     iso: int = 1600
     pause_s: float = 60.0
     cloudy: tuple[int, ...] = ()  # frames (of this leg) behind cloud: few or no stars
+    first: int = 0
+    """The leg's first frame of its model: a leg of the last one's seed that does not continue
+    its frames shows the same sky moved by the drift between them (a mosaic panel)."""
     model: dict[str, Any] = field(default_factory=dict)  # more SkyModel fields
 
 
@@ -53,7 +56,7 @@ def three_targets() -> list[Leg]:
         Leg("M 27", 11, 6, (299.90, 22.72)),
         Leg("M 57", 22, 6, (283.40, 33.03)),
         Leg("M 13", 33, 5, (250.42, 36.46), exposure_s=60.0),
-        Leg("M 13", 33, 4, (250.42, 36.46), exposure_s=60.0, pause_s=25 * 60.0),
+        Leg("M 13", 33, 4, (250.42, 36.46), exposure_s=60.0, pause_s=25 * 60.0, first=5),
     ]
 
 
@@ -65,7 +68,8 @@ def expected_splits(legs: Sequence[Leg], gap_s: float) -> list[int]:
         index += before.frames
         changed = (before.seed, before.exposure_s, before.iso) != (leg.seed, leg.exposure_s,
                                                                    leg.iso)  # fmt: skip
-        if changed or leg.pause_s > gap_s:
+        moved = leg.seed == before.seed and leg.first != before.first + before.frames
+        if changed or moved or leg.pause_s > gap_s:
             starts.append(index)
     return starts
 
@@ -96,11 +100,11 @@ def write_night(
             stars=stars,
             exposure_s=leg.exposure_s,
             iso=leg.iso,
-            start_time=clock,
-            cloudy=frame_indices(leg.cloudy),
+            start_time=clock - timedelta(seconds=leg.first * (leg.exposure_s + FRAME_GAP_S)),
+            cloudy=frame_indices([leg.first + c for c in leg.cloudy]),
             **leg.model,
         )
-        for i in range(leg.frames):
+        for i in range(leg.first, leg.first + leg.frames):
             path = write_frame(model, i, out / name_pattern.format(index))
             end = model.capture_time(i) + timedelta(seconds=leg.exposure_s)
             stamp = end.timestamp()
@@ -108,9 +112,10 @@ def write_night(
             frames.append({"index": index, "file": path.name, "leg": n, "target": leg.target,
                            "pointing": list(leg.pointing), "exposure_s": leg.exposure_s,
                            "capture_time": model.capture_time(i).isoformat(),
-                           "cloudy": i in leg.cloudy})  # fmt: skip
+                           "cloudy": i - leg.first in leg.cloudy})  # fmt: skip
             index += 1
-        clock = model.capture_time(leg.frames - 1) + timedelta(seconds=leg.exposure_s + FRAME_GAP_S)
+        last = model.capture_time(leg.first + leg.frames - 1)
+        clock = last + timedelta(seconds=leg.exposure_s + FRAME_GAP_S)
     truth_path = out / "targets.json"
     write_json(truth_path, {"legs": [asdict(leg) for leg in legs], "frames": frames})
     return truth_path
