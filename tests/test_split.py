@@ -117,6 +117,21 @@ def test_move_limits_follow_the_field() -> None:
 
 
 # --- a real daemon on simulated nights ----------------------------------------------------------
+def _stack_night(
+    tmp_path: Path, daemons: list[Daemon], legs: list[Leg], frames: int
+) -> tuple[Daemon, Path, list[list[dict[str, Any]]]]:
+    """Write ``legs`` into a watch folder, stack them as a backlog with ``nightstack watch``
+    until ``frames`` journal lines, stop it (closing the last session); the daemon, its
+    output folder and its sessions' journals."""
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    write_night(watch, legs)
+    d = Daemon(watch, out)
+    daemons.append(d)
+    wait_for(lambda: len(journal(out)) >= frames, 120, f"{frames} journal lines", d)
+    assert d.stop() == 0
+    return d, out, _sessions(out)
+
+
 def test_a_night_of_three_targets_splits_at_the_right_frames(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
@@ -124,16 +139,10 @@ def test_a_night_of_three_targets_splits_at_the_right_frames(
     a 25-minute pause on C: four sessions starting at the truth's frames, every frame
     accepted (none rejected as "cannot align" against the old target), one line each."""
     legs = three_targets()
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    write_night(watch, legs)
     truth = expected_splits(legs, GAP_S)
     assert truth == [0, 6, 12, 17]
-    d = Daemon(watch, out)
-    daemons.append(d)
     total = sum(leg.frames for leg in legs)
-    wait_for(lambda: len(journal(out)) >= total, 120, "every frame journaled", d)
-    assert d.stop() == 0
-    sessions = _sessions(out)
+    d, out, sessions = _stack_night(tmp_path, daemons, legs, total)
     assert [_index(s[0]) for s in sessions] == truth
     lines = [line for s in sessions for line in s]
     assert sorted(_index(line) for line in lines) == list(range(total))  # each frame once
@@ -166,14 +175,8 @@ def test_a_jump_within_the_field_splits_a_slow_drift_does_not(
         Leg("B", 11, 4, (0.0, 0.0), first=80),
         Leg("C", 44, 10, (0.0, 0.0), model={"drift_px": 25.0}),
     ]
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    write_night(watch, legs)
     assert expected_splits(legs, GAP_S) == [0, 4, 8]
-    d = Daemon(watch, out)
-    daemons.append(d)
-    wait_for(lambda: len(journal(out)) >= 18, 120, "every frame journaled", d)
-    assert d.stop() == 0
-    sessions = _sessions(out)
+    _, _, sessions = _stack_night(tmp_path, daemons, legs, 18)
     assert [_index(s[0]) for s in sessions] == [0, 4, 8]
     assert all(line["status"] == "accepted" for s in sessions for line in s)
     moved = sessions[1][0]["split"]
@@ -192,14 +195,8 @@ def test_one_frame_of_another_exposure_is_a_session_of_its_own(
     first frame for the rules, so the next 30 s frame splits again (one line each)."""
     legs = [Leg("A", 11, 3, (0.0, 0.0)), Leg("B", 12, 1, (0.0, 0.0), exposure_s=60.0),
             Leg("C", 13, 2, (0.0, 0.0))]  # fmt: skip
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    write_night(watch, legs)
     assert expected_splits(legs, GAP_S) == [0, 3, 4]
-    d = Daemon(watch, out)
-    daemons.append(d)
-    wait_for(lambda: len(journal(out)) >= 6, 120, "every frame journaled", d)
-    assert d.stop() == 0
-    sessions = _sessions(out)
+    d, _, sessions = _stack_night(tmp_path, daemons, legs, 6)
     assert [_index(s[0]) for s in sessions] == [0, 3, 4]
     assert [s[0].get("split") for s in sessions] == [None, "exposure 30 s -> 60 s",
                                                      "exposure 60 s -> 30 s"]  # fmt: skip
@@ -216,14 +213,9 @@ def test_clouds_and_stray_frames_do_not_split(tmp_path: Path, daemons: list[Daem
         Leg("y", 92, 1, (0.0, 0.0)),
         Leg("z", 93, 1, (0.0, 0.0)),
     ]
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    write_night(watch, legs)
-    d = Daemon(watch, out)
-    daemons.append(d)
-    wait_for(lambda: len(journal(out)) >= 9, 120, "the target's frames", d)
-    wait_for(lambda: d.text().count("held, it may start a new target") >= 3, 60, "held", d)
-    assert d.stop() == 0  # the close journals the held frames as rejected
-    sessions = _sessions(out)
+    # x is journaled once z shows the three fail among themselves; y and z at the close
+    d, _, sessions = _stack_night(tmp_path, daemons, legs, 10)
+    assert d.text().count("held, it may start a new target") == 3
     assert len(sessions) == 1, [s[0]["file"] for s in sessions]
     status = {_index(line): line for line in sessions[0]}
     assert sorted(status) == list(range(12))
