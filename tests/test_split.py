@@ -10,17 +10,21 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from astropy.io import fits
 
 from _daemon import Daemon, journal, wait_for
 from nightstack.config import load_settings
 from nightstack.frames import Frame, FrameMeta
+from nightstack.io.loaders import load
 from nightstack.pipeline.prepare import Prepared
+from nightstack.registration.quality import Quality
 from nightstack.service.daemon import Daemon as LiveDaemon
 from nightstack.service.split import Splitter, _separation_deg
 from nightstack.simulate.sky import SkyModel
@@ -29,6 +33,8 @@ from nightstack.simulate.targets import Leg, expected_splits, three_targets, wri
 pytestmark = pytest.mark.slow
 
 GAP_S = 1200.0  # split_gap_s's default
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+M27 = REALDATA / "seq_als_m27_asi224mc" / "Light_1069.fits"
 
 
 def _sessions(out: Path) -> list[list[dict[str, Any]]]:
@@ -50,12 +56,17 @@ def _closed(out: Path, sessions: int) -> bool:
 
 
 # --- the rules on their own ---------------------------------------------------------------------
-def _prepared(tmp_path: Path, name: str, **meta: Any) -> Prepared:
+CLEAR = Quality(stars=200, fwhm_px=3.0, elongation=1.1, roundness=0.05, background=0.1,
+                noise=0.01)  # fmt: skip
+"""A frame that could be a reference (enough round stars)."""
+
+
+def _prepared(tmp_path: Path, name: str, quality: Quality = CLEAR, **meta: Any) -> Prepared:
     path = tmp_path / name
     path.write_bytes(b"x")
     image = np.zeros((40, 60, 1), np.float32)
     frame = Frame(path, image, image[::2, ::2, 0], 2, FrameMeta(**meta))
-    return Prepared(path, None, frame, None, None, None, {})
+    return Prepared(path, None, frame, None, quality, None, {})
 
 
 def test_settings_changes_and_gaps_are_named_in_one_line(tmp_path: Path) -> None:
@@ -89,6 +100,34 @@ def test_settings_changes_and_gaps_are_named_in_one_line(tmp_path: Path) -> None
                                   capture_time=at(1932 + 1140))) is None  # fmt: skip
 
 
+def test_only_a_frame_that_could_be_a_reference_starts_a_session(tmp_path: Path) -> None:
+    """A stray frame of other settings that could not be a reference (daylight, cloud) is no
+    new session; a pause before such a frame is owed to the next clear frame."""
+    split = Splitter(load_settings(None, {}, use_default=False))
+    split.watch("a")
+    t0 = datetime(2024, 8, 10, 22, 0, tzinfo=UTC).timestamp()
+
+    def at(s: float) -> datetime:
+        return datetime.fromtimestamp(t0 + s, tz=UTC)
+
+    cloud = replace(CLEAR, stars=6)
+    assert split.before(_prepared(tmp_path, "1", exposure_s=30.0, capture_time=at(0))) is None
+    stray = _prepared(tmp_path, "2", cloud, exposure_s=5.0, capture_time=at(32))
+    assert split.before(stray) is None  # a rejected frame, not a session of its own
+    assert split.before(_prepared(tmp_path, "3", exposure_s=30.0, capture_time=at(64))) is None
+    late = _prepared(tmp_path, "4", cloud, exposure_s=30.0, capture_time=at(94 + 1800))
+    assert split.before(late) is None
+    after = _prepared(tmp_path, "5", exposure_s=30.0, capture_time=at(1926))
+    assert split.before(after) == "30 min since the last frame (> 20 min)"
+    assert split.before(_prepared(tmp_path, "6", exposure_s=30.0, capture_time=at(1958))) is None
+    # a stray frame from another day (daylight, a year later), then the night goes on
+    other_day = _prepared(tmp_path, "7", cloud, exposure_s=30.0, capture_time=at(3e7))
+    assert split.before(other_day) is None
+    assert split.before(_prepared(tmp_path, "8", cloud, exposure_s=30.0,
+                                  capture_time=at(1990))) is None  # fmt: skip
+    assert split.before(_prepared(tmp_path, "9", exposure_s=30.0, capture_time=at(2022))) is None
+
+
 def test_without_capture_times_the_gap_is_read_from_the_files_mtimes(tmp_path: Path) -> None:
     split = Splitter(load_settings(None, {"split_gap_s": 600}, use_default=False))
     split.watch("a")
@@ -100,6 +139,29 @@ def test_without_capture_times_the_gap_is_read_from_the_files_mtimes(tmp_path: P
     off = Splitter(load_settings(None, {"split_enabled": False}, use_default=False))
     off.watch("a")
     assert off.before(a) is None and off.before(b) is None and off.follow_px((40, 60)) is None
+
+
+def test_the_filter_is_read_from_a_fits_header_and_a_new_filter_splits(tmp_path: Path) -> None:
+    def frame(name: str, **cards: object) -> Path:
+        hdu = fits.PrimaryHDU(np.full((64, 64), 1000, np.uint16))
+        for key, value in cards.items():
+            hdu.header[key] = value
+        hdu.writeto(tmp_path / name)
+        return tmp_path / name
+
+    ha = load(frame("ha.fits", FILTER="Ha      ", EXPTIME=300.0))
+    assert ha.meta.filter == "Ha" and ha.meta.exposure_s == 300.0
+    assert load(frame("blank.fits", FILTER="  ")).meta.filter is None
+    assert load(frame("none.fits")).meta.filter is None
+    if M27.is_file():  # a real ASI224MC frame (ALS) says FILTER = 'Luminance'
+        lum = load(M27)
+        assert lum.meta.filter == "Luminance"
+        split = Splitter(load_settings(None, {}, use_default=False))
+        split.watch("a")
+        assert split.before(Prepared(M27, None, lum, None, CLEAR, None, {})) is None
+        oiii = load(frame("oiii.fits", FILTER="OIII", EXPTIME=6.0, GAIN=180.0))
+        moved = Prepared(oiii.path, None, oiii, None, CLEAR, None, {})
+        assert split.before(moved) == "filter Luminance -> OIII"
 
 
 def test_move_limits_follow_the_field() -> None:

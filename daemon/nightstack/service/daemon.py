@@ -611,8 +611,9 @@ class Daemon:
             return
         recovery.close_wanted = ""
         self._reject_held(session, self.split.release(session.id))  # --- split ---
-        if self.session is not session:
-            return  # a held frame could not be journaled: closed once space returns
+        if self.session is not session:  # a held frame could not be journaled (disk full)
+            self._close(why)  # closed once the session is reloaded
+            return
         log.info("closing session %s: %s", session.id, why)
         self._publish("closing")  # --- web ---
         self.notifier.status(f"finalizing session {session.id} ({session.tally.accepted} frames)")
@@ -674,6 +675,7 @@ class Daemon:
             log.error("reload failed, keeping the current settings: %s", err.reason)
         else:
             old, self.settings = self.settings, fresh
+            self.split.settings = fresh  # --- split: the rules follow at once ---
             logging.getLogger().setLevel(fresh.log_level)
             log.info("configuration reloaded; it applies from the next session")
             self._reload_web(old, fresh)

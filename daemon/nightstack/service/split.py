@@ -35,7 +35,7 @@ from nightstack.errors import AlignmentError
 from nightstack.frames import FrameMeta, Stars
 from nightstack.pipeline.prepare import Prepared
 from nightstack.pipeline.records import FrameRecord
-from nightstack.pipeline.stacker import OffTarget
+from nightstack.pipeline.stacker import OffTarget, quality_limits, reference_flaw
 from nightstack.registration.align import align
 
 log = logging.getLogger("nightstack")
@@ -106,6 +106,7 @@ class Splitter:
         self.first: FrameMeta | None = None  # the session's first frame's settings
         self.last: _Times | None = None
         self.pointing: tuple[float, float] | None = None  # the reference's, when located
+        self.owed: str | None = None  # a pause seen on a frame that could not start a session
         self.held: list[_Held] = []
         self._located: tuple[Path, tuple[float, float] | None] | None = None  # the last answer
 
@@ -120,6 +121,7 @@ class Splitter:
         if session == self.session:
             return None
         self.session, self.first, self.last, self.pointing = session, None, None, None
+        self.owed = None
         self.held = []
         why, self.pending = self.pending, None
         return why
@@ -143,20 +145,27 @@ class Splitter:
     # --- before stacking --------------------------------------------------------------------
     def before(self, item: Prepared) -> str | None:
         """Why ``item`` starts a new session (its settings changed, or a gap), or None; it is
-        then the new session's first frame for these rules."""
+        then the new session's first frame for these rules. Only a frame that could be a
+        reference starts one: a stray daylight, cloudy or trailed frame is rejected in the open
+        session as before (a pause it follows is owed to the next frame that can, unless a
+        later frame's clock runs back before it: a stray frame from another night)."""
         if item.frame is None or not self.enabled:
             return None
         meta = item.frame.meta
         times = _times(item.path, meta)
-        why = None
-        if self.first is not None:
-            why = _changed(self.first, meta)
-        if why is None and self.last is not None and times is not None:
-            why = self._gap(self.last, times)
+        changed = _changed(self.first, meta) if self.first is not None else None
+        gap = self._gap(self.last, times) if self.last is not None and times else None
+        if times is not None:
+            last, self.last = self.last, times
+            if last is not None and last.source == times.source and times.start < last.start:
+                self.owed = None  # the clock ran back: the pause owed was a stray time stamp
+        quality = item.quality
+        if quality is None or reference_flaw(quality, quality_limits(self.settings)):
+            self.owed = self.owed or gap
+            return None
+        why, self.owed = changed or gap or self.owed, None
         if why is not None or self.first is None:
             self.first = meta
-        if times is not None:
-            self.last = times
         return why
 
     def _gap(self, last: _Times, now: _Times) -> str | None:
