@@ -10,8 +10,10 @@ building and calibration's per-frame cost), landscape (issue 15: trails, timelap
 ground, the automatic mask per frame), hardening (issue 20: frames, `/api/status`, memory
 and log under 2000 idle or slow connections and looping renders), capture (issue 22:
 a sequence with injected camera faults, capture-to-file latency, CPU while waiting, with
-libgphoto2's virtual camera), notify (issue 24: notifications' cost per frame with receivers
-that never answer, event-to-receipt latency). ``--quick`` runs
+libgphoto2's virtual camera), page (issue 24: the page's linear preview, last frame and
+timelapse costs), notify (issue 24: notifications' cost per frame with receivers that never
+answer, event-to-receipt latency), split (issue 23: a three-target night's sessions, split
+frames vs truth, frames rejected for alignment, latency at a split). ``--quick`` runs
 fewer frames and repeats (a smoke run; its figures are marked as such). Simulated frames are
 cached in bench/out/ (gitignored); a full run needs ~25 GB of free disk.
 """
@@ -66,6 +68,10 @@ BENCHMARKS = {
         "bench_page",
     ),
     "notify": ("Notifications: cost on the frame path, latency (issue 24)", "bench_notify"),
+    "split": (
+        "Sessions that follow the night: a three-target night split by itself (issue 23)",
+        "bench_split",
+    ),
 }
 """Name -> (RESULTS.md section title, module with ``measure(quick)`` and ``report(data)``)."""
 

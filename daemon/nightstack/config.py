@@ -336,6 +336,35 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(
         1800.0, gt=0, description="Close the session after this long without a new frame."
     )
+    split_enabled: bool = Field(
+        True,
+        description="Start a new session by itself when the night changes: the pointing moves "
+        "(split_move_deg), the exposure, ISO/gain or filter changes, or after a gap "
+        "(split_gap_s) between frames (docs/sessions.md).",
+    )
+    split_move_deg: float | None = Field(
+        None,
+        gt=0,
+        description="A move of the pointing beyond this starts a new session (degrees; "
+        "judged on frames a plate solver locates). Unset: half the field's short side, "
+        "judged in pixels from the alignment (a frame whose centre jumps more than half the "
+        "frame's short side from the last frame's: a slow drift never splits), and 0.5 "
+        "degrees for located frames.",
+    )
+    split_gap_s: float = Field(
+        1200.0,
+        ge=0,
+        description="A gap longer than this between two frames (capture times from the files, "
+        "else their modification times) starts a new session; 0 = never. 20 min: longer than "
+        "a long sub plus a meridian flip with refocus and re-centring.",
+    )
+    split_unaligned_frames: int = Field(
+        3,
+        ge=2,
+        description="Without a plate solver: this many frames in a row that fail to align with "
+        "the reference but align with each other are a new target; the session splits at the "
+        "first of them (frames that also fail among themselves, e.g. clouds, stay rejected).",
+    )
     keep_frame_store: bool = Field(
         False, description="Keep the aligned-frame store after the final stack is written."
     )

@@ -29,6 +29,7 @@ class FrameMeta:
     capture_time: datetime | None = None
     camera: str | None = None
     temperature_c: float | None = None  # sensor (or, failing that, camera) temperature, Celsius
+    filter: str | None = None  # the filter in the light path (FITS FILTER), e.g. "Ha"
 
 
 BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")

@@ -862,6 +862,7 @@ def _fits_meta(header: Any) -> FrameMeta:
         capture_time=_fits_time(header.get("DATE-OBS")),
         camera=camera,
         temperature_c=_float_card(header, "CCD-TEMP", "CCD_TEMP", "SENSTEMP", "TEMPERAT"),
+        filter=_text_card(header, "FILTER"),
     )
 
 
@@ -874,6 +875,12 @@ def _fits_time(value: Any) -> datetime | None:
     except ValueError:
         return None
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+
+
+def _text_card(header: Any, key: str) -> str | None:
+    """A card's text, stripped; None where missing or blank."""
+    value = header.get(key)
+    return (value.strip() or None) if isinstance(value, str) else None
 
 
 def _float_card(header: Any, *keys: str) -> float | None:

@@ -33,6 +33,7 @@ class FrameRecord:
     exposure_s: float | None = None
     capture_time: str | None = None
     calibration: dict[str, Any] | None = None
+    split: str | None = None  # the first frame of a session that split itself: why
     ms: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:

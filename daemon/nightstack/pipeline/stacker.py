@@ -42,6 +42,19 @@ reference: see :meth:`Stacker.better_reference`. Afterwards the reference is fix
 frames stacked on it would all have to be redone."""
 
 
+class OffTarget(Exception):
+    """Raised by :meth:`Stacker.stack`, when it follows the pointing (:attr:`Stacker.follow`),
+    for a frame that may show another target: it failed to align (``moved_px`` None; ``record``
+    is its rejection, not journaled yet), or its centre lands ``moved_px`` from the last
+    accepted frame's, beyond the limit (a jump: a slow drift, or a tripod's turning sky, never
+    is one). Nothing of the session changed; the caller decides (``service.split``)."""
+
+    def __init__(self, record: FrameRecord, moved_px: float | None = None) -> None:
+        super().__init__(record.reason if moved_px is None else f"moved {moved_px:.0f} px")
+        self.record = record
+        self.moved_px = moved_px
+
+
 @dataclass(frozen=True, eq=False)
 class Reference:
     """The session's reference frame: every transform maps onto its pixel grid, every frame's
@@ -108,6 +121,12 @@ class Stacker:
         self.live: LiveStack | None = None
         self.live_only: str | None = None
         """Why frames are no longer stored (the final is then the live stack), or None."""
+        self.follow: float | None = None
+        """None: a frame that fails to align is rejected. A number (pixels, may be inf): such a
+        frame, and one whose centre jumped more than this from the last accepted frame's,
+        raise :class:`OffTarget`."""
+        self.centre: tuple[float, float] | None = None
+        """Where the last accepted frame's centre lands on the reference (px), once known."""
 
     def stack(self, prepared: Prepared) -> FrameRecord:
         """Align, gate, warp and add one prepared frame; returns its record."""
@@ -164,7 +183,15 @@ class Stacker:
                     )
             except AlignmentError as err:
                 record.ms.update(watch.ms)
+                if self.follow is not None:
+                    raise OffTarget(self._reject(record, err.reason)) from err
                 return self._reject(record, err.reason)
+            centre = _centre(alignment.matrix, frame.shape)
+            last = self.centre or _centre(IDENTITY, self.reference.shape)
+            moved = math.hypot(centre[0] - last[0], centre[1] - last[1])
+            if self.follow is not None and moved > self.follow:
+                record.ms.update(watch.ms)
+                raise OffTarget(record, moved)
             record.residual_px = round(alignment.residual_px, 4)
             record.transform = alignment.as_list()
             clarity = self._transparency(frame, stars, alignment)
@@ -195,6 +222,7 @@ class Stacker:
         record.ms.update(watch.ms)
         record.status = "accepted"
         self.shapes.add(quality)
+        self.centre = _centre(alignment.matrix, frame.shape)
         return record
 
     def better_reference(self, prepared: Prepared, accepted: int) -> str | None:
@@ -534,6 +562,13 @@ def reference_flaw(quality: Quality, limits: QualityLimits) -> str | None:
     if reason is None and not measured:
         reason = "no measurable star shapes for a reference (trailed or out of focus?)"
     return reason
+
+
+def _centre(matrix: FloatArray, shape: tuple[int, int]) -> tuple[float, float]:
+    """Where the centre of a frame of ``shape`` lands on the reference through ``matrix``."""
+    x, y = (shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0
+    return (float(matrix[0, 0] * x + matrix[0, 1] * y + matrix[0, 2]),
+            float(matrix[1, 0] * x + matrix[1, 1] * y + matrix[1, 2]))  # fmt: skip
 
 
 def _channels(frame: Frame | MosaicFrame) -> int:

@@ -46,6 +46,7 @@ from nightstack.io.decoder import DEFAULT_DECODE_FN, Decoder, decoder_memory, lo
 from nightstack.memory import trim_heap
 from nightstack.pipeline.prepare import Prepared, Preparer
 from nightstack.pipeline.records import FrameRecord
+from nightstack.pipeline.stacker import OffTarget
 from nightstack.registration.detect import SkyArea
 from nightstack.registration.quality import Quality
 from nightstack.service.alerts import Alerts, ErrorForwarder
@@ -56,6 +57,7 @@ from nightstack.service.notify import Notifier, shown
 from nightstack.service.recovery import Recovery
 from nightstack.service.retries import Retries, first_attempts
 from nightstack.service.session import Session
+from nightstack.service.split import Locate, Splitter
 from nightstack.service.watcher import FrameWatcher
 
 
@@ -169,6 +171,7 @@ class Daemon:
         on_close: Callable[[Session, dict[str, Any]], None] | None = None,
         hooks: Hooks | None = None,
         web: WebStarter | None = None,
+        locate: Locate | None = None,
     ) -> None:
         self.settings = settings
         self.hooks = hooks or Hooks()
@@ -184,6 +187,7 @@ class Daemon:
         self._paused = threading.Event()  # the output cannot be written: wait for space
         self.intake = Intake(settings, self._sky, self.stop, self._paused)
         self.retries = Retries(set())  # transient failures: tried once, waiting for the retry
+        self.split = Splitter(settings, locate)  # when a session splits itself (split.py)
         self._stuck_said = False
         self._request_said: str | None = None  # the last complaint about the close request
         self.stats = {"stacked": 0, "rejected": 0}
@@ -346,6 +350,9 @@ class Daemon:
             return
         if transient and self._retry_later(session, item):
             return
+        session = self._follow(session, item, output)  # --- split ---
+        if session is None:
+            return
         better = session.better_reference(item)
         if better is not None:
             session = self._start_over(session, better, item, output)
@@ -354,6 +361,9 @@ class Daemon:
         try:
             with self._fed("stacking"):  # store write and checkpoint on a slow SD card
                 record = session.ingest(item, lambda done: self._publish(record=done))
+        except OffTarget as off:  # --- split ---
+            self._off_target(session, item, off, output)
+            return
         except OSError as err:
             self._failed(err, f"{shown(item.path.name)} not stacked", session)
             return
@@ -363,7 +373,70 @@ class Daemon:
         self.intake.done(item.path)
         self.recovery.frame_bytes = session.frame_bytes or self.recovery.frame_bytes
         self._report(session, record)
+        if record.transform is not None:  # aligned: frames held as a new target stay rejected
+            self._reject_held(session, self.split.aligned())
         trim_heap()  # the frame's freed temporaries back to the system, not kept in an arena
+
+    # --- split --------------------------------------------------------------------------------
+    def _follow(self, session: Session, item: Prepared, output: Path) -> Session | None:
+        """The split rules before ``item`` is stacked (``split.py``): the session to stack it
+        in, a new one when its settings changed or after a gap (None: a write failed)."""
+        opened_by = self.split.watch(session.id)
+        if opened_by is not None:
+            session.opened_by = opened_by
+        why = self.split.before(item)
+        if why is not None:
+            new = self._split(why, item, output)
+            if new is None:
+                return None
+            session = new
+        if item.frame is not None:
+            if session.stacker.reference is None:
+                self.split.locate_reference(item)
+            session.stacker.follow = self.split.follow_px(item.frame.shape)
+        return session
+
+    def _split(self, why: str, item: Prepared | None, output: Path) -> Session | None:
+        """Close the open session (as the idle timeout does) and open the next for ``item``,
+        which becomes its reference (None: the frames to stack in it were queued again)."""
+        self._close(f"new session: {why}")
+        if self.session is not None or self._paused.is_set():
+            return None  # not finalized (disk full): the frame waits for the recovery
+        self.split.pending = why
+        if item is None:
+            return None
+        session = self._open_session(item, output)
+        if session is not None:
+            session.opened_by = self.split.watch(session.id)
+            self.split.before(item)  # its first frame, for the next frame's rules
+        return session
+
+    def _off_target(self, session: Session, item: Prepared, off: OffTarget, output: Path) -> None:
+        """``item`` failed to align, or moved: split, hold it, or reject it (``split.py``)."""
+        verdict = self.split.off_target(item, off)
+        self._reject_held(session, verdict.reject)
+        if verdict.split is not None:
+            new = self._split(verdict.split, None if verdict.requeue else item, output)
+            if verdict.requeue and self.session is None and not self._paused.is_set():
+                queued = self.intake.requeue(output, verdict.requeue)
+                log.info("%d frame(s) queued again for the new session", queued)
+            if new is not None:
+                self._ingest(item, output)  # the new session's reference
+        elif verdict.held:
+            log.info("%s does not align with the reference: held, it may start a new target",
+                     shown(item.path.name))  # fmt: skip
+
+    def _reject_held(self, session: Session, records: list[FrameRecord]) -> None:
+        """Journal held frames as rejected, as they would have been without the split rules."""
+        for record in records:
+            try:
+                session.reject(record)
+            except OSError as err:
+                self._failed(err, f"{shown(Path(record.file).name)} not journaled", session)
+                return
+            self.intake.done(Path(record.file))
+            self._report(session, record)
+    # --- end split ----------------------------------------------------------------------------
 
     def _retry_later(self, session: Session, item: Prepared) -> bool:
         """A transient failure: journal its first attempt and keep it for a retry (True), or,
@@ -550,6 +623,10 @@ class Daemon:
                 log.info("session %s will be closed when it can be reloaded", recovery.reopen.name)
             return
         recovery.close_wanted = ""
+        self._reject_held(session, self.split.release(session.id))  # --- split ---
+        if self.session is not session:  # a held frame could not be journaled (disk full)
+            self._close(why)  # closed once the session is reloaded
+            return
         log.info("closing session %s: %s", session.id, why)
         self._publish("closing")  # --- web ---
         self.notifier.status(f"finalizing session {session.id} ({session.tally.accepted} frames)")
@@ -612,6 +689,7 @@ class Daemon:
             log.error("reload failed, keeping the current settings: %s", err.reason)
         else:
             old, self.settings = self.settings, fresh
+            self.split.settings = fresh  # --- split: the rules follow at once ---
             logging.getLogger().setLevel(fresh.log_level)
             log.info("configuration reloaded; it applies from the next session")
             self._reload_web(old, fresh)

@@ -108,6 +108,9 @@ class Session:
         self.stored_since_live_fits = 0
         """...and since the last live.fits (its write pacing)."""
         self.last_frame = time.monotonic()
+        self.opened_by: str | None = None
+        """Why the session split itself from the last (``service.split``): journaled on its
+        first frame's line, in session.json; None for a session opened by the first frame."""
         self.accumulate_ms: float | None = None
         """How long the live stack took to add the last stored frame (after its journal line)."""
         self._held: dict[str, int] = {}
@@ -210,6 +213,7 @@ class Session:
         """Resume's second half: state, reference, frame store, live stack and counters."""
         directory, settings, stacker = self.dir, self.settings, self.stacker
         self.started = meta.get("started", self.started)
+        self.opened_by = meta.get("opened_by")
         self.state = meta.get("state", "open")
         self.records = len(records)
         if removed:
@@ -377,6 +381,8 @@ class Session:
         had_reference = self.stacker.reference is not None
         was_live_only = self.stacker.live_only
         record = self.stacker.stack(prepared)
+        if self.records == 0:
+            record.split = self.opened_by
         self.tally.count(record)
         if record.status == "accepted" and not had_reference:
             assert self.stacker.reference is not None
@@ -683,6 +689,8 @@ class Session:
         }
         if note is not None:
             meta["note"] = note
+        if self.opened_by is not None:
+            meta["opened_by"] = self.opened_by
         write_json(self.dir / SESSION, meta)
 
 
