@@ -218,22 +218,31 @@ def test_a_full_disk_is_told_once_and_so_is_its_end(
 
 
 def test_capture_events_from_the_daemons_camera(tmp_path: Path, daemons: list[Daemon]) -> None:
-    """libgphoto2's virtual camera (tests/_vcam.py) stops answering after 2 frames and never
-    comes back: the camera is lost, then the sequence fails (``capture_reconnect_s``)."""
+    """libgphoto2's virtual camera fails its third capture and is unplugged (tests/_usb_plug.py:
+    its port driver taken out of libgphoto2's folder, so no reconnection finds it again): the
+    camera is lost, then the sequence fails (``capture_reconnect_s``)."""
+    import sys
+
+    from _usb_plug import plug, unplugged
+
     camera = VirtualCamera(tmp_path / "vcamera")
-    watch, out = tmp_path / "incoming", tmp_path / "out"
+    watch, out, ports = tmp_path / "incoming", tmp_path / "out", unplugged(tmp_path / "ports")
     watch.mkdir()
+    plug(ports)
     hook = Receiver()
     feeder = Feeder(camera, watch, faults=(2,))  # no journal: the fault is never cured
     feeder.start()
     try:
         env = {
             **camera.env(), "NIGHTSTACK_EXTENSIONS": ".jpg", "NIGHTSTACK_CAPTURE_EXPOSURE_S": "0.1",
-            "NIGHTSTACK_CAPTURE_COUNT": "5", "NIGHTSTACK_CAPTURE_INTERVAL_S": "0.5",
+            "NIGHTSTACK_CAPTURE_COUNT": "5", "NIGHTSTACK_CAPTURE_INTERVAL_S": "2",
             "NIGHTSTACK_CAPTURE_RECONNECT_S": "3", "NIGHTSTACK_NOTIFY_WEBHOOK_URL": hook.url(),
         }  # fmt: skip
-        d = Daemon(watch, out, env=env)
+        wrap = [sys.executable, "-m", "_usb_plug", str(ports), "--"]
+        d = Daemon(watch, out, env=env, wrap=wrap)
         daemons.append(d)
+        wait_for(lambda: len(list(watch.glob("*.jpg"))) == 2, 60, "two frames", d)
+        (ports / "vusb.so").unlink()  # unplugged, 2 s before the next exposure fails
         wait_for(lambda: "capture_failed" in _kinds(hook.wait(0, 0)), 60, "capture_failed", d)
         assert d.stop() == 0
     finally:
