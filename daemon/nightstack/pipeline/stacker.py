@@ -28,6 +28,7 @@ from nightstack.registration.detect import SkyArea
 from nightstack.registration.normalize import Normalization, SkySamples, estimate
 from nightstack.registration.quality import Quality, QualityLimits, ShapeHistory, gate, transparency
 from nightstack.registration.warp import warp
+from nightstack.solve.wcs import SolvedField
 from nightstack.stacking.budget import DiskBudget, close_reserve
 from nightstack.stacking.combine import combine
 from nightstack.stacking.drizzle import SCALES as DRIZZLE_SCALES
@@ -107,6 +108,9 @@ class Stacker:
         self.store: FrameStore | None = None
         self.live: LiveStack | None = None
         self.live_only: str | None = None
+        self.solved: SolvedField | None = None
+        """Where the reference points (a plate solve), set by whoever solves it, from any thread
+        (swapped whole): :meth:`header` adds its WCS, OBJECT, RA and DEC."""
         """Why frames are no longer stored (the final is then the live stack), or None."""
 
     def stack(self, prepared: Prepared) -> FrameRecord:
@@ -445,9 +449,10 @@ class Stacker:
         sky = replace(ref.sky, sky=ref.sky.sky & inside)
         self.reference = replace(ref, sky=sky)
 
-    def header(self, tally: Tally) -> dict[str, Any]:
+    def header(self, tally: Tally, scale: int = 1) -> dict[str, Any]:
         """FITS header cards describing the stack of ``tally``'s frames (NCOMBINE, EXPTIME,
-        dates, settings)."""
+        dates, settings) and, once solved, where it points (the WCS of a stack ``scale`` times
+        finer than the reference: a drizzle)."""
         assert self.reference is not None
         s = self.settings
         cards: dict[str, Any] = {
@@ -466,6 +471,9 @@ class Stacker:
             cards["DATE-OBS"] = tally.first_time
         if tally.last_time is not None:
             cards["DATE-END"] = tally.last_time
+        solved = self.solved
+        if solved is not None:
+            cards.update(solved.cards(scale))
         return cards
 
     def final(self, progress: Callable[[int, int], None] | None = None) -> FloatArray:
