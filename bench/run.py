@@ -60,6 +60,10 @@ BENCHMARKS = {
         "Tethered capture against libgphoto2's virtual camera: faults; latency; CPU (issue 22)",
         "bench_capture",
     ),
+    "solve": (
+        "Plate solving: solve time and accuracy, 24 MP; WCS residual of stack.fits (issue 23)",
+        "bench_solve",
+    ),
 }
 """Name -> (RESULTS.md section title, module with ``measure(quick)`` and ``report(data)``)."""
 

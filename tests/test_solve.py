@@ -24,7 +24,13 @@ from nightstack.pipeline.prepare import Preparer, star_finder
 from nightstack.registration.detect import SkyArea
 from nightstack.service.session import Session
 from nightstack.simulate import simulate_night
-from nightstack.simulate.catalog import catalogue_stars, densest_index, field_wcs, planted_stars
+from nightstack.simulate.catalog import (
+    catalogue_stars,
+    densest_index,
+    field_wcs,
+    planted_stars,
+    wcs_residual,
+)
 from nightstack.solve.solver import Hint, Solver, hint_for, separation_deg
 from nightstack.solve.targets import coordinates_name
 from nightstack.solve.wcs import SolvedField, scaled_wcs
@@ -190,27 +196,6 @@ def test_four_real_wide_fields_solve_to_the_square_their_pointings_make() -> Non
     assert abs(altitude_sides - 40.0) < 2.0  # refraction and the mount's own pointing error
 
 
-def _match_rms(stack: Path, solution_cards: fits.Header) -> tuple[float, int]:
-    """RMS distance (px) between the catalogue's stars projected by the stack's WCS and the
-    stars found in the stack, and how many matched."""
-    data = fits.getdata(stack).astype(np.float32)
-    luminance = data.mean(axis=0) if data.ndim == 3 else data
-    luminance = np.nan_to_num(luminance, nan=float(np.nanmedian(luminance)))
-    found = star_finder(SETTINGS)(luminance, 1, None, SkyArea(1.0, None))
-    wcs = WCS(solution_cards, naxis=2)
-    rows, cols = luminance.shape
-    ra, dec = wcs.all_pix2world([(cols - 1) / 2], [(rows - 1) / 2], 0)
-    radius = math.hypot(rows, cols) / 2 * abs(wcs.pixel_scale_matrix[0, 0]) * 1.5
-    cat_ra, cat_dec, _ = catalogue_stars(float(ra[0]), float(dec[0]), radius)
-    x, y = wcs.all_world2pix(cat_ra, cat_dec, 0)
-    inside = (x > 10) & (x < cols - 10) & (y > 10) & (y < rows - 10)
-    catalogue = np.column_stack([x[inside], y[inside]])
-    distance = np.linalg.norm(catalogue[:, None, :] - found.xy[None, :, :], axis=2)
-    nearest = distance.min(axis=1)
-    matched = nearest[nearest < 3.0]
-    return float(np.sqrt(np.mean(matched**2))), len(matched)
-
-
 @needs_solver
 def test_a_session_solves_its_reference_in_the_background_into_its_outputs(tmp_path: Path) -> None:
     night = _catalogue_night(tmp_path / "night", 274.72, -13.80, 2.0, 10.0, frames=4,
@@ -242,13 +227,17 @@ def test_a_session_solves_its_reference_in_the_background_into_its_outputs(tmp_p
         x, y = truth.all_world2pix([M16[0]], [M16[1]], 0)
         assert (m16["x"], m16["y"]) == pytest.approx((float(x[0]), float(y[0])), abs=1.0)
         session.write_live_fits(session.dir / "live.fits")
+        session.abandon()  # as a restart: the solve comes back from session.json
+        session = Session.resume(session.dir, settings)
+        assert session.stacker.solved is not None and session.stacker.solved.target == "M16"
+        assert not session.solving.busy  # not solved again
         outputs = session.close()
     live = fits.getheader(session.dir / "live.fits")
     final = fits.getheader(Path(outputs["fits"]))
     for header in (live, final):
         assert header["OBJECT"] == "M16" and header["CTYPE1"].startswith("RA---TAN")
         assert header["RA"] == pytest.approx(solve["ra_deg"])
-    rms, matched = _match_rms(Path(outputs["fits"]), final)
+    rms, matched = wcs_residual(Path(outputs["fits"]))
     assert matched >= 15 and rms < 0.5, f"catalogue stars {rms:.2f} px rms from the stack's"
 
 
@@ -265,7 +254,7 @@ def test_the_real_m27_stack_carries_a_wcs_that_puts_catalogue_stars_on_its_stars
     assert status == 0
     header = fits.getheader(out)
     assert header["OBJECT"] == "M27"
-    rms, matched = _match_rms(out, header)
+    rms, matched = wcs_residual(out)
     assert matched >= 10 and rms < 0.5, f"catalogue stars {rms:.2f} px rms from the stack's"
 
 

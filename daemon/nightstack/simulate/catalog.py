@@ -29,12 +29,11 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from nightstack.arrays import FloatArray
+from nightstack.solve.solver import INDEX_DIRS
 
 FLUX_MAG12_E = 4000.0
 """Electrons of a VT = 12 star (about the faintest Tycho-2 star: a peak S/N near 10 on the
 default sky and seeing)."""
-
-INDEX_DIRS = (Path("/usr/share/astrometry"), Path("/usr/local/astrometry/data"))
 
 
 def densest_index(index_dir: Path | None = None) -> Path | None:
@@ -122,3 +121,33 @@ def planted_stars(
         (float(xi), float(yi), float(fi), 1.0, 1.0, 1.0)
         for xi, yi, fi in zip(x[inside], y[inside], flux[inside], strict=True)
     )
+
+
+def wcs_residual(path: Path, *, match_px: float = 3.0) -> tuple[float, int]:
+    """How well a FITS's WCS puts the catalogue's stars on the stars in its image: (RMS
+    distance in pixels, number matched) between the catalogue's stars projected by the header's
+    WCS and the nearest star found in the image (within ``match_px``, 10 px from the edges)."""
+    from nightstack.registration.detect import SkyArea, StarFinder
+
+    with fits.open(path) as hdus:
+        header = hdus[0].header
+        data = np.asarray(hdus[0].data, dtype=np.float32)
+    luminance = data.mean(axis=0) if data.ndim == 3 else data
+    luminance = np.nan_to_num(luminance, nan=float(np.nanmedian(luminance)))
+    finder = StarFinder(fwhm_px=4.0, threshold_sigma=6.0, sigma_clip=3.0,
+                        landscape_mask_ratio=1.0, max_stars=2000)  # fmt: skip
+    found = finder(luminance, 1, None, SkyArea(1.0, None)).xy
+    wcs = WCS(header, naxis=2)
+    rows, cols = luminance.shape
+    ra, dec = wcs.all_pix2world([(cols - 1) / 2], [(rows - 1) / 2], 0)
+    scale = math.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))
+    cat_ra, cat_dec, _ = catalogue_stars(float(ra[0]), float(dec[0]), math.hypot(rows, cols) / 2
+                                         * scale * 1.05)  # fmt: skip
+    x, y = wcs.all_world2pix(cat_ra, cat_dec, 0)
+    inside = (x > 10) & (x < cols - 10) & (y > 10) & (y < rows - 10)
+    projected = np.column_stack([x[inside], y[inside]])
+    if not len(projected) or not len(found):
+        return math.nan, 0
+    nearest = np.linalg.norm(projected[:, None, :] - found[None, :, :], axis=2).min(axis=1)
+    matched = nearest[nearest < match_px]
+    return (float(np.sqrt(np.mean(matched**2))) if len(matched) else math.nan), len(matched)
