@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from _daemon import Daemon, journal, wait_for
 from nightstack.config import Settings
 from nightstack.io.decoder import Decoder, load_kwargs
 from nightstack.io.loaders import load
@@ -267,3 +269,36 @@ def test_the_catalogue_reader_needs_the_index_files(tmp_path: Path) -> None:
         ra, dec, mag = catalogue_stars(*M27, 0.3)
         assert len(ra) > 10 and np.all(np.diff(mag) >= 0)
         assert all(separation_deg(*M27, r, d) <= 0.3 for r, d in zip(ra, dec, strict=True))
+
+
+@needs_solver
+def test_a_real_daemon_names_its_session_and_writes_the_wcs_at_close(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    night = _catalogue_night(tmp_path / "night", 83.82, -5.39, 2.0, 300.0, frames=3,
+                             width=1200, height=900)  # fmt: skip
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    env = {"NIGHTSTACK_SOLVE_ENABLED": "true", "NIGHTSTACK_SOLVE_SCALE_ARCSEC": "2.0",
+           "NIGHTSTACK_LANDSCAPE_MASK_RATIO": "1.0"}  # fmt: skip
+    d = Daemon(watch, out, env=env)
+    daemons.append(d)
+    wait_for(lambda: "watching" in d.text(), 60, "start-up", d)
+    for frame in sorted(night.glob("*.DNG")):
+        shutil.copy(frame, watch / frame.name)
+    lines = wait_for(lambda: len(journal(out)) >= 3 and journal(out), 120, "3 frames", d)
+    assert [line["status"] for line in lines] == ["accepted"] * 3
+    session = out / lines[0]["session"]
+
+    def solved() -> dict[str, object] | None:
+        meta = json.loads((session / "session.json").read_text())
+        return meta if "solve" in meta else None
+
+    meta = wait_for(solved, 60, "the reference solved in session.json", d)
+    assert meta["target"] == "M42" and meta["state"] == "open"
+    assert "solved in" in d.text() and "M42" in d.text()
+    assert d.stop() == 0  # SIGTERM finalizes
+    header = fits.getheader(session / "stack.fits")
+    assert header["OBJECT"] == "M42"
+    error = separation_deg(header["RA"], header["DEC"], 83.82, -5.39) * 3600
+    assert error < 5.0
