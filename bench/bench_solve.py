@@ -54,8 +54,7 @@ def _detections(path: Path) -> tuple[np.ndarray, tuple[int, int], int]:
 
 
 def _solve_24mp(field: tuple[float, float, float, float]) -> dict[str, Any]:
-    from nightstack.simulate import simulate_night
-    from nightstack.simulate.catalog import planted_stars
+    from nightstack.simulate.catalog import simulate_field
     from nightstack.solve.solver import Hint, Solver, separation_deg
 
     ra, dec, scale, rotation = field
@@ -63,9 +62,7 @@ def _solve_24mp(field: tuple[float, float, float, float]) -> dict[str, Any]:
     frame = folder / "IMG_0000.DNG"
     if not frame.exists():
         log(f"rendering a 24 MP field of Tycho-2 stars at RA {ra} Dec {dec}")
-        stars = planted_stars(ra, dec, scale, rotation, FULL_W, FULL_H)
-        simulate_night(folder, frames=1, width=FULL_W, height=FULL_H, stars=0, nebula=False,
-                       planted_stars=stars, landscape_fraction=0.0)  # fmt: skip
+        simulate_field(folder, ra, dec, scale, rotation, frames=1, width=FULL_W, height=FULL_H)
     table_, shape, detected = _detections(frame)
     solver = Solver(_settings())
     out: dict[str, Any] = {"field": field, "detections": len(table_), "detected": detected}
@@ -122,14 +119,11 @@ def _stack_residuals() -> list[dict[str, Any]]:
     import os
     import subprocess
 
-    from nightstack.simulate import simulate_night
-    from nightstack.simulate.catalog import planted_stars, wcs_residual
+    from nightstack.simulate.catalog import simulate_field, wcs_residual
 
     night = OUT / "data" / "solve_stack_night"
     if not (night / "IMG_0005.DNG").exists():
-        stars = planted_stars(274.72, -13.80, 1.94, 10.0, 1600, 1200)
-        simulate_night(night, frames=6, width=1600, height=1200, stars=0, nebula=False,
-                       planted_stars=stars, landscape_fraction=0.0)  # fmt: skip
+        simulate_field(night, 274.72, -13.80, 1.94, 10.0, frames=6, width=1600, height=1200)
     runs = [("simulated 6 x 1600 x 1200, M16 field", night)]
     if (REALDATA / "seq_als_m27_asi224mc").is_dir():
         runs.append(("real ASI224MC M27, 6 frames", REALDATA / "seq_als_m27_asi224mc"))

@@ -25,12 +25,11 @@ from nightstack.io.loaders import load
 from nightstack.pipeline.prepare import Preparer, star_finder
 from nightstack.registration.detect import SkyArea
 from nightstack.service.session import Session
-from nightstack.simulate import simulate_night
 from nightstack.simulate.catalog import (
     catalogue_stars,
     densest_index,
     field_wcs,
-    planted_stars,
+    simulate_field,
     wcs_residual,
 )
 from nightstack.solve.solver import Hint, Solver, hint_for, separation_deg
@@ -57,10 +56,8 @@ def _stars(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
 
 def _catalogue_night(out: Path, ra: float, dec: float, scale: float, rotation: float,
                      frames: int = 1, width: int = 1600, height: int = 1200) -> Path:  # fmt: skip
-    stars = planted_stars(ra, dec, scale, rotation, width, height)
-    simulate_night(out, frames=frames, width=width, height=height, stars=0, nebula=False,
-                   planted_stars=stars, landscape_fraction=0.0, drift_px=2.0,
-                   rotation_deg=0.0)  # fmt: skip
+    simulate_field(out, ra, dec, scale, rotation, frames=frames, width=width, height=height,
+                   drift_px=2.0, rotation_deg=0.0)  # fmt: skip
     return out
 
 

@@ -17,6 +17,7 @@ north when north is up).
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -151,3 +152,26 @@ def wcs_residual(path: Path, *, match_px: float = 3.0) -> tuple[float, int]:
     nearest = np.linalg.norm(projected[:, None, :] - found[None, :, :], axis=2).min(axis=1)
     matched = nearest[nearest < match_px]
     return (float(np.sqrt(np.mean(matched**2))) if len(matched) else math.nan), len(matched)
+
+
+def simulate_field(
+    outdir: str | os.PathLike[str],
+    ra_deg: float,
+    dec_deg: float,
+    scale_arcsec: float,
+    position_angle_deg: float = 0.0,
+    **night: Any,
+) -> Path:
+    """``simulate_night`` of a field of real stars (no random ones, no nebula, no landscape
+    unless ``night`` says otherwise): frame 0 is centred on (RA, Dec) at ``scale_arcsec`` with
+    its up at ``position_angle_deg`` east of north (the module docstring's rotation); the other
+    ``simulate_night`` arguments (``frames``, ``width``, ``height``, ``rotation_deg`` per frame,
+    ``name_pattern``, ...) pass through. A night
+    of several targets is several calls into one folder, each with its own ``name_pattern``.
+    Returns the path of ``truth.json``."""
+    from nightstack.simulate.night import simulate_night
+
+    width, height = int(night.pop("width", 1200)), int(night.pop("height", 800))
+    options: dict[str, Any] = {"stars": 0, "nebula": False, "landscape_fraction": 0.0, **night}
+    stars = planted_stars(ra_deg, dec_deg, scale_arcsec, position_angle_deg, width, height)
+    return simulate_night(outdir, width=width, height=height, planted_stars=stars, **options)
