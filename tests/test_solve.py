@@ -197,11 +197,11 @@ def test_four_real_wide_fields_solve_to_the_square_their_pointings_make() -> Non
 
 @needs_solver
 def test_a_session_solves_its_reference_in_the_background_into_its_outputs(tmp_path: Path) -> None:
-    night = _catalogue_night(tmp_path / "night", 274.72, -13.80, 2.0, 10.0, frames=4,
+    night = _catalogue_night(tmp_path / "night", 274.72, -13.80, 2.0, 10.0, frames=5,
                              width=1200, height=900)  # fmt: skip
     settings = Settings(solve_enabled=True, solve_scale_arcsec=2.0, landscape_mask_ratio=1.0,
                         output_dir=tmp_path / "out", watch_dir=night,
-                        live_fits_every_s=0.0, solve_every_s=0.0)  # fmt: skip
+                        live_fits_every_s=0.0, solve_every_s=0.001)  # fmt: skip
     session = Session.create(tmp_path / "out", settings)
     with Decoder(timeout_s=60, load_kwargs=load_kwargs(settings)) as decoder:
         preparer = Preparer(settings, decoder)
@@ -210,10 +210,18 @@ def test_a_session_solves_its_reference_in_the_background_into_its_outputs(tmp_p
         record = session.ingest(preparer.prepare(frames[0], sky=session.sky))
         assert record.status == "accepted", record.reason
         assert time.monotonic() - started < 5.0  # the solve runs beside, never in the frame path
-        for frame in frames[1:]:
+        for frame in frames[1:4]:
             session.ingest(preparer.prepare(frame, sky=session.sky))
         session.solving.wait()
+        # solved: the next accepted frame is solved too (solve_every_s), where the mount points
+        session.ingest(preparer.prepare(frames[4], sky=session.sky))
+        session.solving.wait()
         meta = json.loads((session.dir / "session.json").read_text())
+        pointing = meta["pointing"]
+        index = [f.name for f in frames].index(Path(pointing["file"]).name)
+        assert index >= 1 and pointing["target"] == "M16"
+        drifted = index * 2.0 * 2.0 / 3600  # the night drifts 2 px a frame, at 2"/px
+        assert pointing["moved_deg"] == pytest.approx(drifted, abs=1 / 3600)
         assert meta["target"] == "M16"
         solve = meta["solve"]
         assert separation_deg(solve["ra_deg"], solve["dec_deg"], 274.72, -13.80) * 3600 < 5.0
