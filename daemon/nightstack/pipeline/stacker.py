@@ -108,10 +108,10 @@ class Stacker:
         self.store: FrameStore | None = None
         self.live: LiveStack | None = None
         self.live_only: str | None = None
+        """Why frames are no longer stored (the final is then the live stack), or None."""
         self.solved: SolvedField | None = None
         """Where the reference points (a plate solve), set by whoever solves it, from any thread
         (swapped whole): :meth:`header` adds its WCS, OBJECT, RA and DEC."""
-        """Why frames are no longer stored (the final is then the live stack), or None."""
 
     def stack(self, prepared: Prepared) -> FrameRecord:
         """Align, gate, warp and add one prepared frame; returns its record."""
