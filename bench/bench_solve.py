@@ -10,7 +10,8 @@ Tycho-2 index files), its accuracy, and the WCS of a stack.
   ../shared/realdata, hinted (the header's focal length and pixel size; tetra3: its 11.4
   degree field) and blind: solve time, and the named target.
 - WCS of a stack: ``nightstack stack`` of a simulated 6-frame catalogue night (drift and
-  rotation between frames) and of the real M27 sequence, with the reference solved; the
+  rotation between frames; plain and Bayer-drizzled 2x, whose WCS is the reference's scaled
+  to its finer grid) and of the real M27 sequence, with the reference solved; the
   catalogue's stars projected by stack.fits' WCS against the stars found in the stack:
   RMS residual in pixels (``simulate.catalog.wcs_residual``).
 """
@@ -124,12 +125,15 @@ def _stack_residuals() -> list[dict[str, Any]]:
     night = OUT / "data" / "solve_stack_night"
     if not (night / "IMG_0005.DNG").exists():
         simulate_field(night, 274.72, -13.80, 1.94, 10.0, frames=6, width=1600, height=1200)
-    runs = [("simulated 6 x 1600 x 1200, M16 field", night)]
+    runs = [
+        ("simulated 6 x 1600 x 1200, M16 field", night, {}),
+        ("the same, Bayer drizzle 2x (3200 x 2400 px)", night, {"NIGHTSTACK_DRIZZLE": "2x"}),
+    ]
     if (REALDATA / "seq_als_m27_asi224mc").is_dir():
-        runs.append(("real ASI224MC M27, 6 frames", REALDATA / "seq_als_m27_asi224mc"))
+        runs.append(("real ASI224MC M27, 6 frames", REALDATA / "seq_als_m27_asi224mc", {}))
     out = []
-    env = {**os.environ, "NIGHTSTACK_SOLVE_ENABLED": "true"}
-    for name, folder in runs:
+    for name, folder, extra in runs:
+        env = {**os.environ, "NIGHTSTACK_SOLVE_ENABLED": "true", **extra}
         stack = OUT / f"solve_stack_{len(out)}.fits"
         subprocess.run([PYTHON, "-m", "nightstack.cli", "stack", str(folder), "-o", str(stack)],
                        check=True, env=env, capture_output=True)  # fmt: skip
