@@ -13,7 +13,8 @@ a sequence with injected camera faults, capture-to-file latency, CPU while waiti
 libgphoto2's virtual camera), page (issue 24: the page's linear preview, last frame and
 timelapse costs), notify (issue 24: notifications' cost per frame with receivers that never
 answer, event-to-receipt latency), split (issue 23: a three-target night's sessions, split
-frames vs truth, frames rejected for alignment, latency at a split). ``--quick`` runs
+frames vs truth, frames rejected for alignment, latency at a split), solve (issue 23: plate
+solving's time and accuracy, the WCS residual of stack.fits). ``--quick`` runs
 fewer frames and repeats (a smoke run; its figures are marked as such). Simulated frames are
 cached in bench/out/ (gitignored); a full run needs ~25 GB of free disk.
 """
@@ -71,6 +72,10 @@ BENCHMARKS = {
     "split": (
         "Sessions that follow the night: a three-target night split by itself (issue 23)",
         "bench_split",
+    ),
+    "solve": (
+        "Plate solving: solve time and accuracy, 24 MP; WCS residual of stack.fits (issue 23)",
+        "bench_solve",
     ),
 }
 """Name -> (RESULTS.md section title, module with ``measure(quick)`` and ``report(data)``)."""

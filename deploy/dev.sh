@@ -16,9 +16,13 @@ shift
 # Debian packages: a venv, a compiler and headers for wheels that may need building
 # (photutils and systemd-python on aarch64), libsystemd for systemd-python; for the tests also
 # chromium and chromium-driver (the web page's browser tests, tests/test_web_browser.py), mosquitto
-# and openssl (the MQTT notifications' broker, with TLS, tests/test_notify_channels.py).
+# and openssl (the MQTT notifications' broker, with TLS, tests/test_notify_channels.py), and
+# astrometry.net with its Tycho-2 index files (the plate-solving tests, tests/test_solve.py:
+# about 290 MB to download, 260 MB installed).
 pkgs="python3-venv python3-dev build-essential pkg-config libsystemd-dev"
-if [ "$job" = test ]; then pkgs="$pkgs chromium chromium-driver mosquitto openssl"; fi
+if [ "$job" = test ]; then
+  pkgs="$pkgs chromium chromium-driver mosquitto openssl astrometry.net astrometry-data-tycho2"
+fi
 missing=""
 if command -v dpkg-query >/dev/null 2>&1; then
   for p in $pkgs; do

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install nightstack as a systemd service on Debian 12 / Raspberry Pi OS (bookworm).
 #
-#   sudo sh deploy/install.sh [--start] [--gphoto2]   system service, user "nightstack"
+#   sudo sh deploy/install.sh [--start] [--gphoto2] [--solver[=SET]]   system service, user
+#                                                     "nightstack"
 #   sh deploy/install.sh --user [--start]             per-user service (a laptop)
 #   sudo sh deploy/install.sh --uninstall             remove the unit and the venv
 #
@@ -24,6 +25,11 @@
 #                  (tethered capture: nightstack capture, capture_* settings; docs/capture.md)
 #                  and, system install, the udev rule /etc/udev/rules.d/61-nightstack-camera.rules
 #                  that gives cameras to the group plugdev
+#   --solver       also install astrometry.net's solve-field and all its Tycho-2 index files
+#                  (plate solving, docs/solving.md: about 190 MB to download, 260 MB on disk)
+#   --solver=SET   only the index files for your field: a comma list of 07 (fields of
+#                  22'-30', 88 MB), 08 (30'-44', 51 MB), 09 (44'-60', 27 MB), 10-19 (1-33 deg,
+#                  22 MB); e.g. --solver=08,09 for a 0.5-1 degree field
 #   --uninstall    remove instead of install
 #   --prefix DIR   staging root, like DESTDIR: every installed path goes under DIR; file
 #                  contents, the user's home and systemd keep the final paths
@@ -41,6 +47,7 @@ mode=system
 action=install
 start=0
 gphoto2=0
+solver=""
 dry_run=0
 prefix=""
 
@@ -96,6 +103,8 @@ while [ $# -gt 0 ]; do
     --user) mode=user ;;
     --start) start=1 ;;
     --gphoto2) gphoto2=1 ;;
+    --solver) solver=all ;;
+    --solver=*) solver=${1#--solver=} ;;
     --uninstall) action=uninstall ;;
     --dry-run) dry_run=1 ;;
     --prefix)
@@ -243,6 +252,18 @@ fi
 #    libsystemd for systemd-python (notifications and structured journal logging).
 pkgs="python3-venv python3-dev build-essential pkg-config libsystemd-dev"
 [ "$gphoto2" = 0 ] || pkgs="$pkgs gphoto2"
+# plate solving: solve-field and the Tycho-2 index files (all, or the sets named)
+if [ "$solver" = all ]; then
+  pkgs="$pkgs astrometry.net astrometry-data-tycho2"
+elif [ -n "$solver" ]; then
+  pkgs="$pkgs astrometry.net"
+  for set in $(printf '%s' "$solver" | tr ',' ' '); do
+    case $set in
+      07 | 08 | 09 | 10-19) pkgs="$pkgs astrometry-data-tycho2-$set" ;;
+      *) die "--solver: unknown index set '$set' (07, 08, 09, 10-19)" ;;
+    esac
+  done
+fi
 # shellcheck disable=SC2086 # the package list is split on purpose
 missing=$(missing_packages $pkgs)
 if ! command -v apt-get >/dev/null 2>&1 && [ "$dry_run" = 0 ]; then

@@ -211,6 +211,7 @@ def test_install_dry_run_writes_files_under_prefix_and_prints_commands(tmp_path:
     packages = ["python3-venv", "python3-dev", "build-essential", "pkg-config", "libsystemd-dev"]
     assert _has(commands, "apt-get", "install", *packages)
     assert not _has(commands, "gphoto2")
+    assert not _has(commands, "astrometry.net")
     if _user_exists("nightstack"):
         assert _has(commands, "usermod", "nightstack")
     else:
@@ -232,7 +233,9 @@ def test_install_is_idempotent_and_keeps_an_edited_config(tmp_path: Path) -> Non
     unit_mtime = unit.stat().st_mtime_ns
     files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
 
-    commands, messages = _install("--prefix", str(tmp_path), "--dry-run", "--start", "--gphoto2")
+    commands, messages = _install(
+        "--prefix", str(tmp_path), "--dry-run", "--start", "--gphoto2", "--solver=08,10-19"
+    )
     assert config.read_text(encoding="utf-8") == edited
     assert load_settings(config).log_level == "DEBUG"
     assert unit.stat().st_mtime_ns == unit_mtime  # identical content: not rewritten
@@ -241,6 +244,8 @@ def test_install_is_idempotent_and_keeps_an_edited_config(tmp_path: Path) -> Non
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == sorted({*files, *added})
     assert "kept existing config" in messages
     assert _has(commands, "apt-get", "install", "gphoto2")
+    assert _has(commands, "astrometry.net", "astrometry-data-tycho2-08",
+                "astrometry-data-tycho2-10-19")  # fmt: skip
     assert _has(commands, "pip", "install", f"'{ROOT}[systemd,capture]'")  # nightstack capture
     assert _has(commands, "systemctl", "start", "nightstack.service")
 
@@ -306,7 +311,8 @@ def test_install_rejects_an_unknown_option() -> None:
 def test_install_help_describes_the_options() -> None:
     proc = subprocess.run(["sh", str(INSTALL), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    for option in ("--user", "--start", "--gphoto2", "--uninstall", "--prefix", "--dry-run"):
+    for option in ("--user", "--start", "--gphoto2", "--solver", "--uninstall", "--prefix",
+                   "--dry-run"):  # fmt: skip
         assert option in proc.stdout
 
 

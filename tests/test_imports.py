@@ -138,7 +138,7 @@ STAGES = [
     ("nightstack.registration",),
     ("nightstack.stacking",),
     ("nightstack.calibration",),
-    ("nightstack.products",),
+    ("nightstack.products", "nightstack.solve"),
     ("nightstack.pipeline", "nightstack.capture"),
     ("nightstack.service",),
     ("nightstack.web", "nightstack.simulate"),

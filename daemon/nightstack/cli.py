@@ -22,6 +22,7 @@ from nightstack.service.watcher import natural_key
 from nightstack.simulate import cli as simulate_cli
 
 if TYPE_CHECKING:
+    from nightstack.pipeline.stacker import Stacker
     from nightstack.service.daemon import Hooks
 
 log = logging.getLogger("nightstack")
@@ -138,6 +139,24 @@ class _Progress:
         sys.stderr.flush()
 
 
+def _solve_reference(stacker: Stacker, settings: Settings) -> None:
+    """Plate-solve the reference (when a solver is there): the final's WCS, OBJECT, RA, DEC."""
+    from nightstack.solve.solver import Solver
+    from nightstack.solve.wcs import solve_stars
+
+    solver = Solver(settings)
+    ref = stacker.reference
+    if ref is None or not solver.available:
+        if settings.solve_enabled is True:
+            log.warning("no plate solve: %s", solver.reason)
+        return
+    stacker.solved = solve_stars(solver, ref.file, ref.stars, ref.shape)
+    if stacker.solved is not None:
+        s = stacker.solved.solution
+        log.info("reference solved in %.1f s: %s, RA %.4f Dec %+.4f, %.3f\"/px",
+                 s.seconds, stacker.solved.target, s.ra_deg, s.dec_deg, s.scale_arcsec)  # fmt: skip
+
+
 def _cmd_stack(args: argparse.Namespace) -> int:
     from nightstack.io.decoder import Decoder, load_kwargs
     from nightstack.pipeline.finish import Target, finish
@@ -189,7 +208,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        assert stacker.store is not None
+        assert stacker.store is not None and stacker.reference is not None
+        _solve_reference(stacker, settings)
         disk = stacker.store.disk_bytes()
         combining = time.monotonic()
         targets = [Target("stack", output, stretched=args.stretched)]

@@ -372,6 +372,38 @@ class Settings(BaseSettings):
         "INFO", description="Log level."
     )
 
+    # --- plate solving (docs/solving.md) ---
+    solve_enabled: Literal["auto"] | bool = Field(
+        "auto",
+        description="Plate-solve each session's reference frame in the background (its centre, "
+        "scale, target name, a WCS in stack.fits and live.fits): 'auto' when astrometry.net's "
+        "solve-field and index files are found (`deploy/install.sh --solver`), true, false.",
+    )
+    solve_index_dir: Path | None = Field(
+        None,
+        description="Folder of astrometry.net index files (index-*.fits); unset: "
+        "/usr/share/astrometry, then /usr/local/astrometry/data.",
+    )
+    solve_every_s: float = Field(
+        600.0, ge=0, description="Also solve one accepted frame this often (its pointing, in the "
+        "log and session.json); 0: the reference only."
+    )
+    solve_timeout_s: float = Field(
+        60.0, gt=0, description="A solve taking longer is given up (the session goes on unsolved)."
+    )
+    solve_focal_mm: float | None = Field(
+        None, gt=0, description="Focal length for the solver's scale hint, when the frames' "
+        "headers do not say (FITS FOCALLEN)."
+    )
+    solve_pixel_um: float | None = Field(
+        None, gt=0, description="Pixel size (micrometres, as binned) for the scale hint, when the "
+        "headers do not say (FITS XPIXSZ / PIXSIZE1)."
+    )
+    solve_scale_arcsec: float | None = Field(
+        None, gt=0, description="Image scale (arcsec per pixel) for the hint; wins over focal "
+        "length and pixel size. Nothing known: a blind solve (slower)."
+    )
+
     # --- web ---
     web_enabled: bool = Field(
         True, description="Serve the web page and JSON API from `nightstack watch`."

@@ -37,6 +37,7 @@ def run_demo(
             # the session closes once the simulated camera has been quiet for a while
             "idle_timeout_s": max(5.0, 4 * interval_s),
             "preview_every_frames": 2,
+            "solve_enabled": False,  # random stars: no sky to find (a blind solve's minute)
         },
         use_default=False,
     )

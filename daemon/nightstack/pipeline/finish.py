@@ -49,7 +49,8 @@ def finish(
     if targets:
         image = stacker.final(progress)  # releases the live stack
         sky_rows = stacker.landscape.freeze_final(image, progress)  # the frozen ground
-        header = stacker.header(tally)
+        rows = stacker.reference.shape[0] if stacker.reference is not None else image.shape[0]
+        header = stacker.header(tally, scale=max(1, image.shape[0] // rows))  # drizzle 2x: 2
         for n, target in enumerate(targets):
             try:
                 write_output(target.path, image, header, settings, stretched=target.stretched,

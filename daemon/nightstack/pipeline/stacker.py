@@ -28,6 +28,7 @@ from nightstack.registration.detect import SkyArea
 from nightstack.registration.normalize import Normalization, SkySamples, estimate
 from nightstack.registration.quality import Quality, QualityLimits, ShapeHistory, gate, transparency
 from nightstack.registration.warp import warp
+from nightstack.solve.wcs import SolvedField
 from nightstack.stacking.budget import DiskBudget, close_reserve
 from nightstack.stacking.combine import combine
 from nightstack.stacking.drizzle import SCALES as DRIZZLE_SCALES
@@ -127,6 +128,9 @@ class Stacker:
         raise :class:`OffTarget`."""
         self.centre: tuple[float, float] | None = None
         """Where the last accepted frame's centre lands on the reference (px), once known."""
+        self.solved: SolvedField | None = None
+        """Where the reference points (a plate solve), set by whoever solves it, from any thread
+        (swapped whole): :meth:`header` adds its WCS, OBJECT, RA and DEC."""
 
     def stack(self, prepared: Prepared) -> FrameRecord:
         """Align, gate, warp and add one prepared frame; returns its record."""
@@ -473,9 +477,10 @@ class Stacker:
         sky = replace(ref.sky, sky=ref.sky.sky & inside)
         self.reference = replace(ref, sky=sky)
 
-    def header(self, tally: Tally) -> dict[str, Any]:
+    def header(self, tally: Tally, scale: int = 1) -> dict[str, Any]:
         """FITS header cards describing the stack of ``tally``'s frames (NCOMBINE, EXPTIME,
-        dates, settings)."""
+        dates, settings) and, once solved, where it points (the WCS of a stack ``scale`` times
+        finer than the reference: a drizzle)."""
         assert self.reference is not None
         s = self.settings
         cards: dict[str, Any] = {
@@ -494,6 +499,9 @@ class Stacker:
             cards["DATE-OBS"] = tally.first_time
         if tally.last_time is not None:
             cards["DATE-END"] = tally.last_time
+        solved = self.solved
+        if solved is not None:
+            cards.update(solved.cards(scale))
         return cards
 
     def final(self, progress: Callable[[int, int], None] | None = None) -> FloatArray:

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -44,7 +45,7 @@ from nightstack.io.writers import (
 from nightstack.pipeline.finish import Target, finish
 from nightstack.pipeline.prepare import Prepared, load_sky_mask
 from nightstack.pipeline.records import FrameRecord, Tally
-from nightstack.pipeline.stacker import Stacker
+from nightstack.pipeline.stacker import Reference, Stacker
 from nightstack.products.views import (
     LAST_FRAME,
     LINEAR_PREVIEW,
@@ -73,6 +74,8 @@ from nightstack.service.folder import (
     read_meta,
     save_reference,
 )
+from nightstack.service.solving import Solving
+from nightstack.solve.wcs import SolvedField, from_entry
 from nightstack.stacking.budget import DiskBudget
 from nightstack.stacking.checkpoint import load_live, save_live
 from nightstack.stacking.live import LiveStack
@@ -116,6 +119,9 @@ class Session:
         self._held: dict[str, int] = {}
         """Accepted journal lines not taken back by a ``lost`` line, by content hash (resume)."""
         self._journal = os.open(directory / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._outputs: dict[str, Any] = {}
+        self._meta_lock = threading.Lock()  # session.json is also written by the solve thread
+        self.solving = Solving(settings, self.id, self._solved)
 
     @property
     def id(self) -> str:
@@ -248,6 +254,7 @@ class Session:
             store.drop([*damaged, *range(len(stored), len(store))])
             damaged += range(held, len(stored))  # journaled, never indexed: lost as well
             stacker.reference, stacker.store = reference, store
+            self._restore_solve(meta.get("solve"), reference)
             stacker.start_landscape(settings.bin)  # landscape and products: reopened
             journal_lines = len(records)
             for i in damaged:  # journal their loss: the final counts each frame once
@@ -385,9 +392,15 @@ class Session:
             record.split = self.opened_by
         self.tally.count(record)
         if record.status == "accepted" and not had_reference:
-            assert self.stacker.reference is not None
-            save_reference(self.dir / REFERENCE, self.stacker.reference)
+            ref = self.stacker.reference
+            assert ref is not None
+            save_reference(self.dir / REFERENCE, ref)
             self._write_meta()
+            self.solving.solve_reference(ref.file, ref.stars, ref.shape, self._keep_solve)
+        elif record.status == "accepted" and self.solving.frame_due():
+            stars, ref = prepared.stars, self.stacker.reference
+            if stars is not None and ref is not None:  # where the mount points now
+                self.solving.solve_frame(prepared.path, stars, ref.shape)
         if self.stacker.live_only is not None and was_live_only is None and had_reference:
             log.error(
                 "session %s goes live-only from %s: %s; frames are still aligned and stacked "
@@ -595,6 +608,7 @@ class Session:
         said so in the log and under ``outputs.skipped``. The frame store and checkpoint are
         deleted only once a final that holds their frames exists.
         """
+        self.solving.wait()  # a solve under way: the final gets its WCS
         self.state = "closing"
         self._write_meta()
         stacker = self.stacker
@@ -667,6 +681,10 @@ class Session:
             self._journal = -1
 
     def _write_meta(self, outputs: dict[str, Any] | None = None, note: str | None = None) -> None:
+        with self._meta_lock:  # the solve thread writes it too: one whole, current state at once
+            self._write_meta_locked(outputs, note)
+
+    def _write_meta_locked(self, outputs: dict[str, Any] | None, note: str | None) -> None:
         stacker = self.stacker
         meta = {
             "session": self.id,
@@ -691,7 +709,38 @@ class Session:
             meta["note"] = note
         if self.opened_by is not None:
             meta["opened_by"] = self.opened_by
+        solved = stacker.solved
+        if solved is not None:
+            meta["target"] = solved.target
+            meta["solve"] = solved.entry()
+        if self.solving.pointing is not None:
+            meta["pointing"] = self.solving.pointing
+        self._outputs = outputs or {}
         write_json(self.dir / SESSION, meta)
+
+    # --- plate solving (service.solving) ------------------------------------------------------
+    def _keep_solve(self, solved: SolvedField) -> None:
+        """The reference is solved (the solve thread): its WCS goes into the stack's header."""
+        self.stacker.solved = solved
+
+    def _solved(self) -> None:
+        """A solve's result is kept (the solve thread): session.json says it, while open."""
+        if self.state != "open":
+            return
+        try:
+            self._write_meta(self._outputs)
+        except OSError as err:
+            log.error("session %s: plate solve not written to session.json (%s)", self.id,
+                      err.strerror or err)  # fmt: skip
+
+    def _restore_solve(self, entry: object, reference: Reference) -> None:
+        """A resumed session's solve from its session.json; solved again when it has none."""
+        solved = from_entry(entry, reference.shape) if isinstance(entry, dict) else None
+        if solved is not None:
+            self.stacker.solved = self.solving.reference = solved
+        else:
+            self.solving.solve_reference(reference.file, reference.stars, reference.shape,
+                                         self._keep_solve)  # fmt: skip
 
 
 _SESSION_ONLY_FIELDS = frozenset(

@@ -76,6 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--stars", type=int, default=400, help="stars in the reference frame")
     p.add_argument(
+        "--field", type=_floats, default=None, metavar="RA,DEC,SCALE[,ROT]",
+        help="real Tycho-2 stars (astrometry.net's index files) instead of random ones: the "
+        "field centred on RA, DEC (degrees) at SCALE arcsec/px, its up ROT degrees east of north",
+    )  # fmt: skip
+    p.add_argument(
         "--milky-way", type=float, default=0.0, metavar="C",
         help="a Milky Way band with C times more stars on its centre line",
     )  # fmt: skip
@@ -159,6 +164,19 @@ def night_options(args: argparse.Namespace) -> dict[str, Any]:
 
         options["sensor"] = SensorModel(seed=args.seed, temperature_c=args.temperature)
         options["calibration_frames"] = args.calibration
+    if args.field is not None:
+        from nightstack.simulate.catalog import planted_stars
+
+        if len(args.field) not in (3, 4):
+            raise ValueError("--field takes RA,DEC,SCALE[,ROT]")
+        try:
+            ra, dec, scale, *rotation = args.field
+            options["planted_stars"] = planted_stars(
+                ra, dec, scale, rotation[0] if rotation else 0.0, args.width, args.height
+            )
+        except (FileNotFoundError, OSError) as err:
+            raise ValueError(f"--field: {err}") from err
+        options["stars"] = 0
     if args.seeing is not None and args.seeing_jitter is not None:
         raise ValueError("give --seeing or --seeing-jitter, not both")
     if args.seeing is not None:
