@@ -28,7 +28,14 @@ from nightstack.registration.quality import Quality
 from nightstack.service.daemon import Daemon as LiveDaemon
 from nightstack.service.split import Splitter, _separation_deg
 from nightstack.simulate.sky import SkyModel
-from nightstack.simulate.targets import Leg, expected_splits, three_targets, write_night
+from nightstack.simulate.targets import (
+    Leg,
+    expected_splits,
+    on_the_sky,
+    three_targets,
+    write_night,
+)
+from nightstack.solve.solver import Solver
 
 pytestmark = pytest.mark.slow
 
@@ -328,3 +335,33 @@ def test_a_located_jump_splits_at_once(tmp_path: Path, live: list[LiveDaemon]) -
     assert sessions[1][0]["split"] == "pointing moved 17.82° (> 0.5°)"
     # located: the first reference, and the one frame that failed to align (the second's)
     assert asked == ["N_0000.DNG", "N_0004.DNG"]  # the split frame is not solved twice
+
+
+@pytest.mark.skipif(not Solver(load_settings(None, {"solve_enabled": True}, use_default=False))
+                    .available, reason="no plate solver (astrometry.net and its index files)")
+def test_a_night_of_three_real_targets_splits_and_names_each_session(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """The three-target night on the real sky (the Tycho-2 stars at M27, M57 and M13, 3"/px)
+    with the plate solver on: the same four sessions, every frame accepted, each session named
+    after its target in session.json and stack.fits."""
+    width, height = 1200, 800  # 1 x 0.67 degrees: M13's field holds 30 Tycho-2 stars
+    legs = on_the_sky(three_targets(), 3.0, width, height)
+    truth = expected_splits(legs, GAP_S)
+    total = sum(leg.frames for leg in legs)
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    write_night(watch, legs, width=width, height=height, stars=0)
+    env = {"NIGHTSTACK_SOLVE_ENABLED": "true", "NIGHTSTACK_SOLVE_SCALE_ARCSEC": "3.0"}
+    d = Daemon(watch, out, env=env)
+    daemons.append(d)
+    wait_for(lambda: len(journal(out)) >= total, 180, f"{total} journal lines", d)
+    assert d.stop() == 0
+    sessions = _sessions(out)
+    assert [_index(s[0]) for s in sessions] == truth == [0, 6, 12, 17], d.text()
+    lines = [line for s in sessions for line in s]
+    assert [line for line in lines if line["status"] != "accepted"] == []
+    names = [json.loads((out / s[0]["session"] / "session.json").read_text()).get("target")
+             for s in sessions]  # fmt: skip
+    assert names == ["M27", "M57", "M13", "M13"], names
+    for s, name in zip(sessions, names, strict=True):
+        assert fits.getheader(out / s[0]["session"] / "stack.fits")["OBJECT"] == name

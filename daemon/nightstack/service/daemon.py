@@ -57,6 +57,7 @@ from nightstack.service.notify import Notifier, shown
 from nightstack.service.recovery import Recovery
 from nightstack.service.retries import Retries, first_attempts
 from nightstack.service.session import Session
+from nightstack.service.solving import Locator
 from nightstack.service.split import Locate, Splitter
 from nightstack.service.watcher import FrameWatcher
 
@@ -187,7 +188,9 @@ class Daemon:
         self._paused = threading.Event()  # the output cannot be written: wait for space
         self.intake = Intake(settings, self._sky, self.stop, self._paused)
         self.retries = Retries(set())  # transient failures: tried once, waiting for the retry
-        self.split = Splitter(settings, locate)  # when a session splits itself (split.py)
+        # when a session splits itself (split.py); a frame that fails to align is plate-solved
+        locate = locate or Locator(lambda: self.session.solving if self.session else None)
+        self.split = Splitter(settings, locate)
         self._stuck_said = False
         self._request_said: str | None = None  # the last complaint about the close request
         self.stats = {"stacked": 0, "rejected": 0}
@@ -413,6 +416,10 @@ class Daemon:
 
     def _off_target(self, session: Session, item: Prepared, off: OffTarget, output: Path) -> None:
         """``item`` failed to align, or moved: split, hold it, or reject it (``split.py``)."""
+        solved = session.solving.reference  # where the reference points, once plate-solved
+        if solved is not None and self.split.pointing is None:
+            self.split.pointing = (solved.solution.ra_deg, solved.solution.dec_deg)
+            self.split.scale_arcsec = solved.solution.scale_arcsec
         verdict = self.split.off_target(item, off)
         self._reject_held(session, verdict.reject)
         if verdict.split is not None:

@@ -17,12 +17,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from nightstack.config import Settings
 from nightstack.frames import Stars
-from nightstack.solve.solver import Solver, separation_deg
+from nightstack.pipeline.prepare import Prepared
+from nightstack.solve.solver import Hint, Solver, separation_deg
 from nightstack.solve.wcs import SolvedField, solve_stars
 
 log = logging.getLogger("nightstack.service.session")
+
+LOCATE_TIMEOUT_S = 15.0
+"""The longest a frame that failed to align is solved for on the worker (the split rules): with
+the reference's scale as the hint a real frame solves in 1-2 s; clouds give up sooner (too few
+stars) or here."""
+
+LOCATE_SCALE_TOLERANCE = 0.05
+"""The hint for such a frame: the reference's solved scale, within this fraction."""
 
 
 class Solving:
@@ -123,3 +134,34 @@ class Solving:
             self.session, Path(path).name, s.ra_deg, s.dec_deg, found.target, moved,
         )  # fmt: skip
         self.on_solved()
+
+
+class Locator:
+    """The split rules' plate solver (:class:`nightstack.service.split.Locate`): the sky position
+    of a frame that failed to align, solved at once on the worker thread (a frame that failed
+    costs no other frame a wait; bounded by :data:`LOCATE_TIMEOUT_S`), hinted by the open
+    session reference's solved scale. None without a solver, before that reference is solved
+    (the split then waits for the frames that align with each other) or for a frame without
+    stars."""
+
+    def __init__(self, solving: Callable[[], Solving | None]) -> None:
+        self.solving = solving  # the open session's solves, or None
+
+    def __call__(self, prepared: Prepared) -> tuple[float, float] | None:
+        solving = self.solving()
+        ref = solving.reference if solving is not None else None
+        if solving is None or ref is None or prepared.stars is None or prepared.frame is None:
+            return None
+        scale = ref.solution.scale_arcsec
+        hint = Hint(scale * (1 - LOCATE_SCALE_TOLERANCE), scale * (1 + LOCATE_SCALE_TOLERANCE))
+        stars = prepared.stars
+        if len(stars) == 0:
+            return None
+        table = np.column_stack([stars.xy, stars.flux])
+        rows, cols = prepared.frame.shape[:2]
+        found = solving.solver.solve(table, (rows, cols), hint, timeout_s=LOCATE_TIMEOUT_S)
+        if found is None:
+            return None
+        log.info("%s located: RA %.4f Dec %+.4f (solved in %.1f s)", prepared.path.name,
+                 found.ra_deg, found.dec_deg, found.seconds)  # fmt: skip
+        return found.ra_deg, found.dec_deg

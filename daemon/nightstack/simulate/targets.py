@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
@@ -58,6 +58,26 @@ def three_targets() -> list[Leg]:
         Leg("M 13", 33, 5, (250.42, 36.46), exposure_s=60.0),
         Leg("M 13", 33, 4, (250.42, 36.46), exposure_s=60.0, pause_s=25 * 60.0, first=5),
     ]
+
+
+def on_the_sky(
+    legs: Sequence[Leg], scale_arcsec: float, width: int, height: int
+) -> list[Leg]:
+    """``legs`` showing the real sky at their pointings: each leg's field is the catalogue's
+    stars there (:func:`nightstack.simulate.catalog.planted_stars`, from the installed Tycho-2
+    index files) at ``scale_arcsec``, so a plate solver places and names it. Write them with
+    ``write_night(..., width=width, height=height, stars=0)``."""
+    from nightstack.simulate.catalog import planted_stars
+
+    fields: dict[tuple[float, float], Any] = {}
+    out = []
+    for leg in legs:
+        if leg.pointing not in fields:
+            fields[leg.pointing] = planted_stars(*leg.pointing, scale_arcsec, 0.0, width, height)
+        model = {"planted_stars": fields[leg.pointing], "nebula": False, "landscape_fraction": 0.0,
+                 **leg.model}  # fmt: skip
+        out.append(replace(leg, model=model))
+    return out
 
 
 def expected_splits(legs: Sequence[Leg], gap_s: float) -> list[int]:
