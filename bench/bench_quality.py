@@ -3,7 +3,8 @@ faint-star S/N by forced aperture photometry against random star-free apertures,
 sequences of ../shared/realdata, for nightstack's defaults, its former defaults, a reference
 pipeline and Siril, in one run.
 
-- ``nightstack``: `nightstack stack` with default settings (MHC demosaic, clamped cubic warp).
+- ``nightstack``: `nightstack stack` with default settings (``mhc-sharp`` demosaic, clamped cubic
+  warp); ``mhc``: the same with Malvar-He-Cutler's published gains (``--demosaic mhc``).
 - ``former``: the same with ``--demosaic bilinear --interpolation bilinear`` (the defaults before
   issue 19) and ``--max-elongation 1.6`` standing for the old fixed trail gate.
 - ``reference``: Menon's demosaic (colour-demosaicing), a Lanczos-4 warp through nightstack's own
@@ -162,6 +163,7 @@ def _measure_set(name: str, folder: str, glob: str) -> dict[str, Any]:
                     "--config", str(former))),
     ]  # fmt: skip
     if "mono" not in name:
+        runs.append(("mhc", ("--demosaic", "mhc")))
         for drizzle in ("1x", "2x"):
             config = work / f"drizzle_{drizzle}.toml"
             config.write_text(f'drizzle = "{drizzle}"\n')
@@ -191,7 +193,7 @@ def _measure_set(name: str, folder: str, glob: str) -> dict[str, Any]:
     # sample: the estimate moved 10 % between two near-identical images that way)
     free = star_free_mask(base, math.ceil(APERTURE_PX + 8))
     ref_snr = None
-    labels = ("reference", "nightstack", "former", "siril", "drizzle 1x", "drizzle 2x")
+    labels = ("reference", "nightstack", "mhc", "former", "siril", "drizzle 1x", "drizzle 2x")
     for label in labels:
         if label not in stacks:
             continue

@@ -256,12 +256,13 @@ def test_the_default_stack_keeps_the_stars_as_sharp_as_one_frame(
     stacked: tuple[Path, list[dict[str, Any]]],
     tmp_path: Path,
 ) -> None:
-    """The defaults (MHC demosaic, clamped cubic warp) keep the drifting night's stack within 2 %
-    of its reference frame's own star FWHM and no wider than LibRaw's AHD decode of it; a bilinear
-    warp widens them (its 2-tap kernel adds t(1 - t) px^2 of variance at a sub-pixel offset t)."""
+    """The defaults (mhc-sharp demosaic, clamped cubic warp) keep the drifting night's stack
+    within 2 % of its reference frame's own star FWHM and no wider than LibRaw's AHD decode of it;
+    a bilinear warp widens them (its 2-tap kernel adds t(1 - t) px^2 of variance at a sub-pixel
+    offset t)."""
     outdir, _ = night
     first = sorted(outdir.glob("*.DNG"))[0]
-    single = _fwhm(load(first, demosaic="mhc").image)
+    single = _fwhm(load(first, demosaic="mhc-sharp").image)
     ahd = _fwhm(load(first, demosaic="AHD").image)
     default = _fwhm(_fits_image(stacked[0]))
     bilinear_path, _ = _stack(outdir, tmp_path, "--interpolation", "bilinear")

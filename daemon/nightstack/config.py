@@ -57,7 +57,8 @@ MAX_SECONDS = 1e6
 _toml_data: ContextVar[dict[str, Any] | None] = ContextVar("_toml_data", default=None)
 
 Demosaic = Literal[
-    "mhc", "bilinear", "edge-aware", "AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT", "AAHD"
+    "mhc-sharp", "mhc", "bilinear", "edge-aware", "AHD", "LINEAR", "VNG", "PPG", "DCB", "DHT",
+    "AAHD",
 ]
 StackMethod = Literal["sigma_clip", "mean", "median", "winsorized"]
 
@@ -99,9 +100,11 @@ class Settings(BaseSettings):
 
     # --- decoding ---
     demosaic: Demosaic = Field(
-        "mhc",
+        "mhc-sharp",
         description="Every 2x2 Bayer source (raws and Bayer FITS), on its calibrated mosaic: "
-        "'mhc' (Malvar-He-Cutler: sharp stars), 'bilinear' or 'edge-aware' (OpenCV). Or a LibRaw "
+        "'mhc-sharp' (Malvar-He-Cutler's filters, every gradient correction at gain 3/4: the "
+        "sharpest stars), 'mhc' (Malvar-He-Cutler's published gains), 'bilinear' or "
+        "'edge-aware' (OpenCV). Or a LibRaw "
         "algorithm (AHD, LINEAR, ...): LibRaw's full decode, raws only (a Bayer FITS is then "
         "rejected, named). Other sensors (X-Trans, mono, RGB files) are decoded as they are.",
     )

@@ -11,13 +11,19 @@ in the mosaic's units (black 0, the sensor's clipping level 1.0 before white bal
 
 Demosaic methods:
 
-- ``"mhc"`` (the default): Malvar, He and Cutler's gradient-corrected linear interpolation
-  (ICASSP 2004): each missing colour is the bilinear estimate plus a fraction of the known
-  colour's own Laplacian, five 5x5 filters. It runs on the *white-balanced* mosaic (the
-  correction carries one colour's detail into another, which holds only for balanced colours)
-  and keeps a star's core as sharp as the sensor gave it: on the real Seestar S50 and ASI224MC
-  frames a stack's stars are 20-30 % narrower than with bilinear (``bench/RESULTS.md``).
+- ``"mhc"``: Malvar, He and Cutler's gradient-corrected linear interpolation (ICASSP 2004):
+  each missing colour is the bilinear estimate plus a fraction of the known colour's own
+  Laplacian (gains 1/2, 5/8 and 3/4, fitted to daylight photographs), five 5x5 filters. It runs
+  on the *white-balanced* mosaic (the correction carries one colour's detail into another,
+  which holds only for balanced colours) and keeps a star's core sharp: on the real Seestar S50
+  and ASI224MC frames a stack's stars are 20-30 % narrower than with bilinear.
   Its output is float (the correction may overshoot a code's range slightly at hard edges).
+- ``"mhc-sharp"`` (the default): the same filters with every correction at gain 3/4
+  (:data:`SHARP_GAIN`): a missing colour takes more of the known colour's local detail. Stars
+  are near-white points whose colours differ mostly in width (the Seestar S50's red stars are
+  1.4x its green ones on the raw sites alone), so this is what the sky wants: on the real sets
+  its stacks' stars are 2-4 % narrower than with ``"mhc"`` at equal faint-star S/N, with less
+  colour noise in a star-sized aperture (``bench/RESULTS.md``).
 - ``"bilinear"``: OpenCV's; each colour interpolated from its own sites (3x3). It widens stars
   by a third on a small-star camera; kept for comparison and the slowest machines.
 - ``"edge-aware"``: OpenCV's edge-aware (``_EA``) interpolation along the weaker gradient. It
@@ -39,7 +45,7 @@ import numpy.typing as npt
 from nightstack.arrays import Float32Array, UInt16Array
 from nightstack.frames import BAYER_PATTERNS, Mosaic
 
-METHODS = ("mhc", "bilinear", "edge-aware")
+METHODS = ("mhc-sharp", "mhc", "bilinear", "edge-aware")
 """The mosaic path's demosaic methods (the first is the default); LibRaw's (AHD, ...) go through
 ``loaders.load`` instead."""
 
@@ -60,7 +66,7 @@ _BAND_PAD = 4
 OpenCV's border rows differ from the interior; 4 (even, so the pattern's phase is kept) is exact."""
 
 _MHC_KERNELS = tuple(
-    np.array(k, np.float32) / 8
+    np.asarray(np.array(k, np.float32) / 8, np.float32)
     for k in (
         # green at a red or blue site
         [[0, 0, -1, 0, 0],
@@ -89,6 +95,37 @@ _MHC_KERNELS = tuple(
     )
 )  # fmt: skip
 """Malvar-He-Cutler's filters (each sums to 1, so they commute with the codes' affine map)."""
+
+_BILINEAR_KERNELS = tuple(
+    np.asarray(np.array(k, np.float32) / 4, np.float32)
+    for k in (
+        [[0, 0, 0, 0, 0], [0, 0, 1, 0, 0], [0, 1, 0, 1, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0]],
+        [[0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 2, 0, 2, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]],
+        [[0, 0, 0, 0, 0], [0, 0, 2, 0, 0], [0, 0, 0, 0, 0], [0, 0, 2, 0, 0], [0, 0, 0, 0, 0]],
+        [[0, 0, 0, 0, 0], [0, 1, 0, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 1, 0], [0, 0, 0, 0, 0]],
+    )
+)  # fmt: skip
+"""The bilinear estimates inside :data:`_MHC_KERNELS` (the same four cases, each sums to 1)."""
+
+_MALVAR_GAINS = (0.5, 0.625, 0.625, 0.75)
+"""Malvar, He and Cutler's correction gains in :data:`_MHC_KERNELS`: green at a red or blue
+site, a colour at a green site (both ways), red at blue and blue at red."""
+
+SHARP_GAIN = 0.75
+"""``"mhc-sharp"``'s gain for every correction. Chosen on the real sets by star FWHM against the
+colour of strongly coloured stars in an aperture (the 3x3 clamp adds flux where a weak colour
+would overshoot below its neighbours): Malvar's gains 1.043x / 1.033x the reference pipeline's
+FWHM (Seestar / ASI224MC), 7.0 % colour error; 3/4: 1.020x / 1.009x, 7.6 %; 1: 0.98x / 0.98x,
+13.7 % (``tests/test_demosaic.py`` holds every method to 10 %)."""
+
+_KERNELS: dict[str, tuple[Float32Array, ...]] = {
+    "mhc": _MHC_KERNELS,
+    "mhc-sharp": tuple(
+        np.asarray(b + SHARP_GAIN / g * (k - b), np.float32)
+        for b, k, g in zip(_BILINEAR_KERNELS, _MHC_KERNELS, _MALVAR_GAINS, strict=True)
+    ),
+}
+"""The gradient-corrected methods' four filters: bilinear plus the correction at its gain."""
 
 _CV_CODES = {
     # OpenCV names a Bayer code after the 2x2 block starting at the second row and column
@@ -196,8 +233,8 @@ def demosaic_codes(
     units, unbalanced, so that :func:`code_gains` turns them into values for every method, before
     or after a warp (both are linear). OpenCV's methods give their 16-bit output exactly; MHC
     interpolates the white-balanced mosaic (``white_balance``) and takes the balance out again."""
-    if check_method(method) == "mhc":
-        return _demosaic_mhc(codes, pattern, white_balance, row_start, row_stop)
+    if check_method(method) in _KERNELS:
+        return _demosaic_mhc(codes, pattern, white_balance, method, row_start, row_stop)
     return _demosaic_u16(codes, pattern, method, row_start, row_stop).astype(np.float32)
 
 
@@ -230,12 +267,13 @@ def _demosaic_mhc(
     codes: UInt16Array,
     pattern: str,
     white_balance: tuple[float, float, float],
+    method: str,
     row_start: int,
     row_stop: int,
 ) -> Float32Array:
-    """:func:`demosaic_codes` by Malvar-He-Cutler, (rows, cols, 3) float32 codes: the window's
-    codes become balanced values (in code steps, black at 0), :func:`_mhc_rows` demosaics them
-    and each channel is unbalanced back into codes."""
+    """:func:`demosaic_codes` by a gradient-corrected ``method``, (rows, cols, 3) float32 codes:
+    the window's codes become balanced values (in code steps, black at 0), :func:`_mhc_rows`
+    demosaics them and each channel is unbalanced back into codes."""
     start, stop, first = _window(codes, pattern, row_start, row_stop)
     if stop == start:
         return np.zeros((0, codes.shape[1], 3), np.float32)
@@ -246,16 +284,19 @@ def _demosaic_mhc(
     for site, colour in enumerate(pattern):
         window[site // 2 :: 2, site % 2 :: 2] *= gains["RGB".index(colour)]
     inverse = (float(1 / gains[0]), float(1 / gains[1]), float(1 / gains[2]))
-    return _mhc_rows(window, pattern, start - first, stop - start, inverse, float(black))
+    return _mhc_rows(
+        window, pattern, start - first, stop - start, _KERNELS[method], inverse, float(black)
+    )
 
 
-def mhc(mosaic: Float32Array, pattern: str) -> Float32Array:
-    """Malvar-He-Cutler demosaic of a whole float (rows, cols) mosaic of balanced values (a
-    Bayer FITS: white balance 1), ``pattern`` at pixel (0, 0): (rows, cols, 3) float32."""
+def mhc(mosaic: Float32Array, pattern: str, method: str = "mhc-sharp") -> Float32Array:
+    """A gradient-corrected demosaic (``"mhc-sharp"`` or ``"mhc"``) of a whole float (rows, cols)
+    mosaic of balanced values (a Bayer FITS: white balance 1), ``pattern`` at pixel (0, 0):
+    (rows, cols, 3) float32."""
     if pattern not in BAYER_PATTERNS:
         raise ValueError(f"pattern must be one of {BAYER_PATTERNS}, not {pattern!r}")
     window = np.ascontiguousarray(mosaic, np.float32)
-    return _mhc_rows(window, pattern, 0, window.shape[0])
+    return _mhc_rows(window, pattern, 0, window.shape[0], _KERNELS[method])
 
 
 def _mhc_rows(
@@ -263,20 +304,22 @@ def _mhc_rows(
     pattern: str,
     top: int,
     rows: int,
+    kernels: tuple[Float32Array, ...],
     scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
     offset: float = 0.0,
 ) -> Float32Array:
-    """Rows ``top:top + rows`` of the MHC demosaic of ``window`` ((rows, cols) float32, balanced,
-    ``pattern`` at its pixel (0, 0)), each channel then times ``scale[c]`` plus ``offset``: the
-    four filters run over the window (mirrored at its edges, which keeps the pattern's phase),
-    each output site takes its own sample or the filter its colour calls for, channel by
-    channel in contiguous planes. Returns (rows, cols, 3) float32."""
+    """Rows ``top:top + rows`` of the gradient-corrected demosaic of ``window`` ((rows, cols)
+    float32, balanced, ``pattern`` at its pixel (0, 0)) by ``kernels`` (one of :data:`_KERNELS`),
+    each channel then times ``scale[c]`` plus ``offset``: the four filters run over the window
+    (mirrored at its edges, which keeps the pattern's phase), each output site takes its own
+    sample or the filter its colour calls for, channel by channel in contiguous planes.
+    Returns (rows, cols, 3) float32."""
     cols = window.shape[1]
     if rows == 0 or cols == 0:
         return np.empty((rows, cols, 3), np.float32)
     green, across, along, diagonal = (
         np.asarray(cv2.filter2D(window, -1, k, borderType=cv2.BORDER_REFLECT_101), np.float32)
-        for k in _MHC_KERNELS
+        for k in kernels
     )
     # the correction overshoots beside a hot pixel or a clipped core (seen to -0.14 of the range
     # on a real ASI224MC frame): each value clamped to the range of its 3x3 balanced samples,
@@ -333,11 +376,11 @@ def demosaic_image(
     flat_out = out.reshape(rows, 3 * cols)
     step = max(1, _BAND_SAMPLES // (3 * cols))
     # MHC in bands of whole 2x2 rows (its float intermediates stay small); OpenCV's whole
-    chunk = max(2, (_BAND_SAMPLES * 8 // cols) & ~1) if method == "mhc" else rows
+    chunk = max(2, (_BAND_SAMPLES * 8 // cols) & ~1) if method in _KERNELS else rows
     for c0 in range(0, rows, chunk):
         c1 = min(rows, c0 + chunk)
-        if method == "mhc":
-            rgb: npt.NDArray[Any] = _demosaic_mhc(codes, pattern, white_balance, c0, c1)
+        if method in _KERNELS:
+            rgb: npt.NDArray[Any] = _demosaic_mhc(codes, pattern, white_balance, method, c0, c1)
         else:
             rgb = _demosaic_u16(codes, pattern, method, c0, c1)
         flat_in = rgb.reshape(c1 - c0, 3 * cols)
