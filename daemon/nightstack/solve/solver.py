@@ -25,13 +25,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from astropy.io import fits
-from astropy.wcs import WCS
 
 from nightstack.config import Settings
+
+if TYPE_CHECKING:
+    from astropy.wcs import WCS
 
 log = logging.getLogger("nightstack.solve")
 
@@ -92,6 +94,8 @@ class Solution:
 
     @property
     def wcs(self) -> WCS:
+        from astropy.wcs import WCS  # 30 MB a daemon without a solve never needs
+
         return WCS(fits.Header(self.wcs_header))
 
     def pixel(self, ra_deg: Any, dec_deg: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -252,6 +256,8 @@ def _solution(
     header: dict[str, Any], shape: tuple[int, int], matched: int, seconds: float
 ) -> Solution:
     """Centre, scale, rotation and field of a WCS on a frame of ``shape``."""
+    from astropy.wcs import WCS
+
     rows, cols = shape
     wcs = WCS(fits.Header(header))
     cx, cy = (cols - 1) / 2, (rows - 1) / 2
