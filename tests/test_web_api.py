@@ -92,6 +92,9 @@ def test_status_frames_events_downloads_and_close(
         assert preview.status == 200 and preview.headers["content-type"] == "image/jpeg"
         assert preview.body == (session / "preview.jpg").read_bytes()
         assert request(base, "/api/preview.jpg").body == preview.body
+        tag = preview.headers["etag"]  # unchanged since: 304, no body
+        again = request(base, f"/api/sessions/{sid}/preview.jpg", headers={"If-None-Match": tag})
+        assert again.status == 304 and again.body == b""
         for name in ("stack.tif", "stack.fits"):
             assert request(base, f"/api/sessions/{sid}/{name}").status == 404
         live = request(base, f"/api/sessions/{sid}/live.fits")  # written by newer daemons

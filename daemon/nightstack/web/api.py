@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -275,11 +277,36 @@ async def _frames(request: web.Request) -> web.Response:
     return web.json_response(records)
 
 
-def _file_response(path: Any, name: str) -> web.FileResponse:
+_IN_MEMORY_BYTES = 16 << 20
+"""Images up to this size are answered from memory, read and closed at once: aiohttp's
+FileResponse can leave its file to the garbage collector when a client goes away mid-answer."""
+
+
+async def _file_response(request: web.Request, path: Any, name: str) -> web.StreamResponse:
     headers = {"Content-Type": SERVED[name], "Cache-Control": "no-cache"}
     if name in DOWNLOADS and name != "preview.jpg":
         headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    if SERVED[name] == "image/jpeg":
+        found = await asyncio.to_thread(_read_small, Path(path))
+        if found is not None:
+            tag, body = found
+            headers["ETag"] = tag
+            if request.headers.get("If-None-Match") == tag:
+                return web.Response(status=304, headers=headers)
+            return web.Response(body=body, headers=headers)
     return web.FileResponse(path, headers=headers)
+
+
+def _read_small(path: Path) -> tuple[str, bytes] | None:
+    """(an ETag, the bytes) of a file up to :data:`_IN_MEMORY_BYTES`; None when larger or gone."""
+    try:
+        with path.open("rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_size > _IN_MEMORY_BYTES:
+                return None
+            return f'"{st.st_mtime_ns:x}-{st.st_size:x}"', fh.read(_IN_MEMORY_BYTES + 1)
+    except OSError:
+        return None
 
 
 async def _download(request: web.Request) -> web.StreamResponse:
@@ -287,7 +314,7 @@ async def _download(request: web.Request) -> web.StreamResponse:
     path = await asyncio.to_thread(request.app[SESSIONS_KEY].file, request.match_info["sid"], name)
     if path is None:
         raise _not_found()
-    return _file_response(path, name)
+    return await _file_response(request, path, name)
 
 
 async def _open_preview(request: web.Request) -> web.StreamResponse:
@@ -298,7 +325,7 @@ async def _open_preview(request: web.Request) -> web.StreamResponse:
     path = await asyncio.to_thread(request.app[SESSIONS_KEY].file, session, "preview.jpg")
     if path is None:
         raise _not_found()
-    return _file_response(path, "preview.jpg")
+    return await _file_response(request, path, "preview.jpg")
 
 
 async def _rendered(
