@@ -29,11 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from _common import OUT, PYTHON, fmt_s, log, median, table
-from nightstack.simulate.targets import expected_splits, three_targets, write_night
+from nightstack.config import load_settings
+from nightstack.simulate.targets import expected_splits, on_the_sky, three_targets, write_night
+from nightstack.solve.solver import Solver
 
 SIZE = (3000, 2000, 1500)  # width, height, stars: 6 MP frames
 QUICK_SIZE = (1200, 800, 400)
 GAP_S = 1200.0  # split_gap_s's default
+SKY_SCALE = 3.0  # "/px of the night on the real sky (its fields: the Tycho-2 stars there)
 TIMEOUT_S = 900.0
 
 _LINE = re.compile(r"^(\S+ \S+) \w+ (N_(\d+)\.DNG) (accepted|rejected)")
@@ -47,14 +50,20 @@ def _stamp(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-def _run(watch: Path, root: Path, frames: int, split: bool) -> dict[str, Any]:
-    """Stack the night in ``watch`` as a backlog; the journals and the log's times."""
-    out = root / ("split" if split else "nosplit")
+def _run(
+    watch: Path, root: Path, frames: int, split: bool, solve: float | None = None
+) -> dict[str, Any]:
+    """Stack the night in ``watch`` as a backlog; the journals, the sessions' names and the
+    log's times. ``solve``: the plate solver on, hinted by this scale ("/px)."""
+    out = root / ("sky" if solve else "split" if split else "nosplit")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
     env.update({"NIGHTSTACK_WEB_ENABLED": "false", "NIGHTSTACK_STABLE_S": "0.5",
-                "NIGHTSTACK_SPLIT_ENABLED": "true" if split else "false"})  # fmt: skip
+                "NIGHTSTACK_SPLIT_ENABLED": "true" if split else "false",
+                "NIGHTSTACK_SOLVE_ENABLED": "true" if solve else "false"})  # fmt: skip
+    if solve:
+        env["NIGHTSTACK_SOLVE_SCALE_ARCSEC"] = str(solve)
     log_path = out / "daemon.log"
     t0 = time.monotonic()
     with log_path.open("w") as sink:
@@ -78,11 +87,12 @@ def _run(watch: Path, root: Path, frames: int, split: bool) -> dict[str, Any]:
         finally:
             if proc.poll() is None:
                 proc.kill()
-    sessions = []
+    sessions, names = [], []
     for journal in sorted((out / "sessions").glob("*/journal.jsonl")):
         lines = [json.loads(x) for x in journal.read_text().splitlines()]
         sessions.append([{k: r.get(k) for k in ("file", "status", "reason", "split")}
                          for r in lines])  # fmt: skip
+        names.append(json.loads((journal.parent / "session.json").read_text()).get("target"))
     text = log_path.read_text(errors="replace").splitlines()
     journaled, closes = [], []
     closing: tuple[float, str] | None = None
@@ -95,7 +105,7 @@ def _run(watch: Path, root: Path, frames: int, split: bool) -> dict[str, Any]:
         elif (found := _CLOSED.match(line)) and closing is not None:
             closes.append({"why": closing[1], "s": _stamp(found.group(1)) - closing[0]})
             closing = None
-    return {"sessions": sessions, "journaled": journaled, "closes": closes}
+    return {"sessions": sessions, "names": names, "journaled": journaled, "closes": closes}
 
 
 def measure(quick: bool) -> dict[str, Any]:
@@ -113,6 +123,16 @@ def measure(quick: bool) -> dict[str, Any]:
     for split in (True, False):
         log(f"stacking it with split_enabled = {split}")
         data["split" if split else "nosplit"] = _run(watch, root, frames, split)
+    if Solver(load_settings(None, {"solve_enabled": True}, use_default=False)).available:
+        sky = root / f"sky-{width}x{height}"
+        if not (sky / "targets.json").exists():
+            shutil.rmtree(sky, ignore_errors=True)
+            log(f"writing the night on the real sky ({SKY_SCALE}\"/px)")
+            write_night(sky, on_the_sky(legs, SKY_SCALE, width, height), width=width,
+                        height=height, stars=0)  # fmt: skip
+        log("stacking it with the plate solver")
+        data["sky"] = _run(sky, root, frames, True, solve=SKY_SCALE)
+        data["targets"] = [leg.target.replace(" ", "") for leg in legs for _ in range(leg.frames)]
     return data
 
 
@@ -151,11 +171,15 @@ def report(data: dict[str, Any]) -> str:
     truth = data["truth"]
     rows = []
     for key, label in (("split", "split rules on (default)"),
-                       ("nosplit", "split_enabled = false (before)")):  # fmt: skip
+                       ("nosplit", "split_enabled = false (before)"),
+                       ("sky", "on the real sky, plate solver on")):  # fmt: skip
+        if key not in data:
+            continue
         s = _summary(data[key])
+        names = ", ".join(str(n) for n in data[key].get("names", [])) if key == "sky" else "-"
         rows.append((label, s["sessions"], ", ".join(map(str, s["starts"])),
                      ", ".join(map(str, truth)), f"{s['accepted']} / {data['frames']}",
-                     s["rejected"], s["rejected_align"]))  # fmt: skip
+                     s["rejected"], s["rejected_align"], names))  # fmt: skip
     out = [
         f"The night of `simulate.targets.three_targets`: {data['frames']} DNG frames "
         f"{width}x{height}; A (6 frames) -> slew, same exposure -> B (6) -> slew, 30 s -> 60 s "
@@ -165,9 +189,14 @@ def report(data: dict[str, Any]) -> str:
         "",
         table(
             ("run", "sessions", "first frames", "truth", "accepted", "rejected",
-             "rejected for alignment"),
+             "rejected for alignment", "sessions named"),
             rows,
         ),
+        "",
+        f"On the real sky: the same legs showing the Tycho-2 stars at their targets' pointings "
+        f"(`simulate.targets.on_the_sky`, {SKY_SCALE}\"/px), `solve_enabled` on: a frame that "
+        "fails to align is plate-solved at once, so the slew splits at its first frame, and "
+        "each session is named by its reference's solve.",
         "",
     ]
     run = data["split"]
@@ -203,7 +232,7 @@ def report(data: dict[str, Any]) -> str:
 def goals(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
     s = _summary(data["split"])
     right = s["starts"] == data["truth"]
-    return [
+    out = [
         (
             "three-target night: 3 or 4 sessions split at the right frames, 0 frames rejected "
             "for alignment",
@@ -213,3 +242,17 @@ def goals(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
             s["sessions"] in (3, 4) and right and s["rejected_align"] == 0,
         )
     ]
+    if "sky" in data:
+        sky = _summary(data["sky"])
+        starts = [_index(x[0]["file"]) for x in data["sky"]["sessions"] if x]
+        want = [data["targets"][i] for i in starts]  # each frame's target
+        names = data["sky"]["names"]
+        out.append((
+            "the same night on the real sky: split right, 0 rejected for alignment, each "
+            "session named after its target",
+            f"{sky['sessions']} sessions at {', '.join(map(str, sky['starts']))}, "
+            f"{sky['rejected_align']} rejected for alignment, named {', '.join(map(str, names))}",
+            sky["starts"] == data["truth"] and sky["rejected_align"] == 0 and names == want,
+        ))  # fmt: skip
+    return out
+

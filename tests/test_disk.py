@@ -236,6 +236,8 @@ def test_a_small_disk_killed_at_random_keeps_every_frame_in_exactly_one_final(
                 again = Daemon(watch, out, env=env, log_dir=tmp_path)
                 daemons.append(again)
                 wait_for(lambda: not closing(), 60, "the waiting session finished", again)
+                # frames its checkpoint had not kept are journaled lost there, stacked anew
+                wait_for(every_frame_stacked, 60, "every frame stacked again", again)
                 assert again.stop(timeout=60) == 0
             held = _finals(out)
         except AssertionError as err:
