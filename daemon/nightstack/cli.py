@@ -8,6 +8,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -186,9 +187,14 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             preparer = Preparer(settings, dec)
             stacker = Stacker(settings, workdir, sky=preparer.sky, live=False)  # the final only
             progress = _Progress(len(files), "stacking")
+            solving: threading.Thread | None = None  # the reference's plate solve, beside
             for n, path in enumerate(files, 1):
                 record = stacker.stack(preparer.prepare(path, sky=stacker.sky))
                 tally.count(record)
+                if record.reference and solving is None:
+                    solving = threading.Thread(target=_solve_reference, args=(stacker, settings),
+                                               name="plate-solve", daemon=True)  # fmt: skip
+                    solving.start()
                 if args.reference is not None and n == 1 and not record.reference:
                     print(
                         f"nightstack stack: reference {path} unusable: {record.reason}",
@@ -209,7 +215,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             )
             return 1
         assert stacker.store is not None and stacker.reference is not None
-        _solve_reference(stacker, settings)
+        if solving is not None:
+            solving.join()  # the final's WCS (solved while the other frames were stacked)
         disk = stacker.store.disk_bytes()
         combining = time.monotonic()
         targets = [Target("stack", output, stretched=args.stretched)]
