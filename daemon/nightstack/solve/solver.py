@@ -16,10 +16,13 @@ moved back to the whole frame's pixel grid.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -220,13 +223,24 @@ class Solver:
                 command += ["--ra", f"{hint.ra_deg:.6f}", "--dec", f"{hint.dec_deg:.6f}",
                             "--radius", f"{hint.radius_deg:g}"]  # fmt: skip
             command.append(str(work / "stars.xy"))
+            # its own process group: solve-field runs astrometry-engine through a shell, and a
+            # timeout must end them all (a killed solve-field alone left the engine running to
+            # its CPU limit, and a pipe to it kept the caller waiting: 77 s for a 30 s limit)
+            proc = subprocess.Popen(
+                command, cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
             try:
-                subprocess.run(
-                    command, cwd=work, capture_output=True, timeout=timeout_s + 5, check=False
-                )
+                proc.wait(timeout=timeout_s + 5)
             except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 log.info("plate solve: solve-field gave no answer in %.0f s", timeout_s)
                 return None
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # nothing of it outlives the call
             if not (work / "solution.wcs").exists():
                 return None
             raw = fits.getheader(work / "solution.wcs")
