@@ -207,8 +207,12 @@ class Splitter:
         if where is not None and self.pointing is not None:
             jump, limit = _separation_deg(self.pointing, where), self.move_limit_deg(shape)
             if jump > limit:
-                return Verdict(split=f"pointing moved {jump:.2f}° (> {limit:g}°)",
-                               reject=self._release())  # fmt: skip
+                why = f"pointing moved {jump:.2f}° (> {limit:g}°)"
+                run = [*self.held, _Held(item.path, item.stars, off.record)] if item.stars else []
+                if len(run) > 1 and self._together(run):  # frames held before the solver
+                    self.held = []  # could tell are the new target's first: stacked there
+                    return Verdict(split=why, requeue=[h.path for h in run])
+                return Verdict(split=why, reject=self._release())
             return Verdict(reject=[*self._release(), off.record])
         if item.stars is None:
             return Verdict(reject=[*self._release(), off.record])
