@@ -17,8 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from nightstack.config import Settings
 from nightstack.frames import Stars
 from nightstack.pipeline.prepare import Prepared
@@ -154,12 +152,9 @@ class Locator:
             return None
         scale = ref.solution.scale_arcsec
         hint = Hint(scale * (1 - LOCATE_SCALE_TOLERANCE), scale * (1 + LOCATE_SCALE_TOLERANCE))
-        stars = prepared.stars
-        if len(stars) == 0:
-            return None
-        table = np.column_stack([stars.xy, stars.flux])
         rows, cols = prepared.frame.shape[:2]
-        found = solving.solver.solve(table, (rows, cols), hint, timeout_s=LOCATE_TIMEOUT_S)
+        found = solving.solver.solve_stars(prepared.stars, (rows, cols), hint,
+                                           timeout_s=LOCATE_TIMEOUT_S)  # fmt: skip
         if found is None:
             return None
         log.info("%s located: RA %.4f Dec %+.4f (solved in %.1f s)", prepared.path.name,

@@ -34,6 +34,7 @@ import numpy as np
 from astropy.io import fits
 
 from nightstack.config import Settings
+from nightstack.frames import Stars
 
 if TYPE_CHECKING:
     from astropy.wcs import WCS
@@ -141,6 +142,18 @@ class Solver:
     @property
     def available(self) -> bool:
         return self.reason is None
+
+    def solve_stars(
+        self,
+        stars: Stars,
+        shape: tuple[int, int],
+        hint: Hint | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> Solution | None:
+        """:meth:`solve` on our own detections (their positions and fluxes)."""
+        table = np.column_stack([stars.xy, stars.flux]) if len(stars) else np.empty((0, 3))
+        return self.solve(table, shape, hint, timeout_s=timeout_s)
 
     def solve(
         self,

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from nightstack.frames import Stars
 from nightstack.solve.solver import Solution, Solver, hint_for
 from nightstack.solve.targets import FieldObject, objects_in_field, target_name
@@ -106,6 +104,5 @@ def solve_stars(
     """Solve a frame from its detected stars (hint: the settings and the file's header)."""
     if not solver.available or len(stars) == 0:
         return None
-    table = np.column_stack([stars.xy, stars.flux])
-    solution = solver.solve(table, shape, hint_for(path, solver.settings, shape))
+    solution = solver.solve_stars(stars, shape, hint_for(path, solver.settings, shape))
     return SolvedField.of(solution) if solution is not None else None
