@@ -215,8 +215,6 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             )
             return 1
         assert stacker.store is not None and stacker.reference is not None
-        if solving is not None:
-            solving.join()  # the final's WCS (solved while the other frames were stacked)
         disk = stacker.store.disk_bytes()
         combining = time.monotonic()
         targets = [Target("stack", output, stretched=args.stretched)]
@@ -225,6 +223,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             tally,
             targets if "stack" in settings.products else [],
             progress=_Progress(1, "combining") if sys.stderr.isatty() else None,
+            before_header=solving.join if solving is not None else None,  # the final's WCS
         )
         combined = time.monotonic() - combining
         for key, value in made.items():  # trails.tif/.jpg, timelapse.mp4 beside the output

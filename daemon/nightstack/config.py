@@ -394,7 +394,8 @@ class Settings(BaseSettings):
     solve_timeout_s: float = Field(
         30.0, gt=0, description="A solve taking longer is given up (the session goes on "
         "unsolved). Real frames solved in 0.5-1 s with a scale hint, 1-15 s blind; an unsolvable "
-        "field costs this much of one core once (`nightstack stack` waits for it at the end).",
+        "field costs this much of one core once (`nightstack stack` combines meanwhile and waits "
+        "only for what is left of it before writing the final).",
     )
     solve_focal_mm: float | None = Field(
         None, gt=0, description="Focal length for the solver's scale hint, when the frames' "

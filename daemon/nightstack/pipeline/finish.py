@@ -34,6 +34,7 @@ def finish(
     *,
     progress: Callable[[int, int], None] | None = None,
     keep_frames: bool = False,
+    before_header: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """The end of a stack, for ``nightstack stack`` and a session's close alike: the final
     combine (with the landscape's frozen ground), written to each target in order, then the
@@ -42,6 +43,8 @@ def finish(
     The first target is the final and must be written (an ``OSError`` propagates); a later one
     that cannot be written (a full disk) is skipped and named in the second list. A FITS of a
     frozen-ground stack holds the composite and, in HDU 2 (``SKY``), the aligned sky.
+    ``before_header`` runs between the combine and the header (``nightstack stack`` waits there
+    for the reference's plate solve, which runs beside the combine).
     """
     settings = stacker.settings
     outputs: dict[str, Any] = {}
@@ -49,6 +52,8 @@ def finish(
     if targets:
         image = stacker.final(progress)  # releases the live stack
         sky_rows = stacker.landscape.freeze_final(image, progress)  # the frozen ground
+        if before_header is not None:
+            before_header()
         rows = stacker.reference.shape[0] if stacker.reference is not None else image.shape[0]
         header = stacker.header(tally, scale=max(1, image.shape[0] // rows))  # drizzle 2x: 2
         for n, target in enumerate(targets):
