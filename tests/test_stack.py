@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -808,26 +807,6 @@ def test_live_validates_its_inputs(tmp_path: Path) -> None:
         LiveStack((10, 12), 3, warmup=0)
     with pytest.raises(ValueError, match="kappa"):
         LiveStack((10, 12), 3, kappa=0)
-
-
-@pytest.mark.slow
-def test_add_time_for_a_24_mp_frame() -> None:
-    rows, cols = 4000, 6000
-    rng = np.random.default_rng(0)
-    frame = rng.standard_normal((rows, cols, 3), dtype=np.float32)
-    frame *= SKY_NOISE
-    frame += 0.1
-    fp = np.ones((rows, cols), bool)
-    live = LiveStack((rows, cols), 3, warmup=3)
-    for _ in range(3):
-        live.add(frame, fp)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        live.add(frame, fp)
-        times.append(time.perf_counter() - start)
-    print(f"LiveStack.add, 24 MP RGB with rejection: {min(times):.3f} s")
-    assert min(times) < 1.5
 
 
 def test_running_statistics_match_a_float64_two_pass_after_300_and_3000_frames() -> None:

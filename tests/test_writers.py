@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -251,17 +250,11 @@ def test_an_already_reduced_image_is_written_without_resampling(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_preview_of_a_24_mp_stack_takes_under_half_a_second(tmp_path: Path) -> None:
+def test_the_preview_of_a_24_mp_stack_is_1600_px_wide(tmp_path: Path) -> None:
+    """(Its time is the pipeline benchmark's, never a unit test's.)"""
     rng = np.random.default_rng(0)
     image = rng.standard_normal((4000, 6000, 3), dtype=np.float32)
     image *= 0.002
     image += 0.05
-    write_preview(tmp_path / "warm.jpg", image)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        write_preview(tmp_path / "preview.jpg", image)
-        times.append(time.perf_counter() - start)
-    print(f"write_preview 6000x4000x3 -> 1600 px: best {min(times):.3f} s")
+    write_preview(tmp_path / "preview.jpg", image)
     assert cv2.imread(str(tmp_path / "preview.jpg")).shape == (1067, 1600, 3)
-    assert min(times) < 0.5
