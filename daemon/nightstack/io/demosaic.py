@@ -35,8 +35,8 @@ demosaic bit for bit (tests/test_demosaic.py), so a frame read band by band by t
 by the final combine gives the same values.
 
 How MHC runs (:func:`_mhc_into`), and why it is fast: in float32, a band of rows at a time (32
-rows of a 24 MP frame for a whole frame, :data:`_MHC_BAND_SAMPLES`; the store's block for a
-reader) with 2 context rows on each side. The band's codes become balanced values (an exact
+rows of a 24 MP frame, :data:`_MHC_BAND_SAMPLES`, of a whole frame or of a store reader's block)
+with 2 context rows on each side. The band's codes become balanced values (an exact
 subtraction, then one row of gains per row phase); ``cv2.filter2D`` runs the four filters (it
 visits only their nonzero taps) and ``cv2.erode``/``dilate`` the clamp's 3x3 range, all into
 buffers allocated once per frame. The three output planes are then built in place in three of
@@ -46,9 +46,10 @@ offset per channel and interleaved by ``cv2.merge`` straight into the result. No
 intermediate is formed, a band's buffers stay in the cache, and each value goes through the
 float32 steps of the plain whole-frame version in the same order: the output did not change
 (tests/test_demosaic.py holds it to a float64 reference of the same filters and clamp). 24 MP on
-one core: 160-180 ms (filters ~60, clamp ~45, copies ~35, the result's fresh pages ~40), against
-~300 ms for the first version (whole-frame filter outputs, gathered planes, a second pass over
-the result).
+one core: 160-180 ms for a whole frame (filters ~60, clamp ~45, copies and scaling ~40, the
+window ~15, the result's fresh pages 40 or more), against ~300 ms for the first version
+(whole-frame filter outputs, gathered planes, a second pass over the result); a store reader's
+64-row blocks ~145 ms a frame, against ~200.
 """
 
 from __future__ import annotations
@@ -308,12 +309,12 @@ def _demosaic_mhc(
     if stop == start or out.size == 0:
         return out
     gains = tuple(np.float32(g) for g in white_balance)
-    a, b = _context(start, stop, codes.shape[0])
-    scratch = _scratch(b - a, codes.shape[1])
-    window = _balanced(codes[a:b], pattern, gains, scratch[6])
-    inverse = tuple(float(1 / g) for g in gains)
-    affine = [(inverse, (_BLACK,) * 3)]
-    _mhc_into(window, start - a, pattern, _KERNELS[method], out, scratch, affine)
+    affine = [(tuple(float(1 / g) for g in gains), (_BLACK,) * 3)]
+    for r0, r1, a, b, scratch in _mhc_bands(start, stop, *codes.shape):
+        window = _balanced(codes[a:b], pattern, gains, scratch[6, : b - a])
+        _mhc_into(
+            window, r0 - a, pattern, _KERNELS[method], out[r0 - start : r1 - start], scratch, affine
+        )
     return out
 
 
@@ -351,17 +352,17 @@ def mhc(mosaic: Float32Array, pattern: str, method: str = "mhc-sharp") -> Float3
         raise ValueError(f"pattern must be one of {BAYER_PATTERNS}, not {pattern!r}")
     rows, cols = np.shape(mosaic)
     out = np.empty((rows, cols, 3), np.float32)
-    for r0, r1, a, b, scratch in _mhc_bands(rows, cols):
+    for r0, r1, a, b, scratch in _mhc_bands(0, rows, rows, cols):
         window = np.ascontiguousarray(mosaic[a:b], np.float32)
         _mhc_into(window, r0 - a, pattern, _KERNELS[method], out[r0:r1], scratch)
     return out
 
 
 _MHC_BAND_SAMPLES = 3 << 16
-"""Mosaic samples in a band of the whole-frame MHC (:func:`_mhc_bands`): 32 rows of a 24 MP
-frame, filtered with their 4 context rows into seven 0.9 MB buffers that stay in the cache.
-Measured on one core, 24 MP: 21 or 43 rows 5 % slower, 10 rows 20 % (per-call overhead and
-context rows), 174 rows (the first version's band) 35 %."""
+"""Mosaic samples in a band of MHC (:func:`_mhc_bands`): 32 rows of a 24 MP frame, filtered
+with their 4 context rows into seven 0.9 MB buffers that stay in the cache. Measured on one
+core, 24 MP: 21 or 43 rows 5 % slower, 10 rows 20 % (per-call overhead and context rows), 174
+rows (the first version's band) 35 %."""
 
 
 def _scratch(rows: int, cols: int) -> Float32Array:
@@ -370,14 +371,14 @@ def _scratch(rows: int, cols: int) -> Float32Array:
     return np.empty((7, rows, cols), np.float32)
 
 
-def _mhc_bands(rows: int, cols: int) -> Any:
-    """(r0, r1, a, b, scratch) for each band of a whole frame: output rows r0:r1 (r0 even), the
-    window a:b that computes them (2 rows of context on each side, clipped to the frame, from an
-    even row) and a :func:`_scratch` shared by every band."""
+def _mhc_bands(start: int, stop: int, rows: int, cols: int) -> Any:
+    """(r0, r1, a, b, scratch) for each band of rows start:stop of a (rows, cols) mosaic: output
+    rows r0:r1, the window a:b that computes them (:func:`_context`) and a :func:`_scratch`
+    shared by every band."""
     step = max(2, (_MHC_BAND_SAMPLES // max(cols, 1)) & ~1)
-    scratch = _scratch(min(rows, step + 4), cols)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
+    scratch = _scratch(min(rows, min(step, stop - start) + 5), cols)
+    for r0 in range(start, stop, step):
+        r1 = min(stop, r0 + step)
         yield r0, r1, *_context(r0, r1, rows), scratch
 
 
@@ -471,7 +472,7 @@ def demosaic_image(
         inverse = tuple(float(1 / g) for g in gains)
         scale, offset = code_gains(white_balance)  # after the codes' own unbalance
         affine = [(inverse, (_BLACK,) * 3), (scale.tolist(), offset.tolist())]
-        for r0, r1, a, b, scratch in _mhc_bands(rows, cols):
+        for r0, r1, a, b, scratch in _mhc_bands(0, rows, rows, cols):
             window = _balanced(codes[a:b], pattern, gains, scratch[6, : b - a])
             _mhc_into(window, r0 - a, pattern, _KERNELS[method], out[r0:r1], scratch, affine)
         return out
