@@ -340,7 +340,8 @@ def _balanced(
         row = np.empty(cols, np.float32)
         for dx in (0, 1):
             row[dx::2] = gains["RGB".index(pattern[2 * dy + dx])]
-        np.multiply(out[dy::2], row, out=out[dy::2])
+        if (row != 1).any():  # a gain of 1 changes nothing
+            np.multiply(out[dy::2], row, out=out[dy::2])
     return out
 
 
