@@ -22,6 +22,7 @@ from nightstack.io.demosaic import (
     demosaic_image,
     demosaic_rows,
     dequantise,
+    mhc,
     mosaic_codes,
     quantise,
     superpixel_luminance,
@@ -470,3 +471,86 @@ def test_each_colour_keeps_its_own_psf_only_on_its_own_sites(pattern: str) -> No
         if colour == "R":
             lent = np.median(fit_fwhm(rgb[..., c], centres))
             assert lent < 0.98 * truth, (lent, truth)
+
+
+def _mhc_reference(values: np.ndarray, pattern: str, method: str) -> np.ndarray:
+    """The gradient-corrected demosaic as the module describes it, plainly and in float64:
+    each of the four filters over the whole balanced mosaic (scipy, mirrored at the edges as
+    OpenCV's BORDER_REFLECT_101), each site its own sample or the filter its colour calls for,
+    every channel clamped to the 3x3 minimum and maximum of the mosaic."""
+    from scipy import ndimage
+
+    from nightstack.io.demosaic import _KERNELS
+
+    green, across, along, diagonal = (
+        ndimage.correlate(values, k.astype(np.float64), mode="mirror") for k in _KERNELS[method]
+    )
+    low = ndimage.minimum_filter(values, 3, mode="mirror")
+    high = ndimage.maximum_filter(values, 3, mode="mirror")
+    out = np.empty((*values.shape, 3))
+    for site, colour in enumerate(pattern):
+        dy, dx = divmod(site, 2)
+        beside = pattern[2 * dy + 1 - dx]  # the colour left and right of this site
+        for c, channel in enumerate("RGB"):
+            if channel == colour:
+                source = values
+            elif channel == "G":
+                source = green
+            elif colour == "G":
+                source = across if beside == channel else along
+            else:
+                source = diagonal
+            out[dy::2, dx::2, c] = source[dy::2, dx::2]
+    return np.clip(out, low[..., None], high[..., None])
+
+
+def _balanced_values(codes: np.ndarray, pattern: str, wb: tuple[float, ...]) -> np.ndarray:
+    """The codes' values times each site's white balance, float64."""
+    values = dequantise(codes).astype(np.float64)
+    for site, colour in enumerate(pattern):
+        values[site // 2 :: 2, site % 2 :: 2] *= wb["RGB".index(colour)]
+    return values
+
+
+def _assert_float32_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal to float32 rounding: within a few float32 steps of the largest value."""
+    assert actual.dtype == np.float32 and actual.shape == expected.shape
+    step = np.finfo(np.float32).eps * np.abs(expected).max(initial=0.0)
+    assert_allclose(actual, expected, rtol=0, atol=4 * step)
+
+
+@pytest.mark.parametrize("method", ["mhc-sharp", "mhc"])
+@pytest.mark.parametrize("pattern", BAYER_PATTERNS)
+def test_mhc_equals_a_plain_reference(method: str, pattern: str) -> None:
+    """The banded, in-place MHC (every entry point, any row band) equals the plain float64
+    reference to float32 rounding, on noise with hot, cold and clipped pixels (where the clamp
+    bites) and on frames too small to hold a filter."""
+    wb = (1.9, 1.0, 1.45)
+    for shape in [(67, 91), (2, 9), (5, 3), (1, 1)]:
+        codes = quantise(_awkward_values(shape, np.float32))
+        expected = _mhc_reference(_balanced_values(codes, pattern, wb), pattern, method)
+        _assert_float32_close(demosaic(codes, pattern, wb, method), expected)
+        _assert_float32_close(demosaic_image(codes, pattern, wb, method), expected)
+        for start, stop in [(0, 3), (3, 4), (5, 40), (40, shape[0])]:
+            rows = demosaic_rows(codes, pattern, wb, method, start, stop)
+            _assert_float32_close(rows, expected[start:stop])
+        values = dequantise(codes)
+        _assert_float32_close(mhc(values, pattern, method), _mhc_reference(values, pattern, method))
+
+
+REAL_BAYER = Path(__file__).resolve().parents[1].parent / "shared/realdata/seq_als_m27_asi224mc"
+
+
+@pytest.mark.skipif(not REAL_BAYER.is_dir(), reason="../shared/realdata not present")
+def test_mhc_of_a_real_frame_equals_the_plain_reference() -> None:
+    """A real ASI224MC frame (stars, hot pixels) through the loader's own path: the default's
+    frame equals the plain reference to float32 rounding."""
+    from nightstack.io.loaders import load_mosaic
+
+    mosaic = load_mosaic(REAL_BAYER / "Light_1069.fits")
+    codes, _ = mosaic_codes(mosaic)
+    wb = (1.9, 1.0, 1.45)  # the FITS has none: a camera's, so the balance matters
+    expected = _mhc_reference(
+        _balanced_values(codes, mosaic.pattern, wb), mosaic.pattern, METHODS[0]
+    )
+    _assert_float32_close(demosaic_image(codes, mosaic.pattern, wb, METHODS[0]), expected)
