@@ -340,8 +340,7 @@ def _balanced(
         row = np.empty(cols, np.float32)
         for dx in (0, 1):
             row[dx::2] = gains["RGB".index(pattern[2 * dy + dx])]
-        if (row != 1).any():  # a gain of 1 changes nothing
-            np.multiply(out[dy::2], row, out=out[dy::2])
+        np.multiply(out[dy::2], row, out=out[dy::2])
     return out
 
 
