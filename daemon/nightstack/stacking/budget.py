@@ -5,9 +5,10 @@ beside it. :func:`close_reserve` is what the close needs at most; :class:`DiskBu
 before each frame is stored, whether storing it would touch that reserve (the session then goes
 live-only and still writes a final) and warns while fewer than ``min_free_frames`` frames fit.
 
-And the memory budget of a live drizzle (:func:`live_drizzle_refusal`): its state is 8 bytes a
-sample of its output grid, 4x the pixels at ``2x``; when that does not fit in the memory the
-machine has available, the session's live stack demosaics instead (the final still drizzles).
+And the memory budget of a live drizzle (:func:`live_drizzle_refusal`): its state is 6.67 bytes
+a sample of its output grid, as the live stack's, but 4x the pixels at ``2x``; when that does
+not fit in the memory the machine has available, the session's live stack demosaics instead (the
+final still drizzles).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ def checkpoint_bytes(pixels: int, channels: int, warmup: int) -> int:
 
 def drizzle_checkpoint_bytes(pixels: int, scale: int, warmup: int) -> int:
     """The largest checkpoint generation of a live drizzle over a reference of ``pixels``
-    (bytes): 8 bytes per sample of its output grid (``scale``^2 x ``pixels`` x 3) and up to
-    ``warmup`` - 1 warm-up mosaics (2 bytes a sensor pixel) when it is live-only."""
-    return pixels * scale * scale * 3 * DRIZZLE_STATE_BYTES + (warmup - 1) * pixels * 2
+    (bytes): :data:`DRIZZLE_STATE_BYTES` per pixel of its output grid (``scale``^2 x
+    ``pixels``) and up to ``warmup`` - 1 warm-up mosaics (2 bytes a sensor pixel) when it is
+    live-only."""
+    return pixels * scale * scale * DRIZZLE_STATE_BYTES + (warmup - 1) * pixels * 2
 
 
 def close_reserve(
@@ -60,9 +62,9 @@ def close_reserve(
     return samples * (4 + 2 + 4) + checkpoint + RESERVE_MARGIN
 
 
-DRIZZLE_STATE_BYTES = 8
-"""A live drizzle's state per sample of its output grid (float32 mean, 16-bit variance and
-weight codes: :mod:`nightstack.stacking.live_drizzle`)."""
+DRIZZLE_STATE_BYTES = 3 * (4 + 2) + 2
+"""A live drizzle's state per pixel of its output grid (float32 mean and 16-bit weight code
+per channel, a 16-bit pooled variance code: :mod:`nightstack.stacking.live_drizzle`)."""
 
 DRIZZLE_HEADROOM = 512 * 2**20
 """Memory the daemon needs beside its live state (a 24 MP night: ~470 MB, measured as the
@@ -86,10 +88,10 @@ def live_drizzle_refusal(
     shape: tuple[int, int], scale: int, available: int | None = None
 ) -> str | None:
     """Why a live drizzle of ``scale`` over a reference of ``shape`` does not fit (one line),
-    or None: its state (:data:`DRIZZLE_STATE_BYTES` a sample of the output grid, ``scale``^2
+    or None: its state (:data:`DRIZZLE_STATE_BYTES` a pixel of the output grid, ``scale``^2
     times the reference's pixels) and :data:`DRIZZLE_HEADROOM` must fit in the memory
     ``available`` (:func:`memory_available` when not given; unknown: it fits)."""
-    state = shape[0] * shape[1] * scale * scale * 3 * DRIZZLE_STATE_BYTES
+    state = shape[0] * shape[1] * scale * scale * DRIZZLE_STATE_BYTES
     if available is None:
         available = memory_available()
     if available is None or state + DRIZZLE_HEADROOM <= available:

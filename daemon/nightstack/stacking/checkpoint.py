@@ -12,10 +12,10 @@ older nightstack's 10-byte state) is refused with a ``ValueError``, like a damag
 session rebuilds its live stack from the frame store.
 
 A live drizzle (:class:`~nightstack.stacking.live_drizzle.LiveDrizzle`) is checkpointed the same
-way (format ``nightstack-livedrizzle``): its mean, variance and weight codes (8 bytes a sample
-of the output grid) and, store-less during its warm-up, the pending frames' mosaics (``codesN``,
-2 bytes a sensor pixel) with their records in ``live.json``. :func:`load_live` gives back
-whichever kind was saved.
+way (format ``nightstack-livedrizzle``): its mean, weight and pooled variance codes (6.67 bytes
+a sample of the output grid, as the live stack's) and, store-less during its warm-up, the
+pending frames' mosaics (``codesN``, 2 bytes a sensor pixel) with their records in
+``live.json``. :func:`load_live` gives back whichever kind was saved.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ counts per sample, unreadable now)."""
 _DRIZZLE_FORMAT = "nightstack-livedrizzle"
 
 _DRIZZLE_VERSION = 1
-"""A live drizzle's checkpoint format: 1 = mean, coded variance and coded weight sum."""
+"""A live drizzle's checkpoint format: 1 = mean, coded weight sums, coded pooled variance."""
 
 
 def save_live(live: LiveStack | LiveDrizzle, directory: str | Path) -> None:
@@ -156,7 +156,7 @@ def _load_drizzle(d: Path, meta: dict[str, Any], store: FrameStore | None) -> Li
     stack.restore(
         DrizzleState(
             _load_array(d, files["mean"], np.float32, full),
-            _load_array(d, files["spread"], np.uint16, full),
+            _load_array(d, files["spread"], np.uint16, stack.shape),
             _load_array(d, files["weight"], np.uint16, full),
             np.array(meta["floor"], dtype=np.float32),
             [
