@@ -221,7 +221,7 @@ class Settings(BaseSettings):
         "off",
         description="Bayer drizzle (Bayer sensors), live and final: each frame's sensor sites "
         "dropped onto the output grid, no demosaic; '2x' doubles the resolution (4x the "
-        "pixels: the final's memory and disk, and the live state, 8 bytes a sample: 2.3 GB at "
+        "pixels: the final's memory and disk, and the live state, 6.67 bytes a sample: 1.9 GB at "
         "24 MP; a live state that does not fit in memory demosaics, said in the log). Needs a "
         "drifting or dithered night.",
     )

@@ -30,10 +30,11 @@ only then). A pixel a frame does not reach keeps its state bit for bit.
 
 Rejection, per channel (a drop carries one colour; a satellite or a hot pixel is high in each
 colour it touches): once warmed up, a value is rejected when ``(x - m)^2 > kappa^2 (1 + 1 / W)
-max(v W / (W - 1), floor^2)`` where ``W`` is at least :data:`_MIN_WEIGHT` (every weight being
-at most 1, at least ``W`` values: the unbiased variance is at most ``v W / (W - 1)``, the mean's
-own variance at most ``v / W``), ``floor`` per channel the median std of the warm-up frames'
-values (at least live.py's absolute floor). Measured on a simulated drifting night (14 frames,
+max(v (1 + 1 / W), floor^2)`` where ``W`` is at least :data:`_MIN_WEIGHT` (every weight being
+at most 1, the values are at least ``W``, and most frames leave one on a pixel, so at least ``W
++ 1``: the unbiased variance is at most ``v (1 + 1 / W)``, the mean's own variance at most ``v /
+W``), ``floor`` per channel the median std of the warm-up frames' values (at least live.py's
+absolute floor). Measured on a simulated drifting night (14 frames,
 1x): 0.5 to 1 % of the sky's values rejected (the demosaic stack's: 0.8 to 0.9 %).
 
 The first ``warmup`` frames are clipped as a batch by the
@@ -96,9 +97,10 @@ times the floor: a star's core), down to 2^-14."""
 _WEIGHT_DITHER = 7919
 """Offset of the weight codes' stochastic-rounding start from the variances' (uncorrelated)."""
 
-_MIN_WEIGHT = 2.0
-"""A channel is judged only once its weight sum reaches two whole drops (at 1x drop 1 a red or
-blue pixel gets a quarter of a drop a frame on average: about 8 frames; green about 4)."""
+_MIN_WEIGHT = 1.0
+"""A channel is judged only once its weight sum reaches a whole drop (at 1x drop 1 a red or
+blue pixel gets a quarter of a drop a frame on average: about 4 frames, the warm-up's; green
+about 2)."""
 
 _FLOOR_BAND_STEP = 8
 """The floor is measured on every 8th band of the warm-up batch (an eighth of its time)."""
@@ -400,7 +402,7 @@ class LiveDrizzle:
         N)) (W / N)`` (``w' = max(w, tiny)``), i.e. the module docstring's update; a pixel the
         frame does not reach (``w = 0``, so ``e = 0``) keeps its mean, and ``W / N = 1``
         keeps its variance, bit for bit. Rejected where ``e^2 > w^2 kappa^2 (1 + 1 / W)
-        max(v W / (W - 1), floor^2)``, ``W >= _MIN_WEIGHT``."""
+        max(v (1 + 1 / W), floor^2)``, ``W >= _MIN_WEIGHT``."""
         mean = self._mean[r0:r1]  # updated in place
         shape = mean.shape
         held = np.empty(shape, np.float32)
@@ -420,13 +422,15 @@ class LiveDrizzle:
             rho *= np.float32(1.0 / _RHO_SCALE)
             rho *= self._spread[r0:r1] != 0
             with np.errstate(divide="ignore", invalid="ignore"):
-                # each weight <= 1, so the effective number of values is at least W: the
-                # unbiased variance at most v W / (W - 1), the mean's own variance its 1 / W
-                bound = held / (held - np.float32(1.0))
-                bound *= rho[..., np.newaxis]
+                # each weight <= 1, so the effective number of values n is at least W: the
+                # unbiased variance v n / (n - 1) at most v (1 + 1 / W) for W >= 1 (n >= W +
+                # 1 then: every frame leaves a value on most pixels), the mean's variance v / W
+                grow = np.float32(1.0) + np.float32(1.0) / held
+                bound = rho[..., np.newaxis] * grow
                 np.maximum(bound, np.float32(1.0), out=bound)
-                bound *= floor_sq  # max(v W / (W - 1), floor^2), v = rho floor^2
-                bound *= np.float32(self.kappa**2) * (np.float32(1.0) + np.float32(1.0) / held)
+                bound *= floor_sq  # max(v (1 + 1 / W), floor^2), v = rho floor^2
+                bound *= grow
+                bound *= np.float32(self.kappa**2)
                 bound *= w * w
             reject = e * e > bound
             reject &= held >= np.float32(_MIN_WEIGHT)
