@@ -44,8 +44,10 @@ from nightstack.stacking.store import FrameStore, MosaicLayout, StoredFrame, val
 SCALES = {"1x": 1, "2x": 2}
 """The ``drizzle`` setting's output scales."""
 
-BAND_ROWS = 64
-"""Output rows accumulated at a time (a few MB of float64 accumulators at 12000 columns)."""
+BAND_ROWS = 16
+"""Output rows accumulated at a time: the clip's float64 accumulators and a frame's drops are
+~30 band-sized arrays, ~70 MB at 6000 columns (64 rows took the daemon's memory while
+finalizing a 24 MP night from 1026 MB with the demosaic's combine to 1337 MB)."""
 
 MIN_OTHERS = 3
 """Other frames' samples a value needs at a pixel to be judged (fewer give no usable spread)."""
@@ -195,16 +197,19 @@ def drop_rows(
     total = np.zeros(size)
     weight = np.zeros(size)
     overlaps_y = [_covered(u_y, side, j) for j in range(reach)]
+    flat = base.reshape(-1)
     for k in range(reach):
         ox = _covered(u_x, side, k)
         if not ox.any():
             continue
         for j in range(reach):
+            # the drops' pixel (k, j) from their first: bin base + shift, i.e. the bincount
+            # over ``base`` moved by ``shift``
+            shift = (j * width + k) * 3
             area = overlaps_y[j] * ox
-            index = base + (j * width + k) * 3
-            weight += np.bincount(index.reshape(-1), area.reshape(-1), minlength=size)
+            weight[shift:] += np.bincount(flat, area.reshape(-1), minlength=size)[: size - shift]
             area *= values
-            total += np.bincount(index.reshape(-1), area.reshape(-1), minlength=size)
+            total[shift:] += np.bincount(flat, area.reshape(-1), minlength=size)[: size - shift]
     inner = (slice(reach, reach + band), slice(reach, reach + out_cols))
     total_band = total.reshape(band + 2 * reach, width, 3)[inner]
     weight_band = weight.reshape(band + 2 * reach, width, 3)[inner]
