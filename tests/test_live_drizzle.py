@@ -83,6 +83,20 @@ def test_without_rejection_the_live_drizzle_is_the_final_drizzle(
     assert live.preview_image(160).shape == (120, 160, 3)
 
 
+def test_a_live_only_session_s_drizzle_is_the_stored_session_s_live_drizzle(
+    night: Path, tmp_path: Path
+) -> None:
+    """``final = "live"`` (no frame store: frames reach the live drizzle as in-memory mosaics,
+    the warm-up ones held): its final is the live drizzle a stored session builds from the
+    same frames, bit for bit, on the drizzle's grid."""
+    stored = _stack(night, tmp_path / "stored", drizzle="1x")
+    alone = _stack(night, tmp_path / "alone", drizzle="1x", final="live")
+    assert alone.store is None and isinstance(alone.live, LiveDrizzle)
+    assert isinstance(stored.live, LiveDrizzle)
+    expected = stored.live.result()
+    np.testing.assert_array_equal(alone.final(), expected)
+
+
 def _sky_store(
     tmp_path: Path, n: int, defects: dict[int, tuple[slice, slice, float]]
 ) -> FrameStore:
@@ -171,7 +185,6 @@ def test_a_checkpoint_resumed_is_the_uninterrupted_state_bit_for_bit(
 
 
 def test_the_state_is_the_demosaic_live_stack_s_bytes_and_2x_is_refused_when_it_cannot_fit(
-    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """6.67 bytes a sample at 1x (as LiveStack), 4x the pixels at 2x; at 24 MP the 2x state
     (1.92 GB) does not fit beside the daemon in 2 GB available, the 1x one does."""
@@ -182,6 +195,23 @@ def test_the_state_is_the_demosaic_live_stack_s_bytes_and_2x_is_refused_when_it_
     why = live_drizzle_refusal((4000, 6000), 2, available=2 * 2**30)
     assert why is not None and "1831 MB" in why
     assert live_drizzle_refusal((4000, 6000), 1, available=2 * 2**30) is None
+
+
+def test_a_live_drizzle_that_does_not_fit_falls_back_to_the_demosaic_in_one_log_line(
+    night: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The machine's available memory cannot be made small for real here: the budget's answer
+    is replaced by a refusal. The session's live stack demosaics on the reference grid, the log
+    says why once, and the final still drizzles at 2x."""
+    import nightstack.pipeline.stacker as stacker_module
+
+    monkeypatch.setattr(stacker_module, "live_drizzle_refusal", lambda shape, scale: "too big")
+    with caplog.at_level("WARNING"):
+        stacker = _stack(night, tmp_path / "work", drizzle="2x")
+    assert isinstance(stacker.live, LiveStack) and stacker.live.shape == (240, 320)
+    lines = [r.getMessage() for r in caplog.records if "the live stack demosaics" in r.getMessage()]
+    assert lines == ["drizzle 2x: too big; the live stack demosaics (the final still drizzles)"]
+    assert stacker.final().shape == (480, 640, 3)
 
 
 def test_a_daemon_with_drizzle_1x_writes_a_drizzled_live_stack_and_resumes_it_exactly(

@@ -239,8 +239,9 @@ class LiveDrizzle:
     ) -> int:
         """Add one frame held in memory (a live-only session): its (rows, cols) uint16 mosaic
         ``codes`` (:func:`nightstack.io.demosaic.quantise`), as the store would hold it;
-        returns its rejected values."""
-        data = np.ascontiguousarray(codes, np.uint16)
+        returns its rejected values. Held until the warm-up batch needs them: then a copy."""
+        pending = self.store is None and not self.warmed_up
+        data = np.array(codes, np.uint16, copy=True) if pending else np.asarray(codes, np.uint16)
         record = StoredFrame(
             file="",
             matrix=(
