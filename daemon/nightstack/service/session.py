@@ -78,7 +78,7 @@ from nightstack.service.solving import Solving
 from nightstack.solve.wcs import SolvedField, from_entry
 from nightstack.stacking.budget import DiskBudget
 from nightstack.stacking.checkpoint import load_live, save_live
-from nightstack.stacking.live_drizzle import Live
+from nightstack.stacking.live_drizzle import Live, LiveDrizzle
 from nightstack.stacking.store import FrameStore
 
 log = logging.getLogger("nightstack.service.session")
@@ -596,6 +596,8 @@ class Session:
             "NCOMBINE": live.frames,
             "STACKMTH": "live",
         }
+        if not isinstance(live, LiveDrizzle):  # drizzle on, but its live state did not fit
+            header["DEMOSAIC"] = self.settings.demosaic
         shape = (*live.shape, live.channels)
         write_fits_bands(path, shape, live.result_band, header)
 

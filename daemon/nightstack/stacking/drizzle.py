@@ -17,7 +17,7 @@ demosaiced one.
 Rejection: per output pixel and channel, each frame's drizzled value (its drops' weighted mean)
 with its weight (their overlap) is judged against the weighted mean and standard deviation of
 the other frames' values there and dropped beyond ``sigma`` of them; the result is the weighted
-mean of the rest (see :func:`_combine_band`).
+mean of the rest (see :func:`clip_band`).
 
 The final combine (:func:`drizzle_combine`) and, through :func:`drop_rows` and
 :func:`clip_band`, the live drizzle (:mod:`nightstack.stacking.live_drizzle`: the same drops,
