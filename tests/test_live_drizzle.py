@@ -25,7 +25,7 @@ from nightstack.pipeline.stacker import Stacker
 from nightstack.simulate import simulate_night
 from nightstack.stacking.budget import live_drizzle_refusal
 from nightstack.stacking.checkpoint import load_live, save_live
-from nightstack.stacking.drizzle import Drizzle, drizzle_combine
+from nightstack.stacking.drizzle import Drizzle, StoredCodes, drizzle_combine
 from nightstack.stacking.live import LiveStack
 from nightstack.stacking.live_drizzle import LiveDrizzle
 from nightstack.stacking.store import FrameStore, MosaicLayout
@@ -182,6 +182,27 @@ def test_a_checkpoint_resumed_is_the_uninterrupted_state_bit_for_bit(
         back.add_stored(store, i)
     _states_equal(back, alone)
     _states_equal(alone, whole)  # the same frames from memory and from the store
+
+
+@pytest.mark.parametrize("at", [3, 8])
+def test_detached_from_its_store_it_goes_on_from_memory_as_before(tmp_path: Path, at: int) -> None:
+    """The disk fills after ``at`` frames (in the warm-up, after it): the live drizzle lets go of
+    the store (reading back the warm-up frames the batch still needs) and takes the next frames
+    as mosaics; its state is the one it would have had with the store, bit for bit."""
+    store = _sky_store(tmp_path, 11, {9: (slice(28, 31), slice(0, 60), 0.5)})
+    whole = LiveDrizzle(store.shape, Drizzle(1, 1.0), store=store)
+    whole.catch_up()
+    live = LiveDrizzle(store.shape, Drizzle(1, 1.0), store=store)
+    while live.frames < at:
+        live._add(store.frame(live.frames), StoredCodes(store, live.frames))
+    live.detach_store()
+    assert live.store is None and len(live.state().pending) == (at if at < 5 else 0)
+    for i in range(at, 11):
+        record = store.frame(i)
+        codes = np.fromfile(store.directory / record.file, np.uint16).reshape(60, 60)
+        assert record.mosaic is not None
+        live.add_mosaic(codes, record.mosaic, np.array(record.matrix))
+    _states_equal(live, whole)
 
 
 def test_the_state_is_the_demosaic_live_stack_s_bytes_and_2x_is_refused_when_it_cannot_fit(
