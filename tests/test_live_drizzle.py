@@ -276,6 +276,8 @@ def test_a_daemon_with_drizzle_1x_writes_a_drizzled_live_stack_and_resumes_it_ex
 
             wait_for(complete, 120, "live.fits of every frame", d)
             d.stop(signal.SIGKILL)
+            preview = next(out.glob("*/preview.jpg"))  # written with live.fits, from the drizzle
+            assert preview.stat().st_size > 0
         finally:
             if d.alive():
                 d.stop(signal.SIGKILL)
