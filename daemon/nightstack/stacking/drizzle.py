@@ -332,6 +332,8 @@ def clip_band(
     r1: int,
     sigma: float | None,
     floor: Float64Array | None = None,
+    *,
+    keep_drops: bool = False,
 ) -> BandClip:
     """Output rows r0:r1 of the frames ``codes`` (with their ``records``): each frame's value
     judged against the weighted mean and standard deviation of the *other* frames there
@@ -339,14 +341,19 @@ def clip_band(
     the spread it is judged by), rejected beyond ``sigma`` of them where at least
     :data:`MIN_OTHERS` other frames have a sample (none rejected for ``sigma`` None); the
     spread is taken at least ``floor`` (3,) per channel when given (the live drizzle's
-    warm-up: 3 or 4 others' spread alone is too often small by chance). The final combine's
-    band, and the live drizzle's warm-up batch."""
+    warm-up: 3 or 4 others' spread alone is too often small by chance). ``keep_drops``: the
+    frames' drops are kept from the first pass for the second (2 float64 bands a frame: for a
+    few frames, the live drizzle's warm-up), else dropped again. The final combine's band, and
+    the live drizzle's warm-up batch."""
     shape = (r1 - r0, drizzle.shape(reference)[1], 3)
     weight, total, square = np.zeros(shape), np.zeros(shape), np.zeros(shape)
     count = np.zeros(shape, np.int32)
     weight_sq = np.zeros(shape)
+    kept: list[tuple[Float64Array, Float64Array]] = []
     for frame, record in zip(codes, records, strict=True):
         t, w = drizzle_frame(frame, record, reference, drizzle, r0, r1)
+        if keep_drops and sigma is not None:
+            kept.append((t, w))
         has = w > 0
         weight += w
         total += t
@@ -358,8 +365,11 @@ def clip_band(
     kept_weight, kept_total, kept_square = np.zeros(shape), np.zeros(shape), np.zeros(shape)
     kept_weight_sq = np.zeros(shape)
     rejected = 0
-    for frame, record in zip(codes, records, strict=True):
-        t, w = drizzle_frame(frame, record, reference, drizzle, r0, r1)
+    for n, (frame, record) in enumerate(zip(codes, records, strict=True)):
+        if kept:
+            t, w = kept[n]
+        else:
+            t, w = drizzle_frame(frame, record, reference, drizzle, r0, r1)
         has = w > 0
         with np.errstate(invalid="ignore", divide="ignore"):
             value = t / w

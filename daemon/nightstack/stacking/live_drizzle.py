@@ -479,7 +479,7 @@ class LiveDrizzle:
         for r0 in range(0, self.shape[0], _WARMUP_BAND_ROWS):
             r1 = min(r0 + _WARMUP_BAND_ROWS, self.shape[0])
             clip = clip_band(codes, records, self.reference, self.drizzle, r0, r1, self.kappa,
-                             floor)  # fmt: skip
+                             floor, keep_drops=True)  # fmt: skip
             weight, total, square = clip.kept_weight, clip.kept_total, clip.kept_square
             every = (weight <= 0) & (clip.weight > 0)  # all rejected: the mean of all, as final
             if every.any():
