@@ -14,7 +14,8 @@ libgphoto2's virtual camera), page (issue 24: the page's linear preview, last fr
 timelapse costs), notify (issue 24: notifications' cost per frame with receivers that never
 answer, event-to-receipt latency), split (issue 23: a three-target night's sessions, split
 frames vs truth, frames rejected for alignment, latency at a split), solve (issue 23: plate
-solving's time and accuracy, the WCS residual of stack.fits). ``--quick`` runs
+solving's time and accuracy, the WCS residual of stack.fits), live_drizzle (issue 19: the
+daemon's memory and live add time with drizzle 1x against the demosaic live stack). ``--quick`` runs
 fewer frames and repeats (a smoke run; its figures are marked as such). Simulated frames are
 cached in bench/out/ (gitignored); a full run needs ~25 GB of free disk.
 """
@@ -76,6 +77,10 @@ BENCHMARKS = {
     "solve": (
         "Plate solving: solve time and accuracy, 24 MP; WCS residual of stack.fits (issue 23)",
         "bench_solve",
+    ),
+    "live_drizzle": (
+        "Live Bayer drizzle: daemon memory and live add time, 24 MP (issue 19)",
+        "bench_live_drizzle",
     ),
 }
 """Name -> (RESULTS.md section title, module with ``measure(quick)`` and ``report(data)``)."""

@@ -219,10 +219,11 @@ class Settings(BaseSettings):
     )
     drizzle: Literal["off", "1x", "2x"] = Field(
         "off",
-        description="Bayer drizzle for the final (Bayer sensors): each frame's sensor sites "
+        description="Bayer drizzle (Bayer sensors), live and final: each frame's sensor sites "
         "dropped onto the output grid, no demosaic; '2x' doubles the resolution (4x the "
-        "final's memory and disk). Needs a drifting or dithered night; the live stack keeps "
-        "the demosaic.",
+        "pixels: the final's memory and disk, and the live state, 6.67 bytes a sample: 1.9 GB at "
+        "24 MP; a live state that does not fit in memory demosaics, said in the log). Needs a "
+        "drifting or dithered night.",
     )
     drizzle_drop: float = Field(
         1.0, gt=0, le=1, description="Side of a site's drop in sensor pixels (drizzle's pixfrac)."

@@ -29,11 +29,12 @@ from nightstack.registration.normalize import Normalization, SkySamples, estimat
 from nightstack.registration.quality import Quality, QualityLimits, ShapeHistory, gate, transparency
 from nightstack.registration.warp import warp
 from nightstack.solve.wcs import SolvedField
-from nightstack.stacking.budget import DiskBudget, close_reserve
+from nightstack.stacking.budget import DiskBudget, close_reserve, live_drizzle_refusal
 from nightstack.stacking.combine import combine
 from nightstack.stacking.drizzle import SCALES as DRIZZLE_SCALES
 from nightstack.stacking.drizzle import Drizzle, drizzle_combine, drizzle_holes
 from nightstack.stacking.live import LiveStack
+from nightstack.stacking.live_drizzle import Live, LiveDrizzle
 from nightstack.stacking.store import FrameStore, MosaicLayout, warp_mosaic
 
 REFERENCE_PROBATION = 5
@@ -119,7 +120,9 @@ class Stacker:
         self.shapes = ShapeHistory()  # the session's recent elongations, for the trail gate
         self.reference: Reference | None = None
         self.store: FrameStore | None = None
-        self.live: LiveStack | None = None
+        self.live: Live | None = None
+        self.mosaic: bool | None = None
+        """Whether the session's frames are Bayer mosaics (known from its reference on)."""
         self.live_only: str | None = None
         """Why frames are no longer stored (the final is then the live stack), or None."""
         self.follow: float | None = None
@@ -171,6 +174,10 @@ class Stacker:
                     record,
                     f"frame channels: {channels} differ from the reference's "
                     f"{self.reference.channels} (mono and colour frames do not mix)",
+                )
+            if self._drizzled_session() and not isinstance(frame, MosaicFrame):
+                return self._reject(
+                    record, "frame kind: not a Bayer mosaic, the session drizzles mosaics"
                 )
             if not len(self.shapes):  # a resumed session: the reference's shape to start from
                 self.shapes.add(self.reference.quality)
@@ -287,6 +294,7 @@ class Stacker:
         frame = prepared.frame
         assert frame is not None and prepared.stars is not None and prepared.quality is not None
         channels = _channels(frame)
+        self.mosaic = isinstance(frame, MosaicFrame)
         self.reference = Reference(
             str(prepared.path),
             prepared.stars,
@@ -311,11 +319,35 @@ class Stacker:
         if ref is None:
             return close_reserve(None, 0, 1)
         warmed = self.live is not None and self.live.warmed_up
-        return close_reserve(ref.shape, ref.channels, 1 if warmed else self.settings.live_warmup)
+        scale = DRIZZLE_SCALES[self.settings.drizzle] if self._drizzled_session() else 0
+        warmup = 1 if warmed else self.settings.live_warmup
+        return close_reserve(ref.shape, ref.channels, warmup, drizzle=scale)
 
-    def new_live(self, store: FrameStore | None) -> LiveStack:
-        """An empty live stack on the reference grid with the session's rejection settings."""
+    def _drizzled_session(self) -> bool:
+        """``drizzle`` is on and the session's frames are mosaics (from its reference, or, in a
+        resumed session, its store)."""
+        if self.settings.drizzle == "off":
+            return False
+        if self.mosaic is None and self.store is not None and len(self.store):
+            self.mosaic = self.store.frame(0).mosaic is not None
+        return bool(self.mosaic)
+
+    def new_live(self, store: FrameStore | None) -> Live:
+        """An empty live stack with the session's rejection settings: a live drizzle (on its
+        output grid) when the session drizzles and its state fits in memory
+        (:func:`live_drizzle_refusal`; else said in one log line), else on the reference grid."""
         assert self.reference is not None
+        s = self.settings
+        if self._drizzled_session():
+            plan = Drizzle(DRIZZLE_SCALES[s.drizzle], s.drizzle_drop)
+            why = live_drizzle_refusal(self.reference.shape, plan.scale)
+            if why is None:
+                return LiveDrizzle(self.reference.shape, plan, kappa=s.live_kappa,
+                                   warmup=s.live_warmup, store=store)  # fmt: skip
+            logging.getLogger(__name__).warning(
+                "drizzle %s: %s; the live stack demosaics (the final still drizzles)",
+                s.drizzle, why,
+            )  # fmt: skip
         return LiveStack(
             self.reference.shape,
             self.reference.channels,
@@ -374,6 +406,14 @@ class Stacker:
                 return True
             self.go_live_only(why)
         assert self.live is not None
+        if isinstance(self.live, LiveDrizzle):
+            if not isinstance(frame, MosaicFrame):
+                raise ValueError("a live drizzle takes mosaics only")  # the gate keeps them out
+            layout = MosaicLayout(frame.pattern, frame.white_balance, frame.demosaic)
+            with watch.stage("accumulate"):
+                self.live.add_mosaic(frame.codes, layout, matrix, norm, weight=weight,
+                                     name=frame.path.name)  # fmt: skip
+            return False
         shape = self.reference.shape
         kernel = self.settings.interpolation
         with watch.stage("warp"):

@@ -49,6 +49,7 @@ from nightstack.io.writers import write_bytes
 from nightstack.registration.normalize import Normalization
 from nightstack.stacking.combine import combine
 from nightstack.stacking.live import LiveStack
+from nightstack.stacking.live_drizzle import Live
 from nightstack.stacking.store import FrameStore, MosaicLayout
 
 log = logging.getLogger("nightstack.products.landscape")
@@ -863,7 +864,7 @@ class Landscape:
         return self._weight
 
     def preview(
-        self, sky_preview: npt.NDArray[np.float32], sky: LiveStack
+        self, sky_preview: npt.NDArray[np.float32], sky: Live
     ) -> npt.NDArray[np.float32]:
         """The live preview: with a frozen ground, the composite; else ``sky_preview``."""
         ground = self.ground

@@ -78,7 +78,7 @@ from nightstack.service.solving import Solving
 from nightstack.solve.wcs import SolvedField, from_entry
 from nightstack.stacking.budget import DiskBudget
 from nightstack.stacking.checkpoint import load_live, save_live
-from nightstack.stacking.live import LiveStack
+from nightstack.stacking.live_drizzle import Live, LiveDrizzle
 from nightstack.stacking.store import FrameStore
 
 log = logging.getLogger("nightstack.service.session")
@@ -277,7 +277,7 @@ class Session:
                 return
             checkpoint = directory / CHECKPOINT
             state = _read_checkpoint(checkpoint)
-            live: LiveStack | None = None
+            live: Live | None = None
             if state is not None and not damaged:
                 try:
                     live = load_live(checkpoint / "live", store=store)
@@ -344,7 +344,6 @@ class Session:
         if live is None:
             live = stacker.new_live(None)
         position = {id(r): i for i, r in enumerate(stored)}
-        rows = reference.shape[0]
         replayed = lost = 0
         for record in _not_taken_back(journaled[since:]):
             i = position.get(id(record))
@@ -353,7 +352,7 @@ class Session:
                                    records)  # fmt: skip
                 lost += 1
             else:
-                live.add(store.read_band(i, 0, rows), store.footprint_band(i, 0, rows))
+                live.add_stored(store, i)
                 replayed += 1
         stacker.store, stacker.live, stacker.live_only = store, live, why
         self.counted_at_checkpoint = live.frames
@@ -436,7 +435,7 @@ class Session:
                 self._checkpoint_now()  # the frame is journaled: only the checkpoint waits
         return record
 
-    def _catch_up(self, live: LiveStack) -> None:
+    def _catch_up(self, live: Live) -> None:
         """Add the stored frames the live stack has not seen (the one just journaled). A failure
         (a read error of the store) is logged, not raised: the frame is journaled and stored,
         the next frame's catch-up or a resume adds it."""
@@ -572,7 +571,7 @@ class Session:
         except (OSError, ValueError) as err:
             log.error("session %s: last.jpg not written (%s)", self.id, err)
 
-    def _live_fits_due(self, live: LiveStack) -> bool:
+    def _live_fits_due(self, live: Live) -> bool:
         """live.fits with this preview: ``live_fits_every_s`` since the last, and the store has
         written 1 / ``live_fits_write_ratio`` times its bytes (float32, 12 bytes a pixel: 288 MB
         at 24 MP, ~6 stored frames) since, so it adds at most that ratio to the night's writes.
@@ -590,7 +589,15 @@ class Session:
         live = self.stacker.live
         assert live is not None
         path.parent.mkdir(exist_ok=True)
-        header = {**self.stacker.header(self.tally), "NCOMBINE": live.frames, "STACKMTH": "live"}
+        ref = self.stacker.reference
+        scale = 1 if ref is None else max(1, live.shape[0] // ref.shape[0])  # a drizzle 2x: 2
+        header = {
+            **self.stacker.header(self.tally, scale),
+            "NCOMBINE": live.frames,
+            "STACKMTH": "live",
+        }
+        if not isinstance(live, LiveDrizzle):  # drizzle on, but its live state did not fit
+            header["DEMOSAIC"] = self.settings.demosaic
         shape = (*live.shape, live.channels)
         write_fits_bands(path, shape, live.result_band, header)
 

@@ -1,2 +1,2 @@
-"""Stacking: the frame store, the live stack and its crash state, the exact final combine, the
-Bayer drizzle, the disk budget."""
+"""Stacking: the frame store, the live stack (demosaiced or drizzled) and its crash state, the
+exact final combine, the Bayer drizzle, the disk and memory budgets."""

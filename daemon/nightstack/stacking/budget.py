@@ -4,6 +4,11 @@ A session's frame store grows by one entry a frame; at close the final outputs a
 beside it. :func:`close_reserve` is what the close needs at most; :class:`DiskBudget` says,
 before each frame is stored, whether storing it would touch that reserve (the session then goes
 live-only and still writes a final) and warns while fewer than ``min_free_frames`` frames fit.
+
+And the memory budget of a live drizzle (:func:`live_drizzle_refusal`): its state is 6.67 bytes
+a sample of its output grid, as the live stack's, but 4x the pixels at ``2x``; when that does
+not fit in the memory the machine has available, the session's live stack demosaics instead (the
+final still drizzles).
 """
 
 from __future__ import annotations
@@ -27,17 +32,75 @@ def checkpoint_bytes(pixels: int, channels: int, warmup: int) -> int:
     return state + (warmup - 1) * pixels * (channels * 4 + 1)
 
 
-def close_reserve(shape: tuple[int, int] | None, channels: int, warmup: int) -> int:
+def drizzle_checkpoint_bytes(pixels: int, scale: int, warmup: int) -> int:
+    """The largest checkpoint generation of a live drizzle over a reference of ``pixels``
+    (bytes): :data:`DRIZZLE_STATE_BYTES` per pixel of its output grid (``scale``^2 x
+    ``pixels``) and up to ``warmup`` - 1 warm-up mosaics (2 bytes a sensor pixel) when it is
+    live-only."""
+    return pixels * scale * scale * DRIZZLE_STATE_BYTES + (warmup - 1) * pixels * 2
+
+
+def close_reserve(
+    shape: tuple[int, int] | None, channels: int, warmup: int, *, drizzle: int = 0
+) -> int:
     """Disk kept for what the close of a stack of ``shape`` needs (bytes): the FITS (4 bytes per
     sample), the TIFF (2) and live.fits (4, its swap), one more checkpoint generation at its
     largest (a live-only checkpoint written during warm-up holds up to ``warmup`` - 1 float32
     frames beside the live state; once warmed up, ``warmup`` is 1), and a margin. Without a
-    reference yet (``shape`` None), the margin."""
+    reference yet (``shape`` None), the margin. ``drizzle``: the output scale of a drizzled
+    session (1 or 2: outputs ``drizzle``^2 times the samples, a live drizzle's checkpoint), 0
+    for none."""
     if shape is None:
         return RESERVE_MARGIN
     pixels = shape[0] * shape[1]
-    samples = pixels * channels
-    return samples * (4 + 2 + 4) + checkpoint_bytes(pixels, channels, warmup) + RESERVE_MARGIN
+    samples = pixels * channels * max(drizzle, 1) ** 2
+    checkpoint = (
+        drizzle_checkpoint_bytes(pixels, drizzle, warmup)
+        if drizzle
+        else checkpoint_bytes(pixels, channels, warmup)
+    )
+    return samples * (4 + 2 + 4) + checkpoint + RESERVE_MARGIN
+
+
+DRIZZLE_STATE_BYTES = 3 * (4 + 2) + 2
+"""A live drizzle's state per pixel of its output grid (float32 mean and 16-bit weight code
+per channel, a 16-bit pooled variance code: :mod:`nightstack.stacking.live_drizzle`)."""
+
+DRIZZLE_HEADROOM = 512 * 2**20
+"""Memory the daemon needs beside its live state (a 24 MP night: ~470 MB, measured as the
+daemon's PSS while stacking less the live state), kept when a live drizzle's fit is judged."""
+
+
+def memory_available() -> int | None:
+    """The memory the kernel says can be had without swapping (``MemAvailable``), bytes; None
+    where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def live_drizzle_refusal(
+    shape: tuple[int, int], scale: int, available: int | None = None
+) -> str | None:
+    """Why a live drizzle of ``scale`` over a reference of ``shape`` does not fit (one line),
+    or None: its state (:data:`DRIZZLE_STATE_BYTES` a pixel of the output grid, ``scale``^2
+    times the reference's pixels) and :data:`DRIZZLE_HEADROOM` must fit in the memory
+    ``available`` (:func:`memory_available` when not given; unknown: it fits)."""
+    state = shape[0] * shape[1] * scale * scale * DRIZZLE_STATE_BYTES
+    if available is None:
+        available = memory_available()
+    if available is None or state + DRIZZLE_HEADROOM <= available:
+        return None
+    return (
+        f"a live drizzle {scale}x of {shape[1]}x{shape[0]} needs {state / 2**20:.0f} MB of "
+        f"state, more than the {max(available - DRIZZLE_HEADROOM, 0) / 2**20:.0f} MB the "
+        "machine has available beside the daemon"
+    )
 
 
 class DiskBudget:

@@ -419,44 +419,15 @@ class LiveStack:
         return out
 
     def preview_image(self, width: int) -> npt.NDArray[np.float32]:
-        """The current stack shrunk to ``width`` columns by area averaging (OpenCV's
-        ``INTER_AREA``).
+        """The current stack shrunk to ``width`` columns (:func:`shrink_bands` of
+        :meth:`result_band`): (height, width, C) float32, linear."""
+        return shrink_bands(self.result_band, self.shape, self.channels, width)
 
-        Area averaging is separable, so it is done band by band (a few MB at a time): each band
-        of rows is shrunk across by ``cv2.resize`` with ``INTER_AREA``, and its rows are added
-        at once into the ``height = max(1, round(rows * width / cols))`` output rows they
-        overlap, weighted by the overlap (OpenCV's area weights). Neither the full-size
-        :meth:`result` (288 MB at 24 MP RGB) nor a (rows, width) intermediate (77 MB at 24 MP
-        for 1600 px) is ever formed. NaN wherever an averaged pixel had no accepted sample, as
-        OpenCV propagates it. Never enlarges: for ``width >= cols`` this is :meth:`result`.
-
-        Returns
-        -------
-        ndarray
-            (height, width, C) float32, linear.
-        """
-        if width < 1:
-            raise ValueError(f"preview width must be >= 1, not {width}")
-        rows, cols = self.shape
-        channels = self.channels
-        if width >= cols:
-            return self.result()
-        height = max(1, round(rows * width / cols))
-        out = np.zeros((height, width, channels), dtype=np.float32)
-        step = height / rows  # an input row spans output rows [r * step, (r + 1) * step)
-        band = max(1, _PREVIEW_BAND_SAMPLES // (cols * channels))
-        for r0 in range(0, rows, band):
-            r1 = min(r0 + band, rows)
-            mean = self.result_band(r0, r1)
-            shrunk = cv2.resize(mean, (width, r1 - r0), interpolation=cv2.INTER_AREA)
-            shrunk = np.asarray(shrunk, np.float32).reshape(r1 - r0, width, channels)
-            for r in range(r0, r1):
-                top, bottom = r * step, (r + 1) * step
-                for j in range(int(top), min(height, math.ceil(bottom))):
-                    weight = min(bottom, j + 1) - max(top, j)
-                    if weight > 0:
-                        out[j] += np.float32(weight) * shrunk[r - r0]
-        return out
+    def add_stored(self, store: FrameStore, i: int) -> int:
+        """Add frame ``i`` of ``store`` as a frame of its own (a live-only session's resume:
+        this stack has no store); returns its rejected samples."""
+        rows = self.shape[0]
+        return self.add(store.read_band(i, 0, rows), store.footprint_band(i, 0, rows))
 
     def state(self) -> LiveState:
         """The stack's state (views of its arrays, not copies), for a checkpoint."""
@@ -749,6 +720,52 @@ class LiveStack:
                 std = np.sqrt(var[:, c].astype(np.float64) * n / (n - 1.0))
                 floor[c] = max(_FLOOR_ABS, _FLOOR_FRACTION * float(np.median(std)))
         return floor
+
+
+def shrink_bands(
+    result_band: Callable[[int, int], npt.NDArray[np.float32]],
+    shape: tuple[int, int],
+    channels: int,
+    width: int,
+) -> npt.NDArray[np.float32]:
+    """A stack's image (its rows ``r0:r1`` given by ``result_band(r0, r1)``, (rows, cols, C)
+    float32, NaN where empty) shrunk to ``width`` columns by area averaging (OpenCV's
+    ``INTER_AREA``).
+
+    Area averaging is separable, so it is done band by band (a few MB at a time): each band
+    of rows is shrunk across by ``cv2.resize`` with ``INTER_AREA``, and its rows are added
+    at once into the ``height = max(1, round(rows * width / cols))`` output rows they
+    overlap, weighted by the overlap (OpenCV's area weights). Neither the full-size image
+    (288 MB at 24 MP RGB) nor a (rows, width) intermediate (77 MB at 24 MP for 1600 px) is
+    ever formed. NaN wherever an averaged pixel had no accepted sample, as OpenCV propagates
+    it. Never enlarges: for ``width >= cols`` this is the whole image.
+
+    Returns
+    -------
+    ndarray
+        (height, width, C) float32, linear.
+    """
+    if width < 1:
+        raise ValueError(f"preview width must be >= 1, not {width}")
+    rows, cols = shape
+    if width >= cols:
+        return result_band(0, rows)
+    height = max(1, round(rows * width / cols))
+    out = np.zeros((height, width, channels), dtype=np.float32)
+    step = height / rows  # an input row spans output rows [r * step, (r + 1) * step)
+    band = max(1, _PREVIEW_BAND_SAMPLES // (cols * channels))
+    for r0 in range(0, rows, band):
+        r1 = min(r0 + band, rows)
+        mean = result_band(r0, r1)
+        shrunk = cv2.resize(mean, (width, r1 - r0), interpolation=cv2.INTER_AREA)
+        shrunk = np.asarray(shrunk, np.float32).reshape(r1 - r0, width, channels)
+        for r in range(r0, r1):
+            top, bottom = r * step, (r + 1) * step
+            for j in range(int(top), min(height, math.ceil(bottom))):
+                weight = min(bottom, j + 1) - max(top, j)
+                if weight > 0:
+                    out[j] += np.float32(weight) * shrunk[r - r0]
+    return out
 
 
 def _warmup_band_rows(frames: int, width: int) -> int:
