@@ -182,6 +182,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix=".nightstack-", dir=args.work_dir or output.parent))
     report = args.report.open("w", encoding="utf-8") if args.report else None
     tally = Tally()
+    solve_wait: _Waiter | None = None
     try:
         with Decoder(timeout_s=settings.decode_timeout_s, load_kwargs=load_kwargs(settings)) as dec:
             preparer = Preparer(settings, dec)
@@ -216,6 +217,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             return 1
         assert stacker.store is not None and stacker.reference is not None
         disk = stacker.store.disk_bytes()
+        if solving is not None:
+            solve_wait = _Waiter(solving)
         combining = time.monotonic()
         targets = [Target("stack", output, stretched=args.stretched)]
         made, _ = finish(
@@ -223,9 +226,9 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             tally,
             targets if "stack" in settings.products else [],
             progress=_Progress(1, "combining") if sys.stderr.isatty() else None,
-            before_header=solving.join if solving is not None else None,  # the final's WCS
+            before_header=solve_wait.join if solve_wait is not None else None,  # its WCS
         )
-        combined = time.monotonic() - combining
+        combined = time.monotonic() - combining - (solve_wait.waited if solve_wait else 0.0)
         for key, value in made.items():  # trails.tif/.jpg, timelapse.mp4 beside the output
             if key != "stack" and isinstance(value, str):
                 moved = output.parent / Path(value).name
@@ -236,13 +239,27 @@ def _cmd_stack(args: argparse.Namespace) -> int:
             report.close()
         shutil.rmtree(workdir, ignore_errors=True)
     took = time.monotonic() - start
+    waited = solve_wait.waited if solve_wait is not None else 0.0
     print(
         f"stacked {tally.accepted} of {len(files)} frames into {output}; "
         f"rejected {tally.rejected_total} ({_reasons(tally.rejected)}); "
         f"total exposure {tally.exposure_s:.0f} s; frame store {disk / 2**20:.0f} MiB; "
-        f"{took:.1f} s (final combine {combined:.1f} s)"
+        f"{took:.1f} s (final combine {combined:.1f} s"
+        + (f"; then {waited:.1f} s for the plate solve)" if waited >= 0.1 else ")")
     )
     return 0
+
+
+class _Waiter:
+    """Joins a thread once, keeping how long that took (the plate solve the final waits for)."""
+
+    def __init__(self, thread: threading.Thread) -> None:
+        self.thread, self.waited = thread, 0.0
+
+    def join(self) -> None:
+        start = time.monotonic()
+        self.thread.join()
+        self.waited = time.monotonic() - start
 
 
 def _reasons(rejected: dict[str, int]) -> str:
