@@ -19,14 +19,9 @@ from nightstack.config import StackMethod
 from nightstack.io.writers import write_preview
 from nightstack.registration.warp import warp
 from nightstack.stacking.checkpoint import load_live, save_live
+from nightstack.stacking.codes import dither, dither_start, encode
 from nightstack.stacking.combine import combine
-from nightstack.stacking.live import (
-    LiveStack,
-    _dither,
-    _dither_start,
-    _encode_spread,
-    _warmup_band_rows,
-)
+from nightstack.stacking.live import LiveStack, _warmup_band_rows
 from nightstack.stacking.store import QUANT_MAX, FrameStore
 
 SKY_NOISE = 0.01
@@ -472,7 +467,7 @@ def test_nan_exactly_where_no_frame_covers(tmp_path: Path) -> None:
 
 def _encode(var: np.ndarray, dither: np.ndarray) -> np.ndarray:
     """The variance code written plainly (int64): (float32 bits + dither - bits of 2^-30)
-    >> 12, clipped to uint16; ``dither`` already holds the offset, as live._dither gives it."""
+    >> 12, clipped to uint16; ``dither`` already holds the offset, as codes.dither gives it."""
     bits = np.asarray(var, np.float32).view(np.int32).astype(np.int64) + dither
     return np.clip(bits >> 12, 0, 65535).astype(np.uint16)
 
@@ -489,7 +484,7 @@ def _frame_dither(live: LiveStack, number: int, band_rows: int) -> np.ndarray:
     parts = []
     for r0 in range(0, rows, band_rows):
         r1 = min(r0 + band_rows, rows)
-        parts.append(_dither(_dither_start(number, r0), (r1 - r0) * width).reshape(-1, width))
+        parts.append(dither(dither_start(number, r0), (r1 - r0) * width).reshape(-1, width))
     return np.concatenate(parts).astype(np.int64)
 
 
@@ -857,9 +852,9 @@ def test_the_variance_code_round_trips_and_rounds_stochastically() -> None:
     ]
     # a value 30 % of the way between two codes rounds up 30 % of the time, over the table
     x = np.full(1 << 18, values[30000] + 0.3 * (values[30001] - values[30000]), np.float32)
-    dither = _dither(12345, x.size)
+    offsets = dither(12345, x.size)
     code = np.empty(x.size, np.uint16)
-    _encode_spread(x.copy(), dither, code)
+    encode(x.copy(), offsets, code)
     assert set(np.unique(code)) == {30000, 30001}
     assert abs(np.mean(code == 30001) - 0.3) < 0.005
 
@@ -868,7 +863,7 @@ def live_variance_codes(values: np.ndarray, dither: int) -> np.ndarray:
     """The codes LiveStack's encoder gives ``values`` with a constant dither."""
     out = np.empty(values.shape, np.uint16)
     offsets = np.full(values.shape, dither - ((127 - 30) << 23), np.int32)
-    _encode_spread(values.astype(np.float32), offsets, out)
+    encode(values.astype(np.float32), offsets, out)
     return out
 
 

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from scipy.stats import f as f_dist
 
 from nightstack.arrays import BoolArray, FloatArray
+from nightstack.stacking import codes
 from nightstack.stacking.store import FrameStore, Reader
 
 _PREVIEW_BAND_SAMPLES = 1 << 18
@@ -57,7 +58,7 @@ _FLOOR_FRACTION = 1.0
 the sky, so a std below it is a chance low estimate from few frames, or a constant pixel
 (saturated core, std 0) that would otherwise reject every sample differing by one ADU."""
 
-_FLOOR_ABS = 1.0 / 4096
+FLOOR_ABS = 1.0 / 4096
 """Absolute rejection floor: one ADU of a 12-bit camera, for noise-free (synthetic, saturated)
 data where the typical std is 0."""
 
@@ -71,31 +72,6 @@ _SCREEN_MARGIN = np.float32(1 - 2.0**-16)
 """The running test's cheap screen (per-channel weights multiplied, see ``LiveStack._judge``)
 keeps every pixel whose screened statistic exceeds this fraction of the quantile: the
 screen's own rounding (a few float32 ulps, 2^-21 relative) can never hide a rejection."""
-
-_SPREAD_DROP = 12
-"""Low mantissa bits of a float32 variance not stored: the code keeps 11 of its 23 (0.05 % at
-worst, 0.024 % on average, stochastically rounded: see :func:`_encode_spread`)."""
-
-_SPREAD_MIN_EXPONENT = -30
-"""Code 0 is the variance 2^-30 (a std of 3.1e-5, an eighth of a 12-bit ADU): smaller variances
-are stored as it. They never matter: the rejection floor is at least 1/4096 (a variance of
-2^-24) and the floor's median is then that floor. The 5 exponent bits of the code reach up to
-a variance of 4 (a std of 2 in mosaic units, where data lie in 0 .. 1)."""
-
-_SPREAD_OFFSET = (127 + _SPREAD_MIN_EXPONENT) << 23
-"""float32 bits of 2^-30: a code is (bits - this) >> _SPREAD_DROP."""
-
-_SPREAD_MAX_BITS = (int(np.iinfo(np.uint16).max) << _SPREAD_DROP) | ((1 << _SPREAD_DROP) - 1)
-"""The largest offset float32 bits that code to a uint16 (the code 65535, a variance < 4)."""
-
-_DITHER_PERIOD = 1 << 16
-"""Length of the table of stochastic-rounding offsets; each (frame, band) reads it from its own
-pseudo-random start (256 KB of int32 and a band's worth more, shared by every stack: it stays
-in the CPU cache; a 4 MB table made the encoding's first pass twice as slow)."""
-
-_DITHER_SEED = 20261201
-"""Fixed seed: the offsets, hence a stack's state, are the same in every run (resume bit-exact)."""
-
 
 @functools.lru_cache(maxsize=8)
 def _quantiles(kappa: float, channels: int) -> npt.NDArray[np.float32]:
@@ -120,65 +96,6 @@ def _quantiles(kappa: float, channels: int) -> npt.NDArray[np.float32]:
     out = table.astype(np.float32)
     out.flags.writeable = False
     return out
-
-
-_dither_table: npt.NDArray[np.int32] | None = None
-
-
-def _dither(start: int, size: int) -> npt.NDArray[np.int32]:
-    """(size,) int32 stochastic-rounding offsets for :func:`_encode_spread`, from a fixed table
-    (a shuffle of 0 .. 2^_SPREAD_DROP - 1, each 16 times, minus :data:`_SPREAD_OFFSET`), from
-    ``start`` on (cyclically, for a band longer than the table)."""
-    global _dither_table
-    if _dither_table is None:
-        rng = np.random.default_rng(_DITHER_SEED)
-        # each offset equally often: the rounding is unbiased over the table, not only in
-        # expectation (a random table's mean, 1e-3 of a step off, biased the variance by +6e-4
-        # after 3000 frames)
-        steps = np.arange(1 << _SPREAD_DROP, dtype=np.int32)
-        table = rng.permutation(np.tile(steps, _DITHER_PERIOD >> _SPREAD_DROP))
-        table -= np.int32(_SPREAD_OFFSET)
-        _dither_table = np.concatenate([table, table[: _ADD_BAND_SAMPLES * 2]])
-    start %= _DITHER_PERIOD
-    if start + size <= _dither_table.size:
-        return _dither_table[start : start + size]
-    return np.resize(np.roll(_dither_table[:_DITHER_PERIOD], -start), size)
-
-
-def _dither_start(frame: int, row: int) -> int:
-    """Pseudo-random start in the dither table for frame number ``frame``, band row ``row``
-    (Knuth's multiplicative hashes: unrelated starts for neighbouring frames and bands)."""
-    return (frame * 2654435761 + row * 40503 + (frame * row) * 97) % _DITHER_PERIOD
-
-
-def _decode_spread(code: npt.NDArray[np.uint16], out: npt.NDArray[np.float32]) -> None:
-    """Population variances (float32, exact) of the uint16 ``code`` into ``out`` (same shape)."""
-    bits = out.view(np.int32)
-    np.copyto(bits, code)  # three plain passes: faster than one casting ufunc
-    np.left_shift(bits, _SPREAD_DROP, out=bits)
-    np.add(bits, _SPREAD_OFFSET, out=bits)
-
-
-def _encode_spread(
-    var: npt.NDArray[np.float32], dither: npt.NDArray[np.int32], out: npt.NDArray[np.uint16]
-) -> None:
-    """Code the float32 population variances ``var`` (>= 0) into ``out``; ``var`` is clobbered.
-
-    The code is a 16-bit unsigned float: the float32's top bits without the sign (a variance is
-    never negative), 5 bits of exponent from 2^-30 and 11 of mantissa. The dropped 12 bits are
-    rounded *stochastically*: up with a probability equal to their value (``dither`` adds a
-    uniform 0 .. 4095 to them before truncation). Rounding to nearest would be biased here: a
-    variance changes by ~1/n of itself a frame, less than half a step after ~2000 frames, so
-    most updates round back to the old code and the statistic stalls, a bias measured at -2 %
-    after 3000 frames of 0.5 +- 1e-3 (and +30 % in a simulation of IEEE float16 holding the
-    std, 10 mantissa bits). A value already exactly coded (a pixel the frame did not touch)
-    keeps its code.
-    """
-    bits = var.view(np.int32)
-    np.add(bits, dither, out=bits)
-    np.clip(bits, 0, _SPREAD_MAX_BITS, out=bits)
-    np.right_shift(bits, _SPREAD_DROP, out=bits)
-    np.copyto(out, bits, casting="unsafe")  # exact: 0 .. 65535
 
 
 @dataclass
@@ -209,8 +126,8 @@ class LiveStack:
 
     The variance code is a float without sign bit, 5 exponent bits (2^-30 .. 4) and 11 mantissa
     bits (the float32's top bits), rounded stochastically from a fixed pseudo-random table (so
-    the state is reproducible bit for bit, see :func:`_encode_spread`). Each frame decodes it
-    exactly to float32, updates it as ``v = (v + w delta^2) (1 - w)`` with ``w = 1 / (n + 1)``
+    the state is reproducible bit for bit: :mod:`nightstack.stacking.codes`). Each frame decodes
+    it exactly to float32, updates it as ``v = (v + w delta^2) (1 - w)`` with ``w = 1 / (n + 1)``
     (Welford's ``M2 += delta^2 n / (n + 1)`` over ``n + 1``) and re-codes it; the mean's update
     is Welford's in float32. Measured against a float64 two-pass on 6000 samples of a 0.5 level
     with 1e-3 noise (``test_running_statistics_match_a_float64_two_pass_after_300_and_3000_
@@ -325,7 +242,7 @@ class LiveStack:
         """(rows, cols, C) float32 population variance ``M2 / n`` of the accepted samples (as
         stored: 11 mantissa bits; at least 2^-30; 0 where no sample was accepted)."""
         out = np.empty((*self.shape, self.channels), dtype=np.float32)
-        _decode_spread(self._spread, out)
+        codes.decode(self._spread, out)
         for c in range(self.channels):
             np.copyto(out[..., c], 0.0, where=self._count == 0)
         return out
@@ -534,7 +451,7 @@ class LiveStack:
         cover.zero_outside(delta)  # x may be anything there, even NaN
         np.square(delta, out=d2)
         rejects = _NO_INDEX
-        _decode_spread(spread, var)
+        codes.decode(spread, var)
         if testing:
             rejects = self._judge(d2, count, var, scratch)
         np.add(count, 1, out=weight)  # n + 1, the new count of every accepted sample
@@ -558,8 +475,8 @@ class LiveStack:
         if channels != 1:
             cv2.cvtColor(kept, cv2.COLOR_GRAY2BGR, dst=keep.reshape(band))
         var *= keep
-        dither = _dither(_dither_start(number, r0), rows * width).reshape(rows, width)
-        _encode_spread(var, dither, spread)
+        dither = codes.dither(codes.dither_start(number, r0), rows * width).reshape(rows, width)
+        codes.encode(var, dither, spread)
         return int(rejects.size) * channels
 
     def _screen_weights(self, frames: int) -> npt.NDArray[np.float32]:
@@ -682,7 +599,7 @@ class LiveStack:
                 for c in range(channels):  # broadcasting along the 3-long channel axis is slow
                     plane[:, :, c] = frame_fp[r0:r1]
                 cube[i] *= valid[i]  # absent samples are exactly 0 in every sum below
-            dither = _dither(_dither_start(n, r0), (r1 - r0) * width)
+            dither = codes.dither(codes.dither_start(n, r0), (r1 - r0) * width)
             rejected += _batch_clip(
                 cube,
                 valid,
@@ -705,20 +622,20 @@ class LiveStack:
         self._floor_sq_row = np.tile(np.square(self._floor), self.shape[1])
 
     def _typical_std_floor(self) -> npt.NDArray[np.float32]:
-        """Per channel max(_FLOOR_ABS, _FLOOR_FRACTION x median sample std), pixels with n >= 2."""
+        """Per channel max(FLOOR_ABS, _FLOOR_FRACTION x median sample std), pixels with n >= 2."""
         rows, cols = self.shape
         step = max(1, int(math.sqrt(rows * cols / _FLOOR_SAMPLES)))
         count = self._count[::step, ::step].reshape(-1)
         ok = count >= 2
-        floor = np.full(self.channels, _FLOOR_ABS, dtype=np.float32)
+        floor = np.full(self.channels, FLOOR_ABS, dtype=np.float32)
         if ok.any():
             code = self._spread[::step, ::step].reshape(-1, self.channels)[ok]
             var = np.empty(code.shape, dtype=np.float32)
-            _decode_spread(code, var)
+            codes.decode(code, var)
             n = count[ok].astype(np.float64)
             for c in range(self.channels):
                 std = np.sqrt(var[:, c].astype(np.float64) * n / (n - 1.0))
-                floor[c] = max(_FLOOR_ABS, _FLOOR_FRACTION * float(np.median(std)))
+                floor[c] = max(FLOOR_ABS, _FLOOR_FRACTION * float(np.median(std)))
         return floor
 
 
@@ -851,7 +768,7 @@ def _batch_clip(
     work : _BatchScratch
         Buffers of at least these sizes.
     dither : ndarray
-        (rows, K) int32 offsets for :func:`_encode_spread`.
+        (rows, K) int32 offsets for :func:`~nightstack.stacking.codes.encode`.
     mean_out, spread_out : ndarray
         (rows, K) float32 and uint16: the band's statistics, overwritten.
     count_out : ndarray
@@ -952,7 +869,7 @@ def _batch_clip(
         t.reshape(-1)[samples] = m2
         count_out.reshape(-1)[pixels] = survivors[::channels]
         rejected = int(sum(r.size for r in touched)) * channels
-    _encode_spread(t, dither, spread_out)
+    codes.encode(t, dither, spread_out)
     return rejected
 
 

@@ -5,21 +5,22 @@ them (:func:`nightstack.stacking.drizzle.drop_rows`, band by band, read straight
 store's file: no demosaic, no warped copy), so the live preview, the page, ``live.fits`` and a
 live-only final show the drizzled image, ``scale`` times the reference grid.
 
-State (whatever the number of frames): per output pixel and channel a float32 running
-*weighted* mean of the frames' drizzled values (a frame's value there is its drops' weighted
-mean, its weight their overlap) and the sum of the weights (``W``); per output pixel one
-*pooled relative variance* ``rho``: the channels' weighted population variances over their
-squared floors, averaged (``v_c = rho floor_c^2`` is what a channel is judged against). The
-weights and ``rho`` are live.py's 16-bit stochastically rounded float codes (its
-``_encode_spread``; ``W`` scaled by 2^-17 into the code's range, so it reaches 2^19 and 0 stays
-0; ``rho`` by 2^-16, up to a std 512 times the floor). 4 + 2 + 2 / 3 = 6.67 bytes a sample,
-the demosaic live stack's: 480 MB at 24 MP for ``1x``, 1.92 GB for ``2x`` (4x the pixels;
-:func:`nightstack.stacking.budget.live_drizzle_refusal` says when it does not fit). The channels
-keep separate weights because a frame drops different amounts of each colour on a pixel (a red
-site covers a quarter of the sensor); the variance is pooled to stay within the demosaic stack's
-memory (a per-channel variance code would make it 8 bytes, 576 MB): on the sky every channel's
-variance is its floor's (the noise), so nothing is lost; at a coloured star the strongest
-channel is judged against the channels' mean relative spread, a little tighter than its own.
+State (whatever the number of frames): per output pixel and channel a float32 running *weighted*
+mean of the frames' drizzled values (a frame's value there is its drops' weighted mean, its
+weight their overlap) and the sum of the weights (``W``); per output pixel one *pooled relative
+variance* ``rho``: the channels' weighted population variances over their squared floors,
+averaged (``v_c = rho floor_c^2`` is what a channel is judged against). The weights and ``rho``
+are the live stack's 16-bit stochastically rounded float codes
+(:mod:`nightstack.stacking.codes`; ``W`` scaled by 2^-17 into the code's range, so it reaches
+2^19 and 0 stays 0; ``rho`` by 2^-16, up to a std 512 times the floor). 4 + 2 + 2 / 3 = 6.67
+bytes a sample, the demosaic live stack's: 480 MB at 24 MP for ``1x``, 1.92 GB for ``2x`` (4x
+the pixels; :func:`nightstack.stacking.budget.live_drizzle_refusal` says when it does not fit).
+The channels keep separate weights because a frame drops different amounts of each colour on a
+pixel (a red site covers a quarter of the sensor); the variance is pooled to stay within the
+demosaic stack's memory (a per-channel variance code would make it 8 bytes, 576 MB): on the sky
+every channel's variance is its floor's (the noise), so nothing is lost; at a coloured star the
+strongest channel is judged against the channels' mean relative spread, a little tighter than
+its own.
 
 Update of a pixel's channel with weight sum ``W``, mean ``m``, variance ``v`` by a value ``x``
 of weight ``w`` (West's weighted Welford): ``r = w / (W + w)``, ``m += r (x - m)``,
@@ -58,6 +59,7 @@ import numpy.typing as npt
 
 from nightstack.arrays import FloatArray
 from nightstack.registration.normalize import Normalization
+from nightstack.stacking.codes import decode, dither, dither_start, encode
 from nightstack.stacking.drizzle import (
     Codes,
     Drizzle,
@@ -66,15 +68,7 @@ from nightstack.stacking.drizzle import (
     drop_rows,
     frame_rows,
 )
-from nightstack.stacking.live import (
-    _FLOOR_ABS,
-    LiveStack,
-    _decode_spread,
-    _dither,
-    _dither_start,
-    _encode_spread,
-    shrink_bands,
-)
+from nightstack.stacking.live import FLOOR_ABS, LiveStack, shrink_bands
 from nightstack.stacking.store import FrameStore, MosaicLayout, StoredFrame
 
 BYTES_PER_SAMPLE = 4 + 2 + 2 / 3
@@ -212,7 +206,7 @@ class LiveDrizzle:
         """(rows, cols, 3) float32 weighted population variance each channel is judged against
         (``rho floor^2``, as coded; 0 where no value was kept, and before the warm-up)."""
         rho = np.empty(self.shape, np.float32)
-        _decode_spread(self._spread, rho)
+        decode(self._spread, rho)
         rho *= np.float32(1.0 / _RHO_SCALE)
         rho *= self._spread != 0
         out = rho[..., np.newaxis] * np.square(self._floor)
@@ -362,7 +356,7 @@ class LiveDrizzle:
     def _weights(code: npt.NDArray[np.uint16]) -> npt.NDArray[np.float64]:
         """Weight sums (float64) of their codes: 0 for code 0."""
         scaled = np.empty(code.shape, np.float32)
-        _decode_spread(code, scaled)
+        decode(code, scaled)
         out = scaled.astype(np.float64) / _WEIGHT_SCALE
         np.copyto(out, 0.0, where=code == 0)
         return out
@@ -380,12 +374,12 @@ class LiveDrizzle:
         (None: unchanged) and weight sums (codes with frame ``number``'s dither)."""
         if mean is not None:
             self._mean[r0:r1] = mean
-        start = _dither_start(number, r0)
+        start = dither_start(number, r0)
         if rho is not None:
             v = np.asarray(rho, np.float32) * np.float32(_RHO_SCALE)
-            _encode_spread(v, _dither(start, v.size).reshape(v.shape), self._spread[r0:r1])
+            encode(v, dither(start, v.size).reshape(v.shape), self._spread[r0:r1])
         w = np.asarray(weight, np.float32) * np.float32(_WEIGHT_SCALE)
-        _encode_spread(w, _dither(start + _WEIGHT_DITHER, w.size).reshape(w.shape),
+        encode(w, dither(start + _WEIGHT_DITHER, w.size).reshape(w.shape),
                        self._weight[r0:r1])  # fmt: skip
 
     def _update_band(
@@ -410,7 +404,7 @@ class LiveDrizzle:
         shape = mean.shape
         held = np.empty(shape, np.float32)
         code = self._weight[r0:r1]
-        _decode_spread(code, held)
+        decode(code, held)
         held *= np.float32(1.0 / _WEIGHT_SCALE)
         held *= code != 0
         w = weight.astype(np.float32)
@@ -421,7 +415,7 @@ class LiveDrizzle:
         floor_sq = np.square(self._floor)
         if testing:
             rho = np.empty(self._spread[r0:r1].shape, np.float32)
-            _decode_spread(self._spread[r0:r1], rho)
+            decode(self._spread[r0:r1], rho)
             rho *= np.float32(1.0 / _RHO_SCALE)
             rho *= self._spread[r0:r1] != 0
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -517,11 +511,11 @@ class LiveDrizzle:
             for c in range(3):
                 ok = n[..., c] >= 3.0
                 stds[c].append(np.sqrt(np.maximum(var[..., c][ok], 0.0)))
-        floor = np.full(3, _FLOOR_ABS, np.float32)
+        floor = np.full(3, FLOOR_ABS, np.float32)
         for c in range(3):
             values = np.concatenate(stds[c]) if stds[c] else np.zeros(0)
             if values.size:
-                floor[c] = max(_FLOOR_ABS, float(np.median(values)))
+                floor[c] = max(FLOOR_ABS, float(np.median(values)))
         return floor
 
 
