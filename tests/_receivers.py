@@ -59,14 +59,14 @@ class Receiver:
                     self.command, self.path, dict(self.headers.items()), body, time.time()
                 )
                 status = receiver.refuse.get(self.command, 200)
+                if status == 200:  # recorded before the answer: the sender's next request,
+                    with receiver._cond:  # on another connection and thread, comes after it
+                        receiver.got.append(item)
+                        receiver._cond.notify_all()
                 self.send_response(status)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"{}")
-                if status == 200:
-                    with receiver._cond:
-                        receiver.got.append(item)
-                        receiver._cond.notify_all()
 
             do_POST = do_PUT = _any
 
