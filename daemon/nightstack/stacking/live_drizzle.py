@@ -478,11 +478,11 @@ class LiveDrizzle:
                              floor, keep_drops=True)  # fmt: skip
             weight, total, square = clip.kept_weight, clip.kept_total, clip.kept_square
             every = (weight <= 0) & (clip.weight > 0)  # all rejected: the mean of all, as final
-            if every.any():
-                weight = np.where(every, clip.weight, weight)
-                total = np.where(every, clip.total, total)
-                square = np.where(every, clip.total * clip.total / clip.weight, square)
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore"):  # where() computes 0 / 0 too
+                if every.any():
+                    weight = np.where(every, clip.weight, weight)
+                    total = np.where(every, clip.total, total)
+                    square = np.where(every, clip.total * clip.total / clip.weight, square)
                 mean = np.where(weight > 0, total / weight, 0.0)
                 var = np.where(weight > 0, np.maximum(square / weight - mean * mean, 0.0), 0.0)
             has = weight > 0  # rho: the mean over the channels with values
