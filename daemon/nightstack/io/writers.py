@@ -263,12 +263,9 @@ def write_fits(path: str | os.PathLike[str], image: FloatArray, header: Mapping[
         8601), or a ``(value, comment)`` tuple; ``None`` values are skipped. Keys longer than 8
         characters become HIERARCH cards; long strings use CONTINUE cards.
     """
-    data = _as_image(image).astype(np.float32, copy=False)
-    # (3, rows, cols): NAXIS1 = cols, NAXIS2 = rows, NAXIS3 = 3
-    cube = data[:, :, 0] if data.shape[2] == 1 else np.ascontiguousarray(np.moveaxis(data, 2, 0))
-    hdu = fits.PrimaryHDU(data=cube, header=_fits_header(header))
-    with atomic_path(path) as tmp:
-        hdu.writeto(tmp, overwrite=True, output_verify="exception")
+    data = _as_image(image)  # streamed by bands: a (3, rows, cols) copy is 288 MB at 24 MP
+    shape = (int(data.shape[0]), int(data.shape[1]), int(data.shape[2]))
+    write_fits_bands(path, shape, lambda r0, r1: data[r0:r1], header)
 
 
 def write_fits_bands(
@@ -279,11 +276,12 @@ def write_fits_bands(
     *,
     band_rows: int = _BAND_ROWS,
 ) -> None:
-    """:func:`write_fits` of an image delivered band by band: a few MB of memory whatever its
-    size (the live stack's 288 MB at 24 MP is never copied whole).
+    """The FITS of :func:`write_fits` (its layout, header and atomicity) from an image delivered
+    band by band: a few MB of memory whatever its size (a live stack's 288 MB at 24 MP is never
+    copied whole; :func:`write_fits` streams an array's bands through it too).
 
     ``shape``: (rows, cols, C); ``read_band(r0, r1)`` returns rows r0:r1 as (r1 - r0, cols, C)
-    float. Same layout, header and atomicity as :func:`write_fits`.
+    float.
     """
     rows, cols, channels = (int(v) for v in shape)
     hdr = fits.Header()

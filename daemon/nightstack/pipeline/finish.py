@@ -96,16 +96,14 @@ def write_output(
     (a frozen-ground stack: the aligned sky's rows from the ground's top): a FITS gets them as
     its second HDU, ``SKY``.
     """
-    from nightstack.io.writers import write_fits_bands, write_preview, write_tiff
+    from nightstack.io.writers import write_fits, write_preview, write_tiff
 
     suffix = path.suffix.lower()
     if suffix in TIFF_EXTENSIONS:
         write_tiff(path, image, stretched=stretched, scale=settings.tiff_scale)
     elif suffix in FITS_EXTENSIONS:
-        if sky_rows is None:  # streamed: write_fits's (3, rows, cols) copy is 288 MB at 24 MP
-            channels = int(image.shape[2]) if image.ndim == 3 else 1
-            shape = (int(image.shape[0]), int(image.shape[1]), channels)
-            write_fits_bands(path, shape, lambda r0, r1: image[r0:r1], header)
+        if sky_rows is None:
+            write_fits(path, image, header)
         else:
             _write_composite_fits(path, image, sky_rows, header)
     elif suffix in (".jpg", ".jpeg", ".png"):

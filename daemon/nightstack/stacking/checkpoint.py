@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import numpy.typing as npt
 from nightstack.io.writers import atomic_path, write_json
 from nightstack.stacking.drizzle import Drizzle
 from nightstack.stacking.live import LiveStack, LiveState
-from nightstack.stacking.live_drizzle import DrizzleState, LiveDrizzle
+from nightstack.stacking.live_drizzle import DrizzleState, Live, LiveDrizzle
 from nightstack.stacking.store import FrameStore, StoredFrame
 
 _LIVE_MANIFEST = "live.json"
@@ -48,7 +49,7 @@ _DRIZZLE_VERSION = 1
 """A live drizzle's checkpoint format: 1 = mean, coded weight sums, coded pooled variance."""
 
 
-def save_live(live: LiveStack | LiveDrizzle, directory: str | Path) -> None:
+def save_live(live: Live, directory: str | Path) -> None:
     """Checkpoint ``live``'s exact state into ``directory`` (created if missing)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -62,12 +63,14 @@ def save_live(live: LiveStack | LiveDrizzle, directory: str | Path) -> None:
         arrays = {"mean": drizzled.mean, "spread": drizzled.spread, "weight": drizzled.weight}
         for j, (_, codes) in enumerate(drizzled.pending):
             arrays[f"codes{j}"] = codes
+        commit = partial(_write_drizzle_manifest, manifest, live, generation)
     else:
         state = live.state()
         arrays = {"mean": state.mean, "spread": state.spread, "count": state.count}
         for j, (frame, fp) in enumerate(state.pending):
             arrays[f"warm{j}"] = frame
             arrays[f"warmfp{j}"] = fp
+        commit = partial(_write_manifest, manifest, live, generation)
     files: dict[str, str] = {}
     try:
         for key, array in arrays.items():
@@ -78,10 +81,7 @@ def save_live(live: LiveStack | LiveDrizzle, directory: str | Path) -> None:
         for name in files.values():  # a new generation cut short (disk full) frees its space
             (d / name).unlink(missing_ok=True)
         raise
-    if isinstance(live, LiveDrizzle):
-        _write_drizzle_manifest(manifest, live, generation, files)  # the commit point
-    else:
-        _write_manifest(manifest, live, generation, files)  # the commit point
+    commit(files)  # the manifest: the commit point
     for path in d.iterdir():
         match = _LIVE_FILE.match(path.name)
         if match and int(match.group(2)) != generation:
@@ -177,9 +177,7 @@ def _load_array(d: Path, name: str, dtype: type, shape: tuple[int, ...]) -> npt.
     return array
 
 
-def load_live(
-    directory: str | Path, store: FrameStore | None = None
-) -> LiveStack | LiveDrizzle:
+def load_live(directory: str | Path, store: FrameStore | None = None) -> Live:
     """Restore a stack saved by :func:`save_live`, bit for bit (a live stack or a live
     drizzle, whichever was saved).
 
@@ -193,14 +191,19 @@ def load_live(
     """
     d = Path(directory)
     meta = json.loads((d / _LIVE_MANIFEST).read_text())
+    live: Live
     if meta.get("format") == _DRIZZLE_FORMAT:
-        drizzle = _load_drizzle(d, meta, store)
-        if store is not None and len(store) < drizzle.frames:
-            raise ValueError(
-                f"the store holds {len(store)} frames, fewer than the checkpoint's "
-                f"{drizzle.frames}"
-            )
-        return drizzle
+        live = _load_drizzle(d, meta, store)
+    else:
+        live = _load_stack(d, meta, store)
+    if store is not None and len(store) < live.frames:
+        raise ValueError(
+            f"the store holds {len(store)} frames, fewer than the checkpoint's {live.frames}"
+        )
+    return live
+
+
+def _load_stack(d: Path, meta: dict[str, Any], store: FrameStore | None) -> LiveStack:
     if meta.get("format") != "nightstack-livestack":
         raise ValueError(f"{d} does not hold a nightstack live-stack checkpoint")
     if meta.get("version") != _VERSION:
@@ -235,8 +238,4 @@ def load_live(
             int(meta["rejected"]),
         )
     )
-    if store is not None and len(store) < stack.frames:
-        raise ValueError(
-            f"the store holds {len(store)} frames, fewer than the checkpoint's {stack.frames}"
-        )
     return stack

@@ -73,6 +73,7 @@ _SCREEN_MARGIN = np.float32(1 - 2.0**-16)
 keeps every pixel whose screened statistic exceeds this fraction of the quantile: the
 screen's own rounding (a few float32 ulps, 2^-21 relative) can never hide a rejection."""
 
+
 @functools.lru_cache(maxsize=8)
 def _quantiles(kappa: float, channels: int) -> npt.NDArray[np.float32]:
     """(65536,) float32 rejection quantile of a pixel's statistic, by the number ``n`` of
@@ -96,6 +97,14 @@ def _quantiles(kappa: float, channels: int) -> npt.NDArray[np.float32]:
     out = table.astype(np.float32)
     out.flags.writeable = False
     return out
+
+
+def check_state(what: str, *arrays: tuple[str, npt.NDArray[Any], type, tuple[int, ...]]) -> None:
+    """Refuse a state to restore (``what``: its kind, for the message) whose arrays, given as
+    (name, array, dtype, shape), are not of their dtype and shape: a damaged checkpoint."""
+    for name, array, dtype, shape in arrays:
+        if array.dtype != dtype or array.shape != shape:
+            raise ValueError(f"{what} {name} is {array.dtype} {array.shape}, not {shape}")
 
 
 @dataclass
@@ -361,13 +370,12 @@ class LiveStack:
     def restore(self, state: LiveState) -> None:
         """Take over ``state`` (its arrays, not copies), shapes and dtypes checked."""
         full = (*self.shape, self.channels)
-        for name, array, dtype, shape in (
+        check_state(
+            "live state",
             ("mean", state.mean, np.float32, full),
             ("spread", state.spread, np.uint16, full),
             ("count", state.count, np.uint16, self.shape),
-        ):
-            if array.dtype != dtype or array.shape != shape:
-                raise ValueError(f"live state {name} is {array.dtype} {array.shape}, not {shape}")
+        )
         for frame, fp in state.pending:
             if frame.shape != full or fp.shape != self.shape:
                 raise ValueError(f"live state warm-up frame {frame.shape} does not fit {full}")

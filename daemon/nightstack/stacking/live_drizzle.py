@@ -68,7 +68,7 @@ from nightstack.stacking.drizzle import (
     drop_rows,
     frame_rows,
 )
-from nightstack.stacking.live import FLOOR_ABS, LiveStack, shrink_bands
+from nightstack.stacking.live import FLOOR_ABS, LiveStack, check_state, shrink_bands
 from nightstack.stacking.store import FrameStore, MosaicLayout, StoredFrame
 
 BYTES_PER_SAMPLE = 4 + 2 + 2 / 3
@@ -301,15 +301,12 @@ class LiveDrizzle:
     def restore(self, state: DrizzleState) -> None:
         """Take over ``state`` (its arrays, not copies), shapes and dtypes checked."""
         full = (*self.shape, 3)
-        for name, array, dtype, shape in (
+        check_state(
+            "drizzle state",
             ("mean", state.mean, np.float32, full),
             ("spread", state.spread, np.uint16, self.shape),
             ("weight", state.weight, np.uint16, full),
-        ):
-            if array.dtype != dtype or array.shape != shape:
-                raise ValueError(
-                    f"drizzle state {name} is {array.dtype} {array.shape}, not {shape}"
-                )
+        )
         for record, codes in state.pending:
             if codes.shape != tuple(record.src_shape) or codes.dtype != np.uint16:
                 raise ValueError(f"drizzle state warm-up frame {codes.shape} is not its record's")
